@@ -1,0 +1,167 @@
+/*
+ * eventsourcing.h - public C API of the eventsourcing core.
+ *
+ * The core knows nothing of Lua. Payloads cross this boundary as JSON text.
+ * Every function that can fail takes an es_error* and fills it in; it
+ * returns -1 (or NULL) on failure and 0 (or an object) on success.
+ *
+ * Pointers inside an es_event returned by es_cursor_next are borrowed: they
+ * stay valid until the next call on the same cursor or until it is freed.
+ */
+#ifndef EVENTSOURCING_H
+#define EVENTSOURCING_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define ES_VERSION "0.1.0"
+
+/* Kinds of failure; names as in the Lua contract (err.kind). */
+typedef enum es_kind {
+    ES_OK = 0,
+    ES_CONFLICT,      /* expected version did not match */
+    ES_REJECTED,      /* a business rule said no (used by upper layers) */
+    ES_NOT_FOUND,
+    ES_INVALID,       /* bad input: the caller can fix it */
+    ES_CONNECTION,    /* the database went away; the next call reconnects */
+    ES_DATABASE       /* the database refused: see sqlstate */
+} es_kind;
+
+/* Expected-version sentinels; any value >= 0 is an exact version
+ * (0 meaning "the stream has no events"). */
+#define ES_ANY           (-1)
+#define ES_NO_STREAM     (-2)
+#define ES_STREAM_EXISTS (-3)
+
+#define ES_MESSAGE_MAX 512
+
+typedef struct es_error {
+    es_kind kind;
+    char message[ES_MESSAGE_MAX];
+    char sqlstate[6];          /* ES_DATABASE / ES_CONNECTION, else "" */
+    int64_t expected;          /* ES_CONFLICT: what the caller expected */
+    int64_t actual;            /* ES_CONFLICT: the stream's version */
+} es_error;
+
+const char *es_kind_name(es_kind kind);
+void es_error_clear(es_error *err);
+/* Fills err and returns -1, so callers can `return es_fail(...)`. */
+int es_fail(es_error *err, es_kind kind, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 3, 4)))
+#endif
+    ;
+
+/* An event to append. data and metadata are JSON text (metadata an object,
+ * or NULL for {}). id is a UUID in text form, or NULL to have one made. */
+typedef struct es_event_in {
+    const char *id;
+    const char *type;
+    const char *data;
+    size_t data_len;
+    const char *metadata;
+    size_t metadata_len;
+} es_event_in;
+
+typedef struct es_append_result {
+    int64_t version;    /* the stream's version after the append */
+    int64_t position;   /* global position of the last event appended */
+} es_append_result;
+
+/* An event read back. */
+typedef struct es_event {
+    const char *id;
+    const char *stream;
+    const char *type;
+    int64_t version;
+    int64_t position;
+    const char *data;
+    size_t data_len;
+    const char *metadata;
+    size_t metadata_len;
+    const char *recorded_at;   /* ISO-8601 UTC, microseconds, "...Z" */
+    const char *checkpoint;    /* read_all cursors: checkpoint after this event */
+} es_event;
+
+typedef struct es_read_opts {
+    int64_t from;        /* first version wanted; 0 = from the start (or end
+                            when backward) */
+    int64_t to;          /* last version wanted (inclusive); 0 = no bound */
+    int64_t limit;       /* at most this many events; 0 = no limit */
+    int backward;        /* newest first */
+    const char *before;  /* ISO-8601 instant: only events recorded strictly
+                            before it; NULL = no bound */
+} es_read_opts;
+
+typedef struct es_read_all_opts {
+    const char *after;           /* checkpoint text, NULL = from the start */
+    int64_t limit;               /* batch size; 0 = 1000 */
+    const char *category;        /* stream prefix before the first '-' */
+    const char *const *types;    /* only these event types (ntypes of them) */
+    size_t ntypes;
+} es_read_all_opts;
+
+typedef struct es_store es_store;
+typedef struct es_cursor es_cursor;
+
+/* "memory:" (or "memory:NAME") opens an in-memory store; anything else is a
+ * PostgreSQL URL or libpq conninfo string. Options after '?' or in conninfo
+ * are libpq's; the schema is chosen with es_open_schema. */
+es_store *es_open(const char *target, es_error *err);
+es_store *es_open_schema(const char *target, const char *schema,
+                         es_error *err);
+/* Closes the connection; the store is freed once no cursor uses it. */
+void es_close(es_store *store);
+int es_is_closed(const es_store *store);
+const char *es_store_kind(const es_store *store);   /* "memory"/"postgresql" */
+
+int es_migrate(es_store *store, es_error *err);
+int es_append(es_store *store, const char *stream, const es_event_in *events,
+              size_t n, int64_t expected, es_append_result *out,
+              es_error *err);
+int es_stream_version(es_store *store, const char *stream, int64_t *out,
+                      es_error *err);
+
+es_cursor *es_read(es_store *store, const char *stream,
+                   const es_read_opts *opts, es_error *err);
+es_cursor *es_read_all(es_store *store, const es_read_all_opts *opts,
+                       es_error *err);
+/* 1: *out holds an event; 0: no more; -1: failure (err filled). */
+int es_cursor_next(es_cursor *cur, es_event *out, es_error *err);
+/* read_all: the checkpoint to pass as `after` next time (the `after` given
+ * when nothing was read). NULL for stream cursors. */
+const char *es_cursor_checkpoint(const es_cursor *cur);
+void es_cursor_free(es_cursor *cur);
+
+/* Generic parameterized SQL, for the layers above (read models,
+ * projections). PostgreSQL only; memory stores fail with ES_INVALID. */
+typedef struct es_rows es_rows;
+es_rows *es_query(es_store *store, const char *sql, int nparams,
+                  const char *const *params, es_error *err);
+int es_rows_count(const es_rows *rows);
+int es_rows_columns(const es_rows *rows);
+const char *es_rows_name(const es_rows *rows, int col);
+/* Column type as PostgreSQL's type oid (16 bool, 20/21/23 ints, 700/701
+ * floats, 114/3802 json/jsonb, ...); NULL values give NULL. */
+unsigned es_rows_type(const es_rows *rows, int col);
+const char *es_rows_value(const es_rows *rows, int row, int col,
+                          size_t *len);
+void es_rows_free(es_rows *rows);
+
+/* Transactions (PostgreSQL): appends inside one commit together. */
+int es_begin(es_store *store, es_error *err);
+int es_commit(es_store *store, es_error *err);
+int es_rollback(es_store *store, es_error *err);
+
+/* UUIDs: a time-ordered version 7 UUID in text form (37 bytes with NUL). */
+void es_uuid_v7(char out[37]);
+int es_uuid_valid(const char *text);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

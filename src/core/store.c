@@ -1,0 +1,223 @@
+/*
+ * store.c - the public store API: argument checks shared by every
+ * implementation, dispatch through the vtable, and reference counting so a
+ * cursor never outlives the store it reads from.
+ */
+#include "store.h"
+
+#include <string.h>
+
+static int store_usable(es_store *s, es_error *err)
+{
+    if (!s)
+        return es_fail(err, ES_INVALID, "no store");
+    if (s->closed)
+        return es_fail(err, ES_INVALID, "store is closed");
+    return 0;
+}
+
+static void store_unref(es_store *s)
+{
+    if (--s->refs == 0)
+        s->ops->destroy(s);
+}
+
+es_store *es_open(const char *target, es_error *err)
+{
+    return es_open_schema(target, NULL, err);
+}
+
+es_store *es_open_schema(const char *target, const char *schema,
+                         es_error *err)
+{
+    es_store *s;
+    es_error_clear(err);
+    if (!target) {
+        es_fail(err, ES_INVALID, "no store target given");
+        return NULL;
+    }
+    if (strncmp(target, "memory:", 7) == 0)
+        s = es_memory_open(target + 7, err);
+    else
+        s = es_pg_open(target, schema, err);
+    if (s) {
+        s->refs = 1;
+        s->closed = 0;
+    }
+    return s;
+}
+
+void es_close(es_store *s)
+{
+    if (!s || s->closed)
+        return;
+    s->closed = 1;
+    s->ops->disconnect(s);
+    store_unref(s);
+}
+
+int es_is_closed(const es_store *s) { return s->closed; }
+
+const char *es_store_kind(const es_store *s) { return s->ops->kind; }
+
+int es_migrate(es_store *s, es_error *err)
+{
+    es_error_clear(err);
+    if (store_usable(s, err) < 0)
+        return -1;
+    return s->ops->migrate(s, err);
+}
+
+int es_valid_stream(const char *stream, es_error *err)
+{
+    if (!stream || !*stream)
+        return es_fail(err, ES_INVALID, "stream name must be a non-empty string");
+    for (const unsigned char *p = (const unsigned char *)stream; *p; p++)
+        if (*p < 0x20 || *p == 0x7f)
+            return es_fail(err, ES_INVALID,
+                           "stream name must not contain control characters");
+    if (strlen(stream) > 1000)
+        return es_fail(err, ES_INVALID, "stream name longer than 1000 bytes");
+    return 0;
+}
+
+int es_valid_event_type(const char *type, es_error *err)
+{
+    if (!type || !*type)
+        return es_fail(err, ES_INVALID, "event type must be a non-empty string");
+    for (const unsigned char *p = (const unsigned char *)type; *p; p++)
+        if (*p < 0x20 || *p == 0x7f)
+            return es_fail(err, ES_INVALID,
+                           "event type must not contain control characters");
+    if (strlen(type) > 200)
+        return es_fail(err, ES_INVALID, "event type longer than 200 bytes");
+    return 0;
+}
+
+int es_append(es_store *s, const char *stream, const es_event_in *events,
+              size_t n, int64_t expected, es_append_result *out,
+              es_error *err)
+{
+    es_error_clear(err);
+    if (store_usable(s, err) < 0 || es_valid_stream(stream, err) < 0)
+        return -1;
+    if (n == 0)
+        return es_fail(err, ES_INVALID, "append needs at least one event");
+    if (expected < ES_STREAM_EXISTS)
+        return es_fail(err, ES_INVALID, "expected version %lld is not valid",
+                       (long long)expected);
+    for (size_t i = 0; i < n; i++) {
+        if (es_valid_event_type(events[i].type, err) < 0)
+            return -1;
+        if (!events[i].data)
+            return es_fail(err, ES_INVALID, "event %zu has no data", i + 1);
+        if (events[i].id && !es_uuid_valid(events[i].id))
+            return es_fail(err, ES_INVALID, "event %zu: id '%.60s' is not a UUID",
+                           i + 1, events[i].id);
+        for (size_t j = 0; events[i].id && j < i; j++)
+            if (events[j].id && strcmp(events[i].id, events[j].id) == 0)
+                return es_fail(err, ES_INVALID,
+                               "events %zu and %zu have the same id %s",
+                               j + 1, i + 1, events[i].id);
+    }
+    return s->ops->append(s, stream, events, n, expected, out, err);
+}
+
+int es_stream_version(es_store *s, const char *stream, int64_t *out,
+                      es_error *err)
+{
+    es_error_clear(err);
+    if (store_usable(s, err) < 0 || es_valid_stream(stream, err) < 0)
+        return -1;
+    return s->ops->version(s, stream, out, err);
+}
+
+static es_cursor *cursor_adopt(es_store *s, es_cursor *c)
+{
+    if (c) {
+        c->store = s;
+        s->refs++;
+    }
+    return c;
+}
+
+es_cursor *es_read(es_store *s, const char *stream, const es_read_opts *o,
+                   es_error *err)
+{
+    es_read_opts def = {0};
+    es_error_clear(err);
+    if (store_usable(s, err) < 0 || es_valid_stream(stream, err) < 0)
+        return NULL;
+    if (!o)
+        o = &def;
+    if (o->from < 0 || o->to < 0 || o->limit < 0) {
+        es_fail(err, ES_INVALID, "from, to and limit must not be negative");
+        return NULL;
+    }
+    return cursor_adopt(s, s->ops->read(s, stream, o, err));
+}
+
+es_cursor *es_read_all(es_store *s, const es_read_all_opts *o, es_error *err)
+{
+    es_read_all_opts def = {0};
+    es_error_clear(err);
+    if (store_usable(s, err) < 0)
+        return NULL;
+    if (!o)
+        o = &def;
+    if (o->limit < 0) {
+        es_fail(err, ES_INVALID, "limit must not be negative");
+        return NULL;
+    }
+    return cursor_adopt(s, s->ops->read_all(s, o, err));
+}
+
+int es_cursor_next(es_cursor *c, es_event *out, es_error *err)
+{
+    es_error_clear(err);
+    if (c->store->closed)
+        return es_fail(err, ES_INVALID, "store is closed");
+    return c->ops->next(c, out, err);
+}
+
+const char *es_cursor_checkpoint(const es_cursor *c)
+{
+    return c->ops->checkpoint ? c->ops->checkpoint(c) : NULL;
+}
+
+void es_cursor_free(es_cursor *c)
+{
+    if (!c)
+        return;
+    es_store *s = c->store;
+    c->ops->destroy(c);
+    store_unref(s);
+}
+
+es_rows *es_query(es_store *s, const char *sql, int nparams,
+                  const char *const *params, es_error *err)
+{
+    es_error_clear(err);
+    if (store_usable(s, err) < 0)
+        return NULL;
+    if (!s->ops->query) {
+        es_fail(err, ES_INVALID, "%s stores do not run SQL", s->ops->kind);
+        return NULL;
+    }
+    return s->ops->query(s, sql, nparams, params, err);
+}
+
+#define TX_OP(fn, op)                                                  \
+    int fn(es_store *s, es_error *err)                                 \
+    {                                                                  \
+        es_error_clear(err);                                           \
+        if (store_usable(s, err) < 0)                                  \
+            return -1;                                                 \
+        if (!s->ops->op)                                               \
+            return es_fail(err, ES_INVALID, "%s stores have no transactions", \
+                           s->ops->kind);                              \
+        return s->ops->op(s, err);                                     \
+    }
+TX_OP(es_begin, begin)
+TX_OP(es_commit, commit)
+TX_OP(es_rollback, rollback)

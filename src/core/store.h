@@ -1,0 +1,63 @@
+/*
+ * store.h - what every store implementation provides. es_store and
+ * es_cursor start with these structs; store.c dispatches the public API
+ * through the vtable and owns reference counting.
+ */
+#ifndef ES_STORE_H
+#define ES_STORE_H
+
+#include "eventsourcing.h"
+
+typedef struct es_store_ops {
+    const char *kind;
+    int (*migrate)(es_store *s, es_error *err);
+    int (*append)(es_store *s, const char *stream, const es_event_in *ev,
+                  size_t n, int64_t expected, es_append_result *out,
+                  es_error *err);
+    int (*version)(es_store *s, const char *stream, int64_t *out,
+                   es_error *err);
+    es_cursor *(*read)(es_store *s, const char *stream,
+                       const es_read_opts *o, es_error *err);
+    es_cursor *(*read_all)(es_store *s, const es_read_all_opts *o,
+                           es_error *err);
+    es_rows *(*query)(es_store *s, const char *sql, int nparams,
+                      const char *const *params, es_error *err);
+    int (*begin)(es_store *s, es_error *err);
+    int (*commit)(es_store *s, es_error *err);
+    int (*rollback)(es_store *s, es_error *err);
+    void (*disconnect)(es_store *s);   /* close: drop connection/data */
+    void (*destroy)(es_store *s);      /* free the struct itself */
+} es_store_ops;
+
+struct es_store {
+    const es_store_ops *ops;
+    int refs;          /* 1 for the owner + 1 per live cursor */
+    int closed;
+};
+
+typedef struct es_cursor_ops {
+    int (*next)(es_cursor *c, es_event *out, es_error *err);
+    const char *(*checkpoint)(const es_cursor *c);
+    void (*destroy)(es_cursor *c);
+} es_cursor_ops;
+
+struct es_cursor {
+    const es_cursor_ops *ops;
+    es_store *store;
+};
+
+/* Implementations. */
+es_store *es_memory_open(const char *name, es_error *err);
+es_store *es_pg_open(const char *conninfo, const char *schema,
+                     es_error *err);
+
+/* Shared helpers for implementations. */
+int es_valid_stream(const char *stream, es_error *err);
+int es_valid_event_type(const char *type, es_error *err);
+/* Parses an ISO-8601 instant to microseconds since the epoch (UTC). */
+int es_time_parse(const char *text, int64_t *usec, es_error *err);
+/* Formats microseconds since the epoch as "YYYY-MM-DDTHH:MM:SS.ffffffZ". */
+void es_time_format(int64_t usec, char out[32]);
+int64_t es_time_now(void);
+
+#endif

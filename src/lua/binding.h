@@ -1,0 +1,21 @@
+/*
+ * binding.h - the parts of the Lua binding and what they share.
+ */
+#ifndef ESL_BINDING_H
+#define ESL_BINDING_H
+
+#include "compat.h"
+#include "eventsourcing.h"
+
+/* errors.c: the error objects of the Lua contract (err.kind, err.message,
+ * __tostring "kind: message"), and core.error(kind, message, fields). */
+void errors_open(lua_State *L);
+/* Pushes nil and the error table for err; returns 2 for `return`. */
+int esl_push_error(lua_State *L, const es_error *err);
+/* Pushes nil and an error table of the given kind and message. */
+int esl_push_fail(lua_State *L, es_kind kind, const char *message);
+
+/* store.c: core.open and the store methods. */
+void store_open(lua_State *L);
+
+#endif

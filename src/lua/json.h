@@ -1,0 +1,29 @@
+/*
+ * json.h - the JSON codec, used by the store binding to turn event payloads
+ * into JSON text and JSON text straight into Lua values on the stack.
+ */
+#ifndef ESL_JSON_H
+#define ESL_JSON_H
+
+#include "compat.h"
+#include "../core/buf.h"
+
+/* Deepest nesting of arrays/objects accepted by encode and decode. */
+#define ESL_JSON_MAX_DEPTH 1000
+
+/* Appends the JSON text of the value at idx to b. On failure returns -1 and
+ * writes a message (without the "invalid: " prefix) to msg. Raises only on
+ * out-of-memory. */
+int esl_json_encode(lua_State *L, int idx, es_buf *b, char *msg,
+                    size_t msglen);
+
+/* Pushes the Lua value for the JSON text s[0..n). On failure pushes
+ * nothing, returns -1 and writes a message with the byte offset to msg. */
+int esl_json_decode(lua_State *L, const char *s, size_t n, char *msg,
+                    size_t msglen);
+
+/* Registers es.json (encode, decode, array, object, null) in the table
+ * at the top of the stack, under the key "json". */
+void json_open(lua_State *L);
+
+#endif
