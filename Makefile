@@ -51,7 +51,7 @@ build/$(1)/obj/%.o: src/%.c $$(HEADERS)
 	@echo "  CC [$(1)] $$<"; $$(CC) $$(ALL_CFLAGS) $(2) -c $$< -o $$@
 build/$(1)/eventsourcing/core.so: $$(patsubst src/%.c,build/$(1)/obj/%.o,$$(CORE_SRC) $$(LUA_SRC))
 	@mkdir -p $$(dir $$@)
-	@echo "  CC [$(1)] $$<"; $$(CC) -shared $(3) -o $$@ $$^ $$(DEPS_LIBS)
+	@echo "  LD [$(1)] $$@"; $$(CC) -shared $(3) -o $$@ $$^ $$(DEPS_LIBS)
 endef
 $(eval $(call flavour,lua5.4,$(LUA54_CFLAGS),))
 $(eval $(call flavour,luajit,$(LUAJIT_CFLAGS),))
