@@ -1,10 +1,292 @@
-/* pg.c - placeholder until the PostgreSQL store lands (being written). */
-#include "store.h"
+/*
+ * pg.c - the PostgreSQL store: the session and what happens to it.
+ *
+ * A dropped session (server restart, pg_terminate_backend, network) makes
+ * the failing call return ES_CONNECTION; the next call reconnects and
+ * prepares its statements again. Statements are prepared lazily because a
+ * fresh session has none and most programs use only a few.
+ */
+#include "pg.h"
+
+#include <ctype.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int valid_schema(const char *s)
+{
+    size_t n = strlen(s);
+    if (n == 0 || n > 63 || !(islower((unsigned char)s[0]) || s[0] == '_'))
+        return 0;
+    for (size_t i = 1; i < n; i++)
+        if (!(islower((unsigned char)s[i]) || isdigit((unsigned char)s[i]) ||
+              s[i] == '_'))
+            return 0;
+    return 1;
+}
+
+static int connect_now(pg_store *p, es_error *err)
+{
+    if (p->conn)
+        PQfinish(p->conn);
+    p->prepared = 0;
+    p->in_tx = 0;
+    p->conn = PQconnectdb(p->conninfo);
+    if (!p->conn)
+        return es_fail(err, ES_CONNECTION, "out of memory connecting");
+    if (PQstatus(p->conn) != CONNECTION_OK) {
+        char msg[ES_MESSAGE_MAX];
+        snprintf(msg, sizeof msg, "%s", PQerrorMessage(p->conn));
+        msg[strcspn(msg, "\n")] = '\0';
+        PQfinish(p->conn);
+        p->conn = NULL;
+        return es_fail(err, ES_CONNECTION, "cannot connect: %s", msg);
+    }
+    return 0;
+}
+
+/* Notices (e.g. "schema already exists, skipping") are not errors and
+ * must not reach the host's stderr. */
+static void notice_ignore(void *arg, const char *message)
+{
+    (void)arg;
+    (void)message;
+}
+
+int pg_ensure(pg_store *p, es_error *err)
+{
+    if (p->conn && PQstatus(p->conn) == CONNECTION_OK)
+        return 0;
+    if (connect_now(p, err) < 0)
+        return -1;
+    PQsetNoticeProcessor(p->conn, notice_ignore, NULL);
+    return 0;
+}
+
+/* Maps a failed result to the contract's kinds. */
+int pg_fail(pg_store *p, PGresult *res, const char *what, es_error *err)
+{
+    const char *state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+    const char *primary = res ? PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY)
+                              : NULL;
+    char msg[ES_MESSAGE_MAX];
+    es_kind kind = ES_DATABASE;
+
+    if (primary)
+        snprintf(msg, sizeof msg, "%s", primary);
+    else
+        snprintf(msg, sizeof msg, "%s", p->conn ? PQerrorMessage(p->conn)
+                                                : "no connection");
+    msg[strcspn(msg, "\n")] = '\0';
+    if (res)
+        PQclear(res);
+
+    if (!p->conn || PQstatus(p->conn) != CONNECTION_OK ||
+        (state && (strncmp(state, "08", 2) == 0 ||
+                   strncmp(state, "57P", 3) == 0))) {
+        kind = ES_CONNECTION;
+        p->in_tx = 0;   /* the server rolled it back with the session */
+    } else if (state && (strncmp(state, "22", 2) == 0 ||
+                         strcmp(state, "23514") == 0)) {
+        kind = ES_INVALID;
+    }
+    es_fail(err, kind, "%s: %s", what, msg);
+    if (state)
+        snprintf(err->sqlstate, sizeof err->sqlstate, "%s", state);
+    if (state && strcmp(state, "42P01") == 0)
+        es_fail(err, ES_DATABASE, "%s: %s (has store:migrate() been run for "
+                "schema '%s'?)", what, msg, p->schema);
+    if (state && strcmp(state, "25P02") == 0)
+        es_fail(err, ES_DATABASE, "%s: the transaction was aborted by an "
+                "earlier error; roll it back", what);
+    if (state)
+        snprintf(err->sqlstate, sizeof err->sqlstate, "%s", state);
+    return -1;
+}
+
+PGresult *pg_exec_prepared(pg_store *p, int stmt, int nparams,
+                           const char *const *values, int binary_result,
+                           es_error *err)
+{
+    static const char *const names[PG_NSTMT] = {
+        "es_append", "es_version", "es_read_f", "es_read_b",
+        "es_read_all0", "es_read_all1", "es_read_all2", "es_read_all3"
+    };
+    PGresult *res;
+
+    if (pg_ensure(p, err) < 0)
+        return NULL;
+    if (!(p->prepared & (1u << stmt))) {
+        char sql[2048];
+        pg_statement_sql(p, stmt, sql, sizeof sql);
+        res = PQprepare(p->conn, names[stmt], sql, 0, NULL);
+        if (PQresultStatus(res) != PGRES_COMMAND_OK) {
+            pg_fail(p, res, "prepare", err);
+            return NULL;
+        }
+        PQclear(res);
+        p->prepared |= 1u << stmt;
+    }
+    res = PQexecPrepared(p->conn, names[stmt], nparams, values, NULL, NULL,
+                         binary_result);
+    if (PQresultStatus(res) != PGRES_TUPLES_OK &&
+        PQresultStatus(res) != PGRES_COMMAND_OK) {
+        pg_fail(p, res, names[stmt] + 3, err);
+        return NULL;
+    }
+    return res;
+}
+
+int pg_exec_simple(pg_store *p, const char *sql, es_error *err)
+{
+    PGresult *res;
+    if (pg_ensure(p, err) < 0)
+        return -1;
+    res = PQexec(p->conn, sql);
+    if (PQresultStatus(res) != PGRES_COMMAND_OK &&
+        PQresultStatus(res) != PGRES_TUPLES_OK)
+        return pg_fail(p, res, "sql", err);
+    PQclear(res);
+    return 0;
+}
+
+/* ---- generic SQL --------------------------------------------------------- */
+
+struct es_rows {
+    PGresult *res;
+};
+
+static es_rows *pg_query(es_store *s, const char *sql, int nparams,
+                         const char *const *params, es_error *err)
+{
+    pg_store *p = (pg_store *)s;
+    PGresult *res;
+    es_rows *rows;
+
+    if (pg_ensure(p, err) < 0)
+        return NULL;
+    res = PQexecParams(p->conn, sql, nparams, NULL, params, NULL, NULL, 0);
+    if (PQresultStatus(res) != PGRES_TUPLES_OK &&
+        PQresultStatus(res) != PGRES_COMMAND_OK) {
+        pg_fail(p, res, "query", err);
+        return NULL;
+    }
+    rows = malloc(sizeof *rows);
+    if (!rows) {
+        PQclear(res);
+        es_fail(err, ES_DATABASE, "out of memory");
+        return NULL;
+    }
+    rows->res = res;
+    return rows;
+}
+
+int es_rows_count(const es_rows *r) { return PQntuples(r->res); }
+int es_rows_columns(const es_rows *r) { return PQnfields(r->res); }
+const char *es_rows_name(const es_rows *r, int col)
+{
+    return PQfname(r->res, col);
+}
+unsigned es_rows_type(const es_rows *r, int col)
+{
+    return (unsigned)PQftype(r->res, col);
+}
+
+const char *es_rows_value(const es_rows *r, int row, int col, size_t *len)
+{
+    if (PQgetisnull(r->res, row, col))
+        return NULL;
+    if (len)
+        *len = (size_t)PQgetlength(r->res, row, col);
+    return PQgetvalue(r->res, row, col);
+}
+
+void es_rows_free(es_rows *r)
+{
+    if (r) {
+        PQclear(r->res);
+        free(r);
+    }
+}
+
+/* ---- transactions --------------------------------------------------------- */
+
+static int pg_begin(es_store *s, es_error *err)
+{
+    pg_store *p = (pg_store *)s;
+    if (p->in_tx)
+        return es_fail(err, ES_INVALID, "a transaction is already open");
+    if (pg_exec_simple(p, "BEGIN", err) < 0)
+        return -1;
+    p->in_tx = 1;
+    return 0;
+}
+
+static int pg_end(es_store *s, const char *sql, es_error *err)
+{
+    pg_store *p = (pg_store *)s;
+    if (!p->in_tx)
+        return es_fail(err, ES_INVALID, "no transaction is open");
+    p->in_tx = 0;
+    return pg_exec_simple(p, sql, err);
+}
+
+static int pg_commit(es_store *s, es_error *err)
+{
+    return pg_end(s, "COMMIT", err);
+}
+
+static int pg_rollback(es_store *s, es_error *err)
+{
+    return pg_end(s, "ROLLBACK", err);
+}
+
+/* ---- lifetime ------------------------------------------------------------- */
+
+static void pg_disconnect(es_store *s)
+{
+    pg_store *p = (pg_store *)s;
+    if (p->conn)
+        PQfinish(p->conn);
+    p->conn = NULL;
+}
+
+static void pg_destroy(es_store *s)
+{
+    pg_store *p = (pg_store *)s;
+    pg_disconnect(s);
+    free(p->conninfo);
+    es_buf_free(&p->params);
+    free(p);
+}
+
+static const es_store_ops pg_ops = {
+    "postgresql", pg_migrate, pg_append, pg_version, pg_read, pg_read_all,
+    pg_query, pg_begin, pg_commit, pg_rollback, pg_disconnect, pg_destroy
+};
+
 es_store *es_pg_open(const char *conninfo, const char *schema, es_error *err)
-{ (void)conninfo; (void)schema; es_fail(err, ES_INVALID, "not yet"); return NULL; }
-const char *es_rows_value(const es_rows *r, int row, int col, size_t *len) { (void)r; (void)row; (void)col; (void)len; return 0; }
-int es_rows_count(const es_rows *r) { (void)r; return 0; }
-int es_rows_columns(const es_rows *r) { (void)r; return 0; }
-const char *es_rows_name(const es_rows *r, int c) { (void)r; (void)c; return 0; }
-unsigned es_rows_type(const es_rows *r, int c) { (void)r; (void)c; return 0; }
-void es_rows_free(es_rows *r) { (void)r; }
+{
+    pg_store *p;
+    if (!schema)
+        schema = "eventsourcing";
+    if (!valid_schema(schema)) {
+        es_fail(err, ES_INVALID, "schema name '%.80s' must match "
+                "[a-z_][a-z0-9_]* and be at most 63 bytes", schema);
+        return NULL;
+    }
+    p = calloc(1, sizeof *p);
+    if (!p || !(p->conninfo = strdup(conninfo))) {
+        free(p);
+        es_fail(err, ES_CONNECTION, "out of memory");
+        return NULL;
+    }
+    p->base.ops = &pg_ops;
+    snprintf(p->schema, sizeof p->schema, "%s", schema);
+    es_buf_init(&p->params);
+    if (pg_ensure(p, err) < 0) {
+        pg_destroy(&p->base);
+        return NULL;
+    }
+    return &p->base;
+}

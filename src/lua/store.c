@@ -1,3 +1,818 @@
-/* store.c - placeholder until the store binding lands (being written). */
+/*
+ * store.c - the Lua face of es_store: core.open and the store methods
+ * (migrate, append, read, version, read_all, fold, query, transactions,
+ * close).
+ *
+ * Memory rules: everything C holds while Lua code may run (an encode that
+ * raises on out-of-memory, a fold handler that errors) is owned by a
+ * userdata: scratch buffers live in the store userdata, cursors in a
+ * cursor userdata whose __gc frees them.
+ */
 #include "binding.h"
-void store_open(lua_State *L) { (void)L; }
+#include "json.h"
+#include "../core/buf.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static const char STORE_MT[] = "eventsourcing.store";
+static const char CURSOR_MT[] = "eventsourcing.cursor";
+
+typedef struct lstore {
+    es_store *s;
+    es_buf json;     /* encoded payloads of one append */
+    es_buf scratch;  /* es_event_in / pointer arrays of one call */
+} lstore;
+
+typedef struct lcursor {
+    es_cursor *c;
+} lcursor;
+
+/* ---- helpers ---------------------------------------------------------- */
+
+static lstore *check_store(lua_State *L)
+{
+    lstore *ls = (lstore *)luaL_checkudata(L, 1, STORE_MT);
+    if (!ls->s)
+        luaL_error(L, "attempt to use a closed store");
+    return ls;
+}
+
+static void check_opts(lua_State *L, int idx)
+{
+    if (!lua_isnoneornil(L, idx))
+        luaL_checktype(L, idx, LUA_TTABLE);
+}
+
+/* Optional integer field of the options table at idx (>= 0). Raises when it
+ * is there but not an integer: a wrong type is a programming mistake. */
+static int64_t opt_int_field(lua_State *L, int idx, const char *name,
+                             int64_t def)
+{
+    long long v;
+    if (lua_isnoneornil(L, idx))
+        return def;
+    lua_getfield(L, idx, name);
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        return def;
+    }
+    if (!esl_toint64(L, -1, &v))
+        luaL_error(L, "option '%s' must be an integer, got %s", name,
+                   luaL_typename(L, -1));
+    lua_pop(L, 1);
+    return (int64_t)v;
+}
+
+static const char *opt_string_field(lua_State *L, int idx, const char *name)
+{
+    const char *s;
+    if (lua_isnoneornil(L, idx))
+        return NULL;
+    lua_getfield(L, idx, name);
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        return NULL;
+    }
+    if (lua_type(L, -1) != LUA_TSTRING)
+        luaL_error(L, "option '%s' must be a string, got %s", name,
+                   luaL_typename(L, -1));
+    s = lua_tostring(L, -1);
+    /* The string stays referenced by the options table, so the pointer
+     * stays valid while that table is on the stack. */
+    lua_pop(L, 1);
+    return s;
+}
+
+static int opt_bool_field(lua_State *L, int idx, const char *name)
+{
+    int v;
+    if (lua_isnoneornil(L, idx))
+        return 0;
+    lua_getfield(L, idx, name);
+    v = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    return v;
+}
+
+/* Raises the error table of err: used where a Lua iterator cannot return
+ * nil, err (a failure between pages of a read). */
+static int raise_error(lua_State *L, const es_error *err)
+{
+    esl_push_error(L, err);
+    lua_remove(L, -2);
+    return lua_error(L);
+}
+
+/* ---- events to Lua ---------------------------------------------------- */
+
+static void push_json_field(lua_State *L, const char *text, size_t len,
+                            const char *field)
+{
+    char msg[160];
+    if (esl_json_decode(L, text, len, msg, sizeof msg) < 0)
+        luaL_error(L, "stored %s is not valid JSON: %s", field, msg);
+}
+
+static void set_string(lua_State *L, const char *key, const char *value)
+{
+    lua_pushstring(L, value);
+    lua_setfield(L, -2, key);
+}
+
+static void set_int(lua_State *L, const char *key, int64_t value)
+{
+    esl_pushint64(L, value);
+    lua_setfield(L, -2, key);
+}
+
+/* Pushes the DESIGN.md event table. */
+static void push_event(lua_State *L, const es_event *e)
+{
+    lua_createtable(L, 0, 8);
+    set_string(L, "id", e->id);
+    set_string(L, "stream", e->stream);
+    set_string(L, "type", e->type);
+    set_int(L, "version", e->version);
+    set_int(L, "position", e->position);
+    push_json_field(L, e->data, e->data_len, "data");
+    lua_setfield(L, -2, "data");
+    push_json_field(L, e->metadata, e->metadata_len, "metadata");
+    lua_setfield(L, -2, "metadata");
+    set_string(L, "recorded_at", e->recorded_at);
+}
+
+/* ---- open / close / migrate ------------------------------------------ */
+
+static int l_open(lua_State *L)
+{
+    const char *target = luaL_checkstring(L, 1);
+    const char *schema;
+    es_error err;
+    lstore *ls;
+
+    check_opts(L, 2);
+    schema = opt_string_field(L, 2, "schema");
+    ls = (lstore *)esl_newuserdata(L, sizeof *ls);
+    ls->s = NULL;
+    es_buf_init(&ls->json);
+    es_buf_init(&ls->scratch);
+    luaL_getmetatable(L, STORE_MT);
+    lua_setmetatable(L, -2);
+    ls->s = es_open_schema(target, schema, &err);
+    if (!ls->s)
+        return esl_push_error(L, &err);
+    return 1;
+}
+
+static int l_gc(lua_State *L)
+{
+    lstore *ls = (lstore *)luaL_checkudata(L, 1, STORE_MT);
+    if (ls->s) {
+        es_close(ls->s);
+        ls->s = NULL;
+    }
+    es_buf_free(&ls->json);
+    es_buf_free(&ls->scratch);
+    return 0;
+}
+
+static int l_close(lua_State *L)
+{
+    l_gc(L);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int l_tostring(lua_State *L)
+{
+    lstore *ls = (lstore *)luaL_checkudata(L, 1, STORE_MT);
+    if (ls->s)
+        lua_pushfstring(L, "eventsourcing store (%s): %p",
+                        es_store_kind(ls->s), (void *)ls);
+    else
+        lua_pushfstring(L, "eventsourcing store (closed): %p", (void *)ls);
+    return 1;
+}
+
+static int l_kind(lua_State *L)
+{
+    lua_pushstring(L, es_store_kind(check_store(L)->s));
+    return 1;
+}
+
+static int l_migrate(lua_State *L)
+{
+    es_error err;
+    if (es_migrate(check_store(L)->s, &err) < 0)
+        return esl_push_error(L, &err);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* ---- append ----------------------------------------------------------- */
+
+/* expected_version: es.ANY / es.NO_STREAM / es.STREAM_EXISTS or an
+ * integer >= 0. Returns 0, or -1 with a message for a bad value. */
+static int read_expected(lua_State *L, int opts, int64_t *out, char *msg,
+                         size_t msglen)
+{
+    long long v;
+    *out = ES_ANY;
+    if (lua_isnoneornil(L, opts))
+        return 0;
+    lua_getfield(L, opts, "expected_version");
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        return 0;
+    }
+    if (lua_type(L, -1) == LUA_TSTRING) {
+        const char *s = lua_tostring(L, -1);
+        if (strcmp(s, "any") == 0) *out = ES_ANY;
+        else if (strcmp(s, "no_stream") == 0) *out = ES_NO_STREAM;
+        else if (strcmp(s, "stream_exists") == 0) *out = ES_STREAM_EXISTS;
+        else {
+            snprintf(msg, msglen, "expected_version '%.40s' is not one of "
+                     "es.ANY, es.NO_STREAM, es.STREAM_EXISTS or an integer", s);
+            lua_pop(L, 1);
+            return -1;
+        }
+    } else if (esl_toint64(L, -1, &v)) {
+        if (v < 0) {
+            snprintf(msg, msglen, "expected_version must not be negative");
+            lua_pop(L, 1);
+            return -1;
+        }
+        *out = v;
+    } else {
+        luaL_error(L, "option 'expected_version' must be a string constant "
+                   "or an integer, got %s", luaL_typename(L, -1));
+    }
+    lua_pop(L, 1);
+    return 0;
+}
+
+/* Encodes the metadata of one event: the per-call metadata (at call_meta,
+ * or 0) with the event's own keys (at ev_meta, or 0) laid over it. */
+static int encode_metadata(lua_State *L, lstore *ls, int call_meta,
+                           int ev_meta, char *msg, size_t msglen)
+{
+    int idx;
+    if (call_meta && ev_meta) {
+        lua_newtable(L);
+        for (int src = 0; src < 2; src++) {
+            lua_pushnil(L);
+            while (lua_next(L, src ? ev_meta : call_meta)) {
+                lua_pushvalue(L, -2);
+                lua_insert(L, -2);
+                lua_rawset(L, -4);
+            }
+        }
+        idx = lua_gettop(L);
+    } else if (call_meta || ev_meta) {
+        lua_pushvalue(L, call_meta ? call_meta : ev_meta);
+        idx = lua_gettop(L);
+    } else {
+        return es_buf_add(&ls->json, "{}", 2) < 0 ? -1 : 0;
+    }
+    int rc = esl_json_encode(L, idx, &ls->json, msg, msglen);
+    lua_pop(L, 1);
+    return rc;
+}
+
+typedef struct span {
+    size_t data, data_len, meta, meta_len;
+} span;
+
+/* Reads and encodes the event at the top of the stack into ls->json and
+ * fills in ev (except the data/metadata pointers, fixed up later because
+ * the buffer may move). */
+static int encode_event(lua_State *L, lstore *ls, int call_meta, size_t i,
+                        es_event_in *ev, span *sp, char *msg, size_t msglen)
+{
+    int e = lua_gettop(L);
+    char inner[200];
+
+    if (!lua_istable(L, e)) {
+        snprintf(msg, msglen, "event %zu must be a table, got %s", i + 1,
+                 luaL_typename(L, e));
+        return -1;
+    }
+    lua_getfield(L, e, "type");
+    if (lua_type(L, -1) != LUA_TSTRING) {
+        snprintf(msg, msglen, "event %zu: type must be a string, got %s",
+                 i + 1, luaL_typename(L, -1));
+        return -1;
+    }
+    ev->type = lua_tostring(L, -1);   /* kept alive by the event table */
+    lua_pop(L, 1);
+
+    lua_getfield(L, e, "id");
+    if (!lua_isnil(L, -1) && lua_type(L, -1) != LUA_TSTRING) {
+        snprintf(msg, msglen, "event %zu: id must be a string, got %s",
+                 i + 1, luaL_typename(L, -1));
+        return -1;
+    }
+    ev->id = lua_tostring(L, -1);
+    lua_pop(L, 1);
+
+    sp->data = ls->json.len;
+    lua_getfield(L, e, "data");
+    if (lua_isnil(L, -1)) {
+        if (es_buf_add(&ls->json, "{}", 2) < 0)
+            return luaL_error(L, "out of memory");
+    } else if (esl_json_encode(L, -1, &ls->json, inner, sizeof inner) < 0) {
+        snprintf(msg, msglen, "event %zu (%s): data %s", i + 1, ev->type,
+                 inner);
+        return -1;
+    }
+    lua_pop(L, 1);
+    sp->data_len = ls->json.len - sp->data;
+
+    sp->meta = ls->json.len;
+    lua_getfield(L, e, "metadata");
+    if (!lua_isnil(L, -1) && !lua_istable(L, -1)) {
+        snprintf(msg, msglen, "event %zu: metadata must be a table, got %s",
+                 i + 1, luaL_typename(L, -1));
+        return -1;
+    }
+    if (encode_metadata(L, ls, call_meta, lua_isnil(L, -1) ? 0 : lua_gettop(L),
+                        inner, sizeof inner) < 0) {
+        snprintf(msg, msglen, "event %zu (%s): metadata %s", i + 1, ev->type,
+                 inner);
+        return -1;
+    }
+    lua_pop(L, 1);
+    sp->meta_len = ls->json.len - sp->meta;
+    return 0;
+}
+
+static int l_append(lua_State *L)
+{
+    lstore *ls = check_store(L);
+    const char *stream = luaL_checkstring(L, 2);
+    int64_t expected;
+    int call_meta = 0, single;
+    size_t n;
+    char msg[300];
+    es_event_in *evs;
+    span *spans;
+    es_append_result res;
+    es_error err;
+
+    luaL_checktype(L, 3, LUA_TTABLE);
+    check_opts(L, 4);
+    lua_settop(L, 4);
+    if (read_expected(L, 4, &expected, msg, sizeof msg) < 0)
+        return esl_push_fail(L, ES_INVALID, msg);
+    if (!lua_isnil(L, 4)) {
+        lua_getfield(L, 4, "metadata");
+        if (lua_istable(L, -1))
+            call_meta = lua_gettop(L);
+        else if (!lua_isnil(L, -1))
+            return luaL_error(L, "option 'metadata' must be a table, got %s",
+                              luaL_typename(L, -1));
+    }
+
+    /* One event ({type = ...}) or an array of them. */
+    lua_getfield(L, 3, "type");
+    single = !lua_isnil(L, -1);
+    lua_pop(L, 1);
+    n = single ? 1 : esl_rawlen(L, 3);
+    if (n == 0)
+        return esl_push_fail(L, ES_INVALID, "append needs at least one event");
+
+    es_buf_reset(&ls->json);
+    es_buf_reset(&ls->scratch);
+    if (es_buf_reserve(&ls->scratch, n * (sizeof *evs + sizeof *spans)) < 0)
+        return luaL_error(L, "out of memory");
+    evs = (es_event_in *)(void *)ls->scratch.data;
+    spans = (span *)(void *)(evs + n);
+    for (size_t i = 0; i < n; i++) {
+        if (single)
+            lua_pushvalue(L, 3);
+        else
+            lua_rawgeti(L, 3, (int)(i + 1));
+        if (encode_event(L, ls, call_meta, i, &evs[i], &spans[i], msg,
+                         sizeof msg) < 0)
+            return esl_push_fail(L, ES_INVALID, msg);
+        lua_pop(L, 1);
+    }
+    for (size_t i = 0; i < n; i++) {
+        evs[i].data = ls->json.data + spans[i].data;
+        evs[i].data_len = spans[i].data_len;
+        evs[i].metadata = ls->json.data + spans[i].meta;
+        evs[i].metadata_len = spans[i].meta_len;
+    }
+    if (es_append(ls->s, stream, evs, n, expected, &res, &err) < 0)
+        return esl_push_error(L, &err);
+    lua_createtable(L, 0, 2);
+    set_int(L, "version", res.version);
+    set_int(L, "position", res.position);
+    return 1;
+}
+
+static int l_version(lua_State *L)
+{
+    lstore *ls = check_store(L);
+    const char *stream = luaL_checkstring(L, 2);
+    int64_t v;
+    es_error err;
+    if (es_stream_version(ls->s, stream, &v, &err) < 0)
+        return esl_push_error(L, &err);
+    esl_pushint64(L, v);
+    return 1;
+}
+
+/* ---- cursors ---------------------------------------------------------- */
+
+static lcursor *new_cursor(lua_State *L)
+{
+    lcursor *lc = (lcursor *)esl_newuserdata(L, sizeof *lc);
+    lc->c = NULL;
+    luaL_getmetatable(L, CURSOR_MT);
+    lua_setmetatable(L, -2);
+    return lc;
+}
+
+static int cursor_gc(lua_State *L)
+{
+    lcursor *lc = (lcursor *)luaL_checkudata(L, 1, CURSOR_MT);
+    if (lc->c) {
+        es_cursor_free(lc->c);
+        lc->c = NULL;
+    }
+    return 0;
+}
+
+static void read_opts(lua_State *L, int idx, es_read_opts *o)
+{
+    memset(o, 0, sizeof *o);
+    o->from = opt_int_field(L, idx, "from", 0);
+    o->to = opt_int_field(L, idx, "to", 0);
+    o->limit = opt_int_field(L, idx, "limit", 0);
+    o->backward = opt_bool_field(L, idx, "backward");
+    o->before = opt_string_field(L, idx, "before");
+}
+
+/* Iterator of store:read: upvalue 1 the cursor, upvalue 2 the store (kept
+ * alive while the loop runs). */
+static int read_next(lua_State *L)
+{
+    lcursor *lc = (lcursor *)lua_touserdata(L, lua_upvalueindex(1));
+    es_event e;
+    es_error err;
+    int rc;
+    if (!lc->c)
+        return 0;
+    rc = es_cursor_next(lc->c, &e, &err);
+    if (rc < 0) {
+        es_cursor_free(lc->c);
+        lc->c = NULL;
+        return raise_error(L, &err);
+    }
+    if (rc == 0) {
+        /* Free at once: a loop left early is cleaned up by __gc. */
+        es_cursor_free(lc->c);
+        lc->c = NULL;
+        return 0;
+    }
+    push_event(L, &e);
+    return 1;
+}
+
+static int l_read(lua_State *L)
+{
+    lstore *ls = check_store(L);
+    const char *stream = luaL_checkstring(L, 2);
+    es_read_opts o;
+    es_error err;
+    lcursor *lc;
+
+    check_opts(L, 3);
+    read_opts(L, 3, &o);
+    lc = new_cursor(L);
+    lc->c = es_read(ls->s, stream, &o, &err);
+    if (!lc->c)
+        return esl_push_error(L, &err);
+    lua_pushvalue(L, 1);
+    lua_pushcclosure(L, read_next, 2);
+    return 1;
+}
+
+static int l_read_all(lua_State *L)
+{
+    lstore *ls = check_store(L);
+    es_read_all_opts o;
+    es_error err;
+    lcursor *lc;
+    es_event e;
+    int rc, i = 0;
+    const char *cp;
+
+    check_opts(L, 2);
+    lua_settop(L, 2);
+    memset(&o, 0, sizeof o);
+    o.after = opt_string_field(L, 2, "after");
+    o.limit = opt_int_field(L, 2, "limit", 0);
+    o.category = opt_string_field(L, 2, "category");
+    if (!lua_isnil(L, 2)) {
+        lua_getfield(L, 2, "types");    /* stays on the stack: index 3 */
+        if (!lua_isnil(L, 3)) {
+            luaL_argcheck(L, lua_istable(L, 3), 2, "option 'types' must be "
+                          "an array of strings");
+            o.ntypes = esl_rawlen(L, 3);
+            es_buf_reset(&ls->scratch);
+            if (es_buf_reserve(&ls->scratch, (o.ntypes + 1) * sizeof(char *)) < 0)
+                return luaL_error(L, "out of memory");
+            const char **types = (const char **)(void *)ls->scratch.data;
+            for (size_t k = 0; k < o.ntypes; k++) {
+                lua_rawgeti(L, 3, (int)(k + 1));
+                if (lua_type(L, -1) != LUA_TSTRING)
+                    return luaL_error(L, "option 'types' must be an array of "
+                                      "strings (item %d is %s)", (int)k + 1,
+                                      luaL_typename(L, -1));
+                types[k] = lua_tostring(L, -1);
+                lua_pop(L, 1);
+            }
+            o.types = types;
+        }
+    }
+    lc = new_cursor(L);
+    lc->c = es_read_all(ls->s, &o, &err);
+    if (!lc->c)
+        return esl_push_error(L, &err);
+    lua_newtable(L);
+    while ((rc = es_cursor_next(lc->c, &e, &err)) > 0) {
+        push_event(L, &e);
+        lua_rawseti(L, -2, ++i);
+    }
+    if (rc < 0)
+        return esl_push_error(L, &err);
+    cp = es_cursor_checkpoint(lc->c);
+    if (cp)
+        lua_pushstring(L, cp);
+    else
+        lua_pushnil(L);
+    return 2;
+}
+
+/* ---- fold: the hot path ----------------------------------------------- */
+
+/* store:fold(stream, handlers, initial, opts) -> state, version.
+ * Rows come page by page from the cursor; each event is decoded straight
+ * onto the stack and handed to handlers[type](state, event). Events with
+ * no handler are skipped without decoding their payload. */
+static int l_fold(lua_State *L)
+{
+    lstore *ls = check_store(L);
+    const char *stream = luaL_checkstring(L, 2);
+    es_read_opts o;
+    es_error err;
+    lcursor *lc;
+    es_event e;
+    int rc, state, cursor;
+    int64_t version;
+
+    luaL_checktype(L, 3, LUA_TTABLE);
+    check_opts(L, 5);
+    lua_settop(L, 5);
+    read_opts(L, 5, &o);
+    if (o.backward || o.limit)
+        luaL_error(L, "fold reads forward and whole: options 'backward' and "
+                   "'limit' are not allowed");
+    version = o.from > 0 ? o.from - 1 : 0;
+    lc = new_cursor(L);
+    cursor = lua_gettop(L);
+    lc->c = es_read(ls->s, stream, &o, &err);
+    if (!lc->c)
+        return esl_push_error(L, &err);
+    lua_pushvalue(L, 4);
+    state = lua_gettop(L);
+    while ((rc = es_cursor_next(lc->c, &e, &err)) > 0) {
+        version = e.version;
+        lua_getfield(L, 3, e.type);
+        if (lua_isnil(L, -1)) {
+            lua_pop(L, 1);
+            continue;
+        }
+        lua_pushvalue(L, state);
+        push_event(L, &e);
+        lua_call(L, 2, 1);
+        if (lua_isnil(L, -1))
+            lua_pop(L, 1);
+        else
+            lua_replace(L, state);
+    }
+    if (rc < 0)
+        return esl_push_error(L, &err);
+    es_cursor_free(lc->c);
+    lc->c = NULL;
+    (void)cursor;
+    esl_pushint64(L, version);
+    return 2;
+}
+
+/* ---- SQL for the layers above ------------------------------------------ */
+
+/* Text for one query parameter; NULL for nil and es.json.null. */
+static const char *param_text(lua_State *L, lstore *ls, int idx, size_t *off,
+                              int *is_null)
+{
+    char num[64], msg[200];
+    *is_null = 0;
+    switch (lua_type(L, idx)) {
+    case LUA_TNIL:
+        *is_null = 1;
+        return NULL;
+    case LUA_TBOOLEAN:
+        return lua_toboolean(L, idx) ? "true" : "false";
+    case LUA_TSTRING:
+        return lua_tostring(L, idx);
+    case LUA_TNUMBER: {
+        long long v;
+        if (esl_toint64(L, idx, &v))
+            snprintf(num, sizeof num, "%lld", v);
+        else
+            snprintf(num, sizeof num, "%.17g", (double)lua_tonumber(L, idx));
+        *off = ls->json.len;
+        if (es_buf_add(&ls->json, num, strlen(num) + 1) < 0)
+            luaL_error(L, "out of memory");
+        return NULL;
+    }
+    default:
+        /* tables (and the null sentinel) go as JSON text, for jsonb */
+        *off = ls->json.len;
+        if (esl_json_encode(L, idx, &ls->json, msg, sizeof msg) < 0)
+            luaL_error(L, "query parameter %d: %s", idx - 2, msg);
+        if (ls->json.len - *off == 4 && memcmp(ls->json.data + *off, "null", 4) == 0) {
+            ls->json.len = *off;
+            *is_null = 1;
+            return NULL;
+        }
+        if (es_buf_addc(&ls->json, '\0') < 0)
+            luaL_error(L, "out of memory");
+        return NULL;
+    }
+}
+
+static void push_cell(lua_State *L, const es_rows *r, int row, int col)
+{
+    size_t len;
+    const char *v = es_rows_value(r, row, col, &len);
+    char msg[160];
+    if (!v) {
+        lua_pushnil(L);
+        return;
+    }
+    switch (es_rows_type(r, col)) {
+    case 16: /* bool */
+        lua_pushboolean(L, v[0] == 't');
+        return;
+    case 20: case 21: case 23: /* int8, int2, int4 */
+        esl_pushint64(L, strtoll(v, NULL, 10));
+        return;
+    case 700: case 701: /* float4, float8 */
+        lua_pushnumber(L, strtod(v, NULL));
+        return;
+    case 114: case 3802: /* json, jsonb */
+        if (esl_json_decode(L, v, len, msg, sizeof msg) < 0)
+            luaL_error(L, "column %s: %s", es_rows_name(r, col), msg);
+        return;
+    default:
+        lua_pushlstring(L, v, len);
+    }
+}
+
+/* store:query(sql, ...) -> array of rows keyed by column name. */
+static int l_query(lua_State *L)
+{
+    lstore *ls = check_store(L);
+    const char *sql = luaL_checkstring(L, 2);
+    int nparams = lua_gettop(L) - 2;
+    const char **params;
+    size_t *offs;
+    int *nulls;
+    es_error err;
+    es_rows *r;
+
+    es_buf_reset(&ls->json);
+    es_buf_reset(&ls->scratch);
+    if (es_buf_reserve(&ls->scratch, (size_t)(nparams + 1) *
+                       (sizeof *params + sizeof *offs + sizeof *nulls)) < 0)
+        return luaL_error(L, "out of memory");
+    params = (const char **)(void *)ls->scratch.data;
+    offs = (size_t *)(void *)(params + nparams + 1);
+    nulls = (int *)(void *)(offs + nparams + 1);
+    for (int i = 0; i < nparams; i++) {
+        offs[i] = (size_t)-1;
+        params[i] = param_text(L, ls, i + 3, &offs[i], &nulls[i]);
+    }
+    for (int i = 0; i < nparams; i++)
+        if (!params[i] && !nulls[i])
+            params[i] = ls->json.data + offs[i];
+    r = es_query(ls->s, sql, nparams, params, &err);
+    if (!r)
+        return esl_push_error(L, &err);
+    int nrows = es_rows_count(r), ncols = es_rows_columns(r);
+    lua_createtable(L, nrows, 0);
+    for (int i = 0; i < nrows; i++) {
+        lua_createtable(L, 0, ncols);
+        for (int c = 0; c < ncols; c++) {
+            push_cell(L, r, i, c);
+            lua_setfield(L, -2, es_rows_name(r, c));
+        }
+        lua_rawseti(L, -2, i + 1);
+    }
+    es_rows_free(r);
+    return 1;
+}
+
+static int tx_result(lua_State *L, int rc, es_error *err)
+{
+    if (rc < 0)
+        return esl_push_error(L, err);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int l_begin(lua_State *L)
+{
+    es_error err;
+    return tx_result(L, es_begin(check_store(L)->s, &err), &err);
+}
+
+static int l_commit(lua_State *L)
+{
+    es_error err;
+    return tx_result(L, es_commit(check_store(L)->s, &err), &err);
+}
+
+static int l_rollback(lua_State *L)
+{
+    es_error err;
+    return tx_result(L, es_rollback(check_store(L)->s, &err), &err);
+}
+
+static int l_is_closed(lua_State *L)
+{
+    lstore *ls = (lstore *)luaL_checkudata(L, 1, STORE_MT);
+    lua_pushboolean(L, ls->s == NULL);
+    return 1;
+}
+
+static const luaL_Reg store_methods[] = {
+    {"migrate", l_migrate},
+    {"append", l_append},
+    {"read", l_read},
+    {"version", l_version},
+    {"read_all", l_read_all},
+    {"fold", l_fold},
+    {"query", l_query},
+    {"begin", l_begin},
+    {"commit", l_commit},
+    {"rollback", l_rollback},
+    {"kind", l_kind},
+    {"is_closed", l_is_closed},
+    {"close", l_close},
+    {NULL, NULL}
+};
+
+static int l_uuid(lua_State *L)
+{
+    char out[37];
+    es_uuid_v7(out);
+    lua_pushstring(L, out);
+    return 1;
+}
+
+void store_open(lua_State *L)
+{
+    luaL_newmetatable(L, STORE_MT);
+    lua_newtable(L);
+    for (const luaL_Reg *r = store_methods; r->name; r++) {
+        lua_pushcfunction(L, r->func);
+        lua_setfield(L, -2, r->name);
+    }
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, l_gc);
+    lua_setfield(L, -2, "__gc");
+#if LUA_VERSION_NUM >= 504
+    lua_pushcfunction(L, l_gc);
+    lua_setfield(L, -2, "__close");
+#endif
+    lua_pushcfunction(L, l_tostring);
+    lua_setfield(L, -2, "__tostring");
+    lua_pop(L, 1);
+
+    luaL_newmetatable(L, CURSOR_MT);
+    lua_pushcfunction(L, cursor_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_pop(L, 1);
+
+    lua_pushcfunction(L, l_open);
+    lua_setfield(L, -2, "open");
+    lua_pushcfunction(L, l_uuid);
+    lua_setfield(L, -2, "uuid");
+}

@@ -1,0 +1,62 @@
+/*
+ * pg.h - internals shared by the PostgreSQL store's files:
+ *   pg.c         connection, reconnects, error mapping, SQL, transactions
+ *   pg_schema.c  migrations (schema versions, advisory lock)
+ *   pg_events.c  append, version, read and read_all cursors
+ */
+#ifndef ES_PG_H
+#define ES_PG_H
+
+#include "store.h"
+#include "buf.h"
+
+#include <libpq-fe.h>
+
+/* Prepared statements, made on first use in each session. */
+enum {
+    PG_APPEND,
+    PG_VERSION,
+    PG_READ_FORWARD,
+    PG_READ_BACKWARD,
+    PG_READ_ALL,          /* + 0..3: category filter bit 1, types bit 2 */
+    PG_NSTMT = PG_READ_ALL + 4
+};
+
+typedef struct pg_store {
+    es_store base;
+    PGconn *conn;
+    char *conninfo;
+    char schema[64];          /* validated: [a-z_][a-z0-9_]* */
+    int in_tx;                /* inside es_begin .. es_commit/rollback */
+    unsigned prepared;        /* bit per statement prepared this session */
+    es_buf params;            /* parameter text of one call */
+} pg_store;
+
+/* Makes sure there is a live session, reconnecting after a drop. */
+int pg_ensure(pg_store *p, es_error *err);
+/* Fills err from a failed result (or the connection) and clears the
+ * result. Returns -1. */
+int pg_fail(pg_store *p, PGresult *res, const char *what, es_error *err);
+/* Runs a prepared statement, preparing it first when needed. Returns the
+ * result (caller clears) or NULL with err filled. */
+PGresult *pg_exec_prepared(pg_store *p, int stmt, int nparams,
+                           const char *const *values, int binary_result,
+                           es_error *err);
+/* Runs a statement without parameters (DDL, BEGIN, ...). */
+int pg_exec_simple(pg_store *p, const char *sql, es_error *err);
+
+/* The SQL text of a prepared statement (pg_events.c). */
+const char *pg_statement_sql(const pg_store *p, int stmt, char *out,
+                             size_t outlen);
+
+int pg_migrate(es_store *s, es_error *err);
+int pg_append(es_store *s, const char *stream, const es_event_in *ev,
+              size_t n, int64_t expected, es_append_result *out,
+              es_error *err);
+int pg_version(es_store *s, const char *stream, int64_t *out, es_error *err);
+es_cursor *pg_read(es_store *s, const char *stream, const es_read_opts *o,
+                   es_error *err);
+es_cursor *pg_read_all(es_store *s, const es_read_all_opts *o,
+                       es_error *err);
+
+#endif

@@ -1,0 +1,531 @@
+/*
+ * pg_events.c - appending and reading events in PostgreSQL.
+ *
+ * Appends are one call of the schema's append() function (one round trip
+ * for any number of events), with the events passed as parallel arrays.
+ * Reads use prepared statements with binary results: uuids, integers and
+ * timestamps arrive as fixed-size values, jsonb as a version byte and text,
+ * so nothing is formatted by the server only to be parsed again here.
+ * Stream reads go page by page, so memory stays flat however long the
+ * stream is.
+ */
+#include "pg.h"
+
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define PAGE_ROWS 1000
+#define DEFAULT_BATCH 1000
+#define APPEND_RETRIES 50
+/* Microseconds from 1970-01-01 to PostgreSQL's epoch 2000-01-01. */
+#define PG_EPOCH_USEC INT64_C(946684800000000)
+
+const char *pg_statement_sql(const pg_store *p, int stmt, char *out,
+                             size_t outlen)
+{
+    const char *s = p->schema;
+    switch (stmt) {
+    case PG_APPEND:
+        snprintf(out, outlen, "SELECT o_status, o_version, o_position, o_id,"
+                 " o_stream FROM \"%s\".append($1, $2::bigint, $3::boolean,"
+                 " $4::uuid[], $5::text[], $6::jsonb[], $7::jsonb[])", s);
+        break;
+    case PG_VERSION:
+        snprintf(out, outlen, "SELECT version FROM \"%s\".events WHERE "
+                 "stream = $1 ORDER BY version DESC LIMIT 1", s);
+        break;
+    case PG_READ_FORWARD:
+    case PG_READ_BACKWARD:
+        snprintf(out, outlen, "SELECT position, id, version, type, data,"
+                 " metadata, recorded_at FROM \"%s\".events WHERE stream = $1"
+                 " AND version %s $2::bigint AND version %s $3::bigint"
+                 " AND ($4::timestamptz IS NULL OR recorded_at < $4)"
+                 " ORDER BY version%s LIMIT $5::bigint", s,
+                 stmt == PG_READ_FORWARD ? ">=" : "<=",
+                 stmt == PG_READ_FORWARD ? "<=" : ">=",
+                 stmt == PG_READ_FORWARD ? "" : " DESC");
+        break;
+    default: {
+        int filters = stmt - PG_READ_ALL;
+        int next = 4;
+        char cat[64] = "", types[64] = "";
+        if (filters & 1)
+            snprintf(cat, sizeof cat, " AND category = $%d", next++);
+        if (filters & 2)
+            snprintf(types, sizeof types, " AND type = ANY($%d::text[])",
+                     next++);
+        snprintf(out, outlen, "SELECT txid, position, id, version, type, data,"
+                 " metadata, recorded_at, stream FROM \"%s\".events"
+                 " WHERE (txid, position) > ($1::xid8, $2::bigint)"
+                 " AND txid < pg_snapshot_xmin(pg_current_snapshot())%s%s"
+                 " ORDER BY txid, position LIMIT $3::bigint", s, cat, types);
+    }
+    }
+    return out;
+}
+
+/* ---- binary values -------------------------------------------------------- */
+
+static uint64_t be64(const char *v)
+{
+    const unsigned char *u = (const unsigned char *)v;
+    uint64_t x = 0;
+    for (int i = 0; i < 8; i++)
+        x = (x << 8) | u[i];
+    return x;
+}
+
+static void uuid_text(const char *v, char out[37])
+{
+    static const char hex[] = "0123456789abcdef";
+    const unsigned char *u = (const unsigned char *)v;
+    char *o = out;
+    for (int i = 0; i < 16; i++) {
+        if (i == 4 || i == 6 || i == 8 || i == 10)
+            *o++ = '-';
+        *o++ = hex[u[i] >> 4];
+        *o++ = hex[u[i] & 15];
+    }
+    *o = '\0';
+}
+
+/* ---- append --------------------------------------------------------------- */
+
+/* Adds one element of a PostgreSQL array literal: "..." with " and \
+ * escaped. */
+static int add_array_elem(es_buf *b, const char *s, size_t n, int first)
+{
+    if (!first && es_buf_addc(b, ',') < 0)
+        return -1;
+    if (es_buf_reserve(b, n * 2 + 2) < 0)
+        return -1;
+    char *o = b->data + b->len;
+    *o++ = '"';
+    for (size_t i = 0; i < n; i++) {
+        if (s[i] == '"' || s[i] == '\\')
+            *o++ = '\\';
+        *o++ = s[i];
+    }
+    *o++ = '"';
+    b->len = (size_t)(o - b->data);
+    return 0;
+}
+
+enum { A_STREAM, A_EXPECTED, A_CHECK, A_IDS, A_TYPES, A_DATA, A_META, A_N };
+
+/* Lays out the append's parameters in p->params; offs[] get each one's
+ * start (the buffer may move while it grows). */
+static int build_append_params(pg_store *p, const char *stream,
+                               const es_event_in *ev, size_t n,
+                               int64_t expected, size_t offs[A_N],
+                               es_error *err)
+{
+    es_buf *b = &p->params;
+    char num[32];
+    int check = 0, rc = 0;
+
+    es_buf_reset(b);
+    for (size_t i = 0; i < n; i++)
+        if (ev[i].id)
+            check = 1;
+    offs[A_STREAM] = b->len;
+    rc |= es_buf_add(b, stream, strlen(stream) + 1);
+    offs[A_EXPECTED] = b->len;
+    snprintf(num, sizeof num, "%" PRId64, expected);
+    rc |= es_buf_add(b, num, strlen(num) + 1);
+    offs[A_CHECK] = b->len;
+    rc |= es_buf_add(b, check ? "t" : "f", 2);
+
+    offs[A_IDS] = b->len;
+    rc |= es_buf_addc(b, '{');
+    for (size_t i = 0; i < n; i++) {
+        char made[37];
+        const char *id = ev[i].id;
+        if (!id) {
+            es_uuid_v7(made);
+            id = made;
+        }
+        if (i)
+            rc |= es_buf_addc(b, ',');
+        rc |= es_buf_add(b, id, 36);
+    }
+    rc |= es_buf_add(b, "}", 2);
+
+    offs[A_TYPES] = b->len;
+    rc |= es_buf_addc(b, '{');
+    for (size_t i = 0; i < n; i++)
+        rc |= add_array_elem(b, ev[i].type, strlen(ev[i].type), i == 0);
+    rc |= es_buf_add(b, "}", 2);
+
+    offs[A_DATA] = b->len;
+    rc |= es_buf_addc(b, '{');
+    for (size_t i = 0; i < n; i++)
+        rc |= add_array_elem(b, ev[i].data, ev[i].data_len, i == 0);
+    rc |= es_buf_add(b, "}", 2);
+
+    offs[A_META] = b->len;
+    rc |= es_buf_addc(b, '{');
+    for (size_t i = 0; i < n; i++) {
+        if (ev[i].metadata)
+            rc |= add_array_elem(b, ev[i].metadata, ev[i].metadata_len, i == 0);
+        else
+            rc |= add_array_elem(b, "{}", 2, i == 0);
+    }
+    rc |= es_buf_add(b, "}", 2);
+    return rc ? es_fail(err, ES_DATABASE, "out of memory") : 0;
+}
+
+static int append_result(PGresult *res, const char *stream, int64_t expected,
+                         es_append_result *out, es_error *err)
+{
+    int status = atoi(PQgetvalue(res, 0, 0));
+    int64_t version = strtoll(PQgetvalue(res, 0, 1), NULL, 10);
+    int64_t position = strtoll(PQgetvalue(res, 0, 2), NULL, 10);
+
+    if (status == 0 || status == 1) {
+        out->version = version;
+        out->position = position;
+        return 0;
+    }
+    if (status == 2) {
+        char want[48];
+        if (expected == ES_NO_STREAM)
+            snprintf(want, sizeof want, "no stream");
+        else if (expected == ES_STREAM_EXISTS)
+            snprintf(want, sizeof want, "an existing stream");
+        else
+            snprintf(want, sizeof want, "version %" PRId64, expected);
+        es_fail(err, ES_CONFLICT, "stream %s: expected %s, found version %"
+                PRId64, stream, want, version);
+        err->expected = expected;
+        err->actual = version;
+        return -1;
+    }
+    return es_fail(err, ES_INVALID, "event id %s is already used by stream "
+                   "%s at version %" PRId64, PQgetvalue(res, 0, 3),
+                   PQgetvalue(res, 0, 4), version);
+}
+
+int pg_append(es_store *s, const char *stream, const es_event_in *ev,
+              size_t n, int64_t expected, es_append_result *out,
+              es_error *err)
+{
+    pg_store *p = (pg_store *)s;
+    size_t offs[A_N];
+    const char *values[A_N];
+    PGresult *res;
+
+    if (build_append_params(p, stream, ev, n, expected, offs, err) < 0)
+        return -1;
+    for (int i = 0; i < A_N; i++)
+        values[i] = p->params.data + offs[i];
+
+    /* A unique violation means a concurrent writer took the version (or
+     * the id) between our check and our insert. Outside a transaction we
+     * just ask again: the function then sees that writer's events and
+     * answers properly (conflict, idempotent success, or a new version for
+     * es.ANY). Inside the caller's transaction the statement's failure
+     * has aborted it, so it is reported as a conflict. */
+    for (int attempt = 0;; attempt++) {
+        res = pg_exec_prepared(p, PG_APPEND, A_N, values, 0, err);
+        if (res)
+            break;
+        if (strcmp(err->sqlstate, "23505") != 0)
+            return -1;
+        if (p->in_tx || attempt == APPEND_RETRIES) {
+            err->kind = ES_CONFLICT;
+            err->expected = expected;
+            err->actual = -1;
+            snprintf(err->message, sizeof err->message, "stream %s: a "
+                     "concurrent append took the same version%s", stream,
+                     p->in_tx ? " (the transaction is aborted)" : "");
+            return -1;
+        }
+    }
+    int rc = append_result(res, stream, expected, out, err);
+    PQclear(res);
+    return rc;
+}
+
+int pg_version(es_store *s, const char *stream, int64_t *out, es_error *err)
+{
+    pg_store *p = (pg_store *)s;
+    const char *values[1] = { stream };
+    PGresult *res = pg_exec_prepared(p, PG_VERSION, 1, values, 0, err);
+    if (!res)
+        return -1;
+    *out = PQntuples(res) ? strtoll(PQgetvalue(res, 0, 0), NULL, 10) : 0;
+    PQclear(res);
+    return 0;
+}
+
+/* ---- cursors -------------------------------------------------------------- */
+
+typedef struct pg_cursor {
+    es_cursor base;
+    PGresult *res;          /* the current page */
+    int row, nrows;
+    int all;                /* a read_all batch, else one stream */
+    int done;               /* no page after this one */
+    /* stream reads */
+    char *stream;
+    int64_t next;           /* version the next page starts at */
+    int64_t bound;          /* last version wanted (to) */
+    int64_t remaining;      /* events still wanted; -1 = no limit */
+    int backward;
+    char before[40];        /* "" = no bound */
+    /* read_all */
+    char checkpoint[48];
+    /* the current event's formatted fields */
+    char id[37];
+    char recorded_at[32];
+} pg_cursor;
+
+static void cursor_destroy(es_cursor *c)
+{
+    pg_cursor *pc = (pg_cursor *)c;
+    PQclear(pc->res);
+    free(pc->stream);
+    free(pc);
+}
+
+static const char *cursor_checkpoint(const es_cursor *c)
+{
+    const pg_cursor *pc = (const pg_cursor *)c;
+    return pc->all ? pc->checkpoint : NULL;
+}
+
+/* Fetches the next page of a stream read. */
+static int fetch_page(pg_cursor *pc, es_error *err)
+{
+    pg_store *p = (pg_store *)pc->base.store;
+    char from[24], to[24], limit[24];
+    const char *values[5];
+    int64_t want = PAGE_ROWS;
+
+    if (pc->remaining >= 0 && pc->remaining < want)
+        want = pc->remaining;
+    snprintf(from, sizeof from, "%" PRId64, pc->next);
+    snprintf(to, sizeof to, "%" PRId64, pc->bound);
+    snprintf(limit, sizeof limit, "%" PRId64, want);
+    values[0] = pc->stream;
+    values[1] = from;
+    values[2] = to;
+    values[3] = pc->before[0] ? pc->before : NULL;
+    values[4] = limit;
+    PQclear(pc->res);
+    pc->res = pg_exec_prepared(p, pc->backward ? PG_READ_BACKWARD
+                                               : PG_READ_FORWARD,
+                               5, values, 1, err);
+    if (!pc->res)
+        return -1;
+    pc->row = 0;
+    pc->nrows = PQntuples(pc->res);
+    if (pc->nrows < want)
+        pc->done = 1;
+    if (pc->remaining >= 0)
+        pc->remaining -= pc->nrows;
+    if (pc->remaining == 0)
+        pc->done = 1;
+    return 0;
+}
+
+static int stream_next(es_cursor *c, es_event *e, es_error *err)
+{
+    pg_cursor *pc = (pg_cursor *)c;
+    PGresult *r;
+    int i;
+
+    if (pc->row >= pc->nrows) {
+        if (pc->done)
+            return 0;
+        if (fetch_page(pc, err) < 0)
+            return -1;
+        if (pc->nrows == 0)
+            return 0;
+    }
+    r = pc->res;
+    i = pc->row++;
+    e->position = (int64_t)be64(PQgetvalue(r, i, 0));
+    uuid_text(PQgetvalue(r, i, 1), pc->id);
+    e->id = pc->id;
+    e->stream = pc->stream;
+    e->version = (int64_t)be64(PQgetvalue(r, i, 2));
+    e->type = PQgetvalue(r, i, 3);
+    e->data = PQgetvalue(r, i, 4) + 1;               /* jsonb version byte */
+    e->data_len = (size_t)PQgetlength(r, i, 4) - 1;
+    e->metadata = PQgetvalue(r, i, 5) + 1;
+    e->metadata_len = (size_t)PQgetlength(r, i, 5) - 1;
+    es_time_format((int64_t)be64(PQgetvalue(r, i, 6)) + PG_EPOCH_USEC,
+                   pc->recorded_at);
+    e->recorded_at = pc->recorded_at;
+    e->checkpoint = NULL;
+    pc->next = pc->backward ? e->version - 1 : e->version + 1;
+    return 1;
+}
+
+static const es_cursor_ops stream_cursor_ops = {
+    stream_next, cursor_checkpoint, cursor_destroy
+};
+
+es_cursor *pg_read(es_store *s, const char *stream, const es_read_opts *o,
+                   es_error *err)
+{
+    pg_cursor *pc = calloc(1, sizeof *pc);
+    if (!pc || !(pc->stream = strdup(stream))) {
+        free(pc);
+        es_fail(err, ES_DATABASE, "out of memory");
+        return NULL;
+    }
+    pc->base.ops = &stream_cursor_ops;
+    pc->base.store = s;
+    pc->backward = o->backward;
+    if (o->backward) {
+        pc->next = o->from > 0 ? o->from : INT64_MAX;
+        pc->bound = o->to > 0 ? o->to : 1;
+    } else {
+        pc->next = o->from > 0 ? o->from : 1;
+        pc->bound = o->to > 0 ? o->to : INT64_MAX;
+    }
+    pc->remaining = o->limit > 0 ? o->limit : -1;
+    if (o->before) {
+        /* Parsed here rather than by the server, so both stores accept
+         * exactly the same instants ("yesterday" is not one). */
+        int64_t usec;
+        if (es_time_parse(o->before, &usec, err) < 0) {
+            cursor_destroy(&pc->base);
+            return NULL;
+        }
+        es_time_format(usec, pc->before);
+    }
+    /* The first page now, so that a bad store or connection shows up as
+     * read()'s nil, err rather than in the middle of a loop. */
+    if (fetch_page(pc, err) < 0) {
+        cursor_destroy(&pc->base);
+        return NULL;
+    }
+    return &pc->base;
+}
+
+static int all_next(es_cursor *c, es_event *e, es_error *err)
+{
+    pg_cursor *pc = (pg_cursor *)c;
+    PGresult *r = pc->res;
+    int i;
+    uint64_t txid;
+
+    (void)err;
+    if (pc->row >= pc->nrows)
+        return 0;
+    i = pc->row++;
+    txid = be64(PQgetvalue(r, i, 0));
+    e->position = (int64_t)be64(PQgetvalue(r, i, 1));
+    uuid_text(PQgetvalue(r, i, 2), pc->id);
+    e->id = pc->id;
+    e->version = (int64_t)be64(PQgetvalue(r, i, 3));
+    e->type = PQgetvalue(r, i, 4);
+    e->data = PQgetvalue(r, i, 5) + 1;
+    e->data_len = (size_t)PQgetlength(r, i, 5) - 1;
+    e->metadata = PQgetvalue(r, i, 6) + 1;
+    e->metadata_len = (size_t)PQgetlength(r, i, 6) - 1;
+    es_time_format((int64_t)be64(PQgetvalue(r, i, 7)) + PG_EPOCH_USEC,
+                   pc->recorded_at);
+    e->recorded_at = pc->recorded_at;
+    e->stream = PQgetvalue(r, i, 8);
+    snprintf(pc->checkpoint, sizeof pc->checkpoint, "%" PRIu64 ":%" PRId64,
+             txid, e->position);
+    e->checkpoint = pc->checkpoint;
+    return 1;
+}
+
+static const es_cursor_ops all_cursor_ops = {
+    all_next, cursor_checkpoint, cursor_destroy
+};
+
+/* Checkpoints are "<txid>:<position>"; "0:<position>" from the memory
+ * store works too (it only orders by position). */
+static int parse_checkpoint(const char *text, uint64_t *txid, int64_t *pos,
+                            es_error *err)
+{
+    char *end;
+    if (!text) {
+        *txid = 0;
+        *pos = 0;
+        return 0;
+    }
+    if (text[0] < '0' || text[0] > '9')
+        goto bad;
+    *txid = strtoull(text, &end, 10);
+    if (*end != ':' || end[1] < '0' || end[1] > '9')
+        goto bad;
+    *pos = strtoll(end + 1, &end, 10);
+    if (*end != '\0')
+        goto bad;
+    return 0;
+bad:
+    return es_fail(err, ES_INVALID, "checkpoint '%.60s' is not one this store "
+                   "made (\"<txid>:<position>\")", text);
+}
+
+es_cursor *pg_read_all(es_store *s, const es_read_all_opts *o, es_error *err)
+{
+    pg_store *p = (pg_store *)s;
+    pg_cursor *pc;
+    uint64_t txid = 0;
+    int64_t pos = 0;
+    char txs[24], poss[24], limit[24];
+    const char *values[5];
+    int nvalues = 3, stmt = PG_READ_ALL;
+    es_buf types;
+
+    if (parse_checkpoint(o->after, &txid, &pos, err) < 0)
+        return NULL;
+    snprintf(txs, sizeof txs, "%" PRIu64, txid);
+    snprintf(poss, sizeof poss, "%" PRId64, pos);
+    snprintf(limit, sizeof limit, "%" PRId64,
+             o->limit > 0 ? o->limit : (int64_t)DEFAULT_BATCH);
+    values[0] = txs;
+    values[1] = poss;
+    values[2] = limit;
+    es_buf_init(&types);
+    if (o->category) {
+        stmt |= 1;
+        values[nvalues++] = o->category;
+    }
+    if (o->types) {
+        int rc = es_buf_addc(&types, '{');
+        stmt |= 2;
+        for (size_t i = 0; i < o->ntypes; i++)
+            rc |= add_array_elem(&types, o->types[i], strlen(o->types[i]),
+                                 i == 0);
+        rc |= es_buf_addc(&types, '}');
+        values[nvalues++] = es_buf_cstr(&types);
+        if (rc || !values[nvalues - 1]) {
+            es_buf_free(&types);
+            es_fail(err, ES_DATABASE, "out of memory");
+            return NULL;
+        }
+    }
+    pc = calloc(1, sizeof *pc);
+    if (!pc) {
+        es_buf_free(&types);
+        es_fail(err, ES_DATABASE, "out of memory");
+        return NULL;
+    }
+    pc->base.ops = &all_cursor_ops;
+    pc->base.store = s;
+    pc->all = 1;
+    pc->done = 1;
+    snprintf(pc->checkpoint, sizeof pc->checkpoint, "%" PRIu64 ":%" PRId64,
+             txid, pos);
+    pc->res = pg_exec_prepared(p, stmt, nvalues, values, 1, err);
+    es_buf_free(&types);
+    if (!pc->res) {
+        cursor_destroy(&pc->base);
+        return NULL;
+    }
+    pc->nrows = PQntuples(pc->res);
+    return &pc->base;
+}

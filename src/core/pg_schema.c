@@ -1,0 +1,189 @@
+/*
+ * pg_schema.c - migrations of the PostgreSQL store.
+ *
+ * Objects live in their own schema (default "eventsourcing"). Each
+ * migration step is applied once and recorded in <schema>.schema_version;
+ * the whole run holds a transaction-level advisory lock keyed by the schema
+ * name, so two processes migrating at once take turns and the second finds
+ * nothing left to do.
+ */
+#include "pg.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* "%1$s" stands for the schema. Step 1: the events table, its indexes and
+ * the append function.
+ *
+ * Global order: position (identity) is assigned at insert but becomes
+ * visible at commit, so a reader by position alone could skip an event a
+ * slower transaction commits later with a lower position. Each row also
+ * records its transaction id (xid8); readers take only rows whose
+ * transaction is older than every transaction still running
+ * (pg_snapshot_xmin) and order by (txid, position). No timeouts: a long
+ * transaction delays readers, it never makes them skip. */
+static const char *const steps[] = {
+    "CREATE TABLE %1$s.events ("
+    "  position bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,"
+    "  txid xid8 NOT NULL DEFAULT pg_current_xact_id(),"
+    "  id uuid NOT NULL,"
+    "  stream text NOT NULL,"
+    "  version bigint NOT NULL CHECK (version > 0),"
+    "  type text NOT NULL,"
+    "  data jsonb NOT NULL,"
+    "  metadata jsonb NOT NULL,"
+    "  recorded_at timestamptz NOT NULL DEFAULT now(),"
+    "  category text GENERATED ALWAYS AS (split_part(stream, '-', 1)) STORED,"
+    "  CONSTRAINT events_id_key UNIQUE (id),"
+    "  CONSTRAINT events_stream_version_key UNIQUE (stream, version));"
+    "CREATE INDEX events_txid_position ON %1$s.events (txid, position);"
+    "CREATE INDEX events_category ON %1$s.events (category, txid, position);"
+    /* One round trip appends any number of events. Status: 0 appended,
+     * 1 the same ids were appended before at these versions (idempotent),
+     * 2 expected version did not match (o_version = actual),
+     * 3 an id is taken elsewhere (o_id, o_stream, o_version say where). */
+    "CREATE FUNCTION %1$s.append(p_stream text, p_expected bigint,"
+    "    p_check_ids boolean, p_ids uuid[], p_types text[], p_data jsonb[],"
+    "    p_meta jsonb[])"
+    "  RETURNS TABLE (o_status int, o_version bigint, o_position bigint,"
+    "                 o_id uuid, o_stream text)"
+    "  LANGUAGE plpgsql AS $fn$"
+    "DECLARE"
+    "  n int := cardinality(p_types);"
+    "  cur bigint;"
+    "  matched int := 0;"
+    "  last_version bigint;"
+    "  last_position bigint;"
+    "  t record;"
+    "BEGIN"
+    "  IF p_check_ids THEN"
+    "    FOR t IN SELECT u.ord, e.id, e.stream, e.version, e.position"
+    "             FROM unnest(p_ids) WITH ORDINALITY AS u(id, ord)"
+    "             JOIN %1$s.events e ON e.id = u.id ORDER BY u.ord LOOP"
+    "      matched := matched + 1;"
+    "      IF t.stream <> p_stream OR t.ord <> matched"
+    "         OR (matched > 1 AND t.version <> last_version + 1) THEN"
+    "        RETURN QUERY SELECT 3, t.version, t.position, t.id, t.stream;"
+    "        RETURN;"
+    "      END IF;"
+    "      last_version := t.version;"
+    "      last_position := t.position;"
+    "    END LOOP;"
+    "    IF matched = n THEN"
+    "      RETURN QUERY SELECT 1, last_version, last_position, NULL::uuid,"
+    "                          NULL::text;"
+    "      RETURN;"
+    "    ELSIF matched > 0 THEN"
+    "      SELECT e.id, e.stream, e.version, e.position INTO t"
+    "        FROM %1$s.events e WHERE e.id = ANY(p_ids) LIMIT 1;"
+    "      RETURN QUERY SELECT 3, t.version, t.position, t.id, t.stream;"
+    "      RETURN;"
+    "    END IF;"
+    "  END IF;"
+    "  SELECT e.version INTO cur FROM %1$s.events e WHERE e.stream = p_stream"
+    "    ORDER BY e.version DESC LIMIT 1;"
+    "  cur := coalesce(cur, 0);"
+    "  IF (p_expected = -2 AND cur <> 0) OR (p_expected = -3 AND cur = 0)"
+    "     OR (p_expected >= 0 AND cur <> p_expected) THEN"
+    "    RETURN QUERY SELECT 2, cur, NULL::bigint, NULL::uuid, NULL::text;"
+    "    RETURN;"
+    "  END IF;"
+    "  RETURN QUERY WITH ins AS ("
+    "    INSERT INTO %1$s.events (id, stream, version, type, data, metadata)"
+    "    SELECT u.id, p_stream, cur + u.ord, u.type, u.data, u.meta"
+    "      FROM unnest(p_ids, p_types, p_data, p_meta)"
+    "           WITH ORDINALITY AS u(id, type, data, meta, ord)"
+    "     ORDER BY u.ord"
+    "    RETURNING position)"
+    "  SELECT 0, cur + n, max(ins.position), NULL::uuid, NULL::text FROM ins;"
+    "END $fn$;",
+};
+
+#define NSTEPS ((int)(sizeof steps / sizeof steps[0]))
+
+static int run_step(pg_store *p, int step, es_error *err)
+{
+    char quoted[80], rec[256];
+    es_buf b;
+    const char *sql;
+    int rc;
+
+    /* The schema name was validated ([a-z_][a-z0-9_]*); quoted anyway. */
+    snprintf(quoted, sizeof quoted, "\"%s\"", p->schema);
+    es_buf_init(&b);
+    for (const char *s = steps[step - 1]; *s; s++) {
+        if (strncmp(s, "%1$s", 4) == 0) {
+            es_buf_adds(&b, quoted);
+            s += 3;
+        } else {
+            es_buf_addc(&b, *s);
+        }
+    }
+    sql = es_buf_cstr(&b);
+    rc = sql ? pg_exec_simple(p, sql, err)
+             : es_fail(err, ES_DATABASE, "out of memory");
+    es_buf_free(&b);
+    if (rc < 0)
+        return -1;
+    snprintf(rec, sizeof rec,
+             "INSERT INTO \"%s\".schema_version (version) VALUES (%d)",
+             p->schema, step);
+    return pg_exec_simple(p, rec, err);
+}
+
+int pg_migrate(es_store *s, es_error *err)
+{
+    pg_store *p = (pg_store *)s;
+    char sql[512];
+    const char *param[1] = { p->schema };
+    PGresult *res;
+    int current, own_tx = !p->in_tx;
+
+    if (own_tx && pg_exec_simple(p, "BEGIN", err) < 0)
+        return -1;
+    res = PQexecParams(p->conn, "SELECT pg_advisory_xact_lock("
+                       "hashtext('eventsourcing.migrate:' || $1))",
+                       1, NULL, param, NULL, NULL, 0);
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        pg_fail(p, res, "migrate", err);
+        goto fail;
+    }
+    PQclear(res);
+    snprintf(sql, sizeof sql,
+             "CREATE SCHEMA IF NOT EXISTS \"%s\";"
+             "CREATE TABLE IF NOT EXISTS \"%s\".schema_version ("
+             "  version int PRIMARY KEY,"
+             "  applied_at timestamptz NOT NULL DEFAULT now())",
+             p->schema, p->schema);
+    if (pg_exec_simple(p, sql, err) < 0)
+        goto fail;
+    snprintf(sql, sizeof sql,
+             "SELECT coalesce(max(version), 0) FROM \"%s\".schema_version",
+             p->schema);
+    res = PQexec(p->conn, sql);
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        pg_fail(p, res, "migrate", err);
+        goto fail;
+    }
+    current = atoi(PQgetvalue(res, 0, 0));
+    PQclear(res);
+    if (current > NSTEPS) {
+        es_fail(err, ES_DATABASE, "schema '%s' is at version %d, newer than "
+                "this library knows (%d): upgrade the library", p->schema,
+                current, NSTEPS);
+        goto fail;
+    }
+    for (int step = current + 1; step <= NSTEPS; step++)
+        if (run_step(p, step, err) < 0)
+            goto fail;
+    if (own_tx && pg_exec_simple(p, "COMMIT", err) < 0)
+        return -1;
+    return 0;
+fail:
+    if (own_tx && p->conn && PQstatus(p->conn) == CONNECTION_OK) {
+        es_error ignored;
+        pg_exec_simple(p, "ROLLBACK", &ignored);
+    }
+    return -1;
+}
