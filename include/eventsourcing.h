@@ -137,6 +137,25 @@ int es_cursor_next(es_cursor *cur, es_event *out, es_error *err);
 const char *es_cursor_checkpoint(const es_cursor *cur);
 void es_cursor_free(es_cursor *cur);
 
+/* Snapshots: a stream's folded state (JSON) as of a version, tagged with
+ * the schema version of the code that made it. */
+typedef struct es_snapshot {
+    int64_t version;
+    int64_t schema_version;
+    const char *state;         /* JSON text; valid until the next call */
+    size_t state_len;
+    const char *recorded_at;
+} es_snapshot;
+
+int es_save_snapshot(es_store *store, const char *stream, int64_t version,
+                     int64_t schema_version, const char *state,
+                     size_t state_len, es_error *err);
+/* The newest snapshot of the stream with version <= max_version (0 = any)
+ * and the given schema_version. 1: found; 0: none; -1: failure. */
+int es_load_snapshot(es_store *store, const char *stream,
+                     int64_t max_version, int64_t schema_version,
+                     es_snapshot *out, es_error *err);
+
 /* Generic parameterized SQL, for the layers above (read models,
  * projections). PostgreSQL only; memory stores fail with ES_INVALID. */
 typedef struct es_rows es_rows;

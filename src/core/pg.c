@@ -110,6 +110,7 @@ PGresult *pg_exec_prepared(pg_store *p, int stmt, int nparams,
 {
     static const char *const names[PG_NSTMT] = {
         "es_append", "es_version", "es_read_f", "es_read_b",
+        "es_snapshot_save", "es_snapshot_load",
         "es_read_all0", "es_read_all1", "es_read_all2", "es_read_all3"
     };
     PGresult *res;
@@ -255,14 +256,27 @@ static void pg_destroy(es_store *s)
 {
     pg_store *p = (pg_store *)s;
     pg_disconnect(s);
+    PQclear(p->snapshot);
     free(p->conninfo);
     es_buf_free(&p->params);
     free(p);
 }
 
 static const es_store_ops pg_ops = {
-    "postgresql", pg_migrate, pg_append, pg_version, pg_read, pg_read_all,
-    pg_query, pg_begin, pg_commit, pg_rollback, pg_disconnect, pg_destroy
+    .kind = "postgresql",
+    .migrate = pg_migrate,
+    .append = pg_append,
+    .version = pg_version,
+    .read = pg_read,
+    .read_all = pg_read_all,
+    .save_snapshot = pg_save_snapshot,
+    .load_snapshot = pg_load_snapshot,
+    .query = pg_query,
+    .begin = pg_begin,
+    .commit = pg_commit,
+    .rollback = pg_rollback,
+    .disconnect = pg_disconnect,
+    .destroy = pg_destroy,
 };
 
 es_store *es_pg_open(const char *conninfo, const char *schema, es_error *err)

@@ -18,6 +18,8 @@ enum {
     PG_VERSION,
     PG_READ_FORWARD,
     PG_READ_BACKWARD,
+    PG_SNAPSHOT_SAVE,
+    PG_SNAPSHOT_LOAD,
     PG_READ_ALL,          /* + 0..3: category filter bit 1, types bit 2 */
     PG_NSTMT = PG_READ_ALL + 4
 };
@@ -30,6 +32,8 @@ typedef struct pg_store {
     int in_tx;                /* inside es_begin .. es_commit/rollback */
     unsigned prepared;        /* bit per statement prepared this session */
     es_buf params;            /* parameter text of one call */
+    PGresult *snapshot;       /* the last snapshot loaded */
+    char snapshot_time[32];
 } pg_store;
 
 /* Makes sure there is a live session, reconnecting after a drop. */
@@ -56,6 +60,12 @@ int pg_append(es_store *s, const char *stream, const es_event_in *ev,
 int pg_version(es_store *s, const char *stream, int64_t *out, es_error *err);
 es_cursor *pg_read(es_store *s, const char *stream, const es_read_opts *o,
                    es_error *err);
+int pg_save_snapshot(es_store *s, const char *stream, int64_t version,
+                     int64_t schema_version, const char *state,
+                     size_t state_len, es_error *err);
+int pg_load_snapshot(es_store *s, const char *stream, int64_t max_version,
+                     int64_t schema_version, es_snapshot *out,
+                     es_error *err);
 es_cursor *pg_read_all(es_store *s, const es_read_all_opts *o,
                        es_error *err);
 

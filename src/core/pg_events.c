@@ -47,6 +47,19 @@ const char *pg_statement_sql(const pg_store *p, int stmt, char *out,
                  stmt == PG_READ_FORWARD ? "<=" : ">=",
                  stmt == PG_READ_FORWARD ? "" : " DESC");
         break;
+    case PG_SNAPSHOT_SAVE:
+        snprintf(out, outlen, "INSERT INTO \"%s\".snapshots (stream, version,"
+                 " schema_version, state) VALUES ($1, $2::bigint, $3::bigint,"
+                 " $4::jsonb) ON CONFLICT (stream, version) DO UPDATE SET"
+                 " schema_version = excluded.schema_version,"
+                 " state = excluded.state, recorded_at = now()", s);
+        break;
+    case PG_SNAPSHOT_LOAD:
+        snprintf(out, outlen, "SELECT version, schema_version, state,"
+                 " recorded_at FROM \"%s\".snapshots WHERE stream = $1"
+                 " AND version <= $2::bigint AND schema_version = $3::bigint"
+                 " ORDER BY version DESC LIMIT 1", s);
+        break;
     default: {
         int filters = stmt - PG_READ_ALL;
         int next = 4;
@@ -528,4 +541,64 @@ es_cursor *pg_read_all(es_store *s, const es_read_all_opts *o, es_error *err)
     }
     pc->nrows = PQntuples(pc->res);
     return &pc->base;
+}
+
+/* ---- snapshots ------------------------------------------------------------ */
+
+int pg_save_snapshot(es_store *s, const char *stream, int64_t version,
+                     int64_t schema_version, const char *state,
+                     size_t state_len, es_error *err)
+{
+    pg_store *p = (pg_store *)s;
+    char v[24], sv[24];
+    const char *values[4];
+    PGresult *res;
+
+    es_buf_reset(&p->params);
+    if (es_buf_add(&p->params, state, state_len) < 0 ||
+        !es_buf_cstr(&p->params))
+        return es_fail(err, ES_DATABASE, "out of memory");
+    snprintf(v, sizeof v, "%" PRId64, version);
+    snprintf(sv, sizeof sv, "%" PRId64, schema_version);
+    values[0] = stream;
+    values[1] = v;
+    values[2] = sv;
+    values[3] = p->params.data;
+    res = pg_exec_prepared(p, PG_SNAPSHOT_SAVE, 4, values, 0, err);
+    if (!res)
+        return -1;
+    PQclear(res);
+    return 0;
+}
+
+int pg_load_snapshot(es_store *s, const char *stream, int64_t max_version,
+                     int64_t schema_version, es_snapshot *out,
+                     es_error *err)
+{
+    pg_store *p = (pg_store *)s;
+    char mv[24], sv[24];
+    const char *values[3];
+    PGresult *r;
+
+    snprintf(mv, sizeof mv, "%" PRId64, max_version > 0 ? max_version
+                                                         : INT64_MAX);
+    snprintf(sv, sizeof sv, "%" PRId64, schema_version);
+    values[0] = stream;
+    values[1] = mv;
+    values[2] = sv;
+    PQclear(p->snapshot);
+    p->snapshot = r = pg_exec_prepared(p, PG_SNAPSHOT_LOAD, 3, values, 1,
+                                       err);
+    if (!r)
+        return -1;
+    if (PQntuples(r) == 0)
+        return 0;
+    out->version = (int64_t)be64(PQgetvalue(r, 0, 0));
+    out->schema_version = (int64_t)be64(PQgetvalue(r, 0, 1));
+    out->state = PQgetvalue(r, 0, 2) + 1;
+    out->state_len = (size_t)PQgetlength(r, 0, 2) - 1;
+    es_time_format((int64_t)be64(PQgetvalue(r, 0, 3)) + PG_EPOCH_USEC,
+                   p->snapshot_time);
+    out->recorded_at = p->snapshot_time;
+    return 1;
 }

@@ -98,6 +98,15 @@ static const char *const steps[] = {
     "    RETURNING position)"
     "  SELECT 0, cur + n, max(ins.position), NULL::uuid, NULL::text FROM ins;"
     "END $fn$;",
+    /* Step 2: snapshots, several per stream so time travel to an earlier
+     * version can still start from one. */
+    "CREATE TABLE %1$s.snapshots ("
+    "  stream text NOT NULL,"
+    "  version bigint NOT NULL CHECK (version > 0),"
+    "  schema_version bigint NOT NULL,"
+    "  state jsonb NOT NULL,"
+    "  recorded_at timestamptz NOT NULL DEFAULT now(),"
+    "  PRIMARY KEY (stream, version));",
 };
 
 #define NSTEPS ((int)(sizeof steps / sizeof steps[0]))

@@ -194,6 +194,39 @@ void es_cursor_free(es_cursor *c)
     store_unref(s);
 }
 
+int es_save_snapshot(es_store *s, const char *stream, int64_t version,
+                     int64_t schema_version, const char *state,
+                     size_t state_len, es_error *err)
+{
+    es_error_clear(err);
+    if (store_usable(s, err) < 0 || es_valid_stream(stream, err) < 0)
+        return -1;
+    if (version < 1)
+        return es_fail(err, ES_INVALID, "snapshot version must be >= 1");
+    if (!state)
+        return es_fail(err, ES_INVALID, "snapshot has no state");
+    if (!s->ops->save_snapshot)
+        return es_fail(err, ES_INVALID, "%s stores keep no snapshots",
+                       s->ops->kind);
+    return s->ops->save_snapshot(s, stream, version, schema_version, state,
+                                 state_len, err);
+}
+
+int es_load_snapshot(es_store *s, const char *stream, int64_t max_version,
+                     int64_t schema_version, es_snapshot *out, es_error *err)
+{
+    es_error_clear(err);
+    if (store_usable(s, err) < 0 || es_valid_stream(stream, err) < 0)
+        return -1;
+    if (max_version < 0)
+        return es_fail(err, ES_INVALID, "max_version must not be negative");
+    if (!s->ops->load_snapshot)
+        return es_fail(err, ES_INVALID, "%s stores keep no snapshots",
+                       s->ops->kind);
+    return s->ops->load_snapshot(s, stream, max_version, schema_version, out,
+                                 err);
+}
+
 es_rows *es_query(es_store *s, const char *sql, int nparams,
                   const char *const *params, es_error *err)
 {

@@ -20,6 +20,12 @@ typedef struct es_store_ops {
                        const es_read_opts *o, es_error *err);
     es_cursor *(*read_all)(es_store *s, const es_read_all_opts *o,
                            es_error *err);
+    int (*save_snapshot)(es_store *s, const char *stream, int64_t version,
+                         int64_t schema_version, const char *state,
+                         size_t state_len, es_error *err);
+    int (*load_snapshot)(es_store *s, const char *stream,
+                         int64_t max_version, int64_t schema_version,
+                         es_snapshot *out, es_error *err);
     es_rows *(*query)(es_store *s, const char *sql, int nparams,
                       const char *const *params, es_error *err);
     int (*begin)(es_store *s, es_error *err);

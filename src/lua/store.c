@@ -614,6 +614,70 @@ static int l_fold(lua_State *L)
     return 2;
 }
 
+/* ---- snapshots -------------------------------------------------------- */
+
+/* store:save_snapshot(stream, { version = n, schema_version = k,
+ * state = value }) -> true | nil, err */
+static int l_save_snapshot(lua_State *L)
+{
+    lstore *ls = check_store(L);
+    const char *stream = luaL_checkstring(L, 2);
+    int64_t version, schema_version;
+    char msg[200];
+    es_error err;
+
+    luaL_checktype(L, 3, LUA_TTABLE);
+    lua_settop(L, 3);
+    version = opt_int_field(L, 3, "version", -1);
+    if (version < 1)
+        return luaL_error(L, "snapshot field 'version' must be an integer >= 1");
+    schema_version = opt_int_field(L, 3, "schema_version", 1);
+    lua_getfield(L, 3, "state");
+    es_buf_reset(&ls->json);
+    if (esl_json_encode(L, 4, &ls->json, msg, sizeof msg) < 0) {
+        char full[260];
+        snprintf(full, sizeof full, "snapshot state %s", msg);
+        return esl_push_fail(L, ES_INVALID, full);
+    }
+    if (es_save_snapshot(ls->s, stream, version, schema_version,
+                         ls->json.data, ls->json.len, &err) < 0)
+        return esl_push_error(L, &err);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* store:load_snapshot(stream, { max_version = n, schema_version = k })
+ * -> { version, schema_version, state, recorded_at } | nil | nil, err */
+static int l_load_snapshot(lua_State *L)
+{
+    lstore *ls = check_store(L);
+    const char *stream = luaL_checkstring(L, 2);
+    int64_t max_version, schema_version;
+    es_snapshot snap;
+    es_error err;
+    int rc;
+
+    check_opts(L, 3);
+    lua_settop(L, 3);
+    max_version = opt_int_field(L, 3, "max_version", 0);
+    schema_version = opt_int_field(L, 3, "schema_version", 1);
+    rc = es_load_snapshot(ls->s, stream, max_version, schema_version, &snap,
+                          &err);
+    if (rc < 0)
+        return esl_push_error(L, &err);
+    if (rc == 0) {
+        lua_pushnil(L);
+        return 1;
+    }
+    lua_createtable(L, 0, 4);
+    set_int(L, "version", snap.version);
+    set_int(L, "schema_version", snap.schema_version);
+    push_json_field(L, snap.state, snap.state_len, "snapshot state");
+    lua_setfield(L, -2, "state");
+    set_string(L, "recorded_at", snap.recorded_at);
+    return 1;
+}
+
 /* ---- SQL for the layers above ------------------------------------------ */
 
 /* Text for one query parameter; NULL for nil and es.json.null. */
@@ -769,6 +833,8 @@ static const luaL_Reg store_methods[] = {
     {"version", l_version},
     {"read_all", l_read_all},
     {"fold", l_fold},
+    {"save_snapshot", l_save_snapshot},
+    {"load_snapshot", l_load_snapshot},
     {"query", l_query},
     {"begin", l_begin},
     {"commit", l_commit},
