@@ -176,6 +176,14 @@ int es_begin(es_store *store, es_error *err);
 int es_commit(es_store *store, es_error *err);
 int es_rollback(es_store *store, es_error *err);
 
+/* Wake-ups (PostgreSQL): every committed append notifies the store's
+ * channel. es_listen subscribes this session (again after a reconnect);
+ * es_wait blocks up to timeout_ms for a notification: 1 woken, 0 timed
+ * out, -1 failure. A wake-up is only a hint: read to find out what is new.
+ * Memory stores have nothing to wait for: es_wait sleeps and returns 0. */
+int es_listen(es_store *store, es_error *err);
+int es_wait(es_store *store, int timeout_ms, es_error *err);
+
 /* UUIDs: a time-ordered version 7 UUID in text form (37 bytes with NUL). */
 void es_uuid_v7(char out[37]);
 int es_uuid_valid(const char *text);

@@ -9,6 +9,8 @@
 #include "pg.h"
 
 #include <ctype.h>
+#include <errno.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -53,6 +55,13 @@ static void notice_ignore(void *arg, const char *message)
     (void)message;
 }
 
+static int listen_now(pg_store *p, es_error *err)
+{
+    char sql[96];
+    snprintf(sql, sizeof sql, "LISTEN \"%s_events\"", p->schema);
+    return pg_exec_simple(p, sql, err);
+}
+
 int pg_ensure(pg_store *p, es_error *err)
 {
     if (p->conn && PQstatus(p->conn) == CONNECTION_OK)
@@ -60,7 +69,58 @@ int pg_ensure(pg_store *p, es_error *err)
     if (connect_now(p, err) < 0)
         return -1;
     PQsetNoticeProcessor(p->conn, notice_ignore, NULL);
+    if (p->listening && listen_now(p, err) < 0)
+        return -1;
     return 0;
+}
+
+static int pg_listen(es_store *s, es_error *err)
+{
+    pg_store *p = (pg_store *)s;
+    if (listen_now(p, err) < 0)
+        return -1;
+    p->listening = 1;
+    return 0;
+}
+
+/* Drains pending notifications; returns how many there were. */
+static int drain_notifies(PGconn *conn)
+{
+    PGnotify *n;
+    int count = 0;
+    while ((n = PQnotifies(conn)) != NULL) {
+        PQfreemem(n);
+        count++;
+    }
+    return count;
+}
+
+static int pg_wait(es_store *s, int timeout_ms, es_error *err)
+{
+    pg_store *p = (pg_store *)s;
+    struct pollfd pfd;
+    int rc;
+
+    if (pg_ensure(p, err) < 0)
+        return -1;
+    if (!p->listening && pg_listen(s, err) < 0)
+        return -1;
+    if (!PQconsumeInput(p->conn))
+        return pg_fail(p, NULL, "wait", err);
+    if (drain_notifies(p->conn))
+        return 1;
+    pfd.fd = PQsocket(p->conn);
+    pfd.events = POLLIN;
+    pfd.revents = 0;
+    rc = poll(&pfd, 1, timeout_ms);
+    if (rc < 0)
+        return errno == EINTR ? 0 : es_fail(err, ES_CONNECTION, "wait: %s",
+                                            strerror(errno));
+    if (rc == 0)
+        return 0;
+    if (!PQconsumeInput(p->conn))
+        return pg_fail(p, NULL, "wait", err);
+    return drain_notifies(p->conn) ? 1 : 0;
 }
 
 /* Maps a failed result to the contract's kinds. */
@@ -275,6 +335,8 @@ static const es_store_ops pg_ops = {
     .begin = pg_begin,
     .commit = pg_commit,
     .rollback = pg_rollback,
+    .listen = pg_listen,
+    .wait = pg_wait,
     .disconnect = pg_disconnect,
     .destroy = pg_destroy,
 };

@@ -29,7 +29,8 @@ typedef struct pg_store {
     PGconn *conn;
     char *conninfo;
     char schema[64];          /* validated: [a-z_][a-z0-9_]* */
-    int in_tx;                /* inside es_begin .. es_commit/rollback */
+    int in_tx;
+    int listening;            /* LISTEN again after a reconnect */                /* inside es_begin .. es_commit/rollback */
     unsigned prepared;        /* bit per statement prepared this session */
     es_buf params;            /* parameter text of one call */
     PGresult *snapshot;       /* the last snapshot loaded */

@@ -97,6 +97,9 @@ static const char *const steps[] = {
     "     ORDER BY u.ord"
     "    RETURNING position)"
     "  SELECT 0, cur + n, max(ins.position), NULL::uuid, NULL::text FROM ins;"
+    /* A wake-up for live readers, delivered at commit; one per
+     * transaction however many appends it holds. */
+    "  PERFORM pg_notify('%2$s_events', '');"
     "END $fn$;",
     /* Step 2: snapshots, several per stream so time travel to an earlier
      * version can still start from one. */
@@ -124,6 +127,9 @@ static int run_step(pg_store *p, int step, es_error *err)
     for (const char *s = steps[step - 1]; *s; s++) {
         if (strncmp(s, "%1$s", 4) == 0) {
             es_buf_adds(&b, quoted);
+            s += 3;
+        } else if (strncmp(s, "%2$s", 4) == 0) {
+            es_buf_adds(&b, p->schema);   /* inside a string literal */
             s += 3;
         } else {
             es_buf_addc(&b, *s);

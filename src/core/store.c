@@ -6,6 +6,7 @@
 #include "store.h"
 
 #include <string.h>
+#include <time.h>
 
 static int store_usable(es_store *s, es_error *err)
 {
@@ -254,3 +255,26 @@ es_rows *es_query(es_store *s, const char *sql, int nparams,
 TX_OP(es_begin, begin)
 TX_OP(es_commit, commit)
 TX_OP(es_rollback, rollback)
+
+int es_listen(es_store *s, es_error *err)
+{
+    es_error_clear(err);
+    if (store_usable(s, err) < 0)
+        return -1;
+    return s->ops->listen ? s->ops->listen(s, err) : 0;
+}
+
+int es_wait(es_store *s, int timeout_ms, es_error *err)
+{
+    es_error_clear(err);
+    if (store_usable(s, err) < 0)
+        return -1;
+    if (timeout_ms < 0)
+        return es_fail(err, ES_INVALID, "timeout must not be negative");
+    if (!s->ops->wait) {
+        struct timespec ts = { timeout_ms / 1000, (timeout_ms % 1000) * 1000000L };
+        nanosleep(&ts, NULL);
+        return 0;
+    }
+    return s->ops->wait(s, timeout_ms, err);
+}

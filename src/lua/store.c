@@ -819,6 +819,28 @@ static int l_rollback(lua_State *L)
     return tx_result(L, es_rollback(check_store(L)->s, &err), &err);
 }
 
+/* store:listen() -> true | nil, err: subscribe to append wake-ups. */
+static int l_listen(lua_State *L)
+{
+    es_error err;
+    return tx_result(L, es_listen(check_store(L)->s, &err), &err);
+}
+
+/* store:wait(seconds) -> true (woken) | false (timed out) | nil, err */
+static int l_wait(lua_State *L)
+{
+    lstore *ls = check_store(L);
+    lua_Number secs = luaL_checknumber(L, 2);
+    es_error err;
+    int rc;
+    luaL_argcheck(L, secs >= 0 && secs <= 86400, 2, "seconds out of range");
+    rc = es_wait(ls->s, (int)(secs * 1000 + 0.5), &err);
+    if (rc < 0)
+        return esl_push_error(L, &err);
+    lua_pushboolean(L, rc > 0);
+    return 1;
+}
+
 static int l_is_closed(lua_State *L)
 {
     lstore *ls = (lstore *)luaL_checkudata(L, 1, STORE_MT);
@@ -839,6 +861,8 @@ static const luaL_Reg store_methods[] = {
     {"begin", l_begin},
     {"commit", l_commit},
     {"rollback", l_rollback},
+    {"listen", l_listen},
+    {"wait", l_wait},
     {"kind", l_kind},
     {"is_closed", l_is_closed},
     {"close", l_close},
