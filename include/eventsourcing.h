@@ -118,6 +118,8 @@ es_store *es_open_schema(const char *target, const char *schema,
 void es_close(es_store *store);
 int es_is_closed(const es_store *store);
 const char *es_store_kind(const es_store *store);   /* "memory"/"postgresql" */
+/* The PostgreSQL schema holding the store's objects; NULL for memory. */
+const char *es_store_schema(const es_store *store);
 
 int es_migrate(es_store *store, es_error *err);
 int es_append(es_store *store, const char *stream, const es_event_in *events,

@@ -359,6 +359,7 @@ es_store *es_pg_open(const char *conninfo, const char *schema, es_error *err)
     }
     p->base.ops = &pg_ops;
     snprintf(p->schema, sizeof p->schema, "%s", schema);
+    p->base.schema = p->schema;
     es_buf_init(&p->params);
     if (pg_ensure(p, err) < 0) {
         pg_destroy(&p->base);

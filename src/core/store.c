@@ -61,6 +61,8 @@ int es_is_closed(const es_store *s) { return s->closed; }
 
 const char *es_store_kind(const es_store *s) { return s->ops->kind; }
 
+const char *es_store_schema(const es_store *s) { return s->schema; }
+
 int es_migrate(es_store *s, es_error *err)
 {
     es_error_clear(err);

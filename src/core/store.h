@@ -39,6 +39,7 @@ typedef struct es_store_ops {
 
 struct es_store {
     const es_store_ops *ops;
+    const char *schema;   /* NULL when the store has none */
     int refs;          /* 1 for the owner + 1 per live cursor */
     int closed;
 };

@@ -202,6 +202,16 @@ static int l_kind(lua_State *L)
     return 1;
 }
 
+static int l_schema(lua_State *L)
+{
+    const char *schema = es_store_schema(check_store(L)->s);
+    if (schema)
+        lua_pushstring(L, schema);
+    else
+        lua_pushnil(L);
+    return 1;
+}
+
 static int l_migrate(lua_State *L)
 {
     es_error err;
@@ -864,6 +874,7 @@ static const luaL_Reg store_methods[] = {
     {"listen", l_listen},
     {"wait", l_wait},
     {"kind", l_kind},
+    {"schema", l_schema},
     {"is_closed", l_is_closed},
     {"close", l_close},
     {NULL, NULL}
