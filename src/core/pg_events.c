@@ -33,18 +33,20 @@ const char *pg_statement_sql(const pg_store *p, int stmt, char *out,
                  " $4::uuid[], $5::text[], $6::jsonb[], $7::jsonb[])", s);
         break;
     case PG_VERSION:
-        snprintf(out, outlen, "SELECT version FROM \"%s\".events WHERE "
-                 "stream = $1 ORDER BY version DESC LIMIT 1", s);
+        snprintf(out, outlen, "SELECT version FROM \"%s\".streams WHERE "
+                 "stream = $1", s);
         break;
     case PG_READ_FORWARD:
     case PG_READ_BACKWARD:
+        /* Pages are version ranges of at most PAGE_ROWS: versions are
+         * dense, so each page touches a bounded part of the index whatever
+         * plan the statistics suggest (a LIMIT over an open range can turn
+         * into a sort of the whole rest of the stream). */
         snprintf(out, outlen, "SELECT position, id, version, type, data,"
                  " metadata, recorded_at FROM \"%s\".events WHERE stream = $1"
-                 " AND version %s $2::bigint AND version %s $3::bigint"
+                 " AND version BETWEEN $2::bigint AND $3::bigint"
                  " AND ($4::timestamptz IS NULL OR recorded_at < $4)"
                  " ORDER BY version%s LIMIT $5::bigint", s,
-                 stmt == PG_READ_FORWARD ? ">=" : "<=",
-                 stmt == PG_READ_FORWARD ? "<=" : ">=",
                  stmt == PG_READ_FORWARD ? "" : " DESC");
         break;
     case PG_SNAPSHOT_SAVE:
@@ -281,11 +283,11 @@ typedef struct pg_cursor {
     PGresult *res;          /* the current page */
     int row, nrows;
     int all;                /* a read_all batch, else one stream */
-    int done;               /* no page after this one */
-    /* stream reads */
+    /* stream reads: versions still to visit are next..last (forward) or
+     * next down to last (backward) */
     char *stream;
-    int64_t next;           /* version the next page starts at */
-    int64_t bound;          /* last version wanted (to) */
+    int64_t next;
+    int64_t last;
     int64_t remaining;      /* events still wanted; -1 = no limit */
     int backward;
     char before[40];        /* "" = no bound */
@@ -310,22 +312,37 @@ static const char *cursor_checkpoint(const es_cursor *c)
     return pc->all ? pc->checkpoint : NULL;
 }
 
-/* Fetches the next page of a stream read. */
+static int stream_exhausted(const pg_cursor *pc)
+{
+    if (pc->remaining == 0)
+        return 1;
+    return pc->backward ? pc->next < pc->last : pc->next > pc->last;
+}
+
+/* Fetches the next page (version range) of a stream read. */
 static int fetch_page(pg_cursor *pc, es_error *err)
 {
     pg_store *p = (pg_store *)pc->base.store;
-    char from[24], to[24], limit[24];
+    char lo[24], hi[24], limit[24];
     const char *values[5];
-    int64_t want = PAGE_ROWS;
+    int64_t a, b;
 
-    if (pc->remaining >= 0 && pc->remaining < want)
-        want = pc->remaining;
-    snprintf(from, sizeof from, "%" PRId64, pc->next);
-    snprintf(to, sizeof to, "%" PRId64, pc->bound);
-    snprintf(limit, sizeof limit, "%" PRId64, want);
+    if (pc->backward) {
+        b = pc->next;
+        a = b - pc->last >= PAGE_ROWS ? b - PAGE_ROWS + 1 : pc->last;
+        pc->next = a - 1;
+    } else {
+        a = pc->next;
+        b = pc->last - a >= PAGE_ROWS ? a + PAGE_ROWS - 1 : pc->last;
+        pc->next = b + 1;
+    }
+    snprintf(lo, sizeof lo, "%" PRId64, a);
+    snprintf(hi, sizeof hi, "%" PRId64, b);
+    snprintf(limit, sizeof limit, "%" PRId64,
+             pc->remaining >= 0 ? pc->remaining : (int64_t)PAGE_ROWS);
     values[0] = pc->stream;
-    values[1] = from;
-    values[2] = to;
+    values[1] = lo;
+    values[2] = hi;
     values[3] = pc->before[0] ? pc->before : NULL;
     values[4] = limit;
     PQclear(pc->res);
@@ -336,12 +353,8 @@ static int fetch_page(pg_cursor *pc, es_error *err)
         return -1;
     pc->row = 0;
     pc->nrows = PQntuples(pc->res);
-    if (pc->nrows < want)
-        pc->done = 1;
     if (pc->remaining >= 0)
         pc->remaining -= pc->nrows;
-    if (pc->remaining == 0)
-        pc->done = 1;
     return 0;
 }
 
@@ -351,13 +364,12 @@ static int stream_next(es_cursor *c, es_event *e, es_error *err)
     PGresult *r;
     int i;
 
-    if (pc->row >= pc->nrows) {
-        if (pc->done)
+    /* A page can be empty when `before` filters all of its range. */
+    while (pc->row >= pc->nrows) {
+        if (stream_exhausted(pc))
             return 0;
         if (fetch_page(pc, err) < 0)
             return -1;
-        if (pc->nrows == 0)
-            return 0;
     }
     r = pc->res;
     i = pc->row++;
@@ -375,7 +387,6 @@ static int stream_next(es_cursor *c, es_event *e, es_error *err)
                    pc->recorded_at);
     e->recorded_at = pc->recorded_at;
     e->checkpoint = NULL;
-    pc->next = pc->backward ? e->version - 1 : e->version + 1;
     return 1;
 }
 
@@ -386,7 +397,15 @@ static const es_cursor_ops stream_cursor_ops = {
 es_cursor *pg_read(es_store *s, const char *stream, const es_read_opts *o,
                    es_error *err)
 {
-    pg_cursor *pc = calloc(1, sizeof *pc);
+    pg_cursor *pc;
+    int64_t top;
+
+    /* The stream's version bounds the pages, and fetching it first makes
+     * a bad store or connection show up as read()'s nil, err rather than
+     * in the middle of a loop. Events appended after this are not read. */
+    if (pg_version(s, stream, &top, err) < 0)
+        return NULL;
+    pc = calloc(1, sizeof *pc);
     if (!pc || !(pc->stream = strdup(stream))) {
         free(pc);
         es_fail(err, ES_DATABASE, "out of memory");
@@ -396,11 +415,11 @@ es_cursor *pg_read(es_store *s, const char *stream, const es_read_opts *o,
     pc->base.store = s;
     pc->backward = o->backward;
     if (o->backward) {
-        pc->next = o->from > 0 ? o->from : INT64_MAX;
-        pc->bound = o->to > 0 ? o->to : 1;
+        pc->next = o->from > 0 && o->from < top ? o->from : top;
+        pc->last = o->to > 0 ? o->to : 1;
     } else {
         pc->next = o->from > 0 ? o->from : 1;
-        pc->bound = o->to > 0 ? o->to : INT64_MAX;
+        pc->last = o->to > 0 && o->to < top ? o->to : top;
     }
     pc->remaining = o->limit > 0 ? o->limit : -1;
     if (o->before) {
@@ -412,12 +431,6 @@ es_cursor *pg_read(es_store *s, const char *stream, const es_read_opts *o,
             return NULL;
         }
         es_time_format(usec, pc->before);
-    }
-    /* The first page now, so that a bad store or connection shows up as
-     * read()'s nil, err rather than in the middle of a loop. */
-    if (fetch_page(pc, err) < 0) {
-        cursor_destroy(&pc->base);
-        return NULL;
     }
     return &pc->base;
 }
@@ -530,7 +543,6 @@ es_cursor *pg_read_all(es_store *s, const es_read_all_opts *o, es_error *err)
     pc->base.ops = &all_cursor_ops;
     pc->base.store = s;
     pc->all = 1;
-    pc->done = 1;
     snprintf(pc->checkpoint, sizeof pc->checkpoint, "%" PRIu64 ":%" PRId64,
              txid, pos);
     pc->res = pg_exec_prepared(p, stmt, nvalues, values, 1, err);

@@ -37,6 +37,12 @@ static const char *const steps[] = {
     "  category text GENERATED ALWAYS AS (split_part(stream, '-', 1)) STORED,"
     "  CONSTRAINT events_id_key UNIQUE (id),"
     "  CONSTRAINT events_stream_version_key UNIQUE (stream, version));"
+    /* The current version of every stream: appends lock its row, so
+     * writers to one stream take turns and find the version by primary
+     * key (never by a plan that depends on statistics). */
+    "CREATE TABLE %1$s.streams ("
+    "  stream text PRIMARY KEY,"
+    "  version bigint NOT NULL);"
     "CREATE INDEX events_txid_position ON %1$s.events (txid, position);"
     "CREATE INDEX events_category ON %1$s.events (category, txid, position);"
     /* One round trip appends any number of events. Status: 0 appended,
@@ -81,13 +87,21 @@ static const char *const steps[] = {
     "      RETURN;"
     "    END IF;"
     "  END IF;"
-    "  SELECT e.version INTO cur FROM %1$s.events e WHERE e.stream = p_stream"
-    "    ORDER BY e.version DESC LIMIT 1;"
+    "  SELECT s.version INTO cur FROM %1$s.streams s WHERE s.stream = p_stream"
+    "    FOR UPDATE;"
     "  cur := coalesce(cur, 0);"
     "  IF (p_expected = -2 AND cur <> 0) OR (p_expected = -3 AND cur = 0)"
     "     OR (p_expected >= 0 AND cur <> p_expected) THEN"
     "    RETURN QUERY SELECT 2, cur, NULL::bigint, NULL::uuid, NULL::text;"
     "    RETURN;"
+    "  END IF;"
+    /* A new stream's row is inserted; two writers creating the same
+     * stream at once meet at its primary key and the loser is asked
+     * again by the caller (unique_violation). */
+    "  IF cur = 0 THEN"
+    "    INSERT INTO %1$s.streams (stream, version) VALUES (p_stream, n);"
+    "  ELSE"
+    "    UPDATE %1$s.streams SET version = cur + n WHERE stream = p_stream;"
     "  END IF;"
     "  RETURN QUERY WITH ins AS ("
     "    INSERT INTO %1$s.events (id, stream, version, type, data, metadata)"
