@@ -126,41 +126,41 @@ static int pg_wait(es_store *s, int timeout_ms, es_error *err)
 /* Maps a failed result to the contract's kinds. */
 int pg_fail(pg_store *p, PGresult *res, const char *what, es_error *err)
 {
-    const char *state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
-    const char *primary = res ? PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY)
-                              : NULL;
-    char msg[ES_MESSAGE_MAX];
+    const char *field;
+    char msg[ES_MESSAGE_MAX], state[6] = "";
     es_kind kind = ES_DATABASE;
 
-    if (primary)
-        snprintf(msg, sizeof msg, "%s", primary);
-    else
-        snprintf(msg, sizeof msg, "%s", p->conn ? PQerrorMessage(p->conn)
-                                                : "no connection");
+    /* Copy what we need: the fields point into res. */
+    field = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+    if (field)
+        snprintf(state, sizeof state, "%s", field);
+    field = res ? PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY) : NULL;
+    if (!field)
+        field = p->conn ? PQerrorMessage(p->conn) : "no connection";
+    snprintf(msg, sizeof msg, "%s", field);
     msg[strcspn(msg, "\n")] = '\0';
     if (res)
         PQclear(res);
 
     if (!p->conn || PQstatus(p->conn) != CONNECTION_OK ||
-        (state && (strncmp(state, "08", 2) == 0 ||
-                   strncmp(state, "57P", 3) == 0))) {
+        strncmp(state, "08", 2) == 0 || strncmp(state, "57P", 3) == 0) {
         kind = ES_CONNECTION;
         p->in_tx = 0;   /* the server rolled it back with the session */
-    } else if (state && (strncmp(state, "22", 2) == 0 ||
-                         strcmp(state, "23514") == 0)) {
+    } else if (strncmp(state, "22", 2) == 0 || strcmp(state, "23514") == 0) {
         kind = ES_INVALID;
     }
-    es_fail(err, kind, "%s: %s", what, msg);
-    if (state)
-        snprintf(err->sqlstate, sizeof err->sqlstate, "%s", state);
-    if (state && strcmp(state, "42P01") == 0)
-        es_fail(err, ES_DATABASE, "%s: %s (has store:migrate() been run for "
-                "schema '%s'?)", what, msg, p->schema);
-    if (state && strcmp(state, "25P02") == 0)
-        es_fail(err, ES_DATABASE, "%s: the transaction was aborted by an "
-                "earlier error; roll it back", what);
-    if (state)
-        snprintf(err->sqlstate, sizeof err->sqlstate, "%s", state);
+    if (strcmp(state, "40001") == 0)
+        kind = ES_CONFLICT;
+    if (strcmp(state, "42P01") == 0 || strcmp(state, "42883") == 0 ||
+        strcmp(state, "3F000") == 0)
+        es_fail(err, kind, "%s: %s (has store:migrate() been run for schema "
+                "'%s'?)", what, msg, p->schema);
+    else if (strcmp(state, "25P02") == 0)
+        es_fail(err, kind, "%s: the transaction was aborted by an earlier "
+                "error; roll it back", what);
+    else
+        es_fail(err, kind, "%s: %s", what, msg);
+    memcpy(err->sqlstate, state, sizeof state);
     return -1;
 }
 

@@ -247,7 +247,13 @@ int pg_append(es_store *s, const char *stream, const es_event_in *ev,
         res = pg_exec_prepared(p, PG_APPEND, A_N, values, 0, err);
         if (res)
             break;
-        if (strcmp(err->sqlstate, "23505") != 0)
+        if (strcmp(err->sqlstate, "40001") == 0 && p->in_tx) {
+            err->expected = expected;   /* a conflict, message from SQL */
+            err->actual = -1;
+            return -1;
+        }
+        if (strcmp(err->sqlstate, "23505") != 0 &&
+            strcmp(err->sqlstate, "40001") != 0)
             return -1;
         if (p->in_tx || attempt == APPEND_RETRIES) {
             err->kind = ES_CONFLICT;
@@ -517,12 +523,12 @@ es_cursor *pg_read_all(es_store *s, const es_read_all_opts *o, es_error *err)
     values[2] = limit;
     es_buf_init(&types);
     if (o->category) {
-        stmt |= 1;
+        stmt += 1;
         values[nvalues++] = o->category;
     }
     if (o->types) {
         int rc = es_buf_addc(&types, '{');
-        stmt |= 2;
+        stmt += 2;
         for (size_t i = 0; i < o->ntypes; i++)
             rc |= add_array_elem(&types, o->types[i], strlen(o->types[i]),
                                  i == 0);

@@ -42,7 +42,8 @@ static const char *const steps[] = {
      * key (never by a plan that depends on statistics). */
     "CREATE TABLE %1$s.streams ("
     "  stream text PRIMARY KEY,"
-    "  version bigint NOT NULL);"
+    "  version bigint NOT NULL,"
+    "  txid xid8 NOT NULL DEFAULT pg_current_xact_id());"
     "CREATE INDEX events_txid_position ON %1$s.events (txid, position);"
     "CREATE INDEX events_category ON %1$s.events (category, txid, position);"
     /* One round trip appends any number of events. Status: 0 appended,
@@ -61,6 +62,7 @@ static const char *const steps[] = {
     "  matched int := 0;"
     "  last_version bigint;"
     "  last_position bigint;"
+    "  last_txid xid8;"
     "  t record;"
     "BEGIN"
     "  IF p_check_ids THEN"
@@ -87,9 +89,18 @@ static const char *const steps[] = {
     "      RETURN;"
     "    END IF;"
     "  END IF;"
-    "  SELECT s.version INTO cur FROM %1$s.streams s WHERE s.stream = p_stream"
-    "    FOR UPDATE;"
+    "  SELECT s.version, s.txid INTO cur, last_txid FROM %1$s.streams s"
+    "    WHERE s.stream = p_stream FOR UPDATE;"
     "  cur := coalesce(cur, 0);"
+    /* Readers order by (txid, position). A transaction that got its id
+     * before the stream's last appender and appends only now would put
+     * its events before that appender's: refuse, so a stream's events
+     * never come out of version order. Only a transaction that wrote
+     * something before appending can meet this; a retry is new. */
+    "  IF last_txid > pg_current_xact_id() THEN"
+    "    RAISE EXCEPTION 'stream % was appended to by a younger transaction;"
+    " retry in a new transaction', p_stream USING ERRCODE = '40001';"
+    "  END IF;"
     "  IF (p_expected = -2 AND cur <> 0) OR (p_expected = -3 AND cur = 0)"
     "     OR (p_expected >= 0 AND cur <> p_expected) THEN"
     "    RETURN QUERY SELECT 2, cur, NULL::bigint, NULL::uuid, NULL::text;"
@@ -101,7 +112,8 @@ static const char *const steps[] = {
     "  IF cur = 0 THEN"
     "    INSERT INTO %1$s.streams (stream, version) VALUES (p_stream, n);"
     "  ELSE"
-    "    UPDATE %1$s.streams SET version = cur + n WHERE stream = p_stream;"
+    "    UPDATE %1$s.streams SET version = cur + n,"
+    "      txid = pg_current_xact_id() WHERE stream = p_stream;"
     "  END IF;"
     "  RETURN QUERY WITH ins AS ("
     "    INSERT INTO %1$s.events (id, stream, version, type, data, metadata)"

@@ -34,6 +34,10 @@
 #define esl_pushint64(L, v) lua_pushnumber((L), (lua_Number)(v))
 #endif
 
+/* Raises "bad argument #idx to 'f' (T expected, got U)", the standard
+ * wording, on every Lua version. */
+int esl_typeerror(lua_State *L, int idx, const char *expected);
+
 /* Reads an integral number (an integer, or a float with an exact integer
  * value) into *out; returns 0 when the value is not one. */
 int esl_toint64(lua_State *L, int idx, long long *out);

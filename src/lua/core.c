@@ -7,6 +7,13 @@
 #include "binding.h"
 #include "eventsourcing.h"
 
+int esl_typeerror(lua_State *L, int idx, const char *expected)
+{
+    const char *msg = lua_pushfstring(L, "%s expected, got %s", expected,
+                                      luaL_typename(L, idx));
+    return luaL_argerror(L, idx, msg);
+}
+
 int esl_toint64(lua_State *L, int idx, long long *out)
 {
 #if LUA_VERSION_NUM >= 503

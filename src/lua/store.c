@@ -39,6 +39,15 @@ static lstore *check_store(lua_State *L)
     return ls;
 }
 
+/* Like luaL_checkstring, but a number is a mistake here, not a stream
+ * name: "42" and 42 are different things to a caller. */
+static const char *check_strict_string(lua_State *L, int idx)
+{
+    if (lua_type(L, idx) != LUA_TSTRING)
+        esl_typeerror(L, idx, "string");
+    return lua_tostring(L, idx);
+}
+
 static void check_opts(lua_State *L, int idx)
 {
     if (!lua_isnoneornil(L, idx))
@@ -147,7 +156,7 @@ static void push_event(lua_State *L, const es_event *e)
 
 static int l_open(lua_State *L)
 {
-    const char *target = luaL_checkstring(L, 1);
+    const char *target = check_strict_string(L, 1);
     const char *schema;
     es_error err;
     lstore *ls;
@@ -361,7 +370,7 @@ static int encode_event(lua_State *L, lstore *ls, int call_meta, size_t i,
 static int l_append(lua_State *L)
 {
     lstore *ls = check_store(L);
-    const char *stream = luaL_checkstring(L, 2);
+    const char *stream = check_strict_string(L, 2);
     int64_t expected;
     int call_meta = 0, single;
     size_t n;
@@ -426,7 +435,7 @@ static int l_append(lua_State *L)
 static int l_version(lua_State *L)
 {
     lstore *ls = check_store(L);
-    const char *stream = luaL_checkstring(L, 2);
+    const char *stream = check_strict_string(L, 2);
     int64_t v;
     es_error err;
     if (es_stream_version(ls->s, stream, &v, &err) < 0)
@@ -495,7 +504,7 @@ static int read_next(lua_State *L)
 static int l_read(lua_State *L)
 {
     lstore *ls = check_store(L);
-    const char *stream = luaL_checkstring(L, 2);
+    const char *stream = check_strict_string(L, 2);
     es_read_opts o;
     es_error err;
     lcursor *lc;
@@ -577,7 +586,7 @@ static int l_read_all(lua_State *L)
 static int l_fold(lua_State *L)
 {
     lstore *ls = check_store(L);
-    const char *stream = luaL_checkstring(L, 2);
+    const char *stream = check_strict_string(L, 2);
     es_read_opts o;
     es_error err;
     lcursor *lc;
@@ -631,7 +640,7 @@ static int l_fold(lua_State *L)
 static int l_save_snapshot(lua_State *L)
 {
     lstore *ls = check_store(L);
-    const char *stream = luaL_checkstring(L, 2);
+    const char *stream = check_strict_string(L, 2);
     int64_t version, schema_version;
     char msg[200];
     es_error err;
@@ -661,7 +670,7 @@ static int l_save_snapshot(lua_State *L)
 static int l_load_snapshot(lua_State *L)
 {
     lstore *ls = check_store(L);
-    const char *stream = luaL_checkstring(L, 2);
+    const char *stream = check_strict_string(L, 2);
     int64_t max_version, schema_version;
     es_snapshot snap;
     es_error err;
@@ -763,7 +772,7 @@ static void push_cell(lua_State *L, const es_rows *r, int row, int col)
 static int l_query(lua_State *L)
 {
     lstore *ls = check_store(L);
-    const char *sql = luaL_checkstring(L, 2);
+    const char *sql = check_strict_string(L, 2);
     int nparams = lua_gettop(L) - 2;
     const char **params;
     size_t *offs;
