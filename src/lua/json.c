@@ -1125,16 +1125,37 @@ static int decode_with(lua_State *L, const char *s, size_t n, int mt_arr,
     return 0;
 }
 
-int esl_json_decode(lua_State *L, const char *s, size_t n, char *msg,
-                    size_t msglen)
+int esl_json_context(lua_State *L)
 {
-    int top = lua_gettop(L);
     init_tables();
     luaL_checkstack(L, 8, "json decode");
     lua_getfield(L, LUA_REGISTRYINDEX, REG_ARRAY);
     lua_getfield(L, LUA_REGISTRYINDEX, REG_OBJECT);
     lua_getfield(L, LUA_REGISTRYINDEX, REG_NULL);
-    if (decode_with(L, s, n, top + 1, top + 2, top + 3, msg, msglen) < 0) {
+    return lua_gettop(L) - 2;
+}
+
+int esl_json_decode_ctx(lua_State *L, int ctx, const char *s, size_t n,
+                        char *msg, size_t msglen)
+{
+    int top = lua_gettop(L);
+    luaL_checkstack(L, 8, "json decode");
+    lua_pushnil(L);            /* the slot the value ends in */
+    if (decode_with(L, s, n, ctx, ctx + 1, ctx + 2, msg, msglen) < 0) {
+        lua_settop(L, top);
+        return -1;
+    }
+    lua_replace(L, top + 1);
+    lua_settop(L, top + 1);
+    return 0;
+}
+
+int esl_json_decode(lua_State *L, const char *s, size_t n, char *msg,
+                    size_t msglen)
+{
+    int top = lua_gettop(L);
+    int ctx = esl_json_context(L);
+    if (esl_json_decode_ctx(L, ctx, s, n, msg, msglen) < 0) {
         lua_settop(L, top);
         return -1;
     }

@@ -22,6 +22,13 @@ int esl_json_encode(lua_State *L, int idx, es_buf *b, char *msg,
 int esl_json_decode(lua_State *L, const char *s, size_t n, char *msg,
                     size_t msglen);
 
+/* Decoding many values: esl_json_context pushes the three values decode
+ * needs from the registry (3 slots) and returns the index of the first;
+ * esl_json_decode_ctx then decodes without looking them up again. */
+int esl_json_context(lua_State *L);
+int esl_json_decode_ctx(lua_State *L, int ctx, const char *s, size_t n,
+                        char *msg, size_t msglen);
+
 /* Registers es.json (encode, decode, array, object, null) in the table
  * at the top of the stack, under the key "json". */
 void json_open(lua_State *L);

@@ -116,11 +116,13 @@ static int raise_error(lua_State *L, const es_error *err)
 
 /* ---- events to Lua ---------------------------------------------------- */
 
-static void push_json_field(lua_State *L, const char *text, size_t len,
-                            const char *field)
+/* ctx: an esl_json_context, or 0 to look its values up. */
+static void push_json_field(lua_State *L, int ctx, const char *text,
+                            size_t len, const char *field)
 {
     char msg[160];
-    if (esl_json_decode(L, text, len, msg, sizeof msg) < 0)
+    if ((ctx ? esl_json_decode_ctx(L, ctx, text, len, msg, sizeof msg)
+             : esl_json_decode(L, text, len, msg, sizeof msg)) < 0)
         luaL_error(L, "stored %s is not valid JSON: %s", field, msg);
 }
 
@@ -136,20 +138,63 @@ static void set_int(lua_State *L, const char *key, int64_t value)
     lua_setfield(L, -2, key);
 }
 
-/* Pushes the DESIGN.md event table. */
-static void push_event(lua_State *L, const es_event *e)
+/* The event table's keys, pushed once per call that builds many events:
+ * lua_setfield would intern each key again for every event. */
+static const char *const event_keys[] = {
+    "id", "stream", "type", "version", "position", "data", "metadata",
+    "recorded_at"
+};
+#define NKEYS ((int)(sizeof event_keys / sizeof event_keys[0]))
+
+typedef struct event_ctx {
+    int json;   /* esl_json_context, or 0 */
+    int keys;   /* first of NKEYS key strings on the stack, or 0 */
+} event_ctx;
+
+static event_ctx event_context(lua_State *L)
 {
-    lua_createtable(L, 0, 8);
-    set_string(L, "id", e->id);
-    set_string(L, "stream", e->stream);
-    set_string(L, "type", e->type);
-    set_int(L, "version", e->version);
-    set_int(L, "position", e->position);
-    push_json_field(L, e->data, e->data_len, "data");
-    lua_setfield(L, -2, "data");
-    push_json_field(L, e->metadata, e->metadata_len, "metadata");
-    lua_setfield(L, -2, "metadata");
-    set_string(L, "recorded_at", e->recorded_at);
+    event_ctx c;
+    c.json = esl_json_context(L);
+    luaL_checkstack(L, NKEYS, "event keys");
+    c.keys = lua_gettop(L) + 1;
+    for (int i = 0; i < NKEYS; i++)
+        lua_pushstring(L, event_keys[i]);
+    return c;
+}
+
+/* Sets event[key i] = the value on top of the stack. */
+static void set_key(lua_State *L, const event_ctx *c, int i)
+{
+    if (c && c->keys) {
+        lua_pushvalue(L, c->keys + i);
+        lua_insert(L, -2);
+        lua_rawset(L, -3);
+    } else {
+        lua_setfield(L, -2, event_keys[i]);
+    }
+}
+
+/* Pushes the DESIGN.md event table; c may be NULL. */
+static void push_event(lua_State *L, const es_event *e, const event_ctx *c)
+{
+    int json = c ? c->json : 0;
+    lua_createtable(L, 0, NKEYS);
+    lua_pushstring(L, e->id);
+    set_key(L, c, 0);
+    lua_pushstring(L, e->stream);
+    set_key(L, c, 1);
+    lua_pushstring(L, e->type);
+    set_key(L, c, 2);
+    esl_pushint64(L, e->version);
+    set_key(L, c, 3);
+    esl_pushint64(L, e->position);
+    set_key(L, c, 4);
+    push_json_field(L, json, e->data, e->data_len, "data");
+    set_key(L, c, 5);
+    push_json_field(L, json, e->metadata, e->metadata_len, "metadata");
+    set_key(L, c, 6);
+    lua_pushstring(L, e->recorded_at);
+    set_key(L, c, 7);
 }
 
 /* ---- open / close / migrate ------------------------------------------ */
@@ -497,7 +542,7 @@ static int read_next(lua_State *L)
         lc->c = NULL;
         return 0;
     }
-    push_event(L, &e);
+    push_event(L, &e, NULL);
     return 1;
 }
 
@@ -528,6 +573,7 @@ static int l_read_all(lua_State *L)
     lcursor *lc;
     es_event e;
     int rc, i = 0;
+    event_ctx ctx;
     const char *cp;
 
     check_opts(L, 2);
@@ -562,9 +608,10 @@ static int l_read_all(lua_State *L)
     lc->c = es_read_all(ls->s, &o, &err);
     if (!lc->c)
         return esl_push_error(L, &err);
+    ctx = event_context(L);
     lua_newtable(L);
     while ((rc = es_cursor_next(lc->c, &e, &err)) > 0) {
-        push_event(L, &e);
+        push_event(L, &e, &ctx);
         lua_rawseti(L, -2, ++i);
     }
     if (rc < 0)
@@ -591,7 +638,8 @@ static int l_fold(lua_State *L)
     es_error err;
     lcursor *lc;
     es_event e;
-    int rc, state, cursor;
+    int rc, state;
+    event_ctx ctx;
     int64_t version;
 
     luaL_checktype(L, 3, LUA_TTABLE);
@@ -603,10 +651,10 @@ static int l_fold(lua_State *L)
                    "'limit' are not allowed");
     version = o.from > 0 ? o.from - 1 : 0;
     lc = new_cursor(L);
-    cursor = lua_gettop(L);
     lc->c = es_read(ls->s, stream, &o, &err);
     if (!lc->c)
         return esl_push_error(L, &err);
+    ctx = event_context(L);
     lua_pushvalue(L, 4);
     state = lua_gettop(L);
     while ((rc = es_cursor_next(lc->c, &e, &err)) > 0) {
@@ -617,7 +665,7 @@ static int l_fold(lua_State *L)
             continue;
         }
         lua_pushvalue(L, state);
-        push_event(L, &e);
+        push_event(L, &e, &ctx);
         lua_call(L, 2, 1);
         if (lua_isnil(L, -1))
             lua_pop(L, 1);
@@ -628,7 +676,6 @@ static int l_fold(lua_State *L)
         return esl_push_error(L, &err);
     es_cursor_free(lc->c);
     lc->c = NULL;
-    (void)cursor;
     esl_pushint64(L, version);
     return 2;
 }
@@ -691,7 +738,7 @@ static int l_load_snapshot(lua_State *L)
     lua_createtable(L, 0, 4);
     set_int(L, "version", snap.version);
     set_int(L, "schema_version", snap.schema_version);
-    push_json_field(L, snap.state, snap.state_len, "snapshot state");
+    push_json_field(L, 0, snap.state, snap.state_len, "snapshot state");
     lua_setfield(L, -2, "state");
     set_string(L, "recorded_at", snap.recorded_at);
     return 1;
