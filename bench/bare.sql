@@ -1,0 +1,16 @@
+-- The bare table for the pgbench alternative: the events table's columns and
+-- keys (unique id, unique (stream, version)), without position/txid/category
+-- and without the append function. BENCH_SCHEMA is replaced by scripts/bench.sh.
+DROP SCHEMA IF EXISTS BENCH_SCHEMA CASCADE;
+CREATE SCHEMA BENCH_SCHEMA;
+CREATE SEQUENCE BENCH_SCHEMA.bare_version;
+CREATE TABLE BENCH_SCHEMA.bare (
+  id uuid NOT NULL PRIMARY KEY,
+  stream text NOT NULL,
+  version bigint NOT NULL,
+  type text NOT NULL,
+  data jsonb NOT NULL,
+  metadata jsonb NOT NULL,
+  recorded_at timestamptz NOT NULL DEFAULT now(),
+  UNIQUE (stream, version)
+);
