@@ -15,4 +15,9 @@ function es.open(target, opts)
   return core.open(target, opts)
 end
 
+-- aggregates, repository (modules loaded on first use), given/when/then helpers
+function es.aggregate(def) return require("eventsourcing.aggregate").new(def) end
+function es.repository(store, opts) return require("eventsourcing.repository").new(store, opts) end
+es.testing = require "eventsourcing.testing"
+
 return es

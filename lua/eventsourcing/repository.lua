@@ -1,0 +1,238 @@
+-- eventsourcing.repository: loads aggregates from a store, runs commands,
+-- appends their events with optimistic concurrency, keeps snapshots.
+--
+--   local repo = es.repository(store, { max_retries = 3 })
+--   local r, err = repo:execute(Order, id, "AddItem", cmd, { metadata = { user = "u1" } })
+--   -- r = { version, position, events, state }
+--   local state, version = repo:load(Order, id)                  -- current
+--   local state, version = repo:load(Order, id, { version = 3 }) -- as of version 3
+--   local state, version = repo:load(Order, id, { at = "2026-01-15T10:00:00Z" })
+--   local trail = repo:history(Order, id)
+--
+-- load of a stream that does not exist gives the initial state and version
+-- 0 (not an error: callers decide what "not found" means). `at` means "as
+-- recorded before that instant" (the store's `before`, exclusive).
+local core = require "eventsourcing.core"
+local aggregate = require "eventsourcing.aggregate"
+
+local M = {}
+
+local Repository = {}
+Repository.__index = Repository
+
+local uuid = core.uuid
+
+local function check_aggregate(A, fname)
+  if getmetatable(A) ~= aggregate.Aggregate then
+    error(("repository:%s: expected an aggregate (es.aggregate{...}), got %s")
+      :format(fname, type(A)), 3)
+  end
+end
+
+-- es.repository(store, opts): opts.max_retries (default 3): how many times
+-- execute reloads and decides again after a conflict before returning it;
+-- opts.snapshots = false turns snapshots off for this repository;
+-- opts.metadata: default metadata for every event (e.g. { service = "x" }).
+function M.new(store, opts)
+  if store == nil then error("es.repository: a store is required", 2) end
+  opts = opts or {}
+  if type(opts) ~= "table" then error("es.repository: opts must be a table", 2) end
+  local retries = opts.max_retries or 3
+  if type(retries) ~= "number" or retries < 0 or retries % 1 ~= 0 then
+    error("es.repository: max_retries must be a non-negative integer", 2)
+  end
+  if opts.metadata ~= nil and type(opts.metadata) ~= "table" then
+    error("es.repository: metadata must be a table", 2)
+  end
+  return setmetatable({
+    store = store,
+    max_retries = retries,
+    snapshots = opts.snapshots ~= false,
+    metadata = opts.metadata,
+    stats = { loads = 0, events_folded = 0, snapshots_used = 0,
+              snapshots_saved = 0, retries = 0 },
+  }, Repository)
+end
+
+local function uses_snapshots(self, A)
+  return self.snapshots and A.snapshot_every ~= nil
+    and self.store.load_snapshot ~= nil
+end
+
+-- The version of the last event recorded before instant `at` (0: none).
+local function version_before(store, stream, at)
+  local it, err = store:read(stream, { backward = true, limit = 1, before = at })
+  if not it then return nil, err end
+  local v = 0
+  for e in it do v = e.version end
+  return v
+end
+
+-- Internal load: state, version, snapshot_version_used (0 if none).
+local function load(self, A, stream, opts)
+  local store = self.store
+  local max_version = opts and opts.version
+  if opts and opts.at ~= nil then
+    if type(opts.at) ~= "string" then
+      error("repository:load: option 'at' must be an ISO-8601 string", 3)
+    end
+    local v, err = version_before(store, stream, opts.at)
+    if not v then return nil, err end
+    if max_version == nil or v < max_version then max_version = v end
+    if max_version == 0 then return A:initial(), 0, 0 end
+  end
+  if max_version ~= nil then
+    if type(max_version) ~= "number" or max_version % 1 ~= 0 then
+      error("repository:load: option 'version' must be an integer", 3)
+    end
+    if max_version <= 0 then return A:initial(), 0, 0 end
+  end
+  local state, from, snap_version = nil, 1, 0
+  if uses_snapshots(self, A) then
+    local snap, err = store:load_snapshot(stream,
+      { max_version = max_version, schema_version = A.snapshot_version })
+    if snap then
+      if snap.schema_version == A.snapshot_version and type(snap.state) == "table" then
+        state, from, snap_version = snap.state, snap.version + 1, snap.version
+        self.stats.snapshots_used = self.stats.snapshots_used + 1
+      end
+    elseif err ~= nil then
+      return nil, err
+    end
+  end
+  if state == nil then state = A:initial() end
+  local version
+  state, version = store:fold(stream, A.handlers, state, { from = from, to = max_version })
+  if state == nil then return nil, version end
+  self.stats.loads = self.stats.loads + 1
+  self.stats.events_folded = self.stats.events_folded + (version - from + 1)
+  return state, version, snap_version
+end
+
+-- repo:load(A, id, { version = n } | { at = iso }) -> state, version | nil, err
+function Repository:load(A, id, opts)
+  check_aggregate(A, "load")
+  if opts ~= nil and type(opts) ~= "table" then
+    error("repository:load: opts must be a table", 2)
+  end
+  local state, version = load(self, A, A:stream(id), opts)
+  return state, version
+end
+
+-- Does the loaded version satisfy the caller's expected_version?
+local function expectation_met(expected, version)
+  if expected == nil or expected == "any" then return true end
+  if expected == "no_stream" then return version == 0 end
+  if expected == "stream_exists" then return version > 0 end
+  return expected == version
+end
+
+local function shallow_merge(into, from)
+  if from then for k, v in pairs(from) do into[k] = v end end
+  return into
+end
+
+-- Save a snapshot once at least snapshot_every events accrued since the
+-- last one. The state is rebuilt by a fresh load (from the previous
+-- snapshot) so that it is exactly what a later load would compute,
+-- including anything apply handlers take from stored fields (recorded_at).
+local function maybe_snapshot(self, A, stream, version, snap_version)
+  if not uses_snapshots(self, A) or not self.store.save_snapshot then return end
+  if version - snap_version < A.snapshot_every then return end
+  local state, v = load(self, A, stream, { version = version })
+  if not state or v ~= version then return end
+  local ok, err = self.store:save_snapshot(stream, {
+    version = version, schema_version = A.snapshot_version, state = state })
+  if ok then
+    self.stats.snapshots_saved = self.stats.snapshots_saved + 1
+  end
+  return err
+end
+
+-- repo:execute(A, id, command_name, command, { metadata, expected_version })
+--   -> { version, position, events, state } | nil, err
+function Repository:execute(A, id, command_name, command, opts)
+  check_aggregate(A, "execute")
+  if not A:handles(command_name) then
+    error(("%s: unknown command '%s'"):format(A.name, tostring(command_name)), 2)
+  end
+  if opts ~= nil and type(opts) ~= "table" then
+    error("repository:execute: opts must be a table", 2)
+  end
+  opts = opts or {}
+  local stream = A:stream(id)
+  local store = self.store
+
+  -- metadata shared by the events of this command
+  local base = shallow_merge(shallow_merge({}, self.metadata), opts.metadata)
+  local command_id = uuid()
+  if base.correlation_id == nil then base.correlation_id = command_id end
+  if base.causation_id == nil then base.causation_id = command_id end
+  if base.command == nil then base.command = command_name end
+
+  local attempt = 0
+  while true do
+    local state, version, snap_version = load(self, A, stream, nil)
+    if not state then return nil, version end
+    if not expectation_met(opts.expected_version, version) then
+      return nil, core.error("conflict",
+        ("expected version %s of stream %s, found %d")
+          :format(tostring(opts.expected_version), stream, version),
+        { expected = opts.expected_version, actual = version, stream = stream })
+    end
+    local events, err = A:decide(state, command_name, command)
+    if not events then return nil, err end
+    if #events == 0 then
+      return { version = version, events = events, state = state }
+    end
+    local out = {}
+    for i, e in ipairs(events) do
+      local meta = shallow_merge({}, base)
+      shallow_merge(meta, e.metadata)
+      local sv = A.schema_versions[e.type]
+      if sv then meta.schema_version = sv end
+      out[i] = { id = e.id or uuid(), type = e.type, data = e.data or {},
+                 metadata = meta, stream = stream, version = version + i }
+    end
+    local res, aerr = store:append(stream, out, { expected_version = version })
+    if res then
+      out[#out].position = res.position
+      state = A:evolve(state, out)
+      local serr = maybe_snapshot(self, A, stream, res.version, snap_version)
+      return { version = res.version, position = res.position, events = out,
+               state = state, snapshot_error = serr }
+    end
+    if aerr.kind ~= "conflict" or attempt >= self.max_retries then
+      return nil, aerr
+    end
+    attempt = attempt + 1
+    self.stats.retries = self.stats.retries + 1
+  end
+end
+
+-- repo:history(A, id, { raw = false }) -> array of
+--   { id, type, data, metadata, recorded_at, version, position }
+-- Data is upcast to the current shape unless raw = true.
+function Repository:history(A, id, opts)
+  check_aggregate(A, "history")
+  local raw = opts and opts.raw
+  local it, err = self.store:read(A:stream(id))
+  if not it then return nil, err end
+  local list = {}
+  for e in it do
+    if not raw then A:upcast_event(e, 1) end
+    list[#list + 1] = { id = e.id, type = e.type, data = e.data, metadata = e.metadata,
+                        recorded_at = e.recorded_at, version = e.version,
+                        position = e.position }
+  end
+  return list
+end
+
+-- The current version of an instance's stream (0: it does not exist).
+function Repository:version(A, id)
+  check_aggregate(A, "version")
+  return self.store:version(A:stream(id))
+end
+
+M.Repository = Repository
+return M
