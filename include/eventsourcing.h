@@ -95,6 +95,11 @@ typedef struct es_read_opts {
     int backward;        /* newest first */
     const char *before;  /* ISO-8601 instant: only events recorded strictly
                             before it; NULL = no bound */
+    int prefetch;        /* PostgreSQL: ask for the next page while the
+                            caller works through this one. The store's
+                            session is busy meanwhile: make no other call
+                            on the store until the cursor ends or is freed.
+                            Ignored with a limit. */
 } es_read_opts;
 
 typedef struct es_read_all_opts {

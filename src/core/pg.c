@@ -164,38 +164,77 @@ int pg_fail(pg_store *p, PGresult *res, const char *what, es_error *err)
     return -1;
 }
 
+static const char *const stmt_names[PG_NSTMT] = {
+    "es_append", "es_version", "es_read_f", "es_read_b",
+    "es_snapshot_save", "es_snapshot_load",
+    "es_read_all0", "es_read_all1", "es_read_all2", "es_read_all3"
+};
+
+/* Connects if needed and prepares the statement once per session. */
+static int prepare_once(pg_store *p, int stmt, es_error *err)
+{
+    PGresult *res;
+    char sql[2048];
+
+    if (pg_ensure(p, err) < 0)
+        return -1;
+    if (p->prepared & (1u << stmt))
+        return 0;
+    pg_statement_sql(p, stmt, sql, sizeof sql);
+    res = PQprepare(p->conn, stmt_names[stmt], sql, 0, NULL);
+    if (PQresultStatus(res) != PGRES_COMMAND_OK)
+        return pg_fail(p, res, "prepare", err);
+    PQclear(res);
+    p->prepared |= 1u << stmt;
+    return 0;
+}
+
+static PGresult *check_result(pg_store *p, int stmt, PGresult *res,
+                              es_error *err)
+{
+    if (PQresultStatus(res) != PGRES_TUPLES_OK &&
+        PQresultStatus(res) != PGRES_COMMAND_OK) {
+        pg_fail(p, res, stmt_names[stmt] + 3, err);
+        return NULL;
+    }
+    return res;
+}
+
 PGresult *pg_exec_prepared(pg_store *p, int stmt, int nparams,
                            const char *const *values, int binary_result,
                            es_error *err)
 {
-    static const char *const names[PG_NSTMT] = {
-        "es_append", "es_version", "es_read_f", "es_read_b",
-        "es_snapshot_save", "es_snapshot_load",
-        "es_read_all0", "es_read_all1", "es_read_all2", "es_read_all3"
-    };
-    PGresult *res;
+    if (prepare_once(p, stmt, err) < 0)
+        return NULL;
+    return check_result(p, stmt,
+                        PQexecPrepared(p->conn, stmt_names[stmt], nparams,
+                                       values, NULL, NULL, binary_result),
+                        err);
+}
 
-    if (pg_ensure(p, err) < 0)
+int pg_send_prepared(pg_store *p, int stmt, int nparams,
+                     const char *const *values, int binary_result,
+                     es_error *err)
+{
+    if (prepare_once(p, stmt, err) < 0)
+        return -1;
+    if (!PQsendQueryPrepared(p->conn, stmt_names[stmt], nparams, values,
+                             NULL, NULL, binary_result))
+        return pg_fail(p, NULL, stmt_names[stmt] + 3, err);
+    return 0;
+}
+
+PGresult *pg_receive(pg_store *p, int stmt, es_error *err)
+{
+    PGresult *res = PQgetResult(p->conn), *extra;
+    /* Drain to the end of this query so the session is free again. */
+    while ((extra = PQgetResult(p->conn)) != NULL)
+        PQclear(extra);
+    if (!res) {
+        pg_fail(p, NULL, stmt_names[stmt] + 3, err);
         return NULL;
-    if (!(p->prepared & (1u << stmt))) {
-        char sql[2048];
-        pg_statement_sql(p, stmt, sql, sizeof sql);
-        res = PQprepare(p->conn, names[stmt], sql, 0, NULL);
-        if (PQresultStatus(res) != PGRES_COMMAND_OK) {
-            pg_fail(p, res, "prepare", err);
-            return NULL;
-        }
-        PQclear(res);
-        p->prepared |= 1u << stmt;
     }
-    res = PQexecPrepared(p->conn, names[stmt], nparams, values, NULL, NULL,
-                         binary_result);
-    if (PQresultStatus(res) != PGRES_TUPLES_OK &&
-        PQresultStatus(res) != PGRES_COMMAND_OK) {
-        pg_fail(p, res, names[stmt] + 3, err);
-        return NULL;
-    }
-    return res;
+    return check_result(p, stmt, res, err);
 }
 
 int pg_exec_simple(pg_store *p, const char *sql, es_error *err)

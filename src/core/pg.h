@@ -47,6 +47,12 @@ int pg_fail(pg_store *p, PGresult *res, const char *what, es_error *err);
 PGresult *pg_exec_prepared(pg_store *p, int stmt, int nparams,
                            const char *const *values, int binary_result,
                            es_error *err);
+/* The same in two halves, so the caller can work while the server does:
+ * send, then receive (which waits for the result). */
+int pg_send_prepared(pg_store *p, int stmt, int nparams,
+                     const char *const *values, int binary_result,
+                     es_error *err);
+PGresult *pg_receive(pg_store *p, int stmt, es_error *err);
 /* Runs a statement without parameters (DDL, BEGIN, ...). */
 int pg_exec_simple(pg_store *p, const char *sql, es_error *err);
 

@@ -4,7 +4,7 @@
  * Appends are one call of the schema's append() function (one round trip
  * for any number of events), with the events passed as parallel arrays.
  * Reads use prepared statements with binary results: uuids, integers and
- * timestamps arrive as fixed-size values, jsonb as a version byte and text,
+ * timestamps arrive as fixed-size values, json as its text,
  * so nothing is formatted by the server only to be parsed again here.
  * Stream reads go page by page, so memory stays flat however long the
  * stream is.
@@ -30,7 +30,7 @@ const char *pg_statement_sql(const pg_store *p, int stmt, char *out,
     case PG_APPEND:
         snprintf(out, outlen, "SELECT o_status, o_version, o_position, o_id,"
                  " o_stream FROM \"%s\".append($1, $2::bigint, $3::boolean,"
-                 " $4::uuid[], $5::text[], $6::jsonb[], $7::jsonb[])", s);
+                 " $4::uuid[], $5::text[], $6::json[], $7::json[])", s);
         break;
     case PG_VERSION:
         snprintf(out, outlen, "SELECT version FROM \"%s\".streams WHERE "
@@ -52,7 +52,7 @@ const char *pg_statement_sql(const pg_store *p, int stmt, char *out,
     case PG_SNAPSHOT_SAVE:
         snprintf(out, outlen, "INSERT INTO \"%s\".snapshots (stream, version,"
                  " schema_version, state) VALUES ($1, $2::bigint, $3::bigint,"
-                 " $4::jsonb) ON CONFLICT (stream, version) DO UPDATE SET"
+                 " $4::json) ON CONFLICT (stream, version) DO UPDATE SET"
                  " schema_version = excluded.schema_version,"
                  " state = excluded.state, recorded_at = now()", s);
         break;
@@ -296,6 +296,8 @@ typedef struct pg_cursor {
     int64_t last;
     int64_t remaining;      /* events still wanted; -1 = no limit */
     int backward;
+    int prefetch;           /* keep the next page on its way */
+    int pending;            /* a page query is on the wire */
     char before[40];        /* "" = no bound */
     /* read_all */
     char checkpoint[48];
@@ -307,6 +309,14 @@ typedef struct pg_cursor {
 static void cursor_destroy(es_cursor *c)
 {
     pg_cursor *pc = (pg_cursor *)c;
+    pg_store *p = (pg_store *)c->store;
+    /* A prefetched page nobody will read: collect it so the session is
+     * free for the next call (a cancel would cost a second connection). */
+    if (pc->pending && p->conn) {
+        PGresult *r;
+        while ((r = PQgetResult(p->conn)) != NULL)
+            PQclear(r);
+    }
     PQclear(pc->res);
     free(pc->stream);
     free(pc);
@@ -325,8 +335,8 @@ static int stream_exhausted(const pg_cursor *pc)
     return pc->backward ? pc->next < pc->last : pc->next > pc->last;
 }
 
-/* Fetches the next page (version range) of a stream read. */
-static int fetch_page(pg_cursor *pc, es_error *err)
+/* Sends the query for the next page (version range) of a stream read. */
+static int send_page(pg_cursor *pc, es_error *err)
 {
     pg_store *p = (pg_store *)pc->base.store;
     char lo[24], hi[24], limit[24];
@@ -351,16 +361,29 @@ static int fetch_page(pg_cursor *pc, es_error *err)
     values[2] = hi;
     values[3] = pc->before[0] ? pc->before : NULL;
     values[4] = limit;
+    if (pg_send_prepared(p, pc->backward ? PG_READ_BACKWARD : PG_READ_FORWARD,
+                         5, values, 1, err) < 0)
+        return -1;
+    pc->pending = 1;
+    return 0;
+}
+
+/* Waits for the page sent last; with prefetch, sends the one after. */
+static int receive_page(pg_cursor *pc, es_error *err)
+{
+    pg_store *p = (pg_store *)pc->base.store;
     PQclear(pc->res);
-    pc->res = pg_exec_prepared(p, pc->backward ? PG_READ_BACKWARD
-                                               : PG_READ_FORWARD,
-                               5, values, 1, err);
+    pc->pending = 0;
+    pc->res = pg_receive(p, pc->backward ? PG_READ_BACKWARD : PG_READ_FORWARD,
+                         err);
+    pc->row = pc->nrows = 0;
     if (!pc->res)
         return -1;
-    pc->row = 0;
     pc->nrows = PQntuples(pc->res);
     if (pc->remaining >= 0)
         pc->remaining -= pc->nrows;
+    if (pc->prefetch && !stream_exhausted(pc))
+        return send_page(pc, err);
     return 0;
 }
 
@@ -372,9 +395,13 @@ static int stream_next(es_cursor *c, es_event *e, es_error *err)
 
     /* A page can be empty when `before` filters all of its range. */
     while (pc->row >= pc->nrows) {
-        if (stream_exhausted(pc))
-            return 0;
-        if (fetch_page(pc, err) < 0)
+        if (!pc->pending) {
+            if (stream_exhausted(pc))
+                return 0;
+            if (send_page(pc, err) < 0)
+                return -1;
+        }
+        if (receive_page(pc, err) < 0)
             return -1;
     }
     r = pc->res;
@@ -385,10 +412,10 @@ static int stream_next(es_cursor *c, es_event *e, es_error *err)
     e->stream = pc->stream;
     e->version = (int64_t)be64(PQgetvalue(r, i, 2));
     e->type = PQgetvalue(r, i, 3);
-    e->data = PQgetvalue(r, i, 4) + 1;               /* jsonb version byte */
-    e->data_len = (size_t)PQgetlength(r, i, 4) - 1;
-    e->metadata = PQgetvalue(r, i, 5) + 1;
-    e->metadata_len = (size_t)PQgetlength(r, i, 5) - 1;
+    e->data = PQgetvalue(r, i, 4);         /* json: the text as stored */
+    e->data_len = (size_t)PQgetlength(r, i, 4);
+    e->metadata = PQgetvalue(r, i, 5);
+    e->metadata_len = (size_t)PQgetlength(r, i, 5);
     es_time_format((int64_t)be64(PQgetvalue(r, i, 6)) + PG_EPOCH_USEC,
                    pc->recorded_at);
     e->recorded_at = pc->recorded_at;
@@ -428,6 +455,7 @@ es_cursor *pg_read(es_store *s, const char *stream, const es_read_opts *o,
         pc->last = o->to > 0 && o->to < top ? o->to : top;
     }
     pc->remaining = o->limit > 0 ? o->limit : -1;
+    pc->prefetch = o->prefetch && pc->remaining < 0;
     if (o->before) {
         /* Parsed here rather than by the server, so both stores accept
          * exactly the same instants ("yesterday" is not one). */
@@ -458,10 +486,10 @@ static int all_next(es_cursor *c, es_event *e, es_error *err)
     e->id = pc->id;
     e->version = (int64_t)be64(PQgetvalue(r, i, 3));
     e->type = PQgetvalue(r, i, 4);
-    e->data = PQgetvalue(r, i, 5) + 1;
-    e->data_len = (size_t)PQgetlength(r, i, 5) - 1;
-    e->metadata = PQgetvalue(r, i, 6) + 1;
-    e->metadata_len = (size_t)PQgetlength(r, i, 6) - 1;
+    e->data = PQgetvalue(r, i, 5);
+    e->data_len = (size_t)PQgetlength(r, i, 5);
+    e->metadata = PQgetvalue(r, i, 6);
+    e->metadata_len = (size_t)PQgetlength(r, i, 6);
     es_time_format((int64_t)be64(PQgetvalue(r, i, 7)) + PG_EPOCH_USEC,
                    pc->recorded_at);
     e->recorded_at = pc->recorded_at;
@@ -613,8 +641,8 @@ int pg_load_snapshot(es_store *s, const char *stream, int64_t max_version,
         return 0;
     out->version = (int64_t)be64(PQgetvalue(r, 0, 0));
     out->schema_version = (int64_t)be64(PQgetvalue(r, 0, 1));
-    out->state = PQgetvalue(r, 0, 2) + 1;
-    out->state_len = (size_t)PQgetlength(r, 0, 2) - 1;
+    out->state = PQgetvalue(r, 0, 2);
+    out->state_len = (size_t)PQgetlength(r, 0, 2);
     es_time_format((int64_t)be64(PQgetvalue(r, 0, 3)) + PG_EPOCH_USEC,
                    p->snapshot_time);
     out->recorded_at = p->snapshot_time;

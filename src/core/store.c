@@ -97,6 +97,21 @@ int es_valid_event_type(const char *type, es_error *err)
     return 0;
 }
 
+/* True when the JSON text holds the escape \u0000 (an escaped backslash
+ * followed by "u0000" is not one). */
+static int has_nul_escape(const char *p, size_t n)
+{
+    const char *end = p + n;
+    while ((p = memchr(p, '\\', (size_t)(end - p))) != NULL) {
+        if (end - p >= 6 && memcmp(p, "\\u0000", 6) == 0)
+            return 1;
+        p += 2;    /* skip the escaped character, whatever it is */
+        if (p >= end)
+            break;
+    }
+    return 0;
+}
+
 int es_append(es_store *s, const char *stream, const es_event_in *events,
               size_t n, int64_t expected, es_append_result *out,
               es_error *err)
@@ -114,6 +129,14 @@ int es_append(es_store *s, const char *stream, const es_event_in *events,
             return -1;
         if (!events[i].data)
             return es_fail(err, ES_INVALID, "event %zu has no data", i + 1);
+        /* PostgreSQL's jsonb cannot hold \u0000 and read models cast
+         * payloads to jsonb: refuse it here, the same in both stores. */
+        if (has_nul_escape(events[i].data, events[i].data_len) ||
+            (events[i].metadata &&
+             has_nul_escape(events[i].metadata, events[i].metadata_len)))
+            return es_fail(err, ES_INVALID, "event %zu (%s): \\u0000 is not "
+                           "allowed in payloads (jsonb cannot store it)",
+                           i + 1, events[i].type);
         if (events[i].id && !es_uuid_valid(events[i].id))
             return es_fail(err, ES_INVALID, "event %zu: id '%.60s' is not a UUID",
                            i + 1, events[i].id);

@@ -646,6 +646,9 @@ static int l_fold(lua_State *L)
     check_opts(L, 5);
     lua_settop(L, 5);
     read_opts(L, 5, &o);
+    /* Handlers are pure (no I/O), so the session may stay busy with the
+     * next page while they run. */
+    o.prefetch = 1;
     if (o.backward || o.limit)
         luaL_error(L, "fold reads forward and whole: options 'backward' and "
                    "'limit' are not allowed");
