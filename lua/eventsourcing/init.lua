@@ -20,4 +20,10 @@ function es.aggregate(def) return require("eventsourcing.aggregate").new(def) en
 function es.repository(store, opts) return require("eventsourcing.repository").new(store, opts) end
 es.testing = require "eventsourcing.testing"
 
+-- read models, projections and the projector (callable module tables:
+-- es.read_model{...}, es.read_model.DELETE, es.read_model.apply_inline)
+es.read_model = require "eventsourcing.read_model"
+es.projection = require "eventsourcing.projection"
+es.projector = require "eventsourcing.projector"
+
 return es

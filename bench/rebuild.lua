@@ -1,0 +1,122 @@
+-- bench/rebuild.lua: rebuild of rm_orders (examples/orders/read_model.lua)
+-- from ES_BENCH_EVENTS events (default 1,000,000 = 200,000 orders of 5
+-- events), against a naive loop that runs one SQL statement (INSERT or
+-- UPDATE) per event, in the same run. Prints `name value unit` lines.
+--
+--   ES_BENCH_DATABASE_URL (or ES_TEST_DATABASE_URL)  the database
+--   ES_BENCH_EVENTS   events to generate (multiple of 10,000)
+--   ES_BENCH_NAIVE    events the naive loop applies (default 100,000)
+--   ES_BENCH_BATCH    rebuild batch size (default 10,000)
+--
+-- Event layout: blocks of 2,000 orders whose 5 events interleave over
+-- 10,000 positions (orders in flight at the same time, as in a live shop).
+local es = require "eventsourcing"
+local orders_rm = require "orders.read_model"
+
+local url = os.getenv("ES_BENCH_DATABASE_URL") or os.getenv("ES_TEST_DATABASE_URL")
+if not url or url == "" then
+  io.stderr:write("bench/rebuild.lua: set ES_BENCH_DATABASE_URL or ES_TEST_DATABASE_URL\n")
+  os.exit(2)
+end
+local N = tonumber(os.getenv("ES_BENCH_EVENTS") or "1000000")
+N = math.max(10000, math.floor(N / 10000) * 10000)
+local NAIVE = math.min(N, tonumber(os.getenv("ES_BENCH_NAIVE") or "100000"))
+local BATCH = tonumber(os.getenv("ES_BENCH_BATCH") or "10000")
+local schema = ("bench_rebuild_%d"):format(os.time() % 1000000)
+
+local store = assert(es.open(url, { schema = schema }))
+assert(store:migrate())
+local q = '"' .. schema .. '"'
+
+local function now()
+  return store:query("SELECT extract(epoch FROM clock_timestamp())::float8 AS t")[1].t
+end
+
+-- 1. events, generated in the database (200,000 per statement)
+local t0 = now()
+local CHUNK = 200000
+for from = 0, N - 1, CHUNK do
+  local to = math.min(N, from + CHUNK) - 1
+  assert(store:query(([[
+    INSERT INTO %s.events (id, stream, version, type, data, metadata)
+    SELECT gen_random_uuid(), 'Order-' || o, s + 1,
+      CASE s WHEN 0 THEN 'OrderCreated' WHEN 1 THEN 'ItemAdded' WHEN 2 THEN 'ItemAdded'
+             WHEN 3 THEN 'ItemRemoved' ELSE CASE WHEN o %% 10 = 0 THEN 'OrderCancelled'
+             ELSE 'OrderPlaced' END END,
+      CASE s WHEN 0 THEN jsonb_build_object('order_id', o::text, 'customer_id', 'c' || (o %% 5000))
+             WHEN 1 THEN '{"product_id":"p1","quantity":2,"unit_price":1250}'::jsonb
+             WHEN 2 THEN '{"product_id":"p2","quantity":1,"unit_price":499}'::jsonb
+             WHEN 3 THEN '{"product_id":"p2","quantity":1,"unit_price":499}'::jsonb
+             ELSE CASE WHEN o %% 10 = 0 THEN '{"reason":"changed my mind","previous_status":"draft"}'::jsonb
+             ELSE '{"total":2500,"item_count":1}'::jsonb END END,
+      '{"schema_version":2}'::jsonb
+    FROM generate_series(%d, %d) AS g,
+         LATERAL (SELECT (g / 10000) * 2000 + g %% 2000 AS o, (g %% 10000) / 2000 AS s) AS x
+    ORDER BY g]]):format(q, from, to)))
+end
+assert(store:query(("ANALYZE %s.events"):format(q)))
+io.stderr:write(("generated %d events in %.1f s\n"):format(N, now() - t0))
+
+-- 2. the projector's rebuild
+local projector = es.projector(store, { orders_rm.Orders }, { batch_size = BATCH })
+assert(projector:migrate())
+t0 = now()
+local done = assert(projector:rebuild("rm_orders", { batch_size = BATCH, bar = false }))
+local rebuild_s = now() - t0
+assert(done == N, ("rebuild replayed %d of %d events"):format(done, N))
+local rows = store:query(("SELECT count(*) AS n, sum(total) AS t FROM %s.rm_orders"):format(q))[1]
+assert(rows.n == N / 5, ("rm_orders has %d rows, expected %d"):format(rows.n, N / 5))
+local sample = assert(orders_rm.get_order(store, "1"))
+assert(sample.total == 2500 and sample.status == "placed" and sample.item_count == 1, "wrong row for order 1")
+
+-- 3. the naive alternative: one statement per event, a transaction per batch
+assert(store:query(([[CREATE TABLE %s.rm_naive (id text PRIMARY KEY, customer_id text,
+  status text, items jsonb, item_count integer, total bigint, created_at timestamptz,
+  placed_at timestamptz, cancelled_at timestamptz, cancel_reason text, version bigint)]]):format(q)))
+local SQL = {
+  OrderCreated = ("INSERT INTO %s.rm_naive (id, customer_id, status, items, item_count, total, created_at, "
+    .. "version) VALUES ($1, $2, 'draft', '[]', 0, 0, $3::timestamptz, $4)"):format(q),
+  ItemAdded = ("UPDATE %s.rm_naive SET items = items || jsonb_build_array(jsonb_build_object("
+    .. "'product_id', $2::text, 'quantity', $3::int, 'unit_price', $4::bigint)), item_count = item_count + 1, "
+    .. "total = total + $3::bigint * $4::bigint, version = $5 WHERE id = $1"):format(q),
+  ItemRemoved = ("UPDATE %s.rm_naive SET items = (SELECT coalesce(jsonb_agg(i), '[]') FROM "
+    .. "jsonb_array_elements(items) i WHERE i->>'product_id' <> $2), item_count = item_count - 1, "
+    .. "total = total - $3::bigint * $4::bigint, version = $5 WHERE id = $1"):format(q),
+  OrderPlaced = ("UPDATE %s.rm_naive SET status = 'placed', total = $2, placed_at = $3::timestamptz, "
+    .. "version = $4 WHERE id = $1"):format(q),
+  OrderCancelled = ("UPDATE %s.rm_naive SET status = 'cancelled', cancel_reason = $2, "
+    .. "cancelled_at = $3::timestamptz, version = $4 WHERE id = $1"):format(q),
+}
+local function naive_apply(e)
+  local id, d = e.stream:sub(7), e.data
+  if e.type == "OrderCreated" then
+    return store:query(SQL.OrderCreated, id, d.customer_id, e.recorded_at, e.version)
+  elseif e.type == "ItemAdded" or e.type == "ItemRemoved" then
+    return store:query(SQL[e.type], id, d.product_id, d.quantity, d.unit_price, e.version)
+  elseif e.type == "OrderPlaced" then
+    return store:query(SQL.OrderPlaced, id, d.total, e.recorded_at, e.version)
+  else
+    return store:query(SQL.OrderCancelled, id, d.reason, e.recorded_at, e.version)
+  end
+end
+t0 = now()
+local after, applied = nil, 0
+while applied < NAIVE do
+  local batch, cp = assert(store:read_all({ after = after, limit = math.min(BATCH, NAIVE - applied) }))
+  if #batch == 0 then break end
+  assert(store:begin())
+  for _, e in ipairs(batch) do assert(naive_apply(e)) end
+  assert(store:commit())
+  applied, after = applied + #batch, cp
+end
+local naive_s = now() - t0
+
+store:query(("DROP SCHEMA %s CASCADE"):format(q))
+store:close()
+
+local rate, naive_rate = N / rebuild_s, applied / naive_s
+print(("rebuild_rm_orders_events %d events"):format(N))
+print(("rebuild_rm_orders_seconds %.2f s"):format(rebuild_s))
+print(("rebuild_rm_orders_rate %.0f events/s"):format(rate))
+print(("naive_update_per_event_rate %.0f events/s"):format(naive_rate))
+print(("rebuild_speedup_vs_naive %.1f x"):format(rate / naive_rate))

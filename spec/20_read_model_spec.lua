@@ -1,0 +1,313 @@
+-- Read models: definitions, handlers, queries, inline updates, the order read model.
+local helpers = require "helpers"
+local es = require "eventsourcing"
+
+-- busted reloads helpers for every spec file, restarting its schema counter:
+-- tag this file's schemas so they never meet another file's.
+local fresh = helpers.fresh_schema
+helpers.fresh_schema = function() return fresh() .. "_rm20" end
+
+local function counter_model(name)
+  return es.read_model {
+    name = name or "rm_counter",
+    columns = { id = "text", n = "bigint", label = "text", at = "timestamptz",
+                tags = "jsonb", score = "double precision" },
+    indexes = { "label", { "label", "n" } },
+    on = {
+      Inc = function(row, e)
+        row.n = (row.n or 0) + 1
+        row.at = e.recorded_at
+        row.label = e.data.label or row.label
+      end,
+      Tag = function(row, e)
+        row.tags = row.tags or es.json.array {}
+        row.tags[#row.tags + 1] = e.data.tag
+      end,
+      Replace = function(_, e) return { n = 100, label = e.data.label } end,
+      Gone = function() return es.read_model.DELETE end,
+    },
+  }
+end
+
+describe("es.read_model definitions", function()
+  it("validates names, columns, types and indexes", function()
+    local function def(over)
+      local d = { name = "rm_x", columns = { id = "text" }, on = {} }
+      for k, v in pairs(over) do d[k] = v end
+      return d
+    end
+    assert.has_error(function() es.read_model(def { name = "Bad-Name" }) end)
+    assert.has_error(function() es.read_model(def { name = ("a"):rep(64) }) end)
+    assert.has_error(function() es.read_model(def { name = 'x"; DROP TABLE y; --' }) end)
+    assert.has_error(function() es.read_model(def { columns = { id = "text", ["x y"] = "text" } }) end)
+    assert.has_error(function() es.read_model(def { columns = { id = "text", x = "text; DROP" } }) end)
+    assert.has_error(function() es.read_model(def { columns = { uid = "text" } }) end) -- key missing
+    assert.has_error(function() es.read_model(def { indexes = { "nope" } }) end)
+    assert.has_error(function() es.read_model(def { on = { A = 1 } }) end)
+    local rm = es.read_model(def { columns = { id = "uuid", amount = "numeric(12, 2)", n = "int8" } })
+    assert.equal("uuid", rm.types.id)
+    assert.equal("numeric(12,2)", rm.types.amount)
+    assert.equal("bigint", rm.types.n)
+    assert.equal("id", rm.columns[1])
+  end)
+end)
+
+for _, entry in ipairs(helpers.stores()) do
+  describe("read models on the " .. entry.name .. " store", function()
+    local store, rm, projector
+    before_each(function()
+      store = helpers.open(entry)
+      rm = counter_model()
+      projector = es.projector(store, { rm }, { batch_size = 4 })
+    end)
+    after_each(function() store:close() end)
+
+    it("creates rows from a new table holding the key, updates them in place and skips unknown types", function()
+      assert(store:append("Counter-a", { { type = "Inc", data = { label = "x" } },
+        { type = "Unknown" }, { type = "Inc" }, { type = "Tag", data = { tag = "t1" } } }))
+      assert(store:append("Counter-b", { type = "Inc", data = { label = "y" } }))
+      assert.equal(5, projector:catch_up())
+      local a = rm:get(store, "a")
+      assert.same({ "t1" }, a.tags)
+      assert.equal(2, a.n)
+      assert.equal("x", a.label)
+      assert.equal("a", a.id)
+      assert.equal(1, rm:get(store, "b").n)
+      assert.is_nil(rm:get(store, "zzz"))
+      assert.equal(0, projector:catch_up())
+    end)
+
+    it("stores timestamps as ISO-8601 UTC strings like recorded_at", function()
+      assert(store:append("Counter-t", { type = "Inc" }))
+      projector:catch_up()
+      local e
+      for ev in store:read("Counter-t") do e = ev end
+      assert.equal(e.recorded_at, rm:get(store, "t").at)
+      assert.matches("^%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%d%.%d%d%d%d%d%dZ$", rm:get(store, "t").at)
+    end)
+
+    it("deletes rows when a handler returns DELETE, and replaces them when it returns a table", function()
+      assert(store:append("Counter-a", { { type = "Inc" }, { type = "Gone" } }))
+      assert(store:append("Counter-b", { { type = "Inc" }, { type = "Replace", data = { label = "r" } } }))
+      assert(store:append("Counter-c", { { type = "Inc" } }))
+      projector:catch_up()
+      assert.is_nil(rm:get(store, "a"))
+      assert.same({ 100, "r", "b" }, { rm:get(store, "b").n, rm:get(store, "b").label, rm:get(store, "b").id })
+      -- delete then recreate within one batch, and delete of a row from an earlier batch
+      assert(store:append("Counter-c", { { type = "Gone" }, { type = "Inc" } }))
+      assert(store:append("Counter-b", { type = "Gone" }))
+      projector:catch_up()
+      assert.equal(1, rm:get(store, "c").n)
+      assert.is_nil(rm:get(store, "b"))
+    end)
+
+    it("uses key_of to map events to rows and skips events it maps to nil", function()
+      local by_customer = es.read_model {
+        name = "rm_by_customer",
+        columns = { customer = "text", orders = "integer" },
+        key = "customer",
+        key_of = function(e) return e.data.customer end,
+        on = { Created = function(row) row.orders = (row.orders or 0) + 1 end },
+      }
+      local p = es.projector(store, { by_customer })
+      assert(store:append("Order-1", { type = "Created", data = { customer = "c1" } }))
+      assert(store:append("Order-2", { type = "Created", data = { customer = "c1" } }))
+      assert(store:append("Order-3", { type = "Created", data = {} }))
+      p:catch_up()
+      assert.equal(2, by_customer:get(store, "c1").orders)
+    end)
+
+    it("finds rows by equality with keyset paging in both directions", function()
+      for i = 1, 9 do
+        local evs = {}
+        for _ = 1, i % 4 do evs[#evs + 1] = { type = "Inc", data = { label = i % 2 == 0 and "even" or "odd" } } end
+        if #evs == 0 then evs = { { type = "Tag", data = { tag = "x" } } } end  -- row with n = NULL
+        assert(store:append(("Counter-k%d"):format(i), evs))
+      end
+      projector:catch_up()
+      local function collect(where, opts)
+        local ids, after, pages = {}, nil, 0
+        repeat
+          opts.after = after
+          local rows, nxt = rm:find(store, where, opts)
+          assert.is_table(rows)
+          for _, r in ipairs(rows) do ids[#ids + 1] = r.id .. ":" .. tostring(r.n) end
+          after, pages = nxt, pages + 1
+        until not after
+        return ids, pages
+      end
+      local asc, pages = collect({}, { order_by = "n", limit = 2 })
+      assert.same({ "k1:1", "k5:1", "k9:1", "k2:2", "k6:2", "k3:3", "k7:3", "k4:nil", "k8:nil" }, asc)
+      assert.equal(5, pages)
+      local desc = collect({}, { order_by = "n", desc = true, limit = 3 })
+      assert.same({ "k8:nil", "k4:nil", "k7:3", "k3:3", "k6:2", "k2:2", "k9:1", "k5:1", "k1:1" }, desc)
+      local odd = collect({ label = "odd" }, { order_by = "n", limit = 1 })
+      assert.same({ "k1:1", "k5:1", "k9:1", "k3:3", "k7:3" }, odd)
+      local by_key = collect({}, { limit = 4 })
+      assert.equal(9, #by_key)
+      assert.equal("k1:1", by_key[1])
+      local rows, err = rm:find(store, {}, { order_by = "n", after = "garbage!" })
+      assert.is_nil(rows)
+      assert.equal("invalid", err.kind)
+      assert.has_error(function() rm:find(store, { ["n; drop"] = 1 }) end)
+      assert.has_error(function() rm:find(store, {}, { order_by = "nope" }) end)
+    end)
+
+    it("keeps hostile values as data", function()
+      local evil = [[x'); DROP TABLE rm_counter; --"]]
+      assert(store:append("Counter-q", { type = "Inc", data = { label = evil } }))
+      projector:catch_up()
+      assert.equal(evil, rm:get(store, "q").label)
+      local rows = rm:find(store, { label = evil })
+      assert.equal(1, #rows)
+    end)
+
+    it("applies inline read models with the appending transaction", function()
+      assert(projector:migrate())
+      local function append_inline(stream, events)
+        if entry.name == "memory" then
+          local res = assert(store:append(stream, events))
+          local evs = {}
+          for i, e in ipairs(events) do
+            evs[i] = { stream = stream, type = e.type, data = e.data or {}, version = res.version - #events + i }
+          end
+          return es.read_model.apply_inline(store, { rm }, evs)
+        end
+        assert(store:begin())
+        local res, err = store:append(stream, events)
+        if not res then store:rollback(); return nil, err end
+        local first = res.version - #events + 1
+        local evs = {}
+        for i, e in ipairs(events) do
+          evs[i] = { stream = stream, type = e.type, data = e.data or {}, version = first + i - 1 }
+        end
+        local ok, aerr = es.read_model.apply_inline(store, { rm }, evs)
+        if not ok then store:rollback(); return nil, aerr end
+        assert(store:commit())
+        return true
+      end
+      assert(append_inline("Counter-i", { { type = "Inc", data = { label = "l" } }, { type = "Inc" } }))
+      local row = rm:get(store, "i")
+      assert.equal(2, row.n)
+      assert.matches("Z$", row.at)
+      -- a failing handler: the caller rolls back; nothing is left behind (PostgreSQL)
+      local bad = es.read_model { name = "rm_bad", columns = { id = "text" },
+        on = { Inc = function() error("boom") end } }
+      if entry.name ~= "memory" then
+        assert(bad:migrate(store))
+        assert(store:begin())
+        assert(store:append("Counter-j", { type = "Inc" }))
+        local ok, err = es.read_model.apply_inline(store, { rm, bad },
+          { { stream = "Counter-j", type = "Inc", data = {}, version = 1 } })
+        assert.is_nil(ok)
+        assert.equal("invalid", err.kind)
+        assert.equal("rm_bad", err.read_model)
+        assert.matches("boom", err.message)
+        assert(store:rollback())
+        assert.is_nil(rm:get(store, "j"))
+        assert.equal(0, store:version("Counter-j"))
+      end
+    end)
+  end)
+end
+
+describe("read models on PostgreSQL", function()
+  local store, schema
+  before_each(function() store, schema = helpers.open({ name = "postgresql", url = helpers.database_url() }) end)
+  after_each(function() store:close() end)
+
+  it("writes a row touched many times in a batch once, with one upsert", function()
+    local rm = counter_model()
+    local p = es.projector(store, { rm }, { batch_size = 1000 })
+    assert(p:migrate())
+    assert(store:query(([[CREATE TABLE "%s".writes (n int)]]):format(schema)))
+    assert(store:query(([[CREATE FUNCTION "%s".count_write() RETURNS trigger LANGUAGE plpgsql AS
+      $$ BEGIN INSERT INTO "%s".writes VALUES (1); RETURN NEW; END $$]]):format(schema, schema)))
+    assert(store:query(([[CREATE TRIGGER w BEFORE INSERT OR UPDATE ON "%s".rm_counter
+      FOR EACH ROW EXECUTE FUNCTION "%s".count_write()]]):format(schema, schema)))
+    local evs = {}
+    for i = 1, 50 do evs[i] = { type = "Inc" } end
+    assert(store:append("Counter-hot", evs))
+    assert(store:append("Counter-cold", { type = "Inc" }))
+    assert.equal(51, p:catch_up())
+    assert.equal(50, rm:get(store, "hot").n)
+    assert.equal(2, store:query(([[SELECT count(*) AS n FROM "%s".writes]]):format(schema))[1].n)
+  end)
+
+  it("creates the table with the key as primary key and the declared indexes", function()
+    local rm = counter_model()
+    assert(es.projector(store, { rm }):migrate())
+    local idx = store:query([[SELECT indexname FROM pg_indexes WHERE schemaname = $1
+      AND tablename = 'rm_counter' ORDER BY indexname]], schema)
+    local names = {}
+    for _, r in ipairs(idx) do names[#names + 1] = r.indexname end
+    assert.same({ "rm_counter_label_idx", "rm_counter_label_n_idx", "rm_counter_pkey" }, names)
+    assert(es.projector(store, { rm }):migrate())     -- idempotent
+  end)
+end)
+
+for _, entry in ipairs(helpers.stores()) do
+  describe("the order read model on the " .. entry.name .. " store", function()
+    local orders_rm = require "orders.read_model"
+    local store
+    before_each(function() store = helpers.open(entry) end)
+    after_each(function() store:close() end)
+
+    it("projects the Order aggregate's events and answers get_order / list_orders", function()
+      local v2 = { schema_version = 2 }     -- as the repository writes ItemAdded
+      local function order(id, customer, extra)
+        local evs = { { type = "OrderCreated", data = { order_id = id, customer_id = customer } },
+          { type = "ItemAdded", data = { product_id = "p1", quantity = 2, unit_price = 1250 }, metadata = v2 },
+          { type = "ItemAdded", data = { product_id = "p2", quantity = 1, unit_price = 499 }, metadata = v2 },
+          { type = "ItemAdded", data = { product_id = "p1", quantity = 1, unit_price = 1250 }, metadata = v2 } }
+        for _, e in ipairs(extra or {}) do evs[#evs + 1] = e end
+        assert(store:append("Order-" .. id, evs))
+      end
+      order("o1", "c1")
+      order("o2", "c1", { { type = "ItemRemoved", data = { product_id = "p2", quantity = 1, unit_price = 499 } },
+        { type = "OrderPlaced", data = { total = 3750, item_count = 1 } } })
+      order("o3", "c1", { { type = "OrderCancelled",
+        data = { reason = "changed my mind", previous_status = "draft" } } })
+      order("o4", "c2")
+      -- a v1 ItemAdded (price as a decimal string), upcast by the read model
+      assert(store:append("Order-o4", { type = "ItemAdded",
+        data = { product_id = "p9", quantity = 1, price = "0.99" },
+        metadata = { schema_version = 1 } }))
+      local p = es.projector(store, { orders_rm.Orders })
+      assert.equal(20, p:catch_up())
+      local o1 = assert(orders_rm.get_order(store, "o1"))
+      assert.same({ { product_id = "p1", quantity = 3, unit_price = 1250 },
+                    { product_id = "p2", quantity = 1, unit_price = 499 } }, o1.items)
+      assert.same({ "c1", "draft", 2, 4249, 4 }, { o1.customer_id, o1.status, o1.item_count, o1.total, o1.version })
+      local o2 = orders_rm.get_order(store, "o2")
+      assert.same({ "placed", 3750, 1 }, { o2.status, o2.total, o2.item_count })
+      assert.matches("Z$", o2.placed_at)
+      local o3 = orders_rm.get_order(store, "o3")
+      assert.same({ "cancelled", "changed my mind" }, { o3.status, o3.cancel_reason })
+      assert.equal(4249 + 99, orders_rm.get_order(store, "o4").total)
+      local none, err = orders_rm.get_order(store, "nope")
+      assert.is_nil(none)
+      assert.equal("not_found", err.kind)
+
+      local page1, nxt = orders_rm.list_orders(store, "c1", { limit = 2 })
+      assert.equal(2, #page1)
+      assert.is_string(nxt)
+      local page2, nxt2 = orders_rm.list_orders(store, "c1", { limit = 2, after = nxt })
+      assert.equal(1, #page2)
+      assert.is_nil(nxt2)
+      -- newest first: created_at descending, then id descending
+      local all = { page1[1], page1[2], page2[1] }
+      for i = 2, 3 do
+        assert.is_true(all[i - 1].created_at > all[i].created_at
+          or (all[i - 1].created_at == all[i].created_at and all[i - 1].id > all[i].id))
+      end
+      local placed = orders_rm.list_orders(store, "c1", { status = "placed" })
+      assert.equal(1, #placed)
+      assert.equal("o2", placed[1].id)
+      assert.equal(0, #orders_rm.list_orders(store, "c9"))
+      local q = orders_rm.queries(store)
+      assert.equal("o1", q.get_order("o1").id)
+      assert.equal(3, #q.list_orders("c1"))
+    end)
+  end)
+end

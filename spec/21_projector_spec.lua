@@ -1,0 +1,265 @@
+-- The projector: catch-up, checkpoints, failures, status, run, rebuild, custom projections.
+local helpers = require "helpers"
+local es = require "eventsourcing"
+
+-- busted reloads helpers for every spec file, restarting its schema counter:
+-- tag this file's schemas so they never meet another file's.
+local fresh = helpers.fresh_schema
+helpers.fresh_schema = function() return fresh() .. "_pj21" end
+
+local function counter(name, on_extra)
+  local on = {
+    Inc = function(row) row.n = (row.n or 0) + 1 end,
+  }
+  for k, f in pairs(on_extra or {}) do on[k] = f end
+  return es.read_model { name = name or "rm_count", columns = { id = "text", n = "bigint" },
+    indexes = { "n" }, on = on }
+end
+
+local function append_n(store, stream, n, typ)
+  local evs = {}
+  for i = 1, n do evs[i] = { type = typ or "Inc" } end
+  return assert(store:append(stream, evs))
+end
+
+for _, entry in ipairs(helpers.stores()) do
+  describe("the projector on the " .. entry.name .. " store", function()
+    local store
+    before_each(function() store = helpers.open(entry) end)
+    after_each(function() store:close() end)
+
+    it("catches up in batches, returns how many events it handled, and resumes from its checkpoint", function()
+      local rm = counter()
+      local p = es.projector(store, { rm }, { batch_size = 3 })
+      append_n(store, "C-a", 7)
+      append_n(store, "C-b", 3)
+      assert.equal(10, p:catch_up())
+      assert.equal(0, p:catch_up())
+      append_n(store, "C-a", 2)
+      local n, per = p:catch_up()
+      assert.equal(2, n)
+      assert.equal(2, per.rm_count)
+      assert.equal(9, rm:get(store, "a").n)
+      -- a second projector over the same store continues from the stored checkpoint
+      local p2 = es.projector(store, { counter() })
+      assert.equal(0, p2:catch_up())
+    end)
+
+    it("keeps a checkpoint per projection", function()
+      local a, b = counter("rm_a"), counter("rm_b")
+      append_n(store, "C-x", 4)
+      assert.equal(4, es.projector(store, { a }):catch_up())
+      append_n(store, "C-x", 1)
+      local n, per = es.projector(store, { a, b }):catch_up()
+      assert.equal(6, n)
+      assert.same({ rm_a = 1, rm_b = 5 }, per)
+      assert.equal(5, a:get(store, "x").n)
+      assert.equal(5, b:get(store, "x").n)
+    end)
+
+    it("stops only the failing projection, before the failing event, and reports it", function()
+      local broken = true
+      local bad = counter("rm_bad", { Boom = function() if broken then error("handler exploded") end end })
+      local good = counter("rm_good")
+      local p = es.projector(store, { bad, good }, { batch_size = 10 })
+      append_n(store, "C-a", 3)
+      local boom = assert(store:append("C-b", { type = "Boom" }))
+      append_n(store, "C-a", 2)
+      local n, per = p:catch_up()
+      assert.equal(3 + 6, n)
+      assert.same({ rm_bad = 3, rm_good = 6 }, per)
+      assert.equal(3, bad:get(store, "a").n)       -- events before the failing one applied
+      assert.equal(5, good:get(store, "a").n)
+      local st = {}
+      for _, s in ipairs(p:status()) do st[s.name] = s end
+      assert.equal("failed", st.rm_bad.status)
+      assert.equal(boom.position, st.rm_bad.error.position)
+      assert.equal("Boom", st.rm_bad.error.type)
+      assert.equal("C-b", st.rm_bad.error.stream)
+      assert.matches("handler exploded", st.rm_bad.error.message)
+      assert.equal(3, st.rm_bad.lag_events)
+      assert.equal(boom.position - 1, st.rm_bad.position)
+      assert.equal("running", st.rm_good.status)
+      assert.equal(0, st.rm_good.lag_events)
+      assert.equal(0, p:catch_up())                 -- still stopped
+      broken = false
+      assert(p:retry("rm_bad"))
+      assert.equal(3, p:catch_up())
+      assert.equal(5, bad:get(store, "a").n)
+      assert.is_nil(p:status()[1].error)
+    end)
+
+    it("reports lag in events and seconds", function()
+      local p = es.projector(store, { counter() })
+      append_n(store, "C-a", 5)
+      local s = p:status()[1]
+      assert.equal("rm_count", s.name)
+      assert.equal(5, s.lag_events)
+      assert.is_true(s.lag_seconds >= 0)
+      p:catch_up()
+      s = p:status()[1]
+      assert.equal(0, s.lag_events)
+      assert.equal(0, s.lag_seconds)
+      assert.is_string(s.checkpoint)
+      assert.equal(5, s.handled)
+    end)
+
+    it("follows live with run() and stops when asked", function()
+      local rm = counter()
+      local p = es.projector(store, { rm })
+      local rounds = 0
+      assert(p:run { poll = 0.05, idle = function()
+        rounds = rounds + 1
+        if rounds == 1 then append_n(store, "C-live", 3) end
+      end, stop = function()
+        local row = rm:get(store, "live")
+        return (row and row.n == 3) or rounds > 200
+      end })
+      assert.equal(3, rm:get(store, "live").n)
+      -- projector:stop() from a handler
+      local stopper
+      local rm2 = counter("rm_stop", { Stop = function() stopper:stop() end })
+      stopper = es.projector(store, { rm2 })
+      assert(store:append("C-s", { type = "Stop" }))
+      assert(stopper:run { poll = 0.05 })
+    end)
+
+    it("rebuilds into a fresh table while the old one keeps answering, then swaps", function()
+      local version = 1
+      local rm = counter("rm_rb", { Inc = function(row) row.n = (row.n or 0) + version end })
+      local p = es.projector(store, { rm }, { batch_size = 4 })
+      for i = 1, 5 do append_n(store, "C-" .. i, i) end
+      append_n(store, "C-0", 1, "Other")
+      p:catch_up()
+      assert.equal(5, rm:get(store, "5").n)
+      version = 10
+      local calls, seen_old = 0, true
+      local replayed = assert(p:rebuild("rm_rb", { batch_size = 4, bar = false,
+        progress = function(done, total, rate, eta)
+          calls = calls + 1
+          assert.is_true(done <= total)
+          assert.is_number(rate)
+          assert.is_number(eta)
+          if done < total and rm:get(store, "5").n ~= 5 then seen_old = false end
+        end }))
+      assert.equal(16, replayed)
+      assert.is_true(calls >= 4)
+      assert.is_true(seen_old)
+      assert.equal(50, rm:get(store, "5").n)
+      assert.equal(0, p:catch_up())          -- checkpoint moved with the swap
+      append_n(store, "C-1", 1)
+      assert.equal(1, p:catch_up())
+      assert.equal(20, rm:get(store, "1").n)
+      assert(p:rebuild("rm_rb", { bar = false }))     -- twice: names stay canonical
+      assert.equal(20, rm:get(store, "1").n)
+      if entry.name == "postgresql" then
+        local idx = store:query([[SELECT indexname FROM pg_indexes WHERE schemaname = $1
+          AND tablename LIKE 'rm_rb%' ORDER BY indexname]], store:schema())
+        local names = {}
+        for _, r in ipairs(idx) do names[#names + 1] = r.indexname end
+        assert.same({ "rm_rb_n_idx", "rm_rb_pkey" }, names)
+        assert.equal(1, #store:query([[SELECT 1 FROM pg_tables WHERE schemaname = $1
+          AND tablename LIKE 'rm_rb%']], store:schema()))
+      end
+    end)
+
+    it("leaves the live table alone when a rebuild fails", function()
+      local fail_now = false
+      local rm = counter("rm_rf", { Inc = function(row)
+        if fail_now then error("nope") end
+        row.n = (row.n or 0) + 1
+      end })
+      local p = es.projector(store, { rm })
+      append_n(store, "C-a", 3)
+      p:catch_up()
+      fail_now = true
+      local ok, err = p:rebuild("rm_rf", { bar = false })
+      assert.is_nil(ok)
+      assert.matches("nope", err.message)
+      assert.equal(3, rm:get(store, "a").n)
+    end)
+  end)
+end
+
+describe("the projector on PostgreSQL", function()
+  local store, schema
+  before_each(function() store, schema = helpers.open({ name = "postgresql", url = helpers.database_url() }) end)
+  after_each(function() store:close() end)
+
+  it("runs custom projections with tx:execute in the batch transaction", function()
+    local totals = es.projection {
+      name = "totals",
+      migrate = function(tx)
+        tx:execute(('CREATE TABLE IF NOT EXISTS "%s".totals (stream text PRIMARY KEY, n int NOT NULL)')
+          :format(tx.schema))
+      end,
+      reset = function(tx) tx:execute(('TRUNCATE "%s".totals'):format(tx.schema)) end,
+      on = { Inc = function(e, tx)
+        tx:execute(('INSERT INTO "%s".totals VALUES ($1, 1) ON CONFLICT (stream) DO UPDATE SET n = totals.n + 1')
+          :format(tx.schema), e.stream)
+      end,
+      Bad = function(_, tx) tx:execute("SELECT * FROM no_such_table") end },
+    }
+    local p = es.projector(store, { totals }, { batch_size = 2 })
+    append_n(store, "C-a", 5)
+    assert.equal(5, p:catch_up())
+    local function n_of(stream)
+      local r = store:query(('SELECT n FROM "%s".totals WHERE stream = $1'):format(schema), stream)
+      return r[1] and r[1].n
+    end
+    assert.equal(5, n_of("C-a"))
+    assert.equal(5, p:rebuild("totals", { bar = false }))
+    assert.equal(5, n_of("C-a"))
+    -- a failing SQL statement stops the projection at that event; earlier ones in the batch stay applied
+    append_n(store, "C-a", 1)
+    local bad = assert(store:append("C-b", { type = "Bad" }))
+    append_n(store, "C-a", 1)
+    assert.equal(1, p:catch_up())
+    assert.equal(6, n_of("C-a"))
+    local s = p:status()[1]
+    assert.equal(bad.position, s.error.position)
+    assert.matches("no_such_table", s.error.message)
+  end)
+
+  it("finds the event whose row the database refuses", function()
+    local rm = counter("rm_refuse", { Weird = function(row) row.n = "not a number" end })
+    local p = es.projector(store, { rm }, { batch_size = 100 })
+    append_n(store, "C-a", 3)
+    local weird = assert(store:append("C-a", { type = "Weird" }))
+    append_n(store, "C-a", 3)
+    assert.equal(3, p:catch_up())
+    local s = p:status()[1]
+    assert.equal(weird.position, s.error.position)
+    assert.equal("Weird", s.error.type)
+    assert.equal(3, rm:get(store, "a").n)
+  end)
+
+  it("skips a projection whose checkpoint row another session has locked (the lease)", function()
+    local rm = counter()
+    local p = es.projector(store, { rm })
+    assert(p:migrate())
+    append_n(store, "C-a", 2)
+    local other = assert(es.open(helpers.database_url(), { schema = schema }))
+    assert(other:begin())
+    assert.equal(1, #other:query(('SELECT 1 FROM "%s".projections WHERE name = $1 FOR UPDATE')
+      :format(schema), "rm_count"))
+    assert.equal(0, p:catch_up())
+    assert.is_nil(rm:get(store, "a"))
+    assert(other:rollback())
+    assert.equal(2, p:catch_up())
+    other:close()
+  end)
+
+  it("wakes up on NOTIFY through a listener session of its own", function()
+    local rm = counter()
+    local p = es.projector(store, { rm }, { listen = helpers.database_url() })
+    local writer = assert(es.open(helpers.database_url(), { schema = schema }))
+    local rounds = 0
+    assert(p:run { poll = 30, idle = function()
+      rounds = rounds + 1
+      if rounds == 1 then append_n(writer, "C-n", 2) end
+    end, stop = function() return rounds >= 2 end })
+    assert.equal(2, rm:get(store, "n").n)       -- a 30 s poll would have timed the spec out
+    writer:close()
+  end)
+end)
