@@ -16,6 +16,7 @@ for _, entry in ipairs(helpers.stores()) do
 
     before_each(function()
       store = helpers.open(entry)
+      assert(service.migrate(store))
       svc = service.new(store)
     end)
     after_each(function()

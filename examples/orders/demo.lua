@@ -73,7 +73,7 @@ else
     store = must(es.open(url, { schema = schema }))
   end
 end
-must(store:migrate())
+must(service.migrate(store))
 
 local svc = service.new(store, { metadata = { app = "demo" } })
 local as = function(user) return { user = user } end

@@ -12,13 +12,17 @@
 -- The optional last argument of a command is metadata for its events
 -- (user, correlation_id, causation_id, ...). Methods work with `:` and `.`.
 --
--- Queries (get_order, list_orders) go through a `queries` object; the
--- default one folds the aggregate (service.fold_queries). A read model can
--- replace it: service.new(store, { queries = my_queries }), where
--- my_queries.get_order(order_id) and my_queries.list_orders(customer_id)
--- return what the fold versions return.
+-- Queries (get_order, list_orders) read the OrderReadModel (rm_orders,
+-- examples/orders/read_model.lua), kept up to date inline by the service's
+-- repository, in the same transaction as each command's events: a query
+-- sees every command that returned. service.new(store, { inline = false })
+-- leaves the read model to a projector instead (eventually consistent);
+-- service.fold_queries(store, repo) answers by folding the aggregate, for
+-- stores without the read model. Any object with get_order(order_id) and
+-- list_orders(customer_id, opts) can be passed as opts.queries.
 local es = require "eventsourcing"
 local Order = require "orders.order"
+local orders_rm = require "orders.read_model"
 local aggregate = require "eventsourcing.aggregate"
 local new_uuid = require("eventsourcing.core").uuid
 
@@ -102,15 +106,27 @@ function M.fold_queries(store, repo)
   return q
 end
 
+-- The read models the service needs (for store:migrate-time creation and
+-- for projectors): { Orders }.
+M.read_models = { orders_rm.Orders }
+
+-- Creates the store's schema and the service's read model tables.
+function M.migrate(store)
+  local ok, err = store:migrate()
+  if not ok then return nil, err end
+  return orders_rm.Orders:migrate(store)
+end
+
 -- service.new(store, opts): opts.max_retries, opts.snapshots (repository
 -- options), opts.metadata (default metadata, e.g. { service = "orders" }),
--- opts.queries (see above).
+-- opts.inline (default true), opts.queries (see above).
 function M.new(store, opts)
   opts = opts or {}
   local repo = es.repository(store, { max_retries = opts.max_retries,
-    snapshots = opts.snapshots, metadata = opts.metadata })
+    snapshots = opts.snapshots, metadata = opts.metadata,
+    read_models = opts.inline ~= false and M.read_models or nil })
   local svc = { store = store, repository = repo }
-  svc.queries = opts.queries or M.fold_queries(store, repo)
+  svc.queries = opts.queries or orders_rm.queries(store)
 
   -- methods usable as svc:m(...) and svc.m(...)
   local function method(name, f)
@@ -188,10 +204,15 @@ function M.new(store, opts)
     return svc.queries.get_order(order_id)
   end)
 
-  method("list_orders", function(customer_id)
+  -- list_orders(customer_id, { status, limit, after }) -> orders, next
+  -- (newest first; pass next as `after` for the following page)
+  method("list_orders", function(customer_id, opts_)
     local ok, err = check_id(customer_id, "customer_id")
     if not ok then return nil, err end
-    return svc.queries.list_orders(customer_id)
+    if opts_ ~= nil and type(opts_) ~= "table" then
+      error("order service: list_orders options must be a table", 2)
+    end
+    return svc.queries.list_orders(customer_id, opts_)
   end)
 
   -- The audit trail: { version, type, data, metadata, recorded_at, ... }.

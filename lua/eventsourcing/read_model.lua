@@ -367,12 +367,15 @@ function ReadModel:_load(store, tbl, keys)
     end
     return found
   end
-  local sql = self._load_sql and self._load_sql[tbl]
+  -- statements are cached per schema and table: one read model may serve
+  -- stores of several schemas
+  local ck = store:schema() .. "." .. (tbl or self.name)
+  local sql = self._load_sql and self._load_sql[ck]
   if not sql then
     self._load_sql = self._load_sql or {}
     sql = ("SELECT %s FROM %s WHERE %s IN (SELECT k::%s FROM jsonb_array_elements_text($1::jsonb) AS k)")
       :format(self:_select_list(), self:_qualified(store, tbl), quote(self.key), self.types[self.key])
-    self._load_sql[tbl] = sql
+    self._load_sql[ck] = sql
   end
   local res, err = store:query(sql, keys_param(keys))
   if not res then return nil, err end
@@ -391,7 +394,8 @@ function ReadModel:_write(store, tbl, upserts, deletes)
     for _, r in ipairs(upserts) do rows[key_string(r[self.key])] = r end
     return true
   end
-  local sql = self._write_sql and self._write_sql[tbl]
+  local ck = store:schema() .. "." .. (tbl or self.name)
+  local sql = self._write_sql and self._write_sql[ck]
   if not sql then
     self._write_sql = self._write_sql or {}
     local q = self:_qualified(store, tbl)
@@ -406,7 +410,7 @@ function ReadModel:_write(store, tbl, upserts, deletes)
       .. "ON CONFLICT (%s) DO %s) SELECT 1 AS ok")
       :format(q, quote(self.key), self.types[self.key], q, collist, collist, q, quote(self.key),
         #sets > 0 and ("UPDATE SET " .. table.concat(sets, ", ")) or "NOTHING")
-    self._write_sql[tbl] = sql
+    self._write_sql[ck] = sql
   end
   local ups = json.array({})
   for i, r in ipairs(upserts) do ups[i] = r end
@@ -492,11 +496,15 @@ function ReadModel:get(store, key)
     local r = self:_mem_rows(store)[key_string(key)]
     return r and deep_copy(r) or nil
   end
-  if not self._get_sql then
-    self._get_sql = ("SELECT %s FROM %s WHERE %s = $1::%s"):format(self:_select_list(),
+  self._get_sql = self._get_sql or {}
+  local schema = store:schema()
+  local sql = self._get_sql[schema]
+  if not sql then
+    sql = ("SELECT %s FROM %s WHERE %s = $1::%s"):format(self:_select_list(),
       self:_qualified(store), quote(self.key), self.types[self.key])
+    self._get_sql[schema] = sql
   end
-  local res, err = store:query(self._get_sql, key_string(key))
+  local res, err = store:query(sql, key_string(key))
   if not res then return nil, err end
   return res[1]
 end

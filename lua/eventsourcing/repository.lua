@@ -33,6 +33,10 @@ end
 -- execute reloads and decides again after a conflict before returning it;
 -- opts.snapshots = false turns snapshots off for this repository;
 -- opts.metadata: default metadata for every event (e.g. { service = "x" }).
+-- opts.read_models: read models updated inline, in the same transaction as
+-- the append (immediately consistent; do not also give them to a
+-- projector). Memory stores have no transactions: the rows are updated
+-- right after the append.
 function M.new(store, opts)
   if store == nil then error("es.repository: a store is required", 2) end
   opts = opts or {}
@@ -44,11 +48,15 @@ function M.new(store, opts)
   if opts.metadata ~= nil and type(opts.metadata) ~= "table" then
     error("es.repository: metadata must be a table", 2)
   end
+  if opts.read_models ~= nil and type(opts.read_models) ~= "table" then
+    error("es.repository: read_models must be an array of read models", 2)
+  end
   return setmetatable({
     store = store,
     max_retries = retries,
     snapshots = opts.snapshots ~= false,
     metadata = opts.metadata,
+    read_models = opts.read_models and #opts.read_models > 0 and opts.read_models or nil,
     stats = { loads = 0, events_folded = 0, snapshots_used = 0,
               snapshots_saved = 0, retries = 0 },
   }, Repository)
@@ -149,6 +157,35 @@ local function maybe_snapshot(self, A, stream, version, snap_version)
   return err
 end
 
+-- Appends and updates the inline read models in one transaction (or one
+-- after the other on a memory store). The events get the versions they
+-- will have, so handlers see what a projector would.
+local function append_inline(self, stream, out, version)
+  local store = self.store
+  local read_model = require "eventsourcing.read_model"
+  if store:kind() == "memory" then
+    local res, err = store:append(stream, out, { expected_version = version })
+    if not res then return nil, err end
+    local ok, rerr = read_model.apply_inline(store, self.read_models, out)
+    if not ok then return nil, rerr end
+    return res
+  end
+  local ok, err = store:begin()
+  if not ok then return nil, err end
+  local res
+  res, err = store:append(stream, out, { expected_version = version })
+  if res then
+    ok, err = read_model.apply_inline(store, self.read_models, out)
+    if ok then
+      ok, err = store:commit()
+      if ok then return res end
+      return nil, err
+    end
+  end
+  store:rollback()   -- may fail too when the session is gone; err says why
+  return nil, err
+end
+
 -- repo:execute(A, id, command_name, command, { metadata, expected_version })
 --   -> { version, position, events, state } | nil, err
 function Repository:execute(A, id, command_name, command, opts)
@@ -194,7 +231,12 @@ function Repository:execute(A, id, command_name, command, opts)
       out[i] = { id = e.id or uuid(), type = e.type, data = e.data or {},
                  metadata = meta, stream = stream, version = version + i }
     end
-    local res, aerr = store:append(stream, out, { expected_version = version })
+    local res, aerr
+    if self.read_models then
+      res, aerr = append_inline(self, stream, out, version)
+    else
+      res, aerr = store:append(stream, out, { expected_version = version })
+    end
     if res then
       out[#out].position = res.position
       state = A:evolve(state, out)
