@@ -57,11 +57,12 @@ $(eval $(call flavour,lua5.4,$(LUA54_CFLAGS),))
 $(eval $(call flavour,luajit,$(LUAJIT_CFLAGS),))
 $(eval $(call flavour,asan,$(LUA54_CFLAGS) $(ASAN) -O1,$(ASAN)))
 
+# SPEC=spec/03_store_spec.lua runs one file (or several, space-separated).
 test: all
-	@scripts/test.sh
+	@scripts/test.sh $(SPEC)
 
 check-memory: build/asan/eventsourcing/core.so
-	@scripts/check-memory.sh
+	@scripts/check-memory.sh $(SPEC)
 
 bench: all
 	@scripts/bench.sh
@@ -70,7 +71,7 @@ demo: all
 	@scripts/demo.sh
 
 lint:
-	luacheck lua spec bench examples
+	luacheck $(if $(CI),--no-color,) lua spec bench examples
 
 install: all
 	install -d $(DESTDIR)$(LUADIR)/eventsourcing $(DESTDIR)$(LIBDIR)/eventsourcing $(DESTDIR)$(INCDIR_INSTALL)
@@ -80,3 +81,11 @@ install: all
 
 clean:
 	rm -rf build
+
+# The order service over HTTP (nginx + the projector): PORT=8080 by default.
+.PHONY: serve stop
+serve: all
+	@scripts/serve.sh
+
+stop:
+	@scripts/stop.sh

@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# HTTP benchmark of the order service on nginx (wrk, Debian package wrk).
+#
+#   bench/http.sh            (make bench runs it via scripts/bench.sh)
+#
+# Prints `name value unit` lines: requests/s and p50/p99 latency for
+# GET /orders/{id} and POST /orders/{id}/items at 2 and 32 connections, and
+# the same for GET /health (static nginx reply, no Lua, no database) as the
+# named alternative: the ceiling of nginx + wrk on this machine.
+# Settings: ES_DATABASE_URL (else ES_TEST_DATABASE_URL, else a throwaway
+# PostgreSQL), ES_BENCH_SECONDS (per run, default 5), ES_BENCH_ORDERS
+# (default 1000), ES_HTTP_WORKERS (default: CPUs), ES_HTTP_THREADS (8), PORT.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+SECS=${ES_BENCH_SECONDS:-5}
+ORDERS=${ES_BENCH_ORDERS:-1000}
+TOKEN=admin-token-0123456789
+command -v wrk >/dev/null || { echo "bench/http.sh: wrk not installed (apt-get install wrk)" >&2; exit 1; }
+[ -f build/luajit/eventsourcing/core.so ] && [ -f build/lua5.4/eventsourcing/core.so ] \
+  || { echo "bench/http.sh: run make first" >&2; exit 1; }
+
+WORK=$(mktemp -d /tmp/es-http-bench.XXXXXX)
+chmod 755 "$WORK"
+PG_URL=
+cleanup() {
+  examples/orders/http/nginx.sh stop "$WORK/nginx" >/dev/null 2>&1 || true
+  [ -n "$PG_URL" ] && scripts/pg.sh stop "$PG_URL" >/dev/null 2>&1 || true
+  [ -n "${ES_BENCH_KEEP:-}" ] && { cp "$WORK/nginx/logs/error.log" /tmp/es-http-bench-error.log 2>/dev/null; }
+  rm -rf "$WORK"
+}
+trap cleanup EXIT INT TERM
+
+URL=${ES_DATABASE_URL:-${ES_TEST_DATABASE_URL:-}}
+if [ -z "$URL" ]; then
+  PG_URL=$(ES_PG_FSYNC=${ES_PG_FSYNC:-on} scripts/pg.sh start | tail -n 1)
+  URL=$PG_URL
+fi
+SCHEMA=es_http_bench_$$
+
+# schema + seed orders (admin creates them for one customer)
+export LUA_PATH="$ROOT/lua/?.lua;$ROOT/lua/?/init.lua;$ROOT/examples/?.lua;;"
+export LUA_CPATH="$ROOT/build/lua5.4/?.so;;"
+U=$URL S=$SCHEMA N=$ORDERS OUT=$WORK/ids lua5.4 -e '
+  local es = require "eventsourcing"
+  local service = require "orders.service"
+  local store = assert(es.open(os.getenv("U"), { schema = os.getenv("S") }))
+  if service.migrate then assert(service.migrate(store)) else assert(store:migrate()) end
+  local svc = service.new(store)
+  local f = assert(io.open(os.getenv("OUT"), "w"))
+  for i = 1, tonumber(os.getenv("N")) do
+    local id = assert(svc.create_order({ customer_id = "bench" }, { user = "bench" }))
+    for k = 1, 3 do
+      assert(svc.add_item { order_id = id, product_id = "seed" .. k, quantity = k, unit_price = 100 * k })
+    end
+    f:write(id, "\n")
+  end
+  f:close()'
+
+PORT=${PORT:-$((20000 + $$ % 30000))}
+PORT=$PORT ES_HTTP_DATABASE_URL=$URL ES_HTTP_SCHEMA=$SCHEMA \
+  ES_HTTP_WORKERS=${ES_HTTP_WORKERS:-$(nproc)} ES_HTTP_THREADS=${ES_HTTP_THREADS:-8} \
+  examples/orders/http/nginx.sh start "$WORK/nginx" >/dev/null
+BASE=http://127.0.0.1:$PORT
+
+cat >"$WORK/orders.lua" <<'LUA'
+-- wrk script: GET or POST over many orders (ids from $IDS), bearer token.
+local ids = {}
+for line in io.lines(os.getenv("IDS")) do ids[#ids + 1] = line end
+local mode, token = os.getenv("MODE"), os.getenv("TOKEN")
+local counter, tid = 0, 0
+local threads = 0
+function setup(thread)
+  threads = threads + 1
+  thread:set("tid", threads)
+end
+function init() tid = tonumber(wrk.thread:get("tid")) or 0 end
+local headers = { ["Authorization"] = "Bearer " .. token, ["Content-Type"] = "application/json" }
+function request()
+  counter = counter + 1
+  local id = ids[(counter * 7919 + tid * 104729) % #ids + 1]
+  if mode == "get" then
+    return wrk.format("GET", "/orders/" .. id, headers)
+  end
+  -- a new product each time: business rules never reject
+  local body = ('{"product_id":"t%d-%d","quantity":1,"unit_price":100}'):format(tid, counter)
+  return wrk.format("POST", "/orders/" .. id .. "/items", headers, body)
+end
+LUA
+
+# run NAME CONNECTIONS wrk-args...: prints rps, p50, p99 (ms)
+run() {
+  local name=$1 conns=$2; shift 2
+  local threads=2 out
+  out=$(wrk -t"$threads" -c"$conns" -d"${SECS}s" --latency "$@" 2>&1) \
+    || { echo "bench/http.sh: wrk failed: $out" >&2; return 1; }
+  awk -v name="$name" '
+    function ms(v) {
+      if (v ~ /us$/) return substr(v, 1, length(v) - 2) / 1000
+      if (v ~ /ms$/) return substr(v, 1, length(v) - 2) + 0
+      if (v ~ /s$/)  return substr(v, 1, length(v) - 1) * 1000
+      return v
+    }
+    /Requests\/sec:/ { rps = $2 }
+    /^ +50%/ { p50 = ms($2) }
+    /^ +99%/ { p99 = ms($2) }
+    /Non-2xx or 3xx responses:/ { bad = $5 }
+    /Socket errors:/ { sockerr = $0 }
+    END {
+      printf "%s_rps %.0f req/s\n", name, rps
+      printf "%s_p50 %.3f ms\n", name, p50
+      printf "%s_p99 %.3f ms\n", name, p99
+      printf "%s_non2xx %d responses\n", name, bad
+    }' <<<"$out"
+}
+
+export IDS=$WORK/ids TOKEN
+# warm-up: every pool thread opens its connection, plans get cached
+MODE=get wrk -t2 -c32 -d1s -s "$WORK/orders.lua" "$BASE" >/dev/null 2>&1 || true
+for c in 2 32; do
+  run "http_health_c$c" "$c" "$BASE/health"
+  MODE=get run "http_get_order_c$c" "$c" -s "$WORK/orders.lua" "$BASE"
+  MODE=post run "http_post_item_c$c" "$c" -s "$WORK/orders.lua" "$BASE"
+done
+if grep -q 'runtime error' "$WORK/nginx/logs/error.log"; then
+  echo "bench/http.sh: Lua errors in the nginx log:" >&2
+  grep 'runtime error' "$WORK/nginx/logs/error.log" | head -5 >&2
+fi

@@ -1,0 +1,75 @@
+-- luacheck: globals ngx
+-- examples/orders/http/api.lua: the nginx content handler (LuaJIT, event
+-- loop side). It only gathers the request and hands it to the thread pool:
+-- every store call (blocking libpq) runs in orders.http.worker on a pool
+-- thread, so this worker's event loop keeps serving other requests.
+local M = {}
+
+local semaphore = require "ngx.semaphore"
+
+local POOL = "es"
+
+-- ngx.run_worker_thread takes a Lua VM from a per-worker pool of
+-- lua_worker_thread_vm_pool_size VMs when the call is made (and fails with
+-- "no available Lua vm" when none is free). Each VM keeps its own store
+-- connection. Calls wait here, without blocking the event loop, for one of
+-- ES_HTTP_THREADS permits (= the VM pool size = the thread pool size).
+local PERMITS = tonumber(os.getenv("ES_HTTP_THREADS") or "") or 16
+local WAIT = 10   -- seconds a request may queue before a 503
+local sema = assert(semaphore.new(PERMITS))
+
+local function header(h, name)
+  local v = h[name]
+  if type(v) == "table" then return false end   -- given more than once
+  return v
+end
+
+local function send(status, body, etag, location)
+  ngx.status = status
+  ngx.header["Content-Type"] = "application/json"
+  if etag then ngx.header["ETag"] = etag end
+  if location then ngx.header["Location"] = location end
+  if status == 401 then ngx.header["WWW-Authenticate"] = 'Bearer realm="orders"' end
+  ngx.print(body)
+  return
+end
+
+local function error_body(kind, message)
+  return ('{"error":{"kind":"%s","message":"%s"}}\n'):format(kind,
+    (message:gsub('[%c"\\]', " ")))
+end
+
+function M.handle()
+  ngx.req.read_body()
+  local body = ngx.req.get_body_data()
+  if body == nil and ngx.req.get_body_file() then
+    -- cannot happen with client_body_buffer_size == client_max_body_size
+    return send(413, error_body("too_large", "request body too large"))
+  end
+  local h = ngx.req.get_headers(64)
+  local auth, if_match = header(h, "authorization"), header(h, "if-match")
+  if auth == false then
+    return send(401, error_body("unauthorized", "Authorization given more than once"))
+  end
+  if if_match == false then
+    return send(400, error_body("invalid", "If-Match given more than once"))
+  end
+  -- If-Match is ours (the stream version): keep nginx's not-modified
+  -- filter from comparing it with the ETag of the response.
+  if if_match then ngx.req.clear_header("If-Match") end
+  local got, werr = sema:wait(WAIT)
+  if not got then
+    return send(503, error_body("unavailable", "the service is busy (" .. tostring(werr) .. ")"))
+  end
+  local ok, status, out, etag, location = ngx.run_worker_thread(POOL,
+    "orders.http.worker", "handle",
+    ngx.req.get_method(), ngx.var.request_uri, auth, if_match, body)
+  sema:post(1)
+  if not ok then
+    ngx.log(ngx.ERR, "orders.http.worker: ", tostring(status))
+    return send(500, error_body("internal", "worker thread failed"))
+  end
+  return send(status, out, etag, location)
+end
+
+return M

@@ -1,0 +1,33 @@
+-- examples/orders/http/projector.lua: keeps the order read models up to date
+-- for the HTTP service (scripts/serve.sh runs it under a supervisor that
+-- restarts it if it dies).
+--
+--   ES_HTTP_DATABASE_URL=... [ES_HTTP_SCHEMA=...] lua5.4 examples/orders/http/projector.lua
+local es = require "eventsourcing"
+
+local url = os.getenv("ES_HTTP_DATABASE_URL") or os.getenv("ES_DATABASE_URL")
+assert(url and url ~= "", "ES_HTTP_DATABASE_URL is not set")
+local schema = os.getenv("ES_HTTP_SCHEMA")
+if schema == "" then schema = nil end
+
+local store = assert(es.open(url, schema and { schema = schema } or nil))
+assert(store:migrate())
+
+-- orders.read_model exposes its read models as .Orders (and maybe more in
+-- .read_models); a module returning a read model itself works too.
+local rm = require "orders.read_model"
+local models
+if type(rm) == "table" and rm.read_models then
+  models = rm.read_models
+elseif type(rm) == "table" and rm.Orders then
+  models = { rm.Orders }
+else
+  models = { rm }
+end
+
+local projector_new = es.projector or require("eventsourcing.projector").new
+local projector = projector_new(store, models)
+io.stderr:write(("projector: catching up (%d read model(s))\n"):format(#models))
+assert(projector:catch_up())
+io.stderr:write("projector: live\n")
+assert(projector:run())

@@ -1,0 +1,537 @@
+-- examples/orders/http/worker.lua: the order service's HTTP requests, run
+-- in nginx's thread pool (never on the event loop).
+--
+--   ngx.run_worker_thread("es", "orders.http.worker", "handle",
+--                         method, request_uri, authorization, if_match, body)
+--   --> true, status, body_json, etag_or_nil, location_or_nil
+--
+-- Each pool thread has its own Lua VM that requires this module once, so the
+-- module-level store below is one PostgreSQL connection per thread, opened
+-- on first use and reopened after a connection error. Arguments and results
+-- are plain strings and numbers (what may cross between VMs).
+--
+-- Settings come from the environment (nginx.conf `env` directives):
+-- ES_HTTP_DATABASE_URL (libpq conninfo or URL), ES_HTTP_SCHEMA (optional),
+-- ES_HTTP_TOKENS (path of the tokens file, see tokens.json),
+-- ES_HTTP_MAX_RETRIES (conflict retries per command, default 3).
+--
+-- The routing, authorisation and error mapping do no ngx calls: the module
+-- also runs in plain Lua 5.4 / LuaJIT (M.handle with M.configure).
+local es = require "eventsourcing"
+local core = require "eventsourcing.core"
+local service = require "orders.service"
+local Order = require "orders.order"
+
+local json = es.json
+local null = json.null
+local OBJECT_MT = getmetatable(json.decode("{}"))
+local unpack = table.unpack or unpack -- luacheck: ignore
+
+local M = {}
+
+-- Read model mode (ES_HTTP_READ_MODEL): "inline" (default) has the
+-- service update rm_orders in each command's transaction, so lists see a
+-- command as soon as it returned; "projector" leaves rm_orders to the
+-- projector process (examples/orders/http/projector.lua), eventually
+-- consistent. Never both: the read model would apply events twice.
+local function read_model_mode()
+  return os.getenv("ES_HTTP_READ_MODEL") == "projector" and "projector" or "inline"
+end
+
+local config = nil        -- { database_url, schema, tokens_path }
+local store, svc = nil, nil
+local tokens = nil        -- token -> principal
+local owners = {}         -- order id -> customer id (immutable once created)
+local owners_count = 0
+local MAX_OWNERS = 100000
+
+-- M.configure{ database_url, schema, tokens_path }: for use outside nginx.
+function M.configure(c)
+  config = c
+  if store then store:close() end
+  store, svc, tokens, owners, owners_count = nil, nil, nil, {}, 0
+end
+
+local function settings()
+  if not config then
+    config = {
+      database_url = os.getenv("ES_HTTP_DATABASE_URL"),
+      schema = os.getenv("ES_HTTP_SCHEMA"),
+      tokens_path = os.getenv("ES_HTTP_TOKENS"),
+      max_retries = tonumber(os.getenv("ES_HTTP_MAX_RETRIES") or ""),
+    }
+    if config.schema == "" then config.schema = nil end
+  end
+  return config
+end
+
+---------------------------------------------------------------- responses
+
+local function respond(status, value, etag, location)
+  return status, json.encode(value) .. "\n", etag, location
+end
+
+local function fail(status, kind, message, extra)
+  local e = { kind = kind, message = message }
+  if extra then for k, v in pairs(extra) do e[k] = v end end
+  return respond(status, { error = e })
+end
+
+local STATUS_OF = {
+  invalid = 400, not_found = 404, rejected = 422, conflict = 409,
+  connection = 503, database = 500,
+}
+
+local function fail_err(err)
+  if type(err) ~= "table" then
+    return fail(500, "internal", tostring(err))
+  end
+  local extra = nil
+  if err.kind == "invalid" and err.field then extra = { field = err.field } end
+  return fail(STATUS_OF[err.kind] or 500, err.kind or "internal",
+    err.message or tostring(err), extra)
+end
+
+local function etag_of(version) return ('"%d"'):format(version) end
+
+---------------------------------------------------------------- store
+
+local function connect()
+  if store and not store:is_closed() then return true end
+  local c = settings()
+  if not c.database_url or c.database_url == "" then
+    return nil, es.error("connection", "ES_HTTP_DATABASE_URL is not set")
+  end
+  local s, err = es.open(c.database_url, c.schema and { schema = c.schema } or nil)
+  if not s then return nil, err end
+  store = s
+  svc = service.new(store, { metadata = { via = "http" }, max_retries = c.max_retries,
+    inline = read_model_mode() == "inline" })
+  return true
+end
+
+local function drop_connection()
+  if store then pcall(store.close, store) end
+  store, svc = nil, nil
+end
+
+---------------------------------------------------------------- auth
+
+local function load_tokens()
+  local path = settings().tokens_path
+  if not path or path == "" then return nil, "ES_HTTP_TOKENS is not set" end
+  local f, ferr = io.open(path, "rb")
+  if not f then return nil, ferr end
+  local text = f:read("*a")
+  f:close()
+  local doc, err = json.decode(text)
+  if type(doc) ~= "table" or type(doc.tokens) ~= "table" then
+    return nil, ("%s: expected {\"tokens\": {...}}: %s"):format(path, tostring(err))
+  end
+  local map = {}
+  for token, p in pairs(doc.tokens) do
+    if type(token) == "string" and #token >= 8 and type(p) == "table" then
+      if p.admin == true then
+        map[token] = { admin = true, user = tostring(p.user or "admin") }
+      elseif type(p.customer_id) == "string" and p.customer_id ~= "" then
+        map[token] = { customer_id = p.customer_id,
+                       user = tostring(p.user or p.customer_id) }
+      end
+    end
+  end
+  return map
+end
+
+local function authenticate(authorization)
+  if not tokens then
+    local map, err = load_tokens()
+    if not map then return nil, 500, "tokens: " .. tostring(err) end
+    tokens = map
+  end
+  if type(authorization) ~= "string" or authorization == "" then
+    return nil, 401, "an Authorization: Bearer <token> header is required"
+  end
+  local token = authorization:match("^[Bb][Ee][Aa][Rr][Ee][Rr] +([%w%-%._~%+/]+=*) *$")
+  local p = token and tokens[token]
+  if not p then return nil, 401, "invalid bearer token" end
+  return p
+end
+
+local function forbidden()
+  return fail(403, "forbidden", "this order belongs to another customer")
+end
+
+local function not_found(id)
+  return fail(404, "not_found", ("order %s not found"):format(id))
+end
+
+-- The customer of an order (cached: it never changes), or nil, err.
+local function owner_of(id)
+  local c = owners[id]
+  if c then return c end
+  local state, version = svc.repository:load(Order, id)
+  if not state then return nil, version end
+  if version == 0 then return nil, es.error("not_found", ("order %s not found"):format(id)) end
+  c = state.customer_id
+  if owners_count >= MAX_OWNERS then owners, owners_count = {}, 0 end
+  owners[id], owners_count = c, owners_count + 1
+  return c
+end
+
+-- nil when the principal may act on the order, else the error response.
+local function check_owner(p, id)
+  if p.admin then return nil end
+  local c, err = owner_of(id)
+  if not c then return { fail_err(err) } end
+  if c ~= p.customer_id then return { forbidden() } end
+  return nil
+end
+
+---------------------------------------------------------------- parsing
+
+local function unescape(s)
+  local bad = false
+  local out = s:gsub("%%(..)", function(h)
+    local n = tonumber(h, 16)
+    if not n or not h:match("^%x%x$") then bad = true; return "" end
+    return string.char(n)
+  end)
+  if bad or out:find("%%$") or out:find("%%.$") then return nil end
+  return out
+end
+
+local function parse_query(q)
+  local args = {}
+  if not q or q == "" then return args end
+  for pair in (q .. "&"):gmatch("([^&]*)&") do
+    if pair ~= "" then
+      local k, v = pair:match("^([^=]*)=?(.*)$")
+      k, v = unescape(k), unescape(v)
+      if not k or not v then return nil, "malformed percent-encoding in the query string" end
+      if args[k] ~= nil then return nil, ("query parameter %s is given twice"):format(k) end
+      args[k] = v
+    end
+  end
+  return args
+end
+
+local function check_query(args, allowed)
+  for k in pairs(args) do
+    if not allowed[k] then
+      return ("unknown query parameter %q"):format(k)
+    end
+  end
+end
+
+local UUID = "^%x%x%x%x%x%x%x%x%-%x%x%x%x%-%x%x%x%x%-%x%x%x%x%-%x%x%x%x%x%x%x%x%x%x%x%x$"
+
+-- The request body as a JSON object with only the allowed fields.
+local function body_object(body, allowed, optional)
+  if body == nil or body:match("^%s*$") then
+    if optional then return {} end
+    return nil, "the request body must be a JSON object"
+  end
+  local v, err = json.decode(body)
+  if v == nil then
+    return nil, "malformed JSON: " .. tostring(err and (err.message or err)):gsub("^invalid: ", "")
+  end
+  if type(v) ~= "table" or getmetatable(v) ~= OBJECT_MT then
+    return nil, "the request body must be a JSON object"
+  end
+  for k in pairs(v) do
+    if not allowed[k] then return nil, ("unknown field %q"):format(tostring(k)), k end
+  end
+  return v
+end
+
+local function bad_request(message, field)
+  return fail(400, "invalid", message, field and { field = field } or nil)
+end
+
+-- If-Match: nil (absent), es.STREAM_EXISTS ("*"), a version, or false
+-- (a value that can never match).
+local function parse_if_match(v)
+  if v == nil or v == "" then return nil end
+  if v:match("^%s*%*%s*$") then return es.STREAM_EXISTS end
+  local n = v:match('^%s*W?/?"(%d+)"%s*$') or v:match("^%s*(%d+)%s*$")
+  n = n and tonumber(n)
+  if n and n >= 0 and n < 2^53 then return n end
+  return false
+end
+
+local ISO = {
+  "^%d%d%d%d%-%d%d%-%d%d$",
+  "^%d%d%d%d%-%d%d%-%d%d[T ]%d%d:%d%d:%d%d%.?%d*Z$",
+  "^%d%d%d%d%-%d%d%-%d%d[T ]%d%d:%d%d:%d%d%.?%d*[+-]%d%d:?%d%d$",
+  "^%d%d%d%d%-%d%d%-%d%d[T ]%d%d:%d%d:%d%d%.?%d*[+-]%d%d$",
+}
+
+local function valid_instant(s)
+  if #s > 40 then return false end
+  local ok = false
+  for _, p in ipairs(ISO) do if s:match(p) then ok = true end end
+  if not ok then return false end
+  local y, mo, d = s:match("^(%d+)%-(%d+)%-(%d+)")
+  y, mo, d = tonumber(y), tonumber(mo), tonumber(d)
+  if y < 1 or mo < 1 or mo > 12 or d < 1 or d > 31 then return false end
+  local h, mi, sec = s:match("^%d+%-%d+%-%d+[T ](%d+):(%d+):(%d+)")
+  if h and (tonumber(h) > 23 or tonumber(mi) > 59 or tonumber(sec) > 60) then return false end
+  if s:find("%.$") or s:find("%.[Z+-]") then return false end
+  return true
+end
+
+---------------------------------------------------------------- handlers
+
+local view = service.view
+
+-- Commands on an existing order: AddItem, RemoveItem, PlaceOrder, CancelOrder.
+local function command(p, id, name, cmd, if_match)
+  local denied = check_owner(p, id)
+  if denied then return unpack(denied) end
+  local expected = if_match
+  if expected == false then
+    return fail(412, "precondition_failed", "If-Match does not name a version of this order")
+  end
+  if expected == nil then expected = es.STREAM_EXISTS end
+  local r, err = svc.repository:execute(Order, id, name, cmd,
+    { metadata = { user = p.user }, expected_version = expected })
+  if not r then
+    if err.kind == "conflict" then
+      if err.actual == 0 then return not_found(id) end
+      if if_match ~= nil then
+        return fail(412, "precondition_failed",
+          ("If-Match %s does not match the order's version %s")
+            :format(tostring(if_match), tostring(err.actual)),
+          { expected = if_match, actual = err.actual })
+      end
+    end
+    return fail_err(err)
+  end
+  return respond(200, view(r.state, r.version), etag_of(r.version))
+end
+
+local function create_order(p, req)
+  local body, msg, field = body_object(req.body, { customer_id = true })
+  if not body then return bad_request(msg, field) end
+  local customer = body.customer_id
+  if customer == nil or customer == null then
+    if p.admin then return bad_request("customer_id is required", "customer_id") end
+    customer = p.customer_id
+  end
+  if type(customer) ~= "string" then
+    return bad_request("customer_id must be a string", "customer_id")
+  end
+  if not p.admin and customer ~= p.customer_id then
+    return fail(403, "forbidden", "customers create orders only for themselves")
+  end
+  if req.if_match ~= nil then
+    return fail(412, "precondition_failed", "If-Match cannot apply to a new order")
+  end
+  local id = core.uuid()
+  local r, err = svc.repository:execute(Order, id, "CreateOrder",
+    { order_id = id, customer_id = customer },
+    { metadata = { user = p.user }, expected_version = es.NO_STREAM })
+  if not r then return fail_err(err) end
+  owners[id], owners_count = customer, owners_count + 1
+  -- reload: the state then carries what the store recorded (created_at)
+  local state, version = svc.repository:load(Order, id)
+  if not state or version == 0 then state, version = r.state, r.version end
+  return respond(201, view(state, version), etag_of(version), "/orders/" .. id)
+end
+
+local function get_order(p, id, args)
+  local err = check_query(args, { at = true, version = true })
+  if err then return bad_request(err) end
+  if args.at and args.version then
+    return bad_request("give either at or version, not both", "at")
+  end
+  local denied = check_owner(p, id)
+  if denied then return unpack(denied) end
+  if args.version then
+    local v = args.version:match("^%d+$") and tonumber(args.version)
+    if not v or v < 1 or v >= 2^53 then
+      return bad_request("version must be a positive integer", "version")
+    end
+    local o, e = svc.order_at(id, v)
+    if not o then return fail_err(e) end
+    return respond(200, o, etag_of(o.version))
+  elseif args.at then
+    if not valid_instant(args.at) then
+      return bad_request("at must be an ISO-8601 instant such as 2026-01-15T10:00:00Z", "at")
+    end
+    local o, e = svc.order_at(id, args.at)
+    if not o then return fail_err(e) end
+    return respond(200, o, etag_of(o.version))
+  end
+  -- current state: folded from the stream (never stale, exact version)
+  local state, version = svc.repository:load(Order, id)
+  if not state then return fail_err(version) end
+  if version == 0 then return not_found(id) end
+  return respond(200, view(state, version), etag_of(version))
+end
+
+local function history(p, id, args)
+  local err = check_query(args, {})
+  if err then return bad_request(err) end
+  local denied = check_owner(p, id)
+  if denied then return unpack(denied) end
+  local list, e = svc.history(id)
+  if not list then return fail_err(e) end
+  local events = json.array {}
+  for i, ev in ipairs(list) do
+    events[i] = { version = ev.version, type = ev.type, data = ev.data,
+      metadata = ev.metadata, recorded_at = ev.recorded_at, id = ev.id,
+      user = ev.metadata and ev.metadata.user or null }
+  end
+  local version = #list > 0 and list[#list].version or 0
+  return respond(200, { order_id = id, version = version, events = events }, etag_of(version))
+end
+
+local STATUSES = { draft = true, placed = true, cancelled = true }
+
+local function list_orders(p, args)
+  local err = check_query(args, { customer_id = true, status = true, limit = true, after = true })
+  if err then return bad_request(err) end
+  local customer = args.customer_id
+  if customer == nil then
+    if p.admin then return bad_request("customer_id is required", "customer_id") end
+    customer = p.customer_id
+  end
+  if customer == "" or customer:find("%c") or #customer > 200 then
+    return bad_request("customer_id must be a non-empty string without control characters",
+      "customer_id")
+  end
+  if not p.admin and customer ~= p.customer_id then
+    return fail(403, "forbidden", "customers list only their own orders")
+  end
+  if args.status and not STATUSES[args.status] then
+    return bad_request("status must be one of draft, placed, cancelled", "status")
+  end
+  local limit = 50
+  if args.limit then
+    limit = args.limit:match("^%d+$") and tonumber(args.limit)
+    if not limit or limit < 1 or limit > 500 then
+      return bad_request("limit must be an integer from 1 to 500", "limit")
+    end
+  end
+  if args.after and (#args.after > 1000 or args.after:find("[^%w%-_=+/.:]")) then
+    return bad_request("after must be a cursor from a previous page's next", "after")
+  end
+  local list, next_or_err = svc.list_orders(customer,
+    { status = args.status, limit = limit, after = args.after })
+  if not list then
+    local e = next_or_err
+    if type(e) == "table" and e.kind == "invalid" and e.field == "after" then
+      return bad_request("after must be a cursor from a previous page's next", "after")
+    end
+    return fail_err(e)
+  end
+  return respond(200, { orders = list, next = next_or_err or null })
+end
+
+-- route(method, segments, args, req, principal)
+local function route(p, req, segs, args)
+  local n, method = #segs, req.method
+  local id = segs[2]
+  if n == 1 then
+    if method == "POST" then
+      if next(args) then return bad_request(check_query(args, {})) end
+      return create_order(p, req)
+    end
+    if method == "GET" then return list_orders(p, args) end
+    return fail(405, "method_not_allowed", method .. " is not allowed on /orders")
+  end
+  if not id:match(UUID) then return not_found(id) end
+  id = id:lower()
+  local sub = segs[3]
+  if n == 2 then
+    if method == "GET" then return get_order(p, id, args) end
+    return fail(405, "method_not_allowed", method .. " is not allowed on an order")
+  end
+  if next(args) and not (n == 3 and sub == "history") then
+    return bad_request(check_query(args, {}))
+  end
+  local function post(body_fields, optional, build)
+    if method ~= "POST" then
+      return fail(405, "method_not_allowed", method .. " is not allowed here")
+    end
+    local body, msg, field = body_object(req.body, body_fields, optional)
+    if not body then return bad_request(msg, field) end
+    return build(body)
+  end
+  if n == 3 and sub == "items" then
+    return post({ product_id = true, quantity = true, unit_price = true }, false, function(b)
+      return command(p, id, "AddItem", { product_id = b.product_id,
+        quantity = b.quantity, unit_price = b.unit_price }, req.if_match)
+    end)
+  elseif n == 4 and sub == "items" then
+    if method ~= "DELETE" then
+      return fail(405, "method_not_allowed", method .. " is not allowed on an item")
+    end
+    return command(p, id, "RemoveItem", { product_id = segs[4] }, req.if_match)
+  elseif n == 3 and sub == "place" then
+    return post({}, true, function()
+      return command(p, id, "PlaceOrder", {}, req.if_match)
+    end)
+  elseif n == 3 and sub == "cancel" then
+    return post({ reason = true }, true, function(b)
+      return command(p, id, "CancelOrder", { reason = b.reason }, req.if_match)
+    end)
+  elseif n == 3 and sub == "history" then
+    if method ~= "GET" then
+      return fail(405, "method_not_allowed", method .. " is not allowed on a history")
+    end
+    return history(p, id, args)
+  end
+  return fail(404, "not_found", "no such resource")
+end
+
+local function dispatch(method, uri, authorization, if_match, body)
+  local path, query = uri:match("^([^?#]*)%??([^#]*)")
+  if not path or path:sub(1, 1) ~= "/" then return fail(400, "invalid", "malformed request target") end
+  -- segments, percent-decoded one by one (an encoded / stays in its segment)
+  local segs = {}
+  for raw in (path:sub(2) .. "/"):gmatch("([^/]*)/") do segs[#segs + 1] = raw end
+  for i, s in ipairs(segs) do
+    local d = unescape(s)
+    if not d then return bad_request("malformed percent-encoding in the path") end
+    if d == "" then return fail(404, "not_found", "no such resource") end
+    if d == "." or d == ".." then
+      return bad_request("the path must not contain . or .. segments")
+    end
+    segs[i] = d
+  end
+  if segs[1] ~= "orders" or #segs > 4 then
+    return fail(404, "not_found", "no such resource")
+  end
+  local p, status, msg = authenticate(authorization)
+  if not p then
+    if status == 401 then return fail(401, "unauthorized", msg) end
+    return fail(status, "internal", msg)
+  end
+  local args, qerr = parse_query(query)
+  if not args then return bad_request(qerr) end
+  local ok, err = connect()
+  if not ok then return fail_err(err) end
+  local req = { method = method, body = body, if_match = parse_if_match(if_match) }
+  return route(p, req, segs, args)
+end
+
+-- The thread-pool entry point. Always returns status, body[, etag, location].
+function M.handle(method, uri, authorization, if_match, body)
+  if type(method) ~= "string" or type(uri) ~= "string" then
+    return fail(400, "invalid", "malformed request")
+  end
+  local ok, status, out, etag, location = xpcall(dispatch, debug.traceback,
+    method, uri, authorization, if_match, body)
+  if not ok then
+    io.stderr:write("orders.http.worker: ", tostring(status), "\n")
+    drop_connection()
+    return fail(500, "internal", "internal error")
+  end
+  -- a lost connection: reconnect on the next request
+  if status == 503 then drop_connection() end
+  return status, out, etag, location
+end
+
+return M
