@@ -108,6 +108,12 @@ typedef struct es_read_all_opts {
     const char *category;        /* stream prefix before the first '-' */
     const char *const *types;    /* only these event types (ntypes of them) */
     size_t ntypes;
+    int prefetch;                /* PostgreSQL: when the batch is full, ask
+                                    for the next one (same filters, after
+                                    this batch's checkpoint) at once; a later
+                                    read_all asking exactly that gets it
+                                    without waiting for the server again.
+                                    Other calls meanwhile are fine. */
 } es_read_all_opts;
 
 typedef struct es_store es_store;

@@ -215,7 +215,7 @@ function Projector:_batch(p, limit)
   if row == nil then return nil, err end
   if row == false then return 0, "locked" end
   if row.failed then self:_rollback(); return 0, "failed" end
-  local batch, cp = store:read_all({ after = row.checkpoint, limit = limit })
+  local batch, cp = store:read_all({ after = row.checkpoint, limit = limit, prefetch = true })
   if not batch then self:_rollback(); return nil, cp end
   local n = #batch
   if n == 0 then self:_rollback(); return 0, "idle" end
@@ -538,7 +538,7 @@ function Projector:rebuild(name, opts)
   local function replay(max_batches)
     local batches = 0
     while not max_batches or batches < max_batches do
-      local batch, cp = store:read_all({ after = after, limit = limit })
+      local batch, cp = store:read_all({ after = after, limit = limit, prefetch = true })
       if not batch then return nil, cp end
       if #batch == 0 then return true end
       local r, a, b = p:_apply(store, tmp, batch, #batch, { seen = seen })

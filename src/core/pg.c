@@ -27,8 +27,30 @@ static int valid_schema(const char *s)
     return 1;
 }
 
+void pg_settle(pg_store *p)
+{
+    PGresult *r;
+    if (p->ahead.state != 1)
+        return;
+    p->ahead.res = p->conn ? PQgetResult(p->conn) : NULL;
+    while (p->conn && (r = PQgetResult(p->conn)) != NULL)
+        PQclear(r);
+    p->ahead.state = 2;
+}
+
+void pg_prefetch_drop(pg_store *p)
+{
+    pg_settle(p);
+    PQclear(p->ahead.res);
+    p->ahead.res = NULL;
+    p->ahead.state = 0;
+}
+
 static int connect_now(pg_store *p, es_error *err)
 {
+    p->ahead.state = 0;      /* whatever was on the wire went with it */
+    PQclear(p->ahead.res);
+    p->ahead.res = NULL;
     if (p->conn)
         PQfinish(p->conn);
     p->prepared = 0;
@@ -64,6 +86,7 @@ static int listen_now(pg_store *p, es_error *err)
 
 int pg_ensure(pg_store *p, es_error *err)
 {
+    pg_settle(p);
     if (p->conn && PQstatus(p->conn) == CONNECTION_OK)
         return 0;
     if (connect_now(p, err) < 0)
@@ -346,6 +369,7 @@ static int pg_rollback(es_store *s, es_error *err)
 static void pg_disconnect(es_store *s)
 {
     pg_store *p = (pg_store *)s;
+    pg_prefetch_drop(p);
     if (p->conn)
         PQfinish(p->conn);
     p->conn = NULL;
@@ -356,6 +380,7 @@ static void pg_destroy(es_store *s)
     pg_store *p = (pg_store *)s;
     pg_disconnect(s);
     PQclear(p->snapshot);
+    es_buf_free(&p->ahead.key);
     free(p->conninfo);
     es_buf_free(&p->params);
     free(p);
@@ -400,6 +425,7 @@ es_store *es_pg_open(const char *conninfo, const char *schema, es_error *err)
     snprintf(p->schema, sizeof p->schema, "%s", schema);
     p->base.schema = p->schema;
     es_buf_init(&p->params);
+    es_buf_init(&p->ahead.key);
     if (pg_ensure(p, err) < 0) {
         pg_destroy(&p->base);
         return NULL;

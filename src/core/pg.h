@@ -24,6 +24,14 @@ enum {
     PG_NSTMT = PG_READ_ALL + 4
 };
 
+/* A read_all batch asked for ahead of time (see es_read_all_opts). */
+typedef struct pg_prefetch {
+    int state;                /* 0 none, 1 on the wire, 2 result held */
+    int stmt;
+    PGresult *res;
+    es_buf key;               /* the request it answers */
+} pg_prefetch;
+
 typedef struct pg_store {
     es_store base;
     PGconn *conn;
@@ -34,10 +42,16 @@ typedef struct pg_store {
     unsigned prepared;        /* bit per statement prepared this session */
     es_buf params;            /* parameter text of one call */
     PGresult *snapshot;       /* the last snapshot loaded */
+    pg_prefetch ahead;
     char snapshot_time[32];
 } pg_store;
 
-/* Makes sure there is a live session, reconnecting after a drop. */
+/* Collects a prefetched read_all result still on the wire, so the session
+ * is free for another statement; drop also forgets it. */
+void pg_settle(pg_store *p);
+void pg_prefetch_drop(pg_store *p);
+/* Makes sure there is a live session, reconnecting after a drop. Settles
+ * a prefetch first: every statement goes through here. */
 int pg_ensure(pg_store *p, es_error *err);
 /* Fills err from a failed result (or the connection) and clears the
  * result. Returns -1. */

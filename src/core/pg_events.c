@@ -529,12 +529,81 @@ bad:
                    "made (\"<txid>:<position>\")", text);
 }
 
+/* The request a read_all batch answers, as one string: a prefetched batch
+ * is used only for exactly the request it was made for. */
+static int request_key(es_buf *key, int stmt, const char *const *values,
+                       int nvalues)
+{
+    int rc = 0;
+    es_buf_reset(key);
+    rc |= es_buf_addc(key, (char)('0' + stmt));
+    for (int i = 0; i < nvalues; i++) {
+        rc |= es_buf_addc(key, '\x1f');
+        rc |= es_buf_adds(key, values[i]);
+    }
+    return rc;
+}
+
+/* Sends the query for the batch after the last row of res. */
+static void prefetch_next(pg_store *p, int stmt, PGresult *res,
+                          const char **values, int nvalues)
+{
+    char txs[24], poss[24];
+    int last = PQntuples(res) - 1;
+    es_error ignored;
+
+    snprintf(txs, sizeof txs, "%" PRIu64, be64(PQgetvalue(res, last, 0)));
+    snprintf(poss, sizeof poss, "%" PRId64,
+             (int64_t)be64(PQgetvalue(res, last, 1)));
+    values[0] = txs;
+    values[1] = poss;
+    if (request_key(&p->ahead.key, stmt, values, nvalues) < 0)
+        return;
+    /* A failure here only means no batch ahead; the next read_all asks
+     * the usual way and reports what is wrong. */
+    if (pg_send_prepared(p, stmt, nvalues, values, 1, &ignored) == 0) {
+        p->ahead.state = 1;
+        p->ahead.stmt = stmt;
+    }
+}
+
+/* The prefetched batch for this request, or NULL (then dropped). Only a
+ * full batch is taken: a short one was read near the end of the log,
+ * where a fresh read may already find more (a live follower woken by an
+ * append must see it). An older read never skips anything either way. */
+static PGresult *take_prefetched(pg_store *p, int stmt,
+                                 const char *const *values, int nvalues,
+                                 int64_t limit)
+{
+    es_buf key;
+    PGresult *res = NULL;
+    int same;
+
+    if (p->ahead.state == 0)
+        return NULL;
+    es_buf_init(&key);
+    same = request_key(&key, stmt, values, nvalues) == 0 &&
+           key.len == p->ahead.key.len &&
+           memcmp(key.data, p->ahead.key.data, key.len) == 0;
+    es_buf_free(&key);
+    if (same) {
+        pg_settle(p);
+        if (p->ahead.res && PQresultStatus(p->ahead.res) == PGRES_TUPLES_OK &&
+            PQntuples(p->ahead.res) == limit) {
+            res = p->ahead.res;
+            p->ahead.res = NULL;
+        }
+    }
+    pg_prefetch_drop(p);
+    return res;
+}
+
 es_cursor *pg_read_all(es_store *s, const es_read_all_opts *o, es_error *err)
 {
     pg_store *p = (pg_store *)s;
     pg_cursor *pc;
     uint64_t txid = 0;
-    int64_t pos = 0;
+    int64_t pos = 0, limit_n;
     char txs[24], poss[24], limit[24];
     const char *values[5];
     int nvalues = 3, stmt = PG_READ_ALL;
@@ -542,10 +611,10 @@ es_cursor *pg_read_all(es_store *s, const es_read_all_opts *o, es_error *err)
 
     if (parse_checkpoint(o->after, &txid, &pos, err) < 0)
         return NULL;
+    limit_n = o->limit > 0 ? o->limit : (int64_t)DEFAULT_BATCH;
     snprintf(txs, sizeof txs, "%" PRIu64, txid);
     snprintf(poss, sizeof poss, "%" PRId64, pos);
-    snprintf(limit, sizeof limit, "%" PRId64,
-             o->limit > 0 ? o->limit : (int64_t)DEFAULT_BATCH);
+    snprintf(limit, sizeof limit, "%" PRId64, limit_n);
     values[0] = txs;
     values[1] = poss;
     values[2] = limit;
@@ -579,7 +648,11 @@ es_cursor *pg_read_all(es_store *s, const es_read_all_opts *o, es_error *err)
     pc->all = 1;
     snprintf(pc->checkpoint, sizeof pc->checkpoint, "%" PRIu64 ":%" PRId64,
              txid, pos);
-    pc->res = pg_exec_prepared(p, stmt, nvalues, values, 1, err);
+    pc->res = take_prefetched(p, stmt, values, nvalues, limit_n);
+    if (!pc->res)
+        pc->res = pg_exec_prepared(p, stmt, nvalues, values, 1, err);
+    if (pc->res && o->prefetch && PQntuples(pc->res) == limit_n)
+        prefetch_next(p, stmt, pc->res, values, nvalues);
     es_buf_free(&types);
     if (!pc->res) {
         cursor_destroy(&pc->base);

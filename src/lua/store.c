@@ -582,6 +582,7 @@ static int l_read_all(lua_State *L)
     o.after = opt_string_field(L, 2, "after");
     o.limit = opt_int_field(L, 2, "limit", 0);
     o.category = opt_string_field(L, 2, "category");
+    o.prefetch = opt_bool_field(L, 2, "prefetch");
     if (!lua_isnil(L, 2)) {
         lua_getfield(L, 2, "types");    /* stays on the stack: index 3 */
         if (!lua_isnil(L, 3)) {
