@@ -175,6 +175,24 @@ for _, customer in ipairs { "alice", "bob" } do
   end
 end
 
-say("\nDone: %d events in three orders; nothing was ever updated in place.",
-  #must(svc:history(alice1)) + #trail + #must(svc:history(empty)))
+local events_in_orders = #must(svc:history(alice1)) + #trail + #must(svc:history(empty))
+
+step("Replay: the read model rebuilt from the events alone")
+do
+  local orders_rm = require "orders.read_model"
+  local projector = es.projector(store, { orders_rm.Orders })
+  must(projector:migrate())
+  local before = must(svc:list_orders("alice"))
+  local replayed = must(projector:rebuild("rm_orders", { bar = false }))
+  local after = must(svc:list_orders("alice"))
+  say("   Replayed %d events into a fresh rm_orders table and swapped it in.", replayed)
+  say("   Alice's list before: %d order(s), after: %d order(s), totals %s and %s.",
+    #before, #after, money(before[1] and before[1].total or 0), money(after[1] and after[1].total or 0))
+end
+
+step("Workflows: stock reservations, an out-of-stock compensation, the trace, expiry")
+require("orders.workflows").demo(store, function(line) say("   %s", line) end)
+
+say("\nDone: %d events in the first three orders; nothing was ever updated in place.",
+  events_in_orders)
 store:close()

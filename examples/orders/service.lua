@@ -198,6 +198,12 @@ function M.new(store, opts)
     return run("CancelOrder", args, meta_of(meta).metadata, { reason = args.reason })
   end)
 
+  -- stock, kept by the Inventory aggregate (one stream per product; the
+  -- order workflows reserve and release it)
+  local inventory = require "orders.inventory"
+  method("receive_stock", function(args, meta) return inventory.receive_stock(repo, args, meta) end)
+  method("stock", function(product_id) return inventory.stock(repo, product_id) end)
+
   method("get_order", function(order_id)
     local ok, err = check_id(order_id, "order_id")
     if not ok then return nil, err end

@@ -25,5 +25,6 @@ es.testing = require "eventsourcing.testing"
 es.read_model = require "eventsourcing.read_model"
 es.projection = require "eventsourcing.projection"
 es.projector = require "eventsourcing.projector"
+es.workflow = require "eventsourcing.workflow"   -- es.workflow{...}, es.workflow.runner(...)
 
 return es
