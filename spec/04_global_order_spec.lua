@@ -226,13 +226,7 @@ local function tmpname()
   return name
 end
 
-local function read_file(path)
-  local f = io.open(path, "rb")
-  if not f then return nil end
-  local s = f:read("*a")
-  f:close()
-  return s
-end
+local read_file = helpers.read_file
 
 describe("read_all with concurrent writers (postgresql)", function()
   it("sees every committed event exactly once, no rolled-back one, each stream in version order", function()

@@ -12,13 +12,7 @@ local function fresh_schema() return helpers.fresh_schema() .. "_f" end
 
 local function qident(schema) return '"' .. schema .. '"' end
 
-local function read_file(path)
-  local f = io.open(path, "rb")
-  if not f then return nil end
-  local s = f:read("*a")
-  f:close()
-  return s
-end
+local read_file = helpers.read_file
 
 local function write_file(path, text)
   local f = assert(io.open(path, "wb"))

@@ -1,6 +1,5 @@
 -- Read-ahead on PostgreSQL: read_all's prefetch and fold's next page must
 -- give exactly what plain reads give, whatever other calls come between.
-local es = require "eventsourcing"
 local helpers = require "helpers"
 
 describe("read-ahead (postgresql)", function()

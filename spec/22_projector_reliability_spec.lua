@@ -31,27 +31,10 @@ local function sleep(s) sh("sleep " .. s) end
 local tmpdir
 local function spawn(code, name, env)
   local log = tmpdir .. "/" .. name .. ".log"
-  local f = assert(io.popen(("%s %s -e %s >%s 2>&1 & echo $!"):format(env or "", helpers.lua_cmd(),
-    q(code), q(log))))
-  local pid = f:read("*l")
-  f:close()
-  return pid, log
+  return helpers.spawn(code, log, env), log
 end
-local function alive(pid) return sh("kill -0 " .. pid .. " 2>/dev/null") end
-local function wait_exit(pid, seconds)
-  for _ = 1, (seconds or 60) * 10 do
-    if not alive(pid) then return true end
-    sleep(0.1)
-  end
-  return false
-end
-local function read_file(path)
-  local f = io.open(path)
-  if not f then return "" end
-  local s = f:read("*a")
-  f:close()
-  return s
-end
+local wait_exit = helpers.wait_exit
+local function read_file(path) return helpers.read_file(path) or "" end
 
 local function projector_code(schema, mode, batch)
   return MODEL .. ([[

@@ -5,23 +5,9 @@ local es = require "eventsourcing"
 local helpers = require "helpers"
 local workflow = require "eventsourcing.workflow"
 
--- Schemas of our own (not helpers.fresh_schema: other files wrap it):
--- es_wf40_<pid>_<time>_<n>, unique across runs and processes.
-local open_store
-do
-  local f = io.open("/proc/self/stat")
-  local pid = f and f:read("*l"):match("^(%d+)") or "0"
-  if f then f:close() end
-  local n = 0
-  open_store = function(entry)
-    if entry.name == "memory" then return assert(es.open("memory:")) end
-    n = n + 1
-    local schema = ("es_wf40_%s_%d_%d"):format(pid, os.time() % 1000000, n)
-    local store = assert(es.open(entry.url, { schema = schema }))
-    assert(store:migrate())
-    return store, schema
-  end
-end
+-- Every PostgreSQL test gets a fresh schema (helpers.open), memory ones a
+-- fresh store.
+local open_store = helpers.open
 
 -- A source aggregate (Pings) and a target aggregate (Counter: every Add
 -- appends, so it is NOT idempotent by itself; Limited refuses past 2).

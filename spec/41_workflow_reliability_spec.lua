@@ -9,23 +9,9 @@ local helpers = require "helpers"
 local service = require "orders.service"
 local workflows = require "orders.workflows"
 
--- Schemas of our own (not helpers.fresh_schema: other files wrap it):
--- es_wf41_<pid>_<time>_<n>, unique across runs and processes.
-local open_store
-do
-  local f = io.open("/proc/self/stat")
-  local pid = f and f:read("*l"):match("^(%d+)") or "0"
-  if f then f:close() end
-  local n = 0
-  open_store = function(entry)
-    if entry.name == "memory" then return assert(es.open("memory:")) end
-    n = n + 1
-    local schema = ("es_wf41_%s_%d_%d"):format(pid, os.time() % 1000000, n)
-    local store = assert(es.open(entry.url, { schema = schema }))
-    assert(store:migrate())
-    return store, schema
-  end
-end
+-- Every PostgreSQL test gets a fresh schema (helpers.open), memory ones a
+-- fresh store.
+local open_store = helpers.open
 
 local q = helpers.shell_quote
 
@@ -35,27 +21,10 @@ local function sleep(s) es.workflow.sleep(s) end
 local tmpdir
 local function spawn(code, name, env)
   local log = tmpdir .. "/" .. name .. ".log"
-  local f = assert(io.popen(("%s %s -e %s >%s 2>&1 & echo $!"):format(env or "", helpers.lua_cmd(),
-    q(code), q(log))))
-  local pid = f:read("*l")
-  f:close()
-  return pid, log
+  return helpers.spawn(code, log, env), log
 end
-local function alive(pid) return sh("kill -0 " .. pid .. " 2>/dev/null") end
-local function wait_exit(pid, seconds)
-  for _ = 1, (seconds or 60) * 10 do
-    if not alive(pid) then return true end
-    sleep(0.1)
-  end
-  return false
-end
-local function read_file(path)
-  local f = io.open(path)
-  if not f then return "" end
-  local s = f:read("*a")
-  f:close()
-  return s
-end
+local wait_exit = helpers.wait_exit
+local function read_file(path) return helpers.read_file(path) or "" end
 
 -- A workflow process: the order workflows, each handler slowed down by
 -- ES_SPEC_SLOW seconds (busy wait), until the stop file exists.

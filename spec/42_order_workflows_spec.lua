@@ -9,23 +9,9 @@ local workflows = require "orders.workflows"
 local inventory = require "orders.inventory"
 local given = require("eventsourcing.testing").given
 
--- Schemas of our own (not helpers.fresh_schema: other files wrap it):
--- es_wf42_<pid>_<time>_<n>, unique across runs and processes.
-local open_store
-do
-  local f = io.open("/proc/self/stat")
-  local pid = f and f:read("*l"):match("^(%d+)") or "0"
-  if f then f:close() end
-  local n = 0
-  open_store = function(entry)
-    if entry.name == "memory" then return assert(es.open("memory:")) end
-    n = n + 1
-    local schema = ("es_wf42_%s_%d_%d"):format(pid, os.time() % 1000000, n)
-    local store = assert(es.open(entry.url, { schema = schema }))
-    assert(store:migrate())
-    return store, schema
-  end
-end
+-- Every PostgreSQL test gets a fresh schema (helpers.open), memory ones a
+-- fresh store.
+local open_store = helpers.open
 
 local Inventory = inventory.Inventory
 

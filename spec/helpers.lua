@@ -79,13 +79,45 @@ function helpers.lua_cmd()
   return "env " .. table.concat(env, " ") .. " " .. interp
 end
 
--- Run SQL on a PostgreSQL store, if the store exposes a raw query method
--- (store:sql / store:exec / store:query). Extra arguments are parameters.
-function helpers.sql(store, sql, ...)
-  for _, m in ipairs { "sql", "exec", "query" } do
-    if type(store[m]) == "function" then return store[m](store, sql, ...) end
+-- Child processes and files, for the specs that run writers, projectors
+-- or workflows in processes of their own.
+function helpers.read_file(path)          -- the contents, or nil
+  local f = io.open(path, "rb")
+  if not f then return nil end
+  local s = f:read("*a")
+  f:close()
+  return s
+end
+
+function helpers.sh(cmd)                  -- true when the command succeeded
+  local r = os.execute(cmd)
+  return r == true or r == 0
+end
+
+function helpers.sleep(seconds)
+  helpers.sh("sleep " .. tostring(seconds))
+end
+
+-- Starts `code` in a background Lua of the same flavour, output to log;
+-- env is a prefix such as "X=1 Y=2". Returns the child's pid.
+function helpers.spawn(code, log, env)
+  local f = assert(io.popen(("%s %s -e %s >%s 2>&1 & echo $!"):format(env or "",
+    helpers.lua_cmd(), shell_quote(code), shell_quote(log))))
+  local child = f:read("*l")
+  f:close()
+  return child
+end
+
+function helpers.alive(child)
+  return helpers.sh("kill -0 " .. child .. " 2>/dev/null")
+end
+
+function helpers.wait_exit(child, seconds)  -- true once the process is gone
+  for _ = 1, (seconds or 60) * 10 do
+    if not helpers.alive(child) then return true end
+    helpers.sleep(0.1)
   end
-  error("helpers.sql: this store has no raw SQL method", 2)
+  return false
 end
 
 return helpers

@@ -10,20 +10,14 @@
 --   local pending = srv:start_request(...)   -- in the background
 --   local r = pending:finish()
 --   srv:stop()
+local helpers = require "helpers"
+
 local M = {}
 
-local function shell_quote(s)
-  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
-end
+local shell_quote = helpers.shell_quote
 M.shell_quote = shell_quote
 
-local function read_file(path)
-  local f = io.open(path, "rb")
-  if not f then return nil end
-  local s = f:read("*a")
-  f:close()
-  return s
-end
+local read_file = helpers.read_file
 M.read_file = read_file
 
 local function write_file(path, text)
