@@ -38,12 +38,7 @@ local M = {}
 local Aggregate = {}
 Aggregate.__index = Aggregate
 
-local function deep_copy(v)
-  if type(v) ~= "table" then return v end
-  local t = {}
-  for k, x in pairs(v) do t[k] = deep_copy(x) end
-  return setmetatable(t, getmetatable(v))
-end
+local deep_copy = require("eventsourcing.util").deep_copy
 M.deep_copy = deep_copy
 
 local function rejected(message, fields)

@@ -38,36 +38,9 @@ M.Projector = Projector
 
 local DEFAULT_BATCH = 5000
 
-local sleeper
-local function sleep(seconds)
-  sleeper = sleeper or assert(core.open("memory:"))
-  sleeper:wait(seconds)      -- memory stores just sleep
-end
-
--- Wall-clock seconds with sub-second resolution: LuaJIT's ffi, else the
--- database's clock (one round trip), else os.clock (CPU time).
-local ffi_clock
-do
-  local ok_ffi, ffi = pcall(require, "ffi")
-  if ok_ffi then
-    pcall(ffi.cdef, "typedef struct { long tv_sec; long tv_nsec; } es_rm_timespec;"
-      .. "int clock_gettime(int clk, es_rm_timespec *tp);")
-    local ts = ffi.new("es_rm_timespec")
-    ffi_clock = function()
-      ffi.C.clock_gettime(1, ts)
-      return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) * 1e-9
-    end
-  end
-end
-
-local function clock(store)
-  if ffi_clock then return ffi_clock() end
-  if store and store:kind() ~= "memory" then
-    local r = store:query("SELECT extract(epoch FROM clock_timestamp())::float8 AS t")
-    if r then return r[1].t end
-  end
-  return os.clock()
-end
+local util = require "eventsourcing.util"
+local sleep = util.sleep
+local function clock() return util.monotonic() end
 M.clock = clock
 
 function M.new(store, projections, opts)
@@ -317,17 +290,7 @@ function Projector:stop()
 end
 
 function Projector:_listener()
-  if self.memory then return nil end
-  local l = self.listen_opt
-  if l == false then return nil end            -- polling only
-  if l == nil then return self.store end       -- same session: fine without a pooler
-  if type(l) == "string" then
-    local s, err = core.open(l, { schema = self.store:schema() })
-    if not s then return nil, err end
-    self.listen_opt = s
-    return s
-  end
-  return l
+  return util.listener(self)
 end
 
 -- Follows live until stop() returns true or projector:stop() is called.
@@ -398,14 +361,7 @@ local function parse_cp(cp)
   return t or "0", tonumber(p) or 0
 end
 
-local function iso_epoch(s)
-  local y, mo, d, h, mi, sec = tostring(s):match("^(%d+)-(%d+)-(%d+)T(%d+):(%d+):([%d.]+)")
-  if not y then return nil end
-  local t = os.time({ year = tonumber(y), month = tonumber(mo), day = tonumber(d),
-    hour = tonumber(h), min = tonumber(mi), sec = 0, isdst = false })
-  local utc0 = os.time(os.date("!*t", 0))      -- local offset correction
-  return t - utc0 + tonumber(sec)
-end
+local iso_epoch = util.iso_epoch
 
 function Projector:status()
   local ok, err = self:_ensure()
@@ -428,7 +384,7 @@ function Projector:status()
       end
       s.lag_events = lag
       local t = first and iso_epoch(first.recorded_at)
-      s.lag_seconds = t and math.max(0, os.time() - t) or 0
+      s.lag_seconds = t and math.max(0, util.now() - t) or 0
     else
       local res
       res, err = store:query(self:_q("SELECT checkpoint, position, handled, error, "
@@ -474,10 +430,10 @@ local function reporter(opts, total, store)
   local cb = opts.progress
   local bar = opts.bar
   if bar == nil then bar = is_tty() end
-  local t0 = clock(store)
+  local t0 = clock()
   local last = -1
   return function(done, final)
-    local t = clock(store)
+    local t = clock()
     local el = t - t0
     local rate = el > 0 and done / el or 0
     local eta = rate > 0 and math.max(0, (total - done) / rate) or 0

@@ -96,12 +96,8 @@ end
 
 -- Helpers --------------------------------------------------------------------
 
-local function deep_copy(v)
-  if type(v) ~= "table" then return v end
-  local t = {}
-  for k, x in pairs(v) do t[k] = deep_copy(x) end
-  return setmetatable(t, getmetatable(v))
-end
+local util = require "eventsourcing.util"
+local deep_copy = util.deep_copy
 M.deep_copy = deep_copy
 
 local tointeger = math.tointeger or function(v)   -- LuaJIT: numbers are doubles
@@ -643,10 +639,7 @@ end
 
 -- Inline read models -----------------------------------------------------------------
 
-local function now_iso()
-  local t = os.time()
-  return os.date("!%Y-%m-%dT%H:%M:%S", t) .. ".000000Z"
-end
+local now_iso = util.now_iso
 
 -- Applies `events` (the events just appended, each with at least stream,
 -- type, data and version) to `read_models` in the store's CURRENT

@@ -174,50 +174,14 @@ end
 -- ---------------------------------------------------------------------------
 -- Helpers
 
-local sleeper
-local function sleep(seconds)
-  if seconds <= 0 then return end
-  sleeper = sleeper or assert(core.open("memory:"))
-  sleeper:wait(seconds)
-end
+local util = require "eventsourcing.util"
+local sleep = util.sleep
 M.sleep = sleep
-
--- Wall clock (seconds, millisecond resolution): the time field of a UUIDv7.
-local function now()
-  local u = core.uuid()
-  return tonumber(u:sub(1, 8) .. u:sub(10, 13), 16) / 1000
-end
+local now = util.now          -- wall clock, seconds
 M.now = now
-
-local function days_from_civil(y, m, d)
-  y = m <= 2 and y - 1 or y
-  local era = math.floor(y / 400)
-  local yoe = y - era * 400
-  local mp = (m + 9) % 12
-  local doy = math.floor((153 * mp + 2) / 5) + d - 1
-  local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
-  return era * 146097 + doe - 719468
-end
-
--- ISO-8601 instant -> epoch seconds (nil if unreadable).
-local function iso_epoch(s)
-  if type(s) ~= "string" then return nil end
-  local y, mo, d, h, mi, sec, rest = s:match("^(%d%d%d%d)-(%d%d)-(%d%d)[T ](%d%d):(%d%d):(%d%d%.?%d*)(.*)$")
-  if not y then return nil end
-  local t = days_from_civil(tonumber(y), tonumber(mo), tonumber(d)) * 86400
-    + tonumber(h) * 3600 + tonumber(mi) * 60 + tonumber(sec)
-  if rest == "" or rest == "Z" then return t end
-  local sign, oh, om = rest:match("^([+-])(%d%d):?(%d%d)$")
-  if not sign then return nil end
-  local off = tonumber(oh) * 3600 + tonumber(om) * 60
-  return sign == "+" and t - off or t + off
-end
+local iso_epoch = util.iso_epoch
 M.iso_epoch = iso_epoch
-
-local function iso(epoch)
-  local whole = math.floor(epoch)
-  return os.date("!%Y-%m-%dT%H:%M:%S", whole) .. (".%06dZ"):format(math.floor((epoch - whole) * 1e6 + 0.5) % 1000000)
-end
+local iso = util.iso
 
 local function is_memory(store) return store:kind() == "memory" end
 
@@ -1075,17 +1039,7 @@ end
 function Runner:stop() self.stopping = true end
 
 function Runner:_listener()
-  if self.memory then return nil end
-  local l = self.listen_opt
-  if l == false then return nil end
-  if l == nil then return self.store end
-  if type(l) == "string" then
-    local s, err = core.open(l, { schema = self.store:schema() })
-    if not s then return nil, err end
-    self.listen_opt = s
-    return s
-  end
-  return l
+  return util.listener(self)
 end
 
 -- Follows live until opts.stop() returns true or runner:stop() is called:

@@ -15,6 +15,10 @@ int esl_push_error(lua_State *L, const es_error *err);
 /* Pushes nil and an error table of the given kind and message. */
 int esl_push_fail(lua_State *L, es_kind kind, const char *message);
 
+/* clock.c: core.now, core.monotonic, core.sleep, core.time_parse,
+ * core.time_format. */
+void clock_open(lua_State *L);
+
 /* store.c: core.open and the store methods. */
 void store_open(lua_State *L);
 

@@ -49,5 +49,6 @@ int luaopen_eventsourcing_core(lua_State *L)
     errors_open(L);
     json_open(L);
     store_open(L);
+    clock_open(L);
     return 1;
 }

@@ -1,0 +1,52 @@
+-- eventsourcing.util: small helpers the Lua layer shares (time, copies,
+-- the LISTEN session of live followers). Time comes from the C core, so
+-- instants are read and written exactly as the stores do.
+local core = require "eventsourcing.core"
+
+local M = {}
+
+-- A copy of v with every nested table copied too (metatables kept, so
+-- JSON shapes survive).
+function M.deep_copy(v)
+  if type(v) ~= "table" then return v end
+  local t = {}
+  for k, x in pairs(v) do t[k] = M.deep_copy(x) end
+  return setmetatable(t, getmetatable(v))
+end
+
+M.now = core.now                 -- wall clock, seconds since the epoch
+M.monotonic = core.monotonic     -- for durations and rates
+M.iso = core.time_format         -- epoch seconds -> "YYYY-MM-DDTHH:MM:SS.ffffffZ"
+
+function M.sleep(seconds)
+  if seconds > 0 then core.sleep(seconds) end
+end
+
+-- ISO-8601 instant -> epoch seconds, or nil when it is not one.
+function M.iso_epoch(s)
+  if type(s) ~= "string" then return nil end
+  return (core.time_parse(s))
+end
+
+function M.now_iso() return core.time_format(core.now()) end
+
+-- The session a live follower (projector, workflow runner) LISTENs on,
+-- from its `listen` option: false polls only; nil uses the store's own
+-- session (fine without a pooler); a URL opens a session of its own once;
+-- a store is used as it is. Returns the session, or nil (and an error
+-- when opening failed).
+function M.listener(follower)
+  if follower.memory then return nil end
+  local l = follower.listen_opt
+  if l == false then return nil end
+  if l == nil then return follower.store end
+  if type(l) == "string" then
+    local s, err = core.open(l, { schema = follower.store:schema() })
+    if not s then return nil, err end
+    follower.listen_opt = s
+    return s
+  end
+  return l
+end
+
+return M
