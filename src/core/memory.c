@@ -679,6 +679,18 @@ static int mem_append(es_store *s, const char *stream, const es_event_in *ev,
                 break;
         }
         if (i == n) {
+            /* the same batch again: a success only where the caller's
+             * expected version would have put it (a retry) */
+            int64_t v1 = (int64_t)first->version;
+            if ((expected == ES_NO_STREAM && v1 != 1) ||
+                (expected == ES_STREAM_EXISTS && v1 == 1) ||
+                (expected >= 0 && v1 != expected + 1)) {
+                es_fail(err, ES_INVALID, "event id %s already used by stream "
+                        "%.200s at version %lu", ev[0].id,
+                        m->streams[first->stream].name,
+                        (unsigned long)first->version);
+                goto done;
+            }
             out->version = first->version + (int64_t)n - 1;
             out->position = pend[n - 1].found;
             rc = 0;

@@ -38,6 +38,31 @@ void pg_settle(pg_store *p)
     p->ahead.state = 2;
 }
 
+void pg_settle_wire(pg_store *p)
+{
+    if (p->page) {
+        PGresult *r;
+        while (p->conn && (r = PQgetResult(p->conn)) != NULL)
+            PQclear(r);
+        p->page->pending = 0;
+        p->page->broken = 1;
+        p->page = NULL;
+    }
+    pg_settle(p);
+}
+
+/* The session died inside a transaction: the server rolled it back. Until
+ * the caller says rollback (or commit, which reports the loss), calls fail
+ * instead of carrying on in autocommit on a new session, which would
+ * commit half of what the caller meant as one. */
+static void note_session_loss(pg_store *p)
+{
+    if (p->in_tx) {
+        p->tx_lost = 1;
+        p->in_tx = 0;
+    }
+}
+
 void pg_prefetch_drop(pg_store *p)
 {
     pg_settle(p);
@@ -86,7 +111,13 @@ static int listen_now(pg_store *p, es_error *err)
 
 int pg_ensure(pg_store *p, es_error *err)
 {
-    pg_settle(p);
+    pg_settle_wire(p);
+    if (p->conn && PQstatus(p->conn) != CONNECTION_OK)
+        note_session_loss(p);
+    if (p->tx_lost)
+        return es_fail(err, ES_CONNECTION, "the connection was lost inside a "
+                       "transaction, which the server rolled back: call "
+                       "rollback() before going on");
     if (p->conn && PQstatus(p->conn) == CONNECTION_OK)
         return 0;
     if (connect_now(p, err) < 0)
@@ -168,7 +199,7 @@ int pg_fail(pg_store *p, PGresult *res, const char *what, es_error *err)
     if (!p->conn || PQstatus(p->conn) != CONNECTION_OK ||
         strncmp(state, "08", 2) == 0 || strncmp(state, "57P", 3) == 0) {
         kind = ES_CONNECTION;
-        p->in_tx = 0;   /* the server rolled it back with the session */
+        note_session_loss(p);
     } else if (strncmp(state, "22", 2) == 0 || strcmp(state, "23514") == 0) {
         kind = ES_INVALID;
     }
@@ -345,23 +376,46 @@ static int pg_begin(es_store *s, es_error *err)
     return 0;
 }
 
-static int pg_end(es_store *s, const char *sql, es_error *err)
+/* COMMIT or ROLLBACK, on the session the transaction began on: never
+ * through pg_ensure, which would reconnect and end nothing. */
+static int pg_end(es_store *s, int commit, es_error *err)
 {
     pg_store *p = (pg_store *)s;
+    const char *what = commit ? "commit" : "rollback";
+    PGresult *res;
+
+    pg_settle_wire(p);
+    if (p->conn && PQstatus(p->conn) != CONNECTION_OK)
+        note_session_loss(p);
+    if (p->tx_lost) {
+        p->tx_lost = 0;
+        if (!commit)
+            return 0;     /* the server rolled it back already */
+        return es_fail(err, ES_CONNECTION, "commit: the connection was lost "
+                       "inside the transaction; nothing of it was committed");
+    }
     if (!p->in_tx)
-        return es_fail(err, ES_INVALID, "no transaction is open");
+        return es_fail(err, ES_INVALID, "%s: no transaction is open", what);
+    res = PQexec(p->conn, commit ? "COMMIT" : "ROLLBACK");
+    if (PQresultStatus(res) != PGRES_COMMAND_OK) {
+        pg_fail(p, res, what, err);
+        p->in_tx = 0;
+        p->tx_lost = 0;   /* reported here: the next call reconnects */
+        return -1;
+    }
+    PQclear(res);
     p->in_tx = 0;
-    return pg_exec_simple(p, sql, err);
+    return 0;
 }
 
 static int pg_commit(es_store *s, es_error *err)
 {
-    return pg_end(s, "COMMIT", err);
+    return pg_end(s, 1, err);
 }
 
 static int pg_rollback(es_store *s, es_error *err)
 {
-    return pg_end(s, "ROLLBACK", err);
+    return pg_end(s, 0, err);
 }
 
 /* ---- lifetime ------------------------------------------------------------- */

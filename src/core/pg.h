@@ -24,6 +24,14 @@ enum {
     PG_NSTMT = PG_READ_ALL + 4
 };
 
+/* A stream cursor's page on the wire (fold reads ahead). Any other
+ * statement collects and discards it first and marks the cursor broken:
+ * its next call then fails instead of reading someone else's rows. */
+typedef struct pg_page_claim {
+    int pending;
+    int broken;
+} pg_page_claim;
+
 /* A read_all batch asked for ahead of time (see es_read_all_opts). */
 typedef struct pg_prefetch {
     int state;                /* 0 none, 1 on the wire, 2 result held */
@@ -38,6 +46,8 @@ typedef struct pg_store {
     char *conninfo;
     char schema[64];          /* validated: [a-z_][a-z0-9_]* */
     int in_tx;
+    int tx_lost;              /* the session died inside a transaction */
+    pg_page_claim *page;      /* the cursor whose page is on the wire */
     int listening;            /* LISTEN again after a reconnect */                /* inside es_begin .. es_commit/rollback */
     unsigned prepared;        /* bit per statement prepared this session */
     es_buf params;            /* parameter text of one call */
@@ -49,6 +59,9 @@ typedef struct pg_store {
 /* Collects a prefetched read_all result still on the wire, so the session
  * is free for another statement; drop also forgets it. */
 void pg_settle(pg_store *p);
+/* Settles whatever is on the wire: a read_all batch ahead is kept, a
+ * cursor's page is discarded (the cursor is marked broken). */
+void pg_settle_wire(pg_store *p);
 void pg_prefetch_drop(pg_store *p);
 /* Makes sure there is a live session, reconnecting after a drop. Settles
  * a prefetch first: every statement goes through here. */

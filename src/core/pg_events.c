@@ -297,7 +297,7 @@ typedef struct pg_cursor {
     int64_t remaining;      /* events still wanted; -1 = no limit */
     int backward;
     int prefetch;           /* keep the next page on its way */
-    int pending;            /* a page query is on the wire */
+    pg_page_claim page;     /* a page query on the wire, or lost */
     char before[40];        /* "" = no bound */
     /* read_all */
     char checkpoint[48];
@@ -312,10 +312,11 @@ static void cursor_destroy(es_cursor *c)
     pg_store *p = (pg_store *)c->store;
     /* A prefetched page nobody will read: collect it so the session is
      * free for the next call (a cancel would cost a second connection). */
-    if (pc->pending && p->conn) {
+    if (p->page == &pc->page) {
         PGresult *r;
-        while ((r = PQgetResult(p->conn)) != NULL)
+        while (p->conn && (r = PQgetResult(p->conn)) != NULL)
             PQclear(r);
+        p->page = NULL;
     }
     PQclear(pc->res);
     free(pc->stream);
@@ -364,7 +365,8 @@ static int send_page(pg_cursor *pc, es_error *err)
     if (pg_send_prepared(p, pc->backward ? PG_READ_BACKWARD : PG_READ_FORWARD,
                          5, values, 1, err) < 0)
         return -1;
-    pc->pending = 1;
+    pc->page.pending = 1;
+    p->page = &pc->page;
     return 0;
 }
 
@@ -373,12 +375,18 @@ static int receive_page(pg_cursor *pc, es_error *err)
 {
     pg_store *p = (pg_store *)pc->base.store;
     PQclear(pc->res);
-    pc->pending = 0;
+    pc->page.pending = 0;
+    p->page = NULL;
     pc->res = pg_receive(p, pc->backward ? PG_READ_BACKWARD : PG_READ_FORWARD,
                          err);
     pc->row = pc->nrows = 0;
     if (!pc->res)
         return -1;
+    if (PQnfields(pc->res) != 7) {
+        PQclear(pc->res);
+        pc->res = NULL;
+        return es_fail(err, ES_DATABASE, "read: unexpected result shape");
+    }
     pc->nrows = PQntuples(pc->res);
     if (pc->remaining >= 0)
         pc->remaining -= pc->nrows;
@@ -393,9 +401,14 @@ static int stream_next(es_cursor *c, es_event *e, es_error *err)
     PGresult *r;
     int i;
 
+    if (pc->page.broken)
+        return es_fail(err, ES_INVALID, "read of stream %s: the store was "
+                       "used by another call while this read had a page on "
+                       "its way (fold handlers must not use the store)",
+                       pc->stream);
     /* A page can be empty when `before` filters all of its range. */
     while (pc->row >= pc->nrows) {
-        if (!pc->pending) {
+        if (!pc->page.pending) {
             if (stream_exhausted(pc))
                 return 0;
             if (send_page(pc, err) < 0)

@@ -84,7 +84,17 @@ static const char *const steps[] = {
     "      last_version := t.version;"
     "      last_position := t.position;"
     "    END LOOP;"
+    /* The same batch again: a success only where the caller's expected
+     * version would have put it (a retry); elsewhere its ids are taken. */
     "    IF matched = n THEN"
+    "      IF (p_expected = -2 AND last_version <> n)"
+    "         OR (p_expected = -3 AND last_version = n)"
+    "         OR (p_expected >= 0 AND last_version <> p_expected + n) THEN"
+    "        SELECT e.id, e.stream, e.version, e.position INTO t"
+    "          FROM %1$s.events e WHERE e.id = p_ids[1];"
+    "        RETURN QUERY SELECT 3, t.version, t.position, t.id, t.stream;"
+    "        RETURN;"
+    "      END IF;"
     "      RETURN QUERY SELECT 1, last_version, last_position, NULL::uuid,"
     "                          NULL::text;"
     "      RETURN;"

@@ -16,6 +16,9 @@ int esl_typeerror(lua_State *L, int idx, const char *expected)
 
 int esl_toint64(lua_State *L, int idx, long long *out)
 {
+    /* numbers only: "5" is a string, not a version or a limit */
+    if (lua_type(L, idx) != LUA_TNUMBER)
+        return 0;
 #if LUA_VERSION_NUM >= 503
     int isnum;
     lua_Integer i = lua_tointegerx(L, idx, &isnum);
@@ -25,8 +28,6 @@ int esl_toint64(lua_State *L, int idx, long long *out)
     }
     return 0;
 #else
-    if (lua_type(L, idx) != LUA_TNUMBER)
-        return 0;
     lua_Number n = lua_tonumber(L, idx);
     if (n != n || n < -9007199254740992.0 || n > 9007199254740992.0 ||
         (lua_Number)(long long)n != n)

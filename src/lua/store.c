@@ -17,6 +17,7 @@
 #include <string.h>
 
 static const char STORE_MT[] = "eventsourcing.store";
+static const char ROWS_MT[] = "eventsourcing.rows";
 static const char CURSOR_MT[] = "eventsourcing.cursor";
 
 typedef struct lstore {
@@ -43,9 +44,47 @@ static lstore *check_store(lua_State *L)
  * name: "42" and 42 are different things to a caller. */
 static const char *check_strict_string(lua_State *L, int idx)
 {
+    size_t len;
+    const char *s;
     if (lua_type(L, idx) != LUA_TSTRING)
         esl_typeerror(L, idx, "string");
-    return lua_tostring(L, idx);
+    s = lua_tolstring(L, idx, &len);
+    /* C sees a string up to its first NUL: "a\0b" would quietly become
+     * "a". Such a name is never what the caller meant. */
+    if (strlen(s) != len)
+        luaL_argerror(L, idx, "string contains a NUL byte");
+    return s;
+}
+
+/* An event's string field (type, id) with no NUL byte, anchored in the
+ * table at `anchor` (slot k) so that it outlives the append even when it
+ * came from an __index metamethod. NULL with msg filled when unusable. */
+static const char *event_string(lua_State *L, int e, const char *field,
+                                int anchor, int k, int required, size_t i,
+                                char *msg, size_t msglen)
+{
+    size_t len;
+    const char *s;
+    lua_getfield(L, e, field);
+    if (lua_isnil(L, -1) && !required) {
+        lua_pop(L, 1);
+        return NULL;
+    }
+    if (lua_type(L, -1) != LUA_TSTRING) {
+        snprintf(msg, msglen, "event %zu: %s must be a string, got %s",
+                 i + 1, field, luaL_typename(L, -1));
+        lua_pop(L, 1);
+        return NULL;
+    }
+    s = lua_tolstring(L, -1, &len);
+    if (strlen(s) != len) {
+        snprintf(msg, msglen, "event %zu: %s contains a NUL byte", i + 1,
+                 field);
+        lua_pop(L, 1);
+        return NULL;
+    }
+    lua_rawseti(L, anchor, k);
+    return s;
 }
 
 static void check_opts(lua_State *L, int idx)
@@ -352,8 +391,9 @@ typedef struct span {
 /* Reads and encodes the event at the top of the stack into ls->json and
  * fills in ev (except the data/metadata pointers, fixed up later because
  * the buffer may move). */
-static int encode_event(lua_State *L, lstore *ls, int call_meta, size_t i,
-                        es_event_in *ev, span *sp, char *msg, size_t msglen)
+static int encode_event(lua_State *L, lstore *ls, int call_meta, int anchor,
+                        size_t i, es_event_in *ev, span *sp, char *msg,
+                        size_t msglen)
 {
     int e = lua_gettop(L);
     char inner[200];
@@ -363,23 +403,15 @@ static int encode_event(lua_State *L, lstore *ls, int call_meta, size_t i,
                  luaL_typename(L, e));
         return -1;
     }
-    lua_getfield(L, e, "type");
-    if (lua_type(L, -1) != LUA_TSTRING) {
-        snprintf(msg, msglen, "event %zu: type must be a string, got %s",
-                 i + 1, luaL_typename(L, -1));
+    ev->type = event_string(L, e, "type", anchor, (int)(2 * i + 1), 1, i,
+                            msg, msglen);
+    if (!ev->type)
         return -1;
-    }
-    ev->type = lua_tostring(L, -1);   /* kept alive by the event table */
-    lua_pop(L, 1);
-
-    lua_getfield(L, e, "id");
-    if (!lua_isnil(L, -1) && lua_type(L, -1) != LUA_TSTRING) {
-        snprintf(msg, msglen, "event %zu: id must be a string, got %s",
-                 i + 1, luaL_typename(L, -1));
+    msg[0] = '\0';
+    ev->id = event_string(L, e, "id", anchor, (int)(2 * i + 2), 0, i, msg,
+                          msglen);
+    if (!ev->id && msg[0])
         return -1;
-    }
-    ev->id = lua_tostring(L, -1);
-    lua_pop(L, 1);
 
     sp->data = ls->json.len;
     lua_getfield(L, e, "data");
@@ -417,7 +449,7 @@ static int l_append(lua_State *L)
     lstore *ls = check_store(L);
     const char *stream = check_strict_string(L, 2);
     int64_t expected;
-    int call_meta = 0, single;
+    int call_meta = 0, single, anchor;
     size_t n;
     char msg[300];
     es_event_in *evs;
@@ -451,6 +483,8 @@ static int l_append(lua_State *L)
     es_buf_reset(&ls->scratch);
     if (es_buf_reserve(&ls->scratch, n * (sizeof *evs + sizeof *spans)) < 0)
         return luaL_error(L, "out of memory");
+    lua_createtable(L, (int)(2 * n), 0);   /* anchors type and id strings */
+    anchor = lua_gettop(L);
     evs = (es_event_in *)(void *)ls->scratch.data;
     spans = (span *)(void *)(evs + n);
     for (size_t i = 0; i < n; i++) {
@@ -458,7 +492,7 @@ static int l_append(lua_State *L)
             lua_pushvalue(L, 3);
         else
             lua_rawgeti(L, 3, (int)(i + 1));
-        if (encode_event(L, ls, call_meta, i, &evs[i], &spans[i], msg,
+        if (encode_event(L, ls, call_meta, anchor, i, &evs[i], &spans[i], msg,
                          sizeof msg) < 0)
             return esl_push_fail(L, ES_INVALID, msg);
         lua_pop(L, 1);
@@ -819,6 +853,16 @@ static void push_cell(lua_State *L, const es_rows *r, int row, int col)
     }
 }
 
+/* Query results are held by a userdata while rows are built: decoding a
+ * json column can raise, and the result must not leak then. */
+static int rows_gc(lua_State *L)
+{
+    es_rows **r = (es_rows **)luaL_checkudata(L, 1, ROWS_MT);
+    es_rows_free(*r);
+    *r = NULL;
+    return 0;
+}
+
 /* store:query(sql, ...) -> array of rows keyed by column name. */
 static int l_query(lua_State *L)
 {
@@ -846,7 +890,11 @@ static int l_query(lua_State *L)
     for (int i = 0; i < nparams; i++)
         if (!params[i] && !nulls[i])
             params[i] = ls->json.data + offs[i];
-    r = es_query(ls->s, sql, nparams, params, &err);
+    es_rows **holder = (es_rows **)esl_newuserdata(L, sizeof *holder);
+    *holder = NULL;
+    luaL_getmetatable(L, ROWS_MT);
+    lua_setmetatable(L, -2);
+    r = *holder = es_query(ls->s, sql, nparams, params, &err);
     if (!r)
         return esl_push_error(L, &err);
     int nrows = es_rows_count(r), ncols = es_rows_columns(r);
@@ -860,6 +908,7 @@ static int l_query(lua_State *L)
         lua_rawseti(L, -2, i + 1);
     }
     es_rows_free(r);
+    *holder = NULL;
     return 1;
 }
 
@@ -965,6 +1014,11 @@ void store_open(lua_State *L)
 #endif
     lua_pushcfunction(L, l_tostring);
     lua_setfield(L, -2, "__tostring");
+    lua_pop(L, 1);
+
+    luaL_newmetatable(L, ROWS_MT);
+    lua_pushcfunction(L, rows_gc);
+    lua_setfield(L, -2, "__gc");
     lua_pop(L, 1);
 
     luaL_newmetatable(L, CURSOR_MT);
