@@ -30,7 +30,8 @@ cleanup() {
   [ -n "${ES_BENCH_KEEP:-}" ] && { cp "$WORK/nginx/logs/error.log" /tmp/es-http-bench-error.log 2>/dev/null; }
   rm -rf "$WORK"
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+trap 'echo "bench/http.sh: interrupted" >&2; exit 130' INT TERM
 
 URL=${ES_DATABASE_URL:-${ES_TEST_DATABASE_URL:-}}
 if [ -z "$URL" ]; then
@@ -126,4 +127,5 @@ done
 if grep -q 'runtime error' "$WORK/nginx/logs/error.log"; then
   echo "bench/http.sh: Lua errors in the nginx log:" >&2
   grep 'runtime error' "$WORK/nginx/logs/error.log" | head -5 >&2
+  exit 1
 fi
