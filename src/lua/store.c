@@ -188,6 +188,8 @@ static const char *const event_keys[] = {
 typedef struct event_ctx {
     int json;   /* esl_json_context, or 0 */
     int keys;   /* first of NKEYS key strings on the stack, or 0 */
+    int stream; /* the stream name when every event has it (fold), or 0 */
+    int type;   /* the current event's type string, or 0 */
 } event_ctx;
 
 static event_ctx event_context(lua_State *L)
@@ -198,42 +200,56 @@ static event_ctx event_context(lua_State *L)
     c.keys = lua_gettop(L) + 1;
     for (int i = 0; i < NKEYS; i++)
         lua_pushstring(L, event_keys[i]);
+    c.stream = c.type = 0;
     return c;
 }
 
-/* Sets event[key i] = the value on top of the stack. */
-static void set_key(lua_State *L, const event_ctx *c, int i)
+/* Pushes key i of the event table; its value follows, then rawset. */
+static void push_key(lua_State *L, const event_ctx *c, int i)
 {
-    if (c && c->keys) {
+    if (c && c->keys)
         lua_pushvalue(L, c->keys + i);
-        lua_insert(L, -2);
-        lua_rawset(L, -3);
-    } else {
-        lua_setfield(L, -2, event_keys[i]);
-    }
+    else
+        lua_pushstring(L, event_keys[i]);
 }
 
-/* Pushes the DESIGN.md event table; c may be NULL. */
+/* Pushes the DESIGN.md event table; c may be NULL. Strings go through
+ * lua_pushlstring: lua_pushstring consults Lua 5.4's C-string cache with
+ * a strcmp each time, for strings we know the length of anyway. */
 static void push_event(lua_State *L, const es_event *e, const event_ctx *c)
 {
     int json = c ? c->json : 0;
     lua_createtable(L, 0, NKEYS);
-    lua_pushstring(L, e->id);
-    set_key(L, c, 0);
-    lua_pushstring(L, e->stream);
-    set_key(L, c, 1);
-    lua_pushstring(L, e->type);
-    set_key(L, c, 2);
+    push_key(L, c, 0);
+    lua_pushlstring(L, e->id, 36);
+    lua_rawset(L, -3);
+    push_key(L, c, 1);
+    if (c && c->stream)
+        lua_pushvalue(L, c->stream);
+    else
+        lua_pushstring(L, e->stream);
+    lua_rawset(L, -3);
+    push_key(L, c, 2);
+    if (c && c->type)
+        lua_pushvalue(L, c->type);
+    else
+        lua_pushstring(L, e->type);
+    lua_rawset(L, -3);
+    push_key(L, c, 3);
     esl_pushint64(L, e->version);
-    set_key(L, c, 3);
+    lua_rawset(L, -3);
+    push_key(L, c, 4);
     esl_pushint64(L, e->position);
-    set_key(L, c, 4);
+    lua_rawset(L, -3);
+    push_key(L, c, 5);
     push_json_field(L, json, e->data, e->data_len, "data");
-    set_key(L, c, 5);
+    lua_rawset(L, -3);
+    push_key(L, c, 6);
     push_json_field(L, json, e->metadata, e->metadata_len, "metadata");
-    set_key(L, c, 6);
-    lua_pushstring(L, e->recorded_at);
-    set_key(L, c, 7);
+    lua_rawset(L, -3);
+    push_key(L, c, 7);
+    lua_pushlstring(L, e->recorded_at, strlen(e->recorded_at));
+    lua_rawset(L, -3);
 }
 
 /* ---- open / close / migrate ------------------------------------------ */
@@ -693,23 +709,31 @@ static int l_fold(lua_State *L)
     if (!lc->c)
         return esl_push_error(L, &err);
     ctx = event_context(L);
+    lua_pushvalue(L, 2);
+    ctx.stream = lua_gettop(L);
     lua_pushvalue(L, 4);
     state = lua_gettop(L);
     while ((rc = es_cursor_next(lc->c, &e, &err)) > 0) {
         version = e.version;
-        lua_getfield(L, 3, e.type);
+        lua_pushlstring(L, e.type, strlen(e.type));
+        ctx.type = lua_gettop(L);
+        lua_pushvalue(L, ctx.type);
+        lua_gettable(L, 3);                 /* handlers[type], __index too */
         if (lua_isnil(L, -1)) {
-            lua_pop(L, 1);
+            lua_pop(L, 2);
             continue;
         }
         lua_pushvalue(L, state);
         push_event(L, &e, &ctx);
         lua_call(L, 2, 1);
         if (lua_isnil(L, -1))
-            lua_pop(L, 1);
-        else
+            lua_pop(L, 2);                  /* the result, the type */
+        else {
             lua_replace(L, state);
+            lua_pop(L, 1);
+        }
     }
+    ctx.type = 0;
     if (rc < 0)
         return esl_push_error(L, &err);
     es_cursor_free(lc->c);
