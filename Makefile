@@ -39,7 +39,7 @@ HEADERS  = $(wildcard include/*.h src/core/*.h src/lua/*.h)
 LUA_MODS = $(wildcard lua/eventsourcing/*.lua)
 
 BUILDS = build/lua5.4/eventsourcing/core.so build/luajit/eventsourcing/core.so
-INSTALL_SO = build/lua$(LUA_VERSION)/eventsourcing/core.so
+INSTALL_SO = $(if $(filter 5.1,$(LUA_VERSION)),build/luajit,build/lua$(LUA_VERSION))/eventsourcing/core.so
 # Under LuaRocks (LUA_INCDIR given): one build, for the Lua it names.
 ifdef LUA_INCDIR
 BUILDS = build/rock/eventsourcing/core.so
