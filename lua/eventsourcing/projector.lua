@@ -426,7 +426,7 @@ local function progress_bar(done, total, rate, eta)
   io.stderr:flush()
 end
 
-local function reporter(opts, total, store)
+local function reporter(opts, total)
   local cb = opts.progress
   local bar = opts.bar
   if bar == nil then bar = is_tty() end
@@ -474,7 +474,7 @@ function Projector:rebuild(name, opts)
   local ok, err = self:_ensure()
   if not ok then return nil, err end
   local limit = opts.batch_size or math.max(self.batch_size, 10000)
-  local report = reporter(opts, self:_count_events(), self.store)
+  local report = reporter(opts, self:_count_events())
   if p.kind ~= "read_model" then return self:_rebuild_in_place(p, limit, report) end
   local store = self.store
   local tmp = read_model.short_ident(("%s__rebuild_%d"):format(p.name, os.time() % 100000000))
