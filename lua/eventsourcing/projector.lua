@@ -289,10 +289,6 @@ function Projector:stop()
   self.stopping = true
 end
 
-function Projector:_listener()
-  return util.listener(self)
-end
-
 -- Follows live until stop() returns true or projector:stop() is called.
 -- Wakes on LISTEN/NOTIFY (on opts.listen's session, see es.projector) and
 -- polls every opts.poll seconds (default 1) anyway: notifications are only
@@ -309,12 +305,7 @@ function Projector:run(opts)
   end
   self.stopping = false
   local function stopping() return self.stopping or (stop_fn and stop_fn()) end
-  local listener, lerr = self:_listener()
-  if listener == nil and lerr then on_error(lerr) end
-  if listener then
-    local ok, err = listener:listen()
-    if not ok then on_error(err) end
-  end
+  local listener = util.subscribe(self, on_error)
   while not stopping() do
     local n, err = self:catch_up()
     if not n then

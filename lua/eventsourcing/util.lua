@@ -49,4 +49,16 @@ function M.listener(follower)
   return l
 end
 
+-- The listener of a follower, subscribed (LISTEN); trouble goes to
+-- on_error and leaves the follower polling. Returns the session or nil.
+function M.subscribe(follower, on_error)
+  local l, err = M.listener(follower)
+  if l == nil and err then on_error(err) end
+  if l then
+    local ok, lerr = l:listen()
+    if not ok then on_error(lerr) end
+  end
+  return l
+end
+
 return M

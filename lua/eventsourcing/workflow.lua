@@ -1038,10 +1038,6 @@ end
 
 function Runner:stop() self.stopping = true end
 
-function Runner:_listener()
-  return util.listener(self)
-end
-
 -- Follows live until opts.stop() returns true or runner:stop() is called:
 -- catch_up, then wait for a wake-up (LISTEN), the next due timer or
 -- opts.poll seconds (default 1). Errors go to opts.on_error (default
@@ -1055,12 +1051,7 @@ function Runner:run(opts)
   end
   self.stopping = false
   local function stopping() return self.stopping or (stop_fn and stop_fn()) end
-  local listener, lerr = self:_listener()
-  if listener == nil and lerr then on_error(lerr) end
-  if listener then
-    local ok, err = listener:listen()
-    if not ok then on_error(err) end
-  end
+  local listener = util.subscribe(self, on_error)
   local failures = 0
   while not stopping() do
     local n, err = self:catch_up()
