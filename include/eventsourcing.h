@@ -70,6 +70,7 @@ typedef struct es_event_in {
 typedef struct es_append_result {
     int64_t version;    /* the stream's version after the append */
     int64_t position;   /* global position of the last event appended */
+    char recorded_at[32];  /* when the events were recorded (ISO-8601) */
 } es_append_result;
 
 /* An event read back. */

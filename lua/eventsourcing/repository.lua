@@ -157,6 +157,14 @@ local function maybe_snapshot(self, A, stream, version, snap_version)
   return err
 end
 
+-- The appended events as the store recorded them: recorded_at from the
+-- append's result, so apply handlers and read models see what a later
+-- read would.
+local function stamp(out, res)
+  for _, e in ipairs(out) do e.recorded_at = res.recorded_at end
+  out[#out].position = res.position
+end
+
 -- Appends and updates the inline read models in one transaction (or one
 -- after the other on a memory store). The events get the versions they
 -- will have, so handlers see what a projector would.
@@ -166,6 +174,7 @@ local function append_inline(self, stream, out, version)
   if store:kind() == "memory" then
     local res, err = store:append(stream, out, { expected_version = version })
     if not res then return nil, err end
+    stamp(out, res)
     local ok, rerr = read_model.apply_inline(store, self.read_models, out)
     if not ok then return nil, rerr end
     return res
@@ -175,6 +184,7 @@ local function append_inline(self, stream, out, version)
   local res
   res, err = store:append(stream, out, { expected_version = version })
   if res then
+    stamp(out, res)
     ok, err = read_model.apply_inline(store, self.read_models, out)
     if ok then
       ok, err = store:commit()
@@ -238,7 +248,7 @@ function Repository:execute(A, id, command_name, command, opts)
       res, aerr = store:append(stream, out, { expected_version = version })
     end
     if res then
-      out[#out].position = res.position
+      stamp(out, res)
       state = A:evolve(state, out)
       local serr = maybe_snapshot(self, A, stream, res.version, snap_version)
       return { version = res.version, position = res.position, events = out,

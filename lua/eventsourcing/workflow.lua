@@ -553,6 +553,7 @@ function Runner:_execute(ctx, A, id, command_name, command, step, opts)
     end
     local res, aerr = store:append(stream, out, { expected_version = version })
     if res and res.version == version + #out then
+      for _, e in ipairs(out) do e.recorded_at = res.recorded_at end
       if self.read_models then
         local ok, rerr = require("eventsourcing.read_model").apply_inline(store, self.read_models, out)
         if not ok then raise(rerr) end

@@ -693,6 +693,8 @@ static int mem_append(es_store *s, const char *stream, const es_event_in *ev,
             }
             out->version = first->version + (int64_t)n - 1;
             out->position = pend[n - 1].found;
+            es_time_format(ev_at(m, pend[n - 1].found)->recorded_at,
+                           out->recorded_at);
             rc = 0;
             goto done;
         }
@@ -790,6 +792,7 @@ static int mem_append(es_store *s, const char *stream, const es_event_in *ev,
     }
     out->version = st->n;
     out->position = m->nevents;
+    es_time_format(now, out->recorded_at);
     rc = 0;
 done:
     if (pend != small)

@@ -29,7 +29,7 @@ const char *pg_statement_sql(const pg_store *p, int stmt, char *out,
     switch (stmt) {
     case PG_APPEND:
         snprintf(out, outlen, "SELECT o_status, o_version, o_position, o_id,"
-                 " o_stream FROM \"%s\".append($1, $2::bigint, $3::boolean,"
+                 " o_stream, o_recorded_at FROM \"%s\".append($1, $2::bigint, $3::boolean,"
                  " $4::uuid[], $5::text[], $6::json[], $7::json[])", s);
         break;
     case PG_VERSION:
@@ -202,6 +202,8 @@ static int append_result(PGresult *res, const char *stream, int64_t expected,
     if (status == 0 || status == 1) {
         out->version = version;
         out->position = position;
+        es_time_format(strtoll(PQgetvalue(res, 0, 5), NULL, 10),
+                       out->recorded_at);
         return 0;
     }
     if (status == 2) {

@@ -52,6 +52,11 @@ static const char *const steps[] = {
     "  txid xid8 NOT NULL DEFAULT pg_current_xact_id());"
     "CREATE INDEX events_txid_position ON %1$s.events (txid, position);"
     "CREATE INDEX events_category ON %1$s.events (category, txid, position);"
+    /* Microseconds since the epoch: how instants leave the database
+     * in function results, whatever the session's DateStyle. */
+    "CREATE FUNCTION %1$s.usec(t timestamptz) RETURNS bigint"
+    "  LANGUAGE sql IMMUTABLE AS"
+    "  $$ SELECT (extract(epoch FROM t) * 1000000)::bigint $$;"
     /* One round trip appends any number of events. Status: 0 appended,
      * 1 the same ids were appended before at these versions (idempotent),
      * 2 expected version did not match (o_version = actual),
@@ -60,7 +65,7 @@ static const char *const steps[] = {
     "    p_check_ids boolean, p_ids uuid[], p_types text[], p_data json[],"
     "    p_meta json[])"
     "  RETURNS TABLE (o_status int, o_version bigint, o_position bigint,"
-    "                 o_id uuid, o_stream text)"
+    "                 o_id uuid, o_stream text, o_recorded_at bigint)"
     "  LANGUAGE plpgsql AS $fn$"
     "DECLARE"
     "  n int := cardinality(p_types);"
@@ -78,7 +83,8 @@ static const char *const steps[] = {
     "      matched := matched + 1;"
     "      IF t.stream <> p_stream OR t.ord <> matched"
     "         OR (matched > 1 AND t.version <> last_version + 1) THEN"
-    "        RETURN QUERY SELECT 3, t.version, t.position, t.id, t.stream;"
+    "        RETURN QUERY SELECT 3, t.version, t.position, t.id, t.stream,"
+    "          NULL::bigint;"
     "        RETURN;"
     "      END IF;"
     "      last_version := t.version;"
@@ -92,16 +98,19 @@ static const char *const steps[] = {
     "         OR (p_expected >= 0 AND last_version <> p_expected + n) THEN"
     "        SELECT e.id, e.stream, e.version, e.position INTO t"
     "          FROM %1$s.events e WHERE e.id = p_ids[1];"
-    "        RETURN QUERY SELECT 3, t.version, t.position, t.id, t.stream;"
+    "        RETURN QUERY SELECT 3, t.version, t.position, t.id, t.stream,"
+    "          NULL::bigint;"
     "        RETURN;"
     "      END IF;"
     "      RETURN QUERY SELECT 1, last_version, last_position, NULL::uuid,"
-    "                          NULL::text;"
+    "        NULL::text, (SELECT %1$s.usec(e.recorded_at) FROM %1$s.events e"
+    "                     WHERE e.position = last_position);"
     "      RETURN;"
     "    ELSIF matched > 0 THEN"
     "      SELECT e.id, e.stream, e.version, e.position INTO t"
     "        FROM %1$s.events e WHERE e.id = ANY(p_ids) LIMIT 1;"
-    "      RETURN QUERY SELECT 3, t.version, t.position, t.id, t.stream;"
+    "      RETURN QUERY SELECT 3, t.version, t.position, t.id, t.stream,"
+    "        NULL::bigint;"
     "      RETURN;"
     "    END IF;"
     "  END IF;"
@@ -119,7 +128,8 @@ static const char *const steps[] = {
     "  END IF;"
     "  IF (p_expected = -2 AND cur <> 0) OR (p_expected = -3 AND cur = 0)"
     "     OR (p_expected >= 0 AND cur <> p_expected) THEN"
-    "    RETURN QUERY SELECT 2, cur, NULL::bigint, NULL::uuid, NULL::text;"
+    "    RETURN QUERY SELECT 2, cur, NULL::bigint, NULL::uuid, NULL::text,"
+    "      NULL::bigint;"
     "    RETURN;"
     "  END IF;"
     /* A new stream's row is inserted; two writers creating the same
@@ -138,7 +148,8 @@ static const char *const steps[] = {
     "           WITH ORDINALITY AS u(id, type, data, meta, ord)"
     "     ORDER BY u.ord"
     "    RETURNING position)"
-    "  SELECT 0, cur + n, max(ins.position), NULL::uuid, NULL::text FROM ins;"
+    "  SELECT 0, cur + n, max(ins.position), NULL::uuid, NULL::text,"
+    "    %1$s.usec(now()) FROM ins;"
     /* A wake-up for live readers, delivered at commit; one per
      * transaction however many appends it holds. */
     "  PERFORM pg_notify('%2$s_events', '');"

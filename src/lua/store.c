@@ -521,9 +521,10 @@ static int l_append(lua_State *L)
     }
     if (es_append(ls->s, stream, evs, n, expected, &res, &err) < 0)
         return esl_push_error(L, &err);
-    lua_createtable(L, 0, 2);
+    lua_createtable(L, 0, 3);
     set_int(L, "version", res.version);
     set_int(L, "position", res.position);
+    set_string(L, "recorded_at", res.recorded_at);
     return 1;
 }
 
