@@ -126,6 +126,12 @@ typedef struct es_cursor es_cursor;
 es_store *es_open(const char *target, es_error *err);
 es_store *es_open_schema(const char *target, const char *schema,
                          es_error *err);
+/* PostgreSQL: statement_timeout and lock_timeout (milliseconds, 0 = none)
+ * for every statement of this store, kept across reconnects. A statement
+ * that runs out fails with ES_DATABASE and sqlstate 57014 or 55P03.
+ * Memory stores ignore them. */
+int es_set_timeouts(es_store *store, int64_t statement_ms, int64_t lock_ms,
+                    es_error *err);
 /* Closes the connection; the store is freed once no cursor uses it. */
 void es_close(es_store *store);
 int es_is_closed(const es_store *store);

@@ -17,7 +17,9 @@ local es = require "eventsourcing"
 local array, null = es.json.array, es.json.null
 
 local MAX_QUANTITY = 10000
-local MAX_UNIT_PRICE = 100000000000      -- 1e9 in major units: keeps totals exact
+local MAX_UNIT_PRICE = 100000000000      -- 1e9 in major units
+local MAX_LINES = 1000                    -- item lines per order
+local MAX_TOTAL = 9007199254740991        -- 2^53 - 1: exact on LuaJIT too
 
 local function invalid(field, message)
   return es.error("invalid", field .. " " .. message, { field = field })
@@ -128,6 +130,11 @@ return es.aggregate {
           return nil, ("product %s would reach quantity %d; the limit is %d per product")
             :format(cmd.product_id, item.quantity + cmd.quantity, MAX_QUANTITY)
         end
+      elseif #state.items >= MAX_LINES then
+        return nil, ("an order holds at most %d different products"):format(MAX_LINES)
+      end
+      if (state.total or 0) + cmd.quantity * cmd.unit_price > MAX_TOTAL then
+        return nil, "the order total would exceed 9007199254740991 minor units"
       end
       return { type = "ItemAdded", data = { product_id = cmd.product_id,
         quantity = as_integer(cmd.quantity), unit_price = as_integer(cmd.unit_price) } }

@@ -53,7 +53,10 @@ function M.valid_id(id)
     return nil, ("id must be a string, got %s"):format(type(id))
   end
   if id == "" then return nil, "id must not be empty" end
-  if id:find("%c") then return nil, "id must not contain control characters" end
+  -- ASCII controls, and C1 controls and line/paragraph separators in UTF-8
+  if id:find("%c") or id:find("\194[\128-\159]") or id:find("\226\128[\168\169]") then
+    return nil, "id must not contain control characters"
+  end
   return true
 end
 

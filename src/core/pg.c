@@ -123,9 +123,21 @@ int pg_ensure(pg_store *p, es_error *err)
     if (connect_now(p, err) < 0)
         return -1;
     PQsetNoticeProcessor(p->conn, notice_ignore, NULL);
+    if (p->session_sql[0] && pg_exec_simple(p, p->session_sql, err) < 0)
+        return -1;
     if (p->listening && listen_now(p, err) < 0)
         return -1;
     return 0;
+}
+
+static int pg_set_timeouts(es_store *s, int64_t statement_ms,
+                           int64_t lock_ms, es_error *err)
+{
+    pg_store *p = (pg_store *)s;
+    snprintf(p->session_sql, sizeof p->session_sql,
+             "SET statement_timeout = %lld; SET lock_timeout = %lld",
+             (long long)statement_ms, (long long)lock_ms);
+    return pg_exec_simple(p, p->session_sql, err);
 }
 
 static int pg_listen(es_store *s, es_error *err)
@@ -453,6 +465,7 @@ static const es_store_ops pg_ops = {
     .begin = pg_begin,
     .commit = pg_commit,
     .rollback = pg_rollback,
+    .set_timeouts = pg_set_timeouts,
     .listen = pg_listen,
     .wait = pg_wait,
     .disconnect = pg_disconnect,

@@ -48,7 +48,8 @@ typedef struct pg_store {
     int in_tx;
     int tx_lost;              /* the session died inside a transaction */
     pg_page_claim *page;      /* the cursor whose page is on the wire */
-    int listening;            /* LISTEN again after a reconnect */                /* inside es_begin .. es_commit/rollback */
+    int listening;            /* LISTEN again after a reconnect */
+    char session_sql[128];    /* SET ... run on every new session */                /* inside es_begin .. es_commit/rollback */
     unsigned prepared;        /* bit per statement prepared this session */
     es_buf params;            /* parameter text of one call */
     PGresult *snapshot;       /* the last snapshot loaded */

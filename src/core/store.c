@@ -281,6 +281,20 @@ TX_OP(es_begin, begin)
 TX_OP(es_commit, commit)
 TX_OP(es_rollback, rollback)
 
+int es_set_timeouts(es_store *s, int64_t statement_ms, int64_t lock_ms,
+                    es_error *err)
+{
+    es_error_clear(err);
+    if (store_usable(s, err) < 0)
+        return -1;
+    if (statement_ms < 0 || lock_ms < 0 || statement_ms > INT32_MAX ||
+        lock_ms > INT32_MAX)
+        return es_fail(err, ES_INVALID, "timeouts must be from 0 to %d ms",
+                       INT32_MAX);
+    return s->ops->set_timeouts ? s->ops->set_timeouts(s, statement_ms,
+                                                       lock_ms, err) : 0;
+}
+
 int es_listen(es_store *s, es_error *err)
 {
     es_error_clear(err);

@@ -31,6 +31,8 @@ typedef struct es_store_ops {
     int (*begin)(es_store *s, es_error *err);
     int (*commit)(es_store *s, es_error *err);
     int (*rollback)(es_store *s, es_error *err);
+    int (*set_timeouts)(es_store *s, int64_t statement_ms, int64_t lock_ms,
+                        es_error *err);
     int (*listen)(es_store *s, es_error *err);
     int (*wait)(es_store *s, int timeout_ms, es_error *err);
     void (*disconnect)(es_store *s);   /* close: drop connection/data */

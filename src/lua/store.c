@@ -272,6 +272,15 @@ static int l_open(lua_State *L)
     ls->s = es_open_schema(target, schema, &err);
     if (!ls->s)
         return esl_push_error(L, &err);
+    {
+        int64_t st = opt_int_field(L, 2, "statement_timeout", 0);
+        int64_t lk = opt_int_field(L, 2, "lock_timeout", 0);
+        if ((st || lk) && es_set_timeouts(ls->s, st, lk, &err) < 0) {
+            es_close(ls->s);
+            ls->s = NULL;
+            return esl_push_error(L, &err);
+        }
+    }
     return 1;
 }
 

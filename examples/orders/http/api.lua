@@ -18,6 +18,29 @@ local PERMITS = tonumber(os.getenv("ES_HTTP_THREADS") or "") or 16
 local WAIT = 10   -- seconds a request may queue before a 503
 local sema = assert(semaphore.new(PERMITS))
 
+-- The bearer tokens, read once per nginx worker (a small file, read
+-- before the first request is answered), so that a request without valid
+-- credentials gets its 401 at once instead of queueing for a pool thread
+-- behind a slow database. The pool thread checks again and maps the token
+-- to its principal.
+local known_tokens
+local function token_known(authorization)
+  if known_tokens == nil then
+    known_tokens = false
+    local path = os.getenv("ES_HTTP_TOKENS")
+    local f = path and path ~= "" and io.open(path, "rb")
+    if f then
+      local doc = require("eventsourcing").json.decode(f:read("*a"))
+      f:close()
+      if type(doc) == "table" and type(doc.tokens) == "table" then known_tokens = doc.tokens end
+    end
+  end
+  if not known_tokens then return true end   -- let the pool thread report it
+  local token = type(authorization) == "string"
+    and authorization:match("^[Bb][Ee][Aa][Rr][Ee][Rr] +([%w%-%._~%+/]+=*) *$")
+  return token ~= nil and known_tokens[token] ~= nil
+end
+
 local function header(h, name)
   local v = h[name]
   if type(v) == "table" then return false end   -- given more than once
@@ -46,7 +69,10 @@ function M.handle()
     -- cannot happen with client_body_buffer_size == client_max_body_size
     return send(413, error_body("too_large", "request body too large"))
   end
-  local h = ngx.req.get_headers(64)
+  local h, truncated = ngx.req.get_headers(100)
+  if truncated then
+    return send(400, error_body("invalid", "too many request headers"))
+  end
   local auth, if_match = header(h, "authorization"), header(h, "if-match")
   if auth == false then
     return send(401, error_body("unauthorized", "Authorization given more than once"))
@@ -55,8 +81,19 @@ function M.handle()
     return send(400, error_body("invalid", "If-Match given more than once"))
   end
   -- If-Match is ours (the stream version): keep nginx's not-modified
-  -- filter from comparing it with the ETag of the response.
+  -- filter from comparing it with the ETag of the response. On commands
+  -- the other conditional headers must not turn a done command into a
+  -- 304 or 412 either: they are not supported there.
   if if_match then ngx.req.clear_header("If-Match") end
+  if ngx.req.get_method() ~= "GET" then
+    ngx.req.clear_header("If-None-Match")
+    ngx.req.clear_header("If-Modified-Since")
+    ngx.req.clear_header("If-Unmodified-Since")
+  end
+  if not token_known(auth) then
+    ngx.header["WWW-Authenticate"] = 'Bearer realm="orders"'
+    return send(401, error_body("unauthorized", "a valid Authorization: Bearer <token> header is required"))
+  end
   local got, werr = sema:wait(WAIT)
   if not got then
     return send(503, error_body("unavailable", "the service is busy (" .. tostring(werr) .. ")"))

@@ -68,7 +68,11 @@ end
 ---------------------------------------------------------------- responses
 
 local function respond(status, value, etag, location)
-  return status, json.encode(value) .. "\n", etag, location
+  local text = json.encode(value)
+  if not text then
+    return 500, '{"error":{"kind":"internal","message":"response could not be encoded"}}\n'
+  end
+  return status, text .. "\n", etag, location
 end
 
 local function fail(status, kind, message, extra)
@@ -82,9 +86,15 @@ local STATUS_OF = {
   connection = 503, database = 500,
 }
 
+-- statement_timeout / lock_timeout: the database is too busy, try later
+local BUSY = { ["57014"] = true, ["55P03"] = true }
+
 local function fail_err(err)
   if type(err) ~= "table" then
     return fail(500, "internal", tostring(err))
+  end
+  if BUSY[err.sqlstate] then
+    return fail(503, "unavailable", "the database did not answer in time; try again")
   end
   local extra = nil
   if err.kind == "invalid" and err.field then extra = { field = err.field } end
@@ -102,7 +112,11 @@ local function connect()
   if not c.database_url or c.database_url == "" then
     return nil, es.error("connection", "ES_HTTP_DATABASE_URL is not set")
   end
-  local s, err = es.open(c.database_url, c.schema and { schema = c.schema } or nil)
+  -- a stuck database must not hold a pool thread forever: statements
+  -- give up (503) after ES_HTTP_STATEMENT_TIMEOUT ms, lock waits sooner
+  local s, err = es.open(c.database_url, { schema = c.schema,
+    statement_timeout = tonumber(os.getenv("ES_HTTP_STATEMENT_TIMEOUT") or "") or 5000,
+    lock_timeout = tonumber(os.getenv("ES_HTTP_LOCK_TIMEOUT") or "") or 2000 })
   if not s then return nil, err end
   store = s
   svc = service.new(store, { metadata = { via = "http" }, max_retries = c.max_retries,
@@ -189,6 +203,32 @@ end
 
 ---------------------------------------------------------------- parsing
 
+-- Strict UTF-8 (no overlongs, surrogates or code points past U+10FFFF).
+local function utf8_valid(s)
+  local i, n = 1, #s
+  while i <= n do
+    local c = s:byte(i)
+    local len, min
+    if c < 0x80 then len = 1
+    elseif c >= 0xC2 and c <= 0xDF then len, min = 2, 0x80
+    elseif c >= 0xE0 and c <= 0xEF then len, min = 3, 0x800
+    elseif c >= 0xF0 and c <= 0xF4 then len, min = 4, 0x10000
+    else return false end
+    if len > 1 then
+      if i + len - 1 > n then return false end
+      local cp = c % (2 ^ (7 - len))
+      for k = 1, len - 1 do
+        local b = s:byte(i + k)
+        if b < 0x80 or b > 0xBF then return false end
+        cp = cp * 64 + (b - 0x80)
+      end
+      if cp < min or cp > 0x10FFFF or (cp >= 0xD800 and cp <= 0xDFFF) then return false end
+    end
+    i = i + len
+  end
+  return true
+end
+
 local function unescape(s)
   local bad = false
   local out = s:gsub("%%(..)", function(h)
@@ -197,6 +237,8 @@ local function unescape(s)
     return string.char(n)
   end)
   if bad or out:find("%%$") or out:find("%%.$") then return nil end
+  -- decoded text must be UTF-8: it is echoed in messages and stored
+  if not utf8_valid(out) then return nil end
   return out
 end
 
@@ -421,7 +463,8 @@ local function list_orders(p, args)
     { status = args.status, limit = limit, after = args.after })
   if not list then
     local e = next_or_err
-    if type(e) == "table" and e.kind == "invalid" and e.field == "after" then
+    -- a crafted cursor the database refuses says nothing of the database
+    if type(e) == "table" and e.kind == "invalid" then
       return bad_request("after must be a cursor from a previous page's next", "after")
     end
     return fail_err(e)
@@ -526,11 +569,10 @@ function M.handle(method, uri, authorization, if_match, body)
     method, uri, authorization, if_match, body)
   if not ok then
     io.stderr:write("orders.http.worker: ", tostring(status), "\n")
-    drop_connection()
     return fail(500, "internal", "internal error")
   end
-  -- a lost connection: reconnect on the next request
-  if status == 503 then drop_connection() end
+  -- a lost connection: open a new one on the next request
+  if status == 503 and store and store:is_closed() then drop_connection() end
   return status, out, etag, location
 end
 
