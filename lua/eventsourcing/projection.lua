@@ -86,7 +86,7 @@ function Projection:_apply(store, _, events, n)
     if h then
       local ok, err = pcall(h, e, tx)
       if not ok then
-        if type(err) == "table" and err.kind == "connection" then return nil, err end
+        if require("eventsourcing.util").transient(err) then return nil, err end
         return false, i, tostring(err)
       end
       handled = handled + 1

@@ -182,7 +182,16 @@ end
 -- One batch of projection p. Returns handled, state where state is "more"
 -- (a full batch: call again), "idle" (caught up), "locked" (another
 -- process holds the lease), "failed" (stopped by a handler error) | nil, err
+-- Anything raised in between (a bug, a callback) rolls the batch back
+-- first, so the session and the lease are never left behind.
 function Projector:_batch(p, limit)
+  local ok, a, b = pcall(self._batch_in, self, p, limit)
+  if ok then return a, b end
+  self:_rollback()
+  error(a, 0)
+end
+
+function Projector:_batch_in(p, limit)
   local store = self.store
   local row, err = self:_lock(p)
   if row == nil then return nil, err end
@@ -195,7 +204,7 @@ function Projector:_batch(p, limit)
   local ok, a, b = p:_apply(store, p.name, batch, n)
   if ok == nil then
     self:_rollback()
-    if a and a.kind == "connection" then return nil, a end
+    if util.transient(a) then return nil, a end
     if n > 1 then return self:_one_by_one(p, n) end
     return self:_fail(p, row, batch, 1, tostring(a))
   elseif ok == false then
@@ -234,12 +243,17 @@ function Projector:_fail(p, old, batch, i, message)
     -- Events below the read watermark form a stable prefix: the same i-1.
     local b2, cp2 = store:read_all({ after = row.checkpoint, limit = i - 1 })
     if not b2 then self:_rollback(); return nil, cp2 end
-    local ok, e2 = p:_apply(store, p.name, b2, #b2)
+    local ok, e2 = true, nil
+    -- a memory store cannot roll back what custom handlers did for the
+    -- events before the failing one: they ran once already, keep them
+    if not (self.memory and p.kind ~= "read_model") then
+      ok, e2 = p:_apply(store, p.name, b2, #b2)
+    end
     if not ok then
       -- the prefix fails too (the database refuses a row, or a handler is
       -- not deterministic): find the first failing event one by one
       self:_rollback()
-      if ok == nil and type(e2) == "table" and e2.kind == "connection" then return nil, e2 end
+      if ok == nil and util.transient(e2) then return nil, e2 end
       return self:_one_by_one(p, i)
     end
     cp, pos, done = cp2, b2[#b2].position, #b2
@@ -466,7 +480,17 @@ function Projector:rebuild(name, opts)
   if not ok then return nil, err end
   local limit = opts.batch_size or math.max(self.batch_size, 10000)
   local report = reporter(opts, self:_count_events())
-  if p.kind ~= "read_model" then return self:_rebuild_in_place(p, limit, report) end
+  -- a raise (the progress callback, a bug) must not strand the swap's
+  -- transaction and its lease
+  local done, a, b = pcall(p.kind == "read_model" and self._rebuild_swap or self._rebuild_in_place,
+    self, p, limit, report)
+  if done then return a, b end
+  self:_rollback()
+  error(a, 0)
+end
+
+function Projector:_rebuild_swap(p, limit, report)
+  local ok, err
   local store = self.store
   local tmp = read_model.short_ident(("%s__rebuild_%d"):format(p.name, os.time() % 100000000))
   local seen = {}

@@ -339,6 +339,12 @@ function ReadModel:_clean(row)
     local v = row[c]
     if v ~= nil then
       if INTEGER_TYPES[self.types[c]] and type(v) == "number" then v = tointeger(v) or v end
+      -- memory stores keep instants the way PostgreSQL gives them back
+      if self.types[c] == "timestamptz" and type(v) == "string" then
+        local t = util.iso_epoch(v)
+        if t then v = util.iso(t) end
+      end
+      if v == json.null then v = nil end
       out[c] = v
     end
   end
@@ -382,8 +388,24 @@ end
 
 -- Writes the final state of touched rows: upserts (array of rows) and
 -- deletes (array of key strings); one statement.
+-- The rows as JSON, checked on both stores: a row that cannot be stored
+-- (NaN, a function) is an error the caller records, not a raise that
+-- strands its transaction, and memory stores refuse what PostgreSQL does.
+function ReadModel:_encode_rows(upserts)
+  local ups = json.array({})
+  for i, r in ipairs(upserts) do ups[i] = r end
+  local text, eerr = json.encode(ups)
+  if not text then
+    return nil, core.error("invalid", ("%s: a row cannot be stored: %s")
+      :format(self.name, eerr.message))
+  end
+  return text
+end
+
 function ReadModel:_write(store, tbl, upserts, deletes)
   if #upserts == 0 and #deletes == 0 then return true end
+  local text, eerr = self:_encode_rows(upserts)
+  if not text then return nil, eerr end
   if is_memory(store) then
     local rows = self:_mem_rows(store, tbl)
     for _, k in ipairs(deletes) do rows[k] = nil end
@@ -408,9 +430,7 @@ function ReadModel:_write(store, tbl, upserts, deletes)
         #sets > 0 and ("UPDATE SET " .. table.concat(sets, ", ")) or "NOTHING")
     self._write_sql[ck] = sql
   end
-  local ups = json.array({})
-  for i, r in ipairs(upserts) do ups[i] = r end
-  local res, err = store:query(sql, ups, keys_param(deletes))
+  local res, err = store:query(sql, text, keys_param(deletes))
   if not res then return nil, err end
   return true
 end
@@ -478,6 +498,11 @@ function ReadModel:_apply(store, tbl, events, n, opts)
       upserts[#upserts + 1] = self:_clean(row)
       if seen then seen[ks] = true end
     end
+  end
+  if opts and opts.dry_run then
+    local text, eerr = self:_encode_rows(upserts)
+    if not text then return nil, eerr end
+    return true, handled
   end
   local ok, werr = self:_write(store, tbl, upserts, deletes)
   if not ok then return nil, werr end
@@ -559,7 +584,9 @@ function ReadModel:find(store, where, opts)
     for _, r in pairs(self:_mem_rows(store)) do
       local match = true
       for _, c in ipairs(wcols) do
-        if r[c] ~= where[c] then match = false; break end
+        local want = where[c]
+        if want == json.null then want = nil end       -- IS NULL, as in SQL
+        if r[c] ~= want then match = false; break end
       end
       if match then rows[#rows + 1] = r end
     end
@@ -649,7 +676,7 @@ local now_iso = util.now_iso
 -- to their Lua tables at once. Returns true | nil, err; on nil, err the
 -- caller rolls back (a handler error comes back as kind "invalid" with
 -- fields read_model, type, stream, version).
-function M.apply_inline(store, read_models, events)
+function M.apply_inline(store, read_models, events, opts)
   if type(read_models) ~= "table" then error("apply_inline: read_models must be an array", 2) end
   if type(events) ~= "table" then error("apply_inline: events must be an array", 2) end
   if events.type then events = { events } end
@@ -678,7 +705,7 @@ function M.apply_inline(store, read_models, events)
     end
   end
   for _, rm in ipairs(read_models) do
-    local ok, a, b = rm:_apply(store, rm.name, list, #list)
+    local ok, a, b = rm:_apply(store, rm.name, list, #list, opts)
     if ok == nil then return nil, a end
     if ok == false then
       local e = list[a]

@@ -14,6 +14,7 @@
 -- recorded before that instant" (the store's `before`, exclusive).
 local core = require "eventsourcing.core"
 local aggregate = require "eventsourcing.aggregate"
+local util = require "eventsourcing.util"
 
 local M = {}
 
@@ -172,26 +173,40 @@ local function append_inline(self, stream, out, version)
   local store = self.store
   local read_model = require "eventsourcing.read_model"
   if store:kind() == "memory" then
+    -- no transactions: run the handlers without writing first, so that a
+    -- failing one refuses the command before anything is stored
+    for _, e in ipairs(out) do e.recorded_at = e.recorded_at or util.now_iso() end
+    local ok, rerr = read_model.apply_inline(store, self.read_models, out, { dry_run = true })
+    if not ok then return nil, rerr end
     local res, err = store:append(stream, out, { expected_version = version })
     if not res then return nil, err end
     stamp(out, res)
-    local ok, rerr = read_model.apply_inline(store, self.read_models, out)
+    ok, rerr = read_model.apply_inline(store, self.read_models, out)
     if not ok then return nil, rerr end
     return res
   end
   local ok, err = store:begin()
   if not ok then return nil, err end
   local res
-  res, err = store:append(stream, out, { expected_version = version })
-  if res then
-    stamp(out, res)
-    ok, err = read_model.apply_inline(store, self.read_models, out)
-    if ok then
-      ok, err = store:commit()
-      if ok then return res end
-      return nil, err
+  -- a raise in between (a bug in a handler's helper) must not leave the
+  -- transaction open
+  local fine, raised = pcall(function()
+    res, err = store:append(stream, out, { expected_version = version })
+    if res then
+      stamp(out, res)
+      ok, err = read_model.apply_inline(store, self.read_models, out)
+      if ok then
+        ok, err = store:commit()
+        return
+      end
     end
+    ok = false
+  end)
+  if not fine then
+    store:rollback()
+    error(raised, 0)
   end
+  if ok then return res end
   store:rollback()   -- may fail too when the session is gone; err says why
   return nil, err
 end
@@ -230,7 +245,13 @@ function Repository:execute(A, id, command_name, command, opts)
     local events, err = A:decide(state, command_name, command)
     if not events then return nil, err end
     if #events == 0 then
-      return { version = version, events = events, state = state }
+      -- nothing to append: the result still names where the stream is
+      local position
+      if version > 0 then
+        local it = store:read(stream, { backward = true, limit = 1 })
+        for e in it or function() end do position = e.position end
+      end
+      return { version = version, position = position, events = events, state = state }
     end
     local out = {}
     for i, e in ipairs(events) do

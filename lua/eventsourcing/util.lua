@@ -30,6 +30,17 @@ end
 
 function M.now_iso() return core.time_format(core.now()) end
 
+-- Errors worth trying again later rather than stopping for: a lost
+-- connection, and the database's passing refusals (serialization failure,
+-- deadlock, lock or statement timeout, too many connections, out of
+-- resources).
+local TRANSIENT = { ["40001"] = true, ["40P01"] = true, ["55P03"] = true,
+                    ["57014"] = true, ["53000"] = true, ["53100"] = true,
+                    ["53200"] = true, ["53300"] = true }
+function M.transient(err)
+  return type(err) == "table" and (err.kind == "connection" or TRANSIENT[err.sqlstate] == true)
+end
+
 -- The session a live follower (projector, workflow runner) LISTENs on,
 -- from its `listen` option: false polls only; nil uses the store's own
 -- session (fine without a pooler); a URL opens a session of its own once;
