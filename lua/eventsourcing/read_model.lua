@@ -105,6 +105,7 @@ local tointeger = math.tointeger or function(v)   -- LuaJIT: numbers are doubles
 end
 
 local function key_string(v)
+  if type(v) == "string" then return v end
   if type(v) == "number" then
     local i = tointeger(v)
     if i then return ("%d"):format(i) end
@@ -221,9 +222,14 @@ function M.new(def)
   if def.key_of ~= nil and type(def.key_of) ~= "function" then
     error(("es.read_model %s: key_of must be a function(event)"):format(name), 2)
   end
+  -- how _clean treats each column: "int", "ts" or false
+  local treat = {}
+  for i, c in ipairs(columns) do
+    treat[i] = INTEGER_TYPES[types[c]] and "int" or types[c] == "timestamptz" and "ts" or false
+  end
   return setmetatable({
     kind = "read_model",
-    name = name, key = key, columns = columns, types = types,
+    name = name, key = key, columns = columns, types = types, treat = treat,
     indexes = indexes, on = on, key_of = def.key_of or default_key_of,
   }, ReadModel)
 end
@@ -332,19 +338,21 @@ end
 
 -- Loading and writing rows -------------------------------------------------------
 
--- Makes a clean row (declared columns only, integers for integer columns).
-function ReadModel:_clean(row)
-  local out = {}
-  for _, c in ipairs(self.columns) do
+-- Makes a clean row (declared columns only, integers for integer columns;
+-- on memory stores instants in the form PostgreSQL gives them back).
+function ReadModel:_clean(row, memory)
+  local out, columns, treat, null = {}, self.columns, self.treat, json.null
+  for i = 1, #columns do
+    local c = columns[i]
     local v = row[c]
-    if v ~= nil then
-      if INTEGER_TYPES[self.types[c]] and type(v) == "number" then v = tointeger(v) or v end
-      -- memory stores keep instants the way PostgreSQL gives them back
-      if self.types[c] == "timestamptz" and type(v) == "string" then
+    if v ~= nil and v ~= null then
+      local how = treat[i]
+      if how == "int" then
+        if type(v) == "number" then v = tointeger(v) or v end
+      elseif how == "ts" and memory and type(v) == "string" then
         local t = util.iso_epoch(v)
         if t then v = util.iso(t) end
       end
-      if v == json.null then v = nil end
       out[c] = v
     end
   end
@@ -443,12 +451,25 @@ end
 function ReadModel:_apply(store, tbl, events, n, opts)
   local on, key_of, keyc = self.on, self.key_of, self.key
   local seen = opts and opts.seen
+  local memory = is_memory(store)
   -- 1. keys the batch touches
   local ev_keys, keys, kset = {}, {}, {}
+  -- the default key_of depends on the stream only: once per stream
+  local memo = key_of == default_key_of and {} or nil
   for i = 1, n do
     local e = events[i]
     if on[e.type] then
-      local ok, k = pcall(key_of, e)
+      local ok, k = true
+      if memo then
+        k = memo[e.stream]
+        if k == nil then
+          k = default_key_of(e) or false
+          memo[e.stream] = k
+        end
+        if k == false then k = nil end
+      else
+        ok, k = pcall(key_of, e)
+      end
       if not ok then return false, i, "key_of: " .. tostring(k) end
       if k ~= nil then
         local ks = key_string(k)
@@ -495,7 +516,7 @@ function ReadModel:_apply(store, tbl, events, n, opts)
     if row == DELETE then
       if existed[ks] then deletes[#deletes + 1] = ks end
     else
-      upserts[#upserts + 1] = self:_clean(row)
+      upserts[#upserts + 1] = self:_clean(row, memory)
       if seen then seen[ks] = true end
     end
   end
