@@ -434,6 +434,32 @@ describe("order service over HTTP (nginx)", function()
       assert.are.equal(2, req("GET", "/orders/" .. id, { token = ALICE }).json.version)
     end)
 
+    it("bytes that are not UTF-8 in a path or query are a 400, not a 500", function()
+      local id = create(ALICE)
+      for _, path in ipairs { "/orders/%ff%fe", "/orders/%ff%fe/history", "/orders?%ff=1",
+                              "/orders/" .. id .. "/items/%c3%28" } do
+        local m = path:find("/items/") and "DELETE" or "GET"
+        assert_error(req(m, path, { token = ALICE }), 400, "invalid")
+      end
+    end)
+
+    it("conditional headers other than If-Match never turn a done command into 304 or 412", function()
+      local id = create(ALICE)
+      local r = add(ALICE, id, "inm", 1, 1, { "If-None-Match: *" })
+      assert.are.equal(200, r.status, r.body)
+      r = add(ALICE, id, "ius", 1, 1, { "If-Unmodified-Since: Thu, 01 Jan 2099 00:00:00 GMT" })
+      assert.are.equal(200, r.status, r.body)
+      assert.are.equal(3, req("GET", "/orders/" .. id, { token = ALICE }).json.version)
+    end)
+
+    it("a request with more headers than are read is refused, not run unconditionally", function()
+      local id = create(ALICE)
+      local headers = { 'If-Match: "7"' }
+      for i = 1, 110 do headers[#headers + 1] = ("X-Pad-%d: 1"):format(i) end
+      assert_error(add(ALICE, id, "pad", 1, 1, headers), 400, "invalid", "headers")
+      assert.are.equal(1, req("GET", "/orders/" .. id, { token = ALICE }).json.version)
+    end)
+
     it("405 for a method a resource does not have", function()
       local id = create(ALICE)
       assert_error(req("PUT", "/orders", { token = ALICE, body = "{}" }), 405)
