@@ -85,7 +85,6 @@ typedef struct es_event {
     const char *metadata;
     size_t metadata_len;
     const char *recorded_at;   /* ISO-8601 UTC, microseconds, "...Z" */
-    const char *checkpoint;    /* read_all cursors: checkpoint after this event */
 } es_event;
 
 typedef struct es_read_opts {
@@ -154,7 +153,7 @@ es_cursor *es_read_all(es_store *store, const es_read_all_opts *opts,
 int es_cursor_next(es_cursor *cur, es_event *out, es_error *err);
 /* read_all: the checkpoint to pass as `after` next time (the `after` given
  * when nothing was read). NULL for stream cursors. */
-const char *es_cursor_checkpoint(const es_cursor *cur);
+const char *es_cursor_checkpoint(es_cursor *cur);
 void es_cursor_free(es_cursor *cur);
 
 /* Snapshots: a stream's folded state (JSON) as of a version, tagged with

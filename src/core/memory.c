@@ -40,6 +40,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <uuid.h>
 
 #define CHUNK_SHIFT 12
 #define CHUNK_EVENTS (1u << CHUNK_SHIFT)
@@ -158,30 +159,6 @@ static int hexval(char c)
     return -1;
 }
 
-/* Text (validated by store.c) to bytes. */
-static void uuid_bytes(const char *text, uint8_t out[16])
-{
-    int k = 0;
-    for (const char *p = text; *p && k < 16; p++) {
-        if (*p == '-')
-            continue;
-        out[k++] = (uint8_t)(hexval(p[0]) << 4 | hexval(p[1]));
-        p++;
-    }
-}
-
-static void uuid_text(const uint8_t id[16], char out[37])
-{
-    static const char hex[] = "0123456789abcdef";
-    char *o = out;
-    for (int i = 0; i < 16; i++) {
-        if (i == 4 || i == 6 || i == 8 || i == 10)
-            *o++ = '-';
-        *o++ = hex[id[i] >> 4];
-        *o++ = hex[id[i] & 15];
-    }
-    *o = '\0';
-}
 
 /* Grows t so that `count` entries fit at a load of at most 3/4; entries
  * are re-inserted from rehash(ctx, i) for i in [0, count_now). */
@@ -661,7 +638,7 @@ static int mem_append(es_store *s, const char *stream, const es_event_in *ev,
         }
         p->type = (uint32_t)t;
         if (ev[i].id) {
-            uuid_bytes(ev[i].id, p->id);
+            uuid_parse(ev[i].id, p->id);     /* validated by store.c */
             p->found = id_find(m, p->id);
         } else {
             all_ids = 0;
@@ -722,10 +699,8 @@ static int mem_append(es_store *s, const char *stream, const es_event_in *ev,
         if (ev[i].id)
             continue;
         for (;;) {
-            char text[37];
             size_t j = 0;
-            es_uuid_v7(text);
-            uuid_bytes(text, pend[i].id);
+            es_uuid_v7_bytes(pend[i].id);
             for (; j < n; j++)
                 if (j != i && (ev[j].id || j < i) &&
                     memcmp(pend[j].id, pend[i].id, 16) == 0)
@@ -830,13 +805,14 @@ typedef struct mcursor {
     /* the current event's borrowed text */
     char id[37];
     char at[32];
-    char cp[32];
+    uint32_t cp_pos;         /* read_all: the checkpoint's position */
+    char cp[32];             /* ... as text, made when asked */
 } mcursor;
 
 static void fill_event(mcursor *c, uint32_t pos, es_event *out)
 {
     const mevent *e = ev_at(c->m, pos);
-    uuid_text(e->id, c->id);
+    uuid_unparse_lower(e->id, c->id);
     es_time_format(e->recorded_at, c->at);
     out->id = c->id;
     out->stream = c->m->streams[e->stream].name;
@@ -848,7 +824,6 @@ static void fill_event(mcursor *c, uint32_t pos, es_event *out)
     out->metadata = e->data + e->data_len + 1;
     out->metadata_len = e->meta_len;
     out->recorded_at = c->at;
-    out->checkpoint = NULL;
 }
 
 static int stream_next(es_cursor *cur, es_event *out, es_error *err)
@@ -967,21 +942,22 @@ static int all_next(es_cursor *cur, es_event *out, es_error *err)
         }
         fill_event(c, pos, out);
         c->returned++;
-        snprintf(c->cp, sizeof c->cp, "0:%lu", (unsigned long)pos);
-        out->checkpoint = c->cp;
+        c->cp_pos = pos;
         return 1;
     }
     /* batch full (checkpoint stays at the last event returned) or the
      * snapshot's end reached (checkpoint after everything scanned) */
     if (c->returned < c->limit)
-        snprintf(c->cp, sizeof c->cp, "0:%lu", (unsigned long)c->scan);
+        c->cp_pos = c->scan;
     c->done = 1;
     return 0;
 }
 
-static const char *all_checkpoint(const es_cursor *cur)
+static const char *all_checkpoint(es_cursor *cur)
 {
-    return ((const mcursor *)cur)->cp;
+    mcursor *c = (mcursor *)cur;
+    snprintf(c->cp, sizeof c->cp, "0:%lu", (unsigned long)c->cp_pos);
+    return c->cp;
 }
 
 static const es_cursor_ops all_cursor_ops = {.next = all_next, .checkpoint = all_checkpoint,
@@ -1032,7 +1008,7 @@ static es_cursor *mem_read_all(es_store *s, const es_read_all_opts *o,
     c->scan = after;
     c->end = m->nevents;
     c->limit = o->limit ? o->limit : 1000;
-    snprintf(c->cp, sizeof c->cp, "0:%lu", (unsigned long)after);
+    c->cp_pos = after;
     if (o->category) {
         c->category_len = strlen(o->category);
         c->category = malloc(c->category_len + 1);

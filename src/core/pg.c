@@ -27,24 +27,26 @@ static int valid_schema(const char *s)
     return 1;
 }
 
-void pg_settle(pg_store *p)
+void pg_drain(pg_store *p)
 {
     PGresult *r;
+    while (p->conn && (r = PQgetResult(p->conn)) != NULL)
+        PQclear(r);
+}
+
+void pg_settle(pg_store *p)
+{
     if (p->ahead.state != 1)
         return;
     p->ahead.res = p->conn ? PQgetResult(p->conn) : NULL;
-    while (p->conn && (r = PQgetResult(p->conn)) != NULL)
-        PQclear(r);
+    pg_drain(p);
     p->ahead.state = 2;
 }
 
 void pg_settle_wire(pg_store *p)
 {
     if (p->page) {
-        PGresult *r;
-        while (p->conn && (r = PQgetResult(p->conn)) != NULL)
-            PQclear(r);
-        p->page->pending = 0;
+        pg_drain(p);
         p->page->broken = 1;
         p->page = NULL;
     }
@@ -73,9 +75,7 @@ void pg_prefetch_drop(pg_store *p)
 
 static int connect_now(pg_store *p, es_error *err)
 {
-    p->ahead.state = 0;      /* whatever was on the wire went with it */
-    PQclear(p->ahead.res);
-    p->ahead.res = NULL;
+    pg_prefetch_drop(p);     /* whatever was on the wire goes with it */
     if (p->conn)
         PQfinish(p->conn);
     p->prepared = 0;
@@ -292,10 +292,8 @@ int pg_send_prepared(pg_store *p, int stmt, int nparams,
 
 PGresult *pg_receive(pg_store *p, int stmt, es_error *err)
 {
-    PGresult *res = PQgetResult(p->conn), *extra;
-    /* Drain to the end of this query so the session is free again. */
-    while ((extra = PQgetResult(p->conn)) != NULL)
-        PQclear(extra);
+    PGresult *res = PQgetResult(p->conn);
+    pg_drain(p);    /* to the end of this query: the session is free again */
     if (!res) {
         pg_fail(p, NULL, stmt_names[stmt] + 3, err);
         return NULL;

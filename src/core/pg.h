@@ -28,14 +28,12 @@ enum {
  * statement collects and discards it first and marks the cursor broken:
  * its next call then fails instead of reading someone else's rows. */
 typedef struct pg_page_claim {
-    int pending;
     int broken;
 } pg_page_claim;
 
 /* A read_all batch asked for ahead of time (see es_read_all_opts). */
 typedef struct pg_prefetch {
     int state;                /* 0 none, 1 on the wire, 2 result held */
-    int stmt;
     PGresult *res;
     es_buf key;               /* the request it answers */
 } pg_prefetch;
@@ -45,11 +43,11 @@ typedef struct pg_store {
     PGconn *conn;
     char *conninfo;
     char schema[64];          /* validated: [a-z_][a-z0-9_]* */
-    int in_tx;
+    int in_tx;                /* inside es_begin .. es_commit/rollback */
     int tx_lost;              /* the session died inside a transaction */
     pg_page_claim *page;      /* the cursor whose page is on the wire */
     int listening;            /* LISTEN again after a reconnect */
-    char session_sql[128];    /* SET ... run on every new session */                /* inside es_begin .. es_commit/rollback */
+    char session_sql[128];    /* SET ... run on every new session */
     unsigned prepared;        /* bit per statement prepared this session */
     es_buf params;            /* parameter text of one call */
     PGresult *snapshot;       /* the last snapshot loaded */
@@ -63,6 +61,8 @@ void pg_settle(pg_store *p);
 /* Settles whatever is on the wire: a read_all batch ahead is kept, a
  * cursor's page is discarded (the cursor is marked broken). */
 void pg_settle_wire(pg_store *p);
+/* Reads and discards whatever results are still on the wire. */
+void pg_drain(pg_store *p);
 void pg_prefetch_drop(pg_store *p);
 /* Makes sure there is a live session, reconnecting after a drop. Settles
  * a prefetch first: every statement goes through here. */

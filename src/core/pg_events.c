@@ -12,6 +12,7 @@
 #include "pg.h"
 
 #include <inttypes.h>
+#include <uuid.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -71,8 +72,9 @@ const char *pg_statement_sql(const pg_store *p, int stmt, char *out,
         if (filters & 2)
             snprintf(types, sizeof types, " AND type = ANY($%d::text[])",
                      next++);
-        snprintf(out, outlen, "SELECT txid, position, id, version, type, data,"
-                 " metadata, recorded_at, stream FROM \"%s\".events"
+        /* the stream read's columns first (decode_row), then these two */
+        snprintf(out, outlen, "SELECT position, id, version, type, data,"
+                 " metadata, recorded_at, txid, stream FROM \"%s\".events"
                  " WHERE (txid, position) > ($1::xid8, $2::bigint)"
                  " AND txid < pg_snapshot_xmin(pg_current_snapshot())%s%s"
                  " ORDER BY txid, position LIMIT $3::bigint", s, cat, types);
@@ -92,18 +94,11 @@ static uint64_t be64(const char *v)
     return x;
 }
 
-static void uuid_text(const char *v, char out[37])
+/* int64 as parameter text */
+static const char *i64(char out[24], int64_t v)
 {
-    static const char hex[] = "0123456789abcdef";
-    const unsigned char *u = (const unsigned char *)v;
-    char *o = out;
-    for (int i = 0; i < 16; i++) {
-        if (i == 4 || i == 6 || i == 8 || i == 10)
-            *o++ = '-';
-        *o++ = hex[u[i] >> 4];
-        *o++ = hex[u[i] & 15];
-    }
-    *o = '\0';
+    snprintf(out, 24, "%" PRId64, v);
+    return out;
 }
 
 /* ---- append --------------------------------------------------------------- */
@@ -148,7 +143,7 @@ static int build_append_params(pg_store *p, const char *stream,
     offs[A_STREAM] = b->len;
     rc |= es_buf_add(b, stream, strlen(stream) + 1);
     offs[A_EXPECTED] = b->len;
-    snprintf(num, sizeof num, "%" PRId64, expected);
+    i64(num, expected);
     rc |= es_buf_add(b, num, strlen(num) + 1);
     offs[A_CHECK] = b->len;
     rc |= es_buf_add(b, check ? "t" : "f", 2);
@@ -290,7 +285,6 @@ typedef struct pg_cursor {
     es_cursor base;
     PGresult *res;          /* the current page */
     int row, nrows;
-    int all;                /* a read_all batch, else one stream */
     /* stream reads: versions still to visit are next..last (forward) or
      * next down to last (backward) */
     char *stream;
@@ -299,9 +293,11 @@ typedef struct pg_cursor {
     int64_t remaining;      /* events still wanted; -1 = no limit */
     int backward;
     int prefetch;           /* keep the next page on its way */
-    pg_page_claim page;     /* a page query on the wire, or lost */
+    pg_page_claim page;     /* on the wire while p->page points here */
     char before[40];        /* "" = no bound */
-    /* read_all */
+    /* read_all: where the batch has got to, as text only when asked */
+    uint64_t cp_txid;
+    int64_t cp_pos;
     char checkpoint[48];
     /* the current event's formatted fields */
     char id[37];
@@ -315,9 +311,7 @@ static void cursor_destroy(es_cursor *c)
     /* A prefetched page nobody will read: collect it so the session is
      * free for the next call (a cancel would cost a second connection). */
     if (p->page == &pc->page) {
-        PGresult *r;
-        while (p->conn && (r = PQgetResult(p->conn)) != NULL)
-            PQclear(r);
+        pg_drain(p);
         p->page = NULL;
     }
     PQclear(pc->res);
@@ -325,10 +319,29 @@ static void cursor_destroy(es_cursor *c)
     free(pc);
 }
 
-static const char *cursor_checkpoint(const es_cursor *c)
+static const char *all_checkpoint(es_cursor *c)
 {
-    const pg_cursor *pc = (const pg_cursor *)c;
-    return pc->all ? pc->checkpoint : NULL;
+    pg_cursor *pc = (pg_cursor *)c;
+    snprintf(pc->checkpoint, sizeof pc->checkpoint, "%" PRIu64 ":%" PRId64,
+             pc->cp_txid, pc->cp_pos);
+    return pc->checkpoint;
+}
+
+/* Columns 0-6 of a row of either read: the event as es_event wants it. */
+static void decode_row(pg_cursor *pc, PGresult *r, int i, es_event *e)
+{
+    e->position = (int64_t)be64(PQgetvalue(r, i, 0));
+    uuid_unparse_lower((const unsigned char *)PQgetvalue(r, i, 1), pc->id);
+    e->id = pc->id;
+    e->version = (int64_t)be64(PQgetvalue(r, i, 2));
+    e->type = PQgetvalue(r, i, 3);
+    e->data = PQgetvalue(r, i, 4);         /* json: the text as stored */
+    e->data_len = (size_t)PQgetlength(r, i, 4);
+    e->metadata = PQgetvalue(r, i, 5);
+    e->metadata_len = (size_t)PQgetlength(r, i, 5);
+    es_time_format((int64_t)be64(PQgetvalue(r, i, 6)) + PG_EPOCH_USEC,
+                   pc->recorded_at);
+    e->recorded_at = pc->recorded_at;
 }
 
 static int stream_exhausted(const pg_cursor *pc)
@@ -355,19 +368,15 @@ static int send_page(pg_cursor *pc, es_error *err)
         b = pc->last - a >= PAGE_ROWS ? a + PAGE_ROWS - 1 : pc->last;
         pc->next = b + 1;
     }
-    snprintf(lo, sizeof lo, "%" PRId64, a);
-    snprintf(hi, sizeof hi, "%" PRId64, b);
-    snprintf(limit, sizeof limit, "%" PRId64,
-             pc->remaining >= 0 ? pc->remaining : (int64_t)PAGE_ROWS);
     values[0] = pc->stream;
-    values[1] = lo;
-    values[2] = hi;
+    values[1] = i64(lo, a);
+    values[2] = i64(hi, b);
     values[3] = pc->before[0] ? pc->before : NULL;
-    values[4] = limit;
+    values[4] = i64(limit, pc->remaining >= 0 ? pc->remaining
+                                              : (int64_t)PAGE_ROWS);
     if (pg_send_prepared(p, pc->backward ? PG_READ_BACKWARD : PG_READ_FORWARD,
                          5, values, 1, err) < 0)
         return -1;
-    pc->page.pending = 1;
     p->page = &pc->page;
     return 0;
 }
@@ -377,7 +386,6 @@ static int receive_page(pg_cursor *pc, es_error *err)
 {
     pg_store *p = (pg_store *)pc->base.store;
     PQclear(pc->res);
-    pc->page.pending = 0;
     p->page = NULL;
     pc->res = pg_receive(p, pc->backward ? PG_READ_BACKWARD : PG_READ_FORWARD,
                          err);
@@ -400,8 +408,7 @@ static int receive_page(pg_cursor *pc, es_error *err)
 static int stream_next(es_cursor *c, es_event *e, es_error *err)
 {
     pg_cursor *pc = (pg_cursor *)c;
-    PGresult *r;
-    int i;
+    pg_store *p = (pg_store *)c->store;
 
     if (pc->page.broken)
         return es_fail(err, ES_INVALID, "read of stream %s: the store was "
@@ -410,7 +417,7 @@ static int stream_next(es_cursor *c, es_event *e, es_error *err)
                        pc->stream);
     /* A page can be empty when `before` filters all of its range. */
     while (pc->row >= pc->nrows) {
-        if (!pc->page.pending) {
+        if (p->page != &pc->page) {
             if (stream_exhausted(pc))
                 return 0;
             if (send_page(pc, err) < 0)
@@ -419,27 +426,13 @@ static int stream_next(es_cursor *c, es_event *e, es_error *err)
         if (receive_page(pc, err) < 0)
             return -1;
     }
-    r = pc->res;
-    i = pc->row++;
-    e->position = (int64_t)be64(PQgetvalue(r, i, 0));
-    uuid_text(PQgetvalue(r, i, 1), pc->id);
-    e->id = pc->id;
+    decode_row(pc, pc->res, pc->row++, e);
     e->stream = pc->stream;
-    e->version = (int64_t)be64(PQgetvalue(r, i, 2));
-    e->type = PQgetvalue(r, i, 3);
-    e->data = PQgetvalue(r, i, 4);         /* json: the text as stored */
-    e->data_len = (size_t)PQgetlength(r, i, 4);
-    e->metadata = PQgetvalue(r, i, 5);
-    e->metadata_len = (size_t)PQgetlength(r, i, 5);
-    es_time_format((int64_t)be64(PQgetvalue(r, i, 6)) + PG_EPOCH_USEC,
-                   pc->recorded_at);
-    e->recorded_at = pc->recorded_at;
-    e->checkpoint = NULL;
     return 1;
 }
 
 static const es_cursor_ops stream_cursor_ops = {
-    stream_next, cursor_checkpoint, cursor_destroy
+    stream_next, NULL, cursor_destroy
 };
 
 es_cursor *pg_read(es_store *s, const char *stream, const es_read_opts *o,
@@ -487,36 +480,21 @@ es_cursor *pg_read(es_store *s, const char *stream, const es_read_opts *o,
 static int all_next(es_cursor *c, es_event *e, es_error *err)
 {
     pg_cursor *pc = (pg_cursor *)c;
-    PGresult *r = pc->res;
     int i;
-    uint64_t txid;
 
     (void)err;
     if (pc->row >= pc->nrows)
         return 0;
     i = pc->row++;
-    txid = be64(PQgetvalue(r, i, 0));
-    e->position = (int64_t)be64(PQgetvalue(r, i, 1));
-    uuid_text(PQgetvalue(r, i, 2), pc->id);
-    e->id = pc->id;
-    e->version = (int64_t)be64(PQgetvalue(r, i, 3));
-    e->type = PQgetvalue(r, i, 4);
-    e->data = PQgetvalue(r, i, 5);
-    e->data_len = (size_t)PQgetlength(r, i, 5);
-    e->metadata = PQgetvalue(r, i, 6);
-    e->metadata_len = (size_t)PQgetlength(r, i, 6);
-    es_time_format((int64_t)be64(PQgetvalue(r, i, 7)) + PG_EPOCH_USEC,
-                   pc->recorded_at);
-    e->recorded_at = pc->recorded_at;
-    e->stream = PQgetvalue(r, i, 8);
-    snprintf(pc->checkpoint, sizeof pc->checkpoint, "%" PRIu64 ":%" PRId64,
-             txid, e->position);
-    e->checkpoint = pc->checkpoint;
+    decode_row(pc, pc->res, i, e);
+    e->stream = PQgetvalue(pc->res, i, 8);
+    pc->cp_txid = be64(PQgetvalue(pc->res, i, 7));
+    pc->cp_pos = e->position;
     return 1;
 }
 
 static const es_cursor_ops all_cursor_ops = {
-    all_next, cursor_checkpoint, cursor_destroy
+    all_next, all_checkpoint, cursor_destroy
 };
 
 /* Checkpoints are "<txid>:<position>"; "0:<position>" from the memory
@@ -559,6 +537,23 @@ static int request_key(es_buf *key, int stmt, const char *const *values,
     return rc;
 }
 
+/* Whether key (from request_key) is this request, compared in place. */
+static int request_is(const es_buf *key, int stmt, const char *const *values,
+                      int nvalues)
+{
+    const char *k = key->data, *end = key->data + key->len;
+    if (k == end || *k++ != (char)('0' + stmt))
+        return 0;
+    for (int i = 0; i < nvalues; i++) {
+        size_t n = strlen(values[i]);
+        if (k == end || *k++ != '\x1f' || (size_t)(end - k) < n ||
+            memcmp(k, values[i], n) != 0)
+            return 0;
+        k += n;
+    }
+    return k == end;
+}
+
 /* Sends the query for the batch after the last row of res. */
 static void prefetch_next(pg_store *p, int stmt, PGresult *res,
                           const char **values, int nvalues)
@@ -567,19 +562,15 @@ static void prefetch_next(pg_store *p, int stmt, PGresult *res,
     int last = PQntuples(res) - 1;
     es_error ignored;
 
-    snprintf(txs, sizeof txs, "%" PRIu64, be64(PQgetvalue(res, last, 0)));
-    snprintf(poss, sizeof poss, "%" PRId64,
-             (int64_t)be64(PQgetvalue(res, last, 1)));
+    snprintf(txs, sizeof txs, "%" PRIu64, be64(PQgetvalue(res, last, 7)));
     values[0] = txs;
-    values[1] = poss;
+    values[1] = i64(poss, (int64_t)be64(PQgetvalue(res, last, 0)));
     if (request_key(&p->ahead.key, stmt, values, nvalues) < 0)
         return;
     /* A failure here only means no batch ahead; the next read_all asks
      * the usual way and reports what is wrong. */
-    if (pg_send_prepared(p, stmt, nvalues, values, 1, &ignored) == 0) {
+    if (pg_send_prepared(p, stmt, nvalues, values, 1, &ignored) == 0)
         p->ahead.state = 1;
-        p->ahead.stmt = stmt;
-    }
 }
 
 /* The prefetched batch for this request, or NULL (then dropped). Only a
@@ -590,18 +581,11 @@ static PGresult *take_prefetched(pg_store *p, int stmt,
                                  const char *const *values, int nvalues,
                                  int64_t limit)
 {
-    es_buf key;
     PGresult *res = NULL;
-    int same;
 
     if (p->ahead.state == 0)
         return NULL;
-    es_buf_init(&key);
-    same = request_key(&key, stmt, values, nvalues) == 0 &&
-           key.len == p->ahead.key.len &&
-           memcmp(key.data, p->ahead.key.data, key.len) == 0;
-    es_buf_free(&key);
-    if (same) {
+    if (request_is(&p->ahead.key, stmt, values, nvalues)) {
         pg_settle(p);
         if (p->ahead.res && PQresultStatus(p->ahead.res) == PGRES_TUPLES_OK &&
             PQntuples(p->ahead.res) == limit) {
@@ -628,11 +612,9 @@ es_cursor *pg_read_all(es_store *s, const es_read_all_opts *o, es_error *err)
         return NULL;
     limit_n = o->limit > 0 ? o->limit : (int64_t)DEFAULT_BATCH;
     snprintf(txs, sizeof txs, "%" PRIu64, txid);
-    snprintf(poss, sizeof poss, "%" PRId64, pos);
-    snprintf(limit, sizeof limit, "%" PRId64, limit_n);
     values[0] = txs;
-    values[1] = poss;
-    values[2] = limit;
+    values[1] = i64(poss, pos);
+    values[2] = i64(limit, limit_n);
     es_buf_init(&types);
     if (o->category) {
         stmt += 1;
@@ -660,9 +642,8 @@ es_cursor *pg_read_all(es_store *s, const es_read_all_opts *o, es_error *err)
     }
     pc->base.ops = &all_cursor_ops;
     pc->base.store = s;
-    pc->all = 1;
-    snprintf(pc->checkpoint, sizeof pc->checkpoint, "%" PRIu64 ":%" PRId64,
-             txid, pos);
+    pc->cp_txid = txid;        /* the `after` given, until a row moves it */
+    pc->cp_pos = pos;
     pc->res = take_prefetched(p, stmt, values, nvalues, limit_n);
     if (!pc->res)
         pc->res = pg_exec_prepared(p, stmt, nvalues, values, 1, err);
@@ -692,11 +673,9 @@ int pg_save_snapshot(es_store *s, const char *stream, int64_t version,
     if (es_buf_add(&p->params, state, state_len) < 0 ||
         !es_buf_cstr(&p->params))
         return es_fail(err, ES_DATABASE, "out of memory");
-    snprintf(v, sizeof v, "%" PRId64, version);
-    snprintf(sv, sizeof sv, "%" PRId64, schema_version);
     values[0] = stream;
-    values[1] = v;
-    values[2] = sv;
+    values[1] = i64(v, version);
+    values[2] = i64(sv, schema_version);
     values[3] = p->params.data;
     res = pg_exec_prepared(p, PG_SNAPSHOT_SAVE, 4, values, 0, err);
     if (!res)
@@ -714,12 +693,9 @@ int pg_load_snapshot(es_store *s, const char *stream, int64_t max_version,
     const char *values[3];
     PGresult *r;
 
-    snprintf(mv, sizeof mv, "%" PRId64, max_version > 0 ? max_version
-                                                         : INT64_MAX);
-    snprintf(sv, sizeof sv, "%" PRId64, schema_version);
     values[0] = stream;
-    values[1] = mv;
-    values[2] = sv;
+    values[1] = i64(mv, max_version > 0 ? max_version : INT64_MAX);
+    values[2] = i64(sv, schema_version);
     PQclear(p->snapshot);
     p->snapshot = r = pg_exec_prepared(p, PG_SNAPSHOT_LOAD, 3, values, 1,
                                        err);

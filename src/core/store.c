@@ -206,7 +206,7 @@ int es_cursor_next(es_cursor *c, es_event *out, es_error *err)
     return c->ops->next(c, out, err);
 }
 
-const char *es_cursor_checkpoint(const es_cursor *c)
+const char *es_cursor_checkpoint(es_cursor *c)
 {
     return c->ops->checkpoint ? c->ops->checkpoint(c) : NULL;
 }

@@ -48,7 +48,7 @@ struct es_store {
 
 typedef struct es_cursor_ops {
     int (*next)(es_cursor *c, es_event *out, es_error *err);
-    const char *(*checkpoint)(const es_cursor *c);
+    const char *(*checkpoint)(es_cursor *c);
     void (*destroy)(es_cursor *c);
 } es_cursor_ops;
 
@@ -65,6 +65,8 @@ es_store *es_pg_open(const char *conninfo, const char *schema,
 /* Shared helpers for implementations. */
 int es_valid_stream(const char *stream, es_error *err);
 int es_valid_event_type(const char *type, es_error *err);
+/* The same UUID v7 as es_uuid_v7, as its 16 bytes. */
+void es_uuid_v7_bytes(unsigned char out[16]);
 /* Parses an ISO-8601 instant to microseconds since the epoch (UTC). */
 int es_time_parse(const char *text, int64_t *usec, es_error *err);
 /* Formats microseconds since the epoch as "YYYY-MM-DDTHH:MM:SS.ffffffZ". */

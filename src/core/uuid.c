@@ -9,7 +9,7 @@
  *
  * The state is per thread: nginx runs store calls on several pool threads.
  */
-#include "eventsourcing.h"
+#include "store.h"
 
 #include <string.h>
 #include <time.h>
@@ -38,7 +38,7 @@ static int counter_next(unsigned char u[16])
     return 0;
 }
 
-void es_uuid_v7(char out[37])
+void es_uuid_v7_bytes(unsigned char out[16])
 {
     struct timespec ts;
     uint64_t ms;
@@ -61,7 +61,14 @@ void es_uuid_v7(char out[37])
             last[i] = (unsigned char)(ms >> (8 * (5 - i)));
         last_ms = ms;
     }
-    uuid_unparse_lower(last, out);
+    memcpy(out, last, 16);
+}
+
+void es_uuid_v7(char out[37])
+{
+    unsigned char u[16];
+    es_uuid_v7_bytes(u);
+    uuid_unparse_lower(u, out);
 }
 
 int es_uuid_valid(const char *text)

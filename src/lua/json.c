@@ -1140,13 +1140,10 @@ int esl_json_decode_ctx(lua_State *L, int ctx, const char *s, size_t n,
 {
     int top = lua_gettop(L);
     luaL_checkstack(L, 8, "json decode");
-    lua_pushnil(L);            /* the slot the value ends in */
     if (decode_with(L, s, n, ctx, ctx + 1, ctx + 2, msg, msglen) < 0) {
         lua_settop(L, top);
         return -1;
     }
-    lua_replace(L, top + 1);
-    lua_settop(L, top + 1);
     return 0;
 }
 

@@ -415,10 +415,11 @@ typedef struct span {
 
 /* Reads and encodes the event at the top of the stack into ls->json and
  * fills in ev (except the data/metadata pointers, fixed up later because
- * the buffer may move). */
+ * the buffer may move). Events without metadata of their own share one
+ * encoding of the call's metadata (`shared`, meta_len 0 until made). */
 static int encode_event(lua_State *L, lstore *ls, int call_meta, int anchor,
-                        size_t i, es_event_in *ev, span *sp, char *msg,
-                        size_t msglen)
+                        size_t i, es_event_in *ev, span *sp, span *shared,
+                        char *msg, size_t msglen)
 {
     int e = lua_gettop(L);
     char inner[200];
@@ -458,7 +459,14 @@ static int encode_event(lua_State *L, lstore *ls, int call_meta, int anchor,
                  i + 1, luaL_typename(L, -1));
         return -1;
     }
-    if (encode_metadata(L, ls, call_meta, lua_isnil(L, -1) ? 0 : lua_gettop(L),
+    int own = !lua_isnil(L, -1);
+    if (!own && shared->meta_len) {
+        sp->meta = shared->meta;
+        sp->meta_len = shared->meta_len;
+        lua_pop(L, 1);
+        return 0;
+    }
+    if (encode_metadata(L, ls, call_meta, own ? lua_gettop(L) : 0,
                         inner, sizeof inner) < 0) {
         snprintf(msg, msglen, "event %zu (%s): metadata %s", i + 1, ev->type,
                  inner);
@@ -466,6 +474,8 @@ static int encode_event(lua_State *L, lstore *ls, int call_meta, int anchor,
     }
     lua_pop(L, 1);
     sp->meta_len = ls->json.len - sp->meta;
+    if (!own)
+        *shared = *sp;
     return 0;
 }
 
@@ -475,6 +485,7 @@ static int l_append(lua_State *L)
     const char *stream = check_strict_string(L, 2);
     int64_t expected;
     int call_meta = 0, single, anchor;
+    span shared = {0, 0, 0, 0};
     size_t n;
     char msg[300];
     es_event_in *evs;
@@ -517,8 +528,8 @@ static int l_append(lua_State *L)
             lua_pushvalue(L, 3);
         else
             lua_rawgeti(L, 3, (int)(i + 1));
-        if (encode_event(L, ls, call_meta, anchor, i, &evs[i], &spans[i], msg,
-                         sizeof msg) < 0)
+        if (encode_event(L, ls, call_meta, anchor, i, &evs[i], &spans[i],
+                         &shared, msg, sizeof msg) < 0)
             return esl_push_fail(L, ES_INVALID, msg);
         lua_pop(L, 1);
     }
