@@ -24,9 +24,7 @@ local M = es.read_model { name = "rm_lag", columns = { id = "text", n = "bigint"
 local Lag = assert(load(MODEL .. " return M"))()
 assert(es.projector(store, { Lag }):migrate())
 
--- wall clock: LuaJIT's clock_gettime, else the database's clock_timestamp()
-local clock = require("eventsourcing.projector").clock
-local function now() return clock(store) end
+local now = require("eventsourcing.core").monotonic
 
 local function shq(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
 local stop_file = os.tmpname()

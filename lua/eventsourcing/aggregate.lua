@@ -39,7 +39,6 @@ local Aggregate = {}
 Aggregate.__index = Aggregate
 
 local deep_copy = require("eventsourcing.util").deep_copy
-M.deep_copy = deep_copy
 
 local function rejected(message, fields)
   local f = { }

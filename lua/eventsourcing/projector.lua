@@ -40,8 +40,8 @@ local DEFAULT_BATCH = 5000
 
 local util = require "eventsourcing.util"
 local sleep = util.sleep
-local function clock() return util.monotonic() end
-M.clock = clock
+local clock = util.monotonic
+local rollback = util.rollback
 
 function M.new(store, projections, opts)
   if type(store) ~= "userdata" and type(store) ~= "table" then
@@ -66,7 +66,7 @@ function M.new(store, projections, opts)
   end
   return setmetatable({
     store = store, list = list, by_name = by_name, batch_size = bs,
-    listen_opt = opts.listen, memory = store:kind() == "memory",
+    listen_opt = opts.listen, memory = util.is_memory(store),
     migrated = false, stopping = false, log = opts.log,
   }, Projector)
 end
@@ -83,10 +83,6 @@ end
 
 function Projector:_q(sql)
   return (sql:gsub("<schema>", quote(self.store:schema())))
-end
-
-local function rollback(store)
-  store:rollback()      -- errors ignored: the session may be gone already
 end
 
 -- Migration -------------------------------------------------------------------
@@ -158,7 +154,7 @@ function Projector:_save(p, checkpoint, position, handled, failure)
   if self.memory then
     local s = mem_state(store, p.name)
     s.checkpoint, s.position, s.handled = checkpoint, position, s.handled + handled
-    s.updated_at = os.date("!%Y-%m-%dT%H:%M:%SZ")
+    s.updated_at = util.now_iso()
     if failure then s.error, s.failed_at = failure, s.updated_at end
     return true
   end
@@ -168,14 +164,8 @@ function Projector:_save(p, checkpoint, position, handled, failure)
     p.name, checkpoint, position, handled, failure)
 end
 
-function Projector:_commit()
-  if self.memory then return true end
-  return self.store:commit()
-end
-
-function Projector:_rollback()
-  if not self.memory then rollback(self.store) end
-end
+function Projector:_commit() return util.commit(self.store) end
+function Projector:_rollback() rollback(self.store) end
 
 -- Batches ---------------------------------------------------------------------------
 
@@ -344,6 +334,19 @@ function Projector:run(opts)
   return true
 end
 
+-- Forgets a projection's recorded error (and with reset, its count of
+-- handled events).
+function Projector:_clear_error(name, reset)
+  if self.memory then
+    local s = mem_state(self.store, name)
+    s.error, s.failed_at = nil, nil
+    if reset then s.handled = 0 end
+    return true
+  end
+  return self.store:query(self:_q("UPDATE <schema>.projections SET error = NULL, failed_at = NULL, "
+    .. "updated_at = now()" .. (reset and ", handled = 0" or "") .. " WHERE name = $1"), name)
+end
+
 -- Clears the recorded error of a stopped projection: it resumes at the
 -- failing event.
 function Projector:retry(name)
@@ -351,13 +354,7 @@ function Projector:retry(name)
   if not p then error(("projector:retry: no projection named %s"):format(tostring(name)), 2) end
   local ok, err = self:_ensure()
   if not ok then return nil, err end
-  if self.memory then
-    local s = mem_state(self.store, name)
-    s.error, s.failed_at = nil, nil
-    return true
-  end
-  return self.store:query(self:_q("UPDATE <schema>.projections SET error = NULL, failed_at = NULL, "
-    .. "updated_at = now() WHERE name = $1"), name)
+  return self:_clear_error(name)
 end
 
 local function parse_cp(cp)
@@ -378,23 +375,19 @@ function Projector:status()
       local m = mem_state(store, p.name)
       s.checkpoint, s.position, s.handled, s.error = m.checkpoint, m.position, m.handled, m.error
       s.updated_at, s.failed_at = m.updated_at, m.failed_at
-      local lag, first, after = 0, nil, m.checkpoint
-      while true do
-        local b, cp = store:read_all({ after = after, limit = 10000 })
-        if not b then return nil, cp end
-        if #b == 0 then break end
+      local lag, first = 0, nil
+      local done, serr = util.scan(store, m.checkpoint, function(b)
         first = first or b[1]
         lag = lag + #b
-        after = cp
-      end
+      end)
+      if done == nil and serr then return nil, serr end
       s.lag_events = lag
       local t = first and iso_epoch(first.recorded_at)
       s.lag_seconds = t and math.max(0, util.now() - t) or 0
     else
       local res
       res, err = store:query(self:_q("SELECT checkpoint, position, handled, error, "
-        .. "to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') AS updated_at, "
-        .. "to_char(failed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') AS failed_at "
+        .. util.ts_sql("updated_at") .. ", " .. util.ts_sql("failed_at") .. " "
         .. "FROM <schema>.projections WHERE name = $1"), p.name)
       if not res then return nil, err end
       local r = res[1] or {}
@@ -431,10 +424,13 @@ local function progress_bar(done, total, rate, eta)
   io.stderr:flush()
 end
 
-local function reporter(opts, total)
+-- count() gives the total, asked only when progress is shown: counting
+-- the whole store is work of its own.
+local function reporter(opts, count)
   local cb = opts.progress
   local bar = opts.bar
   if bar == nil then bar = is_tty() end
+  local total = (cb or bar) and count() or 0
   local t0 = clock()
   local last = -1
   return function(done, final)
@@ -453,12 +449,8 @@ end
 
 function Projector:_count_events()
   if self.memory then
-    local n, after = 0, nil
-    while true do
-      local b, cp = self.store:read_all({ after = after, limit = 10000 })
-      if not b or #b == 0 then break end
-      n, after = n + #b, cp
-    end
+    local n = 0
+    util.scan(self.store, nil, function(b) n = n + #b end)
     return n
   end
   local res = self.store:query(self:_q("SELECT count(*) AS n FROM <schema>.events"))
@@ -479,7 +471,7 @@ function Projector:rebuild(name, opts)
   local ok, err = self:_ensure()
   if not ok then return nil, err end
   local limit = opts.batch_size or math.max(self.batch_size, 10000)
-  local report = reporter(opts, self:_count_events())
+  local report = reporter(opts, function() return self:_count_events() end)
   -- a raise (the progress callback, a bug) must not strand the swap's
   -- transaction and its lease
   local done, a, b = pcall(p.kind == "read_model" and self._rebuild_swap or self._rebuild_in_place,
@@ -559,13 +551,7 @@ function Projector:_rebuild_swap(p, limit, report)
   end
   if ok then
     ok, err = self:_save(p, after, pos, 0)
-    if ok and not self.memory then
-      ok, err = store:query(self:_q("UPDATE <schema>.projections SET error = NULL, failed_at = NULL "
-        .. "WHERE name = $1"), p.name)
-    elseif ok then
-      local s = mem_state(store, p.name)
-      s.error, s.failed_at = nil, nil
-    end
+    if ok then ok, err = self:_clear_error(p.name) end
   end
   if not ok then self:_rollback(); drop_tmp(); return nil, err end
   ok, err = self:_commit()
@@ -584,13 +570,7 @@ function Projector:_rebuild_in_place(p, limit, report)
   local ok, e = pcall(p.reset_fn, require("eventsourcing.projection").tx(self.store))
   if ok then
     ok, e = self:_save(p, nil, 0, 0)
-    if ok and not self.memory then
-      ok, e = self.store:query(self:_q("UPDATE <schema>.projections SET error = NULL, failed_at = NULL, "
-        .. "handled = 0 WHERE name = $1"), p.name)
-    elseif ok then
-      local s = mem_state(self.store, p.name)
-      s.error, s.failed_at, s.handled = nil, nil, 0
-    end
+    if ok then ok, e = self:_clear_error(p.name, true) end
   end
   if not ok then self:_rollback(); return nil, e end
   ok, err = self:_commit()

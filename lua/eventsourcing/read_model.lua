@@ -60,7 +60,6 @@ local TYPES = {
 }
 local INTEGER_TYPES = { bigint = true, integer = true, smallint = true }
 
-local TS_FORMAT = [['YYYY-MM-DD"T"HH24:MI:SS.US"Z"']]
 
 -- Identifier checks ---------------------------------------------------------
 
@@ -98,7 +97,6 @@ end
 
 local util = require "eventsourcing.util"
 local deep_copy = util.deep_copy
-M.deep_copy = deep_copy
 
 local tointeger = math.tointeger or function(v)   -- LuaJIT: numbers are doubles
   if type(v) == "number" and v % 1 == 0 then return v end
@@ -256,10 +254,7 @@ function ReadModel:_mem_rows(store, tbl)
   return rows
 end
 
-local function is_memory(store)
-  return store:kind() == "memory"
-end
-M.is_memory = is_memory
+local is_memory = util.is_memory
 
 -- SQL pieces -----------------------------------------------------------------
 
@@ -272,7 +267,7 @@ function ReadModel:_select_list()
   local parts = {}
   for _, c in ipairs(self.columns) do
     if self.types[c] == "timestamptz" then
-      parts[#parts + 1] = ("to_char(%s AT TIME ZONE 'UTC', %s) AS %s"):format(quote(c), TS_FORMAT, quote(c))
+      parts[#parts + 1] = util.ts_sql(quote(c))
     else
       parts[#parts + 1] = quote(c)
     end
@@ -712,7 +707,7 @@ function M.apply_inline(store, read_models, events, opts)
     if is_memory(store) then
       at = now_iso()
     else
-      local res, err = store:query(("SELECT to_char(now() AT TIME ZONE 'UTC', %s) AS at"):format(TS_FORMAT))
+      local res, err = store:query("SELECT " .. util.ts_sql("now()", "at"))
       if not res then return nil, err end
       at = res[1].at
     end

@@ -136,10 +136,7 @@ local function expectation_met(expected, version)
   return expected == version
 end
 
-local function shallow_merge(into, from)
-  if from then for k, v in pairs(from) do into[k] = v end end
-  return into
-end
+local merge = util.merge
 
 -- Save a snapshot once at least snapshot_every events accrued since the
 -- last one. The state is rebuilt by a fresh load (from the previous
@@ -165,6 +162,24 @@ local function stamp(out, res)
   for _, e in ipairs(out) do e.recorded_at = res.recorded_at end
   out[#out].position = res.position
 end
+M.stamp = stamp
+
+-- The events a decide returned, as they will be appended: the command's
+-- shared metadata under each event's own, the type's schema version,
+-- an id (id_of(i) when given, else the event's own or a new UUID) and the
+-- versions they will take.
+function M.events_to_append(A, stream, version, base, events, id_of)
+  local out = {}
+  for i, e in ipairs(events) do
+    local meta = merge(merge({}, base), e.metadata)
+    local sv = A.schema_versions[e.type]
+    if sv then meta.schema_version = sv end
+    out[i] = { id = (id_of and id_of(i)) or e.id or uuid(), type = e.type,
+               data = e.data or {}, metadata = meta, stream = stream,
+               version = version + i }
+  end
+  return out
+end
 
 -- Appends and updates the inline read models in one transaction (or one
 -- after the other on a memory store). The events get the versions they
@@ -172,7 +187,7 @@ end
 local function append_inline(self, stream, out, version)
   local store = self.store
   local read_model = require "eventsourcing.read_model"
-  if store:kind() == "memory" then
+  if util.is_memory(store) then
     -- no transactions: run the handlers without writing first, so that a
     -- failing one refuses the command before anything is stored
     for _, e in ipairs(out) do e.recorded_at = e.recorded_at or util.now_iso() end
@@ -226,7 +241,7 @@ function Repository:execute(A, id, command_name, command, opts)
   local store = self.store
 
   -- metadata shared by the events of this command
-  local base = shallow_merge(shallow_merge({}, self.metadata), opts.metadata)
+  local base = merge(merge({}, self.metadata), opts.metadata)
   local command_id = uuid()
   if base.correlation_id == nil then base.correlation_id = command_id end
   if base.causation_id == nil then base.causation_id = command_id end
@@ -253,23 +268,15 @@ function Repository:execute(A, id, command_name, command, opts)
       end
       return { version = version, position = position, events = events, state = state }
     end
-    local out = {}
-    for i, e in ipairs(events) do
-      local meta = shallow_merge({}, base)
-      shallow_merge(meta, e.metadata)
-      local sv = A.schema_versions[e.type]
-      if sv then meta.schema_version = sv end
-      out[i] = { id = e.id or uuid(), type = e.type, data = e.data or {},
-                 metadata = meta, stream = stream, version = version + i }
-    end
+    local out = M.events_to_append(A, stream, version, base, events)
     local res, aerr
     if self.read_models then
-      res, aerr = append_inline(self, stream, out, version)
+      res, aerr = append_inline(self, stream, out, version)   -- stamps them
     else
       res, aerr = store:append(stream, out, { expected_version = version })
+      if res then stamp(out, res) end
     end
     if res then
-      stamp(out, res)
       state = A:evolve(state, out)
       local serr = maybe_snapshot(self, A, stream, res.version, snap_version)
       return { version = res.version, position = res.position, events = out,

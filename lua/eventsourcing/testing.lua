@@ -18,6 +18,7 @@
 -- ok, message instead.
 local aggregate_mod = require "eventsourcing.aggregate"
 local core = require "eventsourcing.core"
+local util = require "eventsourcing.util"
 
 local M = {}
 
@@ -238,7 +239,7 @@ end
 function Scenario:result_state()
   local A = self.aggregate
   local state = A:evolve(A:initial(), self.history)
-  if self.events then state = A:evolve(state, aggregate_mod.deep_copy(self.events)) end
+  if self.events then state = A:evolve(state, util.deep_copy(self.events)) end
   return state
 end
 

@@ -14,6 +14,50 @@ function M.deep_copy(v)
   return setmetatable(t, getmetatable(v))
 end
 
+-- into with from's keys laid over it (from may be nil); returns into.
+function M.merge(into, from)
+  if from then for k, v in pairs(from) do into[k] = v end end
+  return into
+end
+
+function M.is_memory(store) return store:kind() == "memory" end
+
+-- Transactions, which a memory store does not have: there they are no-ops.
+-- rollback ignores errors (the session may be gone already).
+function M.begin(store)
+  if M.is_memory(store) then return true end
+  return store:begin()
+end
+
+function M.commit(store)
+  if M.is_memory(store) then return true end
+  return store:commit()
+end
+
+function M.rollback(store)
+  if not M.is_memory(store) then store:rollback() end
+end
+
+-- SQL selecting a timestamptz as the stores write instants
+-- ("YYYY-MM-DDTHH:MM:SS.ffffffZ"), named alias (default: the expression).
+function M.ts_sql(expr, alias)
+  return ([[to_char(%s AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS %s]])
+    :format(expr, alias or expr)
+end
+
+-- Pages through every event after checkpoint `after` (nil: all), calling
+-- each_batch(batch) for each page. -> the checkpoint after the last event
+-- (`after` when there was none) | nil, err
+function M.scan(store, after, each_batch)
+  while true do
+    local batch, cp = store:read_all({ after = after, limit = 10000 })
+    if not batch then return nil, cp end
+    if #batch == 0 then return after end
+    if each_batch then each_batch(batch) end
+    after = cp
+  end
+end
+
 M.now = core.now                 -- wall clock, seconds since the epoch
 M.monotonic = core.monotonic     -- for durations and rates
 M.iso = core.time_format         -- epoch seconds -> "YYYY-MM-DDTHH:MM:SS.ffffffZ"

@@ -175,6 +175,7 @@ end
 -- Helpers
 
 local util = require "eventsourcing.util"
+local repository = require "eventsourcing.repository"
 local sleep = util.sleep
 M.sleep = sleep
 local now = util.now          -- wall clock, seconds
@@ -183,7 +184,7 @@ local iso_epoch = util.iso_epoch
 M.iso_epoch = iso_epoch
 local iso = util.iso
 
-local function is_memory(store) return store:kind() == "memory" end
+local is_memory = util.is_memory
 
 local function quote_ident(s) return '"' .. tostring(s):gsub('"', '""') .. '"' end
 
@@ -206,8 +207,7 @@ local function raise(err) error(err, 0) end
 
 local BUSINESS = { rejected = true, invalid = true, not_found = true }
 
-local TS = [['YYYY-MM-DD"T"HH24:MI:SS.US"Z"']]
-local function ts(col) return ("to_char(%s AT TIME ZONE 'UTC', %s) AS %s"):format(col, TS, col) end
+local ts = util.ts_sql
 
 -- Memory stores: everything in Lua, weak-keyed by store.
 local mem_states = setmetatable({}, { __mode = "k" })
@@ -432,7 +432,7 @@ function M.runner(store, workflows, opts)
       error("es.workflow.runner: aggregates must map names to aggregates", 2)
     end
   end
-  local repo = require("eventsourcing.repository").new(store, { snapshots = opts.snapshots })
+  local repo = repository.new(store, { snapshots = opts.snapshots })
   return setmetatable({
     store = store, list = list, by_name = by_name, aggregates = aggregates,
     read_models = opts.read_models and #opts.read_models > 0 and opts.read_models or nil,
@@ -480,11 +480,7 @@ function Runner:_aggregate_name(A)
   end
 end
 
-local function copy(t)
-  local c = {}
-  if t then for k, v in pairs(t) do c[k] = v end end
-  return c
-end
+local function copy(t) return util.merge({}, t) end
 
 -- Records a refused command (idempotent per workflow, event, step).
 function Runner:_reject(ctx, step, A, id, command_name, command, err)
@@ -542,23 +538,15 @@ function Runner:_execute(ctx, A, id, command_name, command, step, opts)
       return nil, err
     end
     if #events == 0 then return { version = version, events = events, state = state } end
-    local out = {}
-    for i, e in ipairs(events) do
-      local meta = copy(base)
-      for k, v in pairs(e.metadata or {}) do meta[k] = v end
-      local sv = A.schema_versions[e.type]
-      if sv then meta.schema_version = sv end
-      out[i] = { id = M.derive_id(ctx.seed, "", step, i), type = e.type, data = e.data or {},
-                 metadata = meta, stream = stream, version = version + i }
-    end
+    local out = repository.events_to_append(A, stream, version, base, events,
+      function(i) return M.derive_id(ctx.seed, "", step, i) end)
     local res, aerr = store:append(stream, out, { expected_version = version })
     if res and res.version == version + #out then
-      for _, e in ipairs(out) do e.recorded_at = res.recorded_at end
+      repository.stamp(out, res)
       if self.read_models then
         local ok, rerr = require("eventsourcing.read_model").apply_inline(store, self.read_models, out)
         if not ok then raise(rerr) end
       end
-      out[#out].position = res.position
       self.stats.appended = self.stats.appended + #out
       return { version = res.version, position = res.position, events = out,
                state = A:evolve(state, out) }
@@ -694,19 +682,9 @@ function Runner:_dead_letter(wf_name, e, err, attempts, timer)
     timer and json.encode(timer) or nil)
 end
 
-function Runner:_begin()
-  if self.memory then return true end
-  return self.store:begin()
-end
-
-function Runner:_commit()
-  if self.memory then return true end
-  return self.store:commit()
-end
-
-function Runner:_rollback()
-  if not self.memory then self.store:rollback() end
-end
+function Runner:_begin() return util.begin(self.store) end
+function Runner:_commit() return util.commit(self.store) end
+function Runner:_rollback() util.rollback(self.store) end
 
 -- Locks the checkpoint row: row | false (leased elsewhere) | nil, err
 function Runner:_lock(wf)
@@ -1140,19 +1118,16 @@ local EVENT_COLS = "id::text AS id, stream, version, position, type, data, metad
 function M.trace(store, correlation_id)
   if type(correlation_id) ~= "string" then error("workflow.trace: correlation_id must be a string", 2) end
   if is_memory(store) then
-    local out, after = {}, nil
-    while true do
-      local b, cp = store:read_all({ after = after, limit = 1000 })
-      if not b then return nil, cp end
-      if #b == 0 then break end
+    local out = {}
+    local ok, err = util.scan(store, nil, function(b)
       for _, e in ipairs(b) do
         local m = e.metadata
         if (type(m) == "table" and m.correlation_id == correlation_id) or e.id == correlation_id then
           out[#out + 1] = e
         end
       end
-      after = cp
-    end
+    end)
+    if ok == nil and err then return nil, err end
     return out
   end
   return store:query(sqlq(store, "SELECT " .. EVENT_COLS .. " FROM <schema>.events "
@@ -1164,13 +1139,7 @@ end
 -- The checkpoint at the store's current end (for runner:reset(name,
 -- { checkpoint = ... }): a new workflow that should ignore the past).
 function M.end_checkpoint(store)
-  local after
-  while true do
-    local b, cp = store:read_all({ after = after, limit = 10000 })
-    if not b then return nil, cp end
-    if #b == 0 then return after end
-    after = cp
-  end
+  return util.scan(store, nil)
 end
 
 -- Removes a pending timer: true, removed (boolean) | nil, err
