@@ -9,8 +9,8 @@ CREATE TABLE BENCH_SCHEMA.bare (
   stream text NOT NULL,
   version bigint NOT NULL,
   type text NOT NULL,
-  data jsonb NOT NULL,
-  metadata jsonb NOT NULL,
+  data json NOT NULL,
+  metadata json NOT NULL,
   recorded_at timestamptz NOT NULL DEFAULT now(),
   UNIQUE (stream, version)
 );

@@ -58,7 +58,11 @@ local function measure(label, listen, n)
     assert(now() < t_end, "the projector process did not start")
   end
   local lags = {}
+  local core = require "eventsourcing.core"
   for i = 1, n do
+    -- arrive at a random moment of the poll period, as real appends do
+    -- (right after the last one became visible is always just after a poll)
+    core.sleep(math.random() * 0.1)
     local t0 = now()
     assert(store:append("Lag-" .. key, { type = "Tick" }))
     expect = expect + 1

@@ -53,7 +53,7 @@ ES_HTTP_DATABASE_URL=$URL ES_HTTP_SCHEMA=$SCHEMA lua5.4 -e '
     schema ~= "" and { schema = schema } or nil))
   -- the event store and the read model tables (rm_orders)
   local service = require "orders.service"
-  if service.migrate then assert(service.migrate(s)) else assert(s:migrate()) end
+  assert(service.migrate(s))
   s:close()' || fail "migration failed"
 
 # 3. the projector, restarted by a supervisor loop if it dies. By default

@@ -21,18 +21,13 @@ local aggregate = require "eventsourcing.aggregate"
 
 local M = {}
 
-local function invalid(field, message)
-  return es.error("invalid", field .. " " .. message, { field = field })
-end
+local fields = require "orders.fields"
+local invalid, as_integer = fields.invalid, fields.as_integer
 
 local function is_count(v)
   return type(v) == "number" and v == v and v % 1 == 0 and v >= 1 and v <= 1e9
 end
 
-local function as_integer(v)
-  if math.tointeger then return math.tointeger(v) or v end
-  return v
-end
 
 local function check_id(cmd, field)
   local v = cmd[field]

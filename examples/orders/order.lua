@@ -21,18 +21,13 @@ local MAX_UNIT_PRICE = 100000000000      -- 1e9 in major units
 local MAX_LINES = 1000                    -- item lines per order
 local MAX_TOTAL = 9007199254740991        -- 2^53 - 1: exact on LuaJIT too
 
-local function invalid(field, message)
-  return es.error("invalid", field .. " " .. message, { field = field })
-end
+local fields = require "orders.fields"
+local invalid, as_integer, total_of = fields.invalid, fields.as_integer, fields.total_of
 
 local function is_integer(v)
   return type(v) == "number" and v == v and v % 1 == 0 and v > -2^53 and v < 2^53
 end
 
-local function as_integer(v)
-  if math.tointeger then return math.tointeger(v) or v end
-  return v
-end
 
 local function check_id(cmd, field)
   local v = cmd[field]
@@ -53,15 +48,7 @@ local function check_int(cmd, field, lo, hi)
 end
 
 local function find_item(state, product_id)
-  for i, item in ipairs(state.items) do
-    if item.product_id == product_id then return item, i end
-  end
-end
-
-local function total_of(items)
-  local t = 0
-  for _, item in ipairs(items) do t = t + item.quantity * item.unit_price end
-  return as_integer(t)
+  return fields.find_item(state.items, product_id)
 end
 
 local function must_be_draft(state, what)

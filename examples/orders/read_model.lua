@@ -18,17 +18,8 @@ local Order = require "orders.order"
 
 local M = {}
 
-local function find_item(items, product_id)
-  for i, item in ipairs(items) do
-    if item.product_id == product_id then return item, i end
-  end
-end
-
-local function total_of(items)
-  local t = 0
-  for _, item in ipairs(items) do t = t + item.quantity * item.unit_price end
-  return t
-end
+local fields = require "orders.fields"
+local find_item, total_of = fields.find_item, fields.total_of
 
 local function items_of(row)
   local items = row.items

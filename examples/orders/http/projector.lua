@@ -13,20 +13,9 @@ if schema == "" then schema = nil end
 local store = assert(es.open(url, schema and { schema = schema } or nil))
 assert(store:migrate())
 
--- orders.read_model exposes its read models as .Orders (and maybe more in
--- .read_models); a module returning a read model itself works too.
-local rm = require "orders.read_model"
-local models
-if type(rm) == "table" and rm.read_models then
-  models = rm.read_models
-elseif type(rm) == "table" and rm.Orders then
-  models = { rm.Orders }
-else
-  models = { rm }
-end
-
-local projector_new = es.projector or require("eventsourcing.projector").new
-local projector = projector_new(store, models)
+-- the read models the service queries (the same list it updates inline)
+local models = require("orders.service").read_models
+local projector = es.projector(store, models)
 io.stderr:write(("projector: catching up (%d read model(s))\n"):format(#models))
 assert(projector:catch_up())
 io.stderr:write("projector: live\n")

@@ -39,7 +39,7 @@ local function read_model_mode()
 end
 
 local config = nil        -- { database_url, schema, tokens_path }
-local store, svc = nil, nil
+local store, svc, folded = nil, nil, nil   -- folded: queries by folding
 local tokens = nil        -- token -> principal
 local owners = {}         -- order id -> customer id (immutable once created)
 local owners_count = 0
@@ -121,12 +121,13 @@ local function connect()
   store = s
   svc = service.new(store, { metadata = { via = "http" }, max_retries = c.max_retries,
     inline = read_model_mode() == "inline" })
+  folded = service.fold_queries(store, svc.repository)
   return true
 end
 
 local function drop_connection()
   if store then pcall(store.close, store) end
-  store, svc = nil, nil
+  store, svc, folded = nil, nil, nil
 end
 
 ---------------------------------------------------------------- auth
@@ -375,10 +376,8 @@ local function create_order(p, req)
     { metadata = { user = p.user }, expected_version = es.NO_STREAM })
   if not r then return fail_err(err) end
   owners[id], owners_count = customer, owners_count + 1
-  -- reload: the state then carries what the store recorded (created_at)
-  local state, version = svc.repository:load(Order, id)
-  if not state or version == 0 then state, version = r.state, r.version end
-  return respond(201, view(state, version), etag_of(version), "/orders/" .. id)
+  -- r.state already carries what the store recorded (created_at)
+  return respond(201, view(r.state, r.version), etag_of(r.version), "/orders/" .. id)
 end
 
 local function get_order(p, id, args)
@@ -406,10 +405,9 @@ local function get_order(p, id, args)
     return respond(200, o, etag_of(o.version))
   end
   -- current state: folded from the stream (never stale, exact version)
-  local state, version = svc.repository:load(Order, id)
-  if not state then return fail_err(version) end
-  if version == 0 then return not_found(id) end
-  return respond(200, view(state, version), etag_of(version))
+  local o, e = folded.get_order(id)
+  if not o then return fail_err(e) end
+  return respond(200, o, etag_of(o.version))
 end
 
 local function history(p, id, args)
