@@ -30,7 +30,10 @@ es_busted() {
   local cpath=${ES_LUA_CPATH:-build/$flavour/?.so}
   LUA_PATH="$ES_LPATH;;" \
   LUA_CPATH="$cpath;;" \
+  # a hanging spec must end the run, not hang it: after ES_TEST_TIMEOUT
+  # seconds busted is stopped and, with no summary written, counts as failed
   ES_LUA_FLAVOUR=$flavour \
+    timeout -k 10 "${ES_TEST_TIMEOUT:-1800}" \
     "${ES_LUA:-$interp}" "$(command -v busted)" --ignore-lua --run="$task" \
       --lpath="$ES_LPATH" --cpath="$cpath" "$@"
 }

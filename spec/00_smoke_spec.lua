@@ -24,8 +24,9 @@ describe("eventsourcing (smoke)", function()
   it("loads the core built for this flavour", function()
     local core = require "eventsourcing.core"
     assert.is_table(core)
-    local want = rawget(_G, "jit") and "build/luajit/" or "build/"
-    local path = package.searchpath and package.searchpath("eventsourcing.core", package.cpath)
-    if path then assert.truthy(path:find(want, 1, true), path) end
+    local flavour = rawget(_G, "jit") and "luajit" or os.getenv("ES_LUA_FLAVOUR") or "lua5.4"
+    local want = "build/" .. flavour .. "/"
+    local path = assert(package.searchpath("eventsourcing.core", package.cpath))
+    assert.truthy(path:find(want, 1, true), path)
   end)
 end)

@@ -6,9 +6,7 @@ local helpers = require "helpers"
 
 local URL = helpers.database_url()   -- fails loudly when not configured
 
--- busted reloads helpers for each spec file (insulation), so its counter
--- starts again at 1: tag the names with this file to keep them apart.
-local function fresh_schema() return helpers.fresh_schema() .. "_f" end
+local fresh_schema = helpers.fresh_schema
 
 local function qident(schema) return '"' .. schema .. '"' end
 

@@ -2,10 +2,6 @@
 local helpers = require "helpers"
 local es = require "eventsourcing"
 
--- busted reloads helpers for every spec file, restarting its schema counter:
--- tag this file's schemas so they never meet another file's.
-local fresh = helpers.fresh_schema
-helpers.fresh_schema = function() return fresh() .. "_rm20" end
 
 local function counter_model(name)
   return es.read_model {

@@ -2,10 +2,6 @@
 local helpers = require "helpers"
 local es = require "eventsourcing"
 
--- busted reloads helpers for every spec file, restarting its schema counter:
--- tag this file's schemas so they never meet another file's.
-local fresh = helpers.fresh_schema
-helpers.fresh_schema = function() return fresh() .. "_pj21" end
 
 local function counter(name, on_extra)
   local on = {
@@ -133,17 +129,21 @@ for _, entry in ipairs(helpers.stores()) do
       p:catch_up()
       assert.equal(5, rm:get(store, "5").n)
       version = 10
-      local calls, seen_old = 0, true
+      local calls, seen_old, mid_way = 0, true, false
       local replayed = assert(p:rebuild("rm_rb", { batch_size = 4, bar = false,
         progress = function(done, total, rate, eta)
           calls = calls + 1
           assert.is_true(done <= total)
           assert.is_number(rate)
           assert.is_number(eta)
-          if done < total and rm:get(store, "5").n ~= 5 then seen_old = false end
+          if done < total then
+            mid_way = true
+            if rm:get(store, "5").n ~= 5 then seen_old = false end
+          end
         end }))
       assert.equal(16, replayed)
       assert.is_true(calls >= 4)
+      assert.is_true(mid_way, "no progress was reported before the end")
       assert.is_true(seen_old)
       assert.equal(50, rm:get(store, "5").n)
       assert.equal(0, p:catch_up())          -- checkpoint moved with the swap
@@ -255,11 +255,31 @@ describe("the projector on PostgreSQL", function()
     local p = es.projector(store, { rm }, { listen = helpers.database_url() })
     local writer = assert(es.open(helpers.database_url(), { schema = schema }))
     local rounds = 0
+    local t0 = es.workflow.now()
     assert(p:run { poll = 30, idle = function()
       rounds = rounds + 1
       if rounds == 1 then append_n(writer, "C-n", 2) end
     end, stop = function() return rounds >= 2 end })
-    assert.equal(2, rm:get(store, "n").n)       -- a 30 s poll would have timed the spec out
+    assert.equal(2, rm:get(store, "n").n)
+    -- woken by the append, not by the 30 s poll
+    assert.is_true(es.workflow.now() - t0 < 5, "the projector waited for its poll")
     writer:close()
+  end)
+
+  it("commits a batch's rows only together with its checkpoint", function()
+    local rm = counter()
+    local p = es.projector(store, { rm })
+    assert(p:migrate())
+    append_n(store, "C-a", 2)
+    -- the checkpoint cannot be written: the batch must leave no row behind
+    assert(store:query(('CREATE FUNCTION "%s".no_cp() RETURNS trigger LANGUAGE plpgsql '
+      .. [[AS $$BEGIN RAISE EXCEPTION 'no checkpoint'; END$$]]):format(schema)))
+    assert(store:query(('CREATE TRIGGER no_cp BEFORE UPDATE ON "%s".projections '
+      .. 'FOR EACH ROW EXECUTE FUNCTION "%s".no_cp()'):format(schema, schema)))
+    assert.is_nil((p:catch_up()))
+    assert(store:query(('DROP TRIGGER no_cp ON "%s".projections'):format(schema)))
+    assert.is_nil(rm:get(store, "a"), "rows committed without their checkpoint")
+    assert.equal(2, p:catch_up())
+    assert.equal(2, rm:get(store, "a").n)
   end)
 end)

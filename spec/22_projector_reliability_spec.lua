@@ -4,8 +4,6 @@
 local helpers = require "helpers"
 local es = require "eventsourcing"
 
-local fresh = helpers.fresh_schema
-helpers.fresh_schema = function() return fresh() .. "_rel22" end
 
 local q = helpers.shell_quote
 
@@ -25,8 +23,7 @@ local function model(name)
 end
 ]]
 
-local function sh(cmd) local r = os.execute(cmd); return r == true or r == 0 end
-local function sleep(s) sh("sleep " .. s) end
+local sh, sleep = helpers.sh, helpers.sleep
 
 local tmpdir
 local function spawn(code, name, env)
@@ -155,7 +152,7 @@ describe("projector reliability (processes, PostgreSQL)", function()
     end
     assert.is_true(progressed, read_file(log))
     sh("kill -9 " .. pid)
-    wait_exit(pid, 10)
+    assert.is_true(wait_exit(pid, 10), "the killed projector is still there")
     local mid = p:status()[1]
     assert.is_true(mid.lag_events > 0, "the backlog was done before the kill")
     -- two projectors resume together: the lease lets only one apply each batch
@@ -186,6 +183,7 @@ describe("projector reliability (processes, PostgreSQL)", function()
     assert.is_true(wait_caught_up(store, 60), read_file(plog))
     sh("touch " .. q(tmpdir .. "/stop"))
     assert.is_true(wait_exit(ppid, 30), read_file(plog))
+    assert.matches("done", read_file(plog))
     assert.equal(14, assert_exactly_once(store, schema))
   end)
 end)

@@ -15,8 +15,7 @@ local open_store = helpers.open
 
 local q = helpers.shell_quote
 
-local function sh(cmd) local r = os.execute(cmd); return r == true or r == 0 end
-local function sleep(s) es.workflow.sleep(s) end
+local sh, sleep = helpers.sh, helpers.sleep
 
 local tmpdir
 local function spawn(code, name, env)

@@ -1,7 +1,6 @@
 -- Shared helpers for specs:  local helpers = require "helpers"
 local helpers = {}
 
-local counter = 0
 
 -- The PostgreSQL database the specs may use (scripts/test.sh provides one).
 function helpers.database_url()
@@ -33,11 +32,10 @@ local my_pid = pid()
 
 -- A PostgreSQL schema name unique to this call, so specs never see each
 -- other's data: es.open(url, { schema = helpers.fresh_schema() }).
--- busted loads this file afresh for every spec file, so a counter alone
--- would repeat names across files: a UUID v7 (unique in the process, time
+-- busted loads this file afresh for every spec file, so a counter would
+-- repeat names across files: a UUID v7 (unique in the process, time
 -- ordered) makes each name new.
 function helpers.fresh_schema()
-  counter = counter + 1
   local u = require("eventsourcing.core").uuid():gsub("-", "")
   return ("es_test_%s_%s"):format(my_pid, u:sub(9))
 end
