@@ -119,6 +119,24 @@ static int oom(es_error *err)
     return es_fail(err, ES_DATABASE, "memory store: out of memory");
 }
 
+/* An array `old` of *cap elements of `elem` bytes, with room for `need`:
+ * old itself when it has it, else reallocated at double (from `first`)
+ * until it does, *cap updated. NULL when out of memory (nothing changed). */
+static void *grow(void *old, uint32_t *cap, uint64_t need, size_t elem,
+                  uint32_t first)
+{
+    uint64_t c = *cap ? *cap : first;
+    void *p;
+    if (need <= *cap)
+        return old;
+    while (c < need)
+        c *= 2;
+    if (c > UINT32_MAX || !(p = realloc(old, (size_t)c * elem)))
+        return NULL;
+    *cap = (uint32_t)c;
+    return p;
+}
+
 static uint64_t mix64(uint64_t h)
 {
     h ^= h >> 33;
@@ -261,14 +279,11 @@ static int64_t type_intern(mstore *m, const char *name)
     char *copy;
     if (t)
         return t - 1;
-    if (m->ntypes == m->types_cap) {
-        uint32_t cap = m->types_cap ? m->types_cap * 2 : 16;
-        mtype *p = realloc(m->types, cap * sizeof *p);
-        if (!p)
-            return -1;
-        m->types = p;
-        m->types_cap = cap;
-    }
+    mtype *types = grow(m->types, &m->types_cap, (uint64_t)m->ntypes + 1,
+                        sizeof *types, 16);
+    if (!types)
+        return -1;
+    m->types = types;
     if (itab_reserve(&m->ttab, m->ntypes + 1, m->ntypes, type_rehash, m) < 0)
         return -1;
     copy = strdup(name);
@@ -546,16 +561,11 @@ static int reserve(mstore *m, uint32_t si, size_t n, es_error *err)
     uint64_t total = (uint64_t)m->nevents + n;
     uint32_t need = (uint32_t)((total + CHUNK_EVENTS - 1) >> CHUNK_SHIFT);
 
-    if (need > m->chunks_cap) {
-        uint32_t cap = m->chunks_cap ? m->chunks_cap : 16;
-        while (cap < need)
-            cap *= 2;
-        mevent **p = realloc(m->chunks, cap * sizeof *p);
-        if (!p)
-            return oom(err);
-        m->chunks = p;
-        m->chunks_cap = cap;
-    }
+    mevent **chunks = grow(m->chunks, &m->chunks_cap, need, sizeof *chunks,
+                           16);
+    if (!chunks)
+        return oom(err);
+    m->chunks = chunks;
     while (m->nchunks < need) {
         mevent *c = malloc(CHUNK_EVENTS * sizeof *c);
         if (!c)
@@ -566,25 +576,18 @@ static int reserve(mstore *m, uint32_t si, size_t n, es_error *err)
         return oom(err);
     if (si) {
         mstream *st = &m->streams[si - 1];
-        if (st->n + n > st->cap) {
-            uint64_t cap = st->cap ? st->cap : 4;
-            while (cap < st->n + n)
-                cap *= 2;
-            uint32_t *p = realloc(st->pos, cap * sizeof *p);
-            if (!p)
-                return oom(err);
-            st->pos = p;
-            st->cap = (uint32_t)cap;
-        }
+        uint32_t *pos = grow(st->pos, &st->cap, (uint64_t)st->n + n,
+                             sizeof *pos, 4);
+        if (!pos)
+            return oom(err);
+        st->pos = pos;
     } else {
-        if (m->nstreams == m->streams_cap) {
-            uint32_t cap = m->streams_cap ? m->streams_cap * 2 : 16;
-            mstream *p = realloc(m->streams, cap * sizeof *p);
-            if (!p)
-                return oom(err);
-            m->streams = p;
-            m->streams_cap = cap;
-        }
+        mstream *streams = grow(m->streams, &m->streams_cap,
+                                (uint64_t)m->nstreams + 1, sizeof *streams,
+                                16);
+        if (!streams)
+            return oom(err);
+        m->streams = streams;
         if (itab_reserve(&m->stab, m->nstreams + 1, m->nstreams,
                          stream_rehash, m) < 0)
             return oom(err);
@@ -1075,16 +1078,13 @@ static int mem_save_snapshot(es_store *s, const char *stream, int64_t version,
     if (k < st->nsnaps && st->snaps[k].version == version) {
         free(st->snaps[k].state);
     } else {
-        if (st->nsnaps == st->snaps_cap) {
-            uint32_t cap = st->snaps_cap ? st->snaps_cap * 2 : 4;
-            msnap *p = realloc(st->snaps, cap * sizeof *p);
-            if (!p) {
-                free(copy);
-                return oom(err);
-            }
-            st->snaps = p;
-            st->snaps_cap = cap;
+        msnap *snaps = grow(st->snaps, &st->snaps_cap,
+                            (uint64_t)st->nsnaps + 1, sizeof *snaps, 4);
+        if (!snaps) {
+            free(copy);
+            return oom(err);
         }
+        st->snaps = snaps;
         memmove(st->snaps + k + 1, st->snaps + k,
                 (st->nsnaps - k) * sizeof *st->snaps);
         st->nsnaps++;
