@@ -25,11 +25,8 @@ end
 
 local sh, sleep = helpers.sh, helpers.sleep
 
-local tmpdir
-local function spawn(code, name, env)
-  local log = tmpdir .. "/" .. name .. ".log"
-  return helpers.spawn(code, log, env), log
-end
+local work      -- helpers.workdir of the running test
+local function spawn(code, name, env) return work:spawn(code, name, env) end
 local wait_exit = helpers.wait_exit
 local function read_file(path) return helpers.read_file(path) or "" end
 
@@ -46,7 +43,7 @@ else
     local f = io.open(stop_file); if f then f:close(); return true end; return false end }
 end
 print("done")
-]]):format(schema, batch or 50, mode, tmpdir .. "/stop")
+]]):format(schema, batch or 50, mode, work.dir .. "/stop")
 end
 
 local function writer_code(schema, w, txs)
@@ -112,15 +109,13 @@ describe("projector reliability (processes, PostgreSQL)", function()
   local store, schema
   before_each(function()
     store, schema = helpers.open({ name = "postgresql", url = helpers.database_url() })
-    local f = io.popen("mktemp -d /tmp/es-rel.XXXXXX")
-    tmpdir = f:read("*l")
-    f:close()
+    work = helpers.workdir("es-rel")
     local model = assert(load(MODEL .. " return model"))()
     assert(es.projector(store, { model("rm_rel") }):migrate())
   end)
   after_each(function()
     store:close()
-    sh("rm -rf " .. q(tmpdir))
+    work:remove()
   end)
 
   it("applies every event once while writer processes append concurrently (some rolled back)", function()
@@ -129,7 +124,7 @@ describe("projector reliability (processes, PostgreSQL)", function()
     for w = 1, 4 do writers[w] = spawn(writer_code(schema, w, 60), "writer" .. w) end
     for _, pid in ipairs(writers) do assert.is_true(wait_exit(pid, 120)) end
     assert.is_true(wait_caught_up(store, 60))
-    sh("touch " .. q(tmpdir .. "/stop"))
+    sh("touch " .. q(work.dir .. "/stop"))
     assert.is_true(wait_exit(ppid, 30), read_file(plog))
     assert.matches("done", read_file(plog))
     assert.equal(28, assert_exactly_once(store, schema))  -- 4 writers x 7 streams
@@ -181,7 +176,7 @@ describe("projector reliability (processes, PostgreSQL)", function()
     writer = spawn(writer_code(schema, 2, 40), "writer_after")
     assert.is_true(wait_exit(writer, 60))
     assert.is_true(wait_caught_up(store, 60), read_file(plog))
-    sh("touch " .. q(tmpdir .. "/stop"))
+    sh("touch " .. q(work.dir .. "/stop"))
     assert.is_true(wait_exit(ppid, 30), read_file(plog))
     assert.matches("done", read_file(plog))
     assert.equal(14, assert_exactly_once(store, schema))

@@ -17,11 +17,8 @@ local q = helpers.shell_quote
 
 local sh, sleep = helpers.sh, helpers.sleep
 
-local tmpdir
-local function spawn(code, name, env)
-  local log = tmpdir .. "/" .. name .. ".log"
-  return helpers.spawn(code, log, env), log
-end
+local work      -- helpers.workdir of the running test
+local function spawn(code, name, env) return work:spawn(code, name, env) end
 local wait_exit = helpers.wait_exit
 local function read_file(path) return helpers.read_file(path) or "" end
 
@@ -60,14 +57,13 @@ describe("workflow reliability (processes, PostgreSQL)", function()
     svc = service.new(store)
     repo = es.repository(store)
     assert(workflows.runner(store, { draft_ttl = false }):migrate())
-    local f = io.popen("mktemp -d /tmp/es-wf41.XXXXXX")
-    tmpdir = f:read("*l")
-    f:close()
+    work = helpers.workdir("es-wf41")
   end)
   after_each(function()
-    sh("touch " .. q(tmpdir .. "/stop"))
+    sh("touch " .. q(work.dir .. "/stop"))
     store:close()
-    sh("sleep 0.3; rm -rf " .. q(tmpdir))
+    sh("sleep 0.3")     -- let the runners see the stop file
+    work:remove()
   end)
 
   local function sql(s, ...)
@@ -164,7 +160,7 @@ describe("workflow reliability (processes, PostgreSQL)", function()
   it("kill -9 of a workflow process in the middle of chains: a restart completes them, nothing twice", function()
     stock_up()
     local ids = make_orders(1, 24)
-    local stop = tmpdir .. "/stop-victim"
+    local stop = work.dir .. "/stop-victim"
     local pid, log = spawn(runner_code(schema, 3, stop), "victim", "ES_SPEC_SLOW=0.03")
     local progressed = false
     for _ = 1, 200 do
@@ -176,9 +172,9 @@ describe("workflow reliability (processes, PostgreSQL)", function()
     sh("kill -9 " .. pid)
     assert.is_true(wait_exit(pid, 10))
     assert.is_false(caught_up(), "the chains were done before the kill")
-    local pid2, log2 = spawn(runner_code(schema, 5, tmpdir .. "/stop"), "restarted")
+    local pid2, log2 = spawn(runner_code(schema, 5, work.dir .. "/stop"), "restarted")
     assert.is_true(wait_caught_up(60), read_file(log2))
-    sh("touch " .. q(tmpdir .. "/stop"))
+    sh("touch " .. q(work.dir .. "/stop"))
     assert.is_true(wait_exit(pid2, 30), read_file(log2))
     assert.matches("done", read_file(log2))
     assert_consistent(ids)
@@ -192,7 +188,7 @@ describe("workflow reliability (processes, PostgreSQL)", function()
 
   it("two workflow processes at once never double an effect, while orders keep coming", function()
     stock_up()
-    local stop = tmpdir .. "/stop"
+    local stop = work.dir .. "/stop"
     local a, alog = spawn(runner_code(schema, 2, stop), "a", "ES_SPEC_SLOW=0.002")
     local b, blog = spawn(runner_code(schema, 2, stop), "b", "ES_SPEC_SLOW=0.002")
     local ids = make_orders(1, 12)

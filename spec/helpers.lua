@@ -106,6 +106,27 @@ function helpers.spawn(code, log, env)
   return child
 end
 
+-- A new empty folder under /tmp (prefix: its name's start).
+function helpers.mktemp_dir(prefix)
+  local f = assert(io.popen("mktemp -d /tmp/" .. prefix .. ".XXXXXX"))
+  local dir = f:read("*l")
+  f:close()
+  assert(dir and dir ~= "", "mktemp -d failed")
+  return dir
+end
+
+-- A folder for child processes and their logs: w.dir; w:spawn(code, name,
+-- env) -> pid, log path; w:remove().
+function helpers.workdir(prefix)
+  local w = { dir = helpers.mktemp_dir(prefix) }
+  function w:spawn(code, name, env)
+    local log = self.dir .. "/" .. name .. ".log"
+    return helpers.spawn(code, log, env), log
+  end
+  function w:remove() helpers.sh("rm -rf " .. shell_quote(self.dir)) end
+  return w
+end
+
 function helpers.alive(child)
   return helpers.sh("kill -0 " .. child .. " 2>/dev/null")
 end

@@ -37,12 +37,7 @@ M.run = run
 
 function M.sleep(seconds) os.execute("sleep " .. tostring(seconds)) end
 
-local function mktemp_dir(prefix)
-  local p = assert(io.popen("mktemp -d /tmp/" .. prefix .. ".XXXXXX"))
-  local dir = p:read("*l")
-  p:close()
-  return dir
-end
+local mktemp_dir = helpers.mktemp_dir
 
 local function pid()
   local f = io.open("/proc/self/stat")
