@@ -375,7 +375,7 @@ static int jv_string(jv *j)
             c = *j->p++;
             if (c == 'u') {
                 unsigned u, lo;
-                if (jv_hex4(j, &u) < 0 || u == 0)
+                if (jv_hex4(j, &u) < 0)
                     return -1;
                 if (u >= 0xdc00 && u <= 0xdfff)
                     return -1;

@@ -231,6 +231,9 @@ int es_save_snapshot(es_store *s, const char *stream, int64_t version,
         return es_fail(err, ES_INVALID, "snapshot version must be >= 1");
     if (!state)
         return es_fail(err, ES_INVALID, "snapshot has no state");
+    if (has_nul_escape(state, state_len))
+        return es_fail(err, ES_INVALID, "snapshot state: \\u0000 is not "
+                       "allowed (jsonb cannot store it)");
     if (!s->ops->save_snapshot)
         return es_fail(err, ES_INVALID, "%s stores keep no snapshots",
                        s->ops->kind);
