@@ -11,6 +11,7 @@
  */
 #include "pg.h"
 
+#include <errno.h>
 #include <inttypes.h>
 #include <uuid.h>
 #include <stdio.h>
@@ -510,11 +511,14 @@ static int parse_checkpoint(const char *text, uint64_t *txid, int64_t *pos,
     }
     if (text[0] < '0' || text[0] > '9')
         goto bad;
+    /* out of range is as foreign as malformed: strtoull would clamp it
+     * to the largest value and read from a place nobody asked for */
+    errno = 0;
     *txid = strtoull(text, &end, 10);
-    if (*end != ':' || end[1] < '0' || end[1] > '9')
+    if (errno || *end != ':' || end[1] < '0' || end[1] > '9')
         goto bad;
     *pos = strtoll(end + 1, &end, 10);
-    if (*end != '\0')
+    if (errno || *end != '\0')
         goto bad;
     return 0;
 bad:

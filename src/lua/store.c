@@ -116,6 +116,7 @@ static int64_t opt_int_field(lua_State *L, int idx, const char *name,
 static const char *opt_string_field(lua_State *L, int idx, const char *name)
 {
     const char *s;
+    size_t len;
     if (lua_isnoneornil(L, idx))
         return NULL;
     lua_getfield(L, idx, name);
@@ -126,7 +127,9 @@ static const char *opt_string_field(lua_State *L, int idx, const char *name)
     if (lua_type(L, -1) != LUA_TSTRING)
         luaL_error(L, "option '%s' must be a string, got %s", name,
                    luaL_typename(L, -1));
-    s = lua_tostring(L, -1);
+    s = lua_tolstring(L, -1, &len);
+    if (strlen(s) != len)
+        luaL_error(L, "option '%s' contains a NUL byte", name);
     /* The string stays referenced by the options table, so the pointer
      * stays valid while that table is on the stack. */
     lua_pop(L, 1);
@@ -444,6 +447,12 @@ static int encode_event(lua_State *L, lstore *ls, int call_meta, int anchor,
     if (lua_isnil(L, -1)) {
         if (es_buf_add(&ls->json, "{}", 2) < 0)
             return luaL_error(L, "out of memory");
+    } else if (!lua_istable(L, -1)) {
+        /* readers (handlers, read models) index data: a bare string or
+         * number would break every one of them later, far from here */
+        snprintf(msg, msglen, "event %zu (%s): data must be a table, got %s",
+                 i + 1, ev->type, luaL_typename(L, -1));
+        return -1;
     } else if (esl_json_encode(L, -1, &ls->json, inner, sizeof inner) < 0) {
         snprintf(msg, msglen, "event %zu (%s): data %s", i + 1, ev->type,
                  inner);
@@ -670,7 +679,11 @@ static int l_read_all(lua_State *L)
                     return luaL_error(L, "option 'types' must be an array of "
                                       "strings (item %d is %s)", (int)k + 1,
                                       luaL_typename(L, -1));
-                types[k] = lua_tostring(L, -1);
+                size_t len;
+                types[k] = lua_tolstring(L, -1, &len);
+                if (strlen(types[k]) != len)
+                    return luaL_error(L, "option 'types': item %d contains a "
+                                      "NUL byte", (int)k + 1);
                 lua_pop(L, 1);
             }
             o.types = types;
