@@ -88,8 +88,12 @@ describe("bad input (postgresql): a clear error and no stored byte changed", fun
     { "a stream name with a NUL byte", function() return store:append("Order-\0x", { ev {} }) end },
     { "a stream name of invalid UTF-8", function() return store:append("Order-\xff\xfe", { ev {} }) end },
     { "a 1 MB stream name", function() return store:append("Order-" .. HUGE, { ev {} }) end },
-    { "an event type with a NUL byte", function() return store:append("Order-2", { { type = "A\0B", data = {} } }) end },
-    { "an event type of invalid UTF-8", function() return store:append("Order-2", { { type = "\xc3\x28", data = {} } }) end },
+    { "an event type with a NUL byte", function()
+      return store:append("Order-2", { { type = "A\0B", data = {} } })
+    end },
+    { "an event type of invalid UTF-8", function()
+      return store:append("Order-2", { { type = "\xc3\x28", data = {} } })
+    end },
     { "an event without a type", function() return store:append("Order-2", { { data = {} } }) end },
     { "an event type that is a table", function() return store:append("Order-2", { { type = {}, data = {} } }) end },
     { "data that is a string", function() return store:append("Order-2", { { type = "A", data = "x" } }) end },
@@ -101,8 +105,12 @@ describe("bad input (postgresql): a clear error and no stored byte changed", fun
     { "data with +inf", function() return store:append("Order-2", { ev { n = math.huge } }) end },
     { "data with -inf", function() return store:append("Order-2", { ev { n = -math.huge } }) end },
     { "data with a function", function() return store:append("Order-2", { ev { f = print } }) end },
-    { "metadata that is a number", function() return store:append("Order-2", { { type = "A", data = {}, metadata = 5 } }) end },
-    { "an id that is not a UUID", function() return store:append("Order-2", { { id = SQL, type = "A", data = {} } }) end },
+    { "metadata that is a number", function()
+      return store:append("Order-2", { { type = "A", data = {}, metadata = 5 } })
+    end },
+    { "an id that is not a UUID", function()
+      return store:append("Order-2", { { id = SQL, type = "A", data = {} } })
+    end },
     { "an expected_version that is a float", function()
       return store:append("Order-2", { ev {} }, { expected_version = 1.5 }) end },
     { "an expected_version beyond 2^53", function()
@@ -158,7 +166,8 @@ describe("bad input (postgresql): a clear error and no stored byte changed", fun
   end
 
   it("takes SQL text in a query parameter as a value only", function()
-    local r = assert(store:query("SELECT count(*) AS n FROM " .. ("%q"):format(schema) .. ".events WHERE stream = $1", SQL))
+    local sql = ("SELECT count(*) AS n FROM %q.events WHERE stream = $1"):format(schema)
+    local r = assert(store:query(sql, SQL))
     assert.equal(0, r[1].n)
   end)
 
