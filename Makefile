@@ -46,7 +46,7 @@ BUILDS = build/rock/eventsourcing/core.so
 INSTALL_SO = build/rock/eventsourcing/core.so
 endif
 
-.PHONY: all test check-memory bench demo install clean lint
+.PHONY: all test check-memory bench demo soak install clean lint
 
 all: $(BUILDS)
 
@@ -82,8 +82,12 @@ bench: all
 demo: all
 	@scripts/demo.sh
 
+# A bounded load run with a PostgreSQL crash halfway (SOAK_SECONDS=60).
+soak:
+	@scripts/soak.sh
+
 lint:
-	luacheck $(if $(CI),--no-color,) lua spec bench examples
+	luacheck $(if $(CI),--no-color,) lua spec bench examples scripts
 
 install: all
 	install -d $(DESTDIR)$(LUADIR)/eventsourcing $(DESTDIR)$(LIBDIR)/eventsourcing $(DESTDIR)$(INCDIR_INSTALL)
