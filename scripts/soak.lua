@@ -200,7 +200,14 @@ local function spawn(role, n)
   return { role = role, n = n, pid = pid, log = logf }
 end
 
-local function alive(child) return sh("kill -0 " .. child.pid .. " 2>/dev/null") end
+-- a zombie is gone too: PID 1 reaps orphans late here
+local function alive(child)
+  local f = io.open("/proc/" .. child.pid .. "/stat")
+  if not f then return false end
+  local stat = f:read("*a")
+  f:close()
+  return stat:match("^%d+ %b() (%a)") ~= "Z"
+end
 
 local function wait_gone(children, seconds)
   local t = util.monotonic() + seconds

@@ -127,8 +127,13 @@ function helpers.workdir(prefix)
   return w
 end
 
+-- A killed child stays a zombie until its parent reaps it, and a child
+-- whose starting shell has exited belongs to PID 1, which may reap late
+-- (seconds, on the CI machine): a zombie counts as gone.
 function helpers.alive(child)
-  return helpers.sh("kill -0 " .. child .. " 2>/dev/null")
+  local stat = helpers.read_file("/proc/" .. tostring(child) .. "/stat")
+  if not stat then return false end
+  return stat:match("^%d+ %b() (%a)") ~= "Z"
 end
 
 function helpers.wait_exit(child, seconds)  -- true once the process is gone
