@@ -90,7 +90,9 @@ local function retry(f)
   error("no answer for a minute")
 end
 local stop_file = dir .. "/stop-writers"
+local pace = tonumber(os.getenv("ES_FAULT_PACE") or "")
 for i = 1, count do
+  if pace then util.sleep(pace) end
   -- run until told to stop, so that a fault always lands mid-run
   local f = io.open(stop_file)
   if f then f:close(); break end
@@ -119,7 +121,8 @@ out:close()
 print("done")
 ]]
 
--- Starts a writer; opts: n, count, batch, env. Returns pid, log.
+-- Starts a writer; opts: n, count, batch, env (ES_FAULT_PACE=seconds
+-- between transactions slows it down). Returns pid, log.
 function M.spawn_writer(w, schema, opts)
   local code = WRITER:format(opts.n, opts.count, opts.batch or 1, schema, w.dir, M.url())
   return w:spawn(code, "writer-" .. opts.n, opts.env)
@@ -295,6 +298,78 @@ function M.assert_model_exact(store, schema)
   local check = M.model("rm_fault_check")
   assert(es.projector(store, { check }, { batch_size = 1000 }):catch_up())
   assert.same(rows("rm_fault_check"), rows("rm_fault"))
+end
+
+-- The workflow the workflow specs run: for each Fault event one effect
+-- at once (Recorded) and one by a timer 0.2 s later (Fired), both in an
+-- Effect stream of the event's own. Doubled or missing effects show.
+M.WORKFLOW = [[
+local es = require "eventsourcing"
+local Effect = es.aggregate {
+  name = "Effect",
+  initial = function() return {} end,
+  apply = { Recorded = function() end, Fired = function() end },
+  decide = {
+    Record = function(_, c) return { type = "Recorded", data = { source = c.source } } end,
+    Fire = function(_, c) return { type = "Fired", data = { source = c.source } } end,
+  },
+}
+local wf = es.workflow { name = "fault-effects", on = {
+  Fault = function(e, ctx)
+    ctx:execute(Effect, e.data.tok, "Record", { source = e.id })
+    ctx:schedule(0.2, Effect, e.data.tok, "Fire", { source = e.id }, "fire:" .. e.id)
+  end } }
+local function runner(store, opts)
+  opts = opts or {}
+  opts.aggregates = { Effect = Effect }
+  return es.workflow.runner(store, { wf }, opts)
+end
+]]
+
+function M.runner(store, opts)
+  return assert(load(M.WORKFLOW .. " return runner"))()(store, opts)
+end
+
+local RUNNER = M.WORKFLOW .. [[
+local util = require "eventsourcing.util"
+local schema, stop_file = %q, %q
+local store
+for _ = 1, 600 do
+  store = es.open(os.getenv("ES_TEST_DATABASE_URL"), { schema = schema })
+  if store then break end
+  util.sleep(0.1)
+end
+local r = runner(store, { batch_size = 20, backoff = 0.01 })
+r:run { poll = 0.1, retry = 0.1, stop = function()
+    local f = io.open(stop_file); if f then f:close(); return true end; return false end,
+  on_error = function(err)
+    print(("error %%s %%s"):format(type(err) == "table" and err.kind or "?",
+      type(err) == "table" and tostring(err.sqlstate) or tostring(err)))
+  end }
+print("done")
+]]
+
+function M.spawn_runner(w, schema, name)
+  return w:spawn(RUNNER:format(schema, w.dir .. "/stop"), name or "runner")
+end
+
+-- Waits until every Fault event has its two effects; then asserts none is
+-- doubled or missing.
+function M.assert_effects_once(store, schema, seconds)
+  local sql = ('SELECT (SELECT count(*) FROM "%s".events WHERE type = \'Fault\') AS events, '
+    .. '(SELECT count(*) FROM "%s".events WHERE type = \'Recorded\') AS recorded, '
+    .. '(SELECT count(*) FROM "%s".events WHERE type = \'Fired\') AS fired'):format(schema, schema, schema)
+  local r
+  for _ = 1, (seconds or 60) * 10 do
+    r = assert(store:query(sql))[1]
+    if r.recorded >= r.events and r.fired >= r.events then break end
+    helpers.sleep(0.1)
+  end
+  local doubled = assert(store:query(('SELECT data->>\'source\' AS s, type FROM "%s".events '
+    .. "WHERE type IN ('Recorded', 'Fired') GROUP BY 1, 2 HAVING count(*) > 1"):format(schema)))
+  assert.same({ events = r.events, recorded = r.events, fired = r.events, doubled = 0 },
+    { events = r.events, recorded = r.recorded, fired = r.fired, doubled = #doubled })
+  assert.is_true(r.events > 0)
 end
 
 -- How many retries the writers' logs show whose line matches pattern.
