@@ -83,7 +83,7 @@ demo: all
 	@scripts/demo.sh
 
 lint:
-	luacheck $(if $(CI),--no-color,) lua spec bench examples
+	luacheck $(if $(CI),--no-color,) lua spec bench examples bin/eventsourcing
 
 install: all
 	install -d $(DESTDIR)$(LUADIR)/eventsourcing $(DESTDIR)$(LIBDIR)/eventsourcing $(DESTDIR)$(INCDIR_INSTALL)
