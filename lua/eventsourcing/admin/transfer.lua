@@ -28,11 +28,13 @@ end
 
 -- Under read_all's watermark: only rows of transactions older than every
 -- one still running, so a backup never skips an event committed late.
-local EXPORT_SQL = [[SELECT txid::text || ':' || position AS cp, json_build_object(
-  'id', id, 'stream', stream, 'version', version, 'type', type, 'data', data,
-  'metadata', metadata,
-  'recorded_at', to_char(recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
-  'position', position, 'checkpoint', txid::text || ':' || position)::text AS line
+-- Each line is built as text: json_build_object would space it out, and
+-- data/metadata must stay the stored text.
+local EXPORT_SQL = [[SELECT txid::text || ':' || position AS cp,
+  '{"id":"' || id || '","stream":' || to_json(stream) || ',"version":' || version
+  || ',"type":' || to_json(type) || ',"data":' || data::text || ',"metadata":' || metadata::text
+  || ',"recorded_at":"' || to_char(recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
+  || '","position":' || position || ',"checkpoint":"' || txid || ':' || position || '"}' AS line
   FROM <schema>.events
   WHERE txid < pg_snapshot_xmin(pg_current_snapshot())
     AND (txid, position) > ($1::xid8, $2::bigint)
