@@ -130,4 +130,21 @@ return { aggregates = { Done = Done }, workflows = { jobs } }
   return path
 end
 
+-- An app with one read model kept by a projector only: rm_notes, one row
+-- per Note-<id> stream counting its events.
+function M.notes_app(dir)
+  local path = dir .. "/notes_app.lua"
+  local f = assert(io.open(path, "w"))
+  f:write([[
+local es = require "eventsourcing"
+local Notes = es.read_model {
+  name = "rm_notes", key = "id", columns = { id = "text", n = "bigint" },
+  on = { Noted = function(row) row.n = (row.n or 0) + 1 end },
+}
+return { read_models = { Notes } }
+]])
+  f:close()
+  return path
+end
+
 return M

@@ -73,6 +73,9 @@ for _, action in ipairs { "reset", "pause", "resume", "retry" } do
     local p
     p, err = projector(store, app)
     if not p then return nil, err end
+    if type(p[action]) ~= "function" then
+      return common.fail("invalid", "this projector has no %s (it needs the follower engine's projector)", action)
+    end
     ok, err = p[action](p, name)
     if not ok then return nil, err end
     return { name = name, action = action }
