@@ -82,7 +82,7 @@ function Out:rows(rows, columns)
       local pad = (" "):rep(widths[i] - #s)
       parts[i] = numeric[i] and (pad .. s) or (i < #values and s .. pad or s)
     end
-    return table.concat(parts, "  ")
+    return (table.concat(parts, "  "):gsub("%s+$", ""))
   end
   local titles = {}
   for i, c in ipairs(columns) do titles[i] = c[2] end

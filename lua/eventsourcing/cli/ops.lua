@@ -77,7 +77,8 @@ return function(H, lib)
     rows, err = admin.workflows.status(ctx.store, ctx.app)
     if not rows then return nil, err end
     ctx.out:rows(status_rows(rows), { { "name", "NAME" }, { "state", "STATE" }, { "checkpoint", "CHECKPOINT" },
-      { "lag_events", "LAG EVENTS" }, { "handled", "HANDLED" }, { "dead_letters", "DEAD LETTERS" },
+      { "lag_events", "LAG EVENTS" }, { "lag_seconds", "LAG SECONDS" }, { "handled", "HANDLED" },
+      { "dead_letters", "DEAD LETTERS" },
       { "timers", "TIMERS" } })
     return 0
   end
