@@ -112,11 +112,20 @@ local function lock_streams(store, chunk, cur)
     end
   end
   if #fresh == 0 then return true end
-  local rows, err = store:query(q(store, "SELECT stream, version FROM <schema>.streams WHERE stream IN "
-    .. "(SELECT json_array_elements_text($1::json)) FOR UPDATE"), json_list(fresh, tostring))
+  local rows, err = store:query(q(store, "SELECT stream, version, txid > pg_current_xact_id() AS younger "
+    .. "FROM <schema>.streams WHERE stream IN (SELECT json_array_elements_text($1::json)) FOR UPDATE"),
+    json_list(fresh, tostring))
   if not rows then return nil, err end
   for _, s in ipairs(fresh) do cur[s] = 0 end
-  for _, r in ipairs(rows) do cur[r.stream] = r.version end
+  for _, r in ipairs(rows) do
+    -- append()'s rule: readers order by (txid, position), so events added
+    -- after those of a younger transaction would come out of version order
+    if r.younger then
+      return fail("conflict", "stream %s was appended to during the import; run the import again "
+        .. "(nothing was imported; what is already there is skipped)", r.stream)
+    end
+    cur[r.stream] = r.version
+  end
   return true
 end
 

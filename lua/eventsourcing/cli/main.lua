@@ -13,6 +13,12 @@ local function positive(s)
   return math.tointeger and math.tointeger(n) or n
 end
 
+local function seconds(s)
+  local n = tonumber(s)
+  if not n or n <= 0 then return nil, ("%q is not a positive number of seconds"):format(s) end
+  return n
+end
+
 local function globals(p)
   p:option("--db", "Database URL or libpq conninfo (default: $ES_DATABASE_URL).")
   p:option("--schema", "The store's schema (default: eventsourcing).")
@@ -37,7 +43,7 @@ local function store_commands(p)
   c:option("--type", "Only this event type.")
   c:option("--limit", "How many of the last events (default 20).", "20"):convert(positive)
   c:flag("--follow -f", "Keep printing new events as they are committed, until interrupted.")
-  c:option("--poll", "With --follow: seconds between looks (default 0.2).", "0.2"):convert(tonumber)
+  c:option("--poll", "With --follow: seconds between looks (default 0.2).", "0.2"):convert(seconds)
 end
 
 local function ops_commands(p)
