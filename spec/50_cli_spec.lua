@@ -46,6 +46,24 @@ describe("eventsourcing (command line)", function()
     end
   end)
 
+  it("runs once installed by make install, away from the checkout", function()
+    local w = helpers.workdir("es-cli-install")
+    local dest = w.dir .. "/root"
+    assert.is_true(helpers.sh(("make -s install DESTDIR=%s PREFIX=/usr >%s/make.log 2>&1")
+      :format(dest, w.dir)), helpers.read_file(w.dir .. "/make.log"))
+    local schema = orders_schema(1)
+    local cmd = ("cd / && env LUA_PATH=%s LUA_CPATH=%s lua5.4 %s/usr/bin/eventsourcing --db %s --schema %s "
+      .. "streams 2>&1; echo $?"):format(
+      helpers.shell_quote(dest .. "/usr/share/lua/5.4/?.lua;" .. dest .. "/usr/share/lua/5.4/?/init.lua;;"),
+      helpers.shell_quote(dest .. "/usr/lib/lua/5.4/?.so;;"), dest, helpers.shell_quote(url), schema)
+    local p = assert(io.popen(cmd))
+    local out = p:read("*a")
+    p:close()
+    assert.matches('"stream":"Order%-', out)
+    assert.matches("\n0\n$", out)
+    w:remove()
+  end)
+
   it("answers usage errors with exit 2 and one line, never a traceback", function()
     for _, args in ipairs { "", "read", "frobnicate", "streams --limit x", "read S --at yesterday",
                             "--schema 'Bad-Name' stats" } do
