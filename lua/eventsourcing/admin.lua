@@ -41,13 +41,7 @@ function M.load_app(path)
   return app
 end
 
--- The read models and projections of an app, in one list.
-function M.projections_of(app)
-  local list = {}
-  for _, p in ipairs(app and app.read_models or {}) do list[#list + 1] = p end
-  for _, p in ipairs(app and app.projections or {}) do list[#list + 1] = p end
-  return list
-end
+M.projections_of = common.projections_of
 
 -- Migrations --------------------------------------------------------------------
 

@@ -35,4 +35,12 @@ function M.one(store, sql, ...)
   return rows[1] or {}
 end
 
+-- The read models and projections of an app, in one list.
+function M.projections_of(app)
+  local list = {}
+  for _, p in ipairs(app and app.read_models or {}) do list[#list + 1] = p end
+  for _, p in ipairs(app and app.projections or {}) do list[#list + 1] = p end
+  return list
+end
+
 return M

@@ -5,12 +5,7 @@ local common = require "eventsourcing.admin.common"
 
 local M = {}
 
-local function list_of(app)
-  local list = {}
-  for _, p in ipairs(app and app.read_models or {}) do list[#list + 1] = p end
-  for _, p in ipairs(app and app.projections or {}) do list[#list + 1] = p end
-  return list
-end
+local list_of = common.projections_of
 
 local function projector(store, app)
   local list = list_of(app)

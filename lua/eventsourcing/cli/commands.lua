@@ -19,7 +19,7 @@ local EVENT_COLUMNS = { { "position", "POSITION" }, { "stream", "STREAM" }, { "v
 -- Events as NDJSON carry every field; on a terminal the main ones.
 local function event_row(e)
   return { id = e.id, stream = e.stream, version = e.version, position = e.position, type = e.type,
-           data = e.data, metadata = e.metadata, recorded_at = e.recorded_at }
+           data = e.data, metadata = e.metadata, recorded_at = e.recorded_at, checkpoint = e.checkpoint }
 end
 
 local function print_events(out, events)
@@ -106,7 +106,7 @@ function H.tail(ctx, a)
 end
 
 M.handlers = H
-require("eventsourcing.cli.ops")(H, { usage = usage, print_events = print_events })
+require("eventsourcing.cli.ops")(H, { usage = usage })
 
 -- Opens the store and runs the command.
 function M.run(a)
