@@ -130,6 +130,31 @@ return { aggregates = { Done = Done }, workflows = { jobs } }
   return path
 end
 
+-- An app whose workflow "later" schedules a timer (due at once) on
+-- JobPosted; the timer's command fails while file `flag` exists.
+function M.timer_app(dir, flag)
+  local path = dir .. "/timer_app.lua"
+  local f = assert(io.open(path, "w"))
+  f:write(([[
+local es = require "eventsourcing"
+local Flaky = es.aggregate {
+  name = "Flaky",
+  initial = function() return {} end,
+  apply = { Went = function() end },
+  decide = { Go = function()
+    local flag = io.open(%q)
+    if flag then flag:close(); error("timer refusing on purpose") end
+    return { type = "Went", data = {} }
+  end },
+}
+local later = es.workflow { name = "later", on = {
+  JobPosted = function(e, ctx) ctx:schedule(0, Flaky, e.stream, "Go", {}, "go:" .. e.stream) end } }
+return { aggregates = { Flaky = Flaky }, workflows = { later } }
+]]):format(flag))
+  f:close()
+  return path
+end
+
 -- An app with one read model kept by a projector only: rm_notes, one row
 -- per Note-<id> stream counting its events.
 function M.notes_app(dir)
