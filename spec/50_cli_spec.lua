@@ -38,11 +38,19 @@ end
 
 describe("eventsourcing (command line)", function()
   it("prints help for itself and every command, exit 0", function()
-    for _, args in ipairs { "--help", "read --help", "tail --help", "projections rebuild --help",
-                            "workflows dead-letters --help", "export --help", "verify --help" } do
+    local commands = { "", "migrate", "stats", "streams", "read", "tail", "export", "import", "verify",
+      "projections", "workflows" }
+    for _, a in ipairs { "list", "status", "rebuild", "reset", "pause", "resume", "retry" } do
+      commands[#commands + 1] = "projections " .. a
+    end
+    for _, a in ipairs { "status", "dead-letters", "retry", "discard", "timers" } do
+      commands[#commands + 1] = "workflows " .. a
+    end
+    for _, c in ipairs(commands) do
+      local args = c .. " --help"
       local r = run(args)
       assert.are.equal(0, r.code, args)
-      assert.matches("Usage: eventsourcing", r.stdout, 1, true)
+      assert.matches("Usage: eventsourcing " .. c, r.stdout, 1, true)
     end
   end)
 
