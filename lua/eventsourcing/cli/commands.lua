@@ -106,7 +106,7 @@ function H.tail(ctx, a)
 end
 
 M.handlers = H
-require("eventsourcing.cli.ops")(H, { usage = usage })
+require("eventsourcing.cli.ops").install(H, { usage = usage })
 
 -- Opens the store and runs the command.
 function M.run(a)

@@ -1,11 +1,13 @@
 -- eventsourcing.cli.ops: the operator commands of bin/eventsourcing that act
--- on an app's projections and workflows, backups and checks. Adds handlers
--- H[command](ctx, args) -> exit code | nil, err.
+-- on an app's projections and workflows, backups and checks.
+-- install(H, { usage = fn }) adds handlers H[command](ctx, args) -> exit code | nil, err.
 local admin = require "eventsourcing.admin"
 local progress = require "eventsourcing.cli.progress"
 local format = require "eventsourcing.cli.format"
 
-return function(H, lib)
+local M = {}
+
+function M.install(H, lib)
   local usage = lib.usage
 
   local function need_app(ctx, what)
@@ -155,3 +157,5 @@ return function(H, lib)
     return r.ok and 0 or 1
   end
 end
+
+return M
