@@ -220,7 +220,8 @@ int pg_fail(pg_store *p, PGresult *res, const char *what, es_error *err)
     if (strcmp(state, "42P01") == 0 || strcmp(state, "42883") == 0 ||
         strcmp(state, "3F000") == 0)
         es_fail(err, kind, "%s: %s (has store:migrate() been run for schema "
-                "'%s'?)", what, msg, p->schema);
+                "'%s'? read model and workflow tables: es.migrate(store, app) "
+                "or `eventsourcing migrate --app FILE`)", what, msg, p->schema);
     else if (strcmp(state, "25P02") == 0)
         es_fail(err, kind, "%s: the transaction was aborted by an earlier "
                 "error; roll it back", what);
