@@ -1,0 +1,228 @@
+-- The store behind PgBouncer in transaction pooling (scripts/pgbouncer.sh:
+-- 4 server sessions, fewer than the stores here), as the issue tried it:
+-- several store handles, each statement on whichever server session is free.
+-- scripts/test.sh provides ES_TEST_POOLER_URL (the pooler, without the
+-- option) next to the server itself.
+local es = require "eventsourcing"
+local helpers = require "helpers"
+
+local POOLER = os.getenv("ES_TEST_POOLER_URL")
+if POOLER == "" then POOLER = nil end
+
+local STORES = 6
+
+local function counter_handlers()
+  return { T = function(n) return n + 1 end }
+end
+
+describe("a store behind a transaction pooler", function()
+  local schema, admin   -- admin: straight to the server
+
+  before_each(function()
+    if not POOLER then
+      pending("ES_TEST_POOLER_URL is not set (scripts/test.sh starts a PgBouncer)")
+      return
+    end
+    schema = helpers.fresh_schema()
+    admin = assert(es.open(helpers.listen_url(), { schema = schema }))
+    assert(admin:migrate())
+  end)
+
+  after_each(function()
+    if admin then admin:close() end
+    admin = nil
+  end)
+
+  local function open_many(opts)
+    local list = {}
+    for i = 1, STORES do
+      local o = { schema = schema }
+      for k, v in pairs(opts or {}) do o[k] = v end
+      list[i] = assert(es.open(POOLER, o))
+    end
+    return list
+  end
+
+  local function close_all(list)
+    for _, s in ipairs(list) do s:close() end
+  end
+
+  it("without the option fails with an error that names it", function()
+    if not POOLER then return end
+    local stores = open_many()
+    local failures, named = 0, 0
+    for r = 1, 10 do
+      for i, s in ipairs(stores) do
+        local res, err = s:append("P-" .. i, { { type = "T", data = { r = r } } })
+        if not res then
+          failures = failures + 1
+          assert.equal("database", err.kind)
+          assert.is_truthy(err.sqlstate == "42P05" or err.sqlstate == "26000", err.sqlstate)
+          if err.message:find('pooler = "transaction"', 1, true) then named = named + 1 end
+        end
+      end
+    end
+    -- six sessions' worth of prepared statements on four server sessions
+    assert.is_true(failures > 0, "the pooler never handed over another session")
+    assert.equal(failures, named)
+    close_all(stores)
+  end)
+
+  it("with pooler = \"transaction\" appends, folds and reads with no error", function()
+    if not POOLER then return end
+    local stores = open_many { pooler = "transaction" }
+    for r = 1, 30 do
+      for i, s in ipairs(stores) do
+        local res = assert(s:append("P-" .. i, { { type = "T", data = { r = r } } }))
+        assert.equal(r, res.version)
+        local n, v = assert(s:fold("P-" .. i, counter_handlers(), 0))
+        assert.equal(r, n)
+        assert.equal(r, v)
+        assert(s:read_all { limit = 10 })
+      end
+    end
+    local seen, cp = 0, nil
+    repeat
+      local batch, next_cp = assert(stores[1]:read_all { after = cp, limit = 50 })
+      seen, cp = seen + #batch, next_cp
+    until #batch == 0
+    assert.equal(30 * STORES, seen)
+    local st = assert(stores[1]:status())
+    assert.equal("transaction", st.pooler)
+    assert.equal(0, st.prepared)
+    close_all(stores)
+  end)
+
+  it("takes the option from the target, keyword or URL parameter, and hides it from libpq", function()
+    if not POOLER then return end
+    local dir, port, db = POOLER:match("host=(%S+)"), POOLER:match("port=(%d+)"),
+      POOLER:match("dbname=(%S+)")
+    local targets = {
+      POOLER .. " pooler=transaction",
+      POOLER .. " pooler = 'transaction'",
+      ("postgresql:///%s?host=%s&port=%s&pooler=transaction"):format(db, dir, port),
+      ("postgresql:///%s?pooler=transaction&host=%s&port=%s"):format(db, dir, port),
+    }
+    for _, t in ipairs(targets) do
+      local s = assert(es.open(t, { schema = schema }))
+      assert.equal("transaction", s:pooler(), t)
+      for r = 1, 6 do assert(s:append("U-1", { { type = "T", data = { r = r } } })) end
+      s:close()
+    end
+    assert.equal(6 * #targets, admin:version("U-1"))
+    -- the option given to es.open wins over the target
+    local s = assert(es.open(POOLER .. " pooler=transaction", { schema = schema, pooler = "none" }))
+    assert.equal("none", s:pooler())
+    s:close()
+  end)
+
+  it("refuses an unknown pooler mode and opens nothing", function()
+    if not POOLER then return end
+    for _, call in ipairs {
+      function() return es.open(POOLER, { schema = schema, pooler = "statement" }) end,
+      function() return es.open(POOLER .. " pooler=bogus", { schema = schema }) end,
+      function() return es.open("memory:", { pooler = "yes" }) end,
+    } do
+      local s, err = call()
+      assert.is_nil(s)
+      assert.equal("invalid", err.kind)
+      assert.matches("pooler must be", err.message)
+    end
+    assert.equal(0, admin:version("U-1"))
+  end)
+
+  it("status() tells a proxy from the server itself", function()
+    if not POOLER then return end
+    local via = assert(es.open(POOLER, { schema = schema, pooler = "transaction" }))
+    local st = assert(via:status())
+    assert.is_true(st.proxied)
+    assert.equal("transaction", st.pooler)
+    local direct = assert(admin:status())
+    assert.is_false(direct.proxied)
+    assert.equal("none", direct.pooler)
+    assert.is_nil(assert(es.open("memory:")):status().proxied)
+    via:close()
+  end)
+
+  it("keeps a transaction on one server session; rollback and commit work", function()
+    if not POOLER then return end
+    local stores = open_many { pooler = "transaction" }
+    local s = stores[1]
+    assert(s:begin())
+    local pid = s:query("SELECT pg_backend_pid() AS pid")[1].pid
+    assert(s:append("TX-1", { { type = "T", data = {} } }))
+    -- the others keep the remaining server sessions busy meanwhile
+    for i = 2, STORES do assert(stores[i]:append("O-" .. i, { { type = "T", data = {} } })) end
+    assert(s:append("TX-1", { { type = "T", data = {} } }))
+    assert.equal(pid, s:query("SELECT pg_backend_pid() AS pid")[1].pid)
+    assert(s:rollback())
+    assert.equal(0, admin:version("TX-1"))
+    assert(s:begin())
+    assert(s:append("TX-1", { { type = "T", data = {} } }))
+    assert(s:append("TX-1", { { type = "T", data = {} } }))
+    assert(s:commit())
+    assert.equal(2, admin:version("TX-1"))
+    close_all(stores)
+  end)
+
+  it("applies timeouts with SET LOCAL, in and out of transactions, and leaks none", function()
+    if not POOLER then return end
+    local s = assert(es.open(POOLER, { schema = schema, pooler = "transaction",
+                                       statement_timeout = 200, lock_timeout = 100 }))
+    local rows, err = s:query("SELECT pg_sleep(3)")
+    assert.is_nil(rows)
+    assert.equal("57014", err.sqlstate)
+    assert(s:begin())
+    assert.equal("200ms", s:query("SHOW statement_timeout")[1].statement_timeout)
+    assert.equal("100ms", s:query("SHOW lock_timeout")[1].lock_timeout)
+    assert(s:commit())
+    -- a locked stream: the append gives up after lock_timeout
+    assert(admin:append("L-1", { { type = "T", data = {} } }))
+    assert(admin:begin())
+    assert(admin:query(('SELECT 1 FROM "%s".streams WHERE stream = $1 FOR UPDATE'):format(schema), "L-1"))
+    local res, lerr = s:append("L-1", { { type = "T", data = {} } })
+    assert.is_nil(res)
+    assert.equal("55P03", lerr.sqlstate)
+    assert(admin:rollback())
+    -- a long stream read ahead page by page, under the timeouts
+    local evs = {}
+    for i = 1, 1200 do evs[i] = { type = "T", data = { i = i } } end
+    assert(s:append("F-1", evs))
+    assert.equal(1200, (assert(s:fold("F-1", counter_handlers(), 0))))
+    assert.is_false(assert(s:status()).in_transaction)
+    -- no server session was left with our settings or in a transaction
+    local plain = open_many { pooler = "transaction" }
+    for _, p in ipairs(plain) do
+      assert.equal("0", p:query("SHOW statement_timeout")[1].statement_timeout)
+      assert.equal("0", p:query("SHOW lock_timeout")[1].lock_timeout)
+    end
+    local stuck = admin:query("SELECT count(*) AS n FROM pg_stat_activity " ..
+      "WHERE state LIKE 'idle in transaction%' AND pid <> pg_backend_pid()")
+    assert.equal(0, tonumber(stuck[1].n))
+    close_all(plain)
+    s:close()
+  end)
+
+  it("refuses LISTEN, naming the option; a projector polls instead", function()
+    if not POOLER then return end
+    local s = assert(es.open(POOLER, { schema = schema, pooler = "transaction" }))
+    local ok, err = s:listen()
+    assert.is_nil(ok)
+    assert.equal("invalid", err.kind)
+    assert.matches('pooler = "transaction"', err.message, 1, true)
+    local rm = es.read_model { name = "rm_pooled", columns = { id = "text", n = "bigint" },
+      on = { T = function(row) row.n = (row.n or 0) + 1 end } }
+    local p = es.projector(s, { rm })
+    assert(p:migrate())
+    local errors, rounds = {}, 0
+    assert(p:run { poll = 0.05, on_error = function(e) errors[#errors + 1] = tostring(e) end,
+      idle = function()
+        rounds = rounds + 1
+        if rounds == 1 then assert(admin:append("R-1", { { type = "T", data = {} } })) end
+      end,
+      stop = function() local row = rm:get(s, "1"); return row and row.n == 1 or rounds > 100 end })
+    assert.same({}, errors)
+    assert.equal(1, assert(rm:get(s, "1")).n)
+    s:close()
+  end)
+end)
