@@ -15,6 +15,7 @@ REQUIRED=(
   postgresql-15 postgresql-client-15
   lua-cjson lua-sql-postgres
   wrk nginx libnginx-mod-http-lua
+  pgbouncer
 )
 OPTIONAL=(clang)
 
