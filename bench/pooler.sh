@@ -7,7 +7,9 @@
 #   pgbouncer_unnamed through PgBouncer (pool_mode = transaction,
 #                     default_pool_size = ES_PGB_POOL, default 8), pooler =
 #                     "transaction": what a user behind the pooler gets
-# Prints `pooler_<op>_<way>_c<clients> <rate> ops/s` lines and the ratios
+# First the cost of one call each way (bench/pooler_cost.lua, median of
+# rounds taken in turn), then `pooler_<op>_<way>_c<clients> <rate> ops/s`
+# lines and the ratios
 # `pooler_<op>_unnamed_cost_c<n>` (direct_unnamed / direct_prepared) and
 # `pooler_<op>_pgbouncer_c<n>` (pgbouncer_unnamed / direct_prepared).
 #
@@ -37,6 +39,11 @@ client() {
 }
 client "$URL" "$SCHEMA" none setup 0 0 || exit 1
 
+status=0
+# one call each way, taking turns in one process (robust to a busy machine)
+LUA_PATH="lua/?.lua;lua/?/init.lua;;" LUA_CPATH="build/$FLAVOUR/?.so;;" \
+  "$FLAVOUR" bench/pooler_cost.lua "$URL" "$PGB" "$SCHEMA" || status=1
+
 # run TARGET POOLER OP N : N clients at once; prints their summed rate
 run() {
   local target=$1 pooler=$2 op=$3 n=$4 i pids=() rc=0
@@ -49,7 +56,6 @@ run() {
   cat "$TMP"/c* | awk '{ r += $2 / $4 } END { printf "%.0f", r }'
 }
 
-status=0
 for op in append fold; do
   for n in 8 32; do
     declare -A rate=()
