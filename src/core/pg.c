@@ -33,30 +33,65 @@ static int valid_schema(const char *s)
     return 1;
 }
 
-/* Ends the BEGIN we put around one statement for its SET LOCAL. COMMIT,
- * not ROLLBACK: the statement may have written (an append). A failed
- * statement makes this COMMIT a rollback, as it should. */
-static void unwrap(pg_store *p)
+/* The pipeline of a wrapped statement (see send_params), read to its
+ * Sync: set_config's result, the statement's, then the Sync's. Two NULLs
+ * in a row mean nothing more is coming (a broken pipeline): then the
+ * session is dropped rather than left in pipeline mode. */
+static void drain_pipeline(pg_store *p)
 {
+    int nulls = 0;
     p->wrapped = 0;
-    if (p->conn && PQstatus(p->conn) == CONNECTION_OK)
-        PQclear(PQexec(p->conn, "COMMIT"));
+    while (nulls < 2 && PQstatus(p->conn) == CONNECTION_OK) {
+        PGresult *r = PQgetResult(p->conn);
+        ExecStatusType st;
+        if (!r) {
+            nulls++;
+            continue;
+        }
+        nulls = 0;
+        st = PQresultStatus(r);
+        PQclear(r);
+        if (st == PGRES_PIPELINE_SYNC)
+            break;
+    }
+    if (PQstatus(p->conn) == CONNECTION_OK && !PQexitPipelineMode(p->conn)) {
+        PQfinish(p->conn);
+        p->conn = NULL;
+    }
 }
 
 void pg_drain(pg_store *p)
 {
     PGresult *r;
+    if (p->conn && p->wrapped) {
+        drain_pipeline(p);
+        return;
+    }
     while (p->conn && (r = PQgetResult(p->conn)) != NULL)
         PQclear(r);
-    if (p->wrapped)
-        unwrap(p);   /* the wrapped statement is done: free the session */
+}
+
+/* The next result of the statement on the wire, past the set_config()
+ * of a wrapped one (whose failure, if it failed, is the result). */
+static PGresult *take_result(pg_store *p)
+{
+    if (p->wrapped == 1) {
+        PGresult *set = PQgetResult(p->conn), *end;
+        p->wrapped = 2;
+        if ((end = PQgetResult(p->conn)) != NULL)
+            PQclear(end);   /* not expected: set_config returns one row */
+        if (!set || PQresultStatus(set) != PGRES_TUPLES_OK)
+            return set;
+        PQclear(set);
+    }
+    return PQgetResult(p->conn);
 }
 
 void pg_settle(pg_store *p)
 {
     if (p->ahead.state != 1)
         return;
-    p->ahead.res = p->conn ? PQgetResult(p->conn) : NULL;
+    p->ahead.res = p->conn ? take_result(p) : NULL;
     pg_drain(p);
     p->ahead.state = 2;
 }
@@ -167,6 +202,10 @@ static int pg_set_timeouts(es_store *s, int64_t statement_ms,
                      "SET LOCAL statement_timeout = %lld; "
                      "SET LOCAL lock_timeout = %lld",
                      (long long)statement_ms, (long long)lock_ms);
+        snprintf(p->timeouts[0], sizeof p->timeouts[0], "%lld",
+                 (long long)statement_ms);
+        snprintf(p->timeouts[1], sizeof p->timeouts[1], "%lld",
+                 (long long)lock_ms);
         return 0;
     }
     snprintf(p->session_sql, sizeof p->session_sql,
@@ -324,27 +363,48 @@ static const char *unnamed_sql(pg_store *p, int stmt, es_error *err)
     return p->sql[stmt];
 }
 
-/* Pooler with timeouts, outside a transaction: BEGIN and SET LOCAL for
- * the one statement about to go (pg_drain or the caller ends it). */
-static int wrap(pg_store *p, es_error *err)
+static const char set_timeouts_sql[] =
+    "SELECT set_config('statement_timeout', $1, true),"
+    " set_config('lock_timeout', $2, true)";
+
+/* Pooler: sends an unnamed statement. With timeouts, outside a
+ * transaction, it goes in a pipeline behind set_config(..., true) for
+ * them, with one Sync after both: one implicit transaction, so the
+ * settings end with the statement, in one round trip. take_result and
+ * pg_drain read the pipeline. A session that fails half way is dropped. */
+static int send_params(pg_store *p, const char *sql, int nparams,
+                       const char *const *values, int binary_result,
+                       const char *what, es_error *err)
 {
-    char sql[176];
-    if (p->in_tx || !p->local_sql[0])
-        return 0;
-    snprintf(sql, sizeof sql, "BEGIN; %s", p->local_sql);
-    if (pg_exec_simple(p, sql, err) < 0)
-        return -1;
-    p->wrapped = 1;
+    const char *t[2] = { p->timeouts[0], p->timeouts[1] };
+    int wrap = !p->in_tx && p->local_sql[0];
+    if (wrap && (!PQenterPipelineMode(p->conn) ||
+                 !PQsendQueryParams(p->conn, set_timeouts_sql, 2, NULL, t,
+                                    NULL, NULL, 0)))
+        goto fail;
+    p->wrapped = wrap;
+    if (!PQsendQueryParams(p->conn, sql, nparams, NULL, values, NULL, NULL,
+                           binary_result) ||
+        (wrap && !PQpipelineSync(p->conn)))
+        goto fail;
     return 0;
+fail:
+    pg_fail(p, NULL, what, err);
+    if (wrap && p->conn) {
+        PQfinish(p->conn);
+        p->conn = NULL;
+        p->wrapped = 0;
+    }
+    return -1;
 }
 
-/* Pooler: connected, the statement's text in *sql, wrapped if needed. */
+/* Pooler: connected and the statement's text in *sql. */
 static int unnamed_ready(pg_store *p, int stmt, const char **sql,
                          es_error *err)
 {
     if (pg_ensure(p, err) < 0 || !(*sql = unnamed_sql(p, stmt, err)))
         return -1;
-    return wrap(p, err);
+    return 0;
 }
 
 static PGresult *exec_unnamed(pg_store *p, int stmt, int nparams,
@@ -352,14 +412,11 @@ static PGresult *exec_unnamed(pg_store *p, int stmt, int nparams,
                               es_error *err)
 {
     const char *sql;
-    PGresult *res;
-    if (unnamed_ready(p, stmt, &sql, err) < 0)
+    if (unnamed_ready(p, stmt, &sql, err) < 0 ||
+        send_params(p, sql, nparams, values, binary_result,
+                    stmt_names[stmt] + 3, err) < 0)
         return NULL;
-    res = PQexecParams(p->conn, sql, nparams, NULL, values, NULL, NULL,
-                       binary_result);
-    if (p->wrapped)
-        unwrap(p);
-    return check_result(p, stmt, res, err);
+    return pg_receive(p, stmt, err);
 }
 
 PGresult *pg_exec_prepared(pg_store *p, int stmt, int nparams,
@@ -384,10 +441,8 @@ int pg_send_prepared(pg_store *p, int stmt, int nparams,
         const char *sql;
         if (unnamed_ready(p, stmt, &sql, err) < 0)
             return -1;
-        if (!PQsendQueryParams(p->conn, sql, nparams, NULL, values, NULL,
-                               NULL, binary_result))
-            return pg_fail(p, NULL, stmt_names[stmt] + 3, err);
-        return 0;
+        return send_params(p, sql, nparams, values, binary_result,
+                           stmt_names[stmt] + 3, err);
     }
     if (prepare_once(p, stmt, err) < 0)
         return -1;
@@ -399,7 +454,7 @@ int pg_send_prepared(pg_store *p, int stmt, int nparams,
 
 PGresult *pg_receive(pg_store *p, int stmt, es_error *err)
 {
-    PGresult *res = PQgetResult(p->conn);
+    PGresult *res = take_result(p);
     pg_drain(p);    /* to the end of this query: the session is free again */
     if (!res) {
         pg_fail(p, NULL, stmt_names[stmt] + 3, err);
@@ -434,11 +489,18 @@ static es_rows *pg_query(es_store *s, const char *sql, int nparams,
     PGresult *res;
     es_rows *rows;
 
-    if (pg_ensure(p, err) < 0 || wrap(p, err) < 0)
+    if (pg_ensure(p, err) < 0)
         return NULL;
-    res = PQexecParams(p->conn, sql, nparams, NULL, params, NULL, NULL, 0);
-    if (p->wrapped)
-        unwrap(p);
+    if (p->pooler != PG_POOLER_TRANSACTION) {
+        res = PQexecParams(p->conn, sql, nparams, NULL, params, NULL, NULL, 0);
+    } else {
+        if (send_params(p, sql, nparams, params, 0, "query", err) < 0)
+            return NULL;
+        res = take_result(p);
+        pg_drain(p);
+        if (!res)
+            return pg_fail(p, NULL, "query", err), NULL;
+    }
     if (PQresultStatus(res) != PGRES_TUPLES_OK &&
         PQresultStatus(res) != PGRES_COMMAND_OK) {
         pg_fail(p, res, "query", err);

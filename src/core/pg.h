@@ -56,8 +56,10 @@ typedef struct pg_store {
     int pooler;               /* PG_POOLER_*: TRANSACTION keeps no session
                                  state: unnamed statements, SET LOCAL */
     char local_sql[160];      /* pooler: SET LOCAL timeouts, or "" */
-    int wrapped;              /* pooler: our own BEGIN around one statement
-                                 (for local_sql) is open */
+    char timeouts[2][24];     /* pooler: the same for set_config() */
+    int wrapped;              /* pooler: a statement went in a pipeline
+                                 behind set_config() for the timeouts: 1
+                                 that result is still to read, 2 read */
     char *sql[PG_NSTMT];      /* pooler: statement text, made on first use */
     es_buf params;            /* parameter text of one call */
     PGresult *snapshot;       /* the last snapshot loaded */
