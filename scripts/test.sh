@@ -28,8 +28,8 @@ done
 specs=("$@")
 [ ${#specs[@]} -gt 0 ] || specs=(spec)
 
-POOLER_SPECS=(spec/03_store_spec.lua spec/04_global_order_spec.lua
-  spec/09_pooler_spec.lua spec/21_projector_spec.lua spec/30_http_spec.lua
+POOLER_SPECS=(spec/03_store_spec.lua spec/04_global_order_spec.lua spec/07_prefetch_spec.lua
+  spec/09_pooler_spec.lua spec/20_read_model_spec.lua spec/21_projector_spec.lua spec/30_http_spec.lua
   spec/40_workflow_spec.lua)
 
 PG_URL= PGB_URL=
