@@ -203,6 +203,39 @@ describe("a store behind a transaction pooler", function()
     s:close()
   end)
 
+  it("reads ahead under timeouts: batches between other calls, a fold that fails half way", function()
+    if not POOLER then return end
+    local s = assert(es.open(POOLER, { schema = schema, pooler = "transaction",
+                                       statement_timeout = 5000, lock_timeout = 1000 }))
+    local evs = {}
+    for i = 1, 2500 do evs[i] = { type = "T", data = { i = i } } end
+    assert(s:append("Long-1", evs))
+    -- read_all with a batch on its way while other calls (each in a
+    -- pipeline of its own) and a transaction run
+    local seen, cp = 0, nil
+    repeat
+      local batch, next_cp = assert(s:read_all { after = cp, limit = 400, prefetch = true })
+      seen, cp = seen + #batch, next_cp
+      assert.equal(2500, assert(s:version("Long-1")))
+      assert(s:begin()); assert(s:query("SELECT 1 AS one")); assert(s:commit())
+    until #batch == 0
+    assert.equal(2500, seen)
+    -- a fold whose handler raises with the next page on the wire
+    local ok = pcall(s.fold, s, "Long-1", {
+      T = function(n, e) if e.data.i == 1500 then error("boom") end return n + 1 end }, 0)
+    assert.is_false(ok)
+    collectgarbage(); collectgarbage()
+    assert.equal(2500, (assert(s:fold("Long-1", counter_handlers(), 0))))
+    -- a stream read left half way, then something else
+    for e in s:read("Long-1") do if e.version == 10 then break end end
+    assert(s:append("Long-1", { type = "T", data = { i = 2501 } }))
+    assert.equal(2501, assert(s:version("Long-1")))
+    local stuck = admin:query("SELECT count(*) AS n FROM pg_stat_activity " ..
+      "WHERE state LIKE 'idle in transaction%' AND pid <> pg_backend_pid()")
+    assert.equal(0, tonumber(stuck[1].n))
+    s:close()
+  end)
+
   it("refuses LISTEN, naming the option; a projector polls instead", function()
     if not POOLER then return end
     local s = assert(es.open(POOLER, { schema = schema, pooler = "transaction" }))
