@@ -77,8 +77,7 @@ EOF
     rm -rf "$dir"; exit 1
   fi
   # -d returns before the socket exists
-  local i
-  for i in $(seq 50); do
+  for _ in $(seq 50); do
     [ -S "$dir/.s.PGSQL.$PORT" ] && break
     sleep 0.1
   done
@@ -87,13 +86,13 @@ EOF
 }
 
 stop() {
-  local dir pid i
+  local dir pid
   dir=$(resolve_dir "${1:-}")
   [ -f "$dir/pgbouncer.ini" ] || { echo "pgbouncer.sh: no pgbouncer in $dir" >&2; exit 1; }
   case $dir in /|"") exit 2 ;; esac
   pid=$(cat "$dir/pgbouncer.pid" 2>/dev/null || true)
   if [ -n "$pid" ] && kill "$pid" 2>/dev/null; then
-    for i in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     kill -9 "$pid" 2>/dev/null || true
   fi
   rm -rf "$dir"

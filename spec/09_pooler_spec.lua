@@ -47,6 +47,20 @@ describe("a store behind a transaction pooler", function()
     for _, s in ipairs(list) do s:close() end
   end
 
+  it("is what the pooler pass runs through (ES_TEST_POOLER)", function()
+    if not POOLER then return end
+    local s = assert(es.open(helpers.database_url(), { schema = schema }))
+    local st = assert(s:status())
+    if helpers.pooler() then
+      -- the pass's URL carries the option and reaches a proxy
+      assert.equal("transaction", s:pooler())
+      assert.is_true(st.proxied)
+    else
+      assert.is_false(st.proxied)
+    end
+    s:close()
+  end)
+
   it("without the option fails with an error that names it", function()
     if not POOLER then return end
     local stores = open_many()
