@@ -9,8 +9,8 @@
  * Behind a transaction pooler (pooler = "transaction") each transaction may
  * run on another server session, so nothing is kept in one: statements go
  * as unnamed extended-protocol queries (parameters still bound), timeouts
- * are SET LOCAL in each transaction (a statement outside one gets a BEGIN
- * .. COMMIT of its own for them), and LISTEN is refused.
+ * are set per transaction (see send_params for a statement outside one),
+ * and LISTEN is refused.
  */
 #include "pg.h"
 
@@ -319,6 +319,20 @@ static const char *const stmt_names[PG_NSTMT] = {
     "es_read_all0", "es_read_all1", "es_read_all2", "es_read_all3"
 };
 
+/* Statement names carry a hash of the schema: the text of a statement
+ * depends only on the schema, so a session that already has a name (a
+ * pooler handed us a session another store prepared) has the same
+ * statement, never one reading another schema. */
+static void name_statements(pg_store *p)
+{
+    uint32_t h = 2166136261u;                      /* FNV-1a */
+    for (const char *c = p->schema; *c; c++)
+        h = (h ^ (unsigned char)*c) * 16777619u;
+    for (int i = 0; i < PG_NSTMT; i++)
+        snprintf(p->names[i], sizeof p->names[i], "%s_%08x", stmt_names[i],
+                 (unsigned)h);
+}
+
 /* Connects if needed and prepares the statement once per session. */
 static int prepare_once(pg_store *p, int stmt, es_error *err)
 {
@@ -330,7 +344,7 @@ static int prepare_once(pg_store *p, int stmt, es_error *err)
     if (p->prepared & (1u << stmt))
         return 0;
     pg_statement_sql(p, stmt, sql, sizeof sql);
-    res = PQprepare(p->conn, stmt_names[stmt], sql, 0, NULL);
+    res = PQprepare(p->conn, p->names[stmt], sql, 0, NULL);
     if (PQresultStatus(res) != PGRES_COMMAND_OK)
         return pg_fail(p, res, "prepare", err);
     PQclear(res);
@@ -428,7 +442,7 @@ PGresult *pg_exec_prepared(pg_store *p, int stmt, int nparams,
     if (prepare_once(p, stmt, err) < 0)
         return NULL;
     return check_result(p, stmt,
-                        PQexecPrepared(p->conn, stmt_names[stmt], nparams,
+                        PQexecPrepared(p->conn, p->names[stmt], nparams,
                                        values, NULL, NULL, binary_result),
                         err);
 }
@@ -446,7 +460,7 @@ int pg_send_prepared(pg_store *p, int stmt, int nparams,
     }
     if (prepare_once(p, stmt, err) < 0)
         return -1;
-    if (!PQsendQueryPrepared(p->conn, stmt_names[stmt], nparams, values,
+    if (!PQsendQueryPrepared(p->conn, p->names[stmt], nparams, values,
                              NULL, NULL, binary_result))
         return pg_fail(p, NULL, stmt_names[stmt] + 3, err);
     return 0;
@@ -634,9 +648,10 @@ static int pg_status(es_store *s, es_store_status *out, es_error *err)
     if (!p->in_tx && !p->tx_lost && p->ahead.state != 1 && !p->page) {
         /* a query now would end nothing and wait for nothing */
         int r = proxied(p, err);
-        if (r < 0)
+        if (r < 0 && err->kind != ES_CONNECTION)
             return -1;
-        out->proxied = r;
+        out->proxied = r;    /* -1: no session to ask (connected says so) */
+        es_error_clear(err);
     }
     out->connected = p->conn && PQstatus(p->conn) == CONNECTION_OK;
     for (int i = 0; i < PG_NSTMT; i++)
@@ -730,6 +745,7 @@ es_store *es_pg_open(const char *target, const es_open_opts *o, es_error *err)
     p->base.ops = &pg_ops;
     snprintf(p->schema, sizeof p->schema, "%s", schema);
     p->base.schema = p->schema;
+    name_statements(p);
     p->base.pooler = pooler_names[p->pooler];
     es_buf_init(&p->params);
     es_buf_init(&p->ahead.key);

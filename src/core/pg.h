@@ -53,6 +53,7 @@ typedef struct pg_store {
     int listening;            /* LISTEN again after a reconnect */
     char session_sql[128];    /* SET ... run on every new session */
     unsigned prepared;        /* bit per statement prepared this session */
+    char names[PG_NSTMT][32]; /* statement names, with the schema's hash */
     int pooler;               /* PG_POOLER_*: TRANSACTION keeps no session
                                  state: unnamed statements, SET LOCAL */
     char local_sql[160];      /* pooler: SET LOCAL timeouts, or "" */
