@@ -82,6 +82,37 @@ describe("a store behind a transaction pooler", function()
     close_all(stores)
   end)
 
+  it("without the option never runs another schema's statement", function()
+    if not POOLER then return end
+    -- two schemas through one pool: a statement name prepared on a pooled
+    -- session by one store must not run for the other. PgBouncer hands out
+    -- the session used last, so: s1 prepares on session A; a transaction
+    -- holds A while s2 prepares on B; then s2's next append lands on A.
+    local other = helpers.fresh_schema()
+    local admin2 = assert(es.open(helpers.listen_url(), { schema = other }))
+    assert(admin2:migrate())
+    local s1 = assert(es.open(POOLER, { schema = other }))
+    local s2 = assert(es.open(POOLER, { schema = schema }))
+    local holder = assert(es.open(POOLER, { schema = schema, pooler = "transaction" }))
+    local ok = { [s1] = 0, [s2] = 0 }
+    local function append(s)
+      if s:append("X-1", { { type = "T", data = {} } }) then ok[s] = ok[s] + 1 end
+    end
+    for _ = 1, 3 do
+      append(s1)
+      assert(holder:begin())
+      assert(holder:query("SELECT 1 AS one"))
+      append(s2)
+      assert(holder:commit())
+      append(s2)
+      append(s1)
+    end
+    assert.is_true(ok[s2] > 0, "s2 never got a session of its own")
+    assert.equal(ok[s1], admin2:version("X-1"))
+    assert.equal(ok[s2], admin:version("X-1"))
+    for _, s in ipairs { s1, s2, holder, admin2 } do s:close() end
+  end)
+
   it("with pooler = \"transaction\" appends, folds and reads with no error", function()
     if not POOLER then return end
     local stores = open_many { pooler = "transaction" }
@@ -156,6 +187,20 @@ describe("a store behind a transaction pooler", function()
     assert.equal("none", direct.pooler)
     assert.is_nil(assert(es.open("memory:")):status().proxied)
     via:close()
+    -- a session that is gone: status says so and does not fail
+    local victim = assert(es.open(helpers.listen_url(), { schema = schema }))
+    local pid = victim:query("SELECT pg_backend_pid() AS pid")[1].pid
+    assert(admin:query("SELECT pg_terminate_backend($1::int)", pid))
+    local gone
+    for _ = 1, 50 do
+      gone = assert(victim:status())
+      if not gone.connected then break end
+      helpers.sleep(0.05)
+    end
+    assert.is_false(gone.connected)
+    assert.is_nil(gone.proxied)
+    assert.is_true(assert(victim:status()).connected)   -- and the next call reconnects
+    victim:close()
   end)
 
   it("keeps a transaction on one server session; rollback and commit work", function()
