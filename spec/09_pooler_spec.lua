@@ -166,6 +166,7 @@ describe("a store behind a transaction pooler", function()
     for _, call in ipairs {
       function() return es.open(POOLER, { schema = schema, pooler = "statement" }) end,
       function() return es.open(POOLER .. " pooler=bogus", { schema = schema }) end,
+      function() return es.open(POOLER .. " pooler=", { schema = schema }) end,
       function() return es.open("memory:", { pooler = "yes" }) end,
     } do
       local s, err = call()

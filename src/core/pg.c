@@ -737,7 +737,8 @@ es_store *es_pg_open(const char *target, const es_open_opts *o, es_error *err)
     pooler = o && o->pooler ? o->pooler : in_target[0] ? in_target : "none";
     if ((p->pooler = pooler_mode(pooler)) < 0) {
         es_fail(err, ES_INVALID, "pooler must be \"none\", \"session\" or "
-                "\"transaction\", not '%.40s'", pooler);
+                "\"transaction\", not '%.40s'",
+                strcmp(pooler, "''") == 0 ? "" : pooler);   /* empty */
         free(p->conninfo);
         free(p);
         return NULL;

@@ -19,9 +19,14 @@ static int is_url(const char *s)
            strncmp(s, "postgres://", 11) == 0;
 }
 
-/* Copies value [v, v+n) into out (at most outlen-1 bytes, NUL ended). */
+/* Copies value [v, v+n) into out (at most outlen-1 bytes, NUL ended).
+ * An empty value becomes "''" so that it reads as given, and wrong. */
 static void copy_value(char *out, size_t outlen, const char *v, size_t n)
 {
+    if (n == 0) {
+        v = "''";
+        n = 2;
+    }
     if (n >= outlen)
         n = outlen - 1;
     memcpy(out, v, n);
