@@ -155,6 +155,12 @@ describe("a store behind a transaction pooler", function()
       s:close()
     end
     assert.equal(6 * #targets, admin:version("U-1"))
+    -- only the keyword itself is taken: not a quoted value that looks like it
+    local q = assert(es.open(POOLER .. " application_name='pooler=transaction x'", { schema = schema }))
+    assert.equal("none", q:pooler())
+    assert.equal("pooler=transaction x",
+      q:query("SELECT current_setting('application_name') AS a")[1].a)
+    q:close()
     -- the option given to es.open wins over the target
     local s = assert(es.open(POOLER .. " pooler=transaction", { schema = schema, pooler = "none" }))
     assert.equal("none", s:pooler())
