@@ -16,6 +16,7 @@ REQUIRED=(
   lua-cjson lua-sql-postgres
   wrk nginx libnginx-mod-http-lua
   lua-argparse lua-term
+  pgbouncer
 )
 OPTIONAL=(clang)
 
