@@ -7,7 +7,8 @@
 --   local app = assert(admin.load_app("examples/orders/app.lua"))
 --   admin.migrate(store, app)        -> { schema, read_models, projections, workflows }
 --   admin.stats(store)               -> { events, streams, categories = {...}, size_bytes, ... }
---   admin.streams(store, { category, limit })          -> rows
+--   admin.streams(store, { category, search, after, limit }) -> rows
+--   admin.trace(store, correlation_id)                 -> events of one chain
 --   admin.read(store, stream, { from, to, backward, at, limit })  -> events
 --   admin.tail(store, { category, type, limit })       -> events, checkpoint
 --   admin.follow(store, checkpoint, { category, type }) -> events, checkpoint
@@ -98,7 +99,8 @@ function M.stats(store)
   return out
 end
 
--- Streams with their version and last event, by name.
+-- Streams with their version and last event, by name. opts: category,
+-- search (part of the name), after (a name: the next page, keyset), limit.
 function M.streams(store, opts)
   opts = opts or {}
   local ok, err = need_pg(store, "streams")
@@ -106,8 +108,10 @@ function M.streams(store, opts)
   return store:query(q(store, "SELECT s.stream, s.version, e.type AS last_type, "
     .. ts("e.recorded_at", "last_recorded_at") .. " FROM <schema>.streams s "
     .. "LEFT JOIN <schema>.events e ON e.stream = s.stream AND e.version = s.version "
-    .. "WHERE $1::text IS NULL OR split_part(s.stream, '-', 1) = $1 "
-    .. "ORDER BY s.stream LIMIT $2"), opts.category, opts.limit or 100)
+    .. "WHERE ($1::text IS NULL OR split_part(s.stream, '-', 1) = $1) "
+    .. "AND ($3::text IS NULL OR strpos(lower(s.stream), lower($3)) > 0) "
+    .. "AND ($4::text IS NULL OR s.stream > $4) "
+    .. "ORDER BY s.stream LIMIT $2"), opts.category, opts.limit or 100, opts.search, opts.after)
 end
 
 -- One stream's events (opts as store:read; at = before that instant).
@@ -156,12 +160,21 @@ function M.tail(store, opts)
   return out, cp
 end
 
--- The events after checkpoint (one page): events, new checkpoint.
+-- The events after checkpoint (one page of opts.limit, default 1000):
+-- events, new checkpoint.
 function M.follow(store, checkpoint, opts)
-  local f = filters(opts or {})
-  local batch, cp = store:read_all({ after = checkpoint, limit = 1000, category = f.category, types = f.types })
+  opts = opts or {}
+  local f = filters(opts)
+  local batch, cp = store:read_all({ after = checkpoint, limit = opts.limit or 1000, category = f.category,
+    types = f.types })
   if not batch then return nil, cp end
   return batch, #batch > 0 and cp or checkpoint
+end
+
+-- The events of one correlation chain (workflow metadata correlation_id,
+-- or the event that started it), in the global order.
+function M.trace(store, correlation_id)
+  return require("eventsourcing.workflow").trace(store, correlation_id)
 end
 
 local transfer = require "eventsourcing.admin.transfer"
