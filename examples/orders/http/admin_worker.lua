@@ -18,7 +18,8 @@
 --   GET  /admin/trace/{correlation_id}
 --   GET  /admin/projections        POST /admin/projections/{name}/{rebuild|reset|pause|resume|retry}
 --   GET  /admin/progress/{name}    (a running rebuild: done, total, rate, eta)
---   GET  /admin/workflows          GET /admin/dead-letters
+--   GET  /admin/workflows          POST /admin/workflows/{name}/{pause|resume}
+--   GET  /admin/dead-letters
 --   POST /admin/dead-letters/{id}/{retry|discard}
 local es = require "eventsourcing"
 local admin = require "eventsourcing.admin"
@@ -221,6 +222,9 @@ local function route(method, segs, args)
     return projection_action(segs[3], segs[4])
   end
   if get and n == 2 and top == "workflows" then return rows(admin.workflows.status(store, the_app())) end
+  if post and n == 4 and top == "workflows" and (segs[4] == "pause" or segs[4] == "resume") then
+    return admin.workflows[segs[4]](store, the_app(), segs[3])
+  end
   if get and n == 2 and top == "dead-letters" then return rows(admin.workflows.dead_letters(store)) end
   if post and n == 4 and top == "dead-letters" and (segs[4] == "retry" or segs[4] == "discard") then
     return dead_letter_action(segs[3], segs[4])
