@@ -7,6 +7,7 @@
 --   local app = assert(admin.load_app("examples/orders/app.lua"))
 --   admin.migrate(store, app)        -> { schema, read_models, projections, workflows }
 --   admin.stats(store)               -> { events, streams, categories = {...}, size_bytes, ... }
+--   admin.overview(store)            -> stats without instants, from the streams table (cheap)
 --   admin.streams(store, { category, search, after, limit }) -> rows
 --   admin.trace(store, correlation_id)                 -> events of one chain
 --   admin.read(store, stream, { from, to, backward, at, limit })  -> events
@@ -96,6 +97,27 @@ function M.stats(store)
     .. " FROM <schema>.events GROUP BY category ORDER BY category"))
   if not rows then return nil, err end
   out.categories = rows
+  return out
+end
+
+-- What stats gives, from the streams table only (versions are dense, so a
+-- stream's version is its number of events): cheap however long the log
+-- is, for pages that show it on every visit. No first/last instants.
+-- -> { schema, events, streams, last_position, size_bytes, categories = { category, events, streams } }
+function M.overview(store)
+  local ok, err = need_pg(store, "overview")
+  if not ok then return nil, err end
+  local out
+  out, err = one(store, "SELECT coalesce(sum(version), 0)::bigint AS events, count(*) AS streams, "
+    .. "(SELECT max(position) FROM <schema>.events) AS last_position, "
+    .. "(SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c "
+    .. "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relkind = 'r')::bigint AS size_bytes "
+    .. "FROM <schema>.streams", store:schema())
+  if not out then return nil, err end
+  out.schema = store:schema()
+  out.categories, err = store:query(q(store, "SELECT split_part(stream, '-', 1) AS category, "
+    .. "sum(version)::bigint AS events, count(*) AS streams FROM <schema>.streams GROUP BY 1 ORDER BY 1"))
+  if not out.categories then return nil, err end
   return out
 end
 

@@ -11,7 +11,7 @@
 -- Only admin tokens (tokens.json: "admin": true) get in: no token or an
 -- unknown one is a 401, a customer's token a 403.
 --
---   GET  /admin/stats
+--   GET  /admin/stats              GET /admin/overview (the same counts, cheap: no instants)
 --   GET  /admin/streams?category=&search=&after=&limit=      (keyset pages by name)
 --   GET  /admin/streams/{stream}?from=&limit=                (a page of events)
 --   GET  /admin/log?after=<checkpoint>&limit=                (global log; no after: its tail)
@@ -129,7 +129,10 @@ end
 
 ---------------------------------------------------------------- handlers
 
+-- stats: exact counts and first/last instants (a scan of the whole log);
+-- overview: counts from the streams table, what the Store view shows
 local function stats() return admin.stats(store) end
+local function overview() return admin.overview(store) end
 
 local function streams(args)
   local limit, err = int_arg(args, "limit", 50, 500)
@@ -210,6 +213,7 @@ local function route(method, segs, args)
   local n, top = #segs, segs[2]
   local get, post = method == "GET", method == "POST"
   if get and n == 2 and top == "stats" then return stats() end
+  if get and n == 2 and top == "overview" then return overview() end
   if get and n == 2 and top == "streams" then return streams(args) end
   if get and n == 3 and top == "streams" then return stream_events(segs[3], args) end
   if get and n == 2 and top == "log" then return log(args) end

@@ -92,7 +92,7 @@
     var t = document.getElementById("token").value.trim();
     sessionStorage.setItem(TOKEN_KEY, t);
     // a customer's token is refused here (403) and not kept
-    api("/admin/stats").then(function () {
+    api("/admin/overview").then(function () {
       document.getElementById("token").value = "";
       message("");
       loggedIn(true);
@@ -127,17 +127,16 @@
     });
     add(root, [cards, h("h3", null, "Categories"), cats, h("h3", null, "Streams"), form, list]);
     show(root);
-    api("/admin/stats").then(function (s) {
+    api("/admin/overview").then(function (s) {
       add(cards, [["events", s.events], ["streams", s.streams], ["last position", s.last_position || 0],
         ["size on disk", Math.round((s.size_bytes || 0) / 1024) + " KiB"]].map(function (c) {
         return h("div", { class: "card" }, h("b", null, c[1]), h("span", null, c[0]));
       }));
-      cats.replaceChildren(table(["category", "events", "streams", "first", "last"],
+      cats.replaceChildren(table(["category", "events", "streams"],
         (s.categories || []).map(function (c) {
           return h("tr", null,
             h("td", null, h("a", { href: "#/store?category=" + enc(c.category) }, c.category)),
-            h("td", { class: "num" }, c.events), h("td", { class: "num" }, c.streams),
-            h("td", { class: "mono" }, c.first_recorded_at), h("td", { class: "mono" }, c.last_recorded_at));
+            h("td", { class: "num" }, c.events), h("td", { class: "num" }, c.streams));
         })));
     }, failed);
     var pages = [""];
