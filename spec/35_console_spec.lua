@@ -269,6 +269,16 @@ describe("web console (headless chromium)", function()
     b:click(".pager button:nth-child(2)")
     shown("#view", "10 shown")
     shown("#view", "Gauge-060")
+    -- the live log starts with the last 50 events and pages back on demand
+    b:go(url("#/log"))
+    shown("#log-state", "live")
+    b:wait(function() return b:js("return document.querySelectorAll('#log-rows tr').length") == 50 end, 5, "50 rows")
+    b:click("#log-older")
+    b:wait(function() return b:js("return document.querySelectorAll('#log-rows tr').length") == 100 end, 5,
+      "100 rows")
+    local positions = b:js("return Array.prototype.map.call(document.querySelectorAll('#log-rows tr'), "
+      .. "function (tr) { return Number(tr.getAttribute('data-position')); })")
+    for i = 2, #positions do assert.are.equal(positions[i - 1] - 1, positions[i]) end
     b:size(390, 844)
     for _, view in ipairs { "#/store", "#/log", "#/followers", "#/order/" .. order_a } do
       b:go(url(view))

@@ -12,7 +12,8 @@
 --   admin.trace(store, correlation_id)                 -> events of one chain
 --   admin.read(store, stream, { from, to, backward, at, limit })  -> events
 --   admin.tail(store, { category, type, limit })       -> events, checkpoint
---   admin.follow(store, checkpoint, { category, type }) -> events, checkpoint
+--   admin.follow(store, checkpoint, { category, type, limit }) -> events, checkpoint
+--   admin.before(store, checkpoint, { limit })         -> older events, checkpoint further back
 --   admin.export / import            (eventsourcing.admin.transfer)
 --   admin.verify(store, app)         (eventsourcing.admin.verify)
 --   admin.projections.* / admin.workflows.*   (below)
@@ -197,6 +198,32 @@ end
 -- or the event that started it), in the global order.
 function M.trace(store, correlation_id)
   return require("eventsourcing.workflow").trace(store, correlation_id)
+end
+
+-- One page of the global log going back in time: the opts.limit (default
+-- 50) events just before checkpoint in read_all's order, oldest first,
+-- and the checkpoint to page further back from (nil at the beginning).
+-- opts.inclusive: the page ends with the event at checkpoint itself.
+-- Each event carries its checkpoint.
+-- Keyset paging over the (txid, position) index: as quick at the start
+-- of a long log as at its end.
+function M.before(store, checkpoint, opts)
+  opts = opts or {}
+  local ok, err = need_pg(store, "before")
+  if not ok then return nil, err end
+  local txid, pos = tostring(checkpoint):match("^(%d+):(%d+)$")
+  if not txid then return fail("invalid", "checkpoint must look like 1234:56, not %s", tostring(checkpoint)) end
+  local rows
+  rows, err = store:query(q(store, "SELECT id::text AS id, stream, version, position, type, data, metadata, "
+    .. ts("recorded_at") .. ", txid::text || ':' || position AS checkpoint FROM <schema>.events "
+    .. "WHERE (txid, position) " .. (opts.inclusive and "<=" or "<") .. " ($1::xid8, $2::bigint) "
+    .. "ORDER BY txid DESC, position DESC LIMIT $3"),
+    txid, tonumber(pos), opts.limit or 50)
+  if not rows then return nil, err end
+  local out = {}
+  for i = #rows, 1, -1 do out[#out + 1] = rows[i] end
+  local oldest = out[1]
+  return out, oldest and #rows == (opts.limit or 50) and oldest.checkpoint or nil
 end
 
 local transfer = require "eventsourcing.admin.transfer"

@@ -15,6 +15,7 @@
 --   GET  /admin/streams?category=&search=&after=&limit=      (keyset pages by name)
 --   GET  /admin/streams/{stream}?from=&limit=                (a page of events)
 --   GET  /admin/log?after=<checkpoint>&limit=                (global log; no after: its tail)
+--   GET  /admin/log?before=<checkpoint>&limit=               (older events, for paging back)
 --   GET  /admin/trace/{correlation_id}
 --   GET  /admin/projections        POST /admin/projections/{name}/{rebuild|reset|pause|resume|retry}
 --   GET  /admin/progress/{name}    (a running rebuild: done, total, rate, eta)
@@ -163,10 +164,29 @@ end
 local function log(args)
   local limit, err = int_arg(args, "limit", 50, 1000)
   if not limit then return nil, es.error("invalid", err) end
-  local after = args.after
+  local after, before = args.after, args.before
   local events, cp
-  if after == nil or after == "" then
-    events, cp = admin.tail(store, { limit = limit })
+  if before ~= nil and before ~= "" then
+    if after then return nil, es.error("invalid", "give after or before, not both") end
+    if not before:match(CHECKPOINT) then
+      return nil, es.error("invalid", "before must be a checkpoint such as 1234:56")
+    end
+    events, cp = admin.before(store, before, { limit = limit })
+    if not events then return nil, cp end
+    return { events = json.array(events), before = cp or json.null }
+  elseif after == nil or after == "" then
+    -- the end of the log under read_all's watermark, then the page that
+    -- ends there, each event with its checkpoint (for paging back)
+    local _
+    _, cp = admin.tail(store, { limit = 1 })
+    if _ == nil then return nil, cp end
+    local older
+    events, older = json.array {}, nil
+    if cp then
+      events, older = admin.before(store, cp, { limit = limit, inclusive = true })
+      if not events then return nil, older end
+    end
+    return { events = json.array(events), checkpoint = cp or json.null, before = older or json.null }
   elseif not after:match(CHECKPOINT) then
     return nil, es.error("invalid", "after must be a checkpoint such as 1234:56")
   else

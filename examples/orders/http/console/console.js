@@ -200,7 +200,7 @@
   // ------------------------------------------------------------ Live log
 
   function logView() {
-    var MAX_ROWS = 200;
+    var MAX_ROWS = 200, maxRows = MAX_ROWS, before = null;
     var body = h("tbody", { id: "log-rows" });
     var state = h("span", { class: "hint", id: "log-state" }, "loading…");
     var paused = false;
@@ -209,23 +209,36 @@
       pause.textContent = paused ? "Resume" : "Pause";
       state.textContent = paused ? "paused" : "live";
     } }, "Pause");
+    // older events: keyset pages back from the oldest one shown
+    var older = h("button", { type: "button", id: "log-older", disabled: true, onclick: function () {
+      older.disabled = true;
+      api("/admin/log?limit=50&before=" + enc(before)).then(function (r) {
+        maxRows += r.events.length;
+        eventRows(r.events.slice().reverse(), true).forEach(function (tr) { body.appendChild(tr); });
+        before = r.before;
+        older.disabled = !before;
+      }, failed);
+    } }, "Older events");
     show(h("section", null, h("h2", null, "Global log (live)"),
       h("div", { class: "pager" }, pause, state,
-        h("span", { class: "hint" }, "newest first; the last " + MAX_ROWS + " events are kept on the page")),
+        h("span", { class: "hint" }, "newest first; " + MAX_ROWS + " new events at most are kept on the page")),
       h("div", { class: "scroll" }, h("table", null,
         h("thead", null, h("tr", null, ["position", "stream", "version", "type", "recorded_at", "correlation"]
-          .map(function (x) { return h("th", { scope: "col" }, x); }))), body))));
+          .map(function (x) { return h("th", { scope: "col" }, x); }))), body)),
+      h("div", { class: "pager" }, older)));
     var checkpoint = null, busy = false;
     function put(events, fresh) {
       eventRows(events, true).forEach(function (tr) {
         if (fresh) tr.className = "fresh";
         body.insertBefore(tr, body.firstChild);
       });
-      while (body.children.length > MAX_ROWS) body.removeChild(body.lastChild);
+      while (body.children.length > maxRows) body.removeChild(body.lastChild);
     }
     api("/admin/log?limit=50").then(function (r) {
       put(r.events, false);
       checkpoint = r.checkpoint;
+      before = r.before;
+      older.disabled = !before;
       state.textContent = "live";
       // new events: read_all after the last checkpoint, every 300 ms
       every(300, function () {
