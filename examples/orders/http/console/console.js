@@ -483,11 +483,11 @@
       }
       slider.addEventListener("input", atVersion);
       var form = h("form", { class: "inline" },
-        h("div", null, h("label", { for: "travel-at" }, "…or as it was at an instant (ISO-8601)"), instant),
+        h("div", null, h("label", { for: "travel-at" }, "…or as it was just before an instant (ISO-8601)"), instant),
         h("button", { type: "submit" }, "Go"));
       form.addEventListener("submit", function (ev) {
         ev.preventDefault();
-        load("at=" + enc(instant.value.trim()), "at " + instant.value.trim());
+        load("at=" + enc(instant.value.trim()), "just before " + instant.value.trim());
       });
       add(root, [
         h("div", { class: "travel" }, h("label", { for: "travel" }, "Time travel: drag or use the arrow keys"),
