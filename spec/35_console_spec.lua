@@ -255,7 +255,7 @@ describe("web console", function()
       shot("followers")
     end)
 
-    it("retries a dead letter from the console", function()
+    it("retries and discards dead letters from the console", function()
       -- the row the runner writes when an event failed max_attempts times
       local placed
       for e in store:read("Order-" .. order_b) do if e.type == "OrderPlaced" then placed = e end end
@@ -269,6 +269,21 @@ describe("web console", function()
       shot("dead-letters")
       b:click(('#dead-letters tr[data-event-id="%s"] button'):format(placed.id))
       shown("#message", "retry dead letter " .. placed.id .. ": done")
+      shown("#dead-letters", "No dead letters.")
+      assert.are.equal(0, store:query(('SELECT count(*) AS n FROM "%s".dead_letters'):format(schema))[1].n)
+      -- discard asks first; dismissed, nothing happens; accepted, the row goes
+      assert(store:query(('INSERT INTO "%s".dead_letters (workflow, event_id, position, type, stream, version, '
+        .. "error, attempts) VALUES ('order-fulfilment', $1, $2, $3, $4, $5, 'poison (spec 35)', 5)")
+        :format(schema), placed.id, placed.position, placed.type, placed.stream, placed.version))
+      shown("#dead-letters", "poison (spec 35)", 8)
+      local discard = ('#dead-letters tr[data-event-id="%s"] button.danger'):format(placed.id)
+      b:click(discard)
+      b:call("POST", b:s("/alert/dismiss"), {})
+      helpers.sleep(0.3)
+      assert.are.equal(1, store:query(('SELECT count(*) AS n FROM "%s".dead_letters'):format(schema))[1].n)
+      b:click(discard)
+      b:call("POST", b:s("/alert/accept"), {})
+      shown("#message", "discard dead letter " .. placed.id .. ": done")
       shown("#dead-letters", "No dead letters.")
       assert.are.equal(0, store:query(('SELECT count(*) AS n FROM "%s".dead_letters'):format(schema))[1].n)
     end)
