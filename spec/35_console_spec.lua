@@ -371,6 +371,9 @@ describe("web console", function()
         if view:find("order") then
           shown("#order-total", "12.50")
           shot("order-390")
+        elseif view == "#/followers" then
+          shown("#workflows", "order-fulfilment")
+          shot("followers-390")
         end
       end
       -- keyboard: from the skip link, Tab goes through the title and the views

@@ -40,8 +40,15 @@
   function enc(s) { return encodeURIComponent(s); }
   function pretty(v) { return JSON.stringify(v, null, 2); }
   function short(id) { return id ? String(id).slice(0, 13) + "…" : ""; }
+  // a table; on narrow screens each row stacks as label: value lines
+  // (the labels come from data-label, set here from the headers)
   function table(headers, rows) {
-    return h("div", { class: "scroll" }, h("table", null,
+    rows.forEach(function (tr) {
+      Array.prototype.forEach.call(tr.children, function (td, i) {
+        if (headers[i]) td.setAttribute("data-label", headers[i]);
+      });
+    });
+    return h("div", { class: "scroll" }, h("table", { class: "stack" },
       h("thead", null, h("tr", null, headers.map(function (x) { return h("th", { scope: "col" }, x); }))),
       h("tbody", null, rows)));
   }
@@ -201,6 +208,10 @@
 
   function logView() {
     var MAX_ROWS = 200, maxRows = MAX_ROWS, before = null;
+    var HEADERS = ["position", "stream", "version", "type", "recorded_at", "correlation"];
+    function label(tr) {
+      Array.prototype.forEach.call(tr.children, function (td, i) { td.setAttribute("data-label", HEADERS[i]); });
+    }
     var body = h("tbody", { id: "log-rows" });
     var state = h("span", { class: "hint", id: "log-state" }, "loading…");
     var paused = false;
@@ -214,7 +225,7 @@
       older.disabled = true;
       api("/admin/log?limit=50&before=" + enc(before)).then(function (r) {
         maxRows += r.events.length;
-        eventRows(r.events.slice().reverse(), true).forEach(function (tr) { body.appendChild(tr); });
+        eventRows(r.events.slice().reverse(), true).forEach(function (tr) { label(tr); body.appendChild(tr); });
         before = r.before;
         older.disabled = !before;
       }, failed);
@@ -222,13 +233,13 @@
     show(h("section", null, h("h2", null, "Global log (live)"),
       h("div", { class: "pager" }, pause, state,
         h("span", { class: "hint" }, "newest first; " + MAX_ROWS + " new events at most are kept on the page")),
-      h("div", { class: "scroll" }, h("table", null,
-        h("thead", null, h("tr", null, ["position", "stream", "version", "type", "recorded_at", "correlation"]
-          .map(function (x) { return h("th", { scope: "col" }, x); }))), body)),
+      h("div", { class: "scroll" }, h("table", { class: "stack" },
+        h("thead", null, h("tr", null, HEADERS.map(function (x) { return h("th", { scope: "col" }, x); }))), body)),
       h("div", { class: "pager" }, older)));
     var checkpoint = null, busy = false;
     function put(events, fresh) {
       eventRows(events, true).forEach(function (tr) {
+        label(tr);
         if (fresh) tr.className = "fresh";
         body.insertBefore(tr, body.firstChild);
       });
