@@ -18,14 +18,20 @@ local ELEMENT = "element-6066-11e4-a52e-4f735466cecf"
 M.LEFT, M.RIGHT, M.ENTER, M.TAB, M.HOME, M.END =
   "\u{E012}", "\u{E014}", "\u{E007}", "\u{E004}", "\u{E011}", "\u{E010}"
 
-local CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+-- ES_CHROMIUM / ES_CHROMEDRIVER: other binaries (or a missing one, to see the skip)
+local CHROMIUM = os.getenv("ES_CHROMIUM") or "/usr/bin/chromium"
+local DRIVER = os.getenv("ES_CHROMEDRIVER") or "/usr/bin/chromedriver"
 
 local function executable(path) return helpers.sh("test -x " .. q(path)) end
 
 -- true, or false and why the browser specs cannot run here
 function M.available()
-  if not executable(CHROMIUM) then return false, "chromium is not installed (Debian package chromium)" end
-  if not executable(DRIVER) then return false, "chromedriver is not installed (Debian package chromium-driver)" end
+  if not executable(CHROMIUM) then
+    return false, CHROMIUM .. " is not installed (Debian package chromium)"
+  end
+  if not executable(DRIVER) then
+    return false, DRIVER .. " is not installed (Debian package chromium-driver)"
+  end
   return true
 end
 
