@@ -115,6 +115,20 @@ describe("web console", function()
       assert.are.equal(before, store:query(('SELECT checkpoint FROM "%s".projections'):format(schema))[1].checkpoint)
     end)
 
+    it("come with static pages that load nothing from elsewhere", function()
+      local r = req("GET", "/console/")
+      assert.are.equal(200, r.status)
+      assert.matches("text/html", r.headers["content-type"], 1, true)
+      assert.matches("default-src 'self'", r.headers["content-security-policy"], 1, true)
+      for _, f in ipairs { "console.js", "console.css", "index.html" } do
+        local body = req("GET", "/console/" .. f).body
+        assert.is_true(#body > 500, f)
+        assert.is_nil(body:find("https?://"), f .. " names another server")
+      end
+      assert.matches("javascript", req("GET", "/console/console.js").headers["content-type"])
+      assert.are.equal(301, req("GET", "/console").status)
+    end)
+
     it("refuse bad input with a clear error", function()
       refused(admin("GET", "/admin/streams?limit=0"), 400, "invalid", "limit must be an integer from 1 to 500")
       refused(admin("GET", "/admin/streams?limit=x"), 400, "invalid", "limit")

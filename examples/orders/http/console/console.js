@@ -20,6 +20,7 @@
       var v = attrs[k];
       if (v === null || v === undefined || v === false) return;
       if (k.slice(0, 2) === "on") el.addEventListener(k.slice(2), v);
+      else if (k === "indent") el.style.marginLeft = v;   // CSSOM: allowed by the CSP, a style attribute is not
       else if (k === "text") el.textContent = v;
       else el.setAttribute(k, v === true ? "" : String(v));
     });
@@ -281,7 +282,7 @@
       add(root, h("p", null, r.events.length + " events in this chain, in the global order"));
       add(root, h("ol", { class: "trace", id: "trace-list" }, r.events.map(function (e) {
         var m = e.metadata || {}, cause = m.causation_id && byId[m.causation_id];
-        return h("li", { style: "margin-left:" + Math.min(depthOf(e), 8) * 24 + "px", "data-id": e.id },
+        return h("li", { indent: Math.min(depthOf(e), 8) * 24 + "px", "data-id": e.id },
           h("div", null, h("b", null, e.type), " · ", streamLink(e.stream), " v" + e.version,
             " · ", h("span", { class: "mono" }, e.recorded_at)),
           cause ? h("div", { class: "arrow" }, "↳ caused by " + cause.type + " (" + cause.stream + " v"
