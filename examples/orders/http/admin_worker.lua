@@ -75,15 +75,16 @@ end
 
 ---------------------------------------------------------------- parsing
 
+-- percent-decoding; in a query string "+" is a space too
 local function unescape(s)
-  return (s:gsub("+", " "):gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end))
+  return (s:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end))
 end
 
 local function parse_query(q)
   local args = {}
   for pair in (q or ""):gmatch("[^&]+") do
     local k, v = pair:match("^([^=]*)=?(.*)$")
-    args[unescape(k)] = unescape(v)
+    args[unescape((k:gsub("%+", " ")))] = unescape((v:gsub("%+", " ")))
   end
   return args
 end
