@@ -185,6 +185,14 @@ describe("web console", function()
       if b then b:quit() end
     end)
 
+    -- no script error and no CSP violation on any page; refused requests
+    -- (a 403 the test provokes) only log their failed load
+    after_each(function()
+      for _, l in ipairs(b:errors()) do
+        assert.is_truthy(l.message:find("Failed to load resource", 1, true), l.message)
+      end
+    end)
+
     it("refuses a customer's token at the login and keeps nothing", function()
       login(ALICE)
       shown("#message", "not an admin token")

@@ -7,7 +7,7 @@
 --   local b = browser.start { width = 1280, height = 900, decode = es.json.decode, encode = es.json.encode }
 --   b:go(url); b:click("#login-button"); b:type("#token", "..."); b:keys("#travel", browser.LEFT)
 --   b:text("#order-total"); b:js("return document.title"); b:wait(function() ... end, 5)
---   b:screenshot("docs/console/store.png"); b:size(390, 844); b:quit()
+--   b:screenshot("docs/console/store.png"); b:size(390, 844); b:errors(); b:quit()
 local helpers = require "helpers"
 
 local M = {}
@@ -149,6 +149,16 @@ function Browser:screenshot(path)
   f:write(png)
   f:close()
   return #png
+end
+
+-- The page's console messages of level SEVERE since the last call (script
+-- errors, CSP violations, failed loads): { { level, message } }
+function Browser:errors()
+  local out = {}
+  for _, l in ipairs(self:call("POST", self:s("/se/log"), { type = "browser" })) do
+    if l.level == "SEVERE" then out[#out + 1] = l end
+  end
+  return out
 end
 
 function Browser:quit()
