@@ -241,14 +241,18 @@ describe("web console", function()
       shot("log")
     end)
 
-    it("traces a correlation id with causation arrows", function()
+    it("traces a correlation id, clicked in a stream, with causation arrows", function()
       local placed
       for e in store:read("Order-" .. order_b) do if e.type == "OrderPlaced" then placed = e end end
       local corr = placed.metadata.correlation_id
       login(ADMIN)
       shown("#view", "Categories")
-      b:go(url("#/trace/" .. corr))
+      -- from the order's stream: the correlation id of its OrderPlaced
+      b:go(url("#/stream/Order-" .. order_b))
+      shown("#view", "OrderPlaced")
+      b:click(('tr[data-position="%d"] a[href="#/trace/%s"]'):format(placed.position, corr))
       local text = shown("#trace-list", "OrderPlaced")
+      assert.are.equal("#/trace/" .. corr, b:js("return location.hash"))
       -- the workflow's events point at the OrderPlaced that caused them
       assert.matches("caused by OrderPlaced %(Order%-" .. order_b:gsub("%-", "%%-") .. " v3%) via workflow "
         .. "order%-fulfilment", text)
