@@ -268,6 +268,8 @@ describe("web console", function()
       shown("#projections", "rm_orders")
       shown("#workflows", "order-fulfilment")
       b:click('#projections tr[data-name="rm_orders"] button.primary')
+      assert.matches("pause writers first", b:call("GET", b:s("/alert/text")), 1, true)
+      b:call("POST", b:s("/alert/accept"), {})
       b:wait(function()
         return b:js("return document.getElementById('bar-rm_orders').getAttribute('aria-valuenow')") == "100"
       end, 20, "the bar at 100%")

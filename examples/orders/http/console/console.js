@@ -365,7 +365,12 @@
               button("Pause", function () { act(base + "pause", "pause " + p.name); }),
               button("Resume", function () { act(base + "resume", "resume " + p.name); }),
               button("Retry", function () { act(base + "retry", "retry " + p.name); }),
-              button("Rebuild", function () { rebuild(p.name); }, "primary"))),
+              button("Rebuild", function () {
+                // the README's limit: a read model also updated inline can
+                // lose appends made during the final swap
+                if (confirm("Rebuild " + p.name + " from the whole log? If commands also update it inline, "
+                  + "pause writers first: appends made during the final swap can be lost.")) rebuild(p.name);
+              }, "primary"))),
             h("td", null, bar(p.name).el));
         })));
       }, failed);
