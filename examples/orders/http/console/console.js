@@ -331,24 +331,35 @@
       b.outer.setAttribute("aria-valuenow", pct);
       b.el.lastChild.textContent = text;
     }
+    // a running rebuild's bar, from GET /admin/progress/{name}
+    var mine = {};   // rebuilds this page started (their request says when they end)
+    function progress(name) {
+      return api("/admin/progress/" + enc(name)).then(function (p) {
+        var shown = bars[name] && !bars[name].el.hidden;
+        if (p.state === "running" && p.total > 0) {
+          setBar(name, Math.floor(100 * p.done / p.total), p.done + " / " + p.total + " events, "
+            + Math.round(p.rate || 0) + " events/s, ETA " + Math.round(p.eta || 0) + " s");
+        } else if (shown && !mine[name] && p.state === "done") {
+          setBar(name, 100, "rebuilt from " + p.done + " events");
+        } else if (shown && !mine[name] && p.state === "failed") {
+          setBar(name, 0, "failed: " + p.error);
+        }
+        return p;
+      }, function () {});
+    }
     function rebuild(name) {
+      mine[name] = true;
       setBar(name, 0, "starting…");
-      var poll = setInterval(function () {
-        api("/admin/progress/" + enc(name)).then(function (p) {
-          if (p.state === "running" && p.total > 0) {
-            setBar(name, Math.floor(100 * p.done / p.total), p.done + " / " + p.total + " events, "
-              + Math.round(p.rate || 0) + " events/s, ETA " + Math.round(p.eta || 0) + " s");
-          }
-        }, function () {});
-      }, 200);
+      var poll = setInterval(function () { progress(name); }, 200);
       timers.push(poll);
       message("rebuilding " + name + "…");
       api("/admin/projections/" + enc(name) + "/rebuild", "POST").then(function (r) {
         clearInterval(poll);
+        mine[name] = false;
         setBar(name, 100, "rebuilt from " + r.events + " events");
         message("rebuilt " + name + " from " + r.events + " events");
         refresh();
-      }, function (err) { clearInterval(poll); setBar(name, 0, "failed"); failed(err); });
+      }, function (err) { clearInterval(poll); mine[name] = false; setBar(name, 0, "failed"); failed(err); });
     }
     function button(text, fn, cls) { return h("button", { type: "button", class: cls, onclick: fn }, text); }
 
@@ -373,6 +384,7 @@
               }, "primary"))),
             h("td", null, bar(p.name).el));
         })));
+        rows.forEach(function (p) { if (!mine[p.name]) progress(p.name); });
       }, failed);
       api("/admin/workflows").then(function (rows) {
         workflows.replaceChildren(table(["name", "state", "checkpoint", "lag (events)", "lag (s)", "handled",
