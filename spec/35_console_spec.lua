@@ -333,6 +333,19 @@ describe("web console", function()
       shown('#projections tr[data-name="rm_orders"]', "running")
     end)
 
+    it("pauses and resumes a workflow (needs the follower engine's runner:pause/resume)", function()
+      login(ADMIN)
+      shown("#view", "Categories")
+      b:go(url("#/followers"))
+      shown("#workflows", "order-fulfilment")
+      b:click("#workflows tbody tr button")   -- Pause
+      shown("#message", "pause order-fulfilment: done")
+      shown("#workflows tbody tr", "paused")
+      b:click("#workflows tbody tr button:nth-child(2)")   -- Resume
+      shown("#message", "resume order-fulfilment: done")
+      shown("#workflows tbody tr", "running")
+    end)
+
     it("lists a customer's orders and travels an order through time with the slider", function()
       login(ADMIN)
       shown("#view", "Categories")
