@@ -7,10 +7,13 @@
 --   local app = assert(admin.load_app("examples/orders/app.lua"))
 --   admin.migrate(store, app)        -> { schema, read_models, projections, workflows }
 --   admin.stats(store)               -> { events, streams, categories = {...}, size_bytes, ... }
---   admin.streams(store, { category, limit })          -> rows
+--   admin.overview(store)            -> stats without instants, from the streams table (cheap)
+--   admin.streams(store, { category, search, after, limit }) -> rows
+--   admin.trace(store, correlation_id)                 -> events of one chain
 --   admin.read(store, stream, { from, to, backward, at, limit })  -> events
 --   admin.tail(store, { category, type, limit })       -> events, checkpoint
---   admin.follow(store, checkpoint, { category, type }) -> events, checkpoint
+--   admin.follow(store, checkpoint, { category, type, limit }) -> events, checkpoint
+--   admin.before(store, checkpoint, { limit })         -> older events, checkpoint further back
 --   admin.export / import            (eventsourcing.admin.transfer)
 --   admin.verify(store, app)         (eventsourcing.admin.verify)
 --   admin.projections.* / admin.workflows.*   (below)
@@ -98,7 +101,29 @@ function M.stats(store)
   return out
 end
 
--- Streams with their version and last event, by name.
+-- What stats gives, from the streams table only (versions are dense, so a
+-- stream's version is its number of events): cheap however long the log
+-- is, for pages that show it on every visit. No first/last instants.
+-- -> { schema, events, streams, last_position, size_bytes, categories = { category, events, streams } }
+function M.overview(store)
+  local ok, err = need_pg(store, "overview")
+  if not ok then return nil, err end
+  local out
+  out, err = one(store, "SELECT coalesce(sum(version), 0)::bigint AS events, count(*) AS streams, "
+    .. "(SELECT max(position) FROM <schema>.events) AS last_position, "
+    .. "(SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c "
+    .. "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relkind = 'r')::bigint AS size_bytes "
+    .. "FROM <schema>.streams", store:schema())
+  if not out then return nil, err end
+  out.schema = store:schema()
+  out.categories, err = store:query(q(store, "SELECT split_part(stream, '-', 1) AS category, "
+    .. "sum(version)::bigint AS events, count(*) AS streams FROM <schema>.streams GROUP BY 1 ORDER BY 1"))
+  if not out.categories then return nil, err end
+  return out
+end
+
+-- Streams with their version and last event, by name. opts: category,
+-- search (part of the name), after (a name: the next page, keyset), limit.
 function M.streams(store, opts)
   opts = opts or {}
   local ok, err = need_pg(store, "streams")
@@ -106,8 +131,10 @@ function M.streams(store, opts)
   return store:query(q(store, "SELECT s.stream, s.version, e.type AS last_type, "
     .. ts("e.recorded_at", "last_recorded_at") .. " FROM <schema>.streams s "
     .. "LEFT JOIN <schema>.events e ON e.stream = s.stream AND e.version = s.version "
-    .. "WHERE $1::text IS NULL OR split_part(s.stream, '-', 1) = $1 "
-    .. "ORDER BY s.stream LIMIT $2"), opts.category, opts.limit or 100)
+    .. "WHERE ($1::text IS NULL OR split_part(s.stream, '-', 1) = $1) "
+    .. "AND ($3::text IS NULL OR strpos(lower(s.stream), lower($3)) > 0) "
+    .. "AND ($4::text IS NULL OR s.stream > $4) "
+    .. "ORDER BY s.stream LIMIT $2"), opts.category, opts.limit or 100, opts.search, opts.after)
 end
 
 -- One stream's events (opts as store:read; at = before that instant).
@@ -156,12 +183,47 @@ function M.tail(store, opts)
   return out, cp
 end
 
--- The events after checkpoint (one page): events, new checkpoint.
+-- The events after checkpoint (one page of opts.limit, default 1000):
+-- events, new checkpoint.
 function M.follow(store, checkpoint, opts)
-  local f = filters(opts or {})
-  local batch, cp = store:read_all({ after = checkpoint, limit = 1000, category = f.category, types = f.types })
+  opts = opts or {}
+  local f = filters(opts)
+  local batch, cp = store:read_all({ after = checkpoint, limit = opts.limit or 1000, category = f.category,
+    types = f.types })
   if not batch then return nil, cp end
   return batch, #batch > 0 and cp or checkpoint
+end
+
+-- The events of one correlation chain (workflow metadata correlation_id,
+-- or the event that started it), in the global order.
+function M.trace(store, correlation_id)
+  return require("eventsourcing.workflow").trace(store, correlation_id)
+end
+
+-- One page of the global log going back in time: the opts.limit (default
+-- 50) events just before checkpoint in read_all's order, oldest first,
+-- and the checkpoint to page further back from (nil at the beginning).
+-- opts.inclusive: the page ends with the event at checkpoint itself.
+-- Each event carries its checkpoint.
+-- Keyset paging over the (txid, position) index: as quick at the start
+-- of a long log as at its end.
+function M.before(store, checkpoint, opts)
+  opts = opts or {}
+  local ok, err = need_pg(store, "before")
+  if not ok then return nil, err end
+  local txid, pos = tostring(checkpoint):match("^(%d+):(%d+)$")
+  if not txid then return fail("invalid", "checkpoint must look like 1234:56, not %s", tostring(checkpoint)) end
+  local rows
+  rows, err = store:query(q(store, "SELECT id::text AS id, stream, version, position, type, data, metadata, "
+    .. ts("recorded_at") .. ", txid::text || ':' || position AS checkpoint FROM <schema>.events "
+    .. "WHERE (txid, position) " .. (opts.inclusive and "<=" or "<") .. " ($1::xid8, $2::bigint) "
+    .. "ORDER BY txid DESC, position DESC LIMIT $3"),
+    txid, tonumber(pos), opts.limit or 50)
+  if not rows then return nil, err end
+  local out = {}
+  for i = #rows, 1, -1 do out[#out + 1] = rows[i] end
+  local oldest = out[1]
+  return out, oldest and #rows == (opts.limit or 50) and oldest.checkpoint or nil
 end
 
 local transfer = require "eventsourcing.admin.transfer"

@@ -17,6 +17,7 @@ local POOL = "es"
 local PERMITS = tonumber(os.getenv("ES_HTTP_THREADS") or "") or 16
 local WAIT = 10   -- seconds a request may queue before a 503
 local sema = assert(semaphore.new(PERMITS))
+M.semaphore = sema   -- shared with orders.http.admin_api (the console)
 
 -- The bearer tokens, read once per nginx worker (a small file, read
 -- before the first request is answered), so that a request without valid

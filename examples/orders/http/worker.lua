@@ -173,6 +173,8 @@ local function authenticate(authorization)
   return p
 end
 
+M.authenticate = authenticate   -- also for orders.http.admin_worker
+
 local function forbidden()
   return fail(403, "forbidden", "this order belongs to another customer")
 end

@@ -30,6 +30,25 @@ function M.status(store, app)
   return rows
 end
 
+-- pause / resume one workflow through the runner's methods of those
+-- names: -> { name, action } | nil, err
+for _, action in ipairs { "pause", "resume" } do
+  M[action] = function(store, app, name)
+    local r, err = runner(store, app)
+    if not r then return nil, err end
+    local known = false
+    for _, wf in ipairs(app.workflows) do known = known or wf.name == name end
+    if not known then return common.fail("not_found", "no workflow named %s", tostring(name)) end
+    if type(r[action]) ~= "function" then
+      return common.fail("invalid", "this runner has no %s (it needs the follower engine's runner)", action)
+    end
+    local ok
+    ok, err = r[action](r, name)
+    if not ok then return nil, err end
+    return { name = name, action = action }
+  end
+end
+
 function M.dead_letters(store, name)
   return workflow_mod().dead_letters(store, name)
 end
