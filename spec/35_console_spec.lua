@@ -2,8 +2,10 @@
 -- real browser: Debian's chromium in headless mode, driven over WebDriver
 -- by chromedriver (spec/browser.lua), against a real nginx (spec/
 -- http_client.lua) and ES_TEST_DATABASE_URL in a fresh schema. The checks
--- read the page's content; the screenshots under docs/console/ are for the
--- README and are taken by this run.
+-- read the page's content. Screenshots go to $ES_CONSOLE_SHOTS (default: a
+-- temporary folder, so that `make test` leaves the tree as it was); the
+-- README's, under docs/console/, are taken by this run with
+--   ES_CONSOLE_SHOTS=docs/console make test SPEC=spec/35_console_spec.lua
 -- Needs chromium and chromium-driver (Debian packages); where they cannot
 -- run the spec says "skipped: ..." and counts as pending.
 local helpers = require "helpers"
@@ -14,7 +16,7 @@ local es = require "eventsourcing"
 local ALICE = "alice-token-0123456789"
 local BOB = "bob-token-0123456789"
 local ADMIN = "admin-token-0123456789"
-local SHOTS = "docs/console"
+local SHOTS = os.getenv("ES_CONSOLE_SHOTS") or helpers.mktemp_dir("es-console-shots")
 
 local available, why = browser.available()
 
