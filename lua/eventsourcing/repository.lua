@@ -282,7 +282,10 @@ function Repository:execute(A, id, command_name, command, opts)
       return { version = res.version, position = res.position, events = out,
                state = state, snapshot_error = serr }
     end
-    if aerr.kind ~= "conflict" or attempt >= self.max_retries then
+    -- in an aborted transaction (reason "tx_aborted", "order") a retry
+    -- can only fail again: the caller must roll back first
+    if aerr.kind ~= "conflict" or aerr.reason == "tx_aborted" or aerr.reason == "order"
+        or attempt >= self.max_retries then
       return nil, aerr
     end
     attempt = attempt + 1

@@ -357,6 +357,7 @@ static int conflict(es_error *err, const char *stream, int64_t expected,
                 (unsigned long)actual);
     err->expected = expected;
     err->actual = actual;
+    err->reason = ES_REASON_VERSION;
     return -1;
 }
 
@@ -475,6 +476,7 @@ static int mem_append(es_store *s, const char *stream, const es_event_in *ev,
                         "%.200s at version %lu", ev[0].id,
                         m->streams[first->stream].name,
                         (unsigned long)first->version);
+                err->reason = ES_REASON_ID_TAKEN;
                 goto done;
             }
             out->version = first->version + (int64_t)n - 1;
@@ -491,6 +493,7 @@ static int mem_append(es_store *s, const char *stream, const es_event_in *ev,
             es_fail(err, ES_INVALID, "event id %s already used by stream "
                     "%.200s at version %lu", ev[i].id,
                     m->streams[e->stream].name, (unsigned long)e->version);
+            err->reason = ES_REASON_ID_TAKEN;
             goto done;
         }
     }

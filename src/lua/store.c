@@ -127,6 +127,8 @@ static const char *opt_string_field(lua_State *L, int idx, const char *name)
         luaL_error(L, "option '%s' must be a string, got %s", name,
                    luaL_typename(L, -1));
     s = lua_tostring(L, -1);
+    if (strlen(s) != esl_rawlen(L, -1))
+        luaL_error(L, "option '%s' contains a NUL byte", name);
     /* The string stays referenced by the options table, so the pointer
      * stays valid while that table is on the stack. */
     lua_pop(L, 1);
@@ -929,6 +931,15 @@ static int l_query(lua_State *L)
     offs = (size_t *)(void *)(params + nparams + 1);
     nulls = (int *)(void *)(offs + nparams + 1);
     for (int i = 0; i < nparams; i++) {
+        /* C reads a parameter up to its first NUL: "a\0b" would quietly
+         * become "a" (PostgreSQL text cannot hold NUL anyway). */
+        if (lua_type(L, i + 3) == LUA_TSTRING &&
+            strlen(lua_tostring(L, i + 3)) != esl_rawlen(L, i + 3)) {
+            char msg[80];
+            snprintf(msg, sizeof msg, "query parameter %d contains a NUL "
+                     "byte", i + 1);
+            return esl_push_fail(L, ES_INVALID, msg);
+        }
         offs[i] = (size_t)-1;
         params[i] = param_text(L, ls, i + 3, &offs[i], &nulls[i]);
     }
