@@ -35,6 +35,8 @@
  * scanned (end reached), so filtered-out events are not scanned again.
  */
 #include "store.h"
+#include "es_time.h"
+#include "es_uuid.h"
 #include "json_syntax.h"
 
 #include <stdint.h>

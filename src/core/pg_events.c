@@ -10,6 +10,7 @@
  * stream is.
  */
 #include "pg.h"
+#include "es_time.h"
 
 #include <inttypes.h>
 #include <uuid.h>

@@ -16,7 +16,7 @@
 #ifndef _POSIX_C_SOURCE
 #define _POSIX_C_SOURCE 200809L   /* clock_gettime */
 #endif
-#include "store.h"
+#include "es_time.h"
 
 #include <string.h>
 #include <time.h>

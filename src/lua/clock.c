@@ -5,7 +5,7 @@
  * every layer agrees on what "2026-01-15T10:00:00Z" means.
  */
 #include "binding.h"
-#include "../core/store.h"
+#include "../core/es_time.h"
 
 #include <errno.h>
 #include <time.h>
