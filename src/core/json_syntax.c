@@ -249,6 +249,32 @@ static const unsigned char *scalar(const unsigned char *p,
     }
 }
 
+const char *es_json_jsonb_unsafe(const char *text, size_t len)
+{
+    const unsigned char *p = (const unsigned char *)text, *end = p + len;
+    while ((p = memchr(p, '\\', (size_t)(end - p))) != NULL) {
+        int cp, lo;
+        if (end - p < 6 || p[1] != 'u' || (cp = es_json_hex4(p + 2)) < 0) {
+            p += 2;    /* another escape (or not JSON: refused elsewhere) */
+            if (p >= end)
+                break;
+            continue;
+        }
+        if (cp == 0)
+            return "\\u0000";
+        if (cp >= 0xDC00 && cp <= 0xDFFF)
+            return "an unpaired surrogate escape";
+        if (cp >= 0xD800 && cp <= 0xDBFF) {
+            if (end - p < 12 || p[6] != '\\' || p[7] != 'u' ||
+                (lo = es_json_hex4(p + 8)) < 0xDC00 || lo > 0xDFFF)
+                return "an unpaired surrogate escape";
+            p += 6;
+        }
+        p += 6;
+    }
+    return NULL;
+}
+
 void es_json_describe(const es_json_problem *pr, const char *start,
                       size_t len, char *out, size_t outlen)
 {
@@ -270,7 +296,7 @@ void es_json_describe(const es_json_problem *pr, const char *start,
                  pos);
 }
 
-#define CHECK_MAX_DEPTH 10000
+#define CHECK_MAX_DEPTH ES_JSON_CHECK_MAX_DEPTH
 
 int es_json_check(const char *text, size_t len, int want_object,
                   int max_depth, es_json_problem *pr)

@@ -90,10 +90,21 @@ const unsigned char *es_json_number(const unsigned char *p,
                                     const unsigned char *end,
                                     es_json_problem *pr);
 
+/* The first \u escape of a JSON text that jsonb cannot hold, described
+ * ("\\u0000", "an unpaired surrogate escape"); NULL when there is none.
+ * PostgreSQL's json input takes both; jsonb, and so read models that cast
+ * payloads to it, do not. An escaped backslash followed by "u0000" is not
+ * an escape. */
+const char *es_json_jsonb_unsafe(const char *text, size_t len);
+
 /* Writes "<what> at byte N" for *pr about start[0..len) (N 1-based from start, like Lua
  * string positions and the codec's decode errors) into out. */
 void es_json_describe(const es_json_problem *pr, const char *start,
                       size_t len, char *out, size_t outlen);
+
+/* The deepest nesting es_json_check accepts, whatever max_depth says (the
+ * memory store's limit). */
+#define ES_JSON_CHECK_MAX_DEPTH 10000
 
 /* 0 when text[0..len) is exactly one JSON value (an object when
  * want_object) nested at most max_depth deep; else -1 with *pr filled. */

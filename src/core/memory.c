@@ -51,7 +51,7 @@
 #define ARENA_BLOCK ((size_t)1 << 20)
 #define MAX_EVENTS 0xfffffff0u       /* positions and versions are 32-bit */
 #define MAX_PAYLOAD 0xfffffff0u
-#define JSON_MAX_DEPTH 10000
+#define JSON_MAX_DEPTH ES_JSON_CHECK_MAX_DEPTH
 #define SMALL_BATCH 8
 
 typedef struct mevent {

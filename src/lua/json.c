@@ -1129,6 +1129,32 @@ static void make_null(lua_State *L)
     lua_setmetatable(L, -2);
 }
 
+/* es.json.valid(text) -> true | nil, err: whether the stores take text as
+ * a payload (json_syntax.c's check, and no escape jsonb cannot hold),
+ * without building any value. */
+static int l_valid(lua_State *L)
+{
+    size_t n;
+    const char *s, *bad;
+    char msg[MSG_MAX];
+    es_json_problem pr;
+    if (lua_type(L, 1) != LUA_TSTRING)
+        return esl_typeerror(L, 1, "string");
+    s = lua_tolstring(L, 1, &n);
+    /* in the stores' order: store.c's jsonb rule, then the syntax */
+    if ((bad = es_json_jsonb_unsafe(s, n)) != NULL) {
+        snprintf(msg, sizeof msg, "%s is not allowed (jsonb cannot store it)",
+                 bad);
+        return esl_push_fail(L, ES_INVALID, msg);
+    }
+    if (es_json_check(s, n, 0, ES_JSON_CHECK_MAX_DEPTH, &pr) < 0) {
+        es_json_describe(&pr, s, n, msg, sizeof msg);
+        return esl_push_fail(L, ES_INVALID, msg);
+    }
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
 void json_open(lua_State *L)
 {
     es_buf *b;
@@ -1163,6 +1189,9 @@ void json_open(lua_State *L)
 
     reg_get(L, REG_NULL, make_null);
     lua_setfield(L, -2, "null");
+
+    lua_pushcfunction(L, l_valid);
+    lua_setfield(L, -2, "valid");
 
     lua_setfield(L, -2, "json");
 }
