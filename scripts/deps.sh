@@ -16,7 +16,8 @@ REQUIRED=(
   lua-cjson lua-sql-postgres
   wrk nginx libnginx-mod-http-lua
 )
-OPTIONAL=(clang)
+# make fuzz (libFuzzer targets) needs clang and its runtime libraries.
+OPTIONAL=(clang libclang-rt-14-dev)
 
 installed() {
   [ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null)" = installed ]
@@ -27,12 +28,12 @@ for p in "${REQUIRED[@]}"; do installed "$p" || missing+=("$p"); done
 missing_opt=()
 for p in "${OPTIONAL[@]}"; do installed "$p" || missing_opt+=("$p"); done
 
-if [ ${#missing[@]} -eq 0 ]; then
-  [ -n "${ES_DEPS_VERBOSE:-}" ] && echo "deps: all packages installed"
+if [ ${#missing[@]} -eq 0 ] && { [ ${#missing_opt[@]} -eq 0 ] || [ "$(id -u)" != 0 ]; }; then
+  [ -n "${ES_DEPS_VERBOSE:-}" ] && echo "deps: all required packages installed"
   exit 0
 fi
 
-if [ "$(id -u)" != 0 ]; then
+if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" != 0 ]; then
   echo "deps: missing Debian packages: ${missing[*]}" >&2
   echo "deps: install them with: sudo apt-get install ${missing[*]}" >&2
   exit 1
@@ -43,7 +44,9 @@ echo "deps: installing ${missing[*]} ${missing_opt[*]}"
 apt-get update -qq
 # luajit2 conflicts with Debian's plain luajit: naming luajit2 explicitly
 # makes apt replace it.
-apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+if [ ${#missing[@]} -gt 0 ]; then
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
 if [ ${#missing_opt[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing_opt[@]}" >/dev/null \
     || echo "deps: optional ${missing_opt[*]} not installed (fine)"
