@@ -94,6 +94,15 @@ build/fuzz/%: build/fuzz/obj/fuzz/%.o $(FUZZ_OBJS)
 
 .PRECIOUS: build/fuzz/obj/%.o build/fuzz/obj/fuzz/%.o
 
+# The module opened in Lua states on several threads at once, under
+# ThreadSanitizer (spec/09_threads_spec.lua runs it).
+TSAN_CFLAGS = $(WARN) $(DEFS) -Iinclude $(DEPS_CFLAGS) $(LUA54_CFLAGS) -O1 -g \
+              -fsanitize=thread -fno-omit-frame-pointer
+build/tsan/threads: fuzz/threads.c $(CORE_SRC) $(LUA_SRC) $(HEADERS)
+	@mkdir -p $(dir $@)
+	@echo "  CC [tsan] $@"; $(FUZZ_CC) $(TSAN_CFLAGS) -o $@ fuzz/threads.c \
+	  $(CORE_SRC) $(LUA_SRC) $(FUZZ_LIBS) -lpthread
+
 fuzz-build: $(addprefix build/fuzz/,$(FUZZ_TARGETS))
 
 fuzz: fuzz-build
