@@ -275,6 +275,32 @@ const char *es_json_jsonb_unsafe(const char *text, size_t len)
     return NULL;
 }
 
+/* 0 when both stores can take text as a payload (an object for metadata):
+ * JSON to the shared validator, nested at most ES_JSON_CHECK_MAX_DEPTH
+ * deep, and no escape jsonb cannot hold (\u0000, unpaired surrogates:
+ * PostgreSQL's json takes them, but read models cast payloads to jsonb).
+ * store.c checks every payload with it, once for both stores. Else -1
+ * with why filled. */
+int es_json_payload_ok(const char *text, size_t len, int object,
+                       char *why, size_t whylen)
+{
+    es_json_problem pr;
+    char where[160];
+    const char *bad = es_json_jsonb_unsafe(text, len);
+    if (bad) {
+        snprintf(why, whylen, "%s is not allowed in payloads (jsonb cannot "
+                 "store it)", bad);
+        return -1;
+    }
+    if (es_json_check(text, len, object, ES_JSON_CHECK_MAX_DEPTH, &pr) < 0) {
+        es_json_describe(&pr, text, len, where, sizeof where);
+        snprintf(why, whylen, "not valid JSON%s (%s)",
+                 object ? " object" : "", where);
+        return -1;
+    }
+    return 0;
+}
+
 void es_json_describe(const es_json_problem *pr, const char *start,
                       size_t len, char *out, size_t outlen)
 {

@@ -97,6 +97,15 @@ const unsigned char *es_json_number(const unsigned char *p,
  * an escape. */
 const char *es_json_jsonb_unsafe(const char *text, size_t len);
 
+/* 0 when both stores take text as a payload (an object for metadata):
+ * es_json_check at ES_JSON_CHECK_MAX_DEPTH and es_json_jsonb_unsafe
+ * finding nothing. store.c checks every payload with it, so the memory
+ * and PostgreSQL stores refuse the same texts, and PostgreSQL never sees
+ * one the memory store would refuse. Else -1 with why ("not valid JSON
+ * (...)", "\\u0000 is not allowed ...") filled. */
+int es_json_payload_ok(const char *text, size_t len, int object, char *why,
+                       size_t whylen);
+
 /* Writes "<what> at byte N" for *pr about start[0..len) (N 1-based from start, like Lua
  * string positions and the codec's decode errors) into out. */
 void es_json_describe(const es_json_problem *pr, const char *start,

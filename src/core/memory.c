@@ -37,7 +37,6 @@
 #include "store.h"
 #include "es_time.h"
 #include "es_uuid.h"
-#include "json_syntax.h"
 
 #include <stdint.h>
 #include <stdio.h>
@@ -51,7 +50,6 @@
 #define ARENA_BLOCK ((size_t)1 << 20)
 #define MAX_EVENTS 0xfffffff0u       /* positions and versions are 32-bit */
 #define MAX_PAYLOAD 0xfffffff0u
-#define JSON_MAX_DEPTH ES_JSON_CHECK_MAX_DEPTH
 #define SMALL_BATCH 8
 
 typedef struct mevent {
@@ -313,19 +311,9 @@ static char *arena_alloc(mstore *m, size_t n)
     return b->data + b->used - n;
 }
 
-/* ---- JSON validation: json_syntax.c, the codec's own lexer ---------------- */
-
-/* 0 when text is one JSON value (an object when want_object); else -1 and
- * why holds "<problem> at byte N". */
-static int json_check(const char *text, size_t len, int want_object,
-                      char *why, size_t whylen)
-{
-    es_json_problem pr;
-    if (es_json_check(text, len, want_object, JSON_MAX_DEPTH, &pr) == 0)
-        return 0;
-    es_json_describe(&pr, text, len, why, whylen);
-    return -1;
-}
+/* Payloads (data, metadata, snapshot state) reach the store already
+ * checked: store.c validates them for both stores alike with the shared
+ * JSON syntax (json_syntax.c), so they refuse the same texts. */
 
 /* ---- append ----------------------------------------------------------- */
 
@@ -414,7 +402,6 @@ static int mem_append(es_store *s, const char *stream, const es_event_in *ev,
     uint32_t cur = si ? m->streams[si - 1].n : 0;
     mstream fresh = {0};
     size_t bytes = 0;
-    char why[128];
     int rc = -1, all_ids = 1;
 
     if (n > MAX_EVENTS - m->nevents || n > MAX_EVENTS - cur)
@@ -430,16 +417,6 @@ static int mem_append(es_store *s, const char *stream, const es_event_in *ev,
         if (ev[i].data_len > MAX_PAYLOAD || p->meta_len > MAX_PAYLOAD) {
             es_fail(err, ES_INVALID, "event %zu (%s): payload too large",
                     i + 1, ev[i].type);
-            goto done;
-        }
-        if (json_check(ev[i].data, ev[i].data_len, 0, why, sizeof why) < 0) {
-            es_fail(err, ES_INVALID, "event %zu (%.200s): data is not valid "
-                    "JSON (%s)", i + 1, ev[i].type, why);
-            goto done;
-        }
-        if (json_check(p->meta, p->meta_len, 1, why, sizeof why) < 0) {
-            es_fail(err, ES_INVALID, "event %zu (%.200s): metadata is not a "
-                    "valid JSON object (%s)", i + 1, ev[i].type, why);
             goto done;
         }
         bytes += ev[i].data_len + p->meta_len + 2;
@@ -857,13 +834,9 @@ static int mem_save_snapshot(es_store *s, const char *stream, int64_t version,
     mstore *m = (mstore *)s;
     uint64_t h = hash_str(stream);
     uint32_t si = stream_find(m, stream, h), k;
-    char why[128];
     mstream *st;
     char *copy;
 
-    if (json_check(state, state_len, 0, why, sizeof why) < 0)
-        return es_fail(err, ES_INVALID, "snapshot state of stream %.200s is "
-                       "not valid JSON (%s)", stream, why);
     if (!(copy = malloc(state_len + 1)))
         return oom(err);
     memcpy(copy, state, state_len);

@@ -6,6 +6,7 @@
 #include "store.h"
 #include "json_syntax.h"
 
+#include <stdio.h>
 #include <string.h>
 #include <time.h>
 
@@ -108,7 +109,7 @@ int es_append(es_store *s, const char *stream, const es_event_in *events,
               size_t n, int64_t expected, es_append_result *out,
               es_error *err)
 {
-    const char *bad;
+    char why[256];
     es_error_clear(err);
     if (store_usable(s, err) < 0 || es_valid_stream(stream, err) < 0)
         return -1;
@@ -122,16 +123,15 @@ int es_append(es_store *s, const char *stream, const es_event_in *events,
             return -1;
         if (!events[i].data)
             return es_fail(err, ES_INVALID, "event %zu has no data", i + 1);
-        /* PostgreSQL's jsonb cannot hold \u0000 or unpaired surrogates
-         * and read models cast payloads to jsonb: refuse them here, the
-         * same in both stores. */
-        if ((bad = es_json_jsonb_unsafe(events[i].data, events[i].data_len)) ||
-            (events[i].metadata &&
-             (bad = es_json_jsonb_unsafe(events[i].metadata,
-                                         events[i].metadata_len))))
-            return es_fail(err, ES_INVALID, "event %zu (%s): %s is not "
-                           "allowed in payloads (jsonb cannot store it)",
-                           i + 1, events[i].type, bad);
+        if (es_json_payload_ok(events[i].data, events[i].data_len, 0, why,
+                       sizeof why) < 0)
+            return es_fail(err, ES_INVALID, "event %zu (%.200s): data %s",
+                           i + 1, events[i].type, why);
+        if (events[i].metadata &&
+            es_json_payload_ok(events[i].metadata, events[i].metadata_len, 1, why,
+                       sizeof why) < 0)
+            return es_fail(err, ES_INVALID, "event %zu (%.200s): metadata %s",
+                           i + 1, events[i].type, why);
         if (events[i].id && !es_uuid_valid(events[i].id))
             return es_fail(err, ES_INVALID, "event %zu: id '%.60s' is not a UUID",
                            i + 1, events[i].id);
@@ -219,7 +219,7 @@ int es_save_snapshot(es_store *s, const char *stream, int64_t version,
                      int64_t schema_version, const char *state,
                      size_t state_len, es_error *err)
 {
-    const char *bad;
+    char why[256];
     es_error_clear(err);
     if (store_usable(s, err) < 0 || es_valid_stream(stream, err) < 0)
         return -1;
@@ -227,9 +227,9 @@ int es_save_snapshot(es_store *s, const char *stream, int64_t version,
         return es_fail(err, ES_INVALID, "snapshot version must be >= 1");
     if (!state)
         return es_fail(err, ES_INVALID, "snapshot has no state");
-    if ((bad = es_json_jsonb_unsafe(state, state_len)) != NULL)
-        return es_fail(err, ES_INVALID, "snapshot state: %s is not allowed "
-                       "(jsonb cannot store it)", bad);
+    if (es_json_payload_ok(state, state_len, 0, why, sizeof why) < 0)
+        return es_fail(err, ES_INVALID, "snapshot state of stream %.200s: "
+                       "%s", stream, why);
     if (!s->ops->save_snapshot)
         return es_fail(err, ES_INVALID, "%s stores keep no snapshots",
                        s->ops->kind);

@@ -1130,27 +1130,18 @@ static void make_null(lua_State *L)
 }
 
 /* es.json.valid(text) -> true | nil, err: whether the stores take text as
- * a payload (json_syntax.c's check, and no escape jsonb cannot hold),
- * without building any value. */
+ * a payload: store.c's own check (es_json_payload_ok), without building
+ * any value. */
 static int l_valid(lua_State *L)
 {
     size_t n;
-    const char *s, *bad;
+    const char *s;
     char msg[MSG_MAX];
-    es_json_problem pr;
     if (lua_type(L, 1) != LUA_TSTRING)
         return esl_typeerror(L, 1, "string");
     s = lua_tolstring(L, 1, &n);
-    /* in the stores' order: store.c's jsonb rule, then the syntax */
-    if ((bad = es_json_jsonb_unsafe(s, n)) != NULL) {
-        snprintf(msg, sizeof msg, "%s is not allowed (jsonb cannot store it)",
-                 bad);
+    if (es_json_payload_ok(s, n, 0, msg, sizeof msg) < 0)
         return esl_push_fail(L, ES_INVALID, msg);
-    }
-    if (es_json_check(s, n, 0, ES_JSON_CHECK_MAX_DEPTH, &pr) < 0) {
-        es_json_describe(&pr, s, n, msg, sizeof msg);
-        return esl_push_fail(L, ES_INVALID, msg);
-    }
     lua_pushboolean(L, 1);
     return 1;
 }
