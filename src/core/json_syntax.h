@@ -15,13 +15,22 @@
 #include <stdio.h>
 #include <string.h>
 
+/* Internal to the module: hidden symbols are reached directly, not through
+ * the GOT/PLT a shared object otherwise uses for exported ones (these
+ * tables and calls sit in the codec's innermost loops). */
+#if defined(__GNUC__)
+#define ES_INTERNAL __attribute__((visibility("hidden")))
+#else
+#define ES_INTERNAL
+#endif
+
 /* 1 for JSON whitespace (space, tab, newline, carriage return). */
-extern const unsigned char es_json_ws[256];
+ES_INTERNAL extern const unsigned char es_json_ws[256];
 /* 1 for the bytes that end a plain run inside a string: '"', '\\',
  * control characters and non-ASCII bytes (which need UTF-8 validation). */
-extern const unsigned char es_json_special[256];
+ES_INTERNAL extern const unsigned char es_json_special[256];
 /* A hex digit's value + 1; 0 for other bytes. */
-extern const unsigned char es_json_hex1[256];
+ES_INTERNAL extern const unsigned char es_json_hex1[256];
 
 /* Where and why a text is not JSON. `at` points at the offending byte
  * (the end of the input for a premature end). `what` reads as a phrase
@@ -70,32 +79,34 @@ static inline int es_json_hex4(const unsigned char *p)
 /* Length of the valid UTF-8 sequence at p (a byte >= 0x80; p < end), or
  * 0 with *why set: no overlongs, no encoded surrogates, nothing above
  * U+10FFFF, nothing truncated. */
-size_t es_utf8_seq(const unsigned char *p, const unsigned char *end,
-                   const char **why);
+ES_INTERNAL size_t es_utf8_seq(const unsigned char *p,
+                               const unsigned char *end, const char **why);
 
 /* 1 when s[0..n) is valid UTF-8 (NUL bytes included); else 0 with *at the
  * offset of the first bad byte and *why set. */
-int es_utf8_valid(const char *s, size_t n, size_t *at, const char **why);
+ES_INTERNAL int es_utf8_valid(const char *s, size_t n, size_t *at,
+                              const char **why);
 
 /* The string whose opening quote is at p: returns the byte after its
  * closing quote, or NULL with *pr filled. *escaped says whether it holds
  * any backslash escape (all of them valid: \u surrogates in pairs). */
-const unsigned char *es_json_string(const unsigned char *p,
-                                    const unsigned char *end, int *escaped,
-                                    es_json_problem *pr);
+ES_INTERNAL const unsigned char *es_json_string(const unsigned char *p,
+                                                const unsigned char *end,
+                                                int *escaped,
+                                                es_json_problem *pr);
 
 /* The number starting at p ('-' or a digit expected): returns the byte
  * after it, or NULL with *pr filled. Grammar only: no range check. */
-const unsigned char *es_json_number(const unsigned char *p,
-                                    const unsigned char *end,
-                                    es_json_problem *pr);
+ES_INTERNAL const unsigned char *es_json_number(const unsigned char *p,
+                                                const unsigned char *end,
+                                                es_json_problem *pr);
 
 /* The first \u escape of a JSON text that jsonb cannot hold, described
  * ("\\u0000", "an unpaired surrogate escape"); NULL when there is none.
  * PostgreSQL's json input takes both; jsonb, and so read models that cast
  * payloads to it, do not. An escaped backslash followed by "u0000" is not
  * an escape. */
-const char *es_json_jsonb_unsafe(const char *text, size_t len);
+ES_INTERNAL const char *es_json_jsonb_unsafe(const char *text, size_t len);
 
 /* 0 when both stores take text as a payload (an object for metadata):
  * es_json_check at ES_JSON_CHECK_MAX_DEPTH and es_json_jsonb_unsafe
@@ -103,21 +114,22 @@ const char *es_json_jsonb_unsafe(const char *text, size_t len);
  * and PostgreSQL stores refuse the same texts, and PostgreSQL never sees
  * one the memory store would refuse. Else -1 with why ("not valid JSON
  * (...)", "\\u0000 is not allowed ...") filled. */
-int es_json_payload_ok(const char *text, size_t len, int object, char *why,
-                       size_t whylen);
+ES_INTERNAL int es_json_payload_ok(const char *text, size_t len, int object,
+                                   char *why, size_t whylen);
 
-/* Writes "<what> at byte N" for *pr about start[0..len) (N 1-based from start, like Lua
- * string positions and the codec's decode errors) into out. */
-void es_json_describe(const es_json_problem *pr, const char *start,
-                      size_t len, char *out, size_t outlen);
+/* Writes "<what> at byte N" for *pr about start[0..len) into out (N is
+ * 1-based, like Lua string positions and the codec's decode errors). */
+ES_INTERNAL void es_json_describe(const es_json_problem *pr,
+                                  const char *start, size_t len, char *out,
+                                  size_t outlen);
 
 /* The deepest nesting es_json_check accepts, whatever max_depth says (the
- * memory store's limit). */
+ * stores' limit: payloads are checked with es_json_payload_ok). */
 #define ES_JSON_CHECK_MAX_DEPTH 10000
 
 /* 0 when text[0..len) is exactly one JSON value (an object when
  * want_object) nested at most max_depth deep; else -1 with *pr filled. */
-int es_json_check(const char *text, size_t len, int want_object,
-                  int max_depth, es_json_problem *pr);
+ES_INTERNAL int es_json_check(const char *text, size_t len, int want_object,
+                              int max_depth, es_json_problem *pr);
 
 #endif

@@ -124,12 +124,12 @@ int es_append(es_store *s, const char *stream, const es_event_in *events,
         if (!events[i].data)
             return es_fail(err, ES_INVALID, "event %zu has no data", i + 1);
         if (es_json_payload_ok(events[i].data, events[i].data_len, 0, why,
-                       sizeof why) < 0)
+                               sizeof why) < 0)
             return es_fail(err, ES_INVALID, "event %zu (%.200s): data %s",
                            i + 1, events[i].type, why);
         if (events[i].metadata &&
-            es_json_payload_ok(events[i].metadata, events[i].metadata_len, 1, why,
-                       sizeof why) < 0)
+            es_json_payload_ok(events[i].metadata, events[i].metadata_len, 1,
+                               why, sizeof why) < 0)
             return es_fail(err, ES_INVALID, "event %zu (%.200s): metadata %s",
                            i + 1, events[i].type, why);
         if (events[i].id && !es_uuid_valid(events[i].id))
