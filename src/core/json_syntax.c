@@ -151,7 +151,13 @@ const unsigned char *es_json_string(const unsigned char *p,
                                     es_json_problem *pr)
 {
     *escaped = 0;
-    p++;    /* the opening quote */
+    return es_json_string_rest(p + 1, end, escaped, pr);
+}
+
+const unsigned char *es_json_string_rest(const unsigned char *p,
+                                         const unsigned char *end,
+                                         int *escaped, es_json_problem *pr)
+{
     for (;;) {
         p = es_json_scan_plain(p, end);
         if (p >= end)
@@ -172,45 +178,6 @@ const unsigned char *es_json_string(const unsigned char *p,
             p += n;
         }
     }
-}
-
-static const unsigned char *digits(const unsigned char *p,
-                                   const unsigned char *end)
-{
-    while (p < end && *p >= '0' && *p <= '9')
-        p++;
-    return p;
-}
-
-const unsigned char *es_json_number(const unsigned char *p,
-                                    const unsigned char *end,
-                                    es_json_problem *pr)
-{
-    const unsigned char *s = p;
-    if (p < end && *p == '-')
-        p++;
-    if (p >= end || *p < '0' || *p > '9')
-        return unexpected(pr, p, p > s ? " after '-'" : "");
-    if (*p == '0') {
-        if (++p < end && *p >= '0' && *p <= '9')
-            return problem(pr, s, "number with a leading zero", NULL);
-    } else {
-        p = digits(p, end);
-    }
-    if (p < end && *p == '.') {
-        if (++p >= end || *p < '0' || *p > '9')
-            return unexpected(pr, p, " in number (digit expected)");
-        p = digits(p, end);
-    }
-    if (p < end && (*p == 'e' || *p == 'E')) {
-        p++;
-        if (p < end && (*p == '+' || *p == '-'))
-            p++;
-        if (p >= end || *p < '0' || *p > '9')
-            return unexpected(pr, p, " in number (digit expected)");
-        p = digits(p, end);
-    }
-    return p;
 }
 
 static const unsigned char *skip_ws(const unsigned char *p,

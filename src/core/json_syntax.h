@@ -95,11 +95,69 @@ ES_INTERNAL const unsigned char *es_json_string(const unsigned char *p,
                                                 int *escaped,
                                                 es_json_problem *pr);
 
+/* Fills *pr; returns NULL. With unexpected set, `what` is the context of
+ * an unexpected byte at `at` (" after '-'"). */
+static inline const unsigned char *es_json_fail(es_json_problem *pr,
+                                                const unsigned char *at,
+                                                const char *what,
+                                                int unexpected)
+{
+    pr->at = at;
+    pr->what = what;
+    pr->detail = NULL;
+    pr->unexpected = unexpected;
+    return NULL;
+}
+
+static inline const unsigned char *es_json_digits(const unsigned char *p,
+                                                  const unsigned char *end)
+{
+    while (p < end && *p >= '0' && *p <= '9')
+        p++;
+    return p;
+}
+
+/* The same from p inside the string, all bytes before p being plain ones
+ * (es_json_scan_plain): decode's fast path resumes here. *escaped is only
+ * ever set, so the caller starts it at 0. */
+ES_INTERNAL const unsigned char *es_json_string_rest(const unsigned char *p,
+                                                     const unsigned char *end,
+                                                     int *escaped,
+                                                     es_json_problem *pr);
+
 /* The number starting at p ('-' or a digit expected): returns the byte
- * after it, or NULL with *pr filled. Grammar only: no range check. */
-ES_INTERNAL const unsigned char *es_json_number(const unsigned char *p,
-                                                const unsigned char *end,
-                                                es_json_problem *pr);
+ * after it, or NULL with *pr filled. Grammar only: no range check. Inline:
+ * decode runs it on every number before reading the digits. */
+static inline const unsigned char *es_json_number(const unsigned char *p,
+                                                  const unsigned char *end,
+                                                  es_json_problem *pr)
+{
+    const unsigned char *s = p;
+    if (p < end && *p == '-')
+        p++;
+    if (p >= end || *p < '0' || *p > '9')
+        return es_json_fail(pr, p, p > s ? " after '-'" : "", 1);
+    if (*p == '0') {
+        if (++p < end && *p >= '0' && *p <= '9')
+            return es_json_fail(pr, s, "number with a leading zero", 0);
+    } else {
+        p = es_json_digits(p, end);
+    }
+    if (p < end && *p == '.') {
+        if (++p >= end || *p < '0' || *p > '9')
+            return es_json_fail(pr, p, " in number (digit expected)", 1);
+        p = es_json_digits(p, end);
+    }
+    if (p < end && (*p == 'e' || *p == 'E')) {
+        p++;
+        if (p < end && (*p == '+' || *p == '-'))
+            p++;
+        if (p >= end || *p < '0' || *p > '9')
+            return es_json_fail(pr, p, " in number (digit expected)", 1);
+        p = es_json_digits(p, end);
+    }
+    return p;
+}
 
 /* The first \u escape of a JSON text that jsonb cannot hold, described
  * ("\\u0000", "an unpaired surrogate escape"); NULL when there is none.

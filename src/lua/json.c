@@ -680,17 +680,17 @@ static int dec_unescape(dec *d, const unsigned char *s,
 static int dec_string(dec *d)
 {
     es_json_problem pr;
-    int escaped;
+    int escaped = 0;
     const unsigned char *s = d->p + 1, *q = es_json_scan_plain(s, d->end);
     /* The common case, plain bytes up to the closing quote, needs no more
-     * than the lexer's plain scan; anything else goes through its full
-     * string rule (escapes, UTF-8, control characters). */
+     * than the lexer's plain scan; anything else goes on from there by its
+     * full string rule (escapes, UTF-8, control characters). */
     if (q < d->end && *q == '"') {
         lua_pushlstring(d->L, (const char *)s, (size_t)(q - s));
         d->p = q + 1;
         return 0;
     }
-    q = es_json_string(d->p, d->end, &escaped, &pr);
+    q = es_json_string_rest(q, d->end, &escaped, &pr);
     if (!q)
         return dec_problem(d, &pr);
     d->p = q;
