@@ -109,6 +109,26 @@ describe("err.reason", function()
       assert(store:append("O-1", { type = "B" }, { expected_version = 1 }))
     end)
 
+    it("the repository does not retry a conflict in an aborted transaction", function()
+      local Counter = es.aggregate {
+        name = "Counter",
+        initial = function() return { n = 0 } end,
+        apply = { Added = function(st) st.n = st.n + 1 end },
+        decide = { Add = function() return { type = "Added", data = {} } end },
+      }
+      local repo = es.repository(store, { max_retries = 3 })
+      assert(repo:execute(Counter, "r", "Add", {}))
+      -- a caller's expected version that does not hold: reason "version"
+      failed("conflict", "version", repo:execute(Counter, "r", "Add", {}, { expected_version = 5 }))
+      assert(store:begin())
+      assert(store:query(('INSERT INTO "%s".probe VALUES (1)'):format(schema)))
+      assert(admin:append("Counter-r", { type = "Added", data = {} }))
+      failed("conflict", "order", repo:execute(Counter, "r", "Add", {}))
+      assert.equal(0, repo.stats.retries)
+      assert(store:rollback())
+      assert.equal(3, assert(repo:execute(Counter, "r", "Add", {})).version)
+    end)
+
     it("refuses to report an aborted transaction as committed", function()
       assert(store:begin())
       assert(store:query(('INSERT INTO "%s".probe VALUES (1)'):format(schema)))

@@ -255,7 +255,7 @@ function Repository:execute(A, id, command_name, command, opts)
       return nil, core.error("conflict",
         ("expected version %s of stream %s, found %d")
           :format(tostring(opts.expected_version), stream, version),
-        { expected = opts.expected_version, actual = version, stream = stream })
+        { expected = opts.expected_version, actual = version, stream = stream, reason = "version" })
     end
     local events, err = A:decide(state, command_name, command)
     if not events then return nil, err end
