@@ -32,11 +32,13 @@ LUA_VERSION ?= 5.4
 LUADIR  ?= $(PREFIX)/share/lua/$(LUA_VERSION)
 LIBDIR  ?= $(PREFIX)/lib/lua/$(LUA_VERSION)
 INCDIR_INSTALL ?= $(PREFIX)/include
+BINDIR  ?= $(PREFIX)/bin
 
 CORE_SRC = $(wildcard src/core/*.c)
 LUA_SRC  = $(wildcard src/lua/*.c)
 HEADERS  = $(wildcard include/*.h src/core/*.h src/lua/*.h)
 LUA_MODS = $(wildcard lua/eventsourcing/*.lua)
+LUA_TREE = $(LUA_MODS) $(wildcard lua/eventsourcing/*/*.lua)
 
 BUILDS = build/lua5.4/eventsourcing/core.so build/luajit/eventsourcing/core.so
 INSTALL_SO = $(if $(filter 5.1,$(LUA_VERSION)),build/luajit,build/lua$(LUA_VERSION))/eventsourcing/core.so
@@ -46,7 +48,7 @@ BUILDS = build/rock/eventsourcing/core.so
 INSTALL_SO = build/rock/eventsourcing/core.so
 endif
 
-.PHONY: all test check-memory bench demo install clean lint fuzz fuzz-build
+.PHONY: all test check-memory bench demo soak install clean lint fuzz fuzz-build
 
 all: $(BUILDS)
 
@@ -121,14 +123,25 @@ bench: all
 demo: all
 	@scripts/demo.sh
 
-lint:
-	luacheck $(if $(CI),--no-color,) lua spec bench examples
+# A bounded load run with a PostgreSQL crash halfway (SOAK_SECONDS=60).
+soak:
+	@scripts/soak.sh
 
+lint:
+	luacheck $(if $(CI),--no-color,) lua spec bench examples scripts bin/eventsourcing
+
+# The modules keep their folders (eventsourcing/cli/, eventsourcing/admin/);
+# bin/eventsourcing runs them with lua5.4 (BINDIR; LuaRocks installs the
+# script itself, from build.install.bin).
 install: all
 	install -d $(DESTDIR)$(LUADIR)/eventsourcing $(DESTDIR)$(LIBDIR)/eventsourcing $(DESTDIR)$(INCDIR_INSTALL)
-	install -m 644 $(LUA_MODS) $(DESTDIR)$(LUADIR)/eventsourcing/
+	for f in $(LUA_TREE); do \
+	  install -d $(DESTDIR)$(LUADIR)/$$(dirname $${f#lua/}) && \
+	  install -m 644 $$f $(DESTDIR)$(LUADIR)/$${f#lua/} || exit 1; \
+	done
 	install -m 755 $(INSTALL_SO) $(DESTDIR)$(LIBDIR)/eventsourcing/core.so
 	install -m 644 include/eventsourcing.h $(DESTDIR)$(INCDIR_INSTALL)/
+	$(if $(BINDIR),install -d $(DESTDIR)$(BINDIR) && install -m 755 bin/eventsourcing $(DESTDIR)$(BINDIR)/)
 
 clean:
 	rm -rf build

@@ -24,6 +24,7 @@ Event encoding, folding event streams into state and the store are in C.
 
 dependencies = {
   "lua >= 5.1",
+  "argparse",        -- bin/eventsourcing (Debian: lua-argparse)
 }
 
 external_dependencies = {
@@ -58,6 +59,11 @@ build = {
     LUADIR = "$(LUADIR)",
     LIBDIR = "$(LIBDIR)",
     INCDIR_INSTALL = "$(PREFIX)/include",
+    BINDIR = "",          -- the script is LuaRocks' to install (below)
+  },
+  -- the operator's command-line tool; LuaRocks wraps it for its tree
+  install = {
+    bin = { eventsourcing = "bin/eventsourcing" },
   },
   copy_directories = { "examples" },
 }

@@ -145,6 +145,36 @@ typedef struct es_cursor es_cursor;
 es_store *es_open(const char *target, es_error *err);
 es_store *es_open_schema(const char *target, const char *schema,
                          es_error *err);
+/* Open options. pooler says what sits between the library and PostgreSQL:
+ * "none" (default), "session" (a pooler in session mode: same as none),
+ * or "transaction" (PgBouncer pool_mode=transaction and the like): then
+ * the store keeps no session state (unnamed statements, SET LOCAL, no
+ * LISTEN). A PostgreSQL target may carry it too, as the URL parameter
+ * ?pooler=transaction or the conninfo keyword pooler=transaction (taken
+ * out before libpq sees the rest); o->pooler wins over the target. */
+typedef struct es_open_opts {
+    const char *schema;          /* NULL: "eventsourcing" */
+    const char *pooler;          /* NULL: from the target, else "none" */
+} es_open_opts;
+es_store *es_open_with(const char *target, const es_open_opts *o,
+                       es_error *err);
+/* What a store knows about its session, for status pages and checks. */
+typedef struct es_store_status {
+    const char *pooler;          /* "none", "session", "transaction" */
+    int connected;               /* a session is open */
+    int in_transaction;
+    int prepared;                /* statements prepared in this session */
+    int proxied;                 /* 1: a proxy (pooler) answers for the
+                                    server: the backend pid libpq was told at
+                                    connect is not the server's
+                                    pg_backend_pid(); 0: direct; -1 unknown
+                                    (memory, or no session) */
+} es_store_status;
+/* "none", "session" or "transaction": what the store was opened for. */
+const char *es_store_pooler(const es_store *store);
+/* Fills out; checks for a proxy with one query when the session is free
+ * (not inside a transaction or a read). */
+int es_status(es_store *store, es_store_status *out, es_error *err);
 /* PostgreSQL: statement_timeout and lock_timeout (milliseconds, 0 = none)
  * for every statement of this store, kept across reconnects. A statement
  * that runs out fails with ES_DATABASE and sqlstate 57014 or 55P03.

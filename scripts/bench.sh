@@ -31,6 +31,10 @@
 #            projector (LISTEN/NOTIFY) against 100 ms polling, lua5.4 and luajit
 #   http     bench/http.sh, wrk on nginx: GET /orders/{id} and POST
 #            /orders/{id}/items at 2 and 32 connections, against GET /health
+#   pooler   bench/pooler.sh, appends and folds at 8 and 32 clients: named
+#            prepared statements straight to PostgreSQL against unnamed ones
+#            (pooler = "transaction") straight and through PgBouncer
+#            (transaction pooling), lua5.4; BENCH_POOLER_SECS=3 per phase
 set -uo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ES_ROOT" || exit 1
@@ -200,6 +204,9 @@ done
 # ---- http -----------------------------------------------------------------
 section "http (wrk on nginx, ${BENCH_HTTP_SECS:-5}s per run; against GET /health)"
 bench_run "http" "" env ES_DATABASE_URL="$URL" ES_BENCH_SECONDS="${BENCH_HTTP_SECS:-5}" bash bench/http.sh
+
+section "pooler: appends and folds, prepared direct vs unnamed direct and through PgBouncer"
+bench_run "pooler" "" bash bench/pooler.sh "$URL" "${BENCH_POOLER_SECS:-3}"
 bad=$(awk '$1 ~ /^http_.*_non2xx$/ && $2 > 0 { print $1 "=" $2 }' "$RESULTS" | tr '\n' ' ')
 [ -n "$bad" ] && fail "http: non-2xx responses: $bad"
 

@@ -108,8 +108,9 @@ specs=("$@")
 [ ${#specs[@]} -gt 0 ] || specs=(spec)
 
 LOGDIR=$(mktemp -d "${TMPDIR:-/tmp}/es-asan.XXXXXX")
-PG_URL=
+PG_URL= PGB_URL=
 cleanup() {
+  if [ -n "$PGB_URL" ]; then scripts/pgbouncer.sh stop "$PGB_URL" || true; PGB_URL=; fi
   if [ -n "$PG_URL" ]; then scripts/pg.sh stop "$PG_URL" || true; PG_URL=; fi
   rm -rf "$LOGDIR"
 }
@@ -120,6 +121,10 @@ if [ -z "${ES_TEST_DATABASE_URL:-}" ]; then
   PG_URL=$(scripts/pg.sh start) || es_die "could not start a throwaway PostgreSQL (scripts/pg.sh start)"
   export ES_TEST_DATABASE_URL=$PG_URL
   echo "check-memory: throwaway PostgreSQL at $PG_URL"
+  # spec/09_pooler_spec.lua's PgBouncer (as scripts/test.sh starts it)
+  if [ -z "${ES_TEST_POOLER_URL:-}" ] && PGB_URL=$(scripts/pgbouncer.sh start "$PG_URL"); then
+    export ES_TEST_POOLER_URL=$PGB_URL
+  fi
 fi
 
 export ES_LUA=$ES_ROOT/$HOST

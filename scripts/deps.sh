@@ -15,6 +15,8 @@ REQUIRED=(
   postgresql-15 postgresql-client-15
   lua-cjson lua-sql-postgres
   wrk nginx libnginx-mod-http-lua
+  lua-argparse lua-term
+  pgbouncer
 )
 # make fuzz (libFuzzer targets) needs clang and its runtime libraries.
 OPTIONAL=(clang libclang-rt-14-dev)

@@ -135,6 +135,33 @@ for _, entry in ipairs(helpers.stores()) do
         assert.equal(1, store:version("Counter-n"))
       end)
 
+      it("returns the store's error when a no-op cannot read where the stream is", function()
+        if entry.name == "memory" then return end
+        local repo = es.repository(store)
+        local A = counter()
+        assert(add(repo, A, "nr", 1))
+        local timed = assert(es.open(entry.url, { schema = schema, lock_timeout = 200 }))
+        local other = assert(es.open(entry.url, { schema = schema }))
+        local locked = false
+        local B = es.aggregate {
+          name = "Counter", initial = function() return { n = 0 } end,
+          apply = { Added = function(s, e) s.n = s.n + e.data.by end },
+          decide = { Peek = function()
+            -- the fold is done; from here on the events table is locked
+            assert(other:begin())
+            assert(other:query(("LOCK TABLE %q.events IN ACCESS EXCLUSIVE MODE"):format(schema)))
+            locked = true
+            return nil
+          end },
+        }
+        local r, err = es.repository(timed):execute(B, "nr", "Peek", {})
+        other:rollback()
+        timed:close(); other:close()
+        assert.is_true(locked)
+        assert.is_nil(r)
+        assert.equal("database", err.kind, tostring(err))
+      end)
+
       it("returns a rejection as nil, err (kind rejected) and appends nothing", function()
         local repo = es.repository(store)
         local A = counter()

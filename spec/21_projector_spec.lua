@@ -252,7 +252,7 @@ describe("the projector on PostgreSQL", function()
 
   it("wakes up on NOTIFY through a listener session of its own", function()
     local rm = counter()
-    local p = es.projector(store, { rm }, { listen = helpers.database_url() })
+    local p = es.projector(store, { rm }, { listen = helpers.listen_url() })
     local writer = assert(es.open(helpers.database_url(), { schema = schema }))
     local rounds = 0
     local t0 = es.workflow.now()

@@ -13,6 +13,23 @@ function helpers.database_url()
   return url
 end
 
+-- "transaction" in scripts/test.sh's pooler pass: ES_TEST_DATABASE_URL then
+-- reaches PostgreSQL through PgBouncer (transaction pooling) and carries
+-- pooler=transaction, so every es.open of it keeps no session state. Specs
+-- of things that need a session of their own (LISTEN, session settings)
+-- check this. nil otherwise.
+function helpers.pooler()
+  local p = os.getenv("ES_TEST_POOLER")
+  return p ~= "" and p or nil
+end
+
+-- A URL a LISTEN session can use: the server itself in the pooler pass
+-- (ES_TEST_DIRECT_URL, as users would give `listen =`), else the usual one.
+function helpers.listen_url()
+  local direct = helpers.pooler() and os.getenv("ES_TEST_DIRECT_URL")
+  return direct and direct ~= "" and direct or helpers.database_url()
+end
+
 -- Both stores, for running one describe block against each:
 --   for _, s in ipairs(helpers.stores()) do describe(s.name, function() ... end) end
 function helpers.stores()
@@ -65,7 +82,8 @@ helpers.shell_quote = shell_quote
 --   io.popen(helpers.lua_cmd() .. " -e " .. helpers.shell_quote(code))
 function helpers.lua_cmd()
   local env = {}
-  for _, k in ipairs { "LUA_PATH", "LUA_CPATH", "ES_TEST_DATABASE_URL", "LD_PRELOAD",
+  for _, k in ipairs { "LUA_PATH", "LUA_CPATH", "ES_TEST_DATABASE_URL", "ES_TEST_POOLER", "ES_TEST_DIRECT_URL",
+                       "LD_PRELOAD",
                        "ASAN_OPTIONS", "UBSAN_OPTIONS", "LSAN_OPTIONS" } do
     local v = os.getenv(k)
     if v then env[#env + 1] = k .. "=" .. shell_quote(v) end
@@ -127,8 +145,13 @@ function helpers.workdir(prefix)
   return w
 end
 
+-- A killed child stays a zombie until its parent reaps it, and a child
+-- whose starting shell has exited belongs to PID 1, which may reap late
+-- (seconds, on the CI machine): a zombie counts as gone.
 function helpers.alive(child)
-  return helpers.sh("kill -0 " .. child .. " 2>/dev/null")
+  local stat = helpers.read_file("/proc/" .. tostring(child) .. "/stat")
+  if not stat then return false end
+  return stat:match("^%d+ %b() (%a)") ~= "Z"
 end
 
 function helpers.wait_exit(child, seconds)  -- true once the process is gone

@@ -27,4 +27,10 @@ es.projection = require "eventsourcing.projection"
 es.projector = require "eventsourcing.projector"
 es.workflow = require "eventsourcing.workflow"   -- es.workflow{...}, es.workflow.runner(...)
 
+-- The store's schema and an application's tables (read models, projection
+-- checkpoints, workflow tables): es.migrate(store, { read_models = { ... },
+-- projections = { ... }, workflows = { ... } }). Idempotent; what
+-- `eventsourcing migrate --app FILE` runs.
+function es.migrate(store, app) return require("eventsourcing.admin").migrate(store, app) end
+
 return es

@@ -68,13 +68,23 @@ local function uses_snapshots(self, A)
     and self.store.load_snapshot ~= nil
 end
 
--- The version of the last event recorded before instant `at` (0: none).
-local function version_before(store, stream, at)
+-- The last event of a stream recorded before instant `at` (any time when
+-- nil): the event, false when there is none, or nil, err. A read that
+-- fails on its first page raises from the iterator; that is an error
+-- to return too, not to raise.
+local function last_event(store, stream, at)
   local it, err = store:read(stream, { backward = true, limit = 1, before = at })
   if not it then return nil, err end
-  local v = 0
-  for e in it do v = e.version end
-  return v
+  local ok, e = pcall(it)
+  if not ok then return nil, e end
+  return e or false
+end
+
+-- The version of the last event recorded before instant `at` (0: none).
+local function version_before(store, stream, at)
+  local e, err = last_event(store, stream, at)
+  if e == nil then return nil, err end
+  return e and e.version or 0
 end
 
 -- Internal load: state, version, snapshot_version_used (0 if none).
@@ -263,8 +273,9 @@ function Repository:execute(A, id, command_name, command, opts)
       -- nothing to append: the result still names where the stream is
       local position
       if version > 0 then
-        local it = store:read(stream, { backward = true, limit = 1 })
-        for e in it or function() end do position = e.position end
+        local last, rerr = last_event(store, stream)
+        if last == nil then return nil, rerr end
+        position = last and last.position
       end
       return { version = version, position = position, events = events, state = state }
     end

@@ -90,18 +90,23 @@ end
 -- session (fine without a pooler); a URL opens a session of its own once;
 -- a store is used as it is. Returns the session, or nil (and an error
 -- when opening failed).
+-- A session opened with pooler = "transaction" can not LISTEN: poll.
+local function can_listen(s)
+  return not (s.pooler and s:pooler() == "transaction")
+end
+
 function M.listener(follower)
   if follower.memory then return nil end
   local l = follower.listen_opt
   if l == false then return nil end
-  if l == nil then return follower.store end
+  if l == nil then return can_listen(follower.store) and follower.store or nil end
   if type(l) == "string" then
     local s, err = core.open(l, { schema = follower.store:schema() })
     if not s then return nil, err end
     follower.listen_opt = s
-    return s
+    return can_listen(s) and s or nil
   end
-  return l
+  return can_listen(l) and l or nil
 end
 
 -- The listener of a follower, subscribed (LISTEN); trouble goes to

@@ -927,7 +927,8 @@ end
 -- Runs the dead letters of this runner's workflows again (oldest event
 -- first), once each: a success removes the dead letter, a failure
 -- updates it (attempts, error). Dead timers are put back as due now.
--- opts.workflow: only that workflow's. -> { retried = n, failed = n } | nil, err
+-- opts.workflow: only that workflow's; opts.event_id: only that event's.
+-- -> { retried = n, failed = n } | nil, err
 function Runner:retry_dead_letters(opts)
   local ok, err = self:_ensure()
   if not ok then return nil, err end
@@ -936,6 +937,11 @@ function Runner:retry_dead_letters(opts)
   local list
   list, err = M.dead_letters(store, only)
   if not list then return nil, err end
+  if opts and opts.event_id then   -- one dead letter (the admin tool's retry ID)
+    local keep = {}
+    for _, d in ipairs(list) do if d.event_id == opts.event_id then keep[#keep + 1] = d end end
+    list = keep
+  end
   local out = { retried = 0, failed = 0 }
   for _, d in ipairs(list) do
     local wf = self.by_name[d.workflow]

@@ -5,6 +5,12 @@
  * the failing call return ES_CONNECTION; the next call reconnects and
  * prepares its statements again. Statements are prepared lazily because a
  * fresh session has none and most programs use only a few.
+ *
+ * Behind a transaction pooler (pooler = "transaction") each transaction may
+ * run on another server session, so nothing is kept in one: statements go
+ * as unnamed extended-protocol queries (parameters still bound), timeouts
+ * are set per transaction (see send_params for a statement outside one),
+ * and LISTEN is refused.
  */
 #include "pg.h"
 
@@ -27,18 +33,65 @@ static int valid_schema(const char *s)
     return 1;
 }
 
+/* The pipeline of a wrapped statement (see send_params), read to its
+ * Sync: set_config's result, the statement's, then the Sync's. Two NULLs
+ * in a row mean nothing more is coming (a broken pipeline): then the
+ * session is dropped rather than left in pipeline mode. */
+static void drain_pipeline(pg_store *p)
+{
+    int nulls = 0;
+    p->wrapped = 0;
+    while (nulls < 2 && PQstatus(p->conn) == CONNECTION_OK) {
+        PGresult *r = PQgetResult(p->conn);
+        ExecStatusType st;
+        if (!r) {
+            nulls++;
+            continue;
+        }
+        nulls = 0;
+        st = PQresultStatus(r);
+        PQclear(r);
+        if (st == PGRES_PIPELINE_SYNC)
+            break;
+    }
+    if (PQstatus(p->conn) == CONNECTION_OK && !PQexitPipelineMode(p->conn)) {
+        PQfinish(p->conn);
+        p->conn = NULL;
+    }
+}
+
 void pg_drain(pg_store *p)
 {
     PGresult *r;
+    if (p->conn && p->wrapped) {
+        drain_pipeline(p);
+        return;
+    }
     while (p->conn && (r = PQgetResult(p->conn)) != NULL)
         PQclear(r);
+}
+
+/* The next result of the statement on the wire, past the set_config()
+ * of a wrapped one (whose failure, if it failed, is the result). */
+static PGresult *take_result(pg_store *p)
+{
+    if (p->wrapped == 1) {
+        PGresult *set = PQgetResult(p->conn), *end;
+        p->wrapped = 2;
+        if ((end = PQgetResult(p->conn)) != NULL)
+            PQclear(end);   /* not expected: set_config returns one row */
+        if (!set || PQresultStatus(set) != PGRES_TUPLES_OK)
+            return set;
+        PQclear(set);
+    }
+    return PQgetResult(p->conn);
 }
 
 void pg_settle(pg_store *p)
 {
     if (p->ahead.state != 1)
         return;
-    p->ahead.res = p->conn ? PQgetResult(p->conn) : NULL;
+    p->ahead.res = p->conn ? take_result(p) : NULL;
     pg_drain(p);
     p->ahead.state = 2;
 }
@@ -80,6 +133,7 @@ static int connect_now(pg_store *p, es_error *err)
         PQfinish(p->conn);
     p->prepared = 0;
     p->in_tx = 0;
+    p->wrapped = 0;
     p->conn = PQconnectdb(p->conninfo);
     if (!p->conn)
         return es_fail(err, ES_CONNECTION, "out of memory connecting");
@@ -105,6 +159,11 @@ static void notice_ignore(void *arg, const char *message)
 static int listen_now(pg_store *p, es_error *err)
 {
     char sql[96];
+    if (p->pooler == PG_POOLER_TRANSACTION)
+        return es_fail(err, ES_INVALID, "listen: LISTEN needs a session of "
+                       "its own, which the store opened with pooler = "
+                       "\"transaction\" does not keep: poll instead, or "
+                       "listen on a store opened directly (no pooler)");
     snprintf(sql, sizeof sql, "LISTEN \"%s_events\"", p->schema);
     return pg_exec_simple(p, sql, err);
 }
@@ -134,6 +193,21 @@ static int pg_set_timeouts(es_store *s, int64_t statement_ms,
                            int64_t lock_ms, es_error *err)
 {
     pg_store *p = (pg_store *)s;
+    if (p->pooler == PG_POOLER_TRANSACTION) {
+        /* a SET would stay on whichever server session ran it */
+        if (statement_ms == 0 && lock_ms == 0)
+            p->local_sql[0] = '\0';
+        else
+            snprintf(p->local_sql, sizeof p->local_sql,
+                     "SET LOCAL statement_timeout = %lld; "
+                     "SET LOCAL lock_timeout = %lld",
+                     (long long)statement_ms, (long long)lock_ms);
+        snprintf(p->timeouts[0], sizeof p->timeouts[0], "%lld",
+                 (long long)statement_ms);
+        snprintf(p->timeouts[1], sizeof p->timeouts[1], "%lld",
+                 (long long)lock_ms);
+        return 0;
+    }
     snprintf(p->session_sql, sizeof p->session_sql,
              "SET statement_timeout = %lld; SET lock_timeout = %lld",
              (long long)statement_ms, (long long)lock_ms);
@@ -241,10 +315,20 @@ int pg_fail(pg_store *p, PGresult *res, const char *what, es_error *err)
     if (strcmp(state, "42P01") == 0 || strcmp(state, "42883") == 0 ||
         strcmp(state, "3F000") == 0)
         es_fail(err, kind, "%s: %s (has store:migrate() been run for schema "
-                "'%s'?)", what, msg, p->schema);
+                "'%s'? read model and workflow tables: es.migrate(store, app) "
+                "or `eventsourcing migrate --app FILE`)", what, msg, p->schema);
     else if (strcmp(state, "25P02") == 0)
         es_fail(err, kind, "%s: the transaction was aborted by an earlier "
                 "error; roll it back", what);
+    else if (strcmp(state, "42P05") == 0 || strcmp(state, "26000") == 0) {
+        /* our statements are named per session: another session answered
+         * (a transaction pooler); forget them all, the error says why */
+        p->prepared = 0;
+        es_fail(err, kind, "%s: %s (the server session changed under this "
+                "connection: behind a transaction pooler such as PgBouncer "
+                "open the store with { pooler = \"transaction\" } or "
+                "?pooler=transaction)", what, msg);
+    }
     else
         es_fail(err, kind, "%s: %s", what, msg);
     memcpy(err->sqlstate, state, sizeof state);
@@ -258,6 +342,20 @@ static const char *const stmt_names[PG_NSTMT] = {
     "es_read_all0", "es_read_all1", "es_read_all2", "es_read_all3"
 };
 
+/* Statement names carry a hash of the schema: the text of a statement
+ * depends only on the schema, so a session that already has a name (a
+ * pooler handed us a session another store prepared) has the same
+ * statement, never one reading another schema. */
+static void name_statements(pg_store *p)
+{
+    uint32_t h = 2166136261u;                      /* FNV-1a */
+    for (const char *c = p->schema; *c; c++)
+        h = (h ^ (unsigned char)*c) * 16777619u;
+    for (int i = 0; i < PG_NSTMT; i++)
+        snprintf(p->names[i], sizeof p->names[i], "%s_%08x", stmt_names[i],
+                 (unsigned)h);
+}
+
 /* Connects if needed and prepares the statement once per session. */
 static int prepare_once(pg_store *p, int stmt, es_error *err)
 {
@@ -269,7 +367,7 @@ static int prepare_once(pg_store *p, int stmt, es_error *err)
     if (p->prepared & (1u << stmt))
         return 0;
     pg_statement_sql(p, stmt, sql, sizeof sql);
-    res = PQprepare(p->conn, stmt_names[stmt], sql, 0, NULL);
+    res = PQprepare(p->conn, p->names[stmt], sql, 0, NULL);
     if (PQresultStatus(res) != PGRES_COMMAND_OK)
         return pg_fail(p, res, "prepare", err);
     PQclear(res);
@@ -288,14 +386,86 @@ static PGresult *check_result(pg_store *p, int stmt, PGresult *res,
     return res;
 }
 
+/* Pooler: the statement's text, made once per store. */
+static const char *unnamed_sql(pg_store *p, int stmt, es_error *err)
+{
+    char sql[2048];
+    if (!p->sql[stmt]) {
+        pg_statement_sql(p, stmt, sql, sizeof sql);
+        if (!(p->sql[stmt] = strdup(sql))) {
+            es_fail(err, ES_DATABASE, "out of memory");
+            return NULL;
+        }
+    }
+    return p->sql[stmt];
+}
+
+static const char set_timeouts_sql[] =
+    "SELECT set_config('statement_timeout', $1, true),"
+    " set_config('lock_timeout', $2, true)";
+
+/* Pooler: sends an unnamed statement. With timeouts, outside a
+ * transaction, it goes in a pipeline behind set_config(..., true) for
+ * them, with one Sync after both: one implicit transaction, so the
+ * settings end with the statement, in one round trip. take_result and
+ * pg_drain read the pipeline. A session that fails half way is dropped. */
+static int send_params(pg_store *p, const char *sql, int nparams,
+                       const char *const *values, int binary_result,
+                       const char *what, es_error *err)
+{
+    const char *t[2] = { p->timeouts[0], p->timeouts[1] };
+    int wrap = !p->in_tx && p->local_sql[0];
+    if (wrap && (!PQenterPipelineMode(p->conn) ||
+                 !PQsendQueryParams(p->conn, set_timeouts_sql, 2, NULL, t,
+                                    NULL, NULL, 0)))
+        goto fail;
+    p->wrapped = wrap;
+    if (!PQsendQueryParams(p->conn, sql, nparams, NULL, values, NULL, NULL,
+                           binary_result) ||
+        (wrap && !PQpipelineSync(p->conn)))
+        goto fail;
+    return 0;
+fail:
+    pg_fail(p, NULL, what, err);
+    if (wrap && p->conn) {
+        PQfinish(p->conn);
+        p->conn = NULL;
+        p->wrapped = 0;
+    }
+    return -1;
+}
+
+/* Pooler: connected and the statement's text in *sql. */
+static int unnamed_ready(pg_store *p, int stmt, const char **sql,
+                         es_error *err)
+{
+    if (pg_ensure(p, err) < 0 || !(*sql = unnamed_sql(p, stmt, err)))
+        return -1;
+    return 0;
+}
+
+static PGresult *exec_unnamed(pg_store *p, int stmt, int nparams,
+                              const char *const *values, int binary_result,
+                              es_error *err)
+{
+    const char *sql;
+    if (unnamed_ready(p, stmt, &sql, err) < 0 ||
+        send_params(p, sql, nparams, values, binary_result,
+                    stmt_names[stmt] + 3, err) < 0)
+        return NULL;
+    return pg_receive(p, stmt, err);
+}
+
 PGresult *pg_exec_prepared(pg_store *p, int stmt, int nparams,
                            const char *const *values, int binary_result,
                            es_error *err)
 {
+    if (p->pooler == PG_POOLER_TRANSACTION)
+        return exec_unnamed(p, stmt, nparams, values, binary_result, err);
     if (prepare_once(p, stmt, err) < 0)
         return NULL;
     return check_result(p, stmt,
-                        PQexecPrepared(p->conn, stmt_names[stmt], nparams,
+                        PQexecPrepared(p->conn, p->names[stmt], nparams,
                                        values, NULL, NULL, binary_result),
                         err);
 }
@@ -304,9 +474,16 @@ int pg_send_prepared(pg_store *p, int stmt, int nparams,
                      const char *const *values, int binary_result,
                      es_error *err)
 {
+    if (p->pooler == PG_POOLER_TRANSACTION) {
+        const char *sql;
+        if (unnamed_ready(p, stmt, &sql, err) < 0)
+            return -1;
+        return send_params(p, sql, nparams, values, binary_result,
+                           stmt_names[stmt] + 3, err);
+    }
     if (prepare_once(p, stmt, err) < 0)
         return -1;
-    if (!PQsendQueryPrepared(p->conn, stmt_names[stmt], nparams, values,
+    if (!PQsendQueryPrepared(p->conn, p->names[stmt], nparams, values,
                              NULL, NULL, binary_result))
         return pg_fail(p, NULL, stmt_names[stmt] + 3, err);
     return 0;
@@ -314,7 +491,7 @@ int pg_send_prepared(pg_store *p, int stmt, int nparams,
 
 PGresult *pg_receive(pg_store *p, int stmt, es_error *err)
 {
-    PGresult *res = PQgetResult(p->conn);
+    PGresult *res = take_result(p);
     pg_drain(p);    /* to the end of this query: the session is free again */
     if (!res) {
         pg_fail(p, NULL, stmt_names[stmt] + 3, err);
@@ -351,7 +528,16 @@ static es_rows *pg_query(es_store *s, const char *sql, int nparams,
 
     if (pg_ensure(p, err) < 0)
         return NULL;
-    res = PQexecParams(p->conn, sql, nparams, NULL, params, NULL, NULL, 0);
+    if (p->pooler != PG_POOLER_TRANSACTION) {
+        res = PQexecParams(p->conn, sql, nparams, NULL, params, NULL, NULL, 0);
+    } else {
+        if (send_params(p, sql, nparams, params, 0, "query", err) < 0)
+            return NULL;
+        res = take_result(p);
+        pg_drain(p);
+        if (!res)
+            return pg_fail(p, NULL, "query", err), NULL;
+    }
     if (PQresultStatus(res) != PGRES_TUPLES_OK &&
         PQresultStatus(res) != PGRES_COMMAND_OK) {
         pg_fail(p, res, "query", err);
@@ -400,9 +586,13 @@ void es_rows_free(es_rows *r)
 static int pg_begin(es_store *s, es_error *err)
 {
     pg_store *p = (pg_store *)s;
+    char sql[176];
     if (p->in_tx)
         return es_fail(err, ES_INVALID, "a transaction is already open");
-    if (pg_exec_simple(p, "BEGIN", err) < 0)
+    /* pooler: the timeouts go with the transaction, in the same trip */
+    snprintf(sql, sizeof sql, "BEGIN%s%s", p->local_sql[0] ? "; " : "",
+             p->local_sql);
+    if (pg_exec_simple(p, sql, err) < 0)
         return -1;
     p->in_tx = 1;
     return 0;
@@ -460,6 +650,49 @@ static int pg_rollback(es_store *s, es_error *err)
     return pg_end(s, 0, err);
 }
 
+/* ---- status --------------------------------------------------------------- */
+
+static const char *const pooler_names[] = { "none", "session", "transaction" };
+
+/* A proxy answers the startup itself and makes up the backend pid it
+ * reports (PgBouncer: random cancel keys), so it differs from the pid of
+ * the server session that runs our query. A direct session reports its
+ * own. */
+static int proxied(pg_store *p, es_error *err)
+{
+    PGresult *res;
+    int pid;
+    if (pg_ensure(p, err) < 0)
+        return -1;
+    res = PQexec(p->conn, "SELECT pg_backend_pid()");
+    if (PQresultStatus(res) != PGRES_TUPLES_OK)
+        return pg_fail(p, res, "status", err);
+    pid = atoi(PQgetvalue(res, 0, 0));
+    PQclear(res);
+    return pid != PQbackendPID(p->conn);
+}
+
+static int pg_status(es_store *s, es_store_status *out, es_error *err)
+{
+    pg_store *p = (pg_store *)s;
+    int prepared = 0;
+    out->pooler = pooler_names[p->pooler];
+    out->in_transaction = p->in_tx;
+    if (!p->in_tx && !p->tx_lost && p->ahead.state != 1 && !p->page) {
+        /* a query now would end nothing and wait for nothing */
+        int r = proxied(p, err);
+        if (r < 0 && err->kind != ES_CONNECTION)
+            return -1;
+        out->proxied = r;    /* -1: no session to ask (connected says so) */
+        es_error_clear(err);
+    }
+    out->connected = p->conn && PQstatus(p->conn) == CONNECTION_OK;
+    for (int i = 0; i < PG_NSTMT; i++)
+        prepared += (p->prepared >> i) & 1;
+    out->prepared = prepared;
+    return 0;
+}
+
 /* ---- lifetime ------------------------------------------------------------- */
 
 static void pg_disconnect(es_store *s)
@@ -477,6 +710,8 @@ static void pg_destroy(es_store *s)
     pg_disconnect(s);
     PQclear(p->snapshot);
     es_buf_free(&p->ahead.key);
+    for (int i = 0; i < PG_NSTMT; i++)
+        free(p->sql[i]);
     free(p->conninfo);
     es_buf_free(&p->params);
     free(p);
@@ -498,12 +733,25 @@ static const es_store_ops pg_ops = {
     .set_timeouts = pg_set_timeouts,
     .listen = pg_listen,
     .wait = pg_wait,
+    .status = pg_status,
     .disconnect = pg_disconnect,
     .destroy = pg_destroy,
 };
 
-es_store *es_pg_open(const char *conninfo, const char *schema, es_error *err)
+/* PG_POOLER_* for a name, or -1. */
+static int pooler_mode(const char *name)
 {
+    for (int i = 0; i < 3; i++)
+        if (strcmp(name, pooler_names[i]) == 0)
+            return i;
+    return -1;
+}
+
+es_store *es_pg_open(const char *target, const es_open_opts *o, es_error *err)
+{
+    const char *schema = o ? o->schema : NULL;
+    char in_target[32] = "";
+    const char *pooler;
     pg_store *p;
     if (!schema)
         schema = "eventsourcing";
@@ -513,14 +761,26 @@ es_store *es_pg_open(const char *conninfo, const char *schema, es_error *err)
         return NULL;
     }
     p = calloc(1, sizeof *p);
-    if (!p || !(p->conninfo = strdup(conninfo))) {
+    if (!p || !(p->conninfo = pg_conninfo_take_pooler(target, in_target,
+                                                      sizeof in_target))) {
         free(p);
         es_fail(err, ES_CONNECTION, "out of memory");
+        return NULL;
+    }
+    pooler = o && o->pooler ? o->pooler : in_target[0] ? in_target : "none";
+    if ((p->pooler = pooler_mode(pooler)) < 0) {
+        es_fail(err, ES_INVALID, "pooler must be \"none\", \"session\" or "
+                "\"transaction\", not '%.40s'",
+                strcmp(pooler, "''") == 0 ? "" : pooler);   /* empty */
+        free(p->conninfo);
+        free(p);
         return NULL;
     }
     p->base.ops = &pg_ops;
     snprintf(p->schema, sizeof p->schema, "%s", schema);
     p->base.schema = p->schema;
+    name_statements(p);
+    p->base.pooler = pooler_names[p->pooler];
     es_buf_init(&p->params);
     es_buf_init(&p->ahead.key);
     if (pg_ensure(p, err) < 0) {

@@ -1,6 +1,7 @@
 /*
  * pg.h - internals shared by the PostgreSQL store's files:
  *   pg.c         connection, reconnects, error mapping, SQL, transactions
+ *   pg_conninfo.c the library's own option inside a connection string
  *   pg_schema.c  migrations (schema versions, advisory lock)
  *   pg_events.c  append, version, read and read_all cursors
  */
@@ -38,6 +39,9 @@ typedef struct pg_prefetch {
     es_buf key;               /* the request it answers */
 } pg_prefetch;
 
+/* What sits between us and PostgreSQL (es_open_opts.pooler). */
+enum { PG_POOLER_NONE, PG_POOLER_SESSION, PG_POOLER_TRANSACTION };
+
 typedef struct pg_store {
     es_store base;
     PGconn *conn;
@@ -49,6 +53,15 @@ typedef struct pg_store {
     int listening;            /* LISTEN again after a reconnect */
     char session_sql[128];    /* SET ... run on every new session */
     unsigned prepared;        /* bit per statement prepared this session */
+    char names[PG_NSTMT][32]; /* statement names, with the schema's hash */
+    int pooler;               /* PG_POOLER_*: TRANSACTION keeps no session
+                                 state: unnamed statements, SET LOCAL */
+    char local_sql[160];      /* pooler: SET LOCAL timeouts, or "" */
+    char timeouts[2][24];     /* pooler: the same for set_config() */
+    int wrapped;              /* pooler: a statement went in a pipeline
+                                 behind set_config() for the timeouts: 1
+                                 that result is still to read, 2 read */
+    char *sql[PG_NSTMT];      /* pooler: statement text, made on first use */
     es_buf params;            /* parameter text of one call */
     PGresult *snapshot;       /* the last snapshot loaded */
     pg_prefetch ahead;
@@ -83,6 +96,11 @@ int pg_send_prepared(pg_store *p, int stmt, int nparams,
 PGresult *pg_receive(pg_store *p, int stmt, es_error *err);
 /* Runs a statement without parameters (DDL, BEGIN, ...). */
 int pg_exec_simple(pg_store *p, const char *sql, es_error *err);
+
+/* Copies target without the library's own `pooler` option (URL
+ * parameter or conninfo keyword), whose value goes to pooler ("" when
+ * absent). NULL when out of memory; the caller frees. */
+char *pg_conninfo_take_pooler(const char *target, char *pooler, size_t plen);
 
 /* The SQL text of a prepared statement (pg_events.c). */
 const char *pg_statement_sql(const pg_store *p, int stmt, char *out,

@@ -12,6 +12,7 @@
 #include "pg.h"
 #include "es_time.h"
 
+#include <errno.h>
 #include <inttypes.h>
 #include <uuid.h>
 #include <stdio.h>
@@ -524,11 +525,14 @@ static int parse_checkpoint(const char *text, uint64_t *txid, int64_t *pos,
     }
     if (text[0] < '0' || text[0] > '9')
         goto bad;
+    /* out of range is as foreign as malformed: strtoull would clamp it
+     * to the largest value and read from a place nobody asked for */
+    errno = 0;
     *txid = strtoull(text, &end, 10);
-    if (*end != ':' || end[1] < '0' || end[1] > '9')
+    if (errno || *end != ':' || end[1] < '0' || end[1] > '9')
         goto bad;
     *pos = strtoll(end + 1, &end, 10);
-    if (*end != '\0')
+    if (errno || *end != '\0')
         goto bad;
     return 0;
 bad:

@@ -33,16 +33,30 @@ es_store *es_open(const char *target, es_error *err)
 es_store *es_open_schema(const char *target, const char *schema,
                          es_error *err)
 {
+    es_open_opts o = { schema, NULL };
+    return es_open_with(target, &o, err);
+}
+
+es_store *es_open_with(const char *target, const es_open_opts *o,
+                       es_error *err)
+{
     es_store *s;
     es_error_clear(err);
     if (!target) {
         es_fail(err, ES_INVALID, "no store target given");
         return NULL;
     }
+    if (o && o->pooler && strcmp(o->pooler, "none") != 0 &&
+        strcmp(o->pooler, "session") != 0 &&
+        strcmp(o->pooler, "transaction") != 0) {
+        es_fail(err, ES_INVALID, "pooler must be \"none\", \"session\" or "
+                "\"transaction\", not '%.40s'", o->pooler);
+        return NULL;
+    }
     if (strncmp(target, "memory:", 7) == 0)
         s = es_memory_open(target + 7, err);
     else
-        s = es_pg_open(target, schema, err);
+        s = es_pg_open(target, o, err);
     if (s) {
         s->refs = 1;
         s->closed = 0;
@@ -64,6 +78,11 @@ int es_is_closed(const es_store *s) { return s->closed; }
 const char *es_store_kind(const es_store *s) { return s->ops->kind; }
 
 const char *es_store_schema(const es_store *s) { return s->schema; }
+
+const char *es_store_pooler(const es_store *s)
+{
+    return s->pooler ? s->pooler : "none";
+}
 
 int es_migrate(es_store *s, es_error *err)
 {
@@ -315,4 +334,17 @@ int es_wait(es_store *s, int timeout_ms, es_error *err)
         return 0;
     }
     return s->ops->wait(s, timeout_ms, err);
+}
+
+int es_status(es_store *s, es_store_status *out, es_error *err)
+{
+    es_error_clear(err);
+    if (store_usable(s, err) < 0)
+        return -1;
+    out->pooler = "none";
+    out->connected = 0;
+    out->in_transaction = 0;
+    out->prepared = 0;
+    out->proxied = -1;
+    return s->ops->status ? s->ops->status(s, out, err) : 0;
 }

@@ -35,6 +35,7 @@ typedef struct es_store_ops {
                         es_error *err);
     int (*listen)(es_store *s, es_error *err);
     int (*wait)(es_store *s, int timeout_ms, es_error *err);
+    int (*status)(es_store *s, es_store_status *out, es_error *err);
     void (*disconnect)(es_store *s);   /* close: drop connection/data */
     void (*destroy)(es_store *s);      /* free the struct itself */
 } es_store_ops;
@@ -42,6 +43,7 @@ typedef struct es_store_ops {
 struct es_store {
     const es_store_ops *ops;
     const char *schema;   /* NULL when the store has none */
+    const char *pooler;   /* es_open_opts.pooler as understood; NULL: none */
     int refs;          /* 1 for the owner + 1 per live cursor */
     int closed;
 };
@@ -59,7 +61,7 @@ struct es_cursor {
 
 /* Implementations. */
 es_store *es_memory_open(const char *name, es_error *err);
-es_store *es_pg_open(const char *conninfo, const char *schema,
+es_store *es_pg_open(const char *target, const es_open_opts *o,
                      es_error *err);
 
 /* Shared helpers for implementations. */

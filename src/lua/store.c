@@ -116,6 +116,7 @@ static int64_t opt_int_field(lua_State *L, int idx, const char *name,
 static const char *opt_string_field(lua_State *L, int idx, const char *name)
 {
     const char *s;
+    size_t len;
     if (lua_isnoneornil(L, idx))
         return NULL;
     lua_getfield(L, idx, name);
@@ -126,8 +127,8 @@ static const char *opt_string_field(lua_State *L, int idx, const char *name)
     if (lua_type(L, -1) != LUA_TSTRING)
         luaL_error(L, "option '%s' must be a string, got %s", name,
                    luaL_typename(L, -1));
-    s = lua_tostring(L, -1);
-    if (strlen(s) != esl_rawlen(L, -1))
+    s = lua_tolstring(L, -1, &len);
+    if (strlen(s) != len)
         luaL_error(L, "option '%s' contains a NUL byte", name);
     /* The string stays referenced by the options table, so the pointer
      * stays valid while that table is on the stack. */
@@ -259,19 +260,20 @@ static void push_event(lua_State *L, const es_event *e, const event_ctx *c)
 static int l_open(lua_State *L)
 {
     const char *target = check_strict_string(L, 1);
-    const char *schema;
+    es_open_opts o;
     es_error err;
     lstore *ls;
 
     check_opts(L, 2);
-    schema = opt_string_field(L, 2, "schema");
+    o.schema = opt_string_field(L, 2, "schema");
+    o.pooler = opt_string_field(L, 2, "pooler");
     ls = (lstore *)esl_newuserdata(L, sizeof *ls);
     ls->s = NULL;
     es_buf_init(&ls->json);
     es_buf_init(&ls->scratch);
     luaL_getmetatable(L, STORE_MT);
     lua_setmetatable(L, -2);
-    ls->s = es_open_schema(target, schema, &err);
+    ls->s = es_open_with(target, &o, &err);
     if (!ls->s)
         return esl_push_error(L, &err);
     {
@@ -446,6 +448,12 @@ static int encode_event(lua_State *L, lstore *ls, int call_meta, int anchor,
     if (lua_isnil(L, -1)) {
         if (es_buf_add(&ls->json, "{}", 2) < 0)
             return luaL_error(L, "out of memory");
+    } else if (!lua_istable(L, -1)) {
+        /* readers (handlers, read models) index data: a bare string or
+         * number would break every one of them later, far from here */
+        snprintf(msg, msglen, "event %zu (%s): data must be a table, got %s",
+                 i + 1, ev->type, luaL_typename(L, -1));
+        return -1;
     } else if (esl_json_encode(L, -1, &ls->json, inner, sizeof inner) < 0) {
         snprintf(msg, msglen, "event %zu (%s): data %s", i + 1, ev->type,
                  inner);
@@ -672,7 +680,11 @@ static int l_read_all(lua_State *L)
                     return luaL_error(L, "option 'types' must be an array of "
                                       "strings (item %d is %s)", (int)k + 1,
                                       luaL_typename(L, -1));
-                types[k] = lua_tostring(L, -1);
+                size_t len;
+                types[k] = lua_tolstring(L, -1, &len);
+                if (strlen(types[k]) != len)
+                    return luaL_error(L, "option 'types': item %d contains a "
+                                      "NUL byte", (int)k + 1);
                 lua_pop(L, 1);
             }
             o.types = types;
@@ -1016,6 +1028,41 @@ static int l_wait(lua_State *L)
     return 1;
 }
 
+/* store:pooler() -> "none" | "session" | "transaction" (es.open's option) */
+static int l_pooler(lua_State *L)
+{
+    lua_pushstring(L, es_store_pooler(check_store(L)->s));
+    return 1;
+}
+
+/* store:status() -> { kind, pooler, connected, in_transaction, prepared,
+ * proxied = true|false|nil } | nil, err. proxied: a proxy such as PgBouncer
+ * answers for the server (nil when unknown: memory, or the session busy). */
+static int l_status(lua_State *L)
+{
+    lstore *ls = check_store(L);
+    es_store_status st;
+    es_error err;
+    if (es_status(ls->s, &st, &err) < 0)
+        return esl_push_error(L, &err);
+    lua_createtable(L, 0, 6);
+    lua_pushstring(L, es_store_kind(ls->s));
+    lua_setfield(L, -2, "kind");
+    lua_pushstring(L, st.pooler);
+    lua_setfield(L, -2, "pooler");
+    lua_pushboolean(L, st.connected);
+    lua_setfield(L, -2, "connected");
+    lua_pushboolean(L, st.in_transaction);
+    lua_setfield(L, -2, "in_transaction");
+    lua_pushinteger(L, st.prepared);
+    lua_setfield(L, -2, "prepared");
+    if (st.proxied >= 0) {
+        lua_pushboolean(L, st.proxied);
+        lua_setfield(L, -2, "proxied");
+    }
+    return 1;
+}
+
 static int l_is_closed(lua_State *L)
 {
     lstore *ls = (lstore *)luaL_checkudata(L, 1, STORE_MT);
@@ -1040,6 +1087,8 @@ static const luaL_Reg store_methods[] = {
     {"wait", l_wait},
     {"kind", l_kind},
     {"schema", l_schema},
+    {"pooler", l_pooler},
+    {"status", l_status},
     {"is_closed", l_is_closed},
     {"close", l_close},
     {NULL, NULL}

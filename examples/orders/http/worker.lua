@@ -11,7 +11,8 @@
 -- are plain strings and numbers (what may cross between VMs).
 --
 -- Settings come from the environment (nginx.conf `env` directives):
--- ES_HTTP_DATABASE_URL (libpq conninfo or URL), ES_HTTP_SCHEMA (optional),
+-- ES_HTTP_DATABASE_URL (libpq conninfo or URL; behind PgBouncer in
+-- transaction mode with pooler=transaction in it), ES_HTTP_SCHEMA (optional),
 -- ES_HTTP_TOKENS (path of the tokens file, see tokens.json),
 -- ES_HTTP_MAX_RETRIES (conflict retries per command, default 3).
 --

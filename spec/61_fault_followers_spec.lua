@@ -1,0 +1,163 @@
+-- Fault matrix, followers: a live projector, a catch-up and a rebuild
+-- while PostgreSQL crashes and restarts, while backends are terminated,
+-- while timeouts fire, with kill -9 at random moments, and behind a
+-- long-running transaction. Afterwards the read model holds every event
+-- exactly once and equals a fresh replay, and the processes recovered by
+-- themselves.
+local helpers = require "helpers"
+local es = require "eventsourcing"
+local fm = require "fault_matrix"
+
+local MANY = 1000000   -- writers run until stopped
+
+describe("fault matrix: followers (processes, PostgreSQL)", function()
+  local store, schema, w
+  before_each(function()
+    store, schema = helpers.open({ name = "postgresql", url = helpers.database_url() })
+    assert(es.projector(store, { fm.model("rm_fault") }):migrate())
+    w = fm.workdir()
+  end)
+  after_each(function()
+    fm.stop_writers(w)
+    fm.stop_followers(w)
+    if store then store:close() end
+    w:remove()
+  end)
+
+  local function writers(n, count, batch)
+    local pids, logs = {}, {}
+    for i = 1, n do
+      pids[i], logs[i] = fm.spawn_writer(w, schema, { n = i, count = count, batch = batch })
+    end
+    return pids, logs
+  end
+
+  -- writers until stopped; fault() runs while they write and while the
+  -- projector follows; they go on after it
+  local function during_writes(n, fault)
+    local pids, logs = writers(n, MANY, 1)
+    fm.wait_writing(w, n, 3)
+    fault()
+    fm.wait_writing(w, n, 3)
+    fm.stop_writers(w)
+    fm.wait_all(pids, logs, 120)
+  end
+
+  -- the projector must catch up by itself, then stop when asked
+  local function finish(ppid, plog)
+    store:close()
+    store = fm.reopen(schema)
+    assert.is_true(fm.wait_caught_up(store, 90), helpers.read_file(plog))
+    assert.is_true(helpers.alive(ppid), "the projector died: " .. (helpers.read_file(plog) or ""))
+    fm.stop_followers(w)
+    fm.wait_all({ ppid }, { plog }, 30)
+    fm.assert_acked_once(store, schema, w)
+    fm.assert_model_exact(store, schema)
+  end
+
+  it("a live projector through a crash and restart (immediate) while writers append", function()
+    if not fm.datadir() then pending("the cluster was not started by scripts/pg.sh"); return end
+    local ppid, plog = fm.spawn_projector(w, schema, "run")
+    during_writes(3, fm.crash_restart)
+    finish(ppid, plog)
+    assert.matches("error connection", helpers.read_file(plog), 1, true)
+  end)
+
+  it("a catch-up of a backlog through a crash and restart (immediate)", function()
+    if not fm.datadir() then pending("the cluster was not started by scripts/pg.sh"); return end
+    local pids, logs = writers(2, 30, 100)
+    fm.wait_all(pids, logs, 120)
+    local ppid, plog = fm.spawn_projector(w, schema, "run")
+    -- batches of 50 from 6,000 events: crash once it has started
+    for _ = 1, 600 do
+      local r = store:query(('SELECT handled FROM "%s".projections WHERE name = $1'):format(schema), "rm_fault")
+      if r and r[1] and r[1].handled > 0 then break end
+      helpers.sleep(0.02)
+    end
+    fm.crash_restart()
+    finish(ppid, plog)
+  end)
+
+  it("a live projector while its backends are terminated again and again", function()
+    local ppid, plog = fm.spawn_projector(w, schema, "run")
+    during_writes(3, function()
+      local admin = fm.reopen(schema)
+      for _ = 1, 5 do
+        fm.terminate_backends(admin)
+        fm.wait_writing(w, 3, 2)
+      end
+      admin:close()
+    end)
+    finish(ppid, plog)
+    assert.matches("error connection", helpers.read_file(plog), 1, true)
+  end)
+
+  it("kill -9 of the projector 20 times at random moments while writers append", function()
+    during_writes(3, function()
+      for i = 1, 20 do
+        local ppid = fm.spawn_projector(w, schema, "run", { name = "projector-" .. i })
+        fm.random_sleep(0.05, 0.3)
+        helpers.sh("kill -9 " .. ppid)
+        assert.is_true(helpers.wait_exit(ppid, 10))
+      end
+    end)
+    local ppid, plog = fm.spawn_projector(w, schema, "run", { name = "projector-last" })
+    finish(ppid, plog)
+  end)
+
+  it("statement and lock timeouts firing in a live projector delay it, never stop it", function()
+    local ppid, plog = fm.spawn_projector(w, schema, "run", { statement_timeout = 50 })
+    during_writes(2, function()
+      local admin = fm.reopen(schema)
+      for _ = 1, 4 do
+        assert(admin:begin())
+        assert(admin:query(('LOCK TABLE "%s".rm_fault IN EXCLUSIVE MODE'):format(schema)))
+        helpers.sleep(0.3)
+        assert(admin:rollback())
+        fm.wait_writing(w, 2, 2)
+      end
+      admin:close()
+    end)
+    finish(ppid, plog)
+    local text = helpers.read_file(plog)
+    assert.is_truthy(text:find("55P03", 1, true) or text:find("57014", 1, true), "no timeout fired: " .. text)
+  end)
+
+  it("a rebuild killed by a crash leaves the live table as it was; the next one completes", function()
+    if not fm.datadir() then pending("the cluster was not started by scripts/pg.sh"); return end
+    local pids, logs = writers(2, 30, 100)
+    fm.wait_all(pids, logs, 120)
+    assert(es.projector(store, { fm.model("rm_fault") }):catch_up())
+    local before = assert(store:query(('SELECT id, n, last FROM "%s".rm_fault ORDER BY id'):format(schema)))
+    local rpid, rlog = fm.spawn_projector(w, schema, "rebuild", { name = "rebuild-1" })
+    fm.random_sleep(0.05, 0.3)
+    fm.crash_restart()
+    assert.is_true(helpers.wait_exit(rpid, 60), helpers.read_file(rlog))
+    store:close()
+    store = fm.reopen(schema)
+    local after = assert(store:query(('SELECT id, n, last FROM "%s".rm_fault ORDER BY id'):format(schema)))
+    assert.same(before, after)
+    local r2, r2log = fm.spawn_projector(w, schema, "rebuild", { name = "rebuild-2" })
+    fm.wait_all({ r2 }, { r2log }, 120)
+    fm.assert_acked_once(store, schema, w)
+    fm.assert_model_exact(store, schema)
+  end)
+
+  it("behind a long-running transaction readers wait, and skip nothing", function()
+    local ppid, plog = fm.spawn_projector(w, schema, "run")
+    local long = fm.reopen(schema)
+    assert(long:begin())
+    -- an id taken now: every later transaction stays beyond the watermark
+    assert(long:query("SELECT pg_current_xact_id()"))
+    local pids, logs = writers(2, 100, 1)
+    fm.wait_all(pids, logs, 120)
+    helpers.sleep(0.5)
+    local st = assert(es.projector(store, { fm.model("rm_fault") }):status())
+    assert.is_true(st[1].lag_events > 0, "the projector read past a running transaction")
+    local rows = assert(store:query(('SELECT count(*) AS n FROM "%s".rm_fault'):format(schema)))
+    assert.equal(0, rows[1].n)
+    assert(long:rollback())
+    long:close()
+    finish(ppid, plog)
+  end)
+end)
