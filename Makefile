@@ -48,7 +48,7 @@ BUILDS = build/rock/eventsourcing/core.so
 INSTALL_SO = build/rock/eventsourcing/core.so
 endif
 
-.PHONY: all test check-memory bench demo soak install clean lint
+.PHONY: all test check-memory bench demo soak install clean lint fuzz fuzz-build
 
 all: $(BUILDS)
 
@@ -70,6 +70,45 @@ $(eval $(call flavour,lua5.4,$(LUA54_CFLAGS),))
 $(eval $(call flavour,luajit,$(LUAJIT_CFLAGS),))
 $(eval $(call flavour,asan,$(LUA54_CFLAGS) $(ASAN) -O1,$(ASAN)))
 $(eval $(call flavour,rock,-I$(LUA_INCDIR),))
+
+# libFuzzer targets (clang only; they embed a Lua 5.4 state, so only they
+# link liblua5.4). `make fuzz` builds and runs each for FUZZ_SECONDS with
+# the seed corpus in fuzz/corpus/<target>/; new inputs go to
+# build/fuzz/corpus/<target>/, findings to build/fuzz/findings/.
+FUZZ_CC      ?= clang
+FUZZ_SAN      = -fsanitize=address,undefined -fno-sanitize-recover=undefined \
+                -fno-omit-frame-pointer
+FUZZ_TARGETS  = json_decode json_roundtrip json_encode store_append time_iso names
+FUZZ_CFLAGS   = $(WARN) $(DEFS) -Iinclude $(DEPS_CFLAGS) $(LUA54_CFLAGS) -O1 -g \
+                $(FUZZ_SAN) -fsanitize=fuzzer-no-link
+FUZZ_LIBS     = $(DEPS_LIBS) $(shell $(PKG) --libs lua5.4 2>/dev/null || echo -llua5.4) -lm
+FUZZ_OBJS     = $(patsubst src/%.c,build/fuzz/obj/%.o,$(CORE_SRC) $(LUA_SRC)) \
+                build/fuzz/obj/fuzz/lua_host.o
+
+build/fuzz/obj/%.o: src/%.c $(HEADERS)
+	@mkdir -p $(dir $@)
+	@echo "  CC [fuzz] $<"; $(FUZZ_CC) $(FUZZ_CFLAGS) -c $< -o $@
+build/fuzz/obj/fuzz/%.o: fuzz/%.c fuzz/fuzz.h $(HEADERS)
+	@mkdir -p $(dir $@)
+	@echo "  CC [fuzz] $<"; $(FUZZ_CC) $(FUZZ_CFLAGS) -c $< -o $@
+build/fuzz/%: build/fuzz/obj/fuzz/%.o $(FUZZ_OBJS)
+	@echo "  LD [fuzz] $@"; $(FUZZ_CC) $(FUZZ_SAN) -fsanitize=fuzzer -o $@ $^ $(FUZZ_LIBS)
+
+.PRECIOUS: build/fuzz/obj/%.o build/fuzz/obj/fuzz/%.o
+
+# The module opened in Lua states on several threads at once, under
+# ThreadSanitizer (spec/09_threads_spec.lua runs it).
+TSAN_CFLAGS = $(WARN) $(DEFS) -Iinclude $(DEPS_CFLAGS) $(LUA54_CFLAGS) -O1 -g \
+              -fsanitize=thread -fno-omit-frame-pointer
+build/tsan/threads: fuzz/threads.c $(CORE_SRC) $(LUA_SRC) $(HEADERS)
+	@mkdir -p $(dir $@)
+	@echo "  CC [tsan] $@"; $(FUZZ_CC) $(TSAN_CFLAGS) -o $@ fuzz/threads.c \
+	  $(CORE_SRC) $(LUA_SRC) $(FUZZ_LIBS) -lpthread
+
+fuzz-build: $(addprefix build/fuzz/,$(FUZZ_TARGETS))
+
+fuzz: fuzz-build
+	@scripts/fuzz.sh $(FUZZ_TARGETS)
 
 # SPEC=spec/03_store_spec.lua runs one file (or several, space-separated).
 test: all

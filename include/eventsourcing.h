@@ -39,15 +39,35 @@ typedef enum es_kind {
 
 #define ES_MESSAGE_MAX 512
 
+/* Why an operation failed, for code that acts on it (err.reason in Lua):
+ * decide from this, never from message text. ES_REASON_NONE when nothing
+ * finer than the kind applies. */
+typedef enum es_reason {
+    ES_REASON_NONE = 0,
+    ES_REASON_VERSION,        /* "version": expected version mismatch */
+    ES_REASON_ID_TAKEN,       /* "id_taken": an event id is used elsewhere */
+    ES_REASON_ORDER,          /* "order": the stream-order rule of append
+                                 (40001); the caller's transaction is
+                                 aborted: roll back, retry in a new one */
+    ES_REASON_SERIALIZATION,  /* "serialization": other 40001, or 40P01 */
+    ES_REASON_TX_ABORTED,     /* "tx_aborted": failed inside the caller's
+                                 transaction, which must be rolled back */
+    ES_REASON_TIMEOUT         /* "timeout": 57014 statement timeout, 55P03
+                                 lock timeout */
+} es_reason;
+
 typedef struct es_error {
     es_kind kind;
     char message[ES_MESSAGE_MAX];
     char sqlstate[6];          /* ES_DATABASE / ES_CONNECTION, else "" */
     int64_t expected;          /* ES_CONFLICT: what the caller expected */
     int64_t actual;            /* ES_CONFLICT: the stream's version */
+    es_reason reason;
 } es_error;
 
 const char *es_kind_name(es_kind kind);
+/* "version", "id_taken", ...; NULL for ES_REASON_NONE. */
+const char *es_reason_name(es_reason reason);
 void es_error_clear(es_error *err);
 /* Fills err and returns -1, so callers can `return es_fail(...)`. */
 int es_fail(es_error *err, es_kind kind, const char *fmt, ...)

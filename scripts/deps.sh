@@ -18,9 +18,10 @@ REQUIRED=(
   lua-argparse lua-term
   pgbouncer
 )
-# optional: clang (fuzzing, check-memory with clang); chromium and
-# chromium-driver (the web console's browser spec, skipped without them)
-OPTIONAL=(clang chromium chromium-driver)
+# optional: clang and its runtime libraries (make fuzz: libFuzzer targets);
+# chromium and chromium-driver (the web console's browser spec, skipped
+# without them)
+OPTIONAL=(clang libclang-rt-14-dev chromium chromium-driver)
 
 installed() {
   [ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null)" = installed ]

@@ -551,4 +551,44 @@ describe("es.json", function()
       assert.equal("[1]", enc({ 1 }))
     end)
   end)
+
+  describe("valid (the stores' check of payload text)", function()
+    it("accepts what decode accepts, within the stores' depth", function()
+      for _, text in ipairs { "{}", "[]", "null", '"caf\195\169"', "-0.0", "1e400",
+                              '{"a":[1,{"b":"\\u00e9\\ud83d\\ude00"}]}',
+                              ("["):rep(5000) .. ("]"):rep(5000) } do
+        assert.is_true(json.valid(text), text:sub(1, 40))
+      end
+    end)
+
+    it("refuses what is not JSON with the decoder's words and offset", function()
+      for text, pat in pairs { ["[1,]"] = "unexpected character ']' at byte 4",
+                               ['"a\tb"'] = "control character in string at byte 3",
+                               ['"ab'] = "unterminated string",
+                               ["01"] = "leading zero at byte 1",
+                               ['"\255"'] = "invalid UTF%-8 in string",
+                               ["[1] x"] = "after the value at byte 5" } do
+        local ok, err = json.valid(text)
+        assert.is_nil(ok)
+        assert.equal("invalid", err.kind)
+        assert.matches(pat, err.message)
+      end
+    end)
+
+    it("refuses escapes jsonb cannot hold, which decode would take or refuse", function()
+      local ok, err = json.valid('{"a":"\\u0000"}')
+      assert.is_nil(ok)
+      assert.matches("jsonb", err.message)
+      assert.equal("\0", dec('"\\u0000"'))          -- decode itself takes it
+      ok, err = json.valid('"\\udc00"')
+      assert.is_nil(ok)
+      assert.matches("surrogate", err.message)
+      assert.is_true(json.valid('"\\\\u0000"'))
+    end)
+
+    it("raises on a non-string argument", function()
+      assert.has_error(function() json.valid(nil) end)
+      assert.has_error(function() json.valid(12) end)
+    end)
+  end)
 end)

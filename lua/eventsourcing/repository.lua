@@ -265,7 +265,7 @@ function Repository:execute(A, id, command_name, command, opts)
       return nil, core.error("conflict",
         ("expected version %s of stream %s, found %d")
           :format(tostring(opts.expected_version), stream, version),
-        { expected = opts.expected_version, actual = version, stream = stream })
+        { expected = opts.expected_version, actual = version, stream = stream, reason = "version" })
     end
     local events, err = A:decide(state, command_name, command)
     if not events then return nil, err end
@@ -293,7 +293,10 @@ function Repository:execute(A, id, command_name, command, opts)
       return { version = res.version, position = res.position, events = out,
                state = state, snapshot_error = serr }
     end
-    if aerr.kind ~= "conflict" or attempt >= self.max_retries then
+    -- in an aborted transaction (reason "tx_aborted", "order") a retry
+    -- can only fail again: the caller must roll back first
+    if aerr.kind ~= "conflict" or aerr.reason == "tx_aborted" or aerr.reason == "order"
+        or attempt >= self.max_retries then
       return nil, aerr
     end
     attempt = attempt + 1

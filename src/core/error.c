@@ -1,4 +1,4 @@
-/* error.c - error kinds and filling in es_error. */
+/* error.c - error kinds and reasons, and filling in es_error. */
 #include "eventsourcing.h"
 
 #include <stdarg.h>
@@ -19,6 +19,20 @@ const char *es_kind_name(es_kind kind)
     return "unknown";
 }
 
+const char *es_reason_name(es_reason reason)
+{
+    switch (reason) {
+    case ES_REASON_NONE: return NULL;
+    case ES_REASON_VERSION: return "version";
+    case ES_REASON_ID_TAKEN: return "id_taken";
+    case ES_REASON_ORDER: return "order";
+    case ES_REASON_SERIALIZATION: return "serialization";
+    case ES_REASON_TX_ABORTED: return "tx_aborted";
+    case ES_REASON_TIMEOUT: return "timeout";
+    }
+    return NULL;
+}
+
 void es_error_clear(es_error *err)
 {
     memset(err, 0, sizeof *err);
@@ -29,6 +43,7 @@ int es_fail(es_error *err, es_kind kind, const char *fmt, ...)
     va_list ap;
     err->kind = kind;
     err->sqlstate[0] = '\0';
+    err->reason = ES_REASON_NONE;
     va_start(ap, fmt);
     vsnprintf(err->message, sizeof err->message, fmt, ap);
     va_end(ap);

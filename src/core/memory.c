@@ -35,6 +35,8 @@
  * scanned (end reached), so filtered-out events are not scanned again.
  */
 #include "store.h"
+#include "es_time.h"
+#include "es_uuid.h"
 
 #include <stdint.h>
 #include <stdio.h>
@@ -48,7 +50,6 @@
 #define ARENA_BLOCK ((size_t)1 << 20)
 #define MAX_EVENTS 0xfffffff0u       /* positions and versions are 32-bit */
 #define MAX_PAYLOAD 0xfffffff0u
-#define JSON_MAX_DEPTH 10000
 #define SMALL_BATCH 8
 
 typedef struct mevent {
@@ -168,15 +169,6 @@ static mevent *ev_at(const mstore *m, uint32_t pos)
     uint32_t i = pos - 1;
     return &m->chunks[i >> CHUNK_SHIFT][i & CHUNK_MASK];
 }
-
-static int hexval(char c)
-{
-    if (c >= '0' && c <= '9') return c - '0';
-    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
-    return -1;
-}
-
 
 /* Grows t so that `count` entries fit at a load of at most 3/4; entries
  * are re-inserted from rehash(ctx, i) for i in [0, count_now). */
@@ -319,206 +311,9 @@ static char *arena_alloc(mstore *m, size_t n)
     return b->data + b->used - n;
 }
 
-/* ---- JSON validation (RFC 8259, as strict as jsonb) ---------------------- */
-
-typedef struct jv {
-    const unsigned char *p, *end;
-    int depth;
-} jv;
-
-static void jv_ws(jv *j)
-{
-    while (j->p < j->end &&
-           (*j->p == ' ' || *j->p == '\t' || *j->p == '\n' || *j->p == '\r'))
-        j->p++;
-}
-
-static int jv_lit(jv *j, const char *lit)
-{
-    size_t n = strlen(lit);
-    if ((size_t)(j->end - j->p) < n || memcmp(j->p, lit, n) != 0)
-        return -1;
-    j->p += n;
-    return 0;
-}
-
-static int jv_hex4(jv *j, unsigned *out)
-{
-    unsigned v = 0;
-    if (j->end - j->p < 4)
-        return -1;
-    for (int i = 0; i < 4; i++) {
-        int h = hexval((char)j->p[i]);
-        if (h < 0)
-            return -1;
-        v = v << 4 | (unsigned)h;
-    }
-    j->p += 4;
-    *out = v;
-    return 0;
-}
-
-static int jv_string(jv *j)
-{
-    j->p++;   /* '"' */
-    while (j->p < j->end) {
-        unsigned c = *j->p;
-        if (c == '"') {
-            j->p++;
-            return 0;
-        }
-        if (c < 0x20)
-            return -1;
-        if (c == '\\') {
-            if (++j->p >= j->end)
-                return -1;
-            c = *j->p++;
-            if (c == 'u') {
-                unsigned u, lo;
-                if (jv_hex4(j, &u) < 0)
-                    return -1;
-                if (u >= 0xdc00 && u <= 0xdfff)
-                    return -1;
-                if (u >= 0xd800 && u <= 0xdbff) {
-                    if (jv_lit(j, "\\u") < 0 || jv_hex4(j, &lo) < 0 ||
-                        lo < 0xdc00 || lo > 0xdfff)
-                        return -1;
-                }
-            } else if (!strchr("\"\\/bfnrt", (int)c) || c == 0) {
-                return -1;
-            }
-            continue;
-        }
-        if (c < 0x80) {
-            j->p++;
-            continue;
-        }
-        /* UTF-8: no overlongs, no surrogates, at most U+10FFFF */
-        int n = c >= 0xf0 ? 3 : c >= 0xe0 ? 2 : c >= 0xc2 ? 1 : -1;
-        if (n < 0 || c > 0xf4 || j->end - j->p <= n)
-            return -1;
-        unsigned cp = c & (0x3f >> n);
-        for (int i = 1; i <= n; i++) {
-            if ((j->p[i] & 0xc0) != 0x80)
-                return -1;
-            cp = cp << 6 | (j->p[i] & 0x3f);
-        }
-        if ((n == 2 && (cp < 0x800 || (cp >= 0xd800 && cp <= 0xdfff))) ||
-            (n == 3 && (cp < 0x10000 || cp > 0x10ffff)))
-            return -1;
-        j->p += n + 1;
-    }
-    return -1;
-}
-
-static int jv_digits(jv *j)
-{
-    const unsigned char *s = j->p;
-    while (j->p < j->end && *j->p >= '0' && *j->p <= '9')
-        j->p++;
-    return j->p > s ? 0 : -1;
-}
-
-static int jv_number(jv *j)
-{
-    if (*j->p == '-')
-        j->p++;
-    if (j->p < j->end && *j->p == '0')
-        j->p++;
-    else if (jv_digits(j) < 0)
-        return -1;
-    if (j->p < j->end && *j->p == '.') {
-        j->p++;
-        if (jv_digits(j) < 0)
-            return -1;
-    }
-    if (j->p < j->end && (*j->p == 'e' || *j->p == 'E')) {
-        j->p++;
-        if (j->p < j->end && (*j->p == '+' || *j->p == '-'))
-            j->p++;
-        if (jv_digits(j) < 0)
-            return -1;
-    }
-    return 0;
-}
-
-static int jv_value(jv *j)
-{
-    jv_ws(j);
-    if (j->p >= j->end)
-        return -1;
-    switch (*j->p) {
-    case '"':
-        return jv_string(j);
-    case 't':
-        return jv_lit(j, "true");
-    case 'f':
-        return jv_lit(j, "false");
-    case 'n':
-        return jv_lit(j, "null");
-    case '[':
-    case '{': {
-        int obj = *j->p == '{';
-        unsigned char close = obj ? '}' : ']';
-        if (++j->depth > JSON_MAX_DEPTH)
-            return -1;
-        j->p++;
-        jv_ws(j);
-        if (j->p < j->end && *j->p == close) {
-            j->p++;
-            j->depth--;
-            return 0;
-        }
-        for (;;) {
-            if (obj) {
-                jv_ws(j);
-                if (j->p >= j->end || *j->p != '"' || jv_string(j) < 0)
-                    return -1;
-                jv_ws(j);
-                if (j->p >= j->end || *j->p++ != ':')
-                    return -1;
-            }
-            if (jv_value(j) < 0)
-                return -1;
-            jv_ws(j);
-            if (j->p >= j->end)
-                return -1;
-            if (*j->p == ',') {
-                j->p++;
-                continue;
-            }
-            if (*j->p++ != close)
-                return -1;
-            j->depth--;
-            return 0;
-        }
-    }
-    default:
-        if (*j->p == '-' || (*j->p >= '0' && *j->p <= '9'))
-            return jv_number(j);
-        return -1;
-    }
-}
-
-/* 0 when text is one JSON value (an object when want_object); else -1 and
- * *at = the byte offset of the problem. */
-static int json_check(const char *text, size_t len, int want_object,
-                      size_t *at)
-{
-    jv j = {(const unsigned char *)text, (const unsigned char *)text + len, 0};
-    jv_ws(&j);
-    if (want_object && (j.p >= j.end || *j.p != '{')) {
-        *at = (size_t)(j.p - (const unsigned char *)text);
-        return -1;
-    }
-    if (jv_value(&j) == 0) {
-        jv_ws(&j);
-        if (j.p == j.end)
-            return 0;
-    }
-    *at = (size_t)(j.p - (const unsigned char *)text);
-    return -1;
-}
+/* Payloads (data, metadata, snapshot state) reach the store already
+ * checked: store.c validates them for both stores alike with the shared
+ * JSON syntax (json_syntax.c), so they refuse the same texts. */
 
 /* ---- append ----------------------------------------------------------- */
 
@@ -552,6 +347,7 @@ static int conflict(es_error *err, const char *stream, int64_t expected,
                 (unsigned long)actual);
     err->expected = expected;
     err->actual = actual;
+    err->reason = ES_REASON_VERSION;
     return -1;
 }
 
@@ -605,7 +401,7 @@ static int mem_append(es_store *s, const char *stream, const es_event_in *ev,
     uint32_t si = stream_find(m, stream, sh);
     uint32_t cur = si ? m->streams[si - 1].n : 0;
     mstream fresh = {0};
-    size_t bytes = 0, at;
+    size_t bytes = 0;
     int rc = -1, all_ids = 1;
 
     if (n > MAX_EVENTS - m->nevents || n > MAX_EVENTS - cur)
@@ -621,16 +417,6 @@ static int mem_append(es_store *s, const char *stream, const es_event_in *ev,
         if (ev[i].data_len > MAX_PAYLOAD || p->meta_len > MAX_PAYLOAD) {
             es_fail(err, ES_INVALID, "event %zu (%s): payload too large",
                     i + 1, ev[i].type);
-            goto done;
-        }
-        if (json_check(ev[i].data, ev[i].data_len, 0, &at) < 0) {
-            es_fail(err, ES_INVALID, "event %zu (%s): data is not valid "
-                    "JSON (at byte %zu)", i + 1, ev[i].type, at);
-            goto done;
-        }
-        if (json_check(p->meta, p->meta_len, 1, &at) < 0) {
-            es_fail(err, ES_INVALID, "event %zu (%s): metadata is not a "
-                    "valid JSON object (at byte %zu)", i + 1, ev[i].type, at);
             goto done;
         }
         bytes += ev[i].data_len + p->meta_len + 2;
@@ -669,6 +455,7 @@ static int mem_append(es_store *s, const char *stream, const es_event_in *ev,
                         "%.200s at version %lu", ev[0].id,
                         m->streams[first->stream].name,
                         (unsigned long)first->version);
+                err->reason = ES_REASON_ID_TAKEN;
                 goto done;
             }
             out->version = first->version + (int64_t)n - 1;
@@ -685,6 +472,7 @@ static int mem_append(es_store *s, const char *stream, const es_event_in *ev,
             es_fail(err, ES_INVALID, "event id %s already used by stream "
                     "%.200s at version %lu", ev[i].id,
                     m->streams[e->stream].name, (unsigned long)e->version);
+            err->reason = ES_REASON_ID_TAKEN;
             goto done;
         }
     }
@@ -1046,13 +834,9 @@ static int mem_save_snapshot(es_store *s, const char *stream, int64_t version,
     mstore *m = (mstore *)s;
     uint64_t h = hash_str(stream);
     uint32_t si = stream_find(m, stream, h), k;
-    size_t at;
     mstream *st;
     char *copy;
 
-    if (json_check(state, state_len, 0, &at) < 0)
-        return es_fail(err, ES_INVALID, "snapshot state of stream %.200s is "
-                       "not valid JSON (at byte %zu)", stream, at);
     if (!(copy = malloc(state_len + 1)))
         return oom(err);
     memcpy(copy, state, state_len);

@@ -263,11 +263,29 @@ static int pg_wait(es_store *s, int timeout_ms, es_error *err)
     return drain_notifies(p->conn) ? 1 : 0;
 }
 
+/* The reason code may act on (es_reason), from the SQLSTATE and, for the
+ * append function's stream-order rule, the constraint name it raises
+ * with. A server error inside the caller's transaction has aborted it:
+ * that is what the caller must act on first. */
+static es_reason reason_of(const pg_store *p, const char *state,
+                           const char *constraint, es_kind kind)
+{
+    if (strcmp(state, "40001") == 0 && strcmp(constraint, "stream_order") == 0)
+        return ES_REASON_ORDER;
+    if (p->in_tx && state[0] && kind != ES_CONNECTION)
+        return ES_REASON_TX_ABORTED;
+    if (strcmp(state, "40001") == 0 || strcmp(state, "40P01") == 0)
+        return ES_REASON_SERIALIZATION;
+    if (strcmp(state, "57014") == 0 || strcmp(state, "55P03") == 0)
+        return ES_REASON_TIMEOUT;
+    return ES_REASON_NONE;
+}
+
 /* Maps a failed result to the contract's kinds. */
 int pg_fail(pg_store *p, PGresult *res, const char *what, es_error *err)
 {
     const char *field;
-    char msg[ES_MESSAGE_MAX], state[6] = "";
+    char msg[ES_MESSAGE_MAX], state[6] = "", constraint[64] = "";
     es_kind kind = ES_DATABASE;
 
     /* Copy what we need: the fields point into res. */
@@ -279,6 +297,9 @@ int pg_fail(pg_store *p, PGresult *res, const char *what, es_error *err)
         field = p->conn ? PQerrorMessage(p->conn) : "no connection";
     snprintf(msg, sizeof msg, "%s", field);
     msg[strcspn(msg, "\n")] = '\0';
+    field = res ? PQresultErrorField(res, PG_DIAG_CONSTRAINT_NAME) : NULL;
+    if (field)
+        snprintf(constraint, sizeof constraint, "%s", field);
     if (res)
         PQclear(res);
 
@@ -311,6 +332,7 @@ int pg_fail(pg_store *p, PGresult *res, const char *what, es_error *err)
     else
         es_fail(err, kind, "%s: %s", what, msg);
     memcpy(err->sqlstate, state, sizeof state);
+    err->reason = reason_of(p, state, constraint, kind);
     return -1;
 }
 
@@ -598,13 +620,23 @@ static int pg_end(es_store *s, int commit, es_error *err)
         return es_fail(err, ES_INVALID, "%s: no transaction is open", what);
     res = PQexec(p->conn, commit ? "COMMIT" : "ROLLBACK");
     if (PQresultStatus(res) != PGRES_COMMAND_OK) {
+        p->in_tx = 0;     /* ended either way: nothing left to roll back */
         pg_fail(p, res, what, err);
-        p->in_tx = 0;
         p->tx_lost = 0;   /* reported here: the next call reconnects */
         return -1;
     }
-    PQclear(res);
     p->in_tx = 0;
+    /* COMMIT of a transaction an earlier error aborted "succeeds" with
+     * the tag ROLLBACK: the caller must not believe it committed. */
+    if (commit && strcmp(PQcmdStatus(res), "ROLLBACK") == 0) {
+        PQclear(res);
+        es_fail(err, ES_DATABASE, "commit: the transaction was aborted by an "
+                "earlier error and has been rolled back; nothing of it was "
+                "committed");
+        err->reason = ES_REASON_TX_ABORTED;
+        return -1;
+    }
+    PQclear(res);
     return 0;
 }
 

@@ -10,6 +10,7 @@
  * stream is.
  */
 #include "pg.h"
+#include "es_time.h"
 
 #include <errno.h>
 #include <inttypes.h>
@@ -214,11 +215,14 @@ static int append_result(PGresult *res, const char *stream, int64_t expected,
                 PRId64, stream, want, version);
         err->expected = expected;
         err->actual = version;
+        err->reason = ES_REASON_VERSION;
         return -1;
     }
-    return es_fail(err, ES_INVALID, "event id %s is already used by stream "
-                   "%s at version %" PRId64, PQgetvalue(res, 0, 3),
-                   PQgetvalue(res, 0, 4), version);
+    es_fail(err, ES_INVALID, "event id %s is already used by stream %s at "
+            "version %" PRId64, PQgetvalue(res, 0, 3), PQgetvalue(res, 0, 4),
+            version);
+    err->reason = ES_REASON_ID_TAKEN;
+    return -1;
 }
 
 int pg_append(es_store *s, const char *stream, const es_event_in *ev,
@@ -240,26 +244,36 @@ int pg_append(es_store *s, const char *stream, const es_event_in *ev,
      * just ask again: the function then sees that writer's events and
      * answers properly (conflict, idempotent success, or a new version for
      * es.ANY). Inside the caller's transaction the statement's failure
-     * has aborted it, so it is reported as a conflict. */
+     * has aborted it: a conflict whose reason (set by pg_fail: "order"
+     * for the stream-order rule, else "tx_aborted") and message say that
+     * the transaction must be rolled back. */
     for (int attempt = 0;; attempt++) {
         res = pg_exec_prepared(p, PG_APPEND, A_N, values, 0, err);
         if (res)
             break;
-        if (strcmp(err->sqlstate, "40001") == 0 && p->in_tx) {
-            err->expected = expected;   /* a conflict, message from SQL */
-            err->actual = -1;
-            return -1;
-        }
         if (strcmp(err->sqlstate, "23505") != 0 &&
             strcmp(err->sqlstate, "40001") != 0)
             return -1;
-        if (p->in_tx || attempt == APPEND_RETRIES) {
+        if (p->in_tx) {
+            char sql_msg[ES_MESSAGE_MAX];
+            snprintf(sql_msg, sizeof sql_msg, "%s", err->message);
             err->kind = ES_CONFLICT;
             err->expected = expected;
             err->actual = -1;
-            snprintf(err->message, sizeof err->message, "stream %s: a "
-                     "concurrent append took the same version%s", stream,
-                     p->in_tx ? " (the transaction is aborted)" : "");
+            if (strcmp(err->sqlstate, "23505") == 0)
+                snprintf(sql_msg, sizeof sql_msg, "stream %.200s: a "
+                         "concurrent append took the same version", stream);
+            snprintf(err->message, sizeof err->message, "%.400s (the "
+                     "transaction is aborted: roll it back)", sql_msg);
+            return -1;
+        }
+        if (attempt == APPEND_RETRIES) {
+            err->kind = ES_CONFLICT;
+            err->expected = expected;
+            err->actual = -1;
+            err->reason = ES_REASON_VERSION;
+            snprintf(err->message, sizeof err->message, "stream %.200s: a "
+                     "concurrent append took the same version", stream);
             return -1;
         }
     }

@@ -125,7 +125,8 @@ static const char *const steps[] = {
      * something before appending can meet this; a retry is new. */
     "  IF last_txid > pg_current_xact_id() THEN"
     "    RAISE EXCEPTION 'stream % was appended to by a younger transaction;"
-    " retry in a new transaction', p_stream USING ERRCODE = '40001';"
+    " retry in a new transaction', p_stream"
+    "      USING ERRCODE = '40001', CONSTRAINT = 'stream_order';"
     "  END IF;"
     "  IF (p_expected = -2 AND cur <> 0) OR (p_expected = -3 AND cur = 0)"
     "     OR (p_expected >= 0 AND cur <> p_expected) THEN"
@@ -215,8 +216,14 @@ int pg_migrate(es_store *s, es_error *err)
     char sql[512];
     const char *param[1] = { p->schema };
     PGresult *res;
-    int current, own_tx = !p->in_tx;
+    int current, own_tx;
 
+    /* The session's own checks first, inside a caller's transaction too:
+     * a read-ahead result on the wire is collected (libpq would discard
+     * it), a session lost in the transaction is reported. */
+    if (pg_ensure(p, err) < 0)
+        return -1;
+    own_tx = !p->in_tx;
     if (own_tx && pg_exec_simple(p, "BEGIN", err) < 0)
         return -1;
     res = PQexecParams(p->conn, "SELECT pg_advisory_xact_lock("

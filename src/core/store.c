@@ -4,7 +4,9 @@
  * cursor never outlives the store it reads from.
  */
 #include "store.h"
+#include "json_syntax.h"
 
+#include <stdio.h>
 #include <string.h>
 #include <time.h>
 
@@ -90,51 +92,43 @@ int es_migrate(es_store *s, es_error *err)
     return s->ops->migrate(s, err);
 }
 
-int es_valid_stream(const char *stream, es_error *err)
+/* Names are stored as PostgreSQL text: valid UTF-8 (the server refuses
+ * anything else, so the memory store must too), printable, bounded. */
+static int valid_name(const char *name, const char *what, size_t max,
+                      es_error *err)
 {
-    if (!stream || !*stream)
-        return es_fail(err, ES_INVALID, "stream name must be a non-empty string");
-    for (const unsigned char *p = (const unsigned char *)stream; *p; p++)
+    size_t n, at;
+    const char *why;
+    if (!name || !*name)
+        return es_fail(err, ES_INVALID, "%s must be a non-empty string", what);
+    for (const unsigned char *p = (const unsigned char *)name; *p; p++)
         if (*p < 0x20 || *p == 0x7f)
             return es_fail(err, ES_INVALID,
-                           "stream name must not contain control characters");
-    if (strlen(stream) > 1000)
-        return es_fail(err, ES_INVALID, "stream name longer than 1000 bytes");
+                           "%s must not contain control characters", what);
+    n = strlen(name);
+    if (n > max)
+        return es_fail(err, ES_INVALID, "%s longer than %zu bytes", what, max);
+    if (!es_utf8_valid(name, n, &at, &why))
+        return es_fail(err, ES_INVALID, "%s is not valid UTF-8 (%s at byte "
+                       "%zu)", what, why, at + 1);
     return 0;
+}
+
+int es_valid_stream(const char *stream, es_error *err)
+{
+    return valid_name(stream, "stream name", 1000, err);
 }
 
 int es_valid_event_type(const char *type, es_error *err)
 {
-    if (!type || !*type)
-        return es_fail(err, ES_INVALID, "event type must be a non-empty string");
-    for (const unsigned char *p = (const unsigned char *)type; *p; p++)
-        if (*p < 0x20 || *p == 0x7f)
-            return es_fail(err, ES_INVALID,
-                           "event type must not contain control characters");
-    if (strlen(type) > 200)
-        return es_fail(err, ES_INVALID, "event type longer than 200 bytes");
-    return 0;
-}
-
-/* True when the JSON text holds the escape \u0000 (an escaped backslash
- * followed by "u0000" is not one). */
-static int has_nul_escape(const char *p, size_t n)
-{
-    const char *end = p + n;
-    while ((p = memchr(p, '\\', (size_t)(end - p))) != NULL) {
-        if (end - p >= 6 && memcmp(p, "\\u0000", 6) == 0)
-            return 1;
-        p += 2;    /* skip the escaped character, whatever it is */
-        if (p >= end)
-            break;
-    }
-    return 0;
+    return valid_name(type, "event type", 200, err);
 }
 
 int es_append(es_store *s, const char *stream, const es_event_in *events,
               size_t n, int64_t expected, es_append_result *out,
               es_error *err)
 {
+    char why[256];
     es_error_clear(err);
     if (store_usable(s, err) < 0 || es_valid_stream(stream, err) < 0)
         return -1;
@@ -148,14 +142,15 @@ int es_append(es_store *s, const char *stream, const es_event_in *events,
             return -1;
         if (!events[i].data)
             return es_fail(err, ES_INVALID, "event %zu has no data", i + 1);
-        /* PostgreSQL's jsonb cannot hold \u0000 and read models cast
-         * payloads to jsonb: refuse it here, the same in both stores. */
-        if (has_nul_escape(events[i].data, events[i].data_len) ||
-            (events[i].metadata &&
-             has_nul_escape(events[i].metadata, events[i].metadata_len)))
-            return es_fail(err, ES_INVALID, "event %zu (%s): \\u0000 is not "
-                           "allowed in payloads (jsonb cannot store it)",
-                           i + 1, events[i].type);
+        if (es_json_payload_ok(events[i].data, events[i].data_len, 0, why,
+                               sizeof why) < 0)
+            return es_fail(err, ES_INVALID, "event %zu (%.200s): data %s",
+                           i + 1, events[i].type, why);
+        if (events[i].metadata &&
+            es_json_payload_ok(events[i].metadata, events[i].metadata_len, 1,
+                               why, sizeof why) < 0)
+            return es_fail(err, ES_INVALID, "event %zu (%.200s): metadata %s",
+                           i + 1, events[i].type, why);
         if (events[i].id && !es_uuid_valid(events[i].id))
             return es_fail(err, ES_INVALID, "event %zu: id '%.60s' is not a UUID",
                            i + 1, events[i].id);
@@ -243,6 +238,7 @@ int es_save_snapshot(es_store *s, const char *stream, int64_t version,
                      int64_t schema_version, const char *state,
                      size_t state_len, es_error *err)
 {
+    char why[256];
     es_error_clear(err);
     if (store_usable(s, err) < 0 || es_valid_stream(stream, err) < 0)
         return -1;
@@ -250,9 +246,9 @@ int es_save_snapshot(es_store *s, const char *stream, int64_t version,
         return es_fail(err, ES_INVALID, "snapshot version must be >= 1");
     if (!state)
         return es_fail(err, ES_INVALID, "snapshot has no state");
-    if (has_nul_escape(state, state_len))
-        return es_fail(err, ES_INVALID, "snapshot state: \\u0000 is not "
-                       "allowed (jsonb cannot store it)");
+    if (es_json_payload_ok(state, state_len, 0, why, sizeof why) < 0)
+        return es_fail(err, ES_INVALID, "snapshot state of stream %.200s: "
+                       "%s", stream, why);
     if (!s->ops->save_snapshot)
         return es_fail(err, ES_INVALID, "%s stores keep no snapshots",
                        s->ops->kind);

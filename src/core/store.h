@@ -67,12 +67,6 @@ es_store *es_pg_open(const char *target, const es_open_opts *o,
 /* Shared helpers for implementations. */
 int es_valid_stream(const char *stream, es_error *err);
 int es_valid_event_type(const char *type, es_error *err);
-/* The same UUID v7 as es_uuid_v7, as its 16 bytes. */
-void es_uuid_v7_bytes(unsigned char out[16]);
-/* Parses an ISO-8601 instant to microseconds since the epoch (UTC). */
-int es_time_parse(const char *text, int64_t *usec, es_error *err);
-/* Formats microseconds since the epoch as "YYYY-MM-DDTHH:MM:SS.ffffffZ". */
-void es_time_format(int64_t usec, char out[32]);
-int64_t es_time_now(void);
+/* UUIDs and time have their own headers: es_uuid.h, es_time.h. */
 
 #endif

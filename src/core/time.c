@@ -16,7 +16,7 @@
 #ifndef _POSIX_C_SOURCE
 #define _POSIX_C_SOURCE 200809L   /* clock_gettime */
 #endif
-#include "store.h"
+#include "es_time.h"
 
 #include <string.h>
 #include <time.h>
@@ -157,6 +157,12 @@ int es_time_parse(const char *text, int64_t *usec, es_error *err)
     *usec = days_from_civil(year, mon, day) * USEC_PER_DAY +
             ((int64_t)hour * 3600 + min * 60 + sec) * USEC_PER_SEC + frac -
             offset;
+    /* Instants stay within the years 0001-9999 (UTC): PostgreSQL has no
+     * year 0, and an offset that carried 9999-12-31 into year 10000 would
+     * be formatted in a form this parser refuses. */
+    if (*usec < days_from_civil(1, 1, 1) * USEC_PER_DAY ||
+        *usec >= days_from_civil(10000, 1, 1) * USEC_PER_DAY)
+        return bad(err, text, "instant outside the years 0001 to 9999");
     return 0;
 }
 

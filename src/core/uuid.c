@@ -9,7 +9,8 @@
  *
  * The state is per thread: nginx runs store calls on several pool threads.
  */
-#include "store.h"
+#include "es_uuid.h"
+#include "eventsourcing.h"
 
 #include <string.h>
 #include <time.h>
@@ -69,6 +70,17 @@ void es_uuid_v7(char out[37])
     unsigned char u[16];
     es_uuid_v7_bytes(u);
     uuid_unparse_lower(u, out);
+}
+
+int es_uuid5(const char *namespace_text, const char *name, size_t len,
+             char out[37])
+{
+    uuid_t ns, u;
+    if (!es_uuid_valid(namespace_text) || uuid_parse(namespace_text, ns) != 0)
+        return -1;
+    uuid_generate_sha1(u, ns, name, len);
+    uuid_unparse_lower(u, out);
+    return 0;
 }
 
 int es_uuid_valid(const char *text)

@@ -5,7 +5,7 @@
  * every layer agrees on what "2026-01-15T10:00:00Z" means.
  */
 #include "binding.h"
-#include "../core/store.h"
+#include "../core/es_time.h"
 
 #include <errno.h>
 #include <time.h>
@@ -58,7 +58,8 @@ static int l_time_format(lua_State *L)
 {
     lua_Number s = luaL_checknumber(L, 1);
     char out[32];
-    luaL_argcheck(L, s > -62135596800.0 && s < 253402300800.0, 1,
+    /* the years es_time_parse reads: 0001-01-01 to 9999-12-31 (UTC) */
+    luaL_argcheck(L, s >= -62135596800.0 && s < 253402300800.0, 1,
                   "instant out of range");
     es_time_format((int64_t)(s * 1e6 + (s >= 0 ? 0.5 : -0.5)), out);
     lua_pushstring(L, out);

@@ -51,5 +51,6 @@ int luaopen_eventsourcing_core(lua_State *L)
     json_open(L);
     store_open(L);
     clock_open(L);
+    ids_open(L);
     return 1;
 }

@@ -37,6 +37,10 @@ int esl_push_error(lua_State *L, const es_error *err)
     lua_setfield(L, -2, "kind");
     lua_pushstring(L, err->message);
     lua_setfield(L, -2, "message");
+    if (es_reason_name(err->reason)) {
+        lua_pushstring(L, es_reason_name(err->reason));
+        lua_setfield(L, -2, "reason");
+    }
     if (err->sqlstate[0]) {
         lua_pushstring(L, err->sqlstate);
         lua_setfield(L, -2, "sqlstate");

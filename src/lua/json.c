@@ -48,6 +48,7 @@
  */
 #include "json.h"
 #include "binding.h"
+#include "../core/json_syntax.h"
 
 #include <locale.h>
 #include <math.h>
@@ -70,142 +71,38 @@
 /* ------------------------------------------------------------------ */
 /* Character tables                                                    */
 
-/* Bytes that stop a plain run inside a string, on both sides: '"', '\\',
- * control characters and non-ASCII bytes (which need UTF-8 validation). */
-static unsigned char str_special[256];
+/* The lexer's tables (whitespace, plain string bytes, hex digits) and
+ * UTF-8 validation are the core's (json_syntax.h), shared with the memory
+ * store's validator. These are the encoder's own; all are constant data,
+ * so VMs opened at once on nginx's pool threads share them safely. */
+
 /* Escape text for the ASCII bytes encode must escape (NULL: copy). */
-static const char *esc_text[128];
-static unsigned char esc_len[128];
-/* Hex digit values, -1 for non-hex. */
-static signed char hex_val[256];
-/* JSON whitespace. */
-static unsigned char is_ws[256];
-static int tables_ready;
+static const char *const esc_text[128] = {
+    [0x00] = "\\u0000", [0x01] = "\\u0001", [0x02] = "\\u0002",
+    [0x03] = "\\u0003", [0x04] = "\\u0004", [0x05] = "\\u0005",
+    [0x06] = "\\u0006", [0x07] = "\\u0007", [0x08] = "\\b",
+    [0x09] = "\\t",     [0x0a] = "\\n",     [0x0b] = "\\u000b",
+    [0x0c] = "\\f",     [0x0d] = "\\r",     [0x0e] = "\\u000e",
+    [0x0f] = "\\u000f", [0x10] = "\\u0010", [0x11] = "\\u0011",
+    [0x12] = "\\u0012", [0x13] = "\\u0013", [0x14] = "\\u0014",
+    [0x15] = "\\u0015", [0x16] = "\\u0016", [0x17] = "\\u0017",
+    [0x18] = "\\u0018", [0x19] = "\\u0019", [0x1a] = "\\u001a",
+    [0x1b] = "\\u001b", [0x1c] = "\\u001c", [0x1d] = "\\u001d",
+    [0x1e] = "\\u001e", [0x1f] = "\\u001f",
+    ['"'] = "\\\"",    ['\\'] = "\\\\",
+};
+/* Their lengths: 6 for \u00XX, 2 for the short forms. */
+static const unsigned char esc_len[128] = {
+    6, 6, 6, 6, 6, 6, 6, 6, 2, 2, 2, 6, 2, 2, 6, 6,
+    6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6,
+    ['"'] = 2, ['\\'] = 2,
+};
 
 static const char DIGITS2[] =
     "00010203040506070809101112131415161718192021222324252627282930313233"
     "34353637383940414243444546474849505152535455565758596061626364656667"
     "68697071727374757677787980818283848586878889909192939495969798"
     "99";
-
-static void init_tables(void)
-{
-    static char ctl[32][7];
-    int i;
-    if (tables_ready)
-        return;
-    for (i = 0; i < 256; i++) {
-        str_special[i] = (i < 0x20 || i == '"' || i == '\\' || i >= 0x80);
-        hex_val[i] = -1;
-        is_ws[i] = 0;
-    }
-    for (i = 0; i < 10; i++)
-        hex_val['0' + i] = (signed char)i;
-    for (i = 0; i < 6; i++) {
-        hex_val['a' + i] = (signed char)(10 + i);
-        hex_val['A' + i] = (signed char)(10 + i);
-    }
-    is_ws[' '] = is_ws['\t'] = is_ws['\n'] = is_ws['\r'] = 1;
-    for (i = 0; i < 32; i++) {
-        snprintf(ctl[i], sizeof ctl[i], "\\u%04x", i);
-        esc_text[i] = ctl[i];
-        esc_len[i] = 6;
-    }
-    esc_text['\b'] = "\\b";
-    esc_text['\f'] = "\\f";
-    esc_text['\n'] = "\\n";
-    esc_text['\r'] = "\\r";
-    esc_text['\t'] = "\\t";
-    esc_text['"'] = "\\\"";
-    esc_text['\\'] = "\\\\";
-    esc_len['\b'] = esc_len['\f'] = esc_len['\n'] = esc_len['\r'] =
-        esc_len['\t'] = esc_len['"'] = esc_len['\\'] = 2;
-    tables_ready = 1;
-}
-
-/* Skips plain string bytes (see str_special), 8 at a time where it can. */
-static inline const unsigned char *scan_plain(const unsigned char *p,
-                                              const unsigned char *end)
-{
-    const uint64_t k01 = 0x0101010101010101ULL, k80 = 0x8080808080808080ULL;
-    while (end - p >= 8) {
-        uint64_t x, y1, y2, m;
-        memcpy(&x, p, 8);
-        y1 = x ^ (k01 * '"');
-        y2 = x ^ (k01 * '\\');
-        m = ((x - k01 * 0x20) & ~x) | ((y1 - k01) & ~y1) |
-            ((y2 - k01) & ~y2) | x;
-        if (m & k80)
-            break;
-        p += 8;
-    }
-    while (p < end && !str_special[*p])
-        p++;
-    return p;
-}
-
-/* Length of the valid UTF-8 sequence at p (a byte >= 0x80), or 0 with
- * *why set. */
-static size_t utf8_seq(const unsigned char *p, const unsigned char *end,
-                       const char **why)
-{
-    unsigned c = p[0];
-    size_t n, i;
-    unsigned lo = 0x80, hi = 0xBF;
-    if (c < 0xC0) {
-        *why = "unexpected continuation byte";
-        return 0;
-    }
-    if (c < 0xC2) {
-        *why = "overlong encoding";
-        return 0;
-    }
-    if (c < 0xE0) {
-        n = 2;
-    } else if (c < 0xF0) {
-        n = 3;
-        if (c == 0xE0)
-            lo = 0xA0;
-        else if (c == 0xED)
-            hi = 0x9F;
-    } else if (c < 0xF5) {
-        n = 4;
-        if (c == 0xF0)
-            lo = 0x90;
-        else if (c == 0xF4)
-            hi = 0x8F;
-    } else {
-        *why = "code point above U+10FFFF";
-        return 0;
-    }
-    if ((size_t)(end - p) < n) {
-        for (i = 1; i < (size_t)(end - p); i++)
-            if ((p[i] & 0xC0) != 0x80)
-                break;
-        if (i == (size_t)(end - p)) {
-            *why = "truncated sequence";
-            return 0;
-        }
-    }
-    if (p[1] < lo || p[1] > hi) {
-        if ((p[1] & 0xC0) != 0x80)
-            *why = "truncated sequence";
-        else if (c == 0xE0 || c == 0xF0)
-            *why = "overlong encoding";
-        else if (c == 0xED)
-            *why = "encoded surrogate";
-        else
-            *why = "code point above U+10FFFF";
-        return 0;
-    }
-    for (i = 2; i < n; i++) {
-        if ((p[i] & 0xC0) != 0x80) {
-            *why = "truncated sequence";
-            return 0;
-        }
-    }
-    return n;
-}
 
 /* ------------------------------------------------------------------ */
 /* Numbers                                                             */
@@ -379,7 +276,7 @@ static int enc_string(enc *e, const char *str, size_t len)
     *o++ = '"';
     while (p < end) {
         const unsigned char *run = p;
-        p = scan_plain(p, end);
+        p = es_json_scan_plain(p, end);
         memcpy(o, run, (size_t)(p - run));
         o += p - run;
         if (p >= end)
@@ -390,7 +287,7 @@ static int enc_string(enc *e, const char *str, size_t len)
             p++;
         } else {
             const char *why = NULL;
-            size_t n = utf8_seq(p, end, &why);
+            size_t n = es_utf8_seq(p, end, &why);
             if (!n) {
                 char tmp[64];
                 snprintf(tmp, sizeof tmp, "%s at byte %zu", why,
@@ -642,7 +539,6 @@ int esl_json_encode(lua_State *L, int idx, es_buf *b, char *msg,
 {
     int top, rc;
     size_t len0 = b->len;
-    init_tables();
     idx = esl_absindex(L, idx);
     top = lua_gettop(L);
     luaL_checkstack(L, 8, "json encode");
@@ -698,18 +594,9 @@ static int dec_unexpected(dec *d, const unsigned char *at, const char *ctx)
 static inline void skip_ws(dec *d)
 {
     const unsigned char *p = d->p, *end = d->end;
-    while (p < end && is_ws[*p])
+    while (p < end && es_json_ws[*p])
         p++;
     d->p = p;
-}
-
-static int hex4(const unsigned char *p)
-{
-    int a = hex_val[p[0]], b = hex_val[p[1]], c = hex_val[p[2]],
-        e = hex_val[p[3]];
-    if ((a | b | c | e) < 0)
-        return -1;
-    return (a << 12) | (b << 8) | (c << 4) | e;
 }
 
 static size_t put_utf8(char *o, unsigned long cp)
@@ -736,148 +623,108 @@ static size_t put_utf8(char *o, unsigned long cp)
     return 4;
 }
 
-/* Checks the non-plain byte at p inside a string (not '"' or '\\');
- * returns its length or -1. */
-static int dec_check_special(dec *d, const unsigned char *p)
+/* Reports a lexer problem (json_syntax.c) in the decoder's words. */
+static int dec_problem(dec *d, const es_json_problem *pr)
 {
-    const char *why;
-    size_t n;
-    char what[80];
-    if (*p < 0x20)
-        return dec_fail(d, p, "control character in string");
-    n = utf8_seq(p, d->end, &why);
-    if (!n) {
-        snprintf(what, sizeof what, "invalid UTF-8 in string (%s)", why);
-        return dec_fail(d, p, what);
-    }
-    return (int)n;
+    es_json_describe(pr, (const char *)d->start,
+                     (size_t)(d->end - d->start), d->msg, d->msglen);
+    return -1;
 }
 
-/* The string at d->p (just after the opening quote) with escapes: decodes
- * from `run` through luaL_Buffer. */
-static int dec_string_escaped(dec *d, const unsigned char *run,
-                              const unsigned char *p)
+/* Pushes the string s[0..n) with its escapes (all valid: the lexer
+ * checked them) turned into UTF-8, through luaL_Buffer. */
+static int dec_unescape(dec *d, const unsigned char *s,
+                        const unsigned char *end)
 {
     lua_State *L = d->L;
-    const unsigned char *end = d->end;
     luaL_Buffer B;
     if (!lua_checkstack(L, 24))
-        return dec_fail(d, p, "Lua stack exhausted");
+        return dec_fail(d, s, "Lua stack exhausted");
     luaL_buffinit(L, &B);
-    for (;;) {
-        p = scan_plain(p, end);
-        if (p >= end)
-            return dec_fail(d, end, "unterminated string");
-        if (*p == '"') {
-            luaL_addlstring(&B, (const char *)run, (size_t)(p - run));
-            luaL_pushresult(&B);
-            d->p = p + 1;
-            return 0;
-        }
-        if (*p == '\\') {
-            const unsigned char *esc = p;
-            char tmp[4];
-            size_t tl = 1;
-            luaL_addlstring(&B, (const char *)run, (size_t)(p - run));
-            p++;
-            if (p >= end)
-                return dec_fail(d, end, "unterminated string");
-            switch (*p) {
-            case '"': tmp[0] = '"'; break;
-            case '\\': tmp[0] = '\\'; break;
-            case '/': tmp[0] = '/'; break;
-            case 'b': tmp[0] = '\b'; break;
-            case 'f': tmp[0] = '\f'; break;
-            case 'n': tmp[0] = '\n'; break;
-            case 'r': tmp[0] = '\r'; break;
-            case 't': tmp[0] = '\t'; break;
-            case 'u': {
-                int cp, lo;
-                if (end - p < 5 || (cp = hex4(p + 1)) < 0)
-                    return dec_fail(d, esc, "invalid \\u escape");
-                p += 4;
-                if (cp >= 0xDC00 && cp <= 0xDFFF)
-                    return dec_fail(d, esc, "lone low surrogate in \\u escape");
-                if (cp >= 0xD800 && cp <= 0xDBFF) {
-                    if (end - p < 7 || p[1] != '\\' || p[2] != 'u' ||
-                        (lo = hex4(p + 3)) < 0 || lo < 0xDC00 || lo > 0xDFFF)
-                        return dec_fail(d, esc,
-                                        "lone high surrogate in \\u escape");
-                    p += 6;
-                    cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
-                }
-                tl = put_utf8(tmp, (unsigned long)cp);
-                break;
+    while (s < end) {
+        const unsigned char *run = s;
+        char tmp[4];
+        size_t tl = 1;
+        int cp;
+        while (s < end && *s != '\\')
+            s++;
+        luaL_addlstring(&B, (const char *)run, (size_t)(s - run));
+        if (s >= end)
+            break;
+        switch (s[1]) {
+        case 'b': tmp[0] = '\b'; break;
+        case 'f': tmp[0] = '\f'; break;
+        case 'n': tmp[0] = '\n'; break;
+        case 'r': tmp[0] = '\r'; break;
+        case 't': tmp[0] = '\t'; break;
+        case 'u':
+            cp = es_json_hex4(s + 2);
+            if (cp >= 0xD800 && cp <= 0xDBFF) {
+                cp = 0x10000 + ((cp - 0xD800) << 10) +
+                     (es_json_hex4(s + 8) - 0xDC00);
+                s += 6;
             }
-            default:
-                return dec_fail(d, esc, "invalid escape in string");
-            }
-            luaL_addlstring(&B, tmp, tl);
-            p++;
-            run = p;
-        } else {
-            int n = dec_check_special(d, p);
-            if (n < 0)
-                return -1;
-            p += n;
+            tl = put_utf8(tmp, (unsigned long)cp);
+            s += 4;
+            break;
+        default: tmp[0] = (char)s[1]; break;    /* " \\ / */
         }
+        luaL_addlstring(&B, tmp, tl);
+        s += 2;
     }
+    luaL_pushresult(&B);
+    return 0;
 }
 
 /* Pushes the string whose opening quote is at d->p. */
 static int dec_string(dec *d)
 {
-    const unsigned char *run = d->p + 1, *p = run, *end = d->end;
-    for (;;) {
-        p = scan_plain(p, end);
-        if (p >= end)
-            return dec_fail(d, end, "unterminated string");
-        if (*p == '"') {
-            lua_pushlstring(d->L, (const char *)run, (size_t)(p - run));
-            d->p = p + 1;
-            return 0;
-        }
-        if (*p == '\\')
-            return dec_string_escaped(d, run, p);
-        {
-            int n = dec_check_special(d, p);
-            if (n < 0)
-                return -1;
-            p += n;
-        }
+    es_json_problem pr;
+    int escaped = 0;
+    const unsigned char *s = d->p + 1, *q = es_json_scan_plain(s, d->end);
+    /* The common case, plain bytes up to the closing quote, needs no more
+     * than the lexer's plain scan; anything else goes on from there by its
+     * full string rule (escapes, UTF-8, control characters). */
+    if (q < d->end && *q == '"') {
+        lua_pushlstring(d->L, (const char *)s, (size_t)(q - s));
+        d->p = q + 1;
+        return 0;
     }
+    q = es_json_string_rest(q, d->end, &escaped, &pr);
+    if (!q)
+        return dec_problem(d, &pr);
+    d->p = q;
+    if (!escaped) {
+        lua_pushlstring(d->L, (const char *)s, (size_t)(q - 1 - s));
+        return 0;
+    }
+    return dec_unescape(d, s, q - 1);
 }
 
 static int dec_number(dec *d)
 {
-    const unsigned char *s = d->p, *p = s, *end = d->end;
+    const unsigned char *s = d->p, *p = s, *end;
     unsigned long long u = 0; /* all the digits, while they fit */
     int neg = 0, isfloat = 0, lost = 0, fracdigits = 0, expv = 0;
+    es_json_problem pr;
+    /* The grammar is the lexer's; what follows only reads the digits. */
+    if (!(end = es_json_number(s, d->end, &pr)))
+        return dec_problem(d, &pr);
     if (*p == '-') {
         neg = 1;
         p++;
     }
-    if (p >= end || *p < '0' || *p > '9')
-        return dec_unexpected(d, p, neg ? " after '-'" : "");
-    if (*p == '0') {
+    while (p < end && *p >= '0' && *p <= '9') {
+        unsigned dg = (unsigned)(*p - '0');
+        if (u > (~0ULL - dg) / 10)
+            lost = 1;
+        else
+            u = u * 10 + dg;
         p++;
-        if (p < end && *p >= '0' && *p <= '9')
-            return dec_fail(d, s, "number with a leading zero");
-    } else {
-        while (p < end && *p >= '0' && *p <= '9') {
-            unsigned dg = (unsigned)(*p - '0');
-            if (u > (~0ULL - dg) / 10)
-                lost = 1;
-            else
-                u = u * 10 + dg;
-            p++;
-        }
     }
     if (p < end && *p == '.') {
         p++;
         isfloat = 1;
-        if (p >= end || *p < '0' || *p > '9')
-            return dec_unexpected(d, p, " in number (digit expected)");
         while (p < end && *p >= '0' && *p <= '9') {
             if (u < 100000000000000000ULL) {
                 u = u * 10 + (unsigned)(*p - '0');
@@ -888,15 +735,13 @@ static int dec_number(dec *d)
             p++;
         }
     }
-    if (p < end && (*p == 'e' || *p == 'E')) {
+    if (p < end) {   /* the exponent */
         int eneg = 0;
         p++;
         isfloat = 1;
-        if (p < end && (*p == '+' || *p == '-'))
+        if (*p == '+' || *p == '-')
             eneg = *p++ == '-';
-        if (p >= end || *p < '0' || *p > '9')
-            return dec_unexpected(d, p, " in number (digit expected)");
-        while (p < end && *p >= '0' && *p <= '9') {
+        while (p < end) {
             if (expv < 100000)
                 expv = expv * 10 + (*p - '0');
             p++;
@@ -1127,7 +972,6 @@ static int decode_with(lua_State *L, const char *s, size_t n, int mt_arr,
 
 int esl_json_context(lua_State *L)
 {
-    init_tables();
     luaL_checkstack(L, 8, "json decode");
     lua_getfield(L, LUA_REGISTRYINDEX, REG_ARRAY);
     lua_getfield(L, LUA_REGISTRYINDEX, REG_OBJECT);
@@ -1293,10 +1137,26 @@ static void make_null(lua_State *L)
     lua_setmetatable(L, -2);
 }
 
+/* es.json.valid(text) -> true | nil, err: whether the stores take text as
+ * a payload: store.c's own check (es_json_payload_ok), without building
+ * any value. */
+static int l_valid(lua_State *L)
+{
+    size_t n;
+    const char *s;
+    char msg[MSG_MAX];
+    if (lua_type(L, 1) != LUA_TSTRING)
+        return esl_typeerror(L, 1, "string");
+    s = lua_tolstring(L, 1, &n);
+    if (es_json_payload_ok(s, n, 0, msg, sizeof msg) < 0)
+        return esl_push_fail(L, ES_INVALID, msg);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
 void json_open(lua_State *L)
 {
     es_buf *b;
-    init_tables();
     lua_createtable(L, 0, 6);
 
     reg_get(L, REG_ARRAY, make_array_mt);
@@ -1328,6 +1188,9 @@ void json_open(lua_State *L)
 
     reg_get(L, REG_NULL, make_null);
     lua_setfield(L, -2, "null");
+
+    lua_pushcfunction(L, l_valid);
+    lua_setfield(L, -2, "valid");
 
     lua_setfield(L, -2, "json");
 }

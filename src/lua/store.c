@@ -943,6 +943,15 @@ static int l_query(lua_State *L)
     offs = (size_t *)(void *)(params + nparams + 1);
     nulls = (int *)(void *)(offs + nparams + 1);
     for (int i = 0; i < nparams; i++) {
+        /* C reads a parameter up to its first NUL: "a\0b" would quietly
+         * become "a" (PostgreSQL text cannot hold NUL anyway). */
+        if (lua_type(L, i + 3) == LUA_TSTRING &&
+            strlen(lua_tostring(L, i + 3)) != esl_rawlen(L, i + 3)) {
+            char msg[80];
+            snprintf(msg, sizeof msg, "query parameter %d contains a NUL "
+                     "byte", i + 1);
+            return esl_push_fail(L, ES_INVALID, msg);
+        }
         offs[i] = (size_t)-1;
         params[i] = param_text(L, ls, i + 3, &offs[i], &nulls[i]);
     }

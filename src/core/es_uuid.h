@@ -1,0 +1,20 @@
+/*
+ * es_uuid.h - event ids (uuid.c): time-ordered version 7 UUIDs, and
+ * name-based version 5 UUIDs for ids that must come out the same on every
+ * replay. es_uuid_v7 (text) and es_uuid_valid are in eventsourcing.h.
+ */
+#ifndef ES_UUID_H
+#define ES_UUID_H
+
+#include <stddef.h>
+
+/* The same UUID v7 as es_uuid_v7, as its 16 bytes. */
+void es_uuid_v7_bytes(unsigned char out[16]);
+
+/* RFC 4122 version 5 (SHA-1) UUID of name[0..len) in the namespace given
+ * as UUID text, written to out as lower-case text. -1 when the namespace
+ * is not a UUID. */
+int es_uuid5(const char *namespace_text, const char *name, size_t len,
+             char out[37]);
+
+#endif
