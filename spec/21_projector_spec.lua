@@ -62,8 +62,9 @@ for _, entry in ipairs(helpers.stores()) do
       local boom = assert(store:append("C-b", { type = "Boom" }))
       append_n(store, "C-a", 2)
       local n, per = p:catch_up()
-      assert.equal(3 + 6, n)
-      assert.same({ rm_bad = 3, rm_good = 6 }, per)
+      -- rm_good has no Boom handler: that event is skipped in SQL, not counted
+      assert.equal(3 + 5, n)
+      assert.same({ rm_bad = 3, rm_good = 5 }, per)
       assert.equal(3, bad:get(store, "a").n)       -- events before the failing one applied
       assert.equal(5, good:get(store, "a").n)
       local st = {}
@@ -141,7 +142,7 @@ for _, entry in ipairs(helpers.stores()) do
             if rm:get(store, "5").n ~= 5 then seen_old = false end
           end
         end }))
-      assert.equal(16, replayed)
+      assert.equal(15, replayed)             -- the Other event is not read
       assert.is_true(calls >= 4)
       assert.is_true(mid_way, "no progress was reported before the end")
       assert.is_true(seen_old)
