@@ -176,6 +176,7 @@ end
 
 local util = require "eventsourcing.util"
 local repository = require "eventsourcing.repository"
+local follower = require "eventsourcing.follower"
 local sleep = util.sleep
 M.sleep = sleep
 local now = util.now          -- wall clock, seconds
@@ -214,29 +215,16 @@ local mem_states = setmetatable({}, { __mode = "k" })
 local function mem(store)
   local s = mem_states[store]
   if not s then
-    s = { checkpoints = {}, timers = {}, rejections = {}, dead_letters = {} }
+    s = { timers = {}, rejections = {}, dead_letters = {} }
     mem_states[store] = s
   end
   return s
-end
-
-local function mem_checkpoint(store, name)
-  local cps = mem(store).checkpoints
-  local c = cps[name]
-  if not c then c = { position = 0, handled = 0 }; cps[name] = c end
-  return c
 end
 
 -- ---------------------------------------------------------------------------
 -- Schema
 
 local TABLES = {
-  [[CREATE TABLE IF NOT EXISTS <schema>.workflows (
-      name text PRIMARY KEY,
-      checkpoint text,
-      position bigint NOT NULL DEFAULT 0,
-      handled bigint NOT NULL DEFAULT 0,
-      updated_at timestamptz NOT NULL DEFAULT now())]],
   [[CREATE TABLE IF NOT EXISTS <schema>.workflow_rejections (
       id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
       workflow text NOT NULL,
@@ -289,10 +277,10 @@ local TABLES = {
 local migrated = setmetatable({}, { __mode = "k" })
 
 -- Creates the workflow tables (idempotent; also creates the store's own).
--- names: workflow names whose checkpoint rows to create.
-function M.migrate(store, names)
+-- The checkpoints (<schema>.workflows) are the follower's ledger: a
+-- runner's migrate creates them.
+function M.migrate(store)
   if is_memory(store) then
-    for _, n in ipairs(names or {}) do mem_checkpoint(store, n) end
     migrated[store] = true
     return true
   end
@@ -308,12 +296,6 @@ function M.migrate(store, names)
       store:schema())) then return nil, err end
   for _, sql in ipairs(TABLES) do
     if not step(store:query(sqlq(store, sql))) then return nil, err end
-  end
-  for _, n in ipairs(names or {}) do
-    if not step(store:query(sqlq(store,
-        "INSERT INTO <schema>.workflows (name) VALUES ($1) ON CONFLICT DO NOTHING"), n)) then
-      return nil, err
-    end
   end
   ok, err = store:commit()
   if not ok then return nil, err end
@@ -433,7 +415,7 @@ function M.runner(store, workflows, opts)
     end
   end
   local repo = repository.new(store, { snapshots = opts.snapshots })
-  return setmetatable({
+  local self = setmetatable({
     store = store, list = list, by_name = by_name, aggregates = aggregates,
     read_models = opts.read_models and #opts.read_models > 0 and opts.read_models or nil,
     repo = repo, memory = is_memory(store),
@@ -443,11 +425,18 @@ function M.runner(store, workflows, opts)
     max_backoff = num_opt(opts, "max_backoff", 5, 0),
     max_retries = num_opt(opts, "max_retries", 3, 0),
     timer_batch = num_opt(opts, "timer_batch", 100, 1),
-    listen_opt = opts.listen, log = opts.log,
-    attempts = {}, migrated = false, stopping = false,
+    log = opts.log, attempts = {},
     stats = { handled = 0, appended = 0, already_done = 0, rejected = 0, retried = 0,
               dead_lettered = 0, timers_fired = 0 },
   }, Runner)
+  local subs = {}
+  for _, wf in ipairs(list) do
+    subs[#subs + 1] = { name = wf.name, types = wf.types,
+      process = function(batch, n) return self:_process(wf, batch, n) end }
+  end
+  self.engine = follower.new(store, { ledger = "workflows", label = "workflow runner", subs = subs,
+    batch_size = self.batch_size, log = opts.log })
+  return self
 end
 
 function Runner:_log(fmt, ...)
@@ -457,15 +446,13 @@ end
 function Runner:_q(sql) return sqlq(self.store, sql) end
 
 function Runner:migrate()
-  local names = {}
-  for _, wf in ipairs(self.list) do names[#names + 1] = wf.name end
-  local ok, err = M.migrate(self.store, names)
-  if ok then self.migrated = true end
-  return ok, err
+  local ok, err = M.migrate(self.store)
+  if not ok then return nil, err end
+  return self.engine:migrate()
 end
 
 function Runner:_ensure()
-  if self.migrated then return true end
+  if self.engine.migrated then return true end
   return self:migrate()
 end
 
@@ -511,6 +498,29 @@ function Runner:_reject(ctx, step, A, id, command_name, command, err)
   if not ok then raise(qerr) end
 end
 
+-- A conflict that aborted the transaction it happened in (deciding again
+-- cannot help): err.reason from the C core, else a database sqlstate (a
+-- plain expected-version conflict has none).
+local function tx_aborted(err)
+  if err.reason then return err.reason == "tx_aborted" end
+  return err.sqlstate ~= nil
+end
+
+-- Whether append failed because our derived ids are taken already (an
+-- earlier run of this very step appended them): err.reason "id_taken";
+-- without it, an "invalid" refusal is checked against the stream itself,
+-- never against the message's words.
+function Runner:_ids_taken(err, stream, first_id)
+  if errkind(err) ~= "invalid" then return false end
+  if err.reason then return err.reason == "id_taken" end
+  local it = self.store:read(stream, { backward = true })
+  if not it then return false end
+  for e in it do
+    if e.id == first_id then return true end
+  end
+  return false
+end
+
 -- ctx:execute: load, decide, append with derived ids (see the header).
 function Runner:_execute(ctx, A, id, command_name, command, step, opts)
   if getmetatable(A) ~= aggregate.Aggregate then
@@ -551,15 +561,14 @@ function Runner:_execute(ctx, A, id, command_name, command, step, opts)
       return { version = res.version, position = res.position, events = out,
                state = A:evolve(state, out) }
     end
-    if res or (errkind(aerr) == "invalid" and tostring(aerr.message):find("already used", 1, true)) then
+    if res or self:_ids_taken(aerr, stream, out[1].id) then
       -- an earlier run of this very step appended these ids already
       self.stats.already_done = self.stats.already_done + 1
       local s2, v2 = repo:load(A, id)
       if not s2 then raise(v2) end
       return { version = v2, events = {}, state = s2, already_done = true }
     end
-    if errkind(aerr) ~= "conflict" or attempt >= self.max_retries
-        or tostring(aerr.message):find("aborted", 1, true) then
+    if errkind(aerr) ~= "conflict" or attempt >= self.max_retries or tx_aborted(aerr) then
       raise(aerr)
     end
     attempt = attempt + 1
@@ -645,16 +654,6 @@ function Runner:_sp(what)
   return self.store:query(what .. " es_workflow_event")
 end
 
-function Runner:_save(wf, checkpoint, position, handled)
-  if self.memory then
-    local c = mem_checkpoint(self.store, wf.name)
-    c.checkpoint, c.position, c.handled = checkpoint, position, c.handled + handled
-    return true
-  end
-  return self.store:query(self:_q("UPDATE <schema>.workflows SET checkpoint = $2, position = $3, "
-    .. "handled = handled + $4, updated_at = now() WHERE name = $1"), wf.name, checkpoint, position, handled)
-end
-
 function Runner:_dead_letter(wf_name, e, err, attempts, timer)
   local message = message_of(err)
   self.stats.dead_lettered = self.stats.dead_lettered + 1
@@ -686,80 +685,48 @@ function Runner:_begin() return util.begin(self.store) end
 function Runner:_commit() return util.commit(self.store) end
 function Runner:_rollback() util.rollback(self.store) end
 
--- Locks the checkpoint row: row | false (leased elsewhere) | nil, err
-function Runner:_lock(wf)
-  if self.memory then
-    local c = mem_checkpoint(self.store, wf.name)
-    return { checkpoint = c.checkpoint }
-  end
-  local ok, err = self.store:begin()
-  if not ok then return nil, err end
-  local rows
-  rows, err = self.store:query(self:_q("SELECT checkpoint FROM <schema>.workflows WHERE name = $1 "
-    .. "FOR UPDATE SKIP LOCKED"), wf.name)
-  if not rows then self:_rollback(); return nil, err end
-  if #rows == 0 then self:_rollback(); return false end
-  return rows[1]
-end
-
--- One batch of workflow wf: handled, "more" | "idle" | "locked" | nil, err
-function Runner:_batch(wf)
-  local store, limit = self.store, self.batch_size
-  local row, err = self:_lock(wf)
-  if row == nil then return nil, err end
-  if row == false then return 0, "locked" end
-  local batch, cp = store:read_all({ after = row.checkpoint, limit = limit })
-  if not batch then self:_rollback(); return nil, cp end
-  if #batch == 0 then self:_rollback(); return 0, "idle" end
-  local handled, ok = 0
+-- The follower's batch work for wf (see eventsourcing.follower): each
+-- event under a SAVEPOINT; a failure rolls back to it and either retries
+-- later (the events before it commit now) or, after max_attempts, goes to
+-- the dead letters and the batch goes on. -> done, info | nil, err
+function Runner:_process(wf, batch, n)
+  local handled = 0
+  local ok, err
   local max_attempts = wf.max_attempts or self.max_attempts
-  for i, e in ipairs(batch) do
+  for i = 1, n do
+    local e = batch[i]
     if wf.on[e.type] then
       ok, err = self:_sp("SAVEPOINT")
-      if not ok then self:_rollback(); return nil, err end
+      if not ok then return nil, err end
       local done, ferr = self:_handle(wf, e)
       local akey = wf.name .. "\0" .. e.id
       if done then
         ok, err = self:_sp("RELEASE SAVEPOINT")
-        if not ok then self:_rollback(); return nil, err end
+        if not ok then return nil, err end
         handled = handled + 1
         self.attempts[akey] = nil
       else
         ok, err = self:_sp("ROLLBACK TO SAVEPOINT")
-        if not ok or is_connection(ferr) then self:_rollback(); return nil, is_connection(ferr) and ferr or err end
-        local n = (self.attempts[akey] or 0) + 1
-        if n >= max_attempts then
+        if not ok then return nil, err end
+        if is_connection(ferr) then return nil, ferr end
+        local a = (self.attempts[akey] or 0) + 1
+        if a >= max_attempts then
           self.attempts[akey] = nil
-          ok, err = self:_dead_letter(wf.name, e, ferr, n)
-          if not ok then self:_rollback(); return nil, err end
+          ok, err = self:_dead_letter(wf.name, e, ferr, a)
+          if not ok then return nil, err end
         else
-          -- commit the events before this one, then retry it after a pause
-          self.attempts[akey] = n
+          self.attempts[akey] = a
           self.stats.retried = self.stats.retried + 1
           self:_log("workflow %s: event %s (%s) failed (attempt %d of %d), retrying: %s",
-            wf.name, e.id, e.type, n, max_attempts, message_of(ferr))
-          if i > 1 then
-            local pre, pcp = store:read_all({ after = row.checkpoint, limit = i - 1 })
-            if not pre then self:_rollback(); return nil, pcp end
-            ok, err = self:_save(wf, pcp, pre[#pre].position, handled)
-            if not ok then self:_rollback(); return nil, err end
-            ok, err = self:_commit()
-            if not ok then return nil, err end
-          else
-            self:_rollback()
-          end
-          sleep(self:_delay(n))
-          return handled, "more"
+            wf.name, e.id, e.type, a, max_attempts, message_of(ferr))
+          self.stats.handled = self.stats.handled + handled
+          return i - 1, { handled = handled, delay = self:_delay(a) }
         end
       end
     end
   end
-  ok, err = self:_save(wf, cp, batch[#batch].position, handled)
-  if not ok then self:_rollback(); return nil, err end
-  ok, err = self:_commit()
-  if not ok then return nil, err end
   self.stats.handled = self.stats.handled + handled
-  return handled, #batch < limit and "idle" or "more"
+  return n, { handled = handled }
 end
 
 -- Every workflow up to the store's end, then the due timers; again while
@@ -771,23 +738,15 @@ function Runner:catch_up()
   local total, fired = 0, 0
   for _ = 1, 100 do
     local appended = self.stats.appended
-    local active = {}
-    for _, wf in ipairs(self.list) do active[#active + 1] = wf end
-    while #active > 0 and not self.stopping do
-      local next_active = {}
-      for _, wf in ipairs(active) do
-        local n, st = self:_batch(wf)
-        if not n then return nil, st end
-        total = total + n
-        if st == "more" then next_active[#next_active + 1] = wf end
-      end
-      active = next_active
-    end
+    local n
+    n, err = self.engine:catch_up()
+    if not n then return nil, err end
+    total = total + n
     local f
     f, err = self:run_timers()
     if not f then return nil, err end
     fired = fired + f
-    if self.stopping or self.stats.appended == appended then break end
+    if self.engine.stopping or self.stats.appended == appended then break end
   end
   return total, fired
 end
@@ -1015,78 +974,59 @@ end
 -- ---------------------------------------------------------------------------
 -- Live
 
-function Runner:stop() self.stopping = true end
+function Runner:stop() self.engine:stop() end
 
 -- Follows live until opts.stop() returns true or runner:stop() is called:
--- catch_up, then wait for a wake-up (LISTEN), the next due timer or
--- opts.poll seconds (default 1). Errors go to opts.on_error (default
--- stderr) and are retried with backoff.
+-- catch_up, then wait for the log to move (its head is checked every
+-- opts.tick seconds, default 0.005), the next due timer or opts.poll
+-- seconds (default 1). Errors go to opts.on_error (default stderr) and
+-- are retried with backoff. opts.listen / the `listen` option are
+-- accepted and ignored (see eventsourcing.follower).
 function Runner:run(opts)
   opts = opts or {}
-  local poll = opts.poll or 1
-  local stop_fn = opts.stop
-  local on_error = opts.on_error or function(err)
-    io.stderr:write(("workflow runner: %s\n"):format(message_of(err)))
+  local o = setmetatable({ retry = opts.retry or math.max(self.backoff, 0.05),
+    on_error = opts.on_error or function(err)
+      io.stderr:write(("workflow runner: %s\n"):format(message_of(err)))
+    end }, { __index = opts })
+  return self.engine:follow(o, function() return self:catch_up() end,
+    function() return self:next_timer() end)
+end
+
+local function check_name(self, name, what)
+  if not self.by_name[name] then
+    error(("runner:%s: no workflow named %s"):format(what, tostring(name)), 3)
   end
-  self.stopping = false
-  local function stopping() return self.stopping or (stop_fn and stop_fn()) end
-  local listener = util.subscribe(self, on_error)
-  local failures = 0
-  while not stopping() do
-    local n, err = self:catch_up()
-    if not n then
-      failures = failures + 1
-      on_error(err)
-      if stopping() then break end
-      sleep(math.max(self:_delay(failures), 0.05))
-      if listener and listener ~= self.store and is_connection(err) then listener:listen() end
-    else
-      if failures > 0 and listener then listener:listen() end
-      failures = 0
-      if opts.idle then opts.idle(n, err) end
-      if stopping() then break end
-      local wait = poll
-      local due = self:next_timer()
-      if due and due < wait then wait = math.max(0.01, due) end
-      if listener then
-        local woke = listener:wait(wait)
-        if woke == nil then sleep(math.min(0.5, wait)) end
-      else
-        sleep(wait)
-      end
-    end
-  end
-  self.stopping = false
-  return true
 end
 
 -- Replays workflow `name` from the first event (or from checkpoint
 -- opts.checkpoint): handlers run again, and derived ids make the commands
 -- they issued before count as already done.
 function Runner:reset(name, opts)
-  local wf = self.by_name[name]
-  if not wf then error(("runner:reset: no workflow named %s"):format(tostring(name)), 2) end
-  local ok, err = self:_ensure()
-  if not ok then return nil, err end
-  local cp = opts and opts.checkpoint
-  if self.memory then
-    local c = mem_checkpoint(self.store, name)
-    c.checkpoint, c.position = cp, 0
-    return true
-  end
-  return self.store:query(self:_q("UPDATE <schema>.workflows SET checkpoint = $2, position = 0, "
-    .. "updated_at = now() WHERE name = $1"), name, cp)
+  check_name(self, name, "reset")
+  return self.engine:reset(name, opts and opts.checkpoint)
 end
 
+function Runner:pause(name)
+  check_name(self, name, "pause")
+  return self.engine:pause(name)
+end
+
+function Runner:resume(name)
+  check_name(self, name, "resume")
+  return self.engine:resume(name)
+end
+
+-- The follower's status rows (see eventsourcing.follower) with the
+-- counts of dead letters and pending timers of each workflow.
 function Runner:status()
   local ok, err = self:_ensure()
   if not ok then return nil, err end
-  local out = {}
-  for _, wf in ipairs(self.list) do
-    local s = { name = wf.name }
+  local out
+  out, err = self.engine:status()
+  if not out then return nil, err end
+  for i, wf in ipairs(self.list) do
+    local s = out[i]
     if self.memory then
-      local c = mem_checkpoint(self.store, wf.name)
-      s.checkpoint, s.position, s.handled = c.checkpoint, c.position, c.handled
       local n = 0
       for _, d in ipairs(mem(self.store).dead_letters) do if d.workflow == wf.name then n = n + 1 end end
       s.dead_letters = n
@@ -1095,15 +1035,12 @@ function Runner:status()
       s.timers = n
     else
       local rows
-      rows, err = self.store:query(self:_q("SELECT w.checkpoint, w.position, w.handled, "
-        .. "(SELECT count(*) FROM <schema>.dead_letters d WHERE d.workflow = w.name) AS dead_letters, "
-        .. "(SELECT count(*) FROM <schema>.timers t WHERE t.workflow = w.name) AS timers, "
-        .. "(SELECT count(*) FROM <schema>.events e WHERE e.position > w.position) AS lag_events "
-        .. "FROM <schema>.workflows w WHERE w.name = $1"), wf.name)
+      rows, err = self.store:query(self:_q("SELECT "
+        .. "(SELECT count(*) FROM <schema>.dead_letters d WHERE d.workflow = $1) AS dead_letters, "
+        .. "(SELECT count(*) FROM <schema>.timers t WHERE t.workflow = $1) AS timers"), wf.name)
       if not rows then return nil, err end
-      for k, v in pairs(rows[1] or {}) do s[k] = v end
+      s.dead_letters, s.timers = rows[1].dead_letters, rows[1].timers
     end
-    out[#out + 1] = s
   end
   return out
 end
