@@ -13,7 +13,7 @@
 #   BENCH_CMD_SECS=5                 length of each commands phase
 #   BENCH_EVENTS=1000000             events replayed by the rebuild bench
 #   BENCH_NAIVE=100000               events the naive UPDATE loop applies
-#   BENCH_LAG_N=300                  lag samples (LISTEN; a third polling)
+#   BENCH_LAG_N=300                  lag samples (head polling; a third for 100 ms polling)
 #   BENCH_HTTP_SECS=5                length of each wrk run
 #
 # Benchmarks:
@@ -28,7 +28,8 @@
 #   rebuild  bench/rebuild.lua, rebuild of rm_orders from 1,000,000 events
 #            against a naive UPDATE-per-event loop, lua5.4 and luajit
 #   lag      bench/lag.lua, append -> read-model row visible with a live
-#            projector (LISTEN/NOTIFY) against 100 ms polling, lua5.4 and luajit
+#            projector polling the log's head every 5 ms (no NOTIFY) against
+#            100 ms polling, idle and with 4 writers, lua5.4 and luajit
 #   http     bench/http.sh, wrk on nginx: GET /orders/{id} and POST
 #            /orders/{id}/items at 2 and 32 connections, against GET /health
 set -uo pipefail
@@ -190,7 +191,7 @@ for f in lua5.4 luajit; do
 done
 
 # ---- lag ------------------------------------------------------------------
-section "lag (append -> read-model row visible; LISTEN/NOTIFY against 100 ms polling)"
+section "lag (append -> read-model row visible; 5 ms head polling against 100 ms polling, idle and with 4 writers)"
 for f in lua5.4 luajit; do
   bench_run "lag $f" "_$f" env ES_BENCH_DATABASE_URL="$URL" ES_BENCH_LAG_N="${BENCH_LAG_N:-300}" \
     LUA_PATH="lua/?.lua;lua/?/init.lua;examples/?.lua;;" LUA_CPATH="build/$f/?.so;;" \

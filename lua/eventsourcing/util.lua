@@ -1,5 +1,5 @@
 -- eventsourcing.util: small helpers the Lua layer shares (time, copies,
--- the LISTEN session of live followers). Time comes from the C core, so
+-- transactions, errors worth retrying). Time comes from the C core, so
 -- instants are read and written exactly as the stores do.
 local core = require "eventsourcing.core"
 
@@ -83,37 +83,6 @@ local TRANSIENT = { ["40001"] = true, ["40P01"] = true, ["55P03"] = true,
                     ["53200"] = true, ["53300"] = true }
 function M.transient(err)
   return type(err) == "table" and (err.kind == "connection" or TRANSIENT[err.sqlstate] == true)
-end
-
--- The session a live follower (projector, workflow runner) LISTENs on,
--- from its `listen` option: false polls only; nil uses the store's own
--- session (fine without a pooler); a URL opens a session of its own once;
--- a store is used as it is. Returns the session, or nil (and an error
--- when opening failed).
-function M.listener(follower)
-  if follower.memory then return nil end
-  local l = follower.listen_opt
-  if l == false then return nil end
-  if l == nil then return follower.store end
-  if type(l) == "string" then
-    local s, err = core.open(l, { schema = follower.store:schema() })
-    if not s then return nil, err end
-    follower.listen_opt = s
-    return s
-  end
-  return l
-end
-
--- The listener of a follower, subscribed (LISTEN); trouble goes to
--- on_error and leaves the follower polling. Returns the session or nil.
-function M.subscribe(follower, on_error)
-  local l, err = M.listener(follower)
-  if l == nil and err then on_error(err) end
-  if l then
-    local ok, lerr = l:listen()
-    if not ok then on_error(lerr) end
-  end
-  return l
 end
 
 return M
