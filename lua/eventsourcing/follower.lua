@@ -157,9 +157,9 @@ function Follower:migrate()
   end
   if not step(store:query("SELECT pg_advisory_xact_lock(hashtext($1)) IS NULL AS x",
       ("eventsourcing.%s:%s"):format(self.ledger, store:schema()))) then return nil, err end
+  if self.extra_migrate and not step(self.extra_migrate(store)) then return nil, err end
   if not step(store:query(self:_q(LEDGER))) then return nil, err end
   if not step(self:_upgrade()) then return nil, err end
-  if self.extra_migrate and not step(self.extra_migrate(store)) then return nil, err end
   for _, s in ipairs(self.subs) do
     if not step(store:query(self:_q("INSERT INTO <ledger> (name) VALUES ($1) ON CONFLICT DO NOTHING"),
         s.name)) then return nil, err end

@@ -276,6 +276,16 @@ local TABLES = {
 
 local migrated = setmetatable({}, { __mode = "k" })
 
+-- The workflow tables, in the open transaction (idempotent).
+function M._create_tables(store)
+  if is_memory(store) then return true end
+  for _, sql in ipairs(TABLES) do
+    local ok, err = store:query(sqlq(store, sql))
+    if not ok then return nil, err end
+  end
+  return true
+end
+
 -- Creates the workflow tables (idempotent; also creates the store's own).
 -- The checkpoints (<schema>.workflows) are the follower's ledger: a
 -- runner's migrate creates them.
@@ -294,9 +304,7 @@ function M.migrate(store)
   end
   if not step(store:query("SELECT pg_advisory_xact_lock(hashtext('eventsourcing.workflows:' || $1)) IS NULL AS x",
       store:schema())) then return nil, err end
-  for _, sql in ipairs(TABLES) do
-    if not step(store:query(sqlq(store, sql))) then return nil, err end
-  end
+  if not step(M._create_tables(store)) then return nil, err end
   ok, err = store:commit()
   if not ok then return nil, err end
   migrated[store] = true
@@ -434,8 +442,16 @@ function M.runner(store, workflows, opts)
     subs[#subs + 1] = { name = wf.name, types = wf.types,
       process = function(batch, n) return self:_process(wf, batch, n) end }
   end
+  -- the workflow tables come with the ledger, in its migration's transaction
   self.engine = follower.new(store, { ledger = "workflows", label = "workflow runner", subs = subs,
-    batch_size = self.batch_size, log = opts.log })
+    batch_size = self.batch_size, log = opts.log, migrate = function(s)
+      local ok, err = s:migrate()
+      if ok then ok, err = M._create_tables(s) end
+      -- the tables are there: cancel_timer & co. must not migrate again
+      -- (in the middle of a batch's transaction)
+      if ok then migrated[s] = true end
+      return ok, err
+    end })
   return self
 end
 
@@ -445,16 +461,9 @@ end
 
 function Runner:_q(sql) return sqlq(self.store, sql) end
 
-function Runner:migrate()
-  local ok, err = M.migrate(self.store)
-  if not ok then return nil, err end
-  return self.engine:migrate()
-end
+function Runner:migrate() return self.engine:migrate() end
 
-function Runner:_ensure()
-  if self.engine.migrated then return true end
-  return self:migrate()
-end
+function Runner:_ensure() return self.engine:ensure() end
 
 function Runner:_delay(attempt)
   return math.min(self.max_backoff, self.backoff * 2 ^ (attempt - 1))
