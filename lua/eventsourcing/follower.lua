@@ -280,6 +280,21 @@ function Follower:reset(name, checkpoint)
   return self:_update(name, { reset = true, checkpoint = checkpoint })
 end
 
+-- Gives class (whose objects hold .engine and .by_name) the methods
+-- `names` of the engine, each first checking that the name is one of its
+-- subscriptions: class:pause(name) -> engine:pause(name). `what` and
+-- `noun` word the error ("projector", "projection").
+function M.delegate(class, what, noun, names)
+  for _, m in ipairs(names) do
+    class[m] = function(self, name)
+      if not self.by_name[name] then
+        error(("%s:%s: no %s named %s"):format(what, m, noun, tostring(name)), 2)
+      end
+      return self.engine[m](self.engine, name)
+    end
+  end
+end
+
 -- Batches ---------------------------------------------------------------------
 
 -- One batch of sub: handled, state where state is "more" (call again),

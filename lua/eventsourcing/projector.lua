@@ -184,35 +184,11 @@ function Projector:run(opts)
   return self.engine:follow(opts, function() return self:catch_up() end)
 end
 
-local function check_name(self, name, what)
-  if not self.by_name[name] then
-    error(("projector:%s: no projection named %s"):format(what, tostring(name)), 3)
-  end
-end
-
--- Clears the recorded error of a stopped projection: it resumes at the
--- failing event.
-function Projector:retry(name)
-  check_name(self, name, "retry")
-  return self.engine:retry(name)
-end
-
-function Projector:pause(name)
-  check_name(self, name, "pause")
-  return self.engine:pause(name)
-end
-
-function Projector:resume(name)
-  check_name(self, name, "resume")
-  return self.engine:resume(name)
-end
-
--- Back to the first event: the checkpoint and the rows (a read model's are
+-- retry(name): clears the recorded error of a stopped projection (it
+-- resumes at the failing event); pause(name), resume(name); reset(name):
+-- back to the first event, the checkpoint and the rows (a read model's are
 -- deleted; a custom projection's reset(tx) runs) in one transaction.
-function Projector:reset(name)
-  check_name(self, name, "reset")
-  return self.engine:reset(name, nil)
-end
+follower.delegate(Projector, "projector", "projection", { "retry", "pause", "resume", "reset" })
 
 function Projector:status() return self.engine:status() end
 

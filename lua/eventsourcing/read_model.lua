@@ -45,18 +45,9 @@
 -- find, clear); this module defines read models and applies batches.
 local base = require "eventsourcing.read_model_base"
 
-local DELETE = base.DELETE
-local IDENT = base.IDENT
-local INTEGER_TYPES = base.INTEGER_TYPES
-local valid_ident = base.valid_ident
-local quote = base.quote
-local short_ident = base.short_ident
-local normalize_type = base.normalize_type
-local util = base.util
-local key_string = base.key_string
-local default_key_of = base.default_key_of
-local fail = base.fail
-local mem_tables = base.mem_tables
+local DELETE, IDENT, INTEGER_TYPES, valid_ident = base.DELETE, base.IDENT, base.INTEGER_TYPES, base.valid_ident
+local quote, short_ident, normalize_type, util = base.quote, base.short_ident, base.normalize_type, base.util
+local key_string, default_key_of, fail, mem_tables = base.key_string, base.default_key_of, base.fail, base.mem_tables
 local is_memory = base.is_memory
 
 local M = {}

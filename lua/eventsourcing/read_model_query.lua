@@ -2,14 +2,8 @@
 -- cursors) and clear, on both stores.
 local base = require "eventsourcing.read_model_base"
 
-local json = base.json
-local quote = base.quote
-local deep_copy = base.deep_copy
-local key_string = base.key_string
-local fail = base.fail
-local b64encode = base.b64encode
-local b64decode = base.b64decode
-local mem_tables = base.mem_tables
+local json, quote, deep_copy, key_string = base.json, base.quote, base.deep_copy, base.key_string
+local fail, b64encode, b64decode, mem_tables = base.fail, base.b64encode, base.b64decode, base.mem_tables
 local is_memory = base.is_memory
 
 local ReadModel = {}   -- methods read_model takes in

@@ -3,16 +3,9 @@
 -- them) or, on memory stores, a Lua table.
 local base = require "eventsourcing.read_model_base"
 
-local core = base.core
-local json = base.json
-local quote = base.quote
-local short_ident = base.short_ident
-local util = base.util
-local deep_copy = base.deep_copy
-local tointeger = base.tointeger
-local key_string = base.key_string
-local mem_tables = base.mem_tables
-local is_memory = base.is_memory
+local core, json, quote, short_ident = base.core, base.json, base.quote, base.short_ident
+local util, deep_copy, tointeger, key_string = base.util, base.deep_copy, base.tointeger, base.key_string
+local mem_tables, is_memory = base.mem_tables, base.is_memory
 
 local ReadModel = {}   -- methods read_model takes in
 

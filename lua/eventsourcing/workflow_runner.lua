@@ -196,29 +196,17 @@ function Runner:run(opts)
     function() return self:next_timer() end)
 end
 
-local function check_name(self, name, what)
-  if not self.by_name[name] then
-    error(("runner:%s: no workflow named %s"):format(what, tostring(name)), 3)
-  end
-end
-
 -- Replays workflow `name` from the first event (or from checkpoint
 -- opts.checkpoint): handlers run again, and derived ids make the commands
 -- they issued before count as already done.
 function Runner:reset(name, opts)
-  check_name(self, name, "reset")
+  if not self.by_name[name] then
+    error(("runner:reset: no workflow named %s"):format(tostring(name)), 2)
+  end
   return self.engine:reset(name, opts and opts.checkpoint)
 end
 
-function Runner:pause(name)
-  check_name(self, name, "pause")
-  return self.engine:pause(name)
-end
-
-function Runner:resume(name)
-  check_name(self, name, "resume")
-  return self.engine:resume(name)
-end
+follower.delegate(Runner, "runner", "workflow", { "pause", "resume" })
 
 -- The follower's status rows (see eventsourcing.follower) with the
 -- counts of dead letters and pending timers of each workflow.
