@@ -71,18 +71,40 @@ local function cp_less(a, b)
 end
 M.checkpoint_less = cp_less
 
+-- opts.group = { name, partitions, member, ttl, heartbeat } runs this
+-- follower as one member of a consumer group (see follower_group): each
+-- subscription becomes one unit per partition ("<name>/<k>" rows in the
+-- ledger) and the member works on the partitions it owns. Without it each
+-- subscription is its own single unit.
 function M.new(store, opts)
-  local subs, by_name = {}, {}
-  for _, s in ipairs(opts.subs) do
-    subs[#subs + 1] = s
-    by_name[s.name] = s
-  end
-  return setmetatable({
+  local subs, by_name, units_of, units = {}, {}, {}, {}
+  local self = setmetatable({
     store = store, ledger = opts.ledger, label = opts.label or "follower",
-    subs = subs, by_name = by_name, batch_size = opts.batch_size or 1000,
+    subs = subs, by_name = by_name, units = units, units_of = units_of,
+    batch_size = opts.batch_size or 1000,
     extra_migrate = opts.migrate, log = opts.log, memory = util.is_memory(store),
     migrated = false, stopping = false, idle_at = {},
   }, Follower)
+  if opts.group then
+    self.group = require("eventsourcing.follower_group").new(self, opts.group)
+  end
+  for _, s in ipairs(opts.subs) do
+    subs[#subs + 1] = s
+    by_name[s.name] = s
+    units_of[s.name] = self.group and self.group:units(s) or { s }
+    for _, u in ipairs(units_of[s.name]) do
+      u.base = s
+      units[#units + 1] = u
+    end
+  end
+  return self
+end
+
+-- The units this process works on now: the owned partitions of a group
+-- member (after a heartbeat when one is due), or every unit.
+function Follower:active()
+  if not self.group then return self.units end
+  return self.group:owned()
 end
 
 -- Memory stores: the ledger in Lua, weak-keyed by store.
@@ -141,7 +163,7 @@ end
 function Follower:migrate()
   local store = self.store
   if self.memory then
-    for _, s in ipairs(self.subs) do self:_mem(s.name) end
+    for _, u in ipairs(self.units) do self:_mem(u.name) end
     if self.extra_migrate then
       local ok, err = self.extra_migrate(store)
       if not ok then return nil, err end
@@ -160,10 +182,11 @@ function Follower:migrate()
   if self.extra_migrate and not step(self.extra_migrate(store)) then return nil, err end
   if not step(store:query(self:_q(LEDGER))) then return nil, err end
   if not step(self:_upgrade()) then return nil, err end
-  for _, s in ipairs(self.subs) do
+  for _, u in ipairs(self.units) do
     if not step(store:query(self:_q("INSERT INTO <ledger> (name) VALUES ($1) ON CONFLICT DO NOTHING"),
-        s.name)) then return nil, err end
+        u.name)) then return nil, err end
   end
+  if self.group and not step(self.group:migrate()) then return nil, err end
   ok, err = store:commit()
   if not ok then return nil, err end
   self.migrated = true
@@ -180,20 +203,52 @@ end
 -- Begins a batch: -> row { checkpoint, position, failed, paused } | false
 -- (another process holds the lease) | nil, err. wait: wait for the lease.
 function Follower:lock(sub, wait)
+  if self.memory then return self:lock_row(sub) end
+  local ok, err = self.store:begin()
+  if not ok then return nil, err end
+  return self:lock_row(sub, wait)
+end
+
+-- The same inside the open transaction (rolled back when it fails).
+function Follower:lock_row(sub, wait)
   local store = self.store
   if self.memory then
     local r = self:_mem(sub.name)
     return { checkpoint = r.checkpoint, position = r.position, failed = r.error ~= nil,
              paused = r.paused }
   end
-  local ok, err = store:begin()
-  if not ok then return nil, err end
-  local res
-  res, err = store:query(self:_q("SELECT checkpoint, position, error IS NOT NULL AS failed, paused "
+  local res, err = store:query(self:_q("SELECT checkpoint, position, error IS NOT NULL AS failed, paused "
     .. "FROM <ledger> WHERE name = $1 FOR UPDATE" .. (wait and "" or " SKIP LOCKED")), sub.name)
   if not res then rollback(store); return nil, err end
   if #res == 0 then rollback(store); return false end
   return res[1]
+end
+
+-- Begins a transaction holding every unit of subscription `name`
+-- (waiting for them): -> true | nil, err
+function Follower:lock_all(name)
+  local ok, err = util.begin(self.store)
+  if not ok then return nil, err end
+  for _, u in ipairs(self.units_of[name]) do
+    local row
+    row, err = self:lock_row(u, true)
+    if not row then
+      self:rollback()
+      return nil, err or ("no ledger row for " .. u.name)
+    end
+  end
+  return true
+end
+
+-- In the open transaction: every unit of `name` at checkpoint; errors
+-- forgotten; reset_handled: handled back to 0. -> true | nil, err
+function Follower:set_all(name, checkpoint, reset_handled)
+  for _, u in ipairs(self.units_of[name]) do
+    local ok, err = self:save(u, checkpoint, 0)
+    if ok then ok, err = self:clear_error(u, reset_handled) end
+    if not ok then return nil, err end
+  end
+  return true
 end
 
 -- Moves the checkpoint (in the open transaction); failure: record it.
@@ -230,47 +285,38 @@ function Follower:rollback() rollback(self.store) end
 
 -- Sets fields of a subscription's row outside any batch: error = nil
 -- (retry), paused, reset (checkpoint, handled = 0). -> true | nil, err
+-- (every unit of it: all partitions of a group).
 function Follower:_update(name, what)
   local sub = self.by_name[name]
   local ok, err = self:ensure()
   if not ok then return nil, err end
-  if self.memory then
-    local r = self:_mem(name)
-    if what.clear_error then r.error, r.failed_at = nil, nil end
-    if what.paused ~= nil then r.paused = what.paused end
-    if what.reset then
-      if sub.reset then
-        local rok, rerr = sub.reset()
-        if not rok then return nil, rerr end
-      end
-      r.checkpoint, r.position, r.handled = what.checkpoint, select(2, parse_cp(what.checkpoint)), 0
-      r.error, r.failed_at = nil, nil
+  if what.reset then
+    -- hold every lease so no batch runs meanwhile; effects cleared in the
+    -- same transaction as the checkpoints go back
+    ok, err = self:lock_all(name)
+    if not ok then return nil, err end
+    if sub.reset then ok, err = sub.reset() end
+    if ok then ok, err = self:set_all(name, what.checkpoint, true) end
+    if not ok then self:rollback(); return nil, err end
+    return self:commit()
+  end
+  for _, u in ipairs(self.units_of[name]) do
+    if self.memory then
+      local r = self:_mem(u.name)
+      if what.clear_error then r.error, r.failed_at = nil, nil end
+      if what.paused ~= nil then r.paused = what.paused end
+      r.updated_at = util.now_iso()
+    else
+      local sets = {}
+      if what.clear_error then sets[#sets + 1] = "error = NULL, failed_at = NULL" end
+      if what.paused ~= nil then sets[#sets + 1] = what.paused and "paused = true" or "paused = false" end
+      sets[#sets + 1] = "updated_at = now()"
+      ok, err = self.store:query(self:_q("UPDATE <ledger> SET " .. table.concat(sets, ", ")
+        .. " WHERE name = $1"), u.name)
+      if not ok then return nil, err end
     end
-    r.updated_at = util.now_iso()
-    return true
   end
-  if not what.reset then
-    local sets = {}
-    if what.clear_error then sets[#sets + 1] = "error = NULL, failed_at = NULL" end
-    if what.paused ~= nil then sets[#sets + 1] = what.paused and "paused = true" or "paused = false" end
-    sets[#sets + 1] = "updated_at = now()"
-    return self.store:query(self:_q("UPDATE <ledger> SET " .. table.concat(sets, ", ")
-      .. " WHERE name = $1"), name)
-  end
-  -- reset: hold the lease so no batch runs meanwhile; effects cleared in
-  -- the same transaction as the checkpoint goes back
-  local row
-  row, err = self:lock(sub, true)
-  if not row then return nil, err or ("no ledger row for " .. name) end
-  if sub.reset then
-    local rok, rerr = sub.reset()
-    if not rok then self:rollback(); return nil, rerr end
-  end
-  ok, err = self.store:query(self:_q("UPDATE <ledger> SET checkpoint = $2, position = $3, handled = 0, "
-    .. "error = NULL, failed_at = NULL, updated_at = now() WHERE name = $1"),
-    name, what.checkpoint, select(2, parse_cp(what.checkpoint)))
-  if not ok then self:rollback(); return nil, err end
-  return self:commit()
+  return true
 end
 
 function Follower:pause(name) return self:_update(name, { paused = true }) end
@@ -317,8 +363,13 @@ function Follower:_batch_in(sub, limit)
     self:rollback()
     return 0, row.paused and "paused" or "failed"
   end
-  local batch, cp = store:read_all({ after = row.checkpoint, limit = limit, prefetch = sub.prefetch,
-    types = sub.types, category = sub.category })
+  local batch, cp
+  if sub.read then
+    batch, cp = sub.read(row.checkpoint, limit)
+  else
+    batch, cp = store:read_all({ after = row.checkpoint, limit = limit, prefetch = sub.prefetch,
+      types = sub.types, category = sub.category })
+  end
   if not batch then self:rollback(); return nil, cp end
   local n = #batch
   if n == 0 then
@@ -330,7 +381,7 @@ function Follower:_batch_in(sub, limit)
     end
     return self:_finish(sub, cp, 0, {}, "idle")
   end
-  local done, info = sub.process(batch, n)
+  local done, info = (sub.process or sub.base.process)(batch, n)
   if done == nil then self:rollback(); return nil, info end
   info = info or {}
   if done == n then
@@ -371,16 +422,19 @@ function Follower:catch_up(opts)
   local limit = (opts and opts.batch_size) or self.batch_size
   local total, per, active = 0, {}, {}
   self.idle_at = {}
-  for _, s in ipairs(self.subs) do active[#active + 1] = s; per[s.name] = 0 end
+  for _, s in ipairs(self.subs) do per[s.name] = 0 end
+  local units, gerr = self:active()
+  if not units then return nil, gerr end
+  for _, u in ipairs(units) do active[#active + 1] = u end
   while #active > 0 and not self.stopping do
     local next_active = {}
-    for _, s in ipairs(active) do
+    for _, u in ipairs(active) do
       if self.stopping then break end
-      local n, st = self:batch(s, limit)
+      local n, st = self:batch(u, limit)
       if not n then return nil, st end
       total = total + n
-      per[s.name] = per[s.name] + n
-      if st == "more" then next_active[#next_active + 1] = s end
+      per[u.base.name] = per[u.base.name] + n
+      if st == "more" then next_active[#next_active + 1] = u end
     end
     active = next_active
   end
@@ -491,26 +545,49 @@ end
 -- One row per subscription: { name, checkpoint, position, lag_events,
 -- lag_seconds, handled, error, state, status (= state), paused,
 -- updated_at, failed_at }
+function Follower:_row(unit)
+  if self.memory then
+    local r, s = self:_mem(unit.name), {}
+    for _, k in ipairs { "checkpoint", "position", "handled", "error", "updated_at",
+                         "failed_at", "paused" } do s[k] = r[k] end
+    return s
+  end
+  local res, err = self.store:query(self:_q("SELECT checkpoint, position, handled, error, paused, "
+    .. util.ts_sql("updated_at") .. ", " .. util.ts_sql("failed_at") .. " "
+    .. "FROM <ledger> WHERE name = $1"), unit.name)
+  if not res then return nil, err end
+  local r = res[1] or {}
+  r.position, r.handled, r.paused = r.position or 0, r.handled or 0, r.paused or false
+  return r
+end
+
+-- One row per subscription; a group's partitions are summed up (handled),
+-- its checkpoint is the lowest (lag counts from there) and each
+-- partition's row is in `partitions`.
 function Follower:status()
   local ok, err = self:ensure()
   if not ok then return nil, err end
   local out = {}
   for _, sub in ipairs(self.subs) do
-    local s = { name = sub.name }
-    if self.memory then
-      local r = self:_mem(sub.name)
-      for _, k in ipairs { "checkpoint", "position", "handled", "error", "updated_at",
-                           "failed_at", "paused" } do s[k] = r[k] end
-    else
-      local res
-      res, err = self.store:query(self:_q("SELECT checkpoint, position, handled, error, paused, "
-        .. util.ts_sql("updated_at") .. ", " .. util.ts_sql("failed_at") .. " "
-        .. "FROM <ledger> WHERE name = $1"), sub.name)
-      if not res then return nil, err end
-      local r = res[1] or {}
-      s.checkpoint, s.position, s.handled, s.error = r.checkpoint, r.position or 0, r.handled or 0, r.error
-      s.updated_at, s.failed_at, s.paused = r.updated_at, r.failed_at, r.paused or false
+    local s, parts = nil, {}
+    for _, u in ipairs(self.units_of[sub.name]) do
+      local r
+      r, err = self:_row(u)
+      if not r then return nil, err end
+      r.name = u.name
+      parts[#parts + 1] = r
+      if not s then
+        s = util.merge({}, r)
+      else
+        if cp_less(r.checkpoint, s.checkpoint) then s.checkpoint, s.position = r.checkpoint, r.position end
+        s.handled = s.handled + r.handled
+        s.error, s.failed_at = s.error or r.error, s.failed_at or r.failed_at
+        s.paused = s.paused or r.paused
+        if (r.updated_at or "") > (s.updated_at or "") then s.updated_at = r.updated_at end
+      end
     end
+    s.name = sub.name
+    if self.group then s.partitions = parts end
     s.lag_events, s.lag_seconds = M.lag(self.store, s.checkpoint)
     if not s.lag_events then return nil, s.lag_seconds end
     s.state = state_of(s)

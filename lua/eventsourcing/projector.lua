@@ -300,13 +300,8 @@ function Projector:_rebuild_swap(p, limit, report)
   end
   -- 2. swap: hold the lease, apply the tail, rename, move the checkpoint
   local engine = self.engine
-  local sub = engine.by_name[p.name]
-  local row
-  row, err = engine:lock(sub, true)
-  if not row then
-    drop_tmp()
-    return nil, err or core.error("database", "rebuild: the checkpoint row of " .. p.name .. " is missing")
-  end
+  ok, err = engine:lock_all(p.name)
+  if not ok then drop_tmp(); return nil, err end
   ok, err = replay()
   if ok and self.memory then
     local tables = read_model._mem_tables(store)
@@ -322,8 +317,7 @@ function Projector:_rebuild_swap(p, limit, report)
     ok, err = read_model._exec_all(store, sqls)
   end
   if ok then
-    ok, err = engine:save(sub, after, 0)
-    if ok then ok, err = engine:clear_error(sub) end
+    ok, err = engine:set_all(p.name, after)
   end
   if not ok then engine:rollback(); drop_tmp(); return nil, err end
   ok, err = engine:commit()
@@ -338,24 +332,23 @@ function Projector:_rebuild_in_place(p, limit, report)
       :format(p.name))
   end
   local engine = self.engine
-  local sub = engine.by_name[p.name]
-  local row, err = engine:lock(sub, true)
-  if not row then return nil, err end
-  local ok, e = pcall(p.reset_fn, require("eventsourcing.projection").tx(self.store))
-  if ok then
-    ok, e = engine:save(sub, nil, 0)
-    if ok then ok, e = engine:clear_error(sub, true) end
-  end
+  local ok, err = engine:lock_all(p.name)
+  if not ok then return nil, err end
+  local e
+  ok, e = pcall(p.reset_fn, require("eventsourcing.projection").tx(self.store))
+  if ok then ok, e = engine:set_all(p.name, nil, true) end
   if not ok then engine:rollback(); return nil, e end
   ok, err = engine:commit()
   if not ok then return nil, err end
   local done = 0
-  while true do
-    local n, st = engine:batch(sub, limit)
-    if not n then return nil, st end
-    done = done + n
-    report(done)
-    if st ~= "more" then break end
+  for _, unit in ipairs(engine.units_of[p.name]) do
+    while true do
+      local n, st = engine:batch(unit, limit)
+      if not n then return nil, st end
+      done = done + n
+      report(done)
+      if st ~= "more" then break end
+    end
   end
   report(done, true)
   return done
