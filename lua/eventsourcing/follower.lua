@@ -505,10 +505,12 @@ function Follower:follow(opts, catch_up, next_due)
       local wait = poll
       local due = next_due and next_due()
       if due and due < wait then wait = math.max(0.001, due) end
+      if self.group then wait = math.max(0.001, math.min(wait, self.group:until_beat())) end
       self:wait(clock() + wait, tick, stopping)
     end
   end
   self.stopping = false
+  if self.group then self.group:leave() end
   return true
 end
 

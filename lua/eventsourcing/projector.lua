@@ -16,6 +16,10 @@
 --   projector:reset(name)       -- back to the first event; a read model's
 --                               -- rows are cleared in the same transaction
 --
+-- opts.group = { partitions = 16, member = "...", ttl = 5, heartbeat = 1 }
+-- runs this projector as one member of a consumer group (see
+-- eventsourcing.follower_group): start the same projector in N processes.
+--
 -- Everything about following the log (the checkpoint ledger
 -- <schema>.projections and its lease, batches, catch-up, the live loop,
 -- lag, pause/resume) is eventsourcing.follower's; this module only says
@@ -82,7 +86,7 @@ function M.new(store, projections, opts)
       reset = function() return self:_clear_rows(p) end }
   end
   self.engine = follower.new(store, { ledger = "projections", label = "projector", subs = subs,
-    batch_size = bs, log = opts.log, migrate = function(s)
+    batch_size = bs, log = opts.log, group = opts.group, migrate = function(s)
       for _, p in ipairs(list) do
         local ok, err = p:migrate(s)
         if not ok then return nil, err end

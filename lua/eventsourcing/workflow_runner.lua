@@ -73,7 +73,7 @@ function M.new(store, workflows, opts)
   end
   -- the workflow tables come with the ledger, in its migration's transaction
   self.engine = follower.new(store, { ledger = "workflows", label = "workflow runner", subs = subs,
-    batch_size = self.batch_size, log = opts.log, migrate = function(s)
+    batch_size = self.batch_size, log = opts.log, group = opts.group, migrate = function(s)
       local ok, err = s:migrate()
       if ok then ok, err = wstore._create_tables(s) end
       -- the tables are there: cancel_timer & co. must not migrate again
