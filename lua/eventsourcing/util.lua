@@ -77,12 +77,18 @@ function M.now_iso() return core.time_format(core.now()) end
 -- Errors worth trying again later rather than stopping for: a lost
 -- connection, and the database's passing refusals (serialization failure,
 -- deadlock, lock or statement timeout, too many connections, out of
--- resources).
+-- resources, a transaction aborted by one of them). Decided from err.kind,
+-- err.reason and err.sqlstate, never from message text.
 local TRANSIENT = { ["40001"] = true, ["40P01"] = true, ["55P03"] = true,
                     ["57014"] = true, ["53000"] = true, ["53100"] = true,
                     ["53200"] = true, ["53300"] = true }
+local TRANSIENT_REASON = { serialization = true, timeout = true, tx_aborted = true }
 function M.transient(err)
-  return type(err) == "table" and (err.kind == "connection" or TRANSIENT[err.sqlstate] == true)
+  if type(err) ~= "table" then return false end
+  if err.kind == "connection" then return true end
+  -- err.reason (from the C core) when there is one, else the sqlstate
+  if err.reason ~= nil then return TRANSIENT_REASON[err.reason] == true end
+  return TRANSIENT[err.sqlstate] == true
 end
 
 return M
