@@ -100,11 +100,18 @@ function M.new(store, opts)
   return self
 end
 
--- The units this process works on now: the owned partitions of a group
--- member (after a heartbeat when one is due), or every unit.
+-- What this process works on now: every unit, or for a group member
+-- (after a heartbeat when one is due) one item per subscription holding
+-- the units of the partitions it owns, batched together.
 function Follower:active()
   if not self.group then return self.units end
-  return self.group:owned()
+  return self.group:items()
+end
+
+-- The work items of subscription `name` whoever owns them (rebuild).
+function Follower:items_of(name)
+  if not self.group then return self.units_of[name] end
+  return { { base = self.by_name[name], units = self.units_of[name] } }
 end
 
 -- Memory stores: the ledger in Lua, weak-keyed by store.
@@ -348,7 +355,7 @@ end
 -- | nil, err. Anything raised in between rolls the batch back first, so
 -- the session and the lease are never left behind.
 function Follower:batch(sub, limit)
-  local ok, a, b = pcall(self._batch_in, self, sub, limit or self.batch_size)
+  local ok, a, b = pcall(sub.units and self._set_batch or self._batch_in, self, sub, limit or self.batch_size)
   if ok then return a, b end
   self:rollback()
   error(a, 0)
@@ -363,13 +370,8 @@ function Follower:_batch_in(sub, limit)
     self:rollback()
     return 0, row.paused and "paused" or "failed"
   end
-  local batch, cp
-  if sub.read then
-    batch, cp = sub.read(row.checkpoint, limit)
-  else
-    batch, cp = store:read_all({ after = row.checkpoint, limit = limit, prefetch = sub.prefetch,
-      types = sub.types, category = sub.category })
-  end
+  local batch, cp = store:read_all({ after = row.checkpoint, limit = limit, prefetch = sub.prefetch,
+    types = sub.types, category = sub.category })
   if not batch then self:rollback(); return nil, cp end
   local n = #batch
   if n == 0 then
@@ -398,6 +400,9 @@ function Follower:_batch_in(sub, limit)
   if handled and not info.failure and info.delay then sleep(info.delay) end
   return handled, st
 end
+
+-- A group's item: its units in one transaction (see follower_group).
+function Follower:_set_batch(item, limit) return self.group:batch(item, limit) end
 
 function Follower:_finish(sub, cp, handled, info, state)
   local ok, err = self:save(sub, cp, handled, info.failure)

@@ -85,53 +85,65 @@ function Group:_q(sql)
   return (sql:gsub("<schema>", function() return quote(self.store:schema()) end))
 end
 
--- Units --------------------------------------------------------------------------
+-- Units and batches -------------------------------------------------------------
+
+local follower_mod     -- eventsourcing.follower, required lazily (it requires us)
+local function fm()
+  follower_mod = follower_mod or require "eventsourcing.follower"
+  return follower_mod
+end
 
 -- The units of subscription sub: one per partition.
 function Group:units(sub)
   local out = {}
   for k = 0, self.partitions - 1 do
-    local u = { name = ("%s/%d"):format(sub.name, k), part = k, types = sub.types }
-    u.read = function(after, limit) return self:read(u, after, limit) end
+    local u = { name = ("%s/%d"):format(sub.name, k), part = k }
     out[#out + 1] = u
     self.unit_list[#self.unit_list + 1] = u
   end
   return out
 end
 
+-- One read for any set of partitions: the events of those partitions after
+-- checkpoint $1 (each with its partition and checkpoint), then a last row
+-- (NULL id) naming the last event below the watermark.
 -- (the text of txid is named tx: ORDER BY txid must mean the xid8 column,
 -- not an output column of that name, which would sort as text)
 local READ = [[(SELECT id::text AS id, stream, version, position, type, data, metadata,
-    %s, txid::text AS tx FROM <schema>.events
+    %s, txid::text AS tx, (hashtext(stream) & 2147483647) %% $3::int AS part FROM <schema>.events
   WHERE (txid, position) > ($1::xid8, $2::bigint)
     AND txid < pg_snapshot_xmin(pg_current_snapshot())
-    AND (hashtext(stream) & 2147483647) %% $3::int = $4::int%s
+    AND (hashtext(stream) & 2147483647) %% $3::int = ANY($4::int[])%s
   ORDER BY txid, position LIMIT $5::bigint)
-UNION ALL (SELECT NULL, NULL, NULL, position, NULL, NULL, NULL, NULL, txid::text AS tx FROM <schema>.events
-  WHERE txid < pg_snapshot_xmin(pg_current_snapshot()) ORDER BY txid DESC, position DESC LIMIT 1)]]
+UNION ALL (SELECT NULL, NULL, NULL, position, NULL, NULL, NULL, NULL, txid::text AS tx, NULL
+  FROM <schema>.events WHERE txid < pg_snapshot_xmin(pg_current_snapshot())
+  ORDER BY txid DESC, position DESC LIMIT 1)]]
 
-local function types_literal(types)
+local function array_literal(list, quoted)
   local out = {}
-  for i, t in ipairs(types) do out[i] = '"' .. t:gsub('[\\"]', '\\%0') .. '"' end
+  for i, t in ipairs(list) do
+    out[i] = quoted and ('"' .. tostring(t):gsub('[\\"]', '\\%0') .. '"') or tostring(t)
+  end
   return "{" .. table.concat(out, ",") .. "}"
 end
 
--- read_all for one partition, with the same shapes: events carrying their
--- checkpoint, and the batch's checkpoint (past skipped events when short).
-function Group:read(unit, after, limit)
-  local txid, pos = require("eventsourcing.follower").parse_checkpoint(after)
+-- -> events (e.part, e.checkpoint), the batch's checkpoint (past what the
+-- filters skipped when the batch is short) | nil, err
+function Group:read(types, parts, after, limit)
+  local txid, pos = fm().parse_checkpoint(after)
   self.sql_read = self.sql_read or {}
-  local filtered = unit.types ~= nil
+  local filtered = types ~= nil
   local sql = self.sql_read[filtered]
   if not sql then
     sql = self:_q(READ:format(util.ts_sql("recorded_at"), filtered and " AND type = ANY($6::text[])" or ""))
     self.sql_read[filtered] = sql
   end
   local rows, err
-  if unit.types then
-    rows, err = self.store:query(sql, txid, pos, self.partitions, unit.part, limit, types_literal(unit.types))
+  if filtered then
+    rows, err = self.store:query(sql, txid, pos, self.partitions, array_literal(parts), limit,
+      array_literal(types, true))
   else
-    rows, err = self.store:query(sql, txid, pos, self.partitions, unit.part, limit)
+    rows, err = self.store:query(sql, txid, pos, self.partitions, array_literal(parts), limit)
   end
   if not rows then return nil, err end
   local cp, n = after, #rows
@@ -145,9 +157,103 @@ function Group:read(unit, after, limit)
   end
   if head and n < limit then
     local hcp = head.tx .. ":" .. head.position
-    if require("eventsourcing.follower").checkpoint_less(cp, hcp) then cp = hcp end
+    if fm().checkpoint_less(cp, hcp) then cp = hcp end
   end
-  return rows, cp or "0:0"
+  return rows, cp
+end
+
+-- Work items: per subscription, the units of the owned partitions.
+function Group:items()
+  local owned, err = self:owned()
+  if not owned then return nil, err end
+  local by_base, items = {}, {}
+  for _, u in ipairs(owned) do
+    local it = by_base[u.base]
+    if not it then
+      it = { base = u.base, units = {} }
+      by_base[u.base] = it
+      items[#items + 1] = it
+    end
+    it.units[#it.units + 1] = u
+  end
+  return items
+end
+
+-- One batch of an item, in one transaction: lock the units' ledger rows
+-- (SKIP LOCKED), read once from the lowest of their checkpoints, drop
+-- events a unit has done already, let the subscription process the rest,
+-- and move every unit to where the batch got (the failing unit records
+-- its failure). Same results as the follower's batch.
+function Group:batch(item, limit)
+  local engine, store = self.engine, self.store
+  local ok, err = store:begin()
+  if not ok then return nil, err end
+  local names, by_name = {}, {}
+  for _, u in ipairs(item.units) do names[#names + 1] = u.name; by_name[u.name] = u end
+  local rows
+  rows, err = store:query(engine:_q("SELECT name, checkpoint, error IS NOT NULL AS failed, paused "
+    .. "FROM <ledger> WHERE name = ANY($1::text[]) ORDER BY name FOR UPDATE SKIP LOCKED"),
+    array_literal(names, true))
+  if not rows then engine:rollback(); return nil, err end
+  local usable, cps, parts, low, any = {}, {}, {}, nil, false
+  for _, r in ipairs(rows) do
+    if not r.failed and not r.paused then
+      local u = by_name[r.name]
+      usable[#usable + 1] = u
+      cps[u.part] = r.checkpoint or false
+      parts[#parts + 1] = u.part
+      if not any or fm().checkpoint_less(r.checkpoint, low) then low = r.checkpoint end
+      any = true
+    end
+  end
+  if not any then engine:rollback(); return 0, #rows < #item.units and "locked" or "idle" end
+  local batch, cp = self:read(item.base.types, parts, low, limit)
+  if not batch then engine:rollback(); return nil, cp end
+  local kept = {}
+  for _, e in ipairs(batch) do
+    if fm().checkpoint_less(cps[e.part] or nil, e.checkpoint) then kept[#kept + 1] = e end
+  end
+  local n, done, info = #kept, 0, {}
+  if n > 0 then
+    done, info = item.base.process(kept, n)
+    if done == nil then engine:rollback(); return nil, info end
+    info = info or {}
+  end
+  return self:_finish(item, usable, cps, kept, done, info,
+    done == n and cp or (done > 0 and kept[done].checkpoint or nil), #batch < limit)
+end
+
+function Group:_finish(item, usable, cps, kept, done, info, upto, short)
+  local engine, less = self.engine, fm().checkpoint_less
+  local handled, n = {}, #kept
+  for i = 1, done do handled[kept[i].part] = (handled[kept[i].part] or 0) + 1 end
+  local fail_part = done < n and info.failure and kept[done + 1].part
+  local moved = {}
+  for _, u in ipairs(usable) do
+    local from = cps[u.part] or nil
+    local to = from
+    if upto and less(from, upto) then to = upto end
+    moved[u] = to
+    if to ~= from or handled[u.part] or u.part == fail_part then
+      local ok, err = engine:save(u, to, handled[u.part] or 0, u.part == fail_part and info.failure or nil)
+      if not ok then engine:rollback(); return nil, err end
+    end
+  end
+  local ok, err = engine:commit()
+  if not ok then return nil, err end
+  if fail_part and engine.log then
+    local e = kept[done + 1]
+    engine.log(("%s %s stopped at position %s (%s, stream %s): %s"):format(engine.label,
+      item.base.name, tostring(e.position), tostring(e.type), tostring(e.stream),
+      tostring(info.failure.message)))
+  end
+  if done < n then
+    if not info.failure and info.delay then util.sleep(info.delay) end
+    return done, "more"
+  end
+  if not short then return done, "more" end
+  for u, to in pairs(moved) do engine.idle_at[u] = to end
+  return done, "idle"
 end
 
 -- Tables -------------------------------------------------------------------------

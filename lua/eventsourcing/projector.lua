@@ -345,9 +345,9 @@ function Projector:_rebuild_in_place(p, limit, report)
   ok, err = engine:commit()
   if not ok then return nil, err end
   local done = 0
-  for _, unit in ipairs(engine.units_of[p.name]) do
+  for _, item in ipairs(engine:items_of(p.name)) do
     while true do
-      local n, st = engine:batch(unit, limit)
+      local n, st = engine:batch(item, limit)
       if not n then return nil, st end
       done = done + n
       report(done)
