@@ -174,6 +174,38 @@ describe("consumer groups (processes, PostgreSQL)", function()
     assert.equal(0, sql("SELECT count(*) AS n FROM <s>.follower_partitions WHERE owner IS NOT NULL")[1].n)
   end)
 
+  it("runs workflow runners as a group too: each event handled once across members", function()
+    local seen = {}
+    local wf = es.workflow { name = "wf-group", on = { Tick = function(e)
+      seen[e.id] = (seen[e.id] or 0) + 1
+    end } }
+    local other = assert(es.open(helpers.database_url(), { schema = schema }))
+    local r1 = es.workflow.runner(store, { wf }, { group = { partitions = 4, member = "a", heartbeat = 0.05 } })
+    local r2 = es.workflow.runner(other, { wf }, { group = { partitions = 4, member = "b", heartbeat = 0.05 } })
+    for i = 1, 40 do assert(store:append("T-" .. i, { { type = "Tick" }, { type = "Tick" } })) end
+    assert(r1:catch_up())
+    assert(r2:catch_up())
+    helpers.sleep(0.1)
+    assert(r1:catch_up())      -- r1 hands b's share over, r2 takes it
+    helpers.sleep(0.1)
+    assert(r2:catch_up())
+    for i = 41, 60 do assert(store:append("T-" .. i, { type = "Tick" })) end
+    helpers.sleep(0.1)
+    local n1 = assert(r1:catch_up())
+    local n2 = assert(r2:catch_up())
+    assert.is_true(n1 > 0 and n2 > 0, ("shared: %d and %d"):format(n1, n2))
+    local count = 0
+    for _, c in pairs(seen) do
+      assert.equal(1, c)
+      count = count + 1
+    end
+    assert.equal(100, count)
+    local st = assert(r1:status())[1]
+    assert.equal(0, st.lag_events)
+    assert.equal(100, st.handled)
+    other:close()
+  end)
+
   it("refuses a different partition count for an existing group, and memory stores", function()
     local P = assert(load(PROJECTION:format(schema) .. " return P"))()
     assert(es.projector(store, { P }, { group = { partitions = 8, member = "a" } }):migrate())
