@@ -36,10 +36,14 @@
 -- Row locks are transaction-scoped, so this works behind PgBouncer in
 -- transaction mode.
 --
--- Wake-ups: run() polls the log's head (an index-only read of one event
--- after the checkpoint every `tick` seconds, default 5 ms) instead of
--- LISTEN: appends never NOTIFY, so writers' commits are never serialized,
--- and nothing depends on a session surviving a pooler or a restart.
+-- Wake-ups: follow() polls the log's head (a read of at most one event
+-- after the idle subscriptions' lowest checkpoint, an index range scan on
+-- (txid, position), every `tick` seconds, default 5 ms) instead of LISTEN:
+-- appends never NOTIFY, so writers' commits are never serialized, and
+-- nothing depends on a session surviving a pooler or a restart.
+--
+-- opts.group makes the follower one member of a consumer group: see
+-- eventsourcing.follower_group.
 local util = require "eventsourcing.util"
 
 local M = {}
