@@ -147,6 +147,28 @@ for _, entry in ipairs(helpers.stores()) do
       assert.equal(3, s.lag_events)
     end)
 
+    it("reads only the declared category, in SQL, and still steps past the rest", function()
+      local rm = es.read_model { name = "rm_cat", category = "Acct",
+        columns = { id = "text", n = "bigint" },
+        on = { Inc = function(row) row.n = (row.n or 0) + 1 end } }
+      local seen = {}
+      local wf = es.workflow { name = "wf-cat", category = "Acct",
+        on = { Inc = function(e) seen[#seen + 1] = e.stream end } }
+      local p = es.projector(store, { rm })
+      local runner = es.workflow.runner(store, { wf })
+      append_n(store, "Acct-1", 2)
+      append_n(store, "Other-1", 3)
+      append_n(store, "Acct-2", 1)
+      assert.equal(3, p:catch_up())
+      assert.equal(3, (runner:catch_up()))
+      assert.same({ "Acct-1", "Acct-1", "Acct-2" }, seen)
+      assert.equal(2, rm:get(store, "1").n)
+      assert.equal(0, assert(p:status())[1].lag_events)
+      assert.equal(0, assert(runner:status())[1].lag_events)
+      assert.has_error(function() es.read_model { name = "rm_bad", category = "A-b", columns = { id = "text" } } end)
+      assert.has_error(function() es.workflow { name = "w", category = 3, on = {} } end)
+    end)
+
     it("gives the workflow runner the same status rows, pause and resume", function()
       local handled = 0
       local wf = es.workflow { name = "wf-count", on = { Inc = function() handled = handled + 1 end } }

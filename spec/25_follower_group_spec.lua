@@ -176,7 +176,7 @@ describe("consumer groups (processes, PostgreSQL)", function()
 
   it("runs workflow runners as a group too: each event handled once across members", function()
     local seen = {}
-    local wf = es.workflow { name = "wf-group", on = { Tick = function(e)
+    local wf = es.workflow { name = "wf-group", category = "T", on = { Tick = function(e)
       seen[e.id] = (seen[e.id] or 0) + 1
     end } }
     local other = assert(es.open(helpers.database_url(), { schema = schema }))
@@ -190,6 +190,7 @@ describe("consumer groups (processes, PostgreSQL)", function()
     helpers.sleep(0.1)
     assert(r2:catch_up())
     for i = 41, 60 do assert(store:append("T-" .. i, { type = "Tick" })) end
+    for i = 1, 10 do assert(store:append("U-" .. i, { type = "Tick" })) end   -- another category
     helpers.sleep(0.1)
     local n1 = assert(r1:catch_up())
     local n2 = assert(r2:catch_up())

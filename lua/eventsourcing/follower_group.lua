@@ -113,7 +113,8 @@ local READ = [[(SELECT id::text AS id, stream, version, position, type, data, me
     %s, txid::text AS tx, (hashtext(stream) & 2147483647) %% $3::int AS part FROM <schema>.events
   WHERE (txid, position) > ($1::xid8, $2::bigint)
     AND txid < pg_snapshot_xmin(pg_current_snapshot())
-    AND (hashtext(stream) & 2147483647) %% $3::int = ANY($4::int[])%s
+    AND (hashtext(stream) & 2147483647) %% $3::int = ANY($4::int[])
+    AND ($6::text[] IS NULL OR type = ANY($6::text[])) AND ($7::text IS NULL OR category = $7)
   ORDER BY txid, position LIMIT $5::bigint)
 UNION ALL (SELECT NULL, NULL, NULL, position, NULL, NULL, NULL, NULL, txid::text AS tx, NULL
   FROM <schema>.events WHERE txid < pg_snapshot_xmin(pg_current_snapshot())
@@ -129,22 +130,11 @@ end
 
 -- -> events (e.part, e.checkpoint), the batch's checkpoint (past what the
 -- filters skipped when the batch is short) | nil, err
-function Group:read(types, parts, after, limit)
+function Group:read(base, parts, after, limit)
   local txid, pos = fm().parse_checkpoint(after)
-  self.sql_read = self.sql_read or {}
-  local filtered = types ~= nil
-  local sql = self.sql_read[filtered]
-  if not sql then
-    sql = self:_q(READ:format(util.ts_sql("recorded_at"), filtered and " AND type = ANY($6::text[])" or ""))
-    self.sql_read[filtered] = sql
-  end
-  local rows, err
-  if filtered then
-    rows, err = self.store:query(sql, txid, pos, self.partitions, array_literal(parts), limit,
-      array_literal(types, true))
-  else
-    rows, err = self.store:query(sql, txid, pos, self.partitions, array_literal(parts), limit)
-  end
+  self.sql_read = self.sql_read or self:_q(READ:format(util.ts_sql("recorded_at")))
+  local rows, err = self.store:query(self.sql_read, txid, pos, self.partitions, array_literal(parts), limit,
+    base.types and array_literal(base.types, true) or nil, base.category)
   if not rows then return nil, err end
   local cp, n = after, #rows
   local head = n > 0 and rows[n].id == nil and rows[n] or nil
@@ -207,7 +197,7 @@ function Group:batch(item, limit)
     end
   end
   if not any then engine:rollback(); return 0, #rows < #item.units and "locked" or "idle" end
-  local batch, cp = self:read(item.base.types, parts, low, limit)
+  local batch, cp = self:read(item.base, parts, low, limit)
   if not batch then engine:rollback(); return nil, cp end
   local kept = {}
   for _, e in ipairs(batch) do

@@ -81,7 +81,7 @@ function M.new(store, projections, opts)
     memory = util.is_memory(store), log = opts.log }, Projector)
   local subs = {}
   for _, p in ipairs(list) do
-    subs[#subs + 1] = { name = p.name, types = types_of(p), prefetch = true,
+    subs[#subs + 1] = { name = p.name, types = types_of(p), category = p.category, prefetch = true,
       process = function(batch, n) return self:_process(p, batch, n) end,
       reset = function() return self:_clear_rows(p) end }
   end
@@ -211,14 +211,16 @@ function Projector:_count_events(p)
   if self.memory then
     local n, after = 0, nil
     repeat
-      local b, cp = self.store:read_all({ after = after, limit = 10000, types = types })
+      local b, cp = self.store:read_all({ after = after, limit = 10000, types = types,
+        category = p.category })
       if not b then return 0 end
       n, after = n + #b, cp
     until #b < 10000
     return n
   end
-  local res = self.store:query(("SELECT count(*) AS n FROM %s.events WHERE type = ANY($1::text[])")
-    :format(quote(self.store:schema())), "{" .. table.concat(quoted_types(types), ",") .. "}")
+  local res = self.store:query(("SELECT count(*) AS n FROM %s.events WHERE type = ANY($1::text[]) "
+    .. "AND ($2::text IS NULL OR category = $2)"):format(quote(self.store:schema())),
+    "{" .. table.concat(quoted_types(types), ",") .. "}", p.category)
   return res and res[1].n or 0
 end
 
@@ -275,7 +277,7 @@ function Projector:_rebuild_swap(p, limit, report)
     local batches = 0
     while not max_batches or batches < max_batches do
       local batch, cp = store:read_all({ after = after, limit = limit, prefetch = true,
-        types = self.engine.by_name[p.name].types })
+        types = self.engine.by_name[p.name].types, category = p.category })
       if not batch then return nil, cp end
       if #batch == 0 then after = cp; return true end
       local r, a, b = p:_apply(store, tmp, batch, #batch, { seen = seen })

@@ -11,6 +11,7 @@
 --       OrderDeleted = function(row, event) return es.read_model.DELETE end,
 --     },
 --     key_of = function(event) return ... end,   -- default: the stream after its first "-"
+--     category = "Order",    -- optional: only streams "Order-..." are read (in SQL)
 --   }
 --
 -- Handlers: on[type](row, event) gets the current row (or, for a key with no
@@ -128,6 +129,7 @@ function M.new(def)
     kind = "read_model",
     name = name, key = key, columns = columns, types = types, treat = treat,
     indexes = indexes, on = on, key_of = def.key_of or default_key_of,
+    category = util.category(def, "es.read_model " .. name),
   }, ReadModel)
 end
 

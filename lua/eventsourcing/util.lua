@@ -58,6 +58,17 @@ function M.scan(store, after, each_batch)
   end
 end
 
+-- The optional `category` of a definition (read model, projection,
+-- workflow): only streams "<category>-..." are read, filtered in SQL.
+function M.category(def, what)
+  local c = def.category
+  if c == nil then return nil end
+  if type(c) ~= "string" or c == "" or c:find("-", 1, true) then
+    error(("%s: category must be a stream prefix without '-' (a non-empty string)"):format(what), 3)
+  end
+  return c
+end
+
 M.now = core.now                 -- wall clock, seconds since the epoch
 M.monotonic = core.monotonic     -- for durations and rates
 M.iso = core.time_format         -- epoch seconds -> "YYYY-MM-DDTHH:MM:SS.ffffffZ"

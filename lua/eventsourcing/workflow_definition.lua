@@ -1,4 +1,5 @@
--- eventsourcing.workflow_definition: es.workflow { name, on = { T = fn } }.
+-- eventsourcing.workflow_definition: es.workflow { name, on = { T = fn },
+-- category = "Order" (optional: only those streams), max_attempts }.
 local M = {}
 
 local Workflow = {}
@@ -21,6 +22,7 @@ function M.new(def)
   end
   table.sort(types)
   return setmetatable({ name = def.name, on = on, types = types,
+    category = require("eventsourcing.util").category(def, "es.workflow " .. def.name),
     max_attempts = def.max_attempts }, Workflow)
 end
 

@@ -68,7 +68,7 @@ function M.new(store, workflows, opts)
   }, Runner)
   local subs = {}
   for _, wf in ipairs(list) do
-    subs[#subs + 1] = { name = wf.name, types = wf.types,
+    subs[#subs + 1] = { name = wf.name, types = wf.types, category = wf.category,
       process = function(batch, n) return self:_process(wf, batch, n) end }
   end
   -- the workflow tables come with the ledger, in its migration's transaction
