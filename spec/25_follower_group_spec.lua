@@ -207,6 +207,23 @@ describe("consumer groups (processes, PostgreSQL)", function()
     other:close()
   end)
 
+  it("keeps projectors of different read models in different groups by default", function()
+    local function counter(name)
+      return es.read_model { name = name, columns = { id = "text", n = "bigint" },
+        on = { Tick = function(row) row.n = (row.n or 0) + 1 end } }
+    end
+    local a, b = counter("rm_ga"), counter("rm_gb")
+    local other = assert(es.open(helpers.database_url(), { schema = schema }))
+    local pa = es.projector(store, { a }, { group = { partitions = 4, member = "x" } })
+    local pb = es.projector(other, { b }, { group = { partitions = 4, member = "y" } })
+    for i = 1, 12 do assert(store:append("S-" .. i, { type = "Tick" })) end
+    -- one group would rank x and y together and leave half of each unread
+    assert.equal(12, (pa:catch_up()))
+    assert.equal(12, (pb:catch_up()))
+    assert.not_equal(pa.engine.group.name, pb.engine.group.name)
+    other:close()
+  end)
+
   it("refuses a different partition count for an existing group, and memory stores", function()
     local P = assert(load(PROJECTION:format(schema) .. " return P"))()
     assert(es.projector(store, { P }, { group = { partitions = 8, member = "a" } }):migrate())

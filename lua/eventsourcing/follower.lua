@@ -75,7 +75,7 @@ function M.new(store, opts)
     migrated = false, stopping = false, idle_at = {},
   }, Follower)
   if opts.group then
-    self.group = require("eventsourcing.follower_group").new(self, opts.group)
+    self.group = require("eventsourcing.follower_group").new(self, opts.group, opts.subs)
   end
   for _, s in ipairs(opts.subs) do
     subs[#subs + 1] = s

@@ -2,7 +2,9 @@
 -- members (processes, on any machines).
 --
 --   es.projector(store, { Orders }, { group = {
---     name = "orders",          -- the group (default: the ledger's name)
+--     name = "orders",          -- the group (default: the ledger's name and the
+--                               -- subscriptions' names; members of one group
+--                               -- must follow the same subscriptions)
 --     partitions = 16,          -- fixed for the life of the group
 --     member = "host-a-1",      -- unique per member (default: host, pid, random)
 --     ttl = 5,                  -- seconds without a heartbeat: the member is gone
@@ -69,12 +71,23 @@ local function check(g)
   return p
 end
 
-function M.new(engine, g)
+-- Members must follow the same subscriptions: a member owns a partition
+-- for all of them. So the default name of a group is the ledger's with
+-- the names of its subscriptions (two projectors of different read models
+-- are two groups, never one that leaves partitions unread).
+function M.default_name(ledger, subs)
+  local names = {}
+  for i, s in ipairs(subs) do names[i] = s.name end
+  table.sort(names)
+  return ledger .. ":" .. table.concat(names, ",")
+end
+
+function M.new(engine, g, subs)
   local partitions = check(g)
   if engine.memory then error("group: consumer groups need a PostgreSQL store", 3) end
   math.randomseed(os.time() + math.floor(util.monotonic() * 1e6) % 1000000)
   return setmetatable({
-    engine = engine, store = engine.store, name = g.name or engine.ledger,
+    engine = engine, store = engine.store, name = g.name or M.default_name(engine.ledger, subs),
     partitions = partitions, member = g.member or default_member(),
     ttl = g.ttl or 5, heartbeat = g.heartbeat or 1,
     next_beat = -math.huge, owned_set = {}, unit_list = {},
