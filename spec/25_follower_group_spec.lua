@@ -59,18 +59,29 @@ print("done")
 end
 
 describe("consumer groups (processes, PostgreSQL)", function()
-  local store, schema, work
+  local store, schema, work, children
   before_each(function()
     schema = helpers.fresh_schema()
     store = assert(es.open(helpers.database_url(), { schema = schema }))
     assert(store:migrate())
     work = helpers.workdir("es-group")
+    children = {}
   end)
   after_each(function()
+    -- a test that failed half-way leaves members running: stop them
+    -- before their stop file goes with the folder
     helpers.sh("touch " .. q(work.dir .. "/stop"))
+    for _, pid in ipairs(children) do
+      if not helpers.wait_exit(pid, 5) then helpers.sh("kill -9 " .. pid .. " 2>/dev/null") end
+    end
     store:close()
     work:remove()
   end)
+  local function spawn(code, name, env)
+    local pid = work:spawn(code, name, env)
+    children[#children + 1] = pid
+    return pid
+  end
 
   local function sql(s) return assert(store:query((s:gsub("<s>", '"' .. schema .. '"')))) end
 
@@ -102,7 +113,7 @@ describe("consumer groups (processes, PostgreSQL)", function()
     assert(es.projector(store, { P }, { group = { partitions = 8, member = "setup" } }):migrate())
     local members = {}
     for _, m in ipairs { "m1", "m2", "m3" } do
-      members[m] = work:spawn(member_code(schema, stop), m, "ES_MEMBER=" .. m)
+      members[m] = spawn(member_code(schema, stop), m, "ES_MEMBER=" .. m)
     end
     -- every member holds a share before the writers start
     wait_for("three owners", function()
@@ -110,7 +121,7 @@ describe("consumer groups (processes, PostgreSQL)", function()
       return #r > 0 and r[1].n == 3 and r[1].o == 8
     end)
     local writers = {}
-    for w = 1, 2 do writers[w] = work:spawn(writer_code(schema, w, 300), "w" .. w) end
+    for w = 1, 2 do writers[w] = spawn(writer_code(schema, w, 300), "w" .. w) end
     wait_for("some progress", function()
       return sql("SELECT count(*) AS n FROM <s>.grp_handled")[1].n > 100
     end)
@@ -122,13 +133,13 @@ describe("consumer groups (processes, PostgreSQL)", function()
       return r[1].n == 0
     end, 15)
     -- a new member joins: it gets a share
-    members.m4 = work:spawn(member_code(schema, stop), "m4", "ES_MEMBER=m4")
+    members.m4 = spawn(member_code(schema, stop), "m4", "ES_MEMBER=m4")
     wait_for("m4 owning partitions", function()
       return sql("SELECT count(*) AS n FROM <s>.follower_partitions WHERE owner = 'm4'")[1].n > 0
     end, 15)
     for _, pid in ipairs(writers) do assert.is_true(helpers.wait_exit(pid, 120)) end
     -- a second wave, with m4 in the group
-    for w = 1, 2 do writers[w] = work:spawn(writer_code(schema, w, 200), "v" .. w) end
+    for w = 1, 2 do writers[w] = spawn(writer_code(schema, w, 200), "v" .. w) end
     for _, pid in ipairs(writers) do assert.is_true(helpers.wait_exit(pid, 120)) end
     for _, name in ipairs { "w1", "w2", "v1", "v2" } do
       assert.matches("done", helpers.read_file(work.dir .. "/" .. name .. ".log"))
