@@ -97,6 +97,14 @@ for _, entry in ipairs(helpers.stores()) do
       assert.has_error(function() p:pause("nope") end)
     end)
 
+    it("refuses bad run options before following", function()
+      local p = es.projector(store, { counter() })
+      assert.has_error(function() p:run { tick = 0 } end, "run: tick must be a positive number of seconds")
+      assert.has_error(function() p:run { poll = "1" } end, "run: poll must be a positive number of seconds")
+      local runner = es.workflow.runner(store, { es.workflow { name = "w-opts", on = {} } })
+      assert.has_error(function() runner:run { retry = -1 } end, "run: retry must be a positive number of seconds")
+    end)
+
     it("resets a read model: rows cleared and checkpoint back together, then replayed", function()
       local rm = counter("rm_reset")
       local p = es.projector(store, { rm })

@@ -256,9 +256,18 @@ end
 -- opts.poll seconds (default 1) or until next_due() seconds. Errors go to
 -- opts.on_error (default: stderr) and are retried after a growing pause
 -- (opts.retry seconds, default 0.5, at most 5 s).
+local function seconds(opts, k, default)
+  local v = opts[k]
+  if v == nil then return default end
+  if type(v) ~= "number" or v <= 0 or v ~= v then
+    error(("run: %s must be a positive number of seconds"):format(k), 4)
+  end
+  return v
+end
+
 function Follower:follow(opts, catch_up, next_due)
-  local poll, tick = opts.poll or 1, opts.tick or 0.005
-  local retry = opts.retry or 0.5
+  local poll, tick = seconds(opts, "poll", 1), seconds(opts, "tick", 0.005)
+  local retry = seconds(opts, "retry", 0.5)
   local stop_fn = opts.stop
   local label = self.label
   local on_error = opts.on_error or function(err)
