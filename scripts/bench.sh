@@ -13,7 +13,7 @@
 #   BENCH_CMD_SECS=5                 length of each commands phase
 #   BENCH_EVENTS=1000000             events replayed by the rebuild bench
 #   BENCH_NAIVE=100000               events the naive UPDATE loop applies
-#   BENCH_LAG_N=300                  lag samples (LISTEN; a third polling)
+#   BENCH_LAG_N=300                  lag samples (head polling; a third for 100 ms polling)
 #   BENCH_HTTP_SECS=5                length of each wrk run
 #
 # Benchmarks:
@@ -27,8 +27,12 @@
 #            = 100, lua5.4 and luajit
 #   rebuild  bench/rebuild.lua, rebuild of rm_orders from 1,000,000 events
 #            against a naive UPDATE-per-event loop, lua5.4 and luajit
+#   group    bench/group_catchup.lua, catch-up of a read model over
+#            BENCH_GROUP_EVENTS (1,000,000) events by a consumer group of 1, 2
+#            and 4 member processes, against one plain projector, lua5.4
 #   lag      bench/lag.lua, append -> read-model row visible with a live
-#            projector (LISTEN/NOTIFY) against 100 ms polling, lua5.4 and luajit
+#            projector polling the log's head every 5 ms (no NOTIFY) against
+#            100 ms polling, idle and with 4 writers, lua5.4 and luajit
 #   http     bench/http.sh, wrk on nginx: GET /orders/{id} and POST
 #            /orders/{id}/items at 2 and 32 connections, against GET /health
 #   pooler   bench/pooler.sh, appends and folds at 8 and 32 clients: named
@@ -194,12 +198,19 @@ for f in lua5.4 luajit; do
 done
 
 # ---- lag ------------------------------------------------------------------
-section "lag (append -> read-model row visible; LISTEN/NOTIFY against 100 ms polling)"
+section "lag (append -> read-model row visible; 5 ms head polling against 100 ms polling, idle and with 4 writers)"
 for f in lua5.4 luajit; do
   bench_run "lag $f" "_$f" env ES_BENCH_DATABASE_URL="$URL" ES_BENCH_LAG_N="${BENCH_LAG_N:-300}" \
     LUA_PATH="lua/?.lua;lua/?/init.lua;examples/?.lua;;" LUA_CPATH="build/$f/?.so;;" \
     "$f" bench/lag.lua
 done
+
+# ---- group catch-up --------------------------------------------------------
+GROUP_EVENTS=${BENCH_GROUP_EVENTS:-1000000}
+section "group catch-up ($GROUP_EVENTS events, 16 partitions, 1/2/4 member processes; against one plain projector)"
+bench_run "group catch-up lua5.4" "" env ES_BENCH_DATABASE_URL="$URL" ES_BENCH_GROUP_EVENTS="$GROUP_EVENTS" \
+  LUA_PATH="lua/?.lua;lua/?/init.lua;examples/?.lua;;" LUA_CPATH="build/lua5.4/?.so;;" \
+  lua5.4 bench/group_catchup.lua
 
 # ---- http -----------------------------------------------------------------
 section "http (wrk on nginx, ${BENCH_HTTP_SECS:-5}s per run; against GET /health)"

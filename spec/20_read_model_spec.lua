@@ -62,7 +62,8 @@ for _, entry in ipairs(helpers.stores()) do
       assert(store:append("Counter-a", { { type = "Inc", data = { label = "x" } },
         { type = "Unknown" }, { type = "Inc" }, { type = "Tag", data = { tag = "t1" } } }))
       assert(store:append("Counter-b", { type = "Inc", data = { label = "y" } }))
-      assert.equal(5, projector:catch_up())
+      -- 4: the Unknown event is skipped in SQL (catch_up counts events handled)
+      assert.equal(4, projector:catch_up())
       local a = rm:get(store, "a")
       assert.same({ "t1" }, a.tags)
       assert.equal(2, a.n)

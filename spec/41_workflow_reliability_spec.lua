@@ -210,9 +210,9 @@ describe("workflow reliability (processes, PostgreSQL)", function()
     local r1 = workflows.runner(store, { draft_ttl = false })
     local r2 = workflows.runner(other, { draft_ttl = false })
     assert(r1:migrate())
-    local row = r1:_lock(r1.list[1])             -- hold the lease in an open transaction
+    local row = r1.engine:lock(r1.engine.subs[1])   -- hold the lease in an open transaction
     assert.is_table(row)
-    local n, st = r2:_batch(r2.list[1])
+    local n, st = r2.engine:batch(r2.engine.subs[1])
     assert.equal(0, n)
     assert.equal("locked", st)
     store:rollback()

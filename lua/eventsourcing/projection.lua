@@ -4,6 +4,7 @@
 --     name = "customer_totals",            -- ^[a-z_][a-z0-9_]*$, the checkpoint's name
 --     migrate = function(tx) tx:execute("CREATE TABLE IF NOT EXISTS ...") end,   -- optional
 --     reset   = function(tx) tx:execute("TRUNCATE ...") end,   -- optional: enables rebuild
+--     category = "Order",                  -- optional: only streams "Order-..."
 --     on = {
 --       OrderPlaced = function(event, tx)
 --         tx:execute("INSERT INTO t (customer, total) VALUES ($1, $2) ON CONFLICT ...",
@@ -46,6 +47,7 @@ function M.new(def)
     end
   end
   return setmetatable({ kind = "projection", name = def.name, on = on,
+    category = require("eventsourcing.util").category(def, "es.projection " .. def.name),
     migrate_fn = def.migrate, reset_fn = def.reset }, Projection)
 end
 

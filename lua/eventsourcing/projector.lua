@@ -2,32 +2,42 @@
 --
 --   local projector = es.projector(store, { Orders, Totals }, {
 --     batch_size = 5000,        -- events per batch (one transaction each)
---     listen = url_or_store,    -- a session of its own for LISTEN (see run);
---                               -- nil: the store's own session; false: poll only
 --   })
 --   projector:migrate()         -- tables + checkpoints (also done on first use)
 --   projector:catch_up()        -- -> events handled (summed over projections)
---   projector:run { poll = 1, stop = function() return done end, idle = fn }
+--   projector:run { poll = 1, tick = 0.005, stop = function() return done end, idle = fn }
 --   projector:stop()            -- from a handler or callback: run returns
 --   projector:status()          -- -> { { name, checkpoint, position, lag_events,
---                               --        lag_seconds, handled, error }, ... }
---   projector:rebuild("rm_orders", { progress = function(done, total, rate, eta) end })
+--                               --        lag_seconds, handled, error, state,
+--                               --        updated_at, failed_at }, ... }
+--   projector:rebuild("rm_orders", { progress = function(done, total, rate, eta, final) end })
 --   projector:retry("rm_orders")   -- clear a recorded handler error
+--   projector:pause(name) / resume(name)
+--   projector:reset(name)       -- back to the first event; a read model's
+--                               -- rows are cleared in the same transaction
 --
--- Checkpoints live in <schema>.projections (name, checkpoint, position,
--- handled, updated_at, failed_at, error). Each batch of a projection is one
--- transaction: lock its checkpoint row (FOR UPDATE SKIP LOCKED: the lease),
--- read the events after THAT checkpoint, apply them, write the rows and the
--- new checkpoint, commit. Rows and checkpoint commit together, so every
--- event takes effect exactly once, whatever crashes or runs twice.
+-- opts.group = { partitions = 16, member = "...", ttl = 5, heartbeat = 1 }
+-- runs this projector as one member of a consumer group (see
+-- eventsourcing.follower_group): start the same projector in N processes.
+--
+-- Everything about following the log (the checkpoint ledger
+-- <schema>.projections and its lease, batches, catch-up, the live loop,
+-- lag, pause/resume) is eventsourcing.follower's; this module only says
+-- what a batch does: apply the events to the projection in the batch's
+-- transaction. Each projection reads only the event types it has
+-- handlers for (filtered in SQL; its checkpoint still moves past the
+-- others).
 --
 -- A handler error stops that projection only: its row records the failing
 -- event (position, type, stream, version, id, message), the checkpoint
 -- stays just before it (the events before it in the batch are applied),
--- status() shows it, and catch_up skips the projection until retry(name)
--- or rebuild(name).
+-- status() shows it, and catch_up skips the projection until retry(name),
+-- reset(name) or rebuild(name).
 local core = require "eventsourcing.core"
 local read_model = require "eventsourcing.read_model"
+local follower = require "eventsourcing.follower"
+local progress = require "eventsourcing.progress"
+local util = require "eventsourcing.util"
 
 local quote = read_model.quote
 local M = {}
@@ -38,10 +48,13 @@ M.Projector = Projector
 
 local DEFAULT_BATCH = 5000
 
-local util = require "eventsourcing.util"
-local sleep = util.sleep
-local clock = util.monotonic
-local rollback = util.rollback
+-- The event types a projection has handlers for, sorted.
+local function types_of(p)
+  local t = {}
+  for k in pairs(p.on or {}) do t[#t + 1] = k end
+  table.sort(t)
+  return t
+end
 
 function M.new(store, projections, opts)
   if type(store) ~= "userdata" and type(store) ~= "table" then
@@ -64,401 +77,155 @@ function M.new(store, projections, opts)
   if type(bs) ~= "number" or bs < 1 or bs % 1 ~= 0 then
     error("es.projector: batch_size must be a positive integer", 2)
   end
-  return setmetatable({
-    store = store, list = list, by_name = by_name, batch_size = bs,
-    listen_opt = opts.listen, memory = util.is_memory(store),
-    migrated = false, stopping = false, log = opts.log,
-  }, Projector)
-end
-
--- Memory stores: checkpoints in Lua, weak-keyed by store.
-local mem_progress = setmetatable({}, { __mode = "k" })
-local function mem_state(store, name)
-  local t = mem_progress[store]
-  if not t then t = {}; mem_progress[store] = t end
-  local s = t[name]
-  if not s then s = { position = 0, handled = 0 }; t[name] = s end
-  return s
-end
-
-function Projector:_q(sql)
-  return (sql:gsub("<schema>", quote(self.store:schema())))
-end
-
--- Migration -------------------------------------------------------------------
-
-function Projector:migrate()
-  local store = self.store
-  if self.memory then
-    for _, p in ipairs(self.list) do
-      mem_state(store, p.name)
-      assert(p:migrate(store))
-    end
-    self.migrated = true
-    return true
+  local self = setmetatable({ store = store, list = list, by_name = by_name, batch_size = bs,
+    memory = util.is_memory(store), log = opts.log }, Projector)
+  local subs = {}
+  for _, p in ipairs(list) do
+    subs[#subs + 1] = { name = p.name, types = types_of(p), category = p.category, prefetch = true,
+      process = function(batch, n) return self:_process(p, batch, n) end,
+      reset = function() return self:_clear_rows(p) end }
   end
-  local ok, err = store:begin()
+  self.engine = follower.new(store, { ledger = "projections", label = "projector", subs = subs,
+    batch_size = bs, log = opts.log, group = opts.group, migrate = function(s)
+      for _, p in ipairs(list) do
+        local ok, err = p:migrate(s)
+        if not ok then return nil, err end
+      end
+      return true
+    end })
+  return self
+end
+
+function Projector:migrate() return self.engine:migrate() end
+
+-- Applying a batch --------------------------------------------------------------
+
+local SAVEPOINT = "es_projector_batch"
+
+function Projector:_sp(what)
+  if self.memory then return true end
+  return self.store:query(what .. " " .. SAVEPOINT)
+end
+
+-- Applies events[1..n] to p in the batch's transaction, under a savepoint
+-- so that a failure leaves the transaction usable: -> done, info (the
+-- follower's contract: info.failure names the event that failed) | nil, err
+function Projector:_process(p, batch, n)
+  if n == 0 then return 0 end
+  local ok, err = self:_sp("SAVEPOINT")
   if not ok then return nil, err end
-  local function step(res, e)
-    if not res then rollback(store); err = e end
-    return res
+  local res, a, b = p:_apply(self.store, p.name, batch, n)
+  if res then
+    ok, err = self:_sp("RELEASE SAVEPOINT")
+    if not ok then return nil, err end
+    return n, { handled = a }
   end
-  if not step(store:query("SELECT pg_advisory_xact_lock(hashtext('eventsourcing.projections:' || $1)) IS NULL AS x",
-      store:schema())) then return nil, err end
-  if not step(store:query(self:_q([[CREATE TABLE IF NOT EXISTS <schema>.projections (
-      name text PRIMARY KEY,
-      checkpoint text,
-      position bigint NOT NULL DEFAULT 0,
-      handled bigint NOT NULL DEFAULT 0,
-      updated_at timestamptz NOT NULL DEFAULT now(),
-      failed_at timestamptz,
-      error jsonb)]]))) then return nil, err end
-  for _, p in ipairs(self.list) do
-    if not step(p:migrate(store)) then return nil, err end
-    if not step(store:query(self:_q("INSERT INTO <schema>.projections (name) VALUES ($1) ON CONFLICT DO NOTHING"),
-        p.name)) then return nil, err end
-  end
-  ok, err = store:commit()
+  ok, err = self:_sp("ROLLBACK TO SAVEPOINT")
   if not ok then return nil, err end
-  self.migrated = true
-  return true
-end
-
-function Projector:_ensure()
-  if self.migrated then return true end
-  return self:migrate()
-end
-
--- The checkpoint ledger -----------------------------------------------------------
-
--- Begins a batch: -> row { checkpoint, position, failed } | false (another
--- process holds the lease) | nil, err
-function Projector:_lock(p, wait)
-  local store = self.store
-  if self.memory then
-    local s = mem_state(store, p.name)
-    return { checkpoint = s.checkpoint, position = s.position, failed = s.error ~= nil }
-  end
-  local ok, err = store:begin()
-  if not ok then return nil, err end
-  local res
-  res, err = store:query(self:_q("SELECT checkpoint, position, error IS NOT NULL AS failed "
-    .. "FROM <schema>.projections WHERE name = $1 FOR UPDATE" .. (wait and "" or " SKIP LOCKED")), p.name)
-  if not res then rollback(store); return nil, err end
-  if #res == 0 then rollback(store); return false end
-  return res[1]
-end
-
-function Projector:_save(p, checkpoint, position, handled, failure)
-  local store = self.store
-  if self.memory then
-    local s = mem_state(store, p.name)
-    s.checkpoint, s.position, s.handled = checkpoint, position, s.handled + handled
-    s.updated_at = util.now_iso()
-    if failure then s.error, s.failed_at = failure, s.updated_at end
-    return true
-  end
-  return store:query(self:_q("UPDATE <schema>.projections SET checkpoint = $2, position = $3, "
-    .. "handled = handled + $4, updated_at = now(), failed_at = CASE WHEN $5::jsonb IS NULL "
-    .. "THEN failed_at ELSE now() END, error = coalesce($5::jsonb, error) WHERE name = $1"),
-    p.name, checkpoint, position, handled, failure)
-end
-
-function Projector:_commit() return util.commit(self.store) end
-function Projector:_rollback() rollback(self.store) end
-
--- Batches ---------------------------------------------------------------------------
-
--- One batch of projection p. Returns handled, state where state is "more"
--- (a full batch: call again), "idle" (caught up), "locked" (another
--- process holds the lease), "failed" (stopped by a handler error) | nil, err
--- Anything raised in between (a bug, a callback) rolls the batch back
--- first, so the session and the lease are never left behind.
-function Projector:_batch(p, limit)
-  local ok, a, b = pcall(self._batch_in, self, p, limit)
-  if ok then return a, b end
-  self:_rollback()
-  error(a, 0)
-end
-
-function Projector:_batch_in(p, limit)
-  local store = self.store
-  local row, err = self:_lock(p)
-  if row == nil then return nil, err end
-  if row == false then return 0, "locked" end
-  if row.failed then self:_rollback(); return 0, "failed" end
-  local batch, cp = store:read_all({ after = row.checkpoint, limit = limit, prefetch = true })
-  if not batch then self:_rollback(); return nil, cp end
-  local n = #batch
-  if n == 0 then self:_rollback(); return 0, "idle" end
-  local ok, a, b = p:_apply(store, p.name, batch, n)
-  if ok == nil then
-    self:_rollback()
+  if res == nil then
     if util.transient(a) then return nil, a end
-    if n > 1 then return self:_one_by_one(p, n) end
-    return self:_fail(p, row, batch, 1, tostring(a))
-  elseif ok == false then
-    self:_rollback()
-    return self:_fail(p, row, batch, a, b)
+    -- the database refused a row: find the event, one by one
+    if n == 1 then return 0, { failure = follower.failure(batch[1], tostring(a)), handled = 0 } end
+    return self:_one_by_one(p, batch, n)
   end
-  ok, err = self:_save(p, cp, batch[n].position, n)
-  if not ok then self:_rollback(); return nil, err end
-  ok, err = self:_commit()
-  if not ok then return nil, err end
-  return n, n < limit and "idle" or "more"
+  local failure = follower.failure(batch[a], b)
+  -- a memory store cannot undo what custom handlers did for the events
+  -- before the failing one: they ran once already, keep them
+  if self.memory and p.kind ~= "read_model" then
+    return a - 1, { failure = failure, handled = a - 1 }
+  end
+  -- the events before it, again (a handler that is not deterministic may
+  -- fail earlier this time: then that is the failure)
+  local done, info = self:_process(p, batch, a - 1)
+  if done == nil or done < a - 1 then return done, info end
+  return done, { failure = failure, handled = info and info.handled or 0 }
 end
 
--- A write failed (a row the database refuses): find the event, one by one.
-function Projector:_one_by_one(p, n)
-  local total = 0
-  for _ = 1, n do
-    local h, st = self:_batch(p, 1)
-    if not h then return nil, st end
-    total = total + h
-    if st ~= "more" then return total, st end
+function Projector:_one_by_one(p, batch, n)
+  local handled = 0
+  for i = 1, n do
+    local done, info = self:_process(p, { batch[i] }, 1)
+    if done == nil then return nil, info end
+    if done == 0 then
+      info.handled = handled
+      return i - 1, info
+    end
+    handled = handled + (info.handled or 1)
   end
-  return total, "more"
+  return n, { handled = handled }
 end
 
--- events[i] of the batch read after row.checkpoint failed with message:
--- apply the events before it and record the failure, in one transaction.
-function Projector:_fail(p, old, batch, i, message)
+-- Clears the rows of p (reset, in the ledger's transaction).
+function Projector:_clear_rows(p)
   local store = self.store
-  local row, err = self:_lock(p)
-  if row == nil then return nil, err end
-  if row == false then return 0, "locked" end
-  if row.checkpoint ~= old.checkpoint then self:_rollback(); return 0, "more" end
-  local cp, pos, done = row.checkpoint, row.position, 0
-  if i > 1 then
-    -- Events below the read watermark form a stable prefix: the same i-1.
-    local b2, cp2 = store:read_all({ after = row.checkpoint, limit = i - 1 })
-    if not b2 then self:_rollback(); return nil, cp2 end
-    local ok, e2 = true, nil
-    -- a memory store cannot roll back what custom handlers did for the
-    -- events before the failing one: they ran once already, keep them
-    if not (self.memory and p.kind ~= "read_model") then
-      ok, e2 = p:_apply(store, p.name, b2, #b2)
-    end
-    if not ok then
-      -- the prefix fails too (the database refuses a row, or a handler is
-      -- not deterministic): find the first failing event one by one
-      self:_rollback()
-      if ok == nil and util.transient(e2) then return nil, e2 end
-      return self:_one_by_one(p, i)
-    end
-    cp, pos, done = cp2, b2[#b2].position, #b2
+  if p.kind == "read_model" then
+    if self.memory then read_model._mem_tables(store)[p.name] = {}; return true end
+    return store:query("DELETE FROM " .. p:_qualified(store))
   end
-  local e = batch[i]
-  local failure = { position = e.position, type = e.type, stream = e.stream,
-    version = e.version, id = e.id, message = message }
-  local ok
-  ok, err = self:_save(p, cp, pos, done, failure)
-  if not ok then self:_rollback(); return nil, err end
-  ok, err = self:_commit()
+  if not p.reset_fn then
+    return nil, core.error("invalid", ("projection %s has no reset(tx) function: it cannot be reset")
+      :format(p.name))
+  end
+  local ok, err = pcall(p.reset_fn, require("eventsourcing.projection").tx(store))
   if not ok then return nil, err end
-  if self.log then
-    self.log(("projection %s stopped at position %s (%s, stream %s): %s")
-      :format(p.name, tostring(e.position), e.type, tostring(e.stream), message))
-  end
-  return done, "failed"
+  return true
 end
 
 -- Public API ---------------------------------------------------------------------------
 
 -- Processes every event up to the store's end; returns how many events
 -- were handled (summed over projections; per-projection counts second).
-function Projector:catch_up(opts)
-  local ok, err = self:_ensure()
-  if not ok then return nil, err end
-  local limit = (opts and opts.batch_size) or self.batch_size
-  local total, per = 0, {}
-  local active = {}
-  for _, p in ipairs(self.list) do active[#active + 1] = p; per[p.name] = 0 end
-  while #active > 0 and not self.stopping do
-    local next_active = {}
-    for _, p in ipairs(active) do
-      if self.stopping then break end
-      local n, st = self:_batch(p, limit)
-      if not n then return nil, st end
-      total = total + n
-      per[p.name] = per[p.name] + n
-      if st == "more" then next_active[#next_active + 1] = p end
-    end
-    active = next_active
-  end
-  return total, per
-end
+function Projector:catch_up(opts) return self.engine:catch_up(opts) end
 
-function Projector:stop()
-  self.stopping = true
-end
+function Projector:stop() self.engine:stop() end
 
--- Follows live until stop() returns true or projector:stop() is called.
--- Wakes on LISTEN/NOTIFY (on opts.listen's session, see es.projector) and
--- polls every opts.poll seconds (default 1) anyway: notifications are only
--- a hint, the checkpoint table is the truth. Errors (a dropped connection,
--- a restarting server) are reported to opts.on_error (default: stderr) and
--- retried after opts.retry seconds (default 0.5).
+-- Follows live until stop() returns true or projector:stop() is called
+-- (see follower.follow: opts.poll, opts.tick, opts.retry, opts.on_error,
+-- opts.idle). opts.listen / the `listen` option of older versions are
+-- accepted and ignored: wake-ups come from polling the log's head.
 function Projector:run(opts)
   opts = opts or {}
-  local poll = opts.poll or 1
-  local retry = opts.retry or 0.5
-  local stop_fn = opts.stop
-  local on_error = opts.on_error or function(err)
-    io.stderr:write(("projector: %s\n"):format(tostring(err)))
-  end
-  self.stopping = false
-  local function stopping() return self.stopping or (stop_fn and stop_fn()) end
-  local listener = util.subscribe(self, on_error)
-  while not stopping() do
-    local n, err = self:catch_up()
-    if not n then
-      on_error(err)
-      if stopping() then break end
-      sleep(retry)
-    else
-      if opts.idle then opts.idle(n) end
-      if stopping() then break end
-      if listener then
-        local woke, werr = listener:wait(poll)
-        if woke == nil then
-          if werr and werr.kind ~= "connection" then on_error(werr) end
-          sleep(math.min(retry, poll))
-        end
-      else
-        sleep(poll)
-      end
-    end
-  end
-  self.stopping = false
-  return true
+  return self.engine:follow(opts, function() return self:catch_up() end)
 end
 
--- Forgets a projection's recorded error (and with reset, its count of
--- handled events).
-function Projector:_clear_error(name, reset)
-  if self.memory then
-    local s = mem_state(self.store, name)
-    s.error, s.failed_at = nil, nil
-    if reset then s.handled = 0 end
-    return true
-  end
-  return self.store:query(self:_q("UPDATE <schema>.projections SET error = NULL, failed_at = NULL, "
-    .. "updated_at = now()" .. (reset and ", handled = 0" or "") .. " WHERE name = $1"), name)
-end
+-- retry(name): clears the recorded error of a stopped projection (it
+-- resumes at the failing event); pause(name), resume(name); reset(name):
+-- back to the first event, the checkpoint and the rows (a read model's are
+-- deleted; a custom projection's reset(tx) runs) in one transaction.
+follower.delegate(Projector, "projector", "projection", { "retry", "pause", "resume", "reset" })
 
--- Clears the recorded error of a stopped projection: it resumes at the
--- failing event.
-function Projector:retry(name)
-  local p = self.by_name[name]
-  if not p then error(("projector:retry: no projection named %s"):format(tostring(name)), 2) end
-  local ok, err = self:_ensure()
-  if not ok then return nil, err end
-  return self:_clear_error(name)
-end
-
-local function parse_cp(cp)
-  if not cp then return "0", 0 end
-  local t, p = cp:match("^(%d+):(%d+)$")
-  return t or "0", tonumber(p) or 0
-end
-
-local iso_epoch = util.iso_epoch
-
-function Projector:status()
-  local ok, err = self:_ensure()
-  if not ok then return nil, err end
-  local store, out = self.store, {}
-  for _, p in ipairs(self.list) do
-    local s = { name = p.name }
-    if self.memory then
-      local m = mem_state(store, p.name)
-      s.checkpoint, s.position, s.handled, s.error = m.checkpoint, m.position, m.handled, m.error
-      s.updated_at, s.failed_at = m.updated_at, m.failed_at
-      local lag, first = 0, nil
-      local done, serr = util.scan(store, m.checkpoint, function(b)
-        first = first or b[1]
-        lag = lag + #b
-      end)
-      if done == nil and serr then return nil, serr end
-      s.lag_events = lag
-      local t = first and iso_epoch(first.recorded_at)
-      s.lag_seconds = t and math.max(0, util.now() - t) or 0
-    else
-      local res
-      res, err = store:query(self:_q("SELECT checkpoint, position, handled, error, "
-        .. util.ts_sql("updated_at") .. ", " .. util.ts_sql("failed_at") .. " "
-        .. "FROM <schema>.projections WHERE name = $1"), p.name)
-      if not res then return nil, err end
-      local r = res[1] or {}
-      s.checkpoint, s.position, s.handled, s.error = r.checkpoint, r.position or 0, r.handled or 0, r.error
-      s.updated_at, s.failed_at = r.updated_at, r.failed_at
-      local txid, pos = parse_cp(r.checkpoint)
-      res, err = store:query(self:_q("SELECT count(*) AS n, coalesce(extract(epoch FROM now() - "
-        .. "min(recorded_at)), 0)::float8 AS lag FROM <schema>.events "
-        .. "WHERE (txid, position) > ($1::xid8, $2::bigint)"), txid, pos)
-      if not res then return nil, err end
-      s.lag_events, s.lag_seconds = res[1].n, math.max(0, res[1].lag)
-    end
-    s.status = s.error and "failed" or "running"
-    out[#out + 1] = s
-  end
-  return out
-end
+function Projector:status() return self.engine:status() end
 
 -- Rebuild ------------------------------------------------------------------------
 
-local function is_tty()
-  if not os.getenv("TERM") then return false end
-  local r = os.execute("test -t 2")
-  return r == true or r == 0
+-- types as elements of a PostgreSQL array literal
+local function quoted_types(types)
+  local out = {}
+  for i, t in ipairs(types) do out[i] = '"' .. t:gsub('[\\"]', '\\%0') .. '"' end
+  return out
 end
 
-local function progress_bar(done, total, rate, eta)
-  local width = 30
-  local frac = total > 0 and math.min(1, done / total) or 1
-  local fill = math.floor(frac * width + 0.5)
-  io.stderr:write(("\r[%s%s] %3d%% %d/%d events %.0f ev/s ETA %ds  ")
-    :format(("#"):rep(fill), ("."):rep(width - fill), math.floor(frac * 100 + 0.5),
-      done, total, rate, math.floor(eta + 0.5)))
-  io.stderr:flush()
-end
-
--- count() gives the total, asked only when progress is shown: counting
--- the whole store is work of its own.
-local function reporter(opts, count)
-  local cb = opts.progress
-  local bar = opts.bar
-  if bar == nil then bar = is_tty() end
-  local total = (cb or bar) and count() or 0
-  local t0 = clock()
-  local last = -1
-  return function(done, final)
-    local t = clock()
-    local el = t - t0
-    local rate = el > 0 and done / el or 0
-    local eta = rate > 0 and math.max(0, (total - done) / rate) or 0
-    if cb then cb(done, math.max(total, done), rate, eta) end
-    if bar and (final or t - last >= 0.2) then
-      last = t
-      progress_bar(done, math.max(total, done), rate, eta)
-      if final then io.stderr:write("\n") end
-    end
-  end
-end
-
-function Projector:_count_events()
+-- The events a rebuild of p replays: those of the types it handles.
+function Projector:_count_events(p)
+  local types = self.engine.by_name[p.name].types
   if self.memory then
-    local n = 0
-    util.scan(self.store, nil, function(b) n = n + #b end)
+    local n, after = 0, nil
+    repeat
+      local b, cp = self.store:read_all({ after = after, limit = 10000, types = types,
+        category = p.category })
+      if not b then return 0 end
+      n, after = n + #b, cp
+    until #b < 10000
     return n
   end
-  local res = self.store:query(self:_q("SELECT count(*) AS n FROM <schema>.events"))
+  local res = self.store:query(("SELECT count(*) AS n FROM %s.events WHERE type = ANY($1::text[]) "
+    .. "AND ($2::text IS NULL OR category = $2)"):format(quote(self.store:schema())),
+    "{" .. table.concat(quoted_types(types), ",") .. "}", p.category)
   return res and res[1].n or 0
 end
 
--- rebuild(name, { progress = function(done, total, rate, eta) end,
---                 bar = bool (default: stderr is a terminal), batch_size })
+-- rebuild(name, { progress = function(done, total, rate, eta, final) end,
+--                 bar = true (draw eventsourcing.progress.bar on stderr), batch_size })
 -- Read models: replays every event into a fresh table and swaps it in
 -- atomically (queries answer from the old table until then); the
 -- checkpoint moves to the rebuilt one in the same transaction. Custom
@@ -468,16 +235,24 @@ function Projector:rebuild(name, opts)
   opts = opts or {}
   local p = self.by_name[name]
   if not p then error(("projector:rebuild: no projection named %s"):format(tostring(name)), 2) end
-  local ok, err = self:_ensure()
+  local ok, err = self.engine:ensure()
   if not ok then return nil, err end
   local limit = opts.batch_size or math.max(self.batch_size, 10000)
-  local report = reporter(opts, function() return self:_count_events() end)
+  local cb = opts.progress
+  if opts.bar then
+    local bar, user = progress.bar(), cb
+    cb = function(...)
+      if user then user(...) end
+      bar(...)
+    end
+  end
+  local report = progress.reporter(cb, function() return self:_count_events(p) end)
   -- a raise (the progress callback, a bug) must not strand the swap's
   -- transaction and its lease
   local done, a, b = pcall(p.kind == "read_model" and self._rebuild_swap or self._rebuild_in_place,
     self, p, limit, report)
   if done then return a, b end
-  self:_rollback()
+  self.engine:rollback()
   error(a, 0)
 end
 
@@ -497,13 +272,14 @@ function Projector:_rebuild_swap(p, limit, report)
     else store:query("DROP TABLE IF EXISTS " .. p:_qualified(store, tmp)) end
   end
   -- 1. bulk replay, outside any long transaction
-  local after, done, pos = nil, 0, 0
+  local after, done = nil, 0
   local function replay(max_batches)
     local batches = 0
     while not max_batches or batches < max_batches do
-      local batch, cp = store:read_all({ after = after, limit = limit, prefetch = true })
+      local batch, cp = store:read_all({ after = after, limit = limit, prefetch = true,
+        types = self.engine.by_name[p.name].types, category = p.category })
       if not batch then return nil, cp end
-      if #batch == 0 then return true end
+      if #batch == 0 then after = cp; return true end
       local r, a, b = p:_apply(store, tmp, batch, #batch, { seen = seen })
       if r == nil then return nil, a end
       if r == false then
@@ -512,7 +288,7 @@ function Projector:_rebuild_swap(p, limit, report)
           :format(p.name, e.type, tostring(e.position), tostring(e.stream), b),
           { position = e.position, type = e.type, stream = e.stream })
       end
-      after, done, pos = cp, done + #batch, batch[#batch].position
+      after, done = cp, done + #batch
       report(done)
       batches = batches + 1
       if #batch < limit then return true end
@@ -529,12 +305,9 @@ function Projector:_rebuild_swap(p, limit, report)
     if not ok then drop_tmp(); return nil, err end
   end
   -- 2. swap: hold the lease, apply the tail, rename, move the checkpoint
-  local row
-  row, err = self:_lock(p, true)
-  if not row then
-    drop_tmp()
-    return nil, err or core.error("database", "rebuild: the checkpoint row of " .. p.name .. " is missing")
-  end
+  local engine = self.engine
+  ok, err = engine:lock_all(p.name)
+  if not ok then drop_tmp(); return nil, err end
   ok, err = replay()
   if ok and self.memory then
     local tables = read_model._mem_tables(store)
@@ -550,11 +323,10 @@ function Projector:_rebuild_swap(p, limit, report)
     ok, err = read_model._exec_all(store, sqls)
   end
   if ok then
-    ok, err = self:_save(p, after, pos, 0)
-    if ok then ok, err = self:_clear_error(p.name) end
+    ok, err = engine:set_all(p.name, after)
   end
-  if not ok then self:_rollback(); drop_tmp(); return nil, err end
-  ok, err = self:_commit()
+  if not ok then engine:rollback(); drop_tmp(); return nil, err end
+  ok, err = engine:commit()
   if not ok then drop_tmp(); return nil, err end
   report(done, true)
   return done
@@ -565,23 +337,24 @@ function Projector:_rebuild_in_place(p, limit, report)
     return nil, core.error("invalid", ("projection %s has no reset(tx) function: it cannot be rebuilt")
       :format(p.name))
   end
-  local row, err = self:_lock(p, true)
-  if not row then return nil, err end
-  local ok, e = pcall(p.reset_fn, require("eventsourcing.projection").tx(self.store))
-  if ok then
-    ok, e = self:_save(p, nil, 0, 0)
-    if ok then ok, e = self:_clear_error(p.name, true) end
-  end
-  if not ok then self:_rollback(); return nil, e end
-  ok, err = self:_commit()
+  local engine = self.engine
+  local ok, err = engine:lock_all(p.name)
+  if not ok then return nil, err end
+  local e
+  ok, e = pcall(p.reset_fn, require("eventsourcing.projection").tx(self.store))
+  if ok then ok, e = engine:set_all(p.name, nil, true) end
+  if not ok then engine:rollback(); return nil, e end
+  ok, err = engine:commit()
   if not ok then return nil, err end
   local done = 0
-  while true do
-    local n, st = self:_batch(p, limit)
-    if not n then return nil, st end
-    done = done + n
-    report(done)
-    if st ~= "more" then break end
+  for _, item in ipairs(engine:items_of(p.name)) do
+    while true do
+      local n, st = engine:batch(item, limit)
+      if not n then return nil, st end
+      done = done + n
+      report(done)
+      if st ~= "more" then break end
+    end
   end
   report(done, true)
   return done

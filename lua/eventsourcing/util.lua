@@ -1,5 +1,5 @@
 -- eventsourcing.util: small helpers the Lua layer shares (time, copies,
--- the LISTEN session of live followers). Time comes from the C core, so
+-- transactions, errors worth retrying). Time comes from the C core, so
 -- instants are read and written exactly as the stores do.
 local core = require "eventsourcing.core"
 
@@ -58,6 +58,17 @@ function M.scan(store, after, each_batch)
   end
 end
 
+-- The optional `category` of a definition (read model, projection,
+-- workflow): only streams "<category>-..." are read, filtered in SQL.
+function M.category(def, what)
+  local c = def.category
+  if c == nil then return nil end
+  if type(c) ~= "string" or c == "" or c:find("-", 1, true) then
+    error(("%s: category must be a stream prefix without '-' (a non-empty string)"):format(what), 3)
+  end
+  return c
+end
+
 M.now = core.now                 -- wall clock, seconds since the epoch
 M.monotonic = core.monotonic     -- for durations and rates
 M.iso = core.time_format         -- epoch seconds -> "YYYY-MM-DDTHH:MM:SS.ffffffZ"
@@ -77,48 +88,18 @@ function M.now_iso() return core.time_format(core.now()) end
 -- Errors worth trying again later rather than stopping for: a lost
 -- connection, and the database's passing refusals (serialization failure,
 -- deadlock, lock or statement timeout, too many connections, out of
--- resources).
+-- resources, a transaction aborted by one of them). Decided from err.kind,
+-- err.reason and err.sqlstate, never from message text.
 local TRANSIENT = { ["40001"] = true, ["40P01"] = true, ["55P03"] = true,
                     ["57014"] = true, ["53000"] = true, ["53100"] = true,
                     ["53200"] = true, ["53300"] = true }
+local TRANSIENT_REASON = { serialization = true, timeout = true, tx_aborted = true }
 function M.transient(err)
-  return type(err) == "table" and (err.kind == "connection" or TRANSIENT[err.sqlstate] == true)
-end
-
--- The session a live follower (projector, workflow runner) LISTENs on,
--- from its `listen` option: false polls only; nil uses the store's own
--- session (fine without a pooler); a URL opens a session of its own once;
--- a store is used as it is. Returns the session, or nil (and an error
--- when opening failed).
--- A session opened with pooler = "transaction" can not LISTEN: poll.
-local function can_listen(s)
-  return not (s.pooler and s:pooler() == "transaction")
-end
-
-function M.listener(follower)
-  if follower.memory then return nil end
-  local l = follower.listen_opt
-  if l == false then return nil end
-  if l == nil then return can_listen(follower.store) and follower.store or nil end
-  if type(l) == "string" then
-    local s, err = core.open(l, { schema = follower.store:schema() })
-    if not s then return nil, err end
-    follower.listen_opt = s
-    return can_listen(s) and s or nil
-  end
-  return can_listen(l) and l or nil
-end
-
--- The listener of a follower, subscribed (LISTEN); trouble goes to
--- on_error and leaves the follower polling. Returns the session or nil.
-function M.subscribe(follower, on_error)
-  local l, err = M.listener(follower)
-  if l == nil and err then on_error(err) end
-  if l then
-    local ok, lerr = l:listen()
-    if not ok then on_error(lerr) end
-  end
-  return l
+  if type(err) ~= "table" then return false end
+  if err.kind == "connection" then return true end
+  -- err.reason (from the C core) when there is one, else the sqlstate
+  if err.reason ~= nil then return TRANSIENT_REASON[err.reason] == true end
+  return TRANSIENT[err.sqlstate] == true
 end
 
 return M

@@ -75,11 +75,22 @@ const char *pg_statement_sql(const pg_store *p, int stmt, char *out,
             snprintf(types, sizeof types, " AND type = ANY($%d::text[])",
                      next++);
         /* the stream read's columns first (decode_row), then these two */
-        snprintf(out, outlen, "SELECT position, id, version, type, data,"
-                 " metadata, recorded_at, txid, stream FROM \"%s\".events"
+        int n = snprintf(out, outlen, "%sSELECT position, id, version, type,"
+                 " data, metadata, recorded_at, txid, stream FROM \"%s\".events"
                  " WHERE (txid, position) > ($1::xid8, $2::bigint)"
                  " AND txid < pg_snapshot_xmin(pg_current_snapshot())%s%s"
-                 " ORDER BY txid, position LIMIT $3::bigint", s, cat, types);
+                 " ORDER BY txid, position LIMIT $3::bigint%s", filters ? "(" : "",
+                 s, cat, types, filters ? ")" : "");
+        /* A filtered batch also names the last event below the watermark,
+         * whatever its type, in a last row with a NULL id: when the batch
+         * is short the checkpoint moves there, so events the filter skips
+         * are never scanned again (same snapshot: same statement). */
+        if (filters && n > 0 && (size_t)n < outlen)
+            snprintf(out + n, outlen - (size_t)n, " UNION ALL (SELECT"
+                     " position, NULL, NULL, NULL, NULL, NULL, NULL, txid, NULL"
+                     " FROM \"%s\".events WHERE txid <"
+                     " pg_snapshot_xmin(pg_current_snapshot())"
+                     " ORDER BY txid DESC, position DESC LIMIT 1)", s);
     }
     }
     return out;
@@ -313,6 +324,9 @@ typedef struct pg_cursor {
     /* read_all: where the batch has got to, as text only when asked */
     uint64_t cp_txid;
     int64_t cp_pos;
+    int has_head;           /* filtered and short: move to head at the end */
+    uint64_t head_txid;
+    int64_t head_pos;
     char checkpoint[48];
     /* the current event's formatted fields */
     char id[37];
@@ -498,14 +512,34 @@ static int all_next(es_cursor *c, es_event *e, es_error *err)
     int i;
 
     (void)err;
-    if (pc->row >= pc->nrows)
+    if (pc->row >= pc->nrows) {
+        if (pc->has_head) {
+            pc->cp_txid = pc->head_txid;
+            pc->cp_pos = pc->head_pos;
+            pc->has_head = 0;
+        }
         return 0;
+    }
     i = pc->row++;
     decode_row(pc, pc->res, i, e);
     e->stream = PQgetvalue(pc->res, i, 8);
     pc->cp_txid = be64(PQgetvalue(pc->res, i, 7));
     pc->cp_pos = e->position;
     return 1;
+}
+
+/* A short filtered batch read every matching event below the watermark:
+ * its checkpoint may move on to the last event there (the head row). */
+static void note_head(pg_cursor *pc)
+{
+    int h = pc->nrows;
+    uint64_t tx = be64(PQgetvalue(pc->res, h, 7));
+    int64_t pos = (int64_t)be64(PQgetvalue(pc->res, h, 0));
+    if (tx > pc->cp_txid || (tx == pc->cp_txid && pos > pc->cp_pos)) {
+        pc->has_head = 1;
+        pc->head_txid = tx;
+        pc->head_pos = pos;
+    }
 }
 
 static const es_cursor_ops all_cursor_ops = {
@@ -572,12 +606,20 @@ static int request_is(const es_buf *key, int stmt, const char *const *values,
     return k == end;
 }
 
-/* Sends the query for the batch after the last row of res. */
+/* Rows of a read_all result that are events: a filtered read ends with
+ * the head row (NULL id), which is not one. */
+static int event_rows(PGresult *res)
+{
+    int n = PQntuples(res);
+    return n > 0 && PQgetisnull(res, n - 1, 1) ? n - 1 : n;
+}
+
+/* Sends the query for the batch after the last event of res. */
 static void prefetch_next(pg_store *p, int stmt, PGresult *res,
                           const char **values, int nvalues)
 {
     char txs[24], poss[24];
-    int last = PQntuples(res) - 1;
+    int last = event_rows(res) - 1;
     es_error ignored;
 
     snprintf(txs, sizeof txs, "%" PRIu64, be64(PQgetvalue(res, last, 7)));
@@ -606,7 +648,7 @@ static PGresult *take_prefetched(pg_store *p, int stmt,
     if (request_is(&p->ahead.key, stmt, values, nvalues)) {
         pg_settle(p);
         if (p->ahead.res && PQresultStatus(p->ahead.res) == PGRES_TUPLES_OK &&
-            PQntuples(p->ahead.res) == limit) {
+            event_rows(p->ahead.res) == limit) {
             res = p->ahead.res;
             p->ahead.res = NULL;
         }
@@ -665,14 +707,16 @@ es_cursor *pg_read_all(es_store *s, const es_read_all_opts *o, es_error *err)
     pc->res = take_prefetched(p, stmt, values, nvalues, limit_n);
     if (!pc->res)
         pc->res = pg_exec_prepared(p, stmt, nvalues, values, 1, err);
-    if (pc->res && o->prefetch && PQntuples(pc->res) == limit_n)
+    if (pc->res && o->prefetch && event_rows(pc->res) == limit_n)
         prefetch_next(p, stmt, pc->res, values, nvalues);
     es_buf_free(&types);
     if (!pc->res) {
         cursor_destroy(&pc->base);
         return NULL;
     }
-    pc->nrows = PQntuples(pc->res);
+    pc->nrows = event_rows(pc->res);
+    if (pc->nrows < limit_n && pc->nrows < PQntuples(pc->res))
+        note_head(pc);
     return &pc->base;
 }
 

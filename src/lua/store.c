@@ -696,8 +696,12 @@ static int l_read_all(lua_State *L)
         return esl_push_error(L, &err);
     ctx = event_context(L);
     lua_newtable(L);
+    /* each event carries the checkpoint after it: a follower that stops
+     * at event k saves events[k-1].checkpoint without reading again */
     while ((rc = es_cursor_next(lc->c, &e, &err)) > 0) {
         push_event(L, &e, &ctx);
+        lua_pushstring(L, es_cursor_checkpoint(lc->c));
+        lua_setfield(L, -2, "checkpoint");
         lua_rawseti(L, -2, ++i);
     }
     if (rc < 0)

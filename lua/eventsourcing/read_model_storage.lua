@@ -1,0 +1,209 @@
+-- eventsourcing.read_model_storage: where a read model's rows live: the
+-- PostgreSQL table (DDL, one query to load a batch's rows, one to write
+-- them) or, on memory stores, a Lua table.
+local base = require "eventsourcing.read_model_base"
+
+local core, json, quote, short_ident = base.core, base.json, base.quote, base.short_ident
+local util, deep_copy, tointeger, key_string = base.util, base.deep_copy, base.tointeger, base.key_string
+local mem_tables, is_memory = base.mem_tables, base.is_memory
+
+local ReadModel = {}   -- methods read_model takes in
+
+function ReadModel:_mem_rows(store, tbl)
+  local tables = mem_tables(store)
+  tbl = tbl or self.name
+  local rows = tables[tbl]
+  if not rows then rows = {}; tables[tbl] = rows end
+  return rows
+end
+
+-- SQL pieces -----------------------------------------------------------------
+
+function ReadModel:_qualified(store, tbl)
+  return quote(store:schema()) .. "." .. quote(tbl or self.name)
+end
+
+function ReadModel:_select_list()
+  if self._sel then return self._sel end
+  local parts = {}
+  for _, c in ipairs(self.columns) do
+    if self.types[c] == "timestamptz" then
+      parts[#parts + 1] = util.ts_sql(quote(c))
+    else
+      parts[#parts + 1] = quote(c)
+    end
+  end
+  self._sel = table.concat(parts, ", ")
+  return self._sel
+end
+
+function ReadModel:_create_sql(store, tbl)
+  local cols = {}
+  for _, c in ipairs(self.columns) do
+    cols[#cols + 1] = quote(c) .. " " .. self.types[c] .. (c == self.key and " NOT NULL" or "")
+  end
+  cols[#cols + 1] = ("CONSTRAINT %s PRIMARY KEY (%s)"):format(quote(short_ident(tbl .. "_pkey")), quote(self.key))
+  return ("CREATE TABLE IF NOT EXISTS %s (%s)"):format(self:_qualified(store, tbl), table.concat(cols, ", "))
+end
+
+function ReadModel:_index_sqls(store, tbl)
+  local out = {}
+  for _, ix in ipairs(self.indexes) do
+    local qc = {}
+    for _, c in ipairs(ix.columns) do qc[#qc + 1] = quote(c) end
+    out[#out + 1] = ("CREATE %sINDEX IF NOT EXISTS %s ON %s (%s)"):format(ix.unique and "UNIQUE " or "",
+      quote(short_ident(tbl .. "_" .. ix.suffix)), self:_qualified(store, tbl), table.concat(qc, ", "))
+  end
+  return out
+end
+
+-- Renames the primary key and the indexes of table `from` (now called
+-- self.name) to the names migrate would give them. SQL statements.
+function ReadModel:_rename_index_sqls(store, from)
+  local schema = quote(store:schema())
+  local out = {
+    ("ALTER TABLE %s RENAME CONSTRAINT %s TO %s"):format(self:_qualified(store),
+      quote(short_ident(from .. "_pkey")), quote(short_ident(self.name .. "_pkey"))),
+  }
+  for _, ix in ipairs(self.indexes) do
+    out[#out + 1] = ("ALTER INDEX %s.%s RENAME TO %s"):format(schema,
+      quote(short_ident(from .. "_" .. ix.suffix)), quote(short_ident(self.name .. "_" .. ix.suffix)))
+  end
+  return out
+end
+
+local function exec_all(store, sqls)
+  for _, sql in ipairs(sqls) do
+    local ok, err = store:query(sql)
+    if not ok then return nil, err end
+  end
+  return true
+end
+
+-- Creates the table (key = primary key) and its indexes; idempotent.
+-- Run inside a transaction holding the projections' migration lock by
+-- the projector; callable directly too.
+function ReadModel:migrate(store, tbl)
+  if is_memory(store) then self:_mem_rows(store, tbl); return true end
+  tbl = tbl or self.name
+  local ok, err = store:query(self:_create_sql(store, tbl))
+  if not ok then return nil, err end
+  return exec_all(store, self:_index_sqls(store, tbl))
+end
+
+-- Loading and writing rows -------------------------------------------------------
+
+-- Makes a clean row (declared columns only, integers for integer columns;
+-- on memory stores instants in the form PostgreSQL gives them back).
+function ReadModel:_clean(row, memory)
+  local out, columns, treat, null = {}, self.columns, self.treat, json.null
+  for i = 1, #columns do
+    local c = columns[i]
+    local v = row[c]
+    if v ~= nil and v ~= null then
+      local how = treat[i]
+      if how == "int" then
+        if type(v) == "number" then v = tointeger(v) or v end
+      elseif how == "ts" and memory and type(v) == "string" then
+        local t = util.iso_epoch(v)
+        if t then v = util.iso(t) end
+      end
+      out[c] = v
+    end
+  end
+  return out
+end
+
+local function keys_param(keys)
+  local arr = json.array({})
+  for i, k in ipairs(keys) do arr[i] = k end
+  return arr
+end
+
+-- Loads the rows of `keys` (array of key strings) -> map key string -> row.
+function ReadModel:_load(store, tbl, keys)
+  local found = {}
+  if #keys == 0 then return found end
+  if is_memory(store) then
+    local rows = self:_mem_rows(store, tbl)
+    for _, k in ipairs(keys) do
+      local r = rows[k]
+      if r then found[k] = deep_copy(r) end
+    end
+    return found
+  end
+  -- statements are cached per schema and table: one read model may serve
+  -- stores of several schemas
+  local ck = store:schema() .. "." .. (tbl or self.name)
+  local sql = self._load_sql and self._load_sql[ck]
+  if not sql then
+    self._load_sql = self._load_sql or {}
+    sql = ("SELECT %s FROM %s WHERE %s IN (SELECT k::%s FROM jsonb_array_elements_text($1::jsonb) AS k)")
+      :format(self:_select_list(), self:_qualified(store, tbl), quote(self.key), self.types[self.key])
+    self._load_sql[ck] = sql
+  end
+  local res, err = store:query(sql, keys_param(keys))
+  if not res then return nil, err end
+  local key = self.key
+  for _, r in ipairs(res) do found[key_string(r[key])] = r end
+  return found
+end
+
+-- Writes the final state of touched rows: upserts (array of rows) and
+-- deletes (array of key strings); one statement.
+-- The rows as JSON, checked on both stores: a row that cannot be stored
+-- (NaN, a function) is an error the caller records, not a raise that
+-- strands its transaction, and memory stores refuse what PostgreSQL does.
+function ReadModel:_encode_rows(upserts)
+  local ups = json.array({})
+  for i, r in ipairs(upserts) do ups[i] = r end
+  local text, eerr = json.encode(ups)
+  if not text then
+    return nil, core.error("invalid", ("%s: a row cannot be stored: %s")
+      :format(self.name, eerr.message))
+  end
+  return text
+end
+
+function ReadModel:_write(store, tbl, upserts, deletes)
+  if #upserts == 0 and #deletes == 0 then return true end
+  local text, eerr = self:_encode_rows(upserts)
+  if not text then return nil, eerr end
+  if is_memory(store) then
+    local rows = self:_mem_rows(store, tbl)
+    for _, k in ipairs(deletes) do rows[k] = nil end
+    for _, r in ipairs(upserts) do rows[key_string(r[self.key])] = r end
+    return true
+  end
+  local ck = store:schema() .. "." .. (tbl or self.name)
+  local sql = self._write_sql and self._write_sql[ck]
+  if not sql then
+    self._write_sql = self._write_sql or {}
+    local q = self:_qualified(store, tbl)
+    local cols, sets = {}, {}
+    for _, c in ipairs(self.columns) do
+      cols[#cols + 1] = quote(c)
+      if c ~= self.key then sets[#sets + 1] = quote(c) .. " = excluded." .. quote(c) end
+    end
+    local collist = table.concat(cols, ", ")
+    sql = ("WITH d AS (DELETE FROM %s WHERE %s IN (SELECT k::%s FROM jsonb_array_elements_text($2::jsonb) AS k)), "
+      .. "u AS (INSERT INTO %s (%s) SELECT %s FROM json_populate_recordset(NULL::%s, $1::json) "
+      .. "ON CONFLICT (%s) DO %s) SELECT 1 AS ok")
+      :format(q, quote(self.key), self.types[self.key], q, collist, collist, q, quote(self.key),
+        #sets > 0 and ("UPDATE SET " .. table.concat(sets, ", ")) or "NOTHING")
+    self._write_sql[ck] = sql
+  end
+  local res, err = store:query(sql, text, keys_param(deletes))
+  if not res then return nil, err end
+  return true
+end
+
+-- Applies events[1..n] to the rows of table `tbl` and writes the touched
+-- rows once. Returns true, handled | false, index, message (a handler
+-- raised at events[index]; nothing was written) | nil, err (store error).
+-- opts.seen: a set of key strings that may exist in tbl (rebuild into a
+-- fresh table: keys outside it are not looked up); opts.mark_seen.
+
+ReadModel._exec_all = exec_all
+
+return ReadModel
