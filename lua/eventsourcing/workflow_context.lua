@@ -96,7 +96,8 @@ end
 -- cannot help): err.reason from the C core, else a database sqlstate (a
 -- plain expected-version conflict has none).
 local function tx_aborted(err)
-  if err.reason then return err.reason == "tx_aborted" end
+  -- "order" (the stream-order rule) always aborts the transaction too
+  if err.reason then return err.reason == "tx_aborted" or err.reason == "order" end
   return err.sqlstate ~= nil
 end
 
