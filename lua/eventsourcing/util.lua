@@ -93,12 +93,14 @@ function M.now_iso() return core.time_format(core.now()) end
 local TRANSIENT = { ["40001"] = true, ["40P01"] = true, ["55P03"] = true,
                     ["57014"] = true, ["53000"] = true, ["53100"] = true,
                     ["53200"] = true, ["53300"] = true }
-local TRANSIENT_REASON = { serialization = true, timeout = true, tx_aborted = true }
+-- "tx_aborted" only says the caller's transaction is now aborted; whether
+-- trying again can help is the cause's, its sqlstate (a missing table is
+-- no better next time, a serialization failure may be).
+local TRANSIENT_REASON = { serialization = true, timeout = true }
 function M.transient(err)
   if type(err) ~= "table" then return false end
   if err.kind == "connection" then return true end
-  -- err.reason (from the C core) when there is one, else the sqlstate
-  if err.reason ~= nil then return TRANSIENT_REASON[err.reason] == true end
+  if TRANSIENT_REASON[err.reason] then return true end
   return TRANSIENT[err.sqlstate] == true
 end
 
