@@ -3,14 +3,17 @@
 # before installing the Debian packages it needs (scripts/deps.sh): on a
 # fresh Debian 12, lua.h and libpq-fe.h come from those packages.
 #
-#   scripts/check-make-order.sh [TARGET...]   (default: the targets below)
+#   scripts/check-make-order.sh [-C DIR] [TARGET...]
+#                        (default: this checkout, the targets below)
 #
 # Reads `make -n -B TARGET` (and with -j2: prerequisite order must not be
 # what keeps it right): the first line that mentions `deps` must come before
 # the first compiler line (` -c src/`). -B makes every file out of date, so
 # the compile lines show even in a built tree. Nothing is run or built.
 set -uo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
+dir="$(dirname "${BASH_SOURCE[0]}")/.."
+if [ "${1:-}" = -C ]; then dir=$2; shift 2; fi
+cd "$dir" || exit 1
 
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(demo test check-memory bench serve)

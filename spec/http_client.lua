@@ -26,12 +26,14 @@ local function write_file(path, text)
   f:close()
 end
 
+-- run(cmd) -> ok, output. The exit status travels in the output: LuaJIT's
+-- popen():close() does not report it.
 local function run(cmd)
-  local p = assert(io.popen(cmd .. " 2>&1"))
+  local p = assert(io.popen("{ " .. cmd .. "\n} 2>&1; echo \"@rc=$?\""))
   local out = p:read("*a")
-  local ok, _, code = p:close()
-  if type(ok) == "number" then code = ok; ok = code == 0 end   -- Lua 5.1 close
-  return ok == true or code == 0, out
+  p:close()
+  local rc = tonumber(out:match("@rc=(%d+)%s*$"))
+  return rc == 0, (out:gsub("@rc=%d+%s*$", ""))
 end
 M.run = run
 
