@@ -10,6 +10,7 @@
 --   local pending = srv:start_request(...)   -- in the background
 --   local r = pending:finish()
 --   srv:stop()
+--   local c = http.client("http://127.0.0.1:8080", decode)   -- a running server
 local helpers = require "helpers"
 
 local M = {}
@@ -136,6 +137,20 @@ function M.start_server(o)
     run(self.root .. "/examples/orders/http/nginx.sh stop " .. shell_quote(self.prefix))
   end
   error("could not start nginx: " .. tostring(last))
+end
+
+-- M.client(base_url, decode): requests to a server started elsewhere
+-- (scripts/serve.sh); :close() removes its temp folder.
+function M.client(base, decode)
+  local self = setmetatable({ decode = decode, base = base, stopped = true }, Server)
+  self.dir = mktemp_dir("es-http-spec")
+  return self
+end
+
+function Server:close()
+  if self.dir and self.dir:match("^/tmp/es%-http%-spec%.") then
+    run("rm -rf " .. shell_quote(self.dir))
+  end
 end
 
 function Server:error_log()

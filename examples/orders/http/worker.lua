@@ -21,6 +21,7 @@ local es = require "eventsourcing"
 local core = require "eventsourcing.core"
 local service = require "orders.service"
 local Order = require "orders.order"
+local stock = require "orders.http.stock"
 
 local json = es.json
 local null = json.null
@@ -404,9 +405,12 @@ local function get_order(p, id, args)
     if not o then return fail_err(e) end
     return respond(200, o, etag_of(o.version))
   end
-  -- current state: folded from the stream (never stale, exact version)
+  -- current state: folded from the stream (never stale, exact version),
+  -- with where its stock reservation stands (the workflow's progress)
   local o, e = folded.get_order(id)
   if not o then return fail_err(e) end
+  o.reservation, e = stock.reservation(svc.repository, o)
+  if not o.reservation then return fail_err(e) end
   return respond(200, o, etag_of(o.version))
 end
 
@@ -470,8 +474,38 @@ local function list_orders(p, args)
   return respond(200, { orders = list, next = next_or_err or null })
 end
 
+-- /stock/{product_id} (GET, any principal) and /stock/{product_id}/receive
+-- (POST { quantity }, admins only). The ETag is the Inventory stream's version.
+local function route_stock(p, req, segs, args)
+  local n, method, product = #segs, req.method, segs[2]
+  if n < 2 or n > 3 or (n == 3 and segs[3] ~= "receive") then
+    return fail(404, "not_found", "no such resource")
+  end
+  local qerr = check_query(args, {})
+  if qerr then return bad_request(qerr) end
+  if n == 2 then
+    if method ~= "GET" then
+      return fail(405, "method_not_allowed", method .. " is not allowed on a product's stock")
+    end
+    local v, err = stock.view(svc.repository, product)
+    if not v then return fail_err(err) end
+    return respond(200, v, etag_of(v.version))
+  end
+  if method ~= "POST" then
+    return fail(405, "method_not_allowed", method .. " is not allowed here")
+  end
+  if not p.admin then return fail(403, "forbidden", "only an admin may receive stock") end
+  local body, msg, field = body_object(req.body, { quantity = true })
+  if not body then return bad_request(msg, field) end
+  if body.quantity == nil then return bad_request("quantity is required", "quantity") end
+  local v, err = stock.receive(svc.repository, product, body.quantity, { user = p.user })
+  if not v then return fail_err(err) end
+  return respond(200, v, etag_of(v.version))
+end
+
 -- route(method, segments, args, req, principal)
 local function route(p, req, segs, args)
+  if segs[1] == "stock" then return route_stock(p, req, segs, args) end
   local n, method = #segs, req.method
   local id = segs[2]
   if n == 1 then
@@ -542,7 +576,7 @@ local function dispatch(method, uri, authorization, if_match, body)
     end
     segs[i] = d
   end
-  if segs[1] ~= "orders" or #segs > 4 then
+  if (segs[1] ~= "orders" and segs[1] ~= "stock") or #segs > 4 then
     return fail(404, "not_found", "no such resource")
   end
   local p, status, msg = authenticate(authorization)
