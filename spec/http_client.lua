@@ -108,7 +108,8 @@ function Server:start_request(method, path, opts)
   end }
 end
 
--- M.start_server{ database_url, schema, root, threads, max_retries, decode }
+-- M.start_server{ database_url, schema, root, threads, max_retries, decode,
+--                 env = { NAME = value } }
 function M.start_server(o)
   local self = setmetatable({ decode = o.decode }, Server)
   self.root = o.root or "."
@@ -126,6 +127,7 @@ function M.start_server(o)
       "ES_HTTP_MAX_RETRIES=" .. (o.max_retries or 3),
     }
     if o.tokens then env[#env + 1] = "ES_HTTP_TOKENS=" .. shell_quote(o.tokens) end
+    for k, v in pairs(o.env or {}) do env[#env + 1] = k .. "=" .. shell_quote(v) end
     local ok, out = run("env " .. table.concat(env, " ") .. " " .. self.root
       .. "/examples/orders/http/nginx.sh start " .. shell_quote(self.prefix))
     if ok then

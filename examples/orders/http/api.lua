@@ -47,9 +47,10 @@ local function header(h, name)
   return v
 end
 
-local function send(status, body, etag, location)
+local function send(status, body, etag, location, replayed)
   ngx.status = status
   ngx.header["Content-Type"] = "application/json"
+  if replayed then ngx.header["Idempotent-Replayed"] = "true" end
   if etag then ngx.header["ETag"] = etag end
   if location then ngx.header["Location"] = location end
   if status == 401 then ngx.header["WWW-Authenticate"] = 'Bearer realm="orders"' end
@@ -74,6 +75,10 @@ function M.handle()
     return send(400, error_body("invalid", "too many request headers"))
   end
   local auth, if_match = header(h, "authorization"), header(h, "if-match")
+  local idem_key = header(h, "idempotency-key")
+  if idem_key == false then
+    return send(400, error_body("invalid", "Idempotency-Key given more than once"))
+  end
   if auth == false then
     return send(401, error_body("unauthorized", "Authorization given more than once"))
   end
@@ -98,15 +103,15 @@ function M.handle()
   if not got then
     return send(503, error_body("unavailable", "the service is busy (" .. tostring(werr) .. ")"))
   end
-  local ok, status, out, etag, location = ngx.run_worker_thread(POOL,
+  local ok, status, out, etag, location, replayed = ngx.run_worker_thread(POOL,
     "orders.http.worker", "handle",
-    ngx.req.get_method(), ngx.var.request_uri, auth, if_match, body)
+    ngx.req.get_method(), ngx.var.request_uri, auth, if_match, body, idem_key)
   sema:post(1)
   if not ok then
     ngx.log(ngx.ERR, "orders.http.worker: ", tostring(status))
     return send(500, error_body("internal", "worker thread failed"))
   end
-  return send(status, out, etag, location)
+  return send(status, out, etag, location, replayed)
 end
 
 return M

@@ -3,7 +3,9 @@
 --
 --   local stock = require "orders.http.stock"
 --   stock.view(repo, product_id)       -> { product_id, on_hand, reserved, available, version }
---   stock.receive(repo, product_id, quantity, meta) -> the same, after ReceiveStock
+--   stock.receive(execute, product_id, quantity, meta) -> the same, after
+--     ReceiveStock; execute(A, id, command, data, opts) runs the command
+--     (repo:execute, or its idempotent form)
 --   stock.reservation(repo, order_view) -> { status, items = [ { product_id, quantity, status } ] }
 --
 -- The reservation is read from the Inventory streams the order-fulfilment
@@ -17,6 +19,7 @@
 --   released   cancelled after it was placed; nothing is held any more
 -- Line status: pending, reserved, rejected, released (or none).
 local es = require "eventsourcing"
+local aggregate = require "eventsourcing.aggregate"
 local inventory = require "orders.inventory"
 
 local Inventory = inventory.Inventory
@@ -27,8 +30,16 @@ function M.view(repo, product_id)
   return inventory.stock(repo, product_id)
 end
 
-function M.receive(repo, product_id, quantity, meta)
-  return inventory.receive_stock(repo, { product_id = product_id, quantity = quantity }, meta)
+function M.receive(execute, product_id, quantity, meta)
+  if type(product_id) ~= "string" or not aggregate.valid_id(product_id) then
+    return nil, es.error("invalid", "product_id must be a non-empty string without control characters",
+      { field = "product_id" })
+  end
+  local r, err = execute(Inventory, product_id, "ReceiveStock",
+    { product_id = product_id, quantity = quantity }, { metadata = meta })
+  if not r then return nil, err end
+  return { product_id = product_id, version = r.version, on_hand = r.state.on_hand,
+           reserved = r.state.reserved, available = r.state.on_hand - r.state.reserved }
 end
 
 -- The line's status from its product's Inventory state.

@@ -2,8 +2,11 @@
 -- in nginx's thread pool (never on the event loop).
 --
 --   ngx.run_worker_thread("es", "orders.http.worker", "handle",
---                         method, request_uri, authorization, if_match, body)
---   --> true, status, body_json, etag_or_nil, location_or_nil
+--                         method, request_uri, authorization, if_match, body,
+--                         idempotency_key)
+--   --> true, status, body_json, etag_or_nil, location_or_nil, replayed
+-- (replayed: the stored response of an earlier request with the same
+-- Idempotency-Key, see orders.http.idempotency)
 --
 -- Each pool thread has its own Lua VM that requires this module once, so the
 -- module-level store below is one PostgreSQL connection per thread, opened
@@ -22,6 +25,7 @@ local core = require "eventsourcing.core"
 local service = require "orders.service"
 local Order = require "orders.order"
 local stock = require "orders.http.stock"
+local idem = require "orders.http.idempotency"
 
 local json = es.json
 local null = json.null
@@ -41,6 +45,7 @@ end
 
 local config = nil        -- { database_url, schema, tokens_path }
 local store, svc, folded = nil, nil, nil   -- folded: queries by folding
+local idem_ready = false  -- the idempotency table exists (checked per connection)
 local tokens = nil        -- token -> principal
 local owners = {}         -- order id -> customer id (immutable once created)
 local owners_count = 0
@@ -109,6 +114,7 @@ local function etag_of(version) return ('"%d"'):format(version) end
 
 local function connect()
   if store and not store:is_closed() then return true end
+  idem_ready = false
   local c = settings()
   if not c.database_url or c.database_url == "" then
     return nil, es.error("connection", "ES_HTTP_DATABASE_URL is not set")
@@ -129,6 +135,13 @@ end
 local function drop_connection()
   if store then pcall(store.close, store) end
   store, svc, folded = nil, nil, nil
+end
+
+-- Runs a command: in an idempotent request (req.ctx) inside its
+-- transaction with derived event ids, else as usual.
+local function execute(req, A, id, name, cmd, opts)
+  if req.ctx then return req.ctx.execute(svc.repository, A, id, name, cmd, opts) end
+  return svc.repository:execute(A, id, name, cmd, opts)
 end
 
 ---------------------------------------------------------------- auth
@@ -329,7 +342,7 @@ end
 local view = service.view
 
 -- Commands on an existing order: AddItem, RemoveItem, PlaceOrder, CancelOrder.
-local function command(p, id, name, cmd, if_match)
+local function command(p, req, id, name, cmd, if_match)
   local denied = check_owner(p, id)
   if denied then return unpack(denied) end
   local expected = if_match
@@ -337,7 +350,7 @@ local function command(p, id, name, cmd, if_match)
     return fail(412, "precondition_failed", "If-Match does not name a version of this order")
   end
   if expected == nil then expected = es.STREAM_EXISTS end
-  local r, err = svc.repository:execute(Order, id, name, cmd,
+  local r, err = execute(req, Order, id, name, cmd,
     { metadata = { user = p.user }, expected_version = expected })
   if not r then
     if err.kind == "conflict" then
@@ -371,8 +384,10 @@ local function create_order(p, req)
   if req.if_match ~= nil then
     return fail(412, "precondition_failed", "If-Match cannot apply to a new order")
   end
-  local id = core.uuid()
-  local r, err = svc.repository:execute(Order, id, "CreateOrder",
+  -- with an Idempotency-Key the order's id derives from it, so a retry
+  -- names the same order
+  local id = req.ctx and req.ctx.id("order") or core.uuid()
+  local r, err = execute(req, Order, id, "CreateOrder",
     { order_id = id, customer_id = customer },
     { metadata = { user = p.user }, expected_version = es.NO_STREAM })
   if not r then return fail_err(err) end
@@ -498,7 +513,8 @@ local function route_stock(p, req, segs, args)
   local body, msg, field = body_object(req.body, { quantity = true })
   if not body then return bad_request(msg, field) end
   if body.quantity == nil then return bad_request("quantity is required", "quantity") end
-  local v, err = stock.receive(svc.repository, product, body.quantity, { user = p.user })
+  local v, err = stock.receive(function(...) return execute(req, ...) end, product,
+    body.quantity, { user = p.user })
   if not v then return fail_err(err) end
   return respond(200, v, etag_of(v.version))
 end
@@ -536,21 +552,21 @@ local function route(p, req, segs, args)
   end
   if n == 3 and sub == "items" then
     return post({ product_id = true, quantity = true, unit_price = true }, false, function(b)
-      return command(p, id, "AddItem", { product_id = b.product_id,
+      return command(p, req, id, "AddItem", { product_id = b.product_id,
         quantity = b.quantity, unit_price = b.unit_price }, req.if_match)
     end)
   elseif n == 4 and sub == "items" then
     if method ~= "DELETE" then
       return fail(405, "method_not_allowed", method .. " is not allowed on an item")
     end
-    return command(p, id, "RemoveItem", { product_id = segs[4] }, req.if_match)
+    return command(p, req, id, "RemoveItem", { product_id = segs[4] }, req.if_match)
   elseif n == 3 and sub == "place" then
     return post({}, true, function()
-      return command(p, id, "PlaceOrder", {}, req.if_match)
+      return command(p, req, id, "PlaceOrder", {}, req.if_match)
     end)
   elseif n == 3 and sub == "cancel" then
     return post({ reason = true }, true, function(b)
-      return command(p, id, "CancelOrder", { reason = b.reason }, req.if_match)
+      return command(p, req, id, "CancelOrder", { reason = b.reason }, req.if_match)
     end)
   elseif n == 3 and sub == "history" then
     if method ~= "GET" then
@@ -561,7 +577,7 @@ local function route(p, req, segs, args)
   return fail(404, "not_found", "no such resource")
 end
 
-local function dispatch(method, uri, authorization, if_match, body)
+local function dispatch(method, uri, authorization, if_match, body, idempotency_key)
   local path, query = uri:match("^([^?#]*)%??([^#]*)")
   if not path or path:sub(1, 1) ~= "/" then return fail(400, "invalid", "malformed request target") end
   -- segments, percent-decoded one by one (an encoded / stays in its segment)
@@ -589,23 +605,39 @@ local function dispatch(method, uri, authorization, if_match, body)
   local ok, err = connect()
   if not ok then return fail_err(err) end
   local req = { method = method, body = body, if_match = parse_if_match(if_match) }
-  return route(p, req, segs, args)
+  if idempotency_key == nil or method == "GET" then return route(p, req, segs, args) end
+  if not idem.valid_key(idempotency_key) then
+    return bad_request("Idempotency-Key must be 1 to 200 visible ASCII characters")
+  end
+  if not idem_ready then
+    local iok, ierr = idem.migrate(store)
+    if not iok then return fail_err(ierr) end
+    idem_ready = true
+  end
+  return idem.run(store, {
+    principal = (p.admin and "admin:" or "customer:") .. p.user, key = idempotency_key,
+    method = method, path = uri, body = body,
+    ttl = tonumber(os.getenv("ES_HTTP_IDEMPOTENCY_TTL") or "") or idem.DEFAULT_TTL,
+  }, function(ctx)
+    req.ctx = ctx
+    return route(p, req, segs, args)
+  end, fail_err)
 end
 
 -- The thread-pool entry point. Always returns status, body[, etag, location].
-function M.handle(method, uri, authorization, if_match, body)
+function M.handle(method, uri, authorization, if_match, body, idempotency_key)
   if type(method) ~= "string" or type(uri) ~= "string" then
     return fail(400, "invalid", "malformed request")
   end
-  local ok, status, out, etag, location = xpcall(dispatch, debug.traceback,
-    method, uri, authorization, if_match, body)
+  local ok, status, out, etag, location, replayed = xpcall(dispatch, debug.traceback,
+    method, uri, authorization, if_match, body, idempotency_key)
   if not ok then
     io.stderr:write("orders.http.worker: ", tostring(status), "\n")
     return fail(500, "internal", "internal error")
   end
   -- a lost connection: open a new one on the next request
   if status == 503 and store and store:is_closed() then drop_connection() end
-  return status, out, etag, location
+  return status, out, etag, location, replayed
 end
 
 return M
