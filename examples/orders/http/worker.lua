@@ -3,8 +3,14 @@
 --
 --   ngx.run_worker_thread("es", "orders.http.worker", "handle",
 --                         method, request_uri, authorization, if_match, body,
---                         idempotency_key)
---   --> true, status, body_json, etag_or_nil, location_or_nil, replayed
+--                         idempotency_key, request_id)
+--   --> true, status, body_json, etag_or_nil, location_or_nil, replayed,
+--       appended, conflicts, seconds
+-- (appended: events this request appended; conflicts: appends that met a
+-- concurrent writer; seconds: time spent on this thread; request_id: the
+-- correlation id the command's events carry)
+--   ngx.run_worker_thread("es", "orders.http.worker", "metrics")
+--   --> true, exposition lines (checkpoint lag and dead letters)
 -- (replayed: the stored response of an earlier request with the same
 -- Idempotency-Key, see orders.http.idempotency)
 --
@@ -46,6 +52,7 @@ end
 local config = nil        -- { database_url, schema, tokens_path }
 local store, svc, folded = nil, nil, nil   -- folded: queries by folding
 local idem_ready = false  -- the idempotency table exists (checked per connection)
+local counts = { appended = 0, conflicts = 0 }   -- of the request being handled
 local tokens = nil        -- token -> principal
 local owners = {}         -- order id -> customer id (immutable once created)
 local owners_count = 0
@@ -139,9 +146,23 @@ end
 
 -- Runs a command: in an idempotent request (req.ctx) inside its
 -- transaction with derived event ids, else as usual.
+-- The events carry the request's id as their correlation id.
 local function execute(req, A, id, name, cmd, opts)
-  if req.ctx then return req.ctx.execute(svc.repository, A, id, name, cmd, opts) end
-  return svc.repository:execute(A, id, name, cmd, opts)
+  local repo = svc.repository
+  opts = opts or {}
+  opts.metadata = opts.metadata or {}
+  opts.metadata.correlation_id = opts.metadata.correlation_id or req.request_id
+  local retries = repo.stats.retries
+  local r, err
+  if req.ctx then
+    r, err = req.ctx.execute(repo, A, id, name, cmd, opts)
+  else
+    r, err = repo:execute(A, id, name, cmd, opts)
+  end
+  counts.conflicts = counts.conflicts + (repo.stats.retries - retries)
+    + ((not r and type(err) == "table" and err.kind == "conflict") and 1 or 0)
+  if r then counts.appended = counts.appended + #r.events end
+  return r, err
 end
 
 ---------------------------------------------------------------- auth
@@ -577,7 +598,7 @@ local function route(p, req, segs, args)
   return fail(404, "not_found", "no such resource")
 end
 
-local function dispatch(method, uri, authorization, if_match, body, idempotency_key)
+local function dispatch(method, uri, authorization, if_match, body, idempotency_key, request_id)
   local path, query = uri:match("^([^?#]*)%??([^#]*)")
   if not path or path:sub(1, 1) ~= "/" then return fail(400, "invalid", "malformed request target") end
   -- segments, percent-decoded one by one (an encoded / stays in its segment)
@@ -604,7 +625,8 @@ local function dispatch(method, uri, authorization, if_match, body, idempotency_
   if not args then return bad_request(qerr) end
   local ok, err = connect()
   if not ok then return fail_err(err) end
-  local req = { method = method, body = body, if_match = parse_if_match(if_match) }
+  local req = { method = method, body = body, if_match = parse_if_match(if_match),
+                request_id = type(request_id) == "string" and request_id ~= "" and request_id or nil }
   if idempotency_key == nil or method == "GET" then return route(p, req, segs, args) end
   if not idem.valid_key(idempotency_key) then
     return bad_request("Idempotency-Key must be 1 to 200 visible ASCII characters")
@@ -625,19 +647,90 @@ local function dispatch(method, uri, authorization, if_match, body, idempotency_
 end
 
 -- The thread-pool entry point. Always returns status, body[, etag, location].
-function M.handle(method, uri, authorization, if_match, body, idempotency_key)
+function M.handle(method, uri, authorization, if_match, body, idempotency_key, request_id)
   if type(method) ~= "string" or type(uri) ~= "string" then
     return fail(400, "invalid", "malformed request")
   end
+  local t0 = core.monotonic()
+  counts.appended, counts.conflicts = 0, 0
   local ok, status, out, etag, location, replayed = xpcall(dispatch, debug.traceback,
-    method, uri, authorization, if_match, body, idempotency_key)
+    method, uri, authorization, if_match, body, idempotency_key, request_id)
   if not ok then
     io.stderr:write("orders.http.worker: ", tostring(status), "\n")
     return fail(500, "internal", "internal error")
   end
   -- a lost connection: open a new one on the next request
   if status == 503 and store and store:is_closed() then drop_connection() end
-  return status, out, etag, location, replayed
+  if replayed then counts.appended = 0 end
+  return status, out, etag, location, replayed, counts.appended, counts.conflicts,
+    core.monotonic() - t0
+end
+
+---------------------------------------------------------------- metrics
+
+local metrics = require "orders.http.metrics"
+
+local GAUGES = {
+  { name = "es_checkpoint_lag_events", type = "gauge",
+    help = "Events committed after the checkpoint of a projection or workflow." },
+  { name = "es_checkpoint_lag_seconds", type = "gauge",
+    help = "Age of the oldest event after the checkpoint of a projection or workflow (0 when caught up)." },
+  { name = "es_dead_letters", type = "gauge",
+    help = "Dead letters of a workflow; for a projection, 1 while a failing event stops it." },
+  { name = "es_database_up", type = "gauge",
+    help = "1 when the metrics query reached the database." },
+}
+
+local function checkpoints(schema)
+  local rows, err = store:query(("SELECT to_regclass('%s.projections') IS NOT NULL AS p,"
+    .. " to_regclass('%s.workflows') IS NOT NULL AS w, to_regclass('%s.dead_letters') IS NOT NULL AS d")
+    :format(schema, schema, schema))
+  if not rows then return nil, err end
+  local parts = {}
+  if rows[1].p then
+    parts[#parts + 1] = ("SELECT 'projection' AS kind, name, checkpoint,"
+      .. " CASE WHEN error IS NULL THEN 0 ELSE 1 END AS dead FROM %s.projections"):format(schema)
+  end
+  if rows[1].w then
+    parts[#parts + 1] = ("SELECT 'workflow' AS kind, w.name, w.checkpoint, %s AS dead FROM %s.workflows w")
+      :format(rows[1].d and ("(SELECT count(*) FROM %s.dead_letters d WHERE d.workflow = w.name)")
+        :format(schema) or "0", schema)
+  end
+  if #parts == 0 then return {} end
+  return store:query(table.concat(parts, " UNION ALL ") .. " ORDER BY 1, 2")
+end
+
+-- The lines of the gauges above, read from the database.
+function M.metrics()
+  local samples = {}
+  for _, g in ipairs(GAUGES) do samples[g.name] = {} end
+  local up = 0
+  local ok, err = connect()
+  if ok then
+    local schema = ('"%s"'):format(store:schema())
+    local list
+    list, err = checkpoints(schema)
+    if list then
+      up = 1
+      for _, c in ipairs(list) do
+        local txid, pos = tostring(c.checkpoint or ""):match("^(%d+):(%d+)$")
+        local lag = store:query(("SELECT count(*) AS n, coalesce(extract(epoch FROM now() -"
+          .. " min(recorded_at)), 0)::float8 AS age FROM %s.events WHERE (txid, position) >"
+          .. " ($1::xid8, $2::bigint)"):format(schema), txid or "0", pos or "0")
+        local l = metrics.labels { { "kind", c.kind }, { "name", c.name } }
+        if lag then
+          samples.es_checkpoint_lag_events[l] = lag[1].n
+          samples.es_checkpoint_lag_seconds[l] = math.max(0, lag[1].age)
+        end
+        samples.es_dead_letters[l] = c.dead
+      end
+    end
+  end
+  if err and store and store:is_closed() then drop_connection() end
+  samples.es_database_up[""] = up
+  local out = {}
+  for _, g in ipairs(GAUGES) do metrics.render_family(out, g, samples[g.name]) end
+  return table.concat(out, "\n")
 end
 
 return M
