@@ -56,7 +56,7 @@ as_worker() {
 check_readable() {
   local f
   for f in "$ROOT/build/luajit/eventsourcing/core.so" "$ROOT/lua/eventsourcing/init.lua" \
-           "$HERE/api.lua" "$HERE/worker.lua" "$ROOT/examples/orders/service.lua" "$1"; do
+           "$HERE/api.lua" "$HERE/worker.lua" "$HERE/openapi.json" "$ROOT/examples/orders/service.lua" "$1"; do
     as_worker test -r "$f" || die "nginx's workers run as $WORKER_USER, who cannot read $f \
 (check the modes of it and of every folder above it, or set ES_HTTP_USER)"
   done
