@@ -129,6 +129,11 @@ function M.handle()
   return send(status, out, etag, location, replayed)
 end
 
+M.send, M.error_body = send, error_body
+
+-- Gives a permit back (after M.acquire and the thread call).
+function M.release() sema:post(1) end
+
 -- Waits for one of the permits (a free worker-thread VM), timed.
 function M.acquire()
   ngx.update_time()

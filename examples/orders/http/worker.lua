@@ -666,6 +666,147 @@ function M.handle(method, uri, authorization, if_match, body, idempotency_key, r
     core.monotonic() - t0
 end
 
+---------------------------------------------------------------- live events
+--
+-- For orders.http.sse (the event-loop side of Server-Sent Events). An SSE
+-- event's id is the order stream's version on /orders/{id}/events, and the
+-- global checkpoint "<txid>:<position>" on /events (Last-Event-ID resumes
+-- after it). Events are read under the same watermark as read_all (only
+-- transactions older than every running one), ordered by (txid, position),
+-- so a stream's events come in version order and none is skipped.
+
+local util = require "eventsourcing.util"
+
+local function events_sql(schema, where, limit)
+  return ("SELECT e.txid::text AS txid, e.position, e.id::text AS id, e.stream, e.version,"
+    .. " e.type, e.data::text AS data, %s, c.data->>'customer_id' AS customer_id"
+    .. " FROM %s.events e LEFT JOIN %s.events c ON c.stream = e.stream AND c.version = 1"
+    .. " WHERE e.category = 'Order' AND %s"
+    .. " AND e.txid < pg_snapshot_xmin(pg_current_snapshot())"
+    .. " ORDER BY e.txid, e.position LIMIT %d")
+    :format(util.ts_sql("e.recorded_at", "recorded_at"), schema, schema, where, limit)
+end
+
+-- rows -> plain tables for the event loop: { cp, stream, version,
+-- customer_id, type, payload } where payload is the SSE data (JSON text)
+local function live_events(rows)
+  local out = {}
+  for i, r in ipairs(rows) do
+    local order_id = r.stream:sub(#"Order-" + 1)
+    local payload = ('{"id":%s,"order_id":%s,"version":%d,"type":%s,"recorded_at":%s,"data":%s}')
+      :format(json.encode(r.id), json.encode(order_id), r.version, json.encode(r.type),
+        json.encode(r.recorded_at), r.data)
+    out[i] = { cp = r.txid .. ":" .. r.position, stream = r.stream, version = r.version,
+               customer_id = r.customer_id ~= null and r.customer_id or "", type = r.type,
+               payload = payload }
+  end
+  return out
+end
+
+local function quoted_schema() return ('"%s"'):format(store:schema()) end
+
+-- sse_open(request_uri, authorization, last_event_id)
+--   -> 200, nil, kind ("order" | "customer"), key (order or customer id), after
+--   |  status, error_body
+-- after: the version (kind order) or checkpoint (kind customer) to resume after.
+function M.sse_open(uri, authorization, last_event_id)
+  local ok, status, body, kind, key, after = xpcall(function()
+    local path, query = uri:match("^([^?#]*)%??([^#]*)")
+    local p, st, msg = authenticate(authorization)
+    if not p then
+      if st == 401 then return fail(401, "unauthorized", msg) end
+      return fail(st, "internal", msg)
+    end
+    local args, qerr = parse_query(query)
+    if not args then return bad_request(qerr) end
+    local c, cerr = connect()
+    if not c then return fail_err(cerr) end
+    if path == "/events" then
+      local err = check_query(args, { customer_id = true })
+      if err then return bad_request(err) end
+      local customer = args.customer_id or (not p.admin and p.customer_id) or nil
+      if not customer then return bad_request("customer_id is required", "customer_id") end
+      if not p.admin and customer ~= p.customer_id then
+        return fail(403, "forbidden", "customers follow only their own orders")
+      end
+      local from = "0:0"
+      if last_event_id and last_event_id ~= "" then
+        if not last_event_id:match("^%d+:%d+$") then
+          return bad_request("Last-Event-ID must be an event id of this stream (<txid>:<position>)")
+        end
+        from = last_event_id
+      end
+      return 200, nil, "customer", customer, from
+    end
+    local id = path:match("^/orders/([^/]+)/events$")
+    id = id and unescape(id)
+    if not id or not id:match(UUID) then return not_found(tostring(id)) end
+    id = id:lower()
+    local err = check_query(args, {})
+    if err then return bad_request(err) end
+    local denied = check_owner(p, id)
+    if denied then return unpack(denied) end
+    local from = 0
+    if last_event_id and last_event_id ~= "" then
+      from = last_event_id:match("^%d+$") and tonumber(last_event_id)
+      if not from then return bad_request("Last-Event-ID must be an event id of this stream (a version)") end
+    end
+    return 200, nil, "order", id, from
+  end, debug.traceback)
+  if not ok then
+    io.stderr:write("orders.http.worker: ", tostring(status), "\n")
+    return fail(500, "internal", "internal error")
+  end
+  return status, body, kind, key, after
+end
+
+-- sse_history(kind, key, after, limit) -> events, done | nil, message
+function M.sse_history(kind, key, after, limit)
+  local ok, err = connect()
+  if not ok then return nil, tostring(err) end
+  local rows
+  if kind == "order" then
+    rows, err = store:query(events_sql(quoted_schema(), "e.stream = $1 AND e.version > $2::bigint", limit),
+      "Order-" .. key, tostring(after))
+  else
+    local txid, pos = tostring(after):match("^(%d+):(%d+)$")
+    rows, err = store:query(events_sql(quoted_schema(), "(e.txid, e.position) > ($1::xid8, $2::bigint)"
+      .. " AND c.data->>'customer_id' = $3", limit), txid or "0", pos or "0", key)
+  end
+  if not rows then
+    if store:is_closed() then drop_connection() end
+    return nil, tostring(err)
+  end
+  return live_events(rows), #rows < limit
+end
+
+-- sse_poll(after, limit) -> events, checkpoint | nil, message: the shared
+-- poller's read of every order event after checkpoint `after` (nil: the
+-- current end of the log, so a new poller starts with what comes next).
+function M.sse_poll(after, limit)
+  local ok, err = connect()
+  if not ok then return nil, tostring(err) end
+  local schema = quoted_schema()
+  if after == nil then
+    local rows
+    rows, err = store:query(("SELECT txid::text AS txid, position FROM %s.events"
+      .. " WHERE txid < pg_snapshot_xmin(pg_current_snapshot())"
+      .. " ORDER BY txid DESC, position DESC LIMIT 1"):format(schema))
+    if not rows then return nil, tostring(err) end
+    return {}, rows[1] and (rows[1].txid .. ":" .. rows[1].position) or "0:0"
+  end
+  local txid, pos = tostring(after):match("^(%d+):(%d+)$")
+  local rows
+  rows, err = store:query(events_sql(schema, "(e.txid, e.position) > ($1::xid8, $2::bigint)", limit),
+    txid or "0", pos or "0")
+  if not rows then
+    if store:is_closed() then drop_connection() end
+    return nil, tostring(err)
+  end
+  local events = live_events(rows)
+  return events, #events > 0 and events[#events].cp or after
+end
+
 ---------------------------------------------------------------- metrics
 
 local metrics = require "orders.http.metrics"
