@@ -179,7 +179,8 @@ local function attempt(store, r, hash, handler, errors)
   local fine, raised = pcall(function()
     local t = tbl(store)
     -- an expired row of this key goes first, so the key can be used again
-    local q = store:query(("DELETE FROM %s WHERE principal = $1 AND key = $2 AND expires_at <= now()")
+    local q
+    q, err = store:query(("DELETE FROM %s WHERE principal = $1 AND key = $2 AND expires_at <= now()")
       :format(t), r.principal, r.key)
     if not q then return end
     local ins

@@ -169,8 +169,8 @@ function M.serve()
   local sub = { kind = kind, key = key, queue = {}, sema = semaphore.new(0), last = 0,
                 last_t = 0, last_p = 0 }
   if kind == "order" then sub.last = after else sub.last_t, sub.last_p = cp_of(after) end
-  local closed = false
-  local aok = ngx.on_abort(function() closed = true; sub.sema:post(1) end)
+  local state = { closed = false }
+  local aok = ngx.on_abort(function() state.closed = true; sub.sema:post(1) end)
   if not aok then ngx.log(ngx.WARN, "sse: lua_check_client_abort is off") end
   add(sub)   -- before the history is read: nothing falls between the two
   local pok, perr = ensure_poller()
@@ -178,39 +178,45 @@ function M.serve()
     remove(sub)
     return api.send(503, api.error_body("unavailable", "cannot start the poller: " .. tostring(perr)))
   end
+  -- whatever happens while streaming, the subscription ends with it
+  local sok, serr = pcall(M.stream, sub, state, kind, key, after)
+  remove(sub)
+  if not sok then ngx.log(ngx.ERR, "sse: ", tostring(serr)) end
+  return ngx.exit(ngx.HTTP_OK)
+end
 
+function M.stream(sub, state, kind, key, after)
   ngx.status = 200
   ngx.header["Content-Type"] = "text/event-stream"
   ngx.header["Cache-Control"] = "no-cache"
   ngx.header["X-Accel-Buffering"] = "no"
   ngx.print(": stream of ", kind == "order" and ("order " .. key) or ("customer " .. key), "\n\n")
-  if not flush() then closed = true end
+  if not flush() then state.closed = true end
 
   -- the history, page by page, after the client's last id
   local from = after
-  while not closed do
-    got = api.acquire()
-    if not got then break end
+  while not state.closed do
+    if not api.acquire() then state.closed = true; break end
     local hok, events, done = ngx.run_worker_thread(POOL, "orders.http.worker", "sse_history",
       kind, key, from, PAGE)
     api.release()
     if not hok or not events then
       ngx.log(ngx.ERR, "sse_history: ", tostring(events), " ", tostring(done))
-      closed = true
+      state.closed = true
       break
     end
     for _, ev in ipairs(events) do send_event(sub, ev) end
     if #events > 0 then
       from = kind == "order" and events[#events].version or events[#events].cp
-      if not flush() then closed = true end
+      if not flush() then state.closed = true end
     end
     if done then break end
   end
 
   -- then live, from the poller
-  while not closed and not sub.overflow do
+  while not state.closed and not sub.overflow do
     local woke = sub.sema:wait(KEEPALIVE)
-    if closed then break end
+    if state.closed then break end
     if woke then
       local queue = sub.queue
       sub.queue = {}
@@ -224,8 +230,6 @@ function M.serve()
       if not flush() then break end
     end
   end
-  remove(sub)
-  return ngx.exit(ngx.HTTP_OK)
 end
 
 return M
