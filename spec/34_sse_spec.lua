@@ -109,6 +109,27 @@ describe("Server-Sent Events", function()
     assert.are.equal("forbidden", e.json.error.kind)
   end)
 
+  it("many clients hold no database connection each and do not stall the event loop", function()
+    local function connections()
+      return assert(store:query("SELECT count(*) AS n FROM pg_stat_activity"
+        .. " WHERE datname = current_database() AND pid <> pg_backend_pid()"))[1].n
+    end
+    local id = create(ALICE)
+    local clients = {}
+    for i = 1, 24 do
+      clients[i] = listen(i % 2 == 0 and ("/orders/" .. id .. "/events") or "/events", ALICE)
+    end
+    for _, c in ipairs(clients) do c:wait_for(1) end
+    -- 24 streams, 4 pool threads: at most one connection per thread
+    assert.is_true(connections() <= 4, connections() .. " connections")
+    local r = req("GET", "/orders/" .. id, { token = ALICE })
+    assert.are.equal(200, r.status)
+    assert.is_true(r.time < 1, ("GET took %.3f s beside 24 streams"):format(r.time))
+    add(ALICE, id, "fan-out")
+    for _, c in ipairs(clients) do c:wait_for(2) end
+    for _, c in ipairs(clients) do c:close() end
+  end)
+
   it("an order's stream: the history, then new events as they commit, in order, once", function()
     local id = create(ALICE)
     add(ALICE, id, "a")
