@@ -94,8 +94,7 @@ local function distribute(events)
 end
 
 -- The poller: runs while anyone listens; starts from the log's end.
-local function poll(premature)
-  if premature then poller_running = false; return end
+local function poll_loop()
   local cp
   while count > 0 and not ngx.worker.exiting() do
     local got = api.acquire()
@@ -112,7 +111,23 @@ local function poll(premature)
     end
     if not (ok and events and #events >= 1000) then ngx.sleep(POLL) end
   end
+end
+
+local poll
+function poll(premature)
+  if premature then poller_running = false; return end
+  local ok, err = pcall(poll_loop)
   poller_running = false
+  if not ok then
+    ngx.log(ngx.ERR, "sse poller: ", tostring(err))
+    -- listeners left: a new poller (from the log's end would skip events,
+    -- so the streams end and their clients resume with Last-Event-ID)
+    for _, idx in ipairs { by_stream, by_customer } do
+      for _, set in pairs(idx) do
+        for sub in pairs(set) do sub.overflow = true; sub.sema:post(1) end
+      end
+    end
+  end
 end
 
 local function ensure_poller()
