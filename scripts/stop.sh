@@ -4,13 +4,13 @@
 # PostgreSQL; none of them is left running (spec/36_serve_spec.lua).
 set -uo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-cd "$ES_ROOT"
+cd "$ES_ROOT" || exit 1
 
 PORT=${PORT:-8080}
 DIR=${ES_SERVE_DIR:-/tmp/es-serve.$PORT}
 STATE=$DIR/state
 if [ ! -f "$STATE" ]; then es_log "stop: nothing started from $DIR"; exit 0; fi
-PG_URL= SUPERVISED= NGINX_PREFIX=
+PG_URL='' SUPERVISED='' NGINX_PREFIX=
 # shellcheck disable=SC1090
 . "$STATE"
 

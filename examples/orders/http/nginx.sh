@@ -35,8 +35,9 @@ q() { local s=${1//\\/\\\\}; printf '%s' "${s//\"/\\\"}"; }
 worker_user() {
   if [ "$(id -u)" = 0 ]; then
     WORKER_USER=${ES_HTTP_USER:-$(stat -c %U "$ROOT")}
-    [ "$WORKER_USER" != UNKNOWN ] && id -u "$WORKER_USER" >/dev/null 2>&1 \
-      || die "the checkout $ROOT belongs to no known user: set ES_HTTP_USER"
+    if [ "$WORKER_USER" = UNKNOWN ] || ! id -u "$WORKER_USER" >/dev/null 2>&1; then
+      die "the checkout $ROOT belongs to no known user: set ES_HTTP_USER"
+    fi
     USER_LINE="user $WORKER_USER $(id -gn "$WORKER_USER");"
   else
     WORKER_USER=$(id -un) USER_LINE=""
