@@ -127,7 +127,20 @@ describe("Server-Sent Events", function()
     assert.is_true(r.time < 1, ("GET took %.3f s beside 24 streams"):format(r.time))
     add(ALICE, id, "fan-out")
     for _, c in ipairs(clients) do c:wait_for(2) end
+    local function open_streams()
+      local m = req("GET", "/metrics", { token = ADMIN })
+      return tonumber(m.body:match("\nes_sse_clients (%d+)\n"))
+    end
+    assert.are.equal(24, open_streams())
     for _, c in ipairs(clients) do c:close() end
+    -- a client that goes ends its subscription
+    local left
+    for _ = 1, 100 do
+      left = open_streams()
+      if left == 0 then break end
+      http.sleep(0.05)
+    end
+    assert.are.equal(0, left)
   end)
 
   it("an order's stream: the history, then new events as they commit, in order, once", function()

@@ -32,6 +32,8 @@ M.FAMILIES = {
     help = "Requests answered 503 because no worker-thread Lua VM became free in time." },
   { name = "es_http_thread_pool_wait_seconds", unlabeled = true, type = "histogram",
     help = "Time between handing a call to nginx's thread pool and its start on a thread." },
+  { name = "es_sse_clients", unlabeled = true, type = "gauge",
+    help = "Server-Sent Events streams open now (all nginx workers)." },
 }
 
 local by_name = {}

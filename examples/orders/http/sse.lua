@@ -21,6 +21,7 @@
 -- Authorization is the order's (or, for /events, the customer's own orders;
 -- admins name any customer).
 local semaphore = require "ngx.semaphore"
+local metrics = require "orders.http.metrics"
 
 local M = {}
 
@@ -64,6 +65,7 @@ local function add(sub)
   idx[k] = idx[k] or {}
   idx[k][sub] = true
   count = count + 1
+  metrics.add("es_sse_clients", nil, 1)
 end
 
 local function remove(sub)
@@ -72,6 +74,7 @@ local function remove(sub)
     idx[k][sub] = nil
     if next(idx[k]) == nil then idx[k] = nil end
     count = count - 1
+    metrics.add("es_sse_clients", nil, -1)
   end
 end
 
