@@ -184,5 +184,18 @@ describe("Idempotency-Key", function()
     r = post("/orders/" .. id .. "/items", ALICE, '{"product_id":"p11","quantity":1,"unit_price":1}', k2)
     assert.are.equal(200, r.status, r.body)
     assert.are.equal(4, #events_of("Order-" .. id))
+    -- expired keys are purged (the service does it every 100 requests per thread)
+    local k3 = key()
+    assert.are.equal(200, post("/orders/" .. id .. "/items", ALICE,
+      '{"product_id":"p12","quantity":1,"unit_price":1}', k3).status)
+    http.sleep(1.5)
+    local idem = require "orders.http.idempotency"
+    local function expired()
+      return #assert(store:query(('SELECT 1 FROM "%s".http_idempotency WHERE expires_at <= now()')
+        :format(schema)))
+    end
+    assert.is_true(expired() >= 1)
+    assert.is_true(assert(idem.purge(store)) >= 1)
+    assert.are.equal(0, expired())
   end)
 end)

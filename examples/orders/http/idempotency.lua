@@ -228,10 +228,26 @@ local function attempt(store, r, hash, handler, errors)
   return errors(err)
 end
 
+-- Deletes up to `limit` expired keys (default 500) -> how many | nil, err.
+-- M.run calls it every PURGE_EVERY requests of a thread, outside their
+-- transactions, so the table holds about one TTL's worth of keys.
+function M.purge(store, limit)
+  local rows, err = store:query(("DELETE FROM %s WHERE ctid IN (SELECT ctid FROM %s"
+    .. " WHERE expires_at <= now() LIMIT %d) RETURNING 1 AS gone"):format(tbl(store), tbl(store),
+    math.floor(limit or 500)))
+  if not rows then return nil, err end
+  return #rows
+end
+
+M.PURGE_EVERY = 100
+local runs = 0
+
 -- Runs handler once per (principal, key); see the header. errors(err)
 -- turns a store error into a response.
 function M.run(store, r, handler, errors)
   local hash = M.request_hash(r.method, r.path, r.body)
+  runs = runs + 1
+  if runs % M.PURGE_EVERY == 0 then M.purge(store) end
   for _ = 1, 5 do
     local status, body, etag, location, replayed = attempt(store, r, hash, handler, errors)
     if status ~= "again" then return status, body, etag, location, replayed end
