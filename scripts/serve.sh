@@ -89,6 +89,7 @@ echo "NGINX_PREFIX='$DIR/nginx'" >>"$STATE"
 cat <<MSG
 serve: order service on http://127.0.0.1:$PORT  (database: $URL${SCHEMA:+, schema $SCHEMA})
 serve: logs in $DIR/nginx/logs and $DIR/logs; stop with: PORT=$PORT make stop
+serve: the API: http://127.0.0.1:$PORT/openapi.json; metrics: http://127.0.0.1:$PORT/metrics
 serve: tokens in ${ES_HTTP_TOKENS:-examples/orders/http/tokens.json}, e.g.
   curl -s -X POST http://127.0.0.1:$PORT/orders -H 'Authorization: Bearer alice-token-0123456789' -d '{}'
 MSG
