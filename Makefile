@@ -6,6 +6,8 @@
 #   make check-memory  the Lua 5.4 specs against an ASan+UBSan build
 #   make bench         benchmarks (ratios against alternatives, same run)
 #   make demo          the order service walk-through
+#   make serve / stop  the order service over HTTP (nginx) / stop it
+#   make deps          install missing Debian packages (as root)
 #   make install       PREFIX=/usr/local DESTDIR=
 
 CC      ?= cc
@@ -48,7 +50,7 @@ BUILDS = build/rock/eventsourcing/core.so
 INSTALL_SO = build/rock/eventsourcing/core.so
 endif
 
-.PHONY: all test check-memory bench demo soak install clean lint fuzz fuzz-build
+.PHONY: all deps test check-memory bench demo soak install clean lint fuzz fuzz-build
 
 all: $(BUILDS)
 
@@ -70,6 +72,19 @@ $(eval $(call flavour,lua5.4,$(LUA54_CFLAGS),))
 $(eval $(call flavour,luajit,$(LUAJIT_CFLAGS),))
 $(eval $(call flavour,asan,$(LUA54_CFLAGS) $(ASAN) -O1,$(ASAN)))
 $(eval $(call flavour,rock,-I$(LUA_INCDIR),))
+
+# Targets a user may type first install missing Debian packages BEFORE
+# anything is compiled: the headers (lua.h, libpq-fe.h) come from them. So
+# deps is a recipe line, then the build runs as a sub-make: prerequisites
+# would run in any order under -j, and the sub-make also re-reads the
+# pkg-config flags once the packages are there. As root scripts/deps.sh
+# installs what is missing and a failure stops here; as another user it only
+# lists what is missing (then the build goes on, and fails if it must).
+# spec/35_first_run_spec.lua checks the order with `make -n`.
+DEPS = scripts/deps.sh || [ "$$(id -u)" != 0 ]
+
+deps:
+	@$(DEPS)
 
 # libFuzzer targets (clang only; they embed a Lua 5.4 state, so only they
 # link liblua5.4). `make fuzz` builds and runs each for FUZZ_SECONDS with
@@ -107,20 +122,30 @@ build/tsan/threads: fuzz/threads.c $(CORE_SRC) $(LUA_SRC) $(HEADERS)
 
 fuzz-build: $(addprefix build/fuzz/,$(FUZZ_TARGETS))
 
-fuzz: fuzz-build
+fuzz:
+	@$(DEPS)
+	@$(MAKE) --no-print-directory fuzz-build
 	@scripts/fuzz.sh $(FUZZ_TARGETS)
 
 # SPEC=spec/03_store_spec.lua runs one file (or several, space-separated).
-test: all
+test:
+	@$(DEPS)
+	@$(MAKE) --no-print-directory all
 	@scripts/test.sh $(SPEC)
 
-check-memory: build/asan/eventsourcing/core.so
+check-memory:
+	@$(DEPS)
+	@$(MAKE) --no-print-directory build/asan/eventsourcing/core.so
 	@scripts/check-memory.sh $(SPEC)
 
-bench: all
+bench:
+	@$(DEPS)
+	@$(MAKE) --no-print-directory all
 	@scripts/bench.sh
 
-demo: all
+demo:
+	@$(DEPS)
+	@$(MAKE) --no-print-directory all
 	@scripts/demo.sh
 
 # A bounded load run with a PostgreSQL crash halfway (SOAK_SECONDS=60).
@@ -148,7 +173,9 @@ clean:
 
 # The order service over HTTP (nginx + the projector): PORT=8080 by default.
 .PHONY: serve stop
-serve: all
+serve:
+	@$(DEPS)
+	@$(MAKE) --no-print-directory all
 	@scripts/serve.sh
 
 stop:

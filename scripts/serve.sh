@@ -5,12 +5,16 @@
 #
 # Installs missing Debian packages (scripts/deps.sh, as root), starts a
 # throwaway PostgreSQL unless ES_DATABASE_URL is set (ES_SCHEMA: optional
-# schema), migrates (events + read model tables), starts nginx on
-# 127.0.0.1:$PORT and, with ES_HTTP_READ_MODEL=projector, the projector
-# under a small supervisor (default: the service updates the read model
-# inline, in each command's transaction).
+# schema), migrates (events + read model tables), starts the order
+# workflows (stock reservation, compensation, draft expiry) and, with
+# ES_HTTP_READ_MODEL=projector, the projector, each under
+# scripts/supervise.sh (restarted if it dies), then nginx on
+# 127.0.0.1:$PORT. By default the service updates the read model inline,
+# in each command's transaction. ES_HTTP_DRAFT_TTL: seconds before a
+# draft order expires (default 86400).
 # Everything lives in $ES_SERVE_DIR (default /tmp/es-serve.$PORT);
-# scripts/stop.sh stops exactly what this started.
+# scripts/stop.sh stops exactly what this started (the pids are in
+# $ES_SERVE_DIR/state; the supervised children's in $ES_SERVE_DIR/run/).
 # Tokens: examples/orders/http/tokens.json (ES_HTTP_TOKENS for another file).
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -56,22 +60,23 @@ ES_HTTP_DATABASE_URL=$URL ES_HTTP_SCHEMA=$SCHEMA lua5.4 -e '
   assert(service.migrate(s))
   s:close()' || fail "migration failed"
 
-# 3. the projector, restarted by a supervisor loop if it dies. By default
-# the service updates its read model inline (in each command's transaction:
+# 3. the workflows and (optionally) the projector, each in its own process
+# group (setsid) under a supervisor that restarts it. By default the
+# service updates its read model inline (in each command's transaction:
 # lists are never stale) and needs no projector; ES_HTTP_READ_MODEL=projector
 # leaves rm_orders to the projector instead (never both: events would apply
 # twice).
-mkdir -p "$DIR/logs"
+mkdir -p "$DIR/logs" "$DIR/run"
 export ES_HTTP_READ_MODEL=${ES_HTTP_READ_MODEL:-inline}
+supervised() {   # supervised NAME SCRIPT
+  ES_HTTP_DATABASE_URL=$URL ES_HTTP_SCHEMA=$SCHEMA setsid scripts/supervise.sh "$1" \
+    "$DIR/run/$1.pid" lua5.4 "$2" >>"$DIR/logs/$1.log" 2>&1 </dev/null &
+  echo "SUPERVISED=\"\${SUPERVISED:-} $!\"" >>"$STATE"
+  es_log "serve: $1 running (log $DIR/logs/$1.log)"
+}
+supervised workflows examples/orders/http/workflows.lua
 if [ "$ES_HTTP_READ_MODEL" = projector ]; then
-  ES_HTTP_DATABASE_URL=$URL ES_HTTP_SCHEMA=$SCHEMA setsid bash -c '
-    trap "kill \$child 2>/dev/null; exit 0" TERM INT
-    while :; do
-      lua5.4 examples/orders/http/projector.lua & child=$!
-      wait $child; echo "projector exited ($?), restarting in 1s" >&2; sleep 1
-    done' >>"$DIR/logs/projector.log" 2>&1 </dev/null &
-  echo "PROJECTOR_PID=$!" >>"$STATE"
-  es_log "serve: projector running (log $DIR/logs/projector.log)"
+  supervised projector examples/orders/http/projector.lua
 else
   es_log "serve: read model updated inline by the service (ES_HTTP_READ_MODEL=projector for a projector process)"
 fi
@@ -84,6 +89,7 @@ echo "NGINX_PREFIX='$DIR/nginx'" >>"$STATE"
 cat <<MSG
 serve: order service on http://127.0.0.1:$PORT  (database: $URL${SCHEMA:+, schema $SCHEMA})
 serve: logs in $DIR/nginx/logs and $DIR/logs; stop with: PORT=$PORT make stop
+serve: the API: http://127.0.0.1:$PORT/openapi.json; metrics: http://127.0.0.1:$PORT/metrics
 serve: tokens in ${ES_HTTP_TOKENS:-examples/orders/http/tokens.json}, e.g.
   curl -s -X POST http://127.0.0.1:$PORT/orders -H 'Authorization: Bearer alice-token-0123456789' -d '{}'
 MSG

@@ -1,4 +1,4 @@
--- The store contract (DESIGN.md "Store semantics"), run unchanged against
+-- The store contract (docs/architecture.md, "Guarantees"), run unchanged against
 -- every store of helpers.stores(): the in-memory one and PostgreSQL.
 -- ES_TEST_STORE=memory runs only the memory store (no database needed).
 local es = require "eventsourcing"

@@ -10,6 +10,7 @@
 --   local pending = srv:start_request(...)   -- in the background
 --   local r = pending:finish()
 --   srv:stop()
+--   local c = http.client("http://127.0.0.1:8080", decode)   -- a running server
 local helpers = require "helpers"
 
 local M = {}
@@ -26,12 +27,14 @@ local function write_file(path, text)
   f:close()
 end
 
+-- run(cmd) -> ok, output. The exit status travels in the output: LuaJIT's
+-- popen():close() does not report it.
 local function run(cmd)
-  local p = assert(io.popen(cmd .. " 2>&1"))
+  local p = assert(io.popen("{ " .. cmd .. "\n} 2>&1; echo \"@rc=$?\""))
   local out = p:read("*a")
-  local ok, _, code = p:close()
-  if type(ok) == "number" then code = ok; ok = code == 0 end   -- Lua 5.1 close
-  return ok == true or code == 0, out
+  p:close()
+  local rc = tonumber(out:match("@rc=(%d+)%s*$"))
+  return rc == 0, (out:gsub("@rc=%d+%s*$", ""))
 end
 M.run = run
 
@@ -105,7 +108,8 @@ function Server:start_request(method, path, opts)
   end }
 end
 
--- M.start_server{ database_url, schema, root, threads, max_retries, decode }
+-- M.start_server{ database_url, schema, root, threads, max_retries, decode,
+--                 env = { NAME = value } }
 function M.start_server(o)
   local self = setmetatable({ decode = o.decode }, Server)
   self.root = o.root or "."
@@ -123,6 +127,7 @@ function M.start_server(o)
       "ES_HTTP_MAX_RETRIES=" .. (o.max_retries or 3),
     }
     if o.tokens then env[#env + 1] = "ES_HTTP_TOKENS=" .. shell_quote(o.tokens) end
+    for k, v in pairs(o.env or {}) do env[#env + 1] = k .. "=" .. shell_quote(v) end
     local ok, out = run("env " .. table.concat(env, " ") .. " " .. self.root
       .. "/examples/orders/http/nginx.sh start " .. shell_quote(self.prefix))
     if ok then
@@ -134,6 +139,20 @@ function M.start_server(o)
     run(self.root .. "/examples/orders/http/nginx.sh stop " .. shell_quote(self.prefix))
   end
   error("could not start nginx: " .. tostring(last))
+end
+
+-- M.client(base_url, decode): requests to a server started elsewhere
+-- (scripts/serve.sh); :close() removes its temp folder.
+function M.client(base, decode)
+  local self = setmetatable({ decode = decode, base = base, stopped = true }, Server)
+  self.dir = mktemp_dir("es-http-spec")
+  return self
+end
+
+function Server:close()
+  if self.dir and self.dir:match("^/tmp/es%-http%-spec%.") then
+    run("rm -rf " .. shell_quote(self.dir))
+  end
 end
 
 function Server:error_log()

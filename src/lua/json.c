@@ -3,7 +3,7 @@
  * lexing and escaping, one reusable output buffer, decoding straight onto
  * the Lua stack (no intermediate tree).
  *
- * Choices (the Lua contract is in DESIGN.md; these are the details):
+ * Choices (the Lua contract is in README.md, "JSON"; these are the details):
  *
  * - Shapes are explicit. Decoded arrays (also empty ones) get a shared
  *   "array" metatable and decoded objects a shared "object" metatable, so a

@@ -216,7 +216,7 @@ static void push_key(lua_State *L, const event_ctx *c, int i)
         lua_pushstring(L, event_keys[i]);
 }
 
-/* Pushes the DESIGN.md event table; c may be NULL. Strings go through
+/* Pushes an event table (README.md, "Stores"); c may be NULL. Strings go through
  * lua_pushlstring: lua_pushstring consults Lua 5.4's C-string cache with
  * a strcmp each time, for strings we know the length of anyway. */
 static void push_event(lua_State *L, const es_event *e, const event_ctx *c)

@@ -6,6 +6,7 @@
 local M = {}
 
 local semaphore = require "ngx.semaphore"
+local metrics = require "orders.http.metrics"
 
 local POOL = "es"
 
@@ -25,7 +26,12 @@ M.semaphore = sema   -- shared with orders.http.admin_api (the console)
 -- behind a slow database. The pool thread checks again and maps the token
 -- to its principal.
 local known_tokens
-local function token_known(authorization)
+local function bearer(authorization)
+  return type(authorization) == "string"
+    and authorization:match("^[Bb][Ee][Aa][Rr][Ee][Rr] +([%w%-%._~%+/]+=*) *$")
+end
+
+local function load_tokens()
   if known_tokens == nil then
     known_tokens = false
     local path = os.getenv("ES_HTTP_TOKENS")
@@ -36,9 +42,12 @@ local function token_known(authorization)
       if type(doc) == "table" and type(doc.tokens) == "table" then known_tokens = doc.tokens end
     end
   end
-  if not known_tokens then return true end   -- let the pool thread report it
-  local token = type(authorization) == "string"
-    and authorization:match("^[Bb][Ee][Aa][Rr][Ee][Rr] +([%w%-%._~%+/]+=*) *$")
+  return known_tokens
+end
+
+local function token_known(authorization)
+  if not load_tokens() then return true end   -- let the pool thread report it
+  local token = bearer(authorization)
   return token ~= nil and known_tokens[token] ~= nil
 end
 
@@ -48,9 +57,10 @@ local function header(h, name)
   return v
 end
 
-local function send(status, body, etag, location)
+local function send(status, body, etag, location, replayed)
   ngx.status = status
   ngx.header["Content-Type"] = "application/json"
+  if replayed then ngx.header["Idempotent-Replayed"] = "true" end
   if etag then ngx.header["ETag"] = etag end
   if location then ngx.header["Location"] = location end
   if status == 401 then ngx.header["WWW-Authenticate"] = 'Bearer realm="orders"' end
@@ -75,6 +85,10 @@ function M.handle()
     return send(400, error_body("invalid", "too many request headers"))
   end
   local auth, if_match = header(h, "authorization"), header(h, "if-match")
+  local idem_key = header(h, "idempotency-key")
+  if idem_key == false then
+    return send(400, error_body("invalid", "Idempotency-Key given more than once"))
+  end
   if auth == false then
     return send(401, error_body("unauthorized", "Authorization given more than once"))
   end
@@ -95,19 +109,82 @@ function M.handle()
     ngx.header["WWW-Authenticate"] = 'Bearer realm="orders"'
     return send(401, error_body("unauthorized", "a valid Authorization: Bearer <token> header is required"))
   end
-  local got, werr = sema:wait(WAIT)
+  local got, werr = M.acquire()
   if not got then
     return send(503, error_body("unavailable", "the service is busy (" .. tostring(werr) .. ")"))
   end
-  local ok, status, out, etag, location = ngx.run_worker_thread(POOL,
+  ngx.update_time()
+  local t0 = ngx.now()
+  local ok, status, out, etag, location, replayed, appended, conflicts, busy = ngx.run_worker_thread(POOL,
     "orders.http.worker", "handle",
-    ngx.req.get_method(), ngx.var.request_uri, auth, if_match, body)
+    ngx.req.get_method(), ngx.var.request_uri, auth, if_match, body, idem_key, ngx.var.es_request_id)
   sema:post(1)
   if not ok then
     ngx.log(ngx.ERR, "orders.http.worker: ", tostring(status))
     return send(500, error_body("internal", "worker thread failed"))
   end
-  return send(status, out, etag, location)
+  ngx.update_time()
+  metrics.observe("es_http_thread_pool_wait_seconds", nil, ngx.now() - t0 - (busy or 0))
+  if (appended or 0) > 0 then metrics.add("es_appended_events_total", nil, appended) end
+  if (conflicts or 0) > 0 then metrics.add("es_append_conflicts_total", nil, conflicts) end
+  return send(status, out, etag, location, replayed)
+end
+
+M.send, M.error_body = send, error_body
+
+-- Gives a permit back (after M.acquire and the thread call).
+function M.release() sema:post(1) end
+
+-- Waits for one of the permits (a free worker-thread VM), timed.
+function M.acquire()
+  ngx.update_time()
+  local t0 = ngx.now()
+  local got, err = sema:wait(WAIT)
+  ngx.update_time()
+  metrics.observe("es_http_vm_pool_wait_seconds", nil, ngx.now() - t0)
+  if not got then metrics.add("es_http_vm_pool_timeouts_total") end
+  return got, err
+end
+
+-- log_by_lua: every request of the server, counted by route template
+-- ($es_route, a map in nginx.conf) and status, with its latency.
+function M.log()
+  metrics.request(ngx.var.es_route or "other", ngx.req.get_method(), ngx.status,
+    tonumber(ngx.var.request_time) or 0)
+end
+
+local function loopback(addr)
+  return addr ~= nil and (addr:match("^127%.") ~= nil or addr == "::1")
+end
+
+-- GET /metrics: an admin token, or no credentials from loopback.
+function M.metrics()
+  if ngx.req.get_method() ~= "GET" then
+    return send(405, error_body("method_not_allowed", "only GET is allowed on /metrics"))
+  end
+  local auth = ngx.req.get_headers()["authorization"]
+  if auth ~= nil then
+    local tokens = load_tokens()
+    local p = tokens and tokens[bearer(auth) or ""]
+    if not p then
+      return send(401, error_body("unauthorized", "invalid bearer token"))
+    end
+    if type(p) ~= "table" or p.admin ~= true then
+      return send(403, error_body("forbidden", "metrics need an admin token (or a loopback client)"))
+    end
+  elseif not loopback(ngx.var.remote_addr) then
+    return send(401, error_body("unauthorized", "metrics need an admin token (or a loopback client)"))
+  end
+  local text = metrics.render()
+  local got = M.acquire()
+  if got then
+    local ok, lines = ngx.run_worker_thread(POOL, "orders.http.worker", "metrics")
+    sema:post(1)
+    if ok and type(lines) == "string" then text = text .. "\n" .. lines end
+  end
+  ngx.status = 200
+  ngx.header["Content-Type"] = "text/plain; version=0.0.4; charset=utf-8"
+  ngx.print(text, "\n")
 end
 
 return M

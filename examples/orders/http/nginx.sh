@@ -10,7 +10,8 @@
 # this script), ES_HTTP_THREADS (thread pool size, default 16),
 # ES_HTTP_WORKERS (worker processes, default 1), ES_HTTP_MAX_RETRIES (conflict
 # retries per command, default 3), ES_HTTP_READ_MODEL (inline | projector:
-# who updates rm_orders, default inline).
+# who updates rm_orders, default inline), ES_HTTP_USER (the user nginx's
+# workers run as when started by root; default: the checkout's owner).
 # The schema must be migrated already. Used by scripts/serve.sh and
 # spec/30_http_spec.lua.
 set -euo pipefail
@@ -25,6 +26,43 @@ die() { echo "nginx.sh: $*" >&2; exit 1; }
 # a value for a quoted nginx string: escape backslashes and double quotes
 q() { local s=${1//\\/\\\\}; printf '%s' "${s//\"/\\\"}"; }
 
+# Started by root, nginx runs its workers as `nobody`, which cannot read a
+# checkout under a 0700 home (/root, or /home/USER on Debian 12): every
+# request would fail with "module not found". So the workers run as the
+# owner of the checkout, who can read it; as any other user, nginx keeps
+# its workers as that user (and ignores `user`). Sets WORKER_USER and
+# USER_LINE (the directive, or nothing).
+worker_user() {
+  if [ "$(id -u)" = 0 ]; then
+    WORKER_USER=${ES_HTTP_USER:-$(stat -c %U "$ROOT")}
+    if [ "$WORKER_USER" = UNKNOWN ] || ! id -u "$WORKER_USER" >/dev/null 2>&1; then
+      die "the checkout $ROOT belongs to no known user: set ES_HTTP_USER"
+    fi
+    USER_LINE="user $WORKER_USER $(id -gn "$WORKER_USER");"
+  else
+    WORKER_USER=$(id -un) USER_LINE=""
+  fi
+}
+
+# as_worker CMD...: run CMD as the workers' user
+as_worker() {
+  if [ "$(id -u)" = 0 ] && [ "$WORKER_USER" != root ]; then
+    runuser -u "$WORKER_USER" -- "$@"
+  else
+    "$@"
+  fi
+}
+
+# Fail now, with the file named, rather than answer every request with 500.
+check_readable() {
+  local f
+  for f in "$ROOT/build/luajit/eventsourcing/core.so" "$ROOT/lua/eventsourcing/init.lua" \
+           "$HERE/api.lua" "$HERE/worker.lua" "$HERE/openapi.json" "$ROOT/examples/orders/service.lua" "$1"; do
+    as_worker test -r "$f" || die "nginx's workers run as $WORKER_USER, who cannot read $f \
+(check the modes of it and of every folder above it, or set ES_HTTP_USER)"
+  done
+}
+
 start() {
   local prefix=$1
   local port=${PORT:-8080}
@@ -34,6 +72,8 @@ start() {
   local tokens=${ES_HTTP_TOKENS:-$HERE/tokens.json}
   [ -r "$tokens" ] || die "tokens file $tokens not readable"
   tokens=$(cd "$(dirname "$tokens")" && pwd)/$(basename "$tokens")
+  worker_user
+  check_readable "$tokens"
   mkdir -p "$prefix/conf" "$prefix/logs" "$prefix/tmp"
   : >"$prefix/logs/error.log"
   chmod 755 "$prefix"
@@ -44,6 +84,7 @@ start() {
   conf=${conf//@PORT@/$port}
   conf=${conf//@THREADS@/${ES_HTTP_THREADS:-16}}
   conf=${conf//@WORKERS@/${ES_HTTP_WORKERS:-1}}
+  conf=${conf//@USER@/$USER_LINE}
   conf=${conf//@ENV_DATABASE_URL@/$(q "$ES_HTTP_DATABASE_URL")}
   conf=${conf//@ENV_SCHEMA@/$(q "${ES_HTTP_SCHEMA:-}")}
   conf=${conf//@ENV_TOKENS@/$(q "$tokens")}
@@ -61,6 +102,13 @@ start() {
       # resty.core and friends report load problems only in the log
       if grep -E '\[(alert|emerg)\]|failed to load' "$prefix/logs/error.log" >&2; then
         stop "$prefix"; die "nginx reported errors (above)"
+      fi
+      # /health is static: ask the Lua handler too (no token: its 401)
+      local code
+      code=$(curl -sS -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/orders/ready-check" 2>/dev/null)
+      if [ "$code" != 401 ]; then
+        grep -E '\[error\]' "$prefix/logs/error.log" | tail -n 5 >&2 || true
+        stop "$prefix"; die "the Lua handler answered $code instead of 401 (error log above)"
       fi
       return 0
     fi

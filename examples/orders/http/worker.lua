@@ -2,8 +2,17 @@
 -- in nginx's thread pool (never on the event loop).
 --
 --   ngx.run_worker_thread("es", "orders.http.worker", "handle",
---                         method, request_uri, authorization, if_match, body)
---   --> true, status, body_json, etag_or_nil, location_or_nil
+--                         method, request_uri, authorization, if_match, body,
+--                         idempotency_key, request_id)
+--   --> true, status, body_json, etag_or_nil, location_or_nil, replayed,
+--       appended, conflicts, seconds
+-- (appended: events this request appended; conflicts: appends that met a
+-- concurrent writer; seconds: time spent on this thread; request_id: the
+-- correlation id the command's events carry)
+--   ngx.run_worker_thread("es", "orders.http.worker", "metrics")
+--   --> true, exposition lines (checkpoint lag and dead letters)
+-- (replayed: the stored response of an earlier request with the same
+-- Idempotency-Key, see orders.http.idempotency)
 --
 -- Each pool thread has its own Lua VM that requires this module once, so the
 -- module-level store below is one PostgreSQL connection per thread, opened
@@ -22,6 +31,8 @@ local es = require "eventsourcing"
 local core = require "eventsourcing.core"
 local service = require "orders.service"
 local Order = require "orders.order"
+local stock = require "orders.http.stock"
+local idem = require "orders.http.idempotency"
 
 local json = es.json
 local null = json.null
@@ -41,6 +52,8 @@ end
 
 local config = nil        -- { database_url, schema, tokens_path }
 local store, svc, folded = nil, nil, nil   -- folded: queries by folding
+local idem_ready = false  -- the idempotency table exists (checked per connection)
+local counts = { appended = 0, conflicts = 0 }   -- of the request being handled
 local tokens = nil        -- token -> principal
 local owners = {}         -- order id -> customer id (immutable once created)
 local owners_count = 0
@@ -109,6 +122,7 @@ local function etag_of(version) return ('"%d"'):format(version) end
 
 local function connect()
   if store and not store:is_closed() then return true end
+  idem_ready = false
   local c = settings()
   if not c.database_url or c.database_url == "" then
     return nil, es.error("connection", "ES_HTTP_DATABASE_URL is not set")
@@ -129,6 +143,27 @@ end
 local function drop_connection()
   if store then pcall(store.close, store) end
   store, svc, folded = nil, nil, nil
+end
+
+-- Runs a command: in an idempotent request (req.ctx) inside its
+-- transaction with derived event ids, else as usual.
+-- The events carry the request's id as their correlation id.
+local function execute(req, A, id, name, cmd, opts)
+  local repo = svc.repository
+  opts = opts or {}
+  opts.metadata = opts.metadata or {}
+  opts.metadata.correlation_id = opts.metadata.correlation_id or req.request_id
+  local retries = repo.stats.retries
+  local r, err
+  if req.ctx then
+    r, err = req.ctx.execute(repo, A, id, name, cmd, opts)
+  else
+    r, err = repo:execute(A, id, name, cmd, opts)
+  end
+  counts.conflicts = counts.conflicts + (repo.stats.retries - retries)
+    + ((not r and type(err) == "table" and err.kind == "conflict") and 1 or 0)
+  if r then counts.appended = counts.appended + #r.events end
+  return r, err
 end
 
 ---------------------------------------------------------------- auth
@@ -331,7 +366,7 @@ end
 local view = service.view
 
 -- Commands on an existing order: AddItem, RemoveItem, PlaceOrder, CancelOrder.
-local function command(p, id, name, cmd, if_match)
+local function command(p, req, id, name, cmd, if_match)
   local denied = check_owner(p, id)
   if denied then return unpack(denied) end
   local expected = if_match
@@ -339,7 +374,7 @@ local function command(p, id, name, cmd, if_match)
     return fail(412, "precondition_failed", "If-Match does not name a version of this order")
   end
   if expected == nil then expected = es.STREAM_EXISTS end
-  local r, err = svc.repository:execute(Order, id, name, cmd,
+  local r, err = execute(req, Order, id, name, cmd,
     { metadata = { user = p.user }, expected_version = expected })
   if not r then
     if err.kind == "conflict" then
@@ -373,8 +408,10 @@ local function create_order(p, req)
   if req.if_match ~= nil then
     return fail(412, "precondition_failed", "If-Match cannot apply to a new order")
   end
-  local id = core.uuid()
-  local r, err = svc.repository:execute(Order, id, "CreateOrder",
+  -- with an Idempotency-Key the order's id derives from it, so a retry
+  -- names the same order
+  local id = req.ctx and req.ctx.id("order") or core.uuid()
+  local r, err = execute(req, Order, id, "CreateOrder",
     { order_id = id, customer_id = customer },
     { metadata = { user = p.user }, expected_version = es.NO_STREAM })
   if not r then return fail_err(err) end
@@ -407,9 +444,12 @@ local function get_order(p, id, args)
     if not o then return fail_err(e) end
     return respond(200, o, etag_of(o.version))
   end
-  -- current state: folded from the stream (never stale, exact version)
+  -- current state: folded from the stream (never stale, exact version),
+  -- with where its stock reservation stands (the workflow's progress)
   local o, e = folded.get_order(id)
   if not o then return fail_err(e) end
+  o.reservation, e = stock.reservation(svc.repository, o)
+  if not o.reservation then return fail_err(e) end
   return respond(200, o, etag_of(o.version))
 end
 
@@ -473,8 +513,39 @@ local function list_orders(p, args)
   return respond(200, { orders = list, next = next_or_err or null })
 end
 
+-- /stock/{product_id} (GET, any principal) and /stock/{product_id}/receive
+-- (POST { quantity }, admins only). The ETag is the Inventory stream's version.
+local function route_stock(p, req, segs, args)
+  local n, method, product = #segs, req.method, segs[2]
+  if n < 2 or n > 3 or (n == 3 and segs[3] ~= "receive") then
+    return fail(404, "not_found", "no such resource")
+  end
+  local qerr = check_query(args, {})
+  if qerr then return bad_request(qerr) end
+  if n == 2 then
+    if method ~= "GET" then
+      return fail(405, "method_not_allowed", method .. " is not allowed on a product's stock")
+    end
+    local v, err = stock.view(svc.repository, product)
+    if not v then return fail_err(err) end
+    return respond(200, v, etag_of(v.version))
+  end
+  if method ~= "POST" then
+    return fail(405, "method_not_allowed", method .. " is not allowed here")
+  end
+  if not p.admin then return fail(403, "forbidden", "only an admin may receive stock") end
+  local body, msg, field = body_object(req.body, { quantity = true })
+  if not body then return bad_request(msg, field) end
+  if body.quantity == nil then return bad_request("quantity is required", "quantity") end
+  local v, err = stock.receive(function(...) return execute(req, ...) end, product,
+    body.quantity, { user = p.user })
+  if not v then return fail_err(err) end
+  return respond(200, v, etag_of(v.version))
+end
+
 -- route(method, segments, args, req, principal)
 local function route(p, req, segs, args)
+  if segs[1] == "stock" then return route_stock(p, req, segs, args) end
   local n, method = #segs, req.method
   local id = segs[2]
   if n == 1 then
@@ -505,21 +576,21 @@ local function route(p, req, segs, args)
   end
   if n == 3 and sub == "items" then
     return post({ product_id = true, quantity = true, unit_price = true }, false, function(b)
-      return command(p, id, "AddItem", { product_id = b.product_id,
+      return command(p, req, id, "AddItem", { product_id = b.product_id,
         quantity = b.quantity, unit_price = b.unit_price }, req.if_match)
     end)
   elseif n == 4 and sub == "items" then
     if method ~= "DELETE" then
       return fail(405, "method_not_allowed", method .. " is not allowed on an item")
     end
-    return command(p, id, "RemoveItem", { product_id = segs[4] }, req.if_match)
+    return command(p, req, id, "RemoveItem", { product_id = segs[4] }, req.if_match)
   elseif n == 3 and sub == "place" then
     return post({}, true, function()
-      return command(p, id, "PlaceOrder", {}, req.if_match)
+      return command(p, req, id, "PlaceOrder", {}, req.if_match)
     end)
   elseif n == 3 and sub == "cancel" then
     return post({ reason = true }, true, function(b)
-      return command(p, id, "CancelOrder", { reason = b.reason }, req.if_match)
+      return command(p, req, id, "CancelOrder", { reason = b.reason }, req.if_match)
     end)
   elseif n == 3 and sub == "history" then
     if method ~= "GET" then
@@ -530,7 +601,7 @@ local function route(p, req, segs, args)
   return fail(404, "not_found", "no such resource")
 end
 
-local function dispatch(method, uri, authorization, if_match, body)
+local function dispatch(method, uri, authorization, if_match, body, idempotency_key, request_id)
   local path, query = uri:match("^([^?#]*)%??([^#]*)")
   if not path or path:sub(1, 1) ~= "/" then return fail(400, "invalid", "malformed request target") end
   -- segments, percent-decoded one by one (an encoded / stays in its segment)
@@ -545,7 +616,7 @@ local function dispatch(method, uri, authorization, if_match, body)
     end
     segs[i] = d
   end
-  if segs[1] ~= "orders" or #segs > 4 then
+  if (segs[1] ~= "orders" and segs[1] ~= "stock") or #segs > 4 then
     return fail(404, "not_found", "no such resource")
   end
   local p, status, msg = authenticate(authorization)
@@ -557,24 +628,253 @@ local function dispatch(method, uri, authorization, if_match, body)
   if not args then return bad_request(qerr) end
   local ok, err = connect()
   if not ok then return fail_err(err) end
-  local req = { method = method, body = body, if_match = parse_if_match(if_match) }
-  return route(p, req, segs, args)
+  local req = { method = method, body = body, if_match = parse_if_match(if_match),
+                request_id = type(request_id) == "string" and request_id ~= "" and request_id or nil }
+  if idempotency_key == nil or method == "GET" then return route(p, req, segs, args) end
+  if not idem.valid_key(idempotency_key) then
+    return bad_request("Idempotency-Key must be 1 to 200 visible ASCII characters")
+  end
+  if not idem_ready then
+    local iok, ierr = idem.migrate(store)
+    if not iok then return fail_err(ierr) end
+    idem_ready = true
+  end
+  return idem.run(store, {
+    principal = (p.admin and "admin:" or "customer:") .. p.user, key = idempotency_key,
+    method = method, path = uri, body = body,
+    ttl = tonumber(os.getenv("ES_HTTP_IDEMPOTENCY_TTL") or "") or idem.DEFAULT_TTL,
+  }, function(ctx)
+    req.ctx = ctx
+    return route(p, req, segs, args)
+  end, fail_err)
 end
 
 -- The thread-pool entry point. Always returns status, body[, etag, location].
-function M.handle(method, uri, authorization, if_match, body)
+function M.handle(method, uri, authorization, if_match, body, idempotency_key, request_id)
   if type(method) ~= "string" or type(uri) ~= "string" then
     return fail(400, "invalid", "malformed request")
   end
-  local ok, status, out, etag, location = xpcall(dispatch, debug.traceback,
-    method, uri, authorization, if_match, body)
+  local t0 = core.monotonic()
+  counts.appended, counts.conflicts = 0, 0
+  local ok, status, out, etag, location, replayed = xpcall(dispatch, debug.traceback,
+    method, uri, authorization, if_match, body, idempotency_key, request_id)
   if not ok then
     io.stderr:write("orders.http.worker: ", tostring(status), "\n")
     return fail(500, "internal", "internal error")
   end
   -- a lost connection: open a new one on the next request
   if status == 503 and store and store:is_closed() then drop_connection() end
-  return status, out, etag, location
+  if replayed then counts.appended = 0 end
+  return status, out, etag, location, replayed, counts.appended, counts.conflicts,
+    core.monotonic() - t0
+end
+
+---------------------------------------------------------------- live events
+--
+-- For orders.http.sse (the event-loop side of Server-Sent Events). An SSE
+-- event's id is the order stream's version on /orders/{id}/events, and the
+-- global checkpoint "<txid>:<position>" on /events (Last-Event-ID resumes
+-- after it). Events are read under the same watermark as read_all (only
+-- transactions older than every running one), ordered by (txid, position),
+-- so a stream's events come in version order and none is skipped.
+
+local util = require "eventsourcing.util"
+
+local function events_sql(schema, where, limit)
+  return ("SELECT e.txid::text AS txid, e.position, e.id::text AS id, e.stream, e.version,"
+    .. " e.type, e.data::text AS data, %s, c.data->>'customer_id' AS customer_id"
+    .. " FROM %s.events e LEFT JOIN %s.events c ON c.stream = e.stream AND c.version = 1"
+    .. " WHERE e.category = 'Order' AND %s"
+    .. " AND e.txid < pg_snapshot_xmin(pg_current_snapshot())"
+    .. " ORDER BY e.txid, e.position LIMIT %d")
+    :format(util.ts_sql("e.recorded_at", "recorded_at"), schema, schema, where, limit)
+end
+
+-- rows -> plain tables for the event loop: { cp, stream, version,
+-- customer_id, type, payload } where payload is the SSE data (JSON text)
+local function live_events(rows)
+  local out = {}
+  for i, r in ipairs(rows) do
+    local order_id = r.stream:sub(#"Order-" + 1)
+    local payload = ('{"id":%s,"order_id":%s,"version":%d,"type":%s,"recorded_at":%s,"data":%s}')
+      :format(json.encode(r.id), json.encode(order_id), r.version, json.encode(r.type),
+        json.encode(r.recorded_at), r.data)
+    out[i] = { cp = r.txid .. ":" .. r.position, stream = r.stream, version = r.version,
+               customer_id = r.customer_id ~= null and r.customer_id or "", type = r.type,
+               payload = payload }
+  end
+  return out
+end
+
+local function quoted_schema() return ('"%s"'):format(store:schema()) end
+
+-- sse_open(request_uri, authorization, last_event_id)
+--   -> 200, nil, kind ("order" | "customer"), key (order or customer id), after
+--   |  status, error_body
+-- after: the version (kind order) or checkpoint (kind customer) to resume after.
+function M.sse_open(uri, authorization, last_event_id)
+  local ok, status, body, kind, key, after = xpcall(function()
+    local path, query = uri:match("^([^?#]*)%??([^#]*)")
+    local p, st, msg = authenticate(authorization)
+    if not p then
+      if st == 401 then return fail(401, "unauthorized", msg) end
+      return fail(st, "internal", msg)
+    end
+    local args, qerr = parse_query(query)
+    if not args then return bad_request(qerr) end
+    local c, cerr = connect()
+    if not c then return fail_err(cerr) end
+    if path == "/events" then
+      local err = check_query(args, { customer_id = true })
+      if err then return bad_request(err) end
+      local customer = args.customer_id or (not p.admin and p.customer_id) or nil
+      if not customer then return bad_request("customer_id is required", "customer_id") end
+      if not p.admin and customer ~= p.customer_id then
+        return fail(403, "forbidden", "customers follow only their own orders")
+      end
+      local from = "0:0"
+      if last_event_id and last_event_id ~= "" then
+        if not last_event_id:match("^%d+:%d+$") then
+          return bad_request("Last-Event-ID must be an event id of this stream (<txid>:<position>)")
+        end
+        from = last_event_id
+      end
+      return 200, nil, "customer", customer, from
+    end
+    local id = path:match("^/orders/([^/]+)/events$")
+    id = id and unescape(id)
+    if not id or not id:match(UUID) then return not_found(tostring(id)) end
+    id = id:lower()
+    local err = check_query(args, {})
+    if err then return bad_request(err) end
+    local denied = check_owner(p, id)
+    if denied then return unpack(denied) end
+    local from = 0
+    if last_event_id and last_event_id ~= "" then
+      from = last_event_id:match("^%d+$") and tonumber(last_event_id)
+      if not from then return bad_request("Last-Event-ID must be an event id of this stream (a version)") end
+    end
+    return 200, nil, "order", id, from
+  end, debug.traceback)
+  if not ok then
+    io.stderr:write("orders.http.worker: ", tostring(status), "\n")
+    return fail(500, "internal", "internal error")
+  end
+  return status, body, kind, key, after
+end
+
+-- sse_history(kind, key, after, limit) -> events, done | nil, message
+function M.sse_history(kind, key, after, limit)
+  local ok, err = connect()
+  if not ok then return nil, tostring(err) end
+  local rows
+  if kind == "order" then
+    rows, err = store:query(events_sql(quoted_schema(), "e.stream = $1 AND e.version > $2::bigint", limit),
+      "Order-" .. key, tostring(after))
+  else
+    local txid, pos = tostring(after):match("^(%d+):(%d+)$")
+    rows, err = store:query(events_sql(quoted_schema(), "(e.txid, e.position) > ($1::xid8, $2::bigint)"
+      .. " AND c.data->>'customer_id' = $3", limit), txid or "0", pos or "0", key)
+  end
+  if not rows then
+    if store:is_closed() then drop_connection() end
+    return nil, tostring(err)
+  end
+  return live_events(rows), #rows < limit
+end
+
+-- sse_poll(after, limit) -> events, checkpoint | nil, message: the shared
+-- poller's read of every order event after checkpoint `after` (nil: the
+-- current end of the log, so a new poller starts with what comes next).
+function M.sse_poll(after, limit)
+  local ok, err = connect()
+  if not ok then return nil, tostring(err) end
+  local schema = quoted_schema()
+  if after == nil then
+    local rows
+    rows, err = store:query(("SELECT txid::text AS txid, position FROM %s.events"
+      .. " WHERE txid < pg_snapshot_xmin(pg_current_snapshot())"
+      .. " ORDER BY txid DESC, position DESC LIMIT 1"):format(schema))
+    if not rows then return nil, tostring(err) end
+    return {}, rows[1] and (rows[1].txid .. ":" .. rows[1].position) or "0:0"
+  end
+  local txid, pos = tostring(after):match("^(%d+):(%d+)$")
+  local rows
+  rows, err = store:query(events_sql(schema, "(e.txid, e.position) > ($1::xid8, $2::bigint)", limit),
+    txid or "0", pos or "0")
+  if not rows then
+    if store:is_closed() then drop_connection() end
+    return nil, tostring(err)
+  end
+  local events = live_events(rows)
+  return events, #events > 0 and events[#events].cp or after
+end
+
+---------------------------------------------------------------- metrics
+
+local metrics = require "orders.http.metrics"
+
+local GAUGES = {
+  { name = "es_checkpoint_lag_events", type = "gauge",
+    help = "Events committed after the checkpoint of a projection or workflow." },
+  { name = "es_checkpoint_lag_seconds", type = "gauge",
+    help = "Age of the oldest event after the checkpoint of a projection or workflow (0 when caught up)." },
+  { name = "es_dead_letters", type = "gauge",
+    help = "Dead letters of a workflow; for a projection, 1 while a failing event stops it." },
+  { name = "es_database_up", type = "gauge",
+    help = "1 when the metrics query reached the database." },
+}
+
+local function checkpoints(schema)
+  local rows, err = store:query(("SELECT to_regclass('%s.projections') IS NOT NULL AS p,"
+    .. " to_regclass('%s.workflows') IS NOT NULL AS w, to_regclass('%s.dead_letters') IS NOT NULL AS d")
+    :format(schema, schema, schema))
+  if not rows then return nil, err end
+  local parts = {}
+  if rows[1].p then
+    parts[#parts + 1] = ("SELECT 'projection' AS kind, name, checkpoint,"
+      .. " CASE WHEN error IS NULL THEN 0 ELSE 1 END AS dead FROM %s.projections"):format(schema)
+  end
+  if rows[1].w then
+    parts[#parts + 1] = ("SELECT 'workflow' AS kind, w.name, w.checkpoint, %s AS dead FROM %s.workflows w")
+      :format(rows[1].d and ("(SELECT count(*) FROM %s.dead_letters d WHERE d.workflow = w.name)")
+        :format(schema) or "0", schema)
+  end
+  if #parts == 0 then return {} end
+  return store:query(table.concat(parts, " UNION ALL ") .. " ORDER BY 1, 2")
+end
+
+-- The lines of the gauges above, read from the database.
+function M.metrics()
+  local samples = {}
+  for _, g in ipairs(GAUGES) do samples[g.name] = {} end
+  local up = 0
+  local ok, err = connect()
+  if ok then
+    local schema = ('"%s"'):format(store:schema())
+    local list
+    list, err = checkpoints(schema)
+    if list then
+      up = 1
+      for _, c in ipairs(list) do
+        local txid, pos = tostring(c.checkpoint or ""):match("^(%d+):(%d+)$")
+        local lag = store:query(("SELECT count(*) AS n, coalesce(extract(epoch FROM now() -"
+          .. " min(recorded_at)), 0)::float8 AS age FROM %s.events WHERE (txid, position) >"
+          .. " ($1::xid8, $2::bigint)"):format(schema), txid or "0", pos or "0")
+        local l = metrics.labels { { "kind", c.kind }, { "name", c.name } }
+        if lag then
+          samples.es_checkpoint_lag_events[l] = lag[1].n
+          samples.es_checkpoint_lag_seconds[l] = math.max(0, lag[1].age)
+        end
+        samples.es_dead_letters[l] = c.dead
+      end
+    end
+  end
+  if err and store and store:is_closed() then drop_connection() end
+  samples.es_database_up[""] = up
+  local out = {}
+  for _, g in ipairs(GAUGES) do metrics.render_family(out, g, samples[g.name]) end
+  return table.concat(out, "\n")
 end
 
 return M
