@@ -110,6 +110,13 @@ local function fail_err(err)
   if BUSY[err.sqlstate] then
     return fail(503, "unavailable", "the database did not answer in time; try again")
   end
+  -- the server going away or coming back (08 connection exception, 53
+  -- insufficient resources, 57 operator intervention: a shutdown or a
+  -- restart in progress) is a passing unavailability, not our fault
+  local class = type(err.sqlstate) == "string" and err.sqlstate:sub(1, 2)
+  if class == "08" or class == "53" or class == "57" then
+    return fail(503, "unavailable", "the database is not available right now; try again")
+  end
   local extra = nil
   if err.kind == "invalid" and err.field then extra = { field = err.field } end
   return fail(STATUS_OF[err.kind] or 500, err.kind or "internal",
