@@ -159,9 +159,6 @@ static const char *const steps[] = {
     "  END IF;"
     "  o_status := 0; o_version := cur + n;"
     "  o_recorded_at := %1$s.usec(now());"
-    /* A wake-up for live readers, delivered at commit; one per
-     * transaction however many appends it holds. */
-    "  PERFORM pg_notify('%2$s_events', '');"
     "END $fn$;",
     /* Step 2: snapshots, several per stream so time travel to an earlier
      * version can still start from one. */
