@@ -9,6 +9,8 @@
 #                                    cluster (default: one started here with
 #                                    ES_PG_FSYNC=on, stopped at the end)
 #   BENCH_SECS=6                     length of each measured append phase
+#   BENCH_APPEND_ROUNDS=2            rounds of alternated append phases (mean)
+#   BENCH_ONLY="append fold"         only these sections (default: all)
 #   BENCH_ROUNDS=5                   rounds of fold / codec (best is kept)
 #   BENCH_CMD_SECS=5                 length of each commands phase
 #   BENCH_EVENTS=1000000             events replayed by the rebuild bench
@@ -36,6 +38,7 @@ set -uo pipefail
 cd "$ES_ROOT" || exit 1
 
 SECS=${BENCH_SECS:-6}
+APPEND_ROUNDS=${BENCH_APPEND_ROUNDS:-2}
 CLIENTS=2
 OUT=$(mktemp -d "${TMPDIR:-/tmp}/es-bench.XXXXXX")
 RESULTS=$OUT/results
@@ -80,6 +83,8 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else
 psql_q() { PGOPTIONS="-c client_min_messages=warning" psql -X -q -v ON_ERROR_STOP=1 "$URL" "$@"; }
 
 FAILED=()
+# want SECTION : true when BENCH_ONLY is unset or names it
+want() { [ -z "${BENCH_ONLY:-}" ] || [[ " $BENCH_ONLY " == *" $1 "* ]]; }
 fail() { FAILED+=("$1"); echo "bench: FAILED: $1" >&2; }
 T_START=$(date +%s)
 section() { echo; echo "== $* [$(( $(date +%s) - T_START ))s, load $(cut -d' ' -f1-3 /proc/loadavg)]"; }
@@ -107,70 +112,171 @@ bench_run() {
   fi
 }
 
+# append_phase N SIZE TARGET : N bench/append.lua processes at once; prints
+# the summed rate in events/s (run in $(...): returns non-zero on failure)
+append_phase() {
+  local n=$1 size=$2 target=$3 url=$URL pids=() c
+  [ "$target" = message_db ] && url=$MDB_URL
+  rm -f "$OUT"/append.*
+  for c in $(seq 1 "$n"); do
+    run_lua lua5.4 bench/append.lua "$url" "$SCHEMA" "$c" "$size" "$SECS" "$target" \
+      >"$OUT/append.$c" 2>&1 &
+    pids+=($!)
+  done
+  local failed=0
+  for c in "${pids[@]}"; do wait "$c" || failed=1; done
+  if [ $failed = 1 ]; then cat "$OUT"/append.* >&2; return 1; fi
+  cat "$OUT"/append.* | awk '{ rate += $2 / $4 } END { printf "%.0f", rate }'
+}
+
+# pgbench_phase FILE CLIENTS [TARGET] : prints tps (TARGET message_db: its
+# database, search_path message_store)
+pgbench_phase() {
+  local url=$URL opts=${PGOPTIONS:-}
+  if [ "${3:-}" = message_db ]; then url=$MDB_URL; opts="-c search_path=message_store,public"; fi
+  sed -e "s/BENCH_SCHEMA/$BARE/g" "$1" >"$OUT/pgbench.sql"
+  [ "$(basename "$1")" = pgbench_append.sql ] && sed -i "s/$BARE/$SCHEMA/g" "$OUT/pgbench.sql"
+  PGOPTIONS=$opts pgbench -n -M prepared -c "$2" -j "$(( $2 < 2 ? $2 : 2 ))" -T "$SECS" \
+    -f "$OUT/pgbench.sql" "$url" >"$OUT/pgbench.out" 2>&1 || { cat "$OUT/pgbench.out" >&2; return 1; }
+  sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$OUT/pgbench.out" | head -1
+}
+
+# pgbench_events FILE CLIENTS SIZE : events/s of SIZE-row transactions
+pgbench_events() {
+  local tps; tps=$(pgbench_phase "$1" "$2") && [ -n "$tps" ] || return 1
+  awk -v t="$tps" -v n="$3" 'BEGIN { printf "%.0f", t * n }'
+}
+
+# alternate NAME ROUNDS label:command... : runs the phases in turn, ROUNDS
+# times (the order rotating each round, so no variant always runs after the
+# same one), and records NAME_<label> as the mean of its rounds; a phase
+# that fails is reported and its label left out
+alternate() {
+  local name=$1 rounds=$2 r i j n label v; shift 2
+  local -a labels=() cmds=() sums=() fails=()
+  for v in "$@"; do labels+=("${v%%:*}"); cmds+=("${v#*:}"); sums+=(0); fails+=(0); done
+  n=${#labels[@]}
+  for r in $(seq 1 "$rounds"); do
+    for j in $(seq 0 $((n - 1))); do
+      i=$(( (j + r - 1) % n ))
+      [ "${fails[$i]}" = 1 ] && continue
+      if v=$(eval "${cmds[$i]}") && [ -n "$v" ]; then
+        sums[$i]=$(awk -v a="${sums[$i]}" -v b="$v" 'BEGIN { print a + b }')
+        echo "  round $r ${labels[$i]}: $v"
+      else
+        fails[$i]=1; fail "$name ${labels[$i]}"
+      fi
+    done
+  done
+  for i in $(seq 0 $((n - 1))); do
+    [ "${fails[$i]}" = 1 ] && continue
+    record "${name}_${labels[$i]} $(awk -v s="${sums[$i]}" -v r="$rounds" 'BEGIN { printf "%.0f", s / r }') events/s"
+  done
+}
+
+# record_ratio NAME A B : NAME_A / NAME_B when both were recorded
+record_ratio() {
+  local a b; a=$(value_of "${1}_$2"); b=$(value_of "${1}_$3")
+  [ -n "$a" ] && [ -n "$b" ] && record "${1}_ratio_$3 $(ratio "$a" "$b") x"
+}
+
 # ---- codec ---------------------------------------------------------------
+if want codec; then
 section "codec (bench/codec.lua, es.json against lua-cjson)"
 for f in lua5.4 luajit; do
   bench_run "codec $f" "" run_lua "$f" bench/codec.lua
 done
+fi
 
 # ---- append ---------------------------------------------------------------
-section "append ($CLIENTS clients, ${SECS}s per phase, lua5.4; against pgbench INSERTs)"
+# The store's schema and Message DB serve append and fold.
+MDB_URL=
+MDB_DB=es_bench_mdb_$$
+if want append || want fold; then
 BENCH_URL=$URL BENCH_SCHEMA=$SCHEMA run_lua lua5.4 -e '
   local es = require "eventsourcing"
   local s = assert(es.open(os.getenv("BENCH_URL"), { schema = os.getenv("BENCH_SCHEMA") }))
   assert(s:migrate())' || es_die "migrate failed"
 
-# append_phase SIZE : CLIENTS bench/append.lua processes at once; prints the
-# summed rate in events/s (run in $(...): returns non-zero on failure)
-append_phase() {
-  local size=$1 pids=() c
-  for c in $(seq 1 $CLIENTS); do
-    run_lua lua5.4 bench/append.lua "$URL" "$SCHEMA" "$c" "$size" "$SECS" >"$OUT/append.$size.$c" 2>&1 &
-    pids+=($!)
-  done
-  local failed=0
-  for c in "${pids[@]}"; do wait "$c" || failed=1; done
-  if [ $failed = 1 ]; then cat "$OUT"/append."$size".* >&2; return 1; fi
-  cat "$OUT"/append."$size".* | awk '{ rate += $2 / $4 } END { printf "%.0f", rate }'
-}
+# Message DB, when npm can fetch it: a database of its own on this server
+if MDB_URL=$(bench/message_db.sh install "$URL" "$OUT/message_db" "$MDB_DB" 2>"$OUT/mdb.err" | tail -1) \
+   && [ -n "$MDB_URL" ]; then
+  echo "bench: Message DB $(cat "$OUT/message_db/package/database/VERSION.txt" 2>/dev/null) installed in database $MDB_DB"
+else
+  rc=$?
+  echo "bench: Message DB SKIPPED (not measured): $(cat "$OUT/mdb.err")"
+  [ "$rc" = 3 ] || fail "Message DB install"
+  MDB_URL=
+fi
+fi
 
-# pgbench_phase FILE : prints tps
-pgbench_phase() {
-  sed "s/BENCH_SCHEMA/$BARE/g" "$1" >"$OUT/pgbench.sql"
-  pgbench -n -M prepared -c $CLIENTS -j $CLIENTS -T "$SECS" -f "$OUT/pgbench.sql" "$URL" \
-    >"$OUT/pgbench.out" 2>&1 || { cat "$OUT/pgbench.out" >&2; return 1; }
-  sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$OUT/pgbench.out" | head -1
-}
+if want append; then
+section "append (${SECS}s per phase, $APPEND_ROUNDS rounds alternated; append() against Message DB's write_message and a bare INSERT)"
 
 if sed "s/BENCH_SCHEMA/$BARE/g" bench/bare.sql | psql_q >/dev/null; then
-  for size in 1 100; do
-    script=bench/pgbench_insert.sql; [ $size = 100 ] && script=bench/pgbench_insert100.sql
-    if r=$(append_phase $size) && [ -n "$r" ]; then
-      record "append_${size}_es $r events/s"
-    else
-      fail "append $size (bench/append.lua)"; r=
-    fi
-    if tps=$(pgbench_phase $script) && [ -n "$tps" ]; then
-      ev=$(awk -v t="$tps" -v n=$size 'BEGIN { printf "%.0f", t * n }')
-      record "append_${size}_pgbench_insert $ev events/s"
-      [ -n "$r" ] && record "append_${size}_ratio $(ratio "$r" "$ev") x"
-    else
-      fail "append $size (pgbench)"
-    fi
+  # server side: pgbench calls append() itself, one event per transaction
+  for c in 2 8 32; do
+    phases=("es:pgbench_phase bench/pgbench_append.sql $c"
+            "bare_insert:pgbench_phase bench/pgbench_insert.sql $c")
+    [ -n "$MDB_URL" ] && phases+=("message_db:pgbench_phase bench/pgbench_write_message.sql $c message_db")
+    alternate "append_server_1_c$c" "$APPEND_ROUNDS" "${phases[@]}"
+    record_ratio "append_server_1_c$c" es message_db
+    record_ratio "append_server_1_c$c" es bare_insert
   done
+  # from Lua: bench/append.lua processes, one event per append
+  for c in 2 8; do
+    phases=("es:append_phase $c 1 es")
+    [ -n "$MDB_URL" ] && phases+=("message_db:append_phase $c 1 message_db")
+    alternate "append_lua_1_c$c" "$APPEND_ROUNDS" "${phases[@]}"
+    record_ratio "append_lua_1_c$c" es message_db
+  done
+  # 100 events per append (Message DB has no batch write: a bare INSERT of
+  # 100 rows is the alternative)
+  alternate "append_lua_100_c$CLIENTS" "$APPEND_ROUNDS" "es:append_phase $CLIENTS 100 es" \
+    "pgbench_insert:pgbench_events bench/pgbench_insert100.sql $CLIENTS 100"
+  record_ratio "append_lua_100_c$CLIENTS" es pgbench_insert
 else
   fail "append (could not create the bare table)"
 fi
+fi
 
 # ---- fold -----------------------------------------------------------------
-section "fold (100,000 events; store:fold against lua-sql-postgres + lua-cjson)"
+if want fold; then
+section "fold (100,000 events; store:fold against lua-sql-postgres + lua-cjson, and Message DB's get_stream_messages)"
 for f in lua5.4 luajit; do
   bench_run "fold $f" "" run_lua "$f" bench/fold.lua "$URL" "$SCHEMA"
 done
-
+# Message DB reads the same stream on the server alone (pgbench discards
+# the rows: no client decoding at all), best of BENCH_ROUNDS
+if [ -n "$MDB_URL" ]; then
+  if PGOPTIONS="-c search_path=message_store,public -c client_min_messages=warning" \
+     psql -X -q -v ON_ERROR_STOP=1 "$MDB_URL" -c "SELECT count(write_message(gen_random_uuid()::text,
+       'fold-1', 'Ticked', json_build_object('n', g, 'note', 'hello', 'items',
+       json_build_array(1, 2, 3))::jsonb, '{\"user\": \"u1\"}'))
+       FROM generate_series(1, 100000) AS g" >/dev/null; then
+    best=0
+    for _ in $(seq 1 "${BENCH_ROUNDS:-5}"); do
+      t=$(PGOPTIONS="-c search_path=message_store,public" pgbench -n -M prepared -c 1 -t 3 \
+          -f bench/pgbench_get_stream_messages.sql "$MDB_URL" 2>&1 | sed -n 's/^tps = \([0-9.]*\).*/\1/p')
+      best=$(awk -v a="$best" -v b="${t:-0}" 'BEGIN { print (b > a) ? b : a }')
+    done
+    record "fold_message_db_get_stream_messages $(awk -v t="$best" 'BEGIN { printf "%.0f", t * 100000 }') events/s"
+    for f in lua5.4 luajit; do
+      es_rate=$(value_of "fold_es_$f")
+      [ -n "$es_rate" ] && record "fold_ratio_${f}_message_db $(ratio "$es_rate" "$(value_of fold_message_db_get_stream_messages)") x"
+    done
+  else
+    fail "fold (writing Message DB's stream)"
+  fi
+else
+  echo "bench: Message DB SKIPPED for fold (not installed)"
+fi
+fi
 psql_q -c "DROP SCHEMA IF EXISTS $SCHEMA CASCADE" -c "DROP SCHEMA IF EXISTS $BARE CASCADE" >/dev/null 2>&1 || true
+[ -n "$MDB_URL" ] && bench/message_db.sh remove "$URL" "$MDB_DB" >/dev/null 2>&1
 
 # ---- commands -------------------------------------------------------------
+if want commands; then
 CMD_SECS=${BENCH_CMD_SECS:-5}
 section "commands (AddItem end to end, $CLIENTS clients, ${CMD_SECS}s per phase; snapshots against none)"
 for f in lua5.4 luajit; do
@@ -178,8 +284,10 @@ for f in lua5.4 luajit; do
     LUA_PATH="lua/?.lua;lua/?/init.lua;examples/?.lua;;" LUA_CPATH="build/$f/?.so;;" \
     "$f" bench/commands.lua "$URL"
 done
+fi
 
 # ---- rebuild --------------------------------------------------------------
+if want rebuild; then
 EVENTS=${BENCH_EVENTS:-1000000}
 section "rebuild (rm_orders from $EVENTS events; against one UPDATE per event)"
 for f in lua5.4 luajit; do
@@ -188,20 +296,25 @@ for f in lua5.4 luajit; do
     LUA_PATH="lua/?.lua;lua/?/init.lua;examples/?.lua;;" LUA_CPATH="build/$f/?.so;;" \
     "$f" bench/rebuild.lua
 done
+fi
 
 # ---- lag ------------------------------------------------------------------
+if want lag; then
 section "lag (append -> read-model row visible; LISTEN/NOTIFY against 100 ms polling)"
 for f in lua5.4 luajit; do
   bench_run "lag $f" "_$f" env ES_BENCH_DATABASE_URL="$URL" ES_BENCH_LAG_N="${BENCH_LAG_N:-300}" \
     LUA_PATH="lua/?.lua;lua/?/init.lua;examples/?.lua;;" LUA_CPATH="build/$f/?.so;;" \
     "$f" bench/lag.lua
 done
+fi
 
 # ---- http -----------------------------------------------------------------
+if want http; then
 section "http (wrk on nginx, ${BENCH_HTTP_SECS:-5}s per run; against GET /health)"
 bench_run "http" "" env ES_DATABASE_URL="$URL" ES_BENCH_SECONDS="${BENCH_HTTP_SECS:-5}" bash bench/http.sh
 bad=$(awk '$1 ~ /^http_.*_non2xx$/ && $2 > 0 { print $1 "=" $2 }' "$RESULTS" | tr '\n' ' ')
 [ -n "$bad" ] && fail "http: non-2xx responses: $bad"
+fi
 
 # ---- summary --------------------------------------------------------------
 FSYNC=$(psql_q -At -c "SHOW fsync" 2>/dev/null || echo "?")

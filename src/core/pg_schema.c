@@ -283,7 +283,10 @@ static const char *const steps[] = {
     "    END IF;"
     "    IF o_position IS NOT NULL THEN"
     "      o_status := 0;"
-    "      o_recorded_at := %1$s.usec(now());"
+    /* usec() inline: an IMMUTABLE SQL function around a STABLE
+     * expression is not inlined, and PostgreSQL 15 plans such a call
+     * every time it runs. */
+    "      o_recorded_at := (extract(epoch FROM now()) * 1000000)::bigint;"
     "      RETURN;"
     "    END IF;"
     "    SELECT e.version, e.txid INTO cur, last_txid FROM %1$s.events e"
