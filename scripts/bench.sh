@@ -147,6 +147,34 @@ pgbench_events() {
   awk -v t="$tps" -v n="$3" 'BEGIN { printf "%.0f", t * n }'
 }
 
+# server_cpu TARGET N : microseconds of server CPU per single-event append,
+# N appends each in its own transaction (a DO loop that commits), read from
+# the backend's /proc/self/schedstat: time on a CPU only, so unlike the
+# rates above it hardly moves with the load of a shared machine. The loop
+# runs with synchronous_commit off, so the flush is not in the figure (it
+# is the same for every target). Needs a superuser on a Linux server.
+server_cpu() {
+  local target=$1 n=$2 url=$URL pre="" call
+  case $target in
+    es) call="PERFORM $SCHEMA.append('Cpu-' || i || '-' || random(), -1, false,
+          ARRAY[gen_random_uuid()], ARRAY['Ticked'], ARRAY['{\"n\": 1, \"note\": \"hello\"}'::json],
+          ARRAY['{}'::json])" ;;
+    message_db) url=$MDB_URL; pre="SET search_path = message_store, public;"
+      call="PERFORM write_message(gen_random_uuid()::text, 'cpu-' || i || '-' || random(),
+          'Ticked', '{\"n\": 1, \"note\": \"hello\"}', '{}')" ;;
+    bare_insert) call="INSERT INTO $BARE.bare (id, stream, version, type, data, metadata)
+          VALUES (gen_random_uuid(), 'Cpu-' || i, nextval('$BARE.bare_version'), 'Ticked',
+                  '{\"n\": 1, \"note\": \"hello\"}', '{}')" ;;
+  esac
+  psql -X -q -At -v ON_ERROR_STOP=1 "$url" 2>&1 <<SQL
+$pre
+SET synchronous_commit = off;
+SELECT split_part(pg_read_file('/proc/self/schedstat'), ' ', 1) AS s0 \gset
+DO \$\$ BEGIN FOR i IN 1..$n LOOP $call; COMMIT; END LOOP; END \$\$;
+SELECT round((split_part(pg_read_file('/proc/self/schedstat'), ' ', 1)::bigint - :s0) / 1000.0 / $n, 1);
+SQL
+}
+
 # alternate NAME ROUNDS label:command... : runs the phases in turn, ROUNDS
 # times (the order rotating each round, so no variant always runs after the
 # same one), and records NAME_<label> as the mean of its rounds; a phase
@@ -223,6 +251,25 @@ if sed "s/BENCH_SCHEMA/$BARE/g" bench/bare.sql | psql_q >/dev/null; then
     record_ratio "append_server_1_c$c" es message_db
     record_ratio "append_server_1_c$c" es bare_insert
   done
+  # server CPU per append, the median of 5 rounds of 2,000 (alternated)
+  if [ "$(psql_q -At -c "SELECT rolsuper FROM pg_roles WHERE rolname = current_user")" = t ] \
+     && [ -r /proc/self/schedstat ]; then
+    targets="es bare_insert"; [ -n "$MDB_URL" ] && targets="es message_db bare_insert"
+    for _ in 1 2 3 4 5; do
+      for t in $targets; do
+        v=$(server_cpu "$t" 2000 | tail -1)
+        if [[ $v =~ ^[0-9.]+$ ]]; then echo "$t $v" >>"$OUT/cpu"; else fail "server cpu $t: $v"; fi
+      done
+    done
+    for t in $targets; do
+      v=$(awk -v t="$t" '$1 == t { print $2 }' "$OUT/cpu" | sort -n | awk '{ a[NR] = $1 } END { if (NR) print a[int((NR + 1) / 2)] }')
+      [ -n "$v" ] && record "append_server_cpu_$t $v us"
+    done
+    a=$(value_of append_server_cpu_es); b=$(value_of append_server_cpu_message_db)
+    [ -n "$a" ] && [ -n "$b" ] && record "append_server_cpu_ratio_message_db $(ratio "$b" "$a") x"
+  else
+    echo "bench: server CPU per append SKIPPED (needs a superuser and /proc/self/schedstat)"
+  fi
   # from Lua: bench/append.lua processes, one event per append
   for c in 2 8; do
     phases=("es:append_phase $c 1 es")
