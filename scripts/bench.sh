@@ -20,10 +20,19 @@
 #
 # Benchmarks:
 #   codec    bench/codec.lua (es.json against lua-cjson), lua5.4 and luajit
-#   append   bench/append.lua, 2 client processes, 1 and 100 events per append,
-#            against pgbench with plain prepared INSERTs into a bare table with
-#            the same columns and keys (bench/pgbench_insert*.sql, bench/bare.sql)
-#   fold     bench/fold.lua, store:fold against lua-sql-postgres + lua-cjson
+#   append   against Message DB (bench/message_db.sh installs it from npm into
+#            a temporary folder and a database of its own; skipped, and said
+#            so, without npm) and plain prepared INSERTs into a bare table with
+#            the same columns and keys (bench/bare.sql), phases alternated:
+#            pgbench calling append() / write_message / INSERT at 2, 8 and 32
+#            clients (bench/pgbench_append.sql, pgbench_write_message.sql,
+#            pgbench_insert.sql); server CPU per append from the backend's
+#            schedstat; bench/append.lua processes (2 and 8, one event per
+#            append) against the same loop calling write_message; 100 events
+#            per append against a 100-row INSERT (pgbench_insert100.sql)
+#   fold     bench/fold.lua, store:fold against lua-sql-postgres + lua-cjson,
+#            and Message DB's get_stream_messages of the same stream on the
+#            server alone (bench/pgbench_get_stream_messages.sql)
 #   commands bench/commands.lua, AddItem end to end, 2 client processes, 10
 #            and 1,000 prior events, without snapshots against snapshot_every
 #            = 100, lua5.4 and luajit
