@@ -29,8 +29,8 @@
  * text cost more than everything else in a stream read (2.5-3x the
  * server time of a 100,000-event fold). Cast to jsonb in SQL where
  * containment or GIN indexes are wanted. */
-/* Step 3's append reads the stream's last version (0 when it has no
- * events) as l.cur, with its transaction id as l.txid ... */
+/* Step 3's append of one event reads the stream's last version (0 when
+ * it has no events) as l.cur, with its transaction id as l.txid ... */
 #define APPEND_LAST \
     "(SELECT coalesce(e.version, 0) AS cur, e.txid FROM (VALUES (1)) AS one" \
     " LEFT JOIN LATERAL (SELECT version, txid FROM %1$s.events" \
@@ -185,15 +185,15 @@ static const char *const steps[] = {
     "  recorded_at timestamptz NOT NULL DEFAULT now(),"
     "  PRIMARY KEY (stream, version));",
     /* Step 3: appends with less server work, so they scale with writers
-     * (each removal measured with pgbench against the previous variant;
-     * README "Performance").
+     * (each removal measured against the previous variant: README
+     * "Performance").
      *
      * No streams table: a stream's version is its last event's, found
      * through the unique (stream, version) index, which is also what
      * keeps versions dense under concurrency: two writers that read the
      * same last version insert the same next one, the second waits for
      * the first and fails with a unique violation, and the caller asks
-     * again (pg.c's retry), as before when they met at the streams row.
+     * again (pg_append's retry), as before when they met at the streams row.
      * That row cost an insert or update, a lock and an index entry per
      * append.
      *
