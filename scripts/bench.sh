@@ -55,6 +55,11 @@ RESULTS=$OUT/results
 
 PG_URL=
 cleanup() {
+  # Message DB's database on a server that is not ours (its role
+  # message_store, made by its installer, stays)
+  if [ -z "$PG_URL" ] && [ -n "${MDB_URL:-}" ]; then
+    bench/message_db.sh remove "$URL" "$MDB_DB" >/dev/null 2>&1 || true
+  fi
   if [ -n "$PG_URL" ]; then scripts/pg.sh stop "$PG_URL" || true; PG_URL=; fi
   rm -rf "$OUT"
 }
