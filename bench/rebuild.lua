@@ -37,8 +37,8 @@ local CHUNK = 200000
 for from = 0, N - 1, CHUNK do
   local to = math.min(N, from + CHUNK) - 1
   assert(store:query(([[
-    INSERT INTO %s.events (id, stream, version, type, data, metadata)
-    SELECT gen_random_uuid(), 'Order-' || o, s + 1,
+    INSERT INTO %s.events (id, stream, category, version, type, data, metadata)
+    SELECT gen_random_uuid(), 'Order-' || o, 'Order', s + 1,
       CASE s WHEN 0 THEN 'OrderCreated' WHEN 1 THEN 'ItemAdded' WHEN 2 THEN 'ItemAdded'
              WHEN 3 THEN 'ItemRemoved' ELSE CASE WHEN o %% 10 = 0 THEN 'OrderCancelled'
              ELSE 'OrderPlaced' END END,

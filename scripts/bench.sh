@@ -9,6 +9,8 @@
 #                                    cluster (default: one started here with
 #                                    ES_PG_FSYNC=on, stopped at the end)
 #   BENCH_SECS=6                     length of each measured append phase
+#   BENCH_APPEND_ROUNDS=2            rounds of alternated append phases (mean)
+#   BENCH_ONLY="append fold"         only these sections (default: all)
 #   BENCH_ROUNDS=5                   rounds of fold / codec (best is kept)
 #   BENCH_CMD_SECS=5                 length of each commands phase
 #   BENCH_EVENTS=1000000             events replayed by the rebuild bench
@@ -18,10 +20,19 @@
 #
 # Benchmarks:
 #   codec    bench/codec.lua (es.json against lua-cjson), lua5.4 and luajit
-#   append   bench/append.lua, 2 client processes, 1 and 100 events per append,
-#            against pgbench with plain prepared INSERTs into a bare table with
-#            the same columns and keys (bench/pgbench_insert*.sql, bench/bare.sql)
-#   fold     bench/fold.lua, store:fold against lua-sql-postgres + lua-cjson
+#   append   against Message DB (bench/message_db.sh installs it from npm into
+#            a temporary folder and a database of its own; skipped, and said
+#            so, without npm) and plain prepared INSERTs into a bare table with
+#            the same columns and keys (bench/bare.sql), phases alternated:
+#            pgbench calling append() / write_message / INSERT at 2, 8 and 32
+#            clients (bench/pgbench_append.sql, pgbench_write_message.sql,
+#            pgbench_insert.sql); server CPU per append from the backend's
+#            schedstat; bench/append.lua processes (2 and 8, one event per
+#            append) against the same loop calling write_message; 100 events
+#            per append against a 100-row INSERT (pgbench_insert100.sql)
+#   fold     bench/fold.lua, store:fold against lua-sql-postgres + lua-cjson,
+#            and Message DB's get_stream_messages of the same stream on the
+#            server alone (bench/pgbench_get_stream_messages.sql)
 #   commands bench/commands.lua, AddItem end to end, 2 client processes, 10
 #            and 1,000 prior events, without snapshots against snapshot_every
 #            = 100, lua5.4 and luajit
@@ -44,6 +55,7 @@ set -uo pipefail
 cd "$ES_ROOT" || exit 1
 
 SECS=${BENCH_SECS:-6}
+APPEND_ROUNDS=${BENCH_APPEND_ROUNDS:-2}
 CLIENTS=2
 OUT=$(mktemp -d "${TMPDIR:-/tmp}/es-bench.XXXXXX")
 RESULTS=$OUT/results
@@ -51,6 +63,11 @@ RESULTS=$OUT/results
 
 PG_URL=
 cleanup() {
+  # Message DB's database on a server that is not ours (its role
+  # message_store, made by its installer, stays)
+  if [ -z "$PG_URL" ] && [ -n "${MDB_URL:-}" ]; then
+    bench/message_db.sh remove "$URL" "$MDB_DB" >/dev/null 2>&1 || true
+  fi
   if [ -n "$PG_URL" ]; then scripts/pg.sh stop "$PG_URL" || true; PG_URL=; fi
   rm -rf "$OUT"
 }
@@ -88,6 +105,8 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else
 psql_q() { PGOPTIONS="-c client_min_messages=warning" psql -X -q -v ON_ERROR_STOP=1 "$URL" "$@"; }
 
 FAILED=()
+# want SECTION : true when BENCH_ONLY is unset or names it
+want() { [ -z "${BENCH_ONLY:-}" ] || [[ " $BENCH_ONLY " == *" $1 "* ]]; }
 fail() { FAILED+=("$1"); echo "bench: FAILED: $1" >&2; }
 T_START=$(date +%s)
 section() { echo; echo "== $* [$(( $(date +%s) - T_START ))s, load $(cut -d' ' -f1-3 /proc/loadavg)]"; }
@@ -115,70 +134,218 @@ bench_run() {
   fi
 }
 
+# append_phase N SIZE TARGET : N bench/append.lua processes at once; prints
+# the summed rate in events/s (run in $(...): returns non-zero on failure)
+append_phase() {
+  local n=$1 size=$2 target=$3 url=$URL pids=() c
+  [ "$target" = message_db ] && url=$MDB_URL
+  rm -f "$OUT"/append.*
+  for c in $(seq 1 "$n"); do
+    run_lua lua5.4 bench/append.lua "$url" "$SCHEMA" "$c" "$size" "$SECS" "$target" \
+      >"$OUT/append.$c" 2>&1 &
+    pids+=($!)
+  done
+  local failed=0
+  for c in "${pids[@]}"; do wait "$c" || failed=1; done
+  if [ $failed = 1 ]; then cat "$OUT"/append.* >&2; return 1; fi
+  cat "$OUT"/append.* | awk '{ rate += $2 / $4 } END { printf "%.0f", rate }'
+}
+
+# pgbench_phase FILE CLIENTS [TARGET] : prints tps (TARGET message_db: its
+# database, search_path message_store)
+pgbench_phase() {
+  local url=$URL opts=${PGOPTIONS:-}
+  if [ "${3:-}" = message_db ]; then url=$MDB_URL; opts="-c search_path=message_store,public"; fi
+  sed -e "s/BENCH_SCHEMA/$BARE/g" "$1" >"$OUT/pgbench.sql"
+  [ "$(basename "$1")" = pgbench_append.sql ] && sed -i "s/$BARE/$SCHEMA/g" "$OUT/pgbench.sql"
+  PGOPTIONS=$opts pgbench -n -M prepared -c "$2" -j "$(( $2 < 2 ? $2 : 2 ))" -T "$SECS" \
+    -f "$OUT/pgbench.sql" "$url" >"$OUT/pgbench.out" 2>&1 || { cat "$OUT/pgbench.out" >&2; return 1; }
+  sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$OUT/pgbench.out" | head -1
+}
+
+# pgbench_events FILE CLIENTS SIZE : events/s of SIZE-row transactions
+pgbench_events() {
+  local tps; tps=$(pgbench_phase "$1" "$2") && [ -n "$tps" ] || return 1
+  awk -v t="$tps" -v n="$3" 'BEGIN { printf "%.0f", t * n }'
+}
+
+# server_cpu TARGET N : microseconds of server CPU per single-event append,
+# N appends each in its own transaction (a DO loop that commits), read from
+# the backend's /proc/self/schedstat: time on a CPU only, so unlike the
+# rates above it hardly moves with the load of a shared machine. The loop
+# runs with synchronous_commit off, so the flush is not in the figure (it
+# is the same for every target). Needs a superuser on a Linux server.
+server_cpu() {
+  local target=$1 n=$2 url=$URL pre="" call
+  case $target in
+    es) call="PERFORM $SCHEMA.append('Cpu-' || i || '-' || random(), -1, false,
+          ARRAY[gen_random_uuid()], ARRAY['Ticked'], ARRAY['{\"n\": 1, \"note\": \"hello\"}'::json],
+          ARRAY['{}'::json])" ;;
+    message_db) url=$MDB_URL; pre="SET search_path = message_store, public;"
+      call="PERFORM write_message(gen_random_uuid()::text, 'cpu-' || i || '-' || random(),
+          'Ticked', '{\"n\": 1, \"note\": \"hello\"}', '{}')" ;;
+    bare_insert) call="INSERT INTO $BARE.bare (id, stream, version, type, data, metadata)
+          VALUES (gen_random_uuid(), 'Cpu-' || i, nextval('$BARE.bare_version'), 'Ticked',
+                  '{\"n\": 1, \"note\": \"hello\"}', '{}')" ;;
+  esac
+  psql -X -q -At -v ON_ERROR_STOP=1 "$url" 2>&1 <<SQL
+$pre
+SET synchronous_commit = off;
+SELECT split_part(pg_read_file('/proc/self/schedstat'), ' ', 1) AS s0 \gset
+DO \$\$ BEGIN FOR i IN 1..$n LOOP $call; COMMIT; END LOOP; END \$\$;
+SELECT round((split_part(pg_read_file('/proc/self/schedstat'), ' ', 1)::bigint - :s0) / 1000.0 / $n, 1);
+SQL
+}
+
+# alternate NAME ROUNDS label:command... : runs the phases in turn, ROUNDS
+# times (the order rotating each round, so no variant always runs after the
+# same one), and records NAME_<label> as the mean of its rounds; a phase
+# that fails is reported and its label left out
+alternate() {
+  local name=$1 rounds=$2 r i j n label v; shift 2
+  local -a labels=() cmds=() sums=() fails=()
+  for v in "$@"; do labels+=("${v%%:*}"); cmds+=("${v#*:}"); sums+=(0); fails+=(0); done
+  n=${#labels[@]}
+  for r in $(seq 1 "$rounds"); do
+    for j in $(seq 0 $((n - 1))); do
+      i=$(( (j + r - 1) % n ))
+      [ "${fails[$i]}" = 1 ] && continue
+      if v=$(eval "${cmds[$i]}") && [ -n "$v" ]; then
+        sums[$i]=$(awk -v a="${sums[$i]}" -v b="$v" 'BEGIN { print a + b }')
+        echo "  round $r ${labels[$i]}: $v"
+      else
+        fails[$i]=1; fail "$name ${labels[$i]}"
+      fi
+    done
+  done
+  for i in $(seq 0 $((n - 1))); do
+    [ "${fails[$i]}" = 1 ] && continue
+    record "${name}_${labels[$i]} $(awk -v s="${sums[$i]}" -v r="$rounds" 'BEGIN { printf "%.0f", s / r }') events/s"
+  done
+}
+
+# record_ratio NAME A B : NAME_A / NAME_B when both were recorded
+record_ratio() {
+  local a b; a=$(value_of "${1}_$2"); b=$(value_of "${1}_$3")
+  [ -n "$a" ] && [ -n "$b" ] && record "${1}_ratio_$3 $(ratio "$a" "$b") x"
+}
+
 # ---- codec ---------------------------------------------------------------
+if want codec; then
 section "codec (bench/codec.lua, es.json against lua-cjson)"
 for f in lua5.4 luajit; do
   bench_run "codec $f" "" run_lua "$f" bench/codec.lua
 done
+fi
 
 # ---- append ---------------------------------------------------------------
-section "append ($CLIENTS clients, ${SECS}s per phase, lua5.4; against pgbench INSERTs)"
+# The store's schema and Message DB serve append and fold.
+MDB_URL=
+MDB_DB=es_bench_mdb_$$
+if want append || want fold; then
 BENCH_URL=$URL BENCH_SCHEMA=$SCHEMA run_lua lua5.4 -e '
   local es = require "eventsourcing"
   local s = assert(es.open(os.getenv("BENCH_URL"), { schema = os.getenv("BENCH_SCHEMA") }))
   assert(s:migrate())' || es_die "migrate failed"
 
-# append_phase SIZE : CLIENTS bench/append.lua processes at once; prints the
-# summed rate in events/s (run in $(...): returns non-zero on failure)
-append_phase() {
-  local size=$1 pids=() c
-  for c in $(seq 1 $CLIENTS); do
-    run_lua lua5.4 bench/append.lua "$URL" "$SCHEMA" "$c" "$size" "$SECS" >"$OUT/append.$size.$c" 2>&1 &
-    pids+=($!)
-  done
-  local failed=0
-  for c in "${pids[@]}"; do wait "$c" || failed=1; done
-  if [ $failed = 1 ]; then cat "$OUT"/append."$size".* >&2; return 1; fi
-  cat "$OUT"/append."$size".* | awk '{ rate += $2 / $4 } END { printf "%.0f", rate }'
-}
+# Message DB, when npm can fetch it: a database of its own on this server
+if MDB_URL=$(bench/message_db.sh install "$URL" "$OUT/message_db" "$MDB_DB" 2>"$OUT/mdb.err" | tail -1) \
+   && [ -n "$MDB_URL" ]; then
+  echo "bench: Message DB $(cat "$OUT/message_db/package/database/VERSION.txt" 2>/dev/null) installed in database $MDB_DB"
+else
+  rc=$?
+  echo "bench: Message DB SKIPPED (not measured): $(cat "$OUT/mdb.err")"
+  [ "$rc" = 3 ] || fail "Message DB install"
+  MDB_URL=
+fi
+fi
 
-# pgbench_phase FILE : prints tps
-pgbench_phase() {
-  sed "s/BENCH_SCHEMA/$BARE/g" "$1" >"$OUT/pgbench.sql"
-  pgbench -n -M prepared -c $CLIENTS -j $CLIENTS -T "$SECS" -f "$OUT/pgbench.sql" "$URL" \
-    >"$OUT/pgbench.out" 2>&1 || { cat "$OUT/pgbench.out" >&2; return 1; }
-  sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$OUT/pgbench.out" | head -1
-}
+if want append; then
+section "append (${SECS}s per phase, $APPEND_ROUNDS rounds alternated; append() against Message DB's write_message and a bare INSERT)"
 
 if sed "s/BENCH_SCHEMA/$BARE/g" bench/bare.sql | psql_q >/dev/null; then
-  for size in 1 100; do
-    script=bench/pgbench_insert.sql; [ $size = 100 ] && script=bench/pgbench_insert100.sql
-    if r=$(append_phase $size) && [ -n "$r" ]; then
-      record "append_${size}_es $r events/s"
-    else
-      fail "append $size (bench/append.lua)"; r=
-    fi
-    if tps=$(pgbench_phase $script) && [ -n "$tps" ]; then
-      ev=$(awk -v t="$tps" -v n=$size 'BEGIN { printf "%.0f", t * n }')
-      record "append_${size}_pgbench_insert $ev events/s"
-      [ -n "$r" ] && record "append_${size}_ratio $(ratio "$r" "$ev") x"
-    else
-      fail "append $size (pgbench)"
-    fi
+  # server side: pgbench calls append() itself, one event per transaction
+  for c in 2 8 32; do
+    phases=("es:pgbench_phase bench/pgbench_append.sql $c"
+            "bare_insert:pgbench_phase bench/pgbench_insert.sql $c")
+    [ -n "$MDB_URL" ] && phases+=("message_db:pgbench_phase bench/pgbench_write_message.sql $c message_db")
+    alternate "append_server_1_c$c" "$APPEND_ROUNDS" "${phases[@]}"
+    record_ratio "append_server_1_c$c" es message_db
+    record_ratio "append_server_1_c$c" es bare_insert
   done
+  # server CPU per append, the median of 5 rounds of 2,000 (alternated)
+  if [ "$(psql_q -At -c "SELECT rolsuper FROM pg_roles WHERE rolname = current_user")" = t ] \
+     && [ -r /proc/self/schedstat ]; then
+    targets="es bare_insert"; [ -n "$MDB_URL" ] && targets="es message_db bare_insert"
+    for _ in 1 2 3 4 5; do
+      for t in $targets; do
+        v=$(server_cpu "$t" 2000 | tail -1)
+        if [[ $v =~ ^[0-9.]+$ ]]; then echo "$t $v" >>"$OUT/cpu"; else fail "server cpu $t: $v"; fi
+      done
+    done
+    for t in $targets; do
+      v=$(awk -v t="$t" '$1 == t { print $2 }' "$OUT/cpu" | sort -n | awk '{ a[NR] = $1 } END { if (NR) print a[int((NR + 1) / 2)] }')
+      [ -n "$v" ] && record "append_server_cpu_$t $v us"
+    done
+    a=$(value_of append_server_cpu_es); b=$(value_of append_server_cpu_message_db)
+    [ -n "$a" ] && [ -n "$b" ] && record "append_server_cpu_ratio_message_db $(ratio "$b" "$a") x"
+  else
+    echo "bench: server CPU per append SKIPPED (needs a superuser and /proc/self/schedstat)"
+  fi
+  # from Lua: bench/append.lua processes, one event per append
+  for c in 2 8; do
+    phases=("es:append_phase $c 1 es")
+    [ -n "$MDB_URL" ] && phases+=("message_db:append_phase $c 1 message_db")
+    alternate "append_lua_1_c$c" "$APPEND_ROUNDS" "${phases[@]}"
+    record_ratio "append_lua_1_c$c" es message_db
+  done
+  # 100 events per append (Message DB has no batch write: a bare INSERT of
+  # 100 rows is the alternative)
+  alternate "append_lua_100_c$CLIENTS" "$APPEND_ROUNDS" "es:append_phase $CLIENTS 100 es" \
+    "pgbench_insert:pgbench_events bench/pgbench_insert100.sql $CLIENTS 100"
+  record_ratio "append_lua_100_c$CLIENTS" es pgbench_insert
 else
   fail "append (could not create the bare table)"
 fi
+fi
 
 # ---- fold -----------------------------------------------------------------
-section "fold (100,000 events; store:fold against lua-sql-postgres + lua-cjson)"
+if want fold; then
+section "fold (100,000 events; store:fold against lua-sql-postgres + lua-cjson, and Message DB's get_stream_messages)"
 for f in lua5.4 luajit; do
   bench_run "fold $f" "" run_lua "$f" bench/fold.lua "$URL" "$SCHEMA"
 done
-
+# Message DB reads the same stream on the server alone (pgbench discards
+# the rows: no client decoding at all), best of BENCH_ROUNDS
+if [ -n "$MDB_URL" ]; then
+  if PGOPTIONS="-c search_path=message_store,public -c client_min_messages=warning" \
+     psql -X -q -v ON_ERROR_STOP=1 "$MDB_URL" -c "SELECT count(write_message(gen_random_uuid()::text,
+       'fold-1', 'Ticked', json_build_object('n', g, 'note', 'hello', 'items',
+       json_build_array(1, 2, 3))::jsonb, '{\"user\": \"u1\"}'))
+       FROM generate_series(1, 100000) AS g" >/dev/null; then
+    best=0
+    for _ in $(seq 1 "${BENCH_ROUNDS:-5}"); do
+      t=$(PGOPTIONS="-c search_path=message_store,public" pgbench -n -M prepared -c 1 -t 3 \
+          -f bench/pgbench_get_stream_messages.sql "$MDB_URL" 2>&1 | sed -n 's/^tps = \([0-9.]*\).*/\1/p')
+      best=$(awk -v a="$best" -v b="${t:-0}" 'BEGIN { print (b > a) ? b : a }')
+    done
+    record "fold_message_db_get_stream_messages $(awk -v t="$best" 'BEGIN { printf "%.0f", t * 100000 }') events/s"
+    for f in lua5.4 luajit; do
+      es_rate=$(value_of "fold_es_$f")
+      [ -n "$es_rate" ] && record "fold_ratio_${f}_message_db $(ratio "$es_rate" "$(value_of fold_message_db_get_stream_messages)") x"
+    done
+  else
+    fail "fold (writing Message DB's stream)"
+  fi
+else
+  echo "bench: Message DB SKIPPED for fold (not installed)"
+fi
+fi
 psql_q -c "DROP SCHEMA IF EXISTS $SCHEMA CASCADE" -c "DROP SCHEMA IF EXISTS $BARE CASCADE" >/dev/null 2>&1 || true
+[ -n "$MDB_URL" ] && bench/message_db.sh remove "$URL" "$MDB_DB" >/dev/null 2>&1
 
 # ---- commands -------------------------------------------------------------
+if want commands; then
 CMD_SECS=${BENCH_CMD_SECS:-5}
 section "commands (AddItem end to end, $CLIENTS clients, ${CMD_SECS}s per phase; snapshots against none)"
 for f in lua5.4 luajit; do
@@ -186,8 +353,10 @@ for f in lua5.4 luajit; do
     LUA_PATH="lua/?.lua;lua/?/init.lua;examples/?.lua;;" LUA_CPATH="build/$f/?.so;;" \
     "$f" bench/commands.lua "$URL"
 done
+fi
 
 # ---- rebuild --------------------------------------------------------------
+if want rebuild; then
 EVENTS=${BENCH_EVENTS:-1000000}
 section "rebuild (rm_orders from $EVENTS events; against one UPDATE per event)"
 for f in lua5.4 luajit; do
@@ -196,30 +365,39 @@ for f in lua5.4 luajit; do
     LUA_PATH="lua/?.lua;lua/?/init.lua;examples/?.lua;;" LUA_CPATH="build/$f/?.so;;" \
     "$f" bench/rebuild.lua
 done
+fi
 
 # ---- lag ------------------------------------------------------------------
+if want lag; then
 section "lag (append -> read-model row visible; 5 ms head polling against 100 ms polling, idle and with 4 writers)"
 for f in lua5.4 luajit; do
   bench_run "lag $f" "_$f" env ES_BENCH_DATABASE_URL="$URL" ES_BENCH_LAG_N="${BENCH_LAG_N:-300}" \
     LUA_PATH="lua/?.lua;lua/?/init.lua;examples/?.lua;;" LUA_CPATH="build/$f/?.so;;" \
     "$f" bench/lag.lua
 done
+fi
 
 # ---- group catch-up --------------------------------------------------------
+if want group; then
 GROUP_EVENTS=${BENCH_GROUP_EVENTS:-1000000}
 section "group catch-up ($GROUP_EVENTS events, 16 partitions, 1/2/4 member processes; against one plain projector)"
 bench_run "group catch-up lua5.4" "" env ES_BENCH_DATABASE_URL="$URL" ES_BENCH_GROUP_EVENTS="$GROUP_EVENTS" \
   LUA_PATH="lua/?.lua;lua/?/init.lua;examples/?.lua;;" LUA_CPATH="build/lua5.4/?.so;;" \
   lua5.4 bench/group_catchup.lua
+fi
 
 # ---- http -----------------------------------------------------------------
+if want http; then
 section "http (wrk on nginx, ${BENCH_HTTP_SECS:-5}s per run; against GET /health)"
 bench_run "http" "" env ES_DATABASE_URL="$URL" ES_BENCH_SECONDS="${BENCH_HTTP_SECS:-5}" bash bench/http.sh
-
-section "pooler: appends and folds, prepared direct vs unnamed direct and through PgBouncer"
-bench_run "pooler" "" bash bench/pooler.sh "$URL" "${BENCH_POOLER_SECS:-3}"
 bad=$(awk '$1 ~ /^http_.*_non2xx$/ && $2 > 0 { print $1 "=" $2 }' "$RESULTS" | tr '\n' ' ')
 [ -n "$bad" ] && fail "http: non-2xx responses: $bad"
+fi
+
+if want pooler; then
+section "pooler: appends and folds, prepared direct vs unnamed direct and through PgBouncer"
+bench_run "pooler" "" bash bench/pooler.sh "$URL" "${BENCH_POOLER_SECS:-3}"
+fi
 
 # ---- summary --------------------------------------------------------------
 FSYNC=$(psql_q -At -c "SHOW fsync" 2>/dev/null || echo "?")

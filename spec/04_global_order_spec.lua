@@ -353,3 +353,125 @@ describe("read_all with concurrent writers (postgresql)", function()
     R:close(); clock:close()
   end)
 end)
+
+-- ---------------------------------------------------------------------------
+-- Writers in child processes appending to the SAME streams: versions stay
+-- dense and unique without any lock of a stream (the unique (stream,
+-- version) index decides), expected versions are honoured, a stream is
+-- created once, and read_all hands each stream out in version order.
+
+local SHARED_WRITER = [==[
+local es = require "eventsourcing"
+local schema, w = os.getenv("SPEC_SCHEMA"), tonumber(os.getenv("SPEC_WRITER"))
+local iterations = tonumber(os.getenv("SPEC_ITERATIONS"))
+local store = assert(es.open(os.getenv("ES_TEST_DATABASE_URL"), { schema = schema }))
+local committed, conflicts, created = 0, 0, 0
+local seed = w * 4231
+local function rnd(n) seed = (seed * 16807) % 2147483647; return seed % n end
+local sizes = { 1, 1, 2, 5 }
+local function events(n, i)
+  local t = {}
+  for j = 1, n do t[j] = { type = "Shared", data = { w = w, i = i, j = j } } end
+  return t
+end
+local function conflict_or_raise(err, what)
+  if err.kind ~= "conflict" then error(what .. ": " .. tostring(err)) end
+  conflicts = conflicts + 1
+end
+for i = 1, iterations do
+  local stream = "Shared-" .. (rnd(3) + 1)
+  local n = sizes[rnd(#sizes) + 1]
+  local mode = rnd(4)
+  if mode == 0 then                               -- es.ANY: always lands
+    local r, err = store:append(stream, events(n, i))
+    if not r then error("any: " .. tostring(err)) end
+    committed = committed + n
+  elseif mode == 1 then                           -- exact expected version
+    local v = assert(store:version(stream))
+    local r, err = store:append(stream, events(n, i), { expected_version = v })
+    if r then
+      if r.version ~= v + n then error(("version %d after %d + %d"):format(r.version, v, n)) end
+      committed = committed + n
+    else
+      conflict_or_raise(err, "exact")
+    end
+  elseif mode == 2 then                           -- everyone creates Race-<i>
+    local r, err = store:append("Race-" .. i, events(n, i), { expected_version = es.NO_STREAM })
+    if r then
+      committed, created = committed + n, created + 1
+    else
+      conflict_or_raise(err, "create")
+    end
+  else                                            -- older transaction, then shared
+    assert(store:begin())
+    assert(store:append("Own-" .. w, events(1, i)))
+    assert(store:query("SELECT pg_sleep($1)", rnd(5) / 1000))
+    local r, err = store:append(stream, events(n, i))
+    if r then
+      assert(store:commit())
+      committed = committed + 1 + n
+    else
+      conflict_or_raise(err, "in transaction")
+      assert(store:rollback())
+    end
+  end
+end
+store:close()
+io.write(("ok %d %d %d\n"):format(committed, conflicts, created))
+]==]
+
+describe("concurrent appends to the same streams (postgresql)", function()
+  it("keep versions dense and unique, honour expected versions, create a stream once", function()
+    local schema = fresh_schema()
+    local R = open(schema)
+    assert(R:migrate())
+    local iterations = 60
+    local work = helpers.workdir("es-shared")
+    local kids = {}
+    for w = 1, WRITERS do
+      kids[w] = { work:spawn(SHARED_WRITER, "w" .. w, ("SPEC_SCHEMA=%s SPEC_WRITER=%d SPEC_ITERATIONS=%d")
+        :format(schema, w, iterations)) }
+    end
+    local committed, conflicts, created = 0, 0, 0
+    for w = 1, WRITERS do
+      assert.is_true(helpers.wait_exit(kids[w][1], 120), "writer " .. w .. " did not finish")
+      local out = read_file(kids[w][2]) or ""
+      local c, k, m = out:match("ok (%d+) (%d+) (%d+)")
+      assert(c, ("writer %d said: %s"):format(w, out))
+      committed, conflicts = committed + tonumber(c), conflicts + tonumber(k)
+      created = created + tonumber(m)
+    end
+    work:remove()
+
+    local rows = assert(R:query("SELECT id::text AS id, stream, version, data->>'w' AS w FROM "
+      .. qident(schema) .. ".events ORDER BY stream, version"))
+    assert.equal(committed, #rows, "the writers' committed count matches the table")
+    local last, race_writer, races = {}, {}, 0
+    for _, row in ipairs(rows) do
+      assert.equal((last[row.stream] or 0) + 1, row.version,
+        ("%s: version %d after %d"):format(row.stream, row.version, last[row.stream] or 0))
+      last[row.stream] = row.version
+      if row.stream:match("^Race%-") then
+        if row.version == 1 then races = races + 1; race_writer[row.stream] = row.w end
+        assert.equal(race_writer[row.stream], row.w, row.stream .. " holds events of two writers")
+      end
+    end
+    assert.equal(created, races, "each Race stream was created by exactly one writer")
+    assert.is_true(conflicts > 0, "the writers never conflicted: the test did not exercise contention")
+    for stream, v in pairs(last) do
+      assert.equal(v, assert(R:version(stream)), stream)
+    end
+
+    local got = drain(R, nil)
+    assert.equal(#rows, #got)
+    local order = {}
+    for _, e in ipairs(got) do
+      assert.equal((order[e.stream] or 0) + 1, e.version,
+        ("read_all gave %s version %d after %d"):format(e.stream, e.version, order[e.stream] or 0))
+      order[e.stream] = e.version
+    end
+    io.stderr:write(("\n  same streams: %d writers, %d events, %d conflicts\n")
+      :format(WRITERS, #rows, conflicts))
+    R:close()
+  end)
+end)

@@ -36,8 +36,9 @@ const char *pg_statement_sql(const pg_store *p, int stmt, char *out,
                  " $4::uuid[], $5::text[], $6::json[], $7::json[])", s);
         break;
     case PG_VERSION:
-        snprintf(out, outlen, "SELECT version FROM \"%s\".streams WHERE "
-                 "stream = $1", s);
+        /* the last event's, through the unique (stream, version) index */
+        snprintf(out, outlen, "SELECT version FROM \"%s\".events WHERE "
+                 "stream = $1 ORDER BY version DESC LIMIT 1", s);
         break;
     case PG_READ_FORWARD:
     case PG_READ_BACKWARD:
