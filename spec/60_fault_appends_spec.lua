@@ -63,12 +63,12 @@ describe("fault matrix: appends (processes, PostgreSQL)", function()
     assert.is_true(fm.retries(logs, "connection") > 0, "no writer saw its connection go")
   end)
 
-  it("statement and lock timeouts firing during appends (the streams table locked now and then)", function()
+  it("statement and lock timeouts firing during appends (the events table locked now and then)", function()
     local logs = run({ 1, 1, 100 }, function()
       local admin = fm.reopen(schema)
       for _ = 1, 4 do
         assert(admin:begin())
-        assert(admin:query(('LOCK TABLE "%s".streams IN EXCLUSIVE MODE'):format(schema)))
+        assert(admin:query(('LOCK TABLE "%s".events IN EXCLUSIVE MODE'):format(schema)))
         helpers.sleep(0.2)   -- four times the writers' timeouts
         assert(admin:rollback())
         fm.wait_writing(w, 3, 1)

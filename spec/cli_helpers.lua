@@ -68,7 +68,8 @@ function M.spawn(args, opts, dir)
   local script = ("%s >%s 2>%s & echo $! >%s/pid; wait $!; echo $? >%s"):format(command(args, opts),
     q(proc.out), q(proc.err), q(dir), q(proc.rc))
   os.execute("(" .. script .. ") </dev/null >/dev/null 2>&1 &")
-  M.wait_for(function() return helpers.read_file(dir .. "/pid") end, 10)
+  -- the shell creates the file before it writes the number: wait for digits
+  M.wait_for(function() return (helpers.read_file(dir .. "/pid") or ""):match("%d+\n") end, 10)
   proc.pid = (helpers.read_file(dir .. "/pid") or ""):match("%d+")
   function proc.interrupt()
     helpers.sh("kill -INT " .. proc.pid)

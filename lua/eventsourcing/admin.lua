@@ -7,7 +7,7 @@
 --   local app = assert(admin.load_app("examples/orders/app.lua"))
 --   admin.migrate(store, app)        -> { schema, read_models, projections, workflows }
 --   admin.stats(store)               -> { events, streams, categories = {...}, size_bytes, ... }
---   admin.overview(store)            -> stats without instants, from the streams table (cheap)
+--   admin.overview(store)            -> stats without instants (one pass over the events)
 --   admin.streams(store, { category, search, after, limit }) -> rows
 --   admin.trace(store, correlation_id)                 -> events of one chain
 --   admin.read(store, stream, { from, to, backward, at, limit })  -> events
@@ -83,7 +83,7 @@ function M.stats(store)
   if not ok then return nil, err end
   local out
   out, err = one(store, "SELECT (SELECT count(*) FROM <schema>.events) AS events, "
-    .. "(SELECT count(*) FROM <schema>.streams) AS streams, "
+    .. "(SELECT count(*) FROM <schema>.events WHERE version = 1) AS streams, "
     .. "(SELECT max(position) FROM <schema>.events) AS last_position, "
     .. ts("(SELECT min(recorded_at) FROM <schema>.events)", "first_recorded_at") .. ", "
     .. ts("(SELECT max(recorded_at) FROM <schema>.events)", "last_recorded_at") .. ", "
@@ -101,39 +101,48 @@ function M.stats(store)
   return out
 end
 
--- What stats gives, from the streams table only (versions are dense, so a
--- stream's version is its number of events): cheap however long the log
--- is, for pages that show it on every visit. No first/last instants.
+-- What stats gives without first/last instants, in one pass over the
+-- events (a stream's first event has version 1, so counting those counts
+-- streams), for pages that show it on every visit.
 -- -> { schema, events, streams, last_position, size_bytes, categories = { category, events, streams } }
 function M.overview(store)
   local ok, err = need_pg(store, "overview")
   if not ok then return nil, err end
   local out
-  out, err = one(store, "SELECT coalesce(sum(version), 0)::bigint AS events, count(*) AS streams, "
-    .. "(SELECT max(position) FROM <schema>.events) AS last_position, "
+  out, err = one(store, "SELECT (SELECT max(position) FROM <schema>.events) AS last_position, "
     .. "(SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c "
-    .. "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relkind = 'r')::bigint AS size_bytes "
-    .. "FROM <schema>.streams", store:schema())
+    .. "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relkind = 'r')::bigint AS size_bytes",
+    store:schema())
   if not out then return nil, err end
   out.schema = store:schema()
-  out.categories, err = store:query(q(store, "SELECT split_part(stream, '-', 1) AS category, "
-    .. "sum(version)::bigint AS events, count(*) AS streams FROM <schema>.streams GROUP BY 1 ORDER BY 1"))
+  out.categories, err = store:query(q(store, "SELECT category, count(*) AS events, "
+    .. "count(*) FILTER (WHERE version = 1) AS streams FROM <schema>.events GROUP BY 1 ORDER BY 1"))
   if not out.categories then return nil, err end
+  out.events, out.streams = 0, 0
+  for _, c in ipairs(out.categories) do
+    out.events, out.streams = out.events + c.events, out.streams + c.streams
+  end
   return out
 end
 
 -- Streams with their version and last event, by name. opts: category,
 -- search (part of the name), after (a name: the next page, keyset), limit.
+-- The names come from the (stream, version) index one at a time (a
+-- recursive skip scan), so a page costs its length, not the log's.
 function M.streams(store, opts)
   opts = opts or {}
   local ok, err = need_pg(store, "streams")
   if not ok then return nil, err end
-  return store:query(q(store, "SELECT s.stream, s.version, e.type AS last_type, "
-    .. ts("e.recorded_at", "last_recorded_at") .. " FROM <schema>.streams s "
-    .. "LEFT JOIN <schema>.events e ON e.stream = s.stream AND e.version = s.version "
-    .. "WHERE ($1::text IS NULL OR split_part(s.stream, '-', 1) = $1) "
-    .. "AND ($3::text IS NULL OR strpos(lower(s.stream), lower($3)) > 0) "
-    .. "AND ($4::text IS NULL OR s.stream > $4) "
+  local filter = "($1::text IS NULL OR e.category = $1) "
+    .. "AND ($3::text IS NULL OR strpos(lower(e.stream), lower($3)) > 0)"
+  return store:query(q(store, "WITH RECURSIVE s(stream) AS ("
+    .. "(SELECT e.stream FROM <schema>.events e WHERE ($4::text IS NULL OR e.stream > $4) AND " .. filter
+    .. " ORDER BY e.stream LIMIT 1) UNION ALL "
+    .. "SELECT (SELECT e.stream FROM <schema>.events e WHERE e.stream > s.stream AND " .. filter
+    .. " ORDER BY e.stream LIMIT 1) FROM s WHERE s.stream IS NOT NULL) "
+    .. "SELECT s.stream, l.version, l.type AS last_type, " .. ts("l.recorded_at", "last_recorded_at")
+    .. " FROM s CROSS JOIN LATERAL (SELECT version, type, recorded_at FROM <schema>.events e "
+    .. "WHERE e.stream = s.stream ORDER BY version DESC LIMIT 1) l WHERE s.stream IS NOT NULL "
     .. "ORDER BY s.stream LIMIT $2"), opts.category, opts.limit or 100, opts.search, opts.after)
 end
 

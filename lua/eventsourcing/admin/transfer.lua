@@ -102,8 +102,11 @@ local function json_list(list, f)
   return json.encode(arr)
 end
 
--- Locks the rows of streams not seen yet and learns their versions.
-local function lock_streams(store, chunk, cur)
+-- Learns the versions of streams not seen yet (a stream's version is its
+-- last event's). A writer appending to one of them meanwhile takes a
+-- version this import takes too: the unique (stream, version) index
+-- refuses one of the two, and an import refused that way imported nothing.
+local function learn_streams(store, chunk, cur)
   local fresh, seen = {}, {}
   for _, e in ipairs(chunk) do
     if cur[e.stream] == nil and not seen[e.stream] then
@@ -112,8 +115,9 @@ local function lock_streams(store, chunk, cur)
     end
   end
   if #fresh == 0 then return true end
-  local rows, err = store:query(q(store, "SELECT stream, version, txid > pg_current_xact_id() AS younger "
-    .. "FROM <schema>.streams WHERE stream IN (SELECT json_array_elements_text($1::json)) FOR UPDATE"),
+  local rows, err = store:query(q(store, "SELECT s.stream, l.version, l.txid > pg_current_xact_id() AS younger "
+    .. "FROM json_array_elements_text($1::json) AS s(stream) CROSS JOIN LATERAL (SELECT version, txid "
+    .. "FROM <schema>.events e WHERE e.stream = s.stream ORDER BY version DESC LIMIT 1) l"),
     json_list(fresh, tostring))
   if not rows then return nil, err end
   for _, s in ipairs(fresh) do cur[s] = 0 end
@@ -166,19 +170,16 @@ local function check_ids(store, new)
   return true
 end
 
-local INSERT_SQL = [[INSERT INTO <schema>.events (id, stream, version, type, data, metadata, recorded_at)
+local INSERT_SQL = [[INSERT INTO <schema>.events (id, stream, version, type, data, metadata, recorded_at,
+                                 category)
   SELECT (r->>'id')::uuid, r->>'stream', (r->>'version')::bigint, r->>'type', r->'data',
-         r->'metadata', (r->>'recorded_at')::timestamptz
+         r->'metadata', (r->>'recorded_at')::timestamptz, split_part(r->>'stream', '-', 1)
   FROM json_array_elements($1::json) WITH ORDINALITY AS x(r, ord) ORDER BY ord]]
-
-local STREAMS_SQL = [[INSERT INTO <schema>.streams (stream, version)
-  SELECT s, v FROM json_to_recordset($1::json) AS r(s text, v bigint)
-  ON CONFLICT (stream) DO UPDATE SET version = excluded.version, txid = pg_current_xact_id()]]
 
 -- Sorts one chunk into events already present and new ones; versions must
 -- continue the store's (or the file's own earlier lines).
 local function classify(chunk, cur, ids)
-  local present, new, tops = {}, {}, {}
+  local present, new = {}, {}
   for _, e in ipairs(chunk) do
     local v = cur[e.stream]
     if e.version <= v then
@@ -189,19 +190,18 @@ local function classify(chunk, cur, ids)
       ids[e.id] = true
       new[#new + 1] = e
       cur[e.stream] = e.version
-      tops[e.stream] = e.version
     else
       return bad(e.lno, "stream %s is at version %d, the file's next event has version %d: "
         .. "the versions disagree (nothing imported)", e.stream, v, e.version)
     end
   end
-  return present, new, tops
+  return present, new
 end
 
 local function import_chunk(store, chunk, cur, ids, out)
-  local ok, err = lock_streams(store, chunk, cur)
+  local ok, err = learn_streams(store, chunk, cur)
   if not ok then return nil, err end
-  local present, new, tops = classify(chunk, cur, ids)
+  local present, new = classify(chunk, cur, ids)
   if not present then return nil, new end
   ok, err = check_present(store, present)
   if ok then ok, err = check_ids(store, new) end
@@ -210,10 +210,6 @@ local function import_chunk(store, chunk, cur, ids, out)
     local raws = {}
     for i, e in ipairs(new) do raws[i] = e.raw end
     ok, err = store:query(q(store, INSERT_SQL), "[" .. table.concat(raws, ",") .. "]")
-    if not ok then return nil, err end
-    local list = {}
-    for s, v in pairs(tops) do list[#list + 1] = { s = s, v = v } end
-    ok, err = store:query(q(store, STREAMS_SQL), json_list(list, function(x) return x end))
     if not ok then return nil, err end
   end
   out.imported, out.present = out.imported + #new, out.present + #present
