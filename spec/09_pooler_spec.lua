@@ -15,14 +15,18 @@ local function counter_handlers()
   return { T = function(n) return n + 1 end }
 end
 
+if not POOLER then
+  -- busted allows no pending() in a before_each: say it once, here
+  describe("a store behind a transaction pooler", function()
+    pending("ES_TEST_POOLER_URL is not set (scripts/test.sh starts a PgBouncer beside its own PostgreSQL)")
+  end)
+  return
+end
+
 describe("a store behind a transaction pooler", function()
   local schema, admin   -- admin: straight to the server
 
   before_each(function()
-    if not POOLER then
-      pending("ES_TEST_POOLER_URL is not set (scripts/test.sh starts a PgBouncer)")
-      return
-    end
     schema = helpers.fresh_schema()
     admin = assert(es.open(helpers.listen_url(), { schema = schema }))
     assert(admin:migrate())

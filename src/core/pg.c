@@ -21,18 +21,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-static int valid_schema(const char *s)
-{
-    size_t n = strlen(s);
-    if (n == 0 || n > 63 || !(islower((unsigned char)s[0]) || s[0] == '_'))
-        return 0;
-    for (size_t i = 1; i < n; i++)
-        if (!(islower((unsigned char)s[i]) || isdigit((unsigned char)s[i]) ||
-              s[i] == '_'))
-            return 0;
-    return 1;
-}
-
 /* The pipeline of a wrapped statement (see send_params), read to its
  * Sync: set_config's result, the statement's, then the Sync's. Two NULLs
  * in a row mean nothing more is coming (a broken pipeline): then the
@@ -189,8 +177,8 @@ int pg_ensure(pg_store *p, es_error *err)
     return 0;
 }
 
-static int pg_set_timeouts(es_store *s, int64_t statement_ms,
-                           int64_t lock_ms, es_error *err)
+int pg_set_timeouts(es_store *s, int64_t statement_ms,
+                    int64_t lock_ms, es_error *err)
 {
     pg_store *p = (pg_store *)s;
     if (p->pooler == PG_POOLER_TRANSACTION) {
@@ -214,7 +202,7 @@ static int pg_set_timeouts(es_store *s, int64_t statement_ms,
     return pg_exec_simple(p, p->session_sql, err);
 }
 
-static int pg_listen(es_store *s, es_error *err)
+int pg_listen(es_store *s, es_error *err)
 {
     pg_store *p = (pg_store *)s;
     if (listen_now(p, err) < 0)
@@ -235,7 +223,7 @@ static int drain_notifies(PGconn *conn)
     return count;
 }
 
-static int pg_wait(es_store *s, int timeout_ms, es_error *err)
+int pg_wait(es_store *s, int timeout_ms, es_error *err)
 {
     pg_store *p = (pg_store *)s;
     struct pollfd pfd;
@@ -346,7 +334,7 @@ static const char *const stmt_names[PG_NSTMT] = {
  * depends only on the schema, so a session that already has a name (a
  * pooler handed us a session another store prepared) has the same
  * statement, never one reading another schema. */
-static void name_statements(pg_store *p)
+void pg_name_statements(pg_store *p)
 {
     uint32_t h = 2166136261u;                      /* FNV-1a */
     for (const char *c = p->schema; *c; c++)
@@ -519,8 +507,8 @@ struct es_rows {
     PGresult *res;
 };
 
-static es_rows *pg_query(es_store *s, const char *sql, int nparams,
-                         const char *const *params, es_error *err)
+es_rows *pg_query(es_store *s, const char *sql, int nparams,
+                  const char *const *params, es_error *err)
 {
     pg_store *p = (pg_store *)s;
     PGresult *res;
@@ -583,7 +571,7 @@ void es_rows_free(es_rows *r)
 
 /* ---- transactions --------------------------------------------------------- */
 
-static int pg_begin(es_store *s, es_error *err)
+int pg_begin(es_store *s, es_error *err)
 {
     pg_store *p = (pg_store *)s;
     char sql[176];
@@ -640,19 +628,17 @@ static int pg_end(es_store *s, int commit, es_error *err)
     return 0;
 }
 
-static int pg_commit(es_store *s, es_error *err)
+int pg_commit(es_store *s, es_error *err)
 {
     return pg_end(s, 1, err);
 }
 
-static int pg_rollback(es_store *s, es_error *err)
+int pg_rollback(es_store *s, es_error *err)
 {
     return pg_end(s, 0, err);
 }
 
 /* ---- status --------------------------------------------------------------- */
-
-static const char *const pooler_names[] = { "none", "session", "transaction" };
 
 /* A proxy answers the startup itself and makes up the backend pid it
  * reports (PgBouncer: random cancel keys), so it differs from the pid of
@@ -672,11 +658,11 @@ static int proxied(pg_store *p, es_error *err)
     return pid != PQbackendPID(p->conn);
 }
 
-static int pg_status(es_store *s, es_store_status *out, es_error *err)
+int pg_status(es_store *s, es_store_status *out, es_error *err)
 {
     pg_store *p = (pg_store *)s;
     int prepared = 0;
-    out->pooler = pooler_names[p->pooler];
+    out->pooler = p->base.pooler;
     out->in_transaction = p->in_tx;
     if (!p->in_tx && !p->tx_lost && p->ahead.state != 1 && !p->page) {
         /* a query now would end nothing and wait for nothing */
@@ -695,7 +681,7 @@ static int pg_status(es_store *s, es_store_status *out, es_error *err)
 
 /* ---- lifetime ------------------------------------------------------------- */
 
-static void pg_disconnect(es_store *s)
+void pg_disconnect(es_store *s)
 {
     pg_store *p = (pg_store *)s;
     pg_prefetch_drop(p);
@@ -704,7 +690,7 @@ static void pg_disconnect(es_store *s)
     p->conn = NULL;
 }
 
-static void pg_destroy(es_store *s)
+void pg_destroy(es_store *s)
 {
     pg_store *p = (pg_store *)s;
     pg_disconnect(s);
@@ -715,77 +701,4 @@ static void pg_destroy(es_store *s)
     free(p->conninfo);
     es_buf_free(&p->params);
     free(p);
-}
-
-static const es_store_ops pg_ops = {
-    .kind = "postgresql",
-    .migrate = pg_migrate,
-    .append = pg_append,
-    .version = pg_version,
-    .read = pg_read,
-    .read_all = pg_read_all,
-    .save_snapshot = pg_save_snapshot,
-    .load_snapshot = pg_load_snapshot,
-    .query = pg_query,
-    .begin = pg_begin,
-    .commit = pg_commit,
-    .rollback = pg_rollback,
-    .set_timeouts = pg_set_timeouts,
-    .listen = pg_listen,
-    .wait = pg_wait,
-    .status = pg_status,
-    .disconnect = pg_disconnect,
-    .destroy = pg_destroy,
-};
-
-/* PG_POOLER_* for a name, or -1. */
-static int pooler_mode(const char *name)
-{
-    for (int i = 0; i < 3; i++)
-        if (strcmp(name, pooler_names[i]) == 0)
-            return i;
-    return -1;
-}
-
-es_store *es_pg_open(const char *target, const es_open_opts *o, es_error *err)
-{
-    const char *schema = o ? o->schema : NULL;
-    char in_target[32] = "";
-    const char *pooler;
-    pg_store *p;
-    if (!schema)
-        schema = "eventsourcing";
-    if (!valid_schema(schema)) {
-        es_fail(err, ES_INVALID, "schema name '%.80s' must match "
-                "[a-z_][a-z0-9_]* and be at most 63 bytes", schema);
-        return NULL;
-    }
-    p = calloc(1, sizeof *p);
-    if (!p || !(p->conninfo = pg_conninfo_take_pooler(target, in_target,
-                                                      sizeof in_target))) {
-        free(p);
-        es_fail(err, ES_CONNECTION, "out of memory");
-        return NULL;
-    }
-    pooler = o && o->pooler ? o->pooler : in_target[0] ? in_target : "none";
-    if ((p->pooler = pooler_mode(pooler)) < 0) {
-        es_fail(err, ES_INVALID, "pooler must be \"none\", \"session\" or "
-                "\"transaction\", not '%.40s'",
-                strcmp(pooler, "''") == 0 ? "" : pooler);   /* empty */
-        free(p->conninfo);
-        free(p);
-        return NULL;
-    }
-    p->base.ops = &pg_ops;
-    snprintf(p->schema, sizeof p->schema, "%s", schema);
-    p->base.schema = p->schema;
-    name_statements(p);
-    p->base.pooler = pooler_names[p->pooler];
-    es_buf_init(&p->params);
-    es_buf_init(&p->ahead.key);
-    if (pg_ensure(p, err) < 0) {
-        pg_destroy(&p->base);
-        return NULL;
-    }
-    return &p->base;
 }

@@ -1,9 +1,12 @@
 /*
  * pg.h - internals shared by the PostgreSQL store's files:
- *   pg.c         connection, reconnects, error mapping, SQL, transactions
+ *   pg.c          the session: connection, reconnects, error mapping,
+ *                 statements, transactions, LISTEN, status
  *   pg_conninfo.c the library's own option inside a connection string
- *   pg_schema.c  migrations (schema versions, advisory lock)
- *   pg_events.c  append, version, read and read_all cursors
+ *   pg_schema.c   migrations (schema versions, advisory lock): pg_schema.h
+ *   pg_events.c   append, version, read and read_all cursors: pg_events.h
+ *   pg_store.c    the operations table and es_pg_open, which tie them up
+ * Calls go one way: pg_store.c -> pg_schema.c, pg_events.c -> pg.c.
  */
 #ifndef ES_PG_H
 #define ES_PG_H
@@ -106,20 +109,21 @@ char *pg_conninfo_take_pooler(const char *target, char *pooler, size_t plen);
 const char *pg_statement_sql(const pg_store *p, int stmt, char *out,
                              size_t outlen);
 
-int pg_migrate(es_store *s, es_error *err);
-int pg_append(es_store *s, const char *stream, const es_event_in *ev,
-              size_t n, int64_t expected, es_append_result *out,
-              es_error *err);
-int pg_version(es_store *s, const char *stream, int64_t *out, es_error *err);
-es_cursor *pg_read(es_store *s, const char *stream, const es_read_opts *o,
-                   es_error *err);
-int pg_save_snapshot(es_store *s, const char *stream, int64_t version,
-                     int64_t schema_version, const char *state,
-                     size_t state_len, es_error *err);
-int pg_load_snapshot(es_store *s, const char *stream, int64_t max_version,
-                     int64_t schema_version, es_snapshot *out,
-                     es_error *err);
-es_cursor *pg_read_all(es_store *s, const es_read_all_opts *o,
-                       es_error *err);
+/* The session's operations (pg.c), for the store's operations table. */
+int pg_set_timeouts(es_store *s, int64_t statement_ms, int64_t lock_ms,
+                    es_error *err);
+int pg_listen(es_store *s, es_error *err);
+int pg_wait(es_store *s, int timeout_ms, es_error *err);
+es_rows *pg_query(es_store *s, const char *sql, int nparams,
+                  const char *const *params, es_error *err);
+int pg_begin(es_store *s, es_error *err);
+int pg_commit(es_store *s, es_error *err);
+int pg_rollback(es_store *s, es_error *err);
+int pg_status(es_store *s, es_store_status *out, es_error *err);
+void pg_disconnect(es_store *s);
+void pg_destroy(es_store *s);
+
+/* Names the prepared statements of this store's schema. */
+void pg_name_statements(pg_store *p);
 
 #endif

@@ -10,6 +10,7 @@
  * stream is.
  */
 #include "pg.h"
+#include "pg_events.h"
 #include "es_time.h"
 
 #include <errno.h>

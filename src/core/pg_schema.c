@@ -8,6 +8,7 @@
  * nothing left to do.
  */
 #include "pg.h"
+#include "pg_schema.h"
 
 #include <stdio.h>
 #include <stdlib.h>
