@@ -45,6 +45,65 @@
     "  OR (p_expected = -3 AND l.cur = 0)" \
     "  OR (p_expected >= 0 AND l.cur <> p_expected))"
 
+/* The head of append() that steps 1 and 3 share, word for word: its
+ * signature, its variables and the check of caller-chosen ids (a retry of
+ * the same batch at the same versions is an idempotent success). */
+#define APPEND_HEAD \
+    "%1$s.append(p_stream text, p_expected bigint," \
+    "    p_check_ids boolean, p_ids uuid[], p_types text[], p_data json[]," \
+    "    p_meta json[], OUT o_status int, OUT o_version bigint," \
+    "    OUT o_position bigint, OUT o_id uuid, OUT o_stream text," \
+    "    OUT o_recorded_at bigint)" \
+    "  LANGUAGE plpgsql AS $fn$" \
+    "DECLARE" \
+    "  n int := cardinality(p_types);" \
+    "  cur bigint;" \
+    "  matched int := 0;" \
+    "  last_version bigint;" \
+    "  last_position bigint;" \
+    "  last_txid xid8;" \
+    "  t record;" \
+    "BEGIN" \
+    "  IF p_check_ids THEN" \
+    "    FOR t IN SELECT u.ord, e.id, e.stream, e.version, e.position," \
+    "                    e.recorded_at" \
+    "             FROM unnest(p_ids) WITH ORDINALITY AS u(id, ord)" \
+    "             JOIN %1$s.events e ON e.id = u.id ORDER BY u.ord LOOP" \
+    "      matched := matched + 1;" \
+    "      IF t.stream <> p_stream OR t.ord <> matched" \
+    "         OR (matched > 1 AND t.version <> last_version + 1) THEN" \
+    "        o_status := 3; o_version := t.version; o_position := t.position;" \
+    "        o_id := t.id; o_stream := t.stream;" \
+    "        RETURN;" \
+    "      END IF;" \
+    "      last_version := t.version;" \
+    "      last_position := t.position;" \
+    "      o_recorded_at := %1$s.usec(t.recorded_at);" \
+    "    END LOOP;" \
+    /* The same batch again: a success only where the caller's expected \
+     * version would have put it (a retry); elsewhere its ids are taken. */ \
+    "    IF matched = n THEN" \
+    "      IF (p_expected = -2 AND last_version <> n)" \
+    "         OR (p_expected = -3 AND last_version = n)" \
+    "         OR (p_expected >= 0 AND last_version <> p_expected + n) THEN" \
+    "        SELECT e.id, e.stream, e.version, e.position INTO t" \
+    "          FROM %1$s.events e WHERE e.id = p_ids[1];" \
+    "        o_status := 3; o_version := t.version; o_position := t.position;" \
+    "        o_id := t.id; o_stream := t.stream; o_recorded_at := NULL;" \
+    "        RETURN;" \
+    "      END IF;" \
+    "      o_status := 1; o_version := last_version;" \
+    "      o_position := last_position;" \
+    "      RETURN;" \
+    "    ELSIF matched > 0 THEN" \
+    "      SELECT e.id, e.stream, e.version, e.position INTO t" \
+    "        FROM %1$s.events e WHERE e.id = ANY(p_ids) LIMIT 1;" \
+    "      o_status := 3; o_version := t.version; o_position := t.position;" \
+    "      o_id := t.id; o_stream := t.stream; o_recorded_at := NULL;" \
+    "      RETURN;" \
+    "    END IF;" \
+    "  END IF;"
+
 static const char *const steps[] = {
     "CREATE TABLE %1$s.events ("
     "  position bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,"
@@ -77,60 +136,7 @@ static const char *const steps[] = {
      * 1 the same ids were appended before at these versions (idempotent),
      * 2 expected version did not match (o_version = actual),
      * 3 an id is taken elsewhere (o_id, o_stream, o_version say where). */
-    "CREATE FUNCTION %1$s.append(p_stream text, p_expected bigint,"
-    "    p_check_ids boolean, p_ids uuid[], p_types text[], p_data json[],"
-    "    p_meta json[], OUT o_status int, OUT o_version bigint,"
-    "    OUT o_position bigint, OUT o_id uuid, OUT o_stream text,"
-    "    OUT o_recorded_at bigint)"
-    "  LANGUAGE plpgsql AS $fn$"
-    "DECLARE"
-    "  n int := cardinality(p_types);"
-    "  cur bigint;"
-    "  matched int := 0;"
-    "  last_version bigint;"
-    "  last_position bigint;"
-    "  last_txid xid8;"
-    "  t record;"
-    "BEGIN"
-    "  IF p_check_ids THEN"
-    "    FOR t IN SELECT u.ord, e.id, e.stream, e.version, e.position,"
-    "                    e.recorded_at"
-    "             FROM unnest(p_ids) WITH ORDINALITY AS u(id, ord)"
-    "             JOIN %1$s.events e ON e.id = u.id ORDER BY u.ord LOOP"
-    "      matched := matched + 1;"
-    "      IF t.stream <> p_stream OR t.ord <> matched"
-    "         OR (matched > 1 AND t.version <> last_version + 1) THEN"
-    "        o_status := 3; o_version := t.version; o_position := t.position;"
-    "        o_id := t.id; o_stream := t.stream;"
-    "        RETURN;"
-    "      END IF;"
-    "      last_version := t.version;"
-    "      last_position := t.position;"
-    "      o_recorded_at := %1$s.usec(t.recorded_at);"
-    "    END LOOP;"
-    /* The same batch again: a success only where the caller's expected
-     * version would have put it (a retry); elsewhere its ids are taken. */
-    "    IF matched = n THEN"
-    "      IF (p_expected = -2 AND last_version <> n)"
-    "         OR (p_expected = -3 AND last_version = n)"
-    "         OR (p_expected >= 0 AND last_version <> p_expected + n) THEN"
-    "        SELECT e.id, e.stream, e.version, e.position INTO t"
-    "          FROM %1$s.events e WHERE e.id = p_ids[1];"
-    "        o_status := 3; o_version := t.version; o_position := t.position;"
-    "        o_id := t.id; o_stream := t.stream; o_recorded_at := NULL;"
-    "        RETURN;"
-    "      END IF;"
-    "      o_status := 1; o_version := last_version;"
-    "      o_position := last_position;"
-    "      RETURN;"
-    "    ELSIF matched > 0 THEN"
-    "      SELECT e.id, e.stream, e.version, e.position INTO t"
-    "        FROM %1$s.events e WHERE e.id = ANY(p_ids) LIMIT 1;"
-    "      o_status := 3; o_version := t.version; o_position := t.position;"
-    "      o_id := t.id; o_stream := t.stream; o_recorded_at := NULL;"
-    "      RETURN;"
-    "    END IF;"
-    "  END IF;"
+    "CREATE FUNCTION " APPEND_HEAD
     "  SELECT s.version, s.txid INTO cur, last_txid FROM %1$s.streams s"
     "    WHERE s.stream = p_stream FOR UPDATE;"
     "  cur := coalesce(cur, 0);"
@@ -226,60 +232,7 @@ static const char *const steps[] = {
     "  ALTER COLUMN stream TYPE text COLLATE \"C\","
     "  ALTER COLUMN category TYPE text COLLATE \"C\";"
     "DROP INDEX %1$s.events_txid_position;"
-    "CREATE OR REPLACE FUNCTION %1$s.append(p_stream text, p_expected bigint,"
-    "    p_check_ids boolean, p_ids uuid[], p_types text[], p_data json[],"
-    "    p_meta json[], OUT o_status int, OUT o_version bigint,"
-    "    OUT o_position bigint, OUT o_id uuid, OUT o_stream text,"
-    "    OUT o_recorded_at bigint)"
-    "  LANGUAGE plpgsql AS $fn$"
-    "DECLARE"
-    "  n int := cardinality(p_types);"
-    "  cur bigint;"
-    "  matched int := 0;"
-    "  last_version bigint;"
-    "  last_position bigint;"
-    "  last_txid xid8;"
-    "  t record;"
-    "BEGIN"
-    "  IF p_check_ids THEN"
-    "    FOR t IN SELECT u.ord, e.id, e.stream, e.version, e.position,"
-    "                    e.recorded_at"
-    "             FROM unnest(p_ids) WITH ORDINALITY AS u(id, ord)"
-    "             JOIN %1$s.events e ON e.id = u.id ORDER BY u.ord LOOP"
-    "      matched := matched + 1;"
-    "      IF t.stream <> p_stream OR t.ord <> matched"
-    "         OR (matched > 1 AND t.version <> last_version + 1) THEN"
-    "        o_status := 3; o_version := t.version; o_position := t.position;"
-    "        o_id := t.id; o_stream := t.stream;"
-    "        RETURN;"
-    "      END IF;"
-    "      last_version := t.version;"
-    "      last_position := t.position;"
-    "      o_recorded_at := %1$s.usec(t.recorded_at);"
-    "    END LOOP;"
-    /* The same batch again: a success only where the caller's expected
-     * version would have put it (a retry); elsewhere its ids are taken. */
-    "    IF matched = n THEN"
-    "      IF (p_expected = -2 AND last_version <> n)"
-    "         OR (p_expected = -3 AND last_version = n)"
-    "         OR (p_expected >= 0 AND last_version <> p_expected + n) THEN"
-    "        SELECT e.id, e.stream, e.version, e.position INTO t"
-    "          FROM %1$s.events e WHERE e.id = p_ids[1];"
-    "        o_status := 3; o_version := t.version; o_position := t.position;"
-    "        o_id := t.id; o_stream := t.stream; o_recorded_at := NULL;"
-    "        RETURN;"
-    "      END IF;"
-    "      o_status := 1; o_version := last_version;"
-    "      o_position := last_position;"
-    "      RETURN;"
-    "    ELSIF matched > 0 THEN"
-    "      SELECT e.id, e.stream, e.version, e.position INTO t"
-    "        FROM %1$s.events e WHERE e.id = ANY(p_ids) LIMIT 1;"
-    "      o_status := 3; o_version := t.version; o_position := t.position;"
-    "      o_id := t.id; o_stream := t.stream; o_recorded_at := NULL;"
-    "      RETURN;"
-    "    END IF;"
-    "  END IF;"
+    "CREATE OR REPLACE FUNCTION " APPEND_HEAD
     /* A check that passes now although the insert refused a moment ago
      * saw a concurrent append land in between (a new snapshot per
      * statement): go round again, a bounded number of times. */
