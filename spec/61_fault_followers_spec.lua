@@ -154,6 +154,11 @@ describe("fault matrix: followers (processes, PostgreSQL)", function()
     helpers.sleep(0.5)
     local st = assert(es.projector(store, { fm.model("rm_fault") }):status())
     assert.is_true(st[1].lag_events > 0, "the projector read past a running transaction")
+    -- and status says who holds it back
+    local pid = assert(long:query("SELECT pg_backend_pid() AS pid"))[1].pid
+    assert.is_table(st[1].held_by, "status() does not say what holds the readers")
+    assert.equal(pid, st[1].held_by.pid)
+    assert.is_true(st[1].held_by.seconds >= 0.5)
     local rows = assert(store:query(('SELECT count(*) AS n FROM "%s".rm_fault'):format(schema)))
     assert.equal(0, rows[1].n)
     assert(long:rollback())

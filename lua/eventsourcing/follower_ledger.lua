@@ -274,6 +274,24 @@ function L.lag(store, checkpoint)
   return res[1].n, math.max(0, res[1].lag)
 end
 
+-- The transaction that holds readers back: read_all delivers only events
+-- of transactions older than every one still running, so while an event
+-- waits, the oldest running transaction is the reason. Its backend, age,
+-- state and the start of its statement, or nil when none runs (or the
+-- store keeps no such thing: memory). Any database of the cluster counts:
+-- transaction ids are the cluster's.
+function L.held_by(store)
+  if util.is_memory(store) then return nil end
+  local res, err = store:query("SELECT pid, datname AS database, usename AS user, state, "
+    .. "coalesce(extract(epoch FROM now() - xact_start), 0)::float8 AS seconds, "
+    .. "left(query, 200) AS query FROM pg_stat_activity "
+    .. "WHERE backend_xid IS NOT NULL AND backend_xid::text = "
+    .. "(pg_snapshot_xmin(pg_current_snapshot())::text::numeric % 4294967296)::text "
+    .. "AND pid <> pg_backend_pid() LIMIT 1")
+  if not res then return nil, err end
+  return res[1]
+end
+
 local function state_of(s)
   if s.paused then return "paused" end
   if s.error then return "failed" end
@@ -282,7 +300,7 @@ end
 
 -- One row per subscription: { name, checkpoint, position, lag_events,
 -- lag_seconds, handled, error, state, status (= state), paused,
--- updated_at, failed_at }
+-- updated_at, failed_at }, and while events wait, held_by (L.held_by)
 function Follower:_row(unit)
   if self.memory then
     local r, s = self:_mem(unit.name), {}
@@ -305,7 +323,7 @@ end
 function Follower:status()
   local ok, err = self:ensure()
   if not ok then return nil, err end
-  local out = {}
+  local out, held = {}, nil   -- held: asked once, when something lags
   for _, sub in ipairs(self.subs) do
     local s, parts = nil, {}
     for _, u in ipairs(self.units_of[sub.name]) do
@@ -328,6 +346,12 @@ function Follower:status()
     if self.group then s.partitions = parts end
     s.lag_events, s.lag_seconds = L.lag(self.store, s.checkpoint)
     if not s.lag_events then return nil, s.lag_seconds end
+    if s.lag_events > 0 and held == nil then
+      held, err = L.held_by(self.store)
+      if held == nil and err then return nil, err end
+      held = held or false
+    end
+    if s.lag_events > 0 and held then s.held_by = held end
     s.state = state_of(s)
     s.status = s.state
     out[#out + 1] = s

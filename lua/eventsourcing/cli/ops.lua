@@ -17,7 +17,7 @@ function M.install(H, lib)
 
   local STATUS_COLUMNS = { { "name", "NAME" }, { "state", "STATE" }, { "checkpoint", "CHECKPOINT" },
     { "lag_events", "LAG EVENTS" }, { "lag_seconds", "LAG SECONDS" }, { "handled", "HANDLED" },
-    { "updated_at", "UPDATED" }, { "error", "LAST ERROR" } }
+    { "updated_at", "UPDATED" }, { "error", "LAST ERROR" }, { "held_by", "HELD BY" } }
 
   local function status_rows(rows)
     for _, r in ipairs(rows) do
@@ -25,6 +25,12 @@ function M.install(H, lib)
       if type(r.error) == "table" then
         r.error = ("%s at position %s: %s"):format(tostring(r.error.type), tostring(r.error.position),
           tostring(r.error.message))
+      end
+      -- the transaction readers wait for (a long one elsewhere)
+      if type(r.held_by) == "table" then
+        local h = r.held_by
+        r.held_by = ("pid %s (%s@%s, %s, %.0f s): %s"):format(tostring(h.pid), tostring(h.user),
+          tostring(h.database), tostring(h.state), h.seconds or 0, tostring(h.query or ""):gsub("%s+", " "))
       end
     end
     return rows

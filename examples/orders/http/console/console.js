@@ -369,7 +369,11 @@
           "last error", "actions", "rebuild"], rows.map(function (p) {
           var base = "/admin/projections/" + enc(p.name) + "/";
           return h("tr", { "data-name": p.name }, h("td", null, p.name), stateCell(p.state || p.status),
-            h("td", { class: "mono" }, p.checkpoint || "–"), h("td", { class: "num" }, p.lag_events),
+            h("td", { class: "mono" }, p.checkpoint || "–"),
+            // while events wait: the transaction elsewhere that holds them back
+            h("td", { class: "num", title: p.held_by ? "waiting for pid " + p.held_by.pid + " ("
+              + p.held_by.state + ", " + Math.round(p.held_by.seconds) + " s): " + p.held_by.query : "" },
+              p.held_by ? p.lag_events + " (held by pid " + p.held_by.pid + ")" : p.lag_events),
             h("td", { class: "num" }, (p.lag_seconds || 0).toFixed(1)), h("td", { class: "num" }, p.handled),
             h("td", { class: "mono" }, p.error || ""),
             h("td", null, h("div", { class: "actions" },
