@@ -192,6 +192,29 @@ for _, entry in ipairs(helpers.stores()) do
       assert.equal(9, (repo:load(Counter, "c1")).n)
     end)
 
+    it("counts failed attempts across a restarted runner (kept in the database)", function()
+      if entry.name == "memory" then return end   -- nothing outlives a memory store's process
+      local calls, current = 0, nil
+      local wf = es.workflow { name = "attempts", on = {
+        Boom = function()
+          calls = calls + 1
+          current:stop()   -- a crash after each failed attempt: the next runner goes on
+          error("always fails")
+        end } }
+      assert(repo:execute(Source, "s1", "Boom", { target = "c1" }))
+      for _ = 1, 3 do
+        current = es.workflow.runner(store, { wf }, { max_attempts = 3, backoff = 0.01 })
+        assert(current:catch_up())
+      end
+      -- three attempts in all, by three runners: then the dead letter
+      assert.equal(3, calls)
+      local dl = assert(es.workflow.dead_letters(store, "attempts"))
+      assert.equal(1, #dl)
+      assert.equal(3, dl[1].attempts)
+      local left = assert(store:query('SELECT count(*) AS n FROM "' .. store:schema() .. '".workflow_attempts'))
+      assert.equal(0, left[1].n)
+    end)
+
     it("timers fire once when due, survive a new runner, and can be cancelled", function()
       local wf = es.workflow { name = "timers", on = {
         Ping = function(e, ctx)

@@ -108,13 +108,53 @@ function Runner:_begin() return util.begin(self.store) end
 function Runner:_commit() return util.commit(self.store) end
 function Runner:_rollback() util.rollback(self.store) end
 
+-- Failed attempts per (workflow, event) live in <schema>.workflow_attempts,
+-- written in the batch's transaction (which commits the events before the
+-- failing one), so a runner started after a crash or a restart goes on
+-- counting toward max_attempts instead of starting again at one.
+-- self.attempts caches which events have a row (loaded once), so a
+-- success deletes one only where there is one. Memory stores: the cache is
+-- the count.
+function Runner:_load_attempts()
+  if self.attempts_loaded or self.memory then return true end
+  local res, err = self.store:query(self:_q("SELECT workflow, event_id::text AS event_id, attempts "
+    .. "FROM <schema>.workflow_attempts"))
+  if not res then return nil, err end
+  for _, r in ipairs(res) do self.attempts[r.workflow .. "\0" .. r.event_id] = r.attempts end
+  self.attempts_loaded = true
+  return true
+end
+
+function Runner:_count_attempt(wf_name, e, akey, message)
+  if self.memory then
+    self.attempts[akey] = (self.attempts[akey] or 0) + 1
+    return self.attempts[akey]
+  end
+  local res, err = self.store:query(self:_q("INSERT INTO <schema>.workflow_attempts "
+    .. "(workflow, event_id, attempts, last_error) VALUES ($1, $2, 1, $3) "
+    .. "ON CONFLICT (workflow, event_id) DO UPDATE SET attempts = workflow_attempts.attempts + 1, "
+    .. "last_error = excluded.last_error, updated_at = now() RETURNING attempts"), wf_name, e.id, message)
+  if not res then return nil, err end
+  self.attempts[akey] = res[1].attempts
+  return res[1].attempts
+end
+
+function Runner:_forget_attempts(wf_name, e, akey)
+  if self.attempts[akey] == nil then return true end
+  self.attempts[akey] = nil
+  if self.memory then return true end
+  return self.store:query(self:_q("DELETE FROM <schema>.workflow_attempts WHERE workflow = $1 "
+    .. "AND event_id = $2"), wf_name, e.id)
+end
+
 -- The follower's batch work for wf (see eventsourcing.follower): each
 -- event under a SAVEPOINT; a failure rolls back to it and either retries
 -- later (the events before it commit now) or, after max_attempts, goes to
 -- the dead letters and the batch goes on. -> done, info | nil, err
 function Runner:_process(wf, batch, n)
   local handled = 0
-  local ok, err
+  local ok, err = self:_load_attempts()
+  if not ok then return nil, err end
   local max_attempts = wf.max_attempts or self.max_attempts
   for i = 1, n do
     local e = batch[i]
@@ -127,18 +167,20 @@ function Runner:_process(wf, batch, n)
         ok, err = self:_sp("RELEASE SAVEPOINT")
         if not ok then return nil, err end
         handled = handled + 1
-        self.attempts[akey] = nil
+        ok, err = self:_forget_attempts(wf.name, e, akey)
+        if not ok then return nil, err end
       else
         ok, err = self:_sp("ROLLBACK TO SAVEPOINT")
         if not ok then return nil, err end
         if is_connection(ferr) then return nil, ferr end
-        local a = (self.attempts[akey] or 0) + 1
+        local a
+        a, err = self:_count_attempt(wf.name, e, akey, message_of(ferr))
+        if not a then return nil, err end
         if a >= max_attempts then
-          self.attempts[akey] = nil
-          ok, err = self:_dead_letter(wf.name, e, ferr, a)
+          ok, err = self:_forget_attempts(wf.name, e, akey)
+          if ok then ok, err = self:_dead_letter(wf.name, e, ferr, a) end
           if not ok then return nil, err end
         else
-          self.attempts[akey] = a
           self.stats.retried = self.stats.retried + 1
           self:_log("workflow %s: event %s (%s) failed (attempt %d of %d), retrying: %s",
             wf.name, e.id, e.type, a, max_attempts, message_of(ferr))

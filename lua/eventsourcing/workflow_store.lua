@@ -89,6 +89,15 @@ local TABLES = {
       last_error text,
       created_at timestamptz NOT NULL DEFAULT now())]],
   "CREATE INDEX IF NOT EXISTS timers_due_at ON <schema>.timers (due_at)",
+  -- failed attempts at an event not yet dead-lettered: written in the
+  -- batch's transaction, so a restarted runner goes on counting
+  [[CREATE TABLE IF NOT EXISTS <schema>.workflow_attempts (
+      workflow text NOT NULL,
+      event_id uuid NOT NULL,
+      attempts integer NOT NULL,
+      last_error text,
+      updated_at timestamptz NOT NULL DEFAULT now(),
+      PRIMARY KEY (workflow, event_id))]],
   -- trace(): every event of one correlation id
   "CREATE INDEX IF NOT EXISTS events_correlation_id ON <schema>.events ((metadata->>'correlation_id'))",
 }
