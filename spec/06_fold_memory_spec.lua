@@ -109,3 +109,33 @@ for _, t in ipairs(targets) do
     end)
   end)
 end
+
+-- read_all hands back a batch as a Lua table: the rows it came from are
+-- freed when the batch is built, not when the collector gets to the
+-- cursor's userdata. With the collector stopped, 30 batches of 5,000
+-- events of 1 KB each held about 300 MB of C memory before that.
+describe("read_all memory (postgresql)", function()
+  it("frees a batch's rows as soon as the batch is built", function()
+    if sanitized() then pending("process memory is not measured under a sanitizer"); return end
+    local store = assert(es.open(URL, { schema = fresh_schema() }))
+    assert(store:migrate())
+    for k = 0, 4 do
+      local evs = {}
+      for i = 1, 1000 do evs[i] = { type = "T", data = { pad = ("x"):rep(1000), i = i } } end
+      assert(store:append("Big-1", evs, { expected_version = k * 1000 }))
+    end
+    collectgarbage()
+    collectgarbage("stop")
+    local ok, err = pcall(function()
+      local r0, l0 = rss_kb(), collectgarbage("count")
+      for _ = 1, 30 do assert(store:read_all({ limit = 5000 })) end
+      local c_held = (rss_kb() - r0) - (collectgarbage("count") - l0)
+      io.stderr:write(("\n  read_all: 30 batches of 5,000 events with the collector stopped: C memory +%.0f KB\n")
+        :format(c_held))
+      assert.is_true(c_held < 64 * 1024, ("C memory grew by %.0f KB"):format(c_held))
+    end)
+    collectgarbage("restart")
+    store:close()
+    assert(ok, err)
+  end)
+end)

@@ -704,13 +704,21 @@ static int l_read_all(lua_State *L)
         lua_setfield(L, -2, "checkpoint");
         lua_rawseti(L, -2, ++i);
     }
-    if (rc < 0)
+    if (rc < 0) {
+        es_cursor_free(lc->c);
+        lc->c = NULL;
         return esl_push_error(L, &err);
+    }
     cp = es_cursor_checkpoint(lc->c);
     if (cp)
         lua_pushstring(L, cp);
     else
         lua_pushnil(L);
+    /* The batch is built and the checkpoint copied: free the cursor (a
+     * result of up to `limit` rows) now, not whenever the collector gets
+     * to its userdata; a follower would otherwise hold many of them. */
+    es_cursor_free(lc->c);
+    lc->c = NULL;
     return 2;
 }
 
