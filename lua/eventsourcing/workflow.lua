@@ -89,7 +89,7 @@ local M = {}
 M.new, M.Workflow = definition.new, definition.Workflow
 M.runner, M.Runner = runner.new, runner.Runner
 M.Ctx = require("eventsourcing.workflow_context").Ctx
-M.sha1, M.uuid5, M.NAMESPACE, M.derive_id = ids.sha1, ids.uuid5, ids.NAMESPACE, ids.derive_id
+M.uuid5, M.NAMESPACE, M.derive_id = ids.uuid5, ids.NAMESPACE, ids.derive_id
 M.sleep, M.now, M.iso_epoch = util.sleep, util.now, util.iso_epoch
 for _, k in ipairs { "migrate", "_create_tables", "trace", "end_checkpoint", "cancel_timer",
                      "timers", "dead_letters", "rejections" } do

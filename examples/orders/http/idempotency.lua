@@ -75,8 +75,10 @@ function M.valid_key(key)
   return type(key) == "string" and #key >= 1 and #key <= 200 and not key:find("[^\33-\126]")
 end
 
+-- The request's fingerprint: a name-based UUID (SHA-1, in C) of method,
+-- path and body.
 function M.request_hash(method, path, body)
-  return workflow.sha1(("%s\0%s\0%s"):format(method, path, body or ""))
+  return workflow.uuid5(M.NAMESPACE, ("request\0%s\0%s\0%s"):format(method, path, body or ""))
 end
 
 -- (not a response to keep: the expired key may name a new request)
