@@ -168,6 +168,7 @@ function roles.http(n)
     local resp, code = text:match("^(.*)\n(%d+)$")
     code = code or "000"
     statuses[code] = (statuses[code] or 0) + 1
+    if code == "500" then log("HTTP 500 for %s %s: %s", method, path, tostring(resp)) end
     return tonumber(code), resp and json.decode(resp)
   end
   local deadline = util.monotonic() + SECONDS

@@ -20,7 +20,7 @@ cleanup() {
   [ -z "$NGINX_PREFIX" ] || examples/orders/http/nginx.sh stop "$NGINX_PREFIX" >/dev/null 2>&1 || true
   pkill -f "scripts/soak.lua (writer|projector|runner|http) " 2>/dev/null || true
   [ -z "$PG_URL" ] || scripts/pg.sh stop "$PG_URL" || true
-  rm -rf "$DIR"
+  if [ -n "${SOAK_KEEP:-}" ]; then echo "soak: logs kept in $DIR" >&2; else rm -rf "$DIR"; fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM

@@ -291,7 +291,11 @@ int pg_fail(pg_store *p, PGresult *res, const char *what, es_error *err)
     if (res)
         PQclear(res);
 
-    if (!p->conn || PQstatus(p->conn) != CONNECTION_OK ||
+    /* Every error the server reports has a SQLSTATE; one without it was
+     * made by libpq itself: the connection broke under the statement
+     * ("server closed the connection unexpectedly"), sometimes before
+     * libpq marks the connection bad. */
+    if (!p->conn || PQstatus(p->conn) != CONNECTION_OK || state[0] == '\0' ||
         strncmp(state, "08", 2) == 0 || strncmp(state, "57P", 3) == 0) {
         kind = ES_CONNECTION;
         note_session_loss(p);
