@@ -37,6 +37,7 @@ local core = require "eventsourcing.core"
 local read_model = require "eventsourcing.read_model"
 local follower = require "eventsourcing.follower"
 local progress = require "eventsourcing.progress"
+local rebuild = require "eventsourcing.rebuild"
 local util = require "eventsourcing.util"
 
 local quote = read_model.quote
@@ -256,78 +257,92 @@ function Projector:rebuild(name, opts)
   error(a, 0)
 end
 
-function Projector:_rebuild_swap(p, limit, report)
-  local ok, err
-  local store = self.store
-  local tmp = read_model.short_ident(("%s__rebuild_%d"):format(p.name, os.time() % 100000000))
-  local seen = {}
-  if self.memory then
-    read_model._mem_tables(store)[tmp] = {}
-  else
-    ok, err = store:query(p:_create_sql(store, tmp))
-    if not ok then return nil, err end
-  end
-  local function drop_tmp()
-    if self.memory then read_model._mem_tables(store)[tmp] = nil
-    else store:query("DROP TABLE IF EXISTS " .. p:_qualified(store, tmp)) end
-  end
-  -- 1. bulk replay, outside any long transaction
-  local after, done = nil, 0
-  local function replay(max_batches)
-    local batches = 0
-    while not max_batches or batches < max_batches do
-      local batch, cp = store:read_all({ after = after, limit = limit, prefetch = true,
-        types = self.engine.by_name[p.name].types, category = p.category })
-      if not batch then return nil, cp end
-      if #batch == 0 then after = cp; return true end
-      local r, a, b = p:_apply(store, tmp, batch, #batch, { seen = seen })
-      if r == nil then return nil, a end
-      if r == false then
-        local e = batch[a]
-        return nil, core.error("invalid", ("rebuild %s: handler for %s failed at position %s (stream %s): %s")
-          :format(p.name, e.type, tostring(e.position), tostring(e.stream), b),
-          { position = e.position, type = e.type, stream = e.stream })
-      end
-      after, done = cp, done + #batch
-      report(done)
-      batches = batches + 1
-      if #batch < limit then return true end
+-- Replays the events of p after `after` into tbl in batches of `limit`
+-- (read_all's watermark). -> true, checkpoint, events | nil, err
+function Projector:_replay(p, tbl, after, limit, seen, report, done)
+  local store, types = self.store, self.engine.by_name[p.name].types
+  while true do
+    local batch, cp = store:read_all({ after = after, limit = limit, prefetch = true,
+      types = types, category = p.category })
+    if not batch then return nil, cp end
+    if #batch == 0 then return true, cp or after, done end
+    local r, a, b = p:_apply(store, tbl, batch, #batch, { seen = seen })
+    if r == nil then return nil, a end
+    if r == false then
+      local e = batch[a]
+      return nil, core.error("invalid", ("rebuild %s: handler for %s failed at position %s (stream %s): %s")
+        :format(p.name, e.type, tostring(e.position), tostring(e.stream), b),
+        { position = e.position, type = e.type, stream = e.stream })
     end
-    return true
+    after, done = cp, done + #batch
+    report(done)
+    if #batch < limit then return true, after, done end
   end
+end
+
+-- Memory stores: one process, no concurrent writers; replay and swap.
+function Projector:_rebuild_memory(p, limit, report)
+  local store, engine = self.store, self.engine
+  local tables = read_model._mem_tables(store)
+  self._mem_rebuilds = (self._mem_rebuilds or 0) + 1
+  local tmp = ("%s__rebuild_%d"):format(p.name, self._mem_rebuilds)
+  tables[tmp] = {}
+  local seen = {}
+  local ok, after, done = self:_replay(p, tmp, nil, limit, seen, report, 0)
+  local err = after
+  if ok then ok, err = engine:lock_all(p.name) end
+  if not ok then tables[tmp] = nil; return nil, err end
+  tables[p.name], tables[tmp] = tables[tmp], nil
+  ok, err = engine:set_all(p.name, after)
+  if not ok then engine:rollback(); return nil, err end
+  ok, err = engine:commit()
+  if not ok then return nil, err end
+  report(done, true)
+  return done
+end
+
+-- In the swap's transaction: the live table locked, the tail, the inline
+-- transactions above the watermark, the renames. -> true, checkpoint,
+-- events | nil, err
+function Projector:_swap_tail(p, tmp, after, limit, seen, report, done)
+  local store = self.store
+  local ok, err = rebuild.lock_live(store, p)
+  if not ok then return nil, err end
+  ok, after, done = self:_replay(p, tmp, after, limit, seen, report, done)
+  if not ok then return nil, after end
+  local extra
+  extra, err = rebuild.replay_inline(store, p, tmp, after, self.engine.by_name[p.name].types, seen)
+  if not extra then return nil, err end
+  ok, err = rebuild.swap(store, p, tmp)
+  if not ok then return nil, err end
+  return true, after, done + extra
+end
+
+-- PostgreSQL: see eventsourcing.rebuild for why each step is safe with
+-- projectors and inline writers running.
+function Projector:_rebuild_swap(p, limit, report)
+  if self.memory then return self:_rebuild_memory(p, limit, report) end
+  local store, engine = self.store, self.engine
+  local tmp, err = rebuild.start(store, p)
+  if not tmp then return nil, err end
+  local function fail(e) rebuild.abandon(store, p, tmp); return nil, e end
+  local seen = {}
   -- batches of thousands of events make garbage fast: collect less often
   local ok_gc, pause = pcall(collectgarbage, "setpause", 400)
-  ok, err = replay()
+  local ok, after, done = self:_replay(p, tmp, nil, limit, seen, report, 0)
   if ok_gc then pcall(collectgarbage, "setpause", pause) end
-  if not ok then drop_tmp(); return nil, err end
-  if not self.memory then
-    ok, err = read_model._exec_all(store, p:_index_sqls(store, tmp))
-    if not ok then drop_tmp(); return nil, err end
-  end
-  -- 2. swap: hold the lease, apply the tail, rename, move the checkpoint
-  local engine = self.engine
+  if not ok then return fail(after) end
+  ok, err = read_model._exec_all(store, p:_index_sqls(store, tmp))
+  if ok then ok, err = rebuild.wait_running(store) end
+  if not ok then return fail(err) end
   ok, err = engine:lock_all(p.name)
-  if not ok then drop_tmp(); return nil, err end
-  ok, err = replay()
-  if ok and self.memory then
-    local tables = read_model._mem_tables(store)
-    tables[p.name], tables[tmp] = tables[tmp], nil
-  elseif ok then
-    local old = read_model.short_ident(p.name .. "__old")
-    local sqls = {
-      ("ALTER TABLE %s RENAME TO %s"):format(p:_qualified(store), quote(old)),
-      "DROP TABLE " .. p:_qualified(store, old),
-      ("ALTER TABLE %s RENAME TO %s"):format(p:_qualified(store, tmp), quote(p.name)),
-    }
-    for _, s in ipairs(p:_rename_index_sqls(store, tmp)) do sqls[#sqls + 1] = s end
-    ok, err = read_model._exec_all(store, sqls)
-  end
-  if ok then
-    ok, err = engine:set_all(p.name, after)
-  end
-  if not ok then engine:rollback(); drop_tmp(); return nil, err end
+  if not ok then return fail(err) end
+  ok, after, done = self:_swap_tail(p, tmp, after, limit, seen, report, done)
+  err = after
+  if ok then ok, err = engine:set_all(p.name, after) end
+  if not ok then engine:rollback(); return fail(err) end
   ok, err = engine:commit()
-  if not ok then drop_tmp(); return nil, err end
+  if not ok then return fail(err) end
   report(done, true)
   return done
 end

@@ -258,6 +258,11 @@ function M.apply_inline(store, read_models, events, opts)
       list[i] = c
     end
   end
+  -- a rebuild running meanwhile must know this transaction wrote inline
+  if not is_memory(store) and not (opts and opts.dry_run) then
+    local ok, err = ReadModel.record_inline(store, read_models)
+    if not ok then return nil, err end
+  end
   for _, rm in ipairs(read_models) do
     local ok, a, b = rm:_apply(store, rm.name, list, #list, opts)
     if ok == nil then return nil, a end

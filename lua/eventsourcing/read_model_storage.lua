@@ -37,13 +37,15 @@ function ReadModel:_select_list()
   return self._sel
 end
 
-function ReadModel:_create_sql(store, tbl)
+function ReadModel:_create_sql(store, tbl, fresh)
   local cols = {}
   for _, c in ipairs(self.columns) do
     cols[#cols + 1] = quote(c) .. " " .. self.types[c] .. (c == self.key and " NOT NULL" or "")
   end
   cols[#cols + 1] = ("CONSTRAINT %s PRIMARY KEY (%s)"):format(quote(short_ident(tbl .. "_pkey")), quote(self.key))
-  return ("CREATE TABLE IF NOT EXISTS %s (%s)"):format(self:_qualified(store, tbl), table.concat(cols, ", "))
+  -- a rebuild's shadow table must be new: never share one by accident
+  return ("CREATE TABLE %s%s (%s)"):format(fresh and "" or "IF NOT EXISTS ", self:_qualified(store, tbl),
+    table.concat(cols, ", "))
 end
 
 function ReadModel:_index_sqls(store, tbl)
@@ -80,13 +82,43 @@ local function exec_all(store, sqls)
   return true
 end
 
+-- Rebuild markers (see eventsourcing.rebuild): while a rebuild of a read
+-- model runs, its row in read_model_rebuilds is there, and every
+-- transaction that updates the read model inline records its txid in
+-- read_model_rebuild_writes, so the rebuild's swap can replay exactly the
+-- inline transactions that committed after its watermark.
+local function marker_sqls(store)
+  local s = quote(store:schema())
+  return {
+    ("CREATE TABLE IF NOT EXISTS %s.read_model_rebuilds (id text PRIMARY KEY, name text NOT NULL, "
+      .. "txid xid8 NOT NULL, pid integer NOT NULL, started_at timestamptz NOT NULL DEFAULT now())"):format(s),
+    ("CREATE TABLE IF NOT EXISTS %s.read_model_rebuild_writes (id text NOT NULL, txid xid8 NOT NULL, "
+      .. "PRIMARY KEY (id, txid))"):format(s),
+  }
+end
+
+function ReadModel._marker_sqls(store) return marker_sqls(store) end
+
+-- In the inline writer's transaction, before it touches the tables of
+-- `read_models`: one statement, which inserts nothing unless a rebuild runs.
+function ReadModel.record_inline(store, read_models)
+  local names = {}
+  for i, rm in ipairs(read_models) do names[i] = rm.name end
+  local s = quote(store:schema())
+  return store:query(("INSERT INTO %s.read_model_rebuild_writes (id, txid) SELECT id, pg_current_xact_id() "
+    .. "FROM %s.read_model_rebuilds WHERE name = ANY($1::text[]) ON CONFLICT DO NOTHING"):format(s, s),
+    "{" .. table.concat(names, ",") .. "}")
+end
+
 -- Creates the table (key = primary key) and its indexes; idempotent.
 -- Run inside a transaction holding the projections' migration lock by
 -- the projector; callable directly too.
 function ReadModel:migrate(store, tbl)
   if is_memory(store) then self:_mem_rows(store, tbl); return true end
   tbl = tbl or self.name
-  local ok, err = store:query(self:_create_sql(store, tbl))
+  local ok, err = exec_all(store, marker_sqls(store))
+  if not ok then return nil, err end
+  ok, err = store:query(self:_create_sql(store, tbl))
   if not ok then return nil, err end
   return exec_all(store, self:_index_sqls(store, tbl))
 end
