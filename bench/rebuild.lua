@@ -28,6 +28,9 @@ local store = assert(es.open(url, { schema = schema }))
 assert(store:migrate())
 local q = '"' .. schema .. '"'
 
+-- the rebuild's phases (projector:rebuild's timings option), in order
+local PHASES = { "read", "keys", "load", "handlers", "build", "encode", "write", "indexes", "wait", "swap" }
+
 -- a clock of this process: no round trip inside the timed part
 local now = require("eventsourcing.core").monotonic
 
@@ -60,7 +63,8 @@ io.stderr:write(("generated %d events in %.1f s\n"):format(N, now() - t0))
 local projector = es.projector(store, { orders_rm.Orders }, { batch_size = BATCH })
 assert(projector:migrate())
 t0 = now()
-local done = assert(projector:rebuild("rm_orders", { batch_size = BATCH, bar = false }))
+local timings = {}
+local done = assert(projector:rebuild("rm_orders", { batch_size = BATCH, bar = false, timings = timings }))
 local rebuild_s = now() - t0
 assert(done == N, ("rebuild replayed %d of %d events"):format(done, N))
 local rows = store:query(("SELECT count(*) AS n, sum(total) AS t FROM %s.rm_orders"):format(q))[1]
@@ -114,6 +118,15 @@ store:query(("DROP SCHEMA %s CASCADE"):format(q))
 store:close()
 
 local rate, naive_rate = N / rebuild_s, applied / naive_s
+-- where the rebuild's time went, per phase (seconds and microseconds per event)
+local accounted = 0
+for _, phase in ipairs(PHASES) do
+  local t = timings[phase] or 0
+  accounted = accounted + t
+  print(("rebuild_phase_%s %.3f s %.2f us/event"):format(phase, t, t * 1e6 / N))
+end
+print(("rebuild_phase_other %.3f s %.2f us/event"):format(rebuild_s - accounted,
+  (rebuild_s - accounted) * 1e6 / N))
 print(("rebuild_rm_orders_events %d events"):format(N))
 print(("rebuild_rm_orders_seconds %.2f s"):format(rebuild_s))
 print(("rebuild_rm_orders_rate %.0f events/s"):format(rate))

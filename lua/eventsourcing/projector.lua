@@ -226,7 +226,9 @@ function Projector:_count_events(p)
 end
 
 -- rebuild(name, { progress = function(done, total, rate, eta, final) end,
---                 bar = true (draw eventsourcing.progress.bar on stderr), batch_size })
+--                 bar = true (draw eventsourcing.progress.bar on stderr), batch_size,
+--                 timings = {} (gets seconds per phase: read, keys, load, handlers,
+--                 build, encode, write, indexes, wait, swap) })
 -- Read models: replays every event into a fresh table and swaps it in
 -- atomically (queries answer from the old table until then); the
 -- checkpoint moves to the rebuilt one in the same transaction. Custom
@@ -248,10 +250,12 @@ function Projector:rebuild(name, opts)
     end
   end
   local report = progress.reporter(cb, function() return self:_count_events(p) end)
+  self._timings = opts.timings
   -- a raise (the progress callback, a bug) must not strand the swap's
   -- transaction and its lease
   local done, a, b = pcall(p.kind == "read_model" and self._rebuild_swap or self._rebuild_in_place,
     self, p, limit, report)
+  self._timings = nil
   if done then return a, b end
   self.engine:rollback()
   error(a, 0)
@@ -261,12 +265,16 @@ end
 -- (read_all's watermark). -> true, checkpoint, events | nil, err
 function Projector:_replay(p, tbl, after, limit, seen, report, done)
   local store, types = self.store, self.engine.by_name[p.name].types
+  local timings, clock = self._timings, util.monotonic
+  local opts = { seen = seen, timings = timings }
   while true do
+    local t0 = timings and clock()
     local batch, cp = store:read_all({ after = after, limit = limit, prefetch = true,
       types = types, category = p.category })
     if not batch then return nil, cp end
+    if timings then timings.read = (timings.read or 0) + (clock() - t0) end
     if #batch == 0 then return true, cp or after, done end
-    local r, a, b = p:_apply(store, tbl, batch, #batch, { seen = seen })
+    local r, a, b = p:_apply(store, tbl, batch, #batch, opts)
     if r == nil then return nil, a end
     if r == false then
       local e = batch[a]
@@ -332,8 +340,11 @@ function Projector:_rebuild_swap(p, limit, report)
   local ok, after, done = self:_replay(p, tmp, nil, limit, seen, report, 0)
   if ok_gc then pcall(collectgarbage, "setpause", pause) end
   if not ok then return fail(after) end
+  local timings, t0 = self._timings, util.monotonic()
   ok, err = read_model._exec_all(store, p:_index_sqls(store, tmp))
+  if timings then timings.indexes = util.monotonic() - t0; t0 = util.monotonic() end
   if ok then ok, err = rebuild.wait_running(store) end
+  if timings then timings.wait = util.monotonic() - t0; t0 = util.monotonic() end
   if not ok then return fail(err) end
   ok, err = engine:lock_all(p.name)
   if not ok then return fail(err) end
@@ -343,6 +354,7 @@ function Projector:_rebuild_swap(p, limit, report)
   if not ok then engine:rollback(); return fail(err) end
   ok, err = engine:commit()
   if not ok then return fail(err) end
+  if timings then timings.swap = util.monotonic() - t0 end
   report(done, true)
   return done
 end

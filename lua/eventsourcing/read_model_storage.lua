@@ -197,10 +197,17 @@ function ReadModel:_encode_rows(upserts)
   return text
 end
 
-function ReadModel:_write(store, tbl, upserts, deletes)
+-- timings (a rebuild's breakdown): seconds added to "encode" and "write".
+function ReadModel:_write(store, tbl, upserts, deletes, timings)
   if #upserts == 0 and #deletes == 0 then return true end
+  local t0 = timings and util.monotonic()
   local text, eerr = self:_encode_rows(upserts)
   if not text then return nil, eerr end
+  if timings then
+    local t = util.monotonic()
+    timings.encode = (timings.encode or 0) + (t - t0)
+    t0 = t
+  end
   if is_memory(store) then
     local rows = self:_mem_rows(store, tbl)
     for _, k in ipairs(deletes) do rows[k] = nil end
@@ -227,6 +234,7 @@ function ReadModel:_write(store, tbl, upserts, deletes)
   end
   local res, err = store:query(sql, text, keys_param(deletes))
   if not res then return nil, err end
+  if timings then timings.write = (timings.write or 0) + (util.monotonic() - t0) end
   return true
 end
 
