@@ -135,6 +135,7 @@ end
 
 function ReadModel:__tostring() return "read model " .. self.name end
 
+-- opts.record: an inline writer's batch (see _load).
 -- opts.rows: a map key string -> row used instead of the table (rows are
 -- read from it and the batch's rows stored in it; nothing is written).
 -- opts.timings: a table whose fields keys, load, handlers, build, encode,
@@ -190,7 +191,7 @@ function ReadModel:_apply(store, tbl, events, n, opts)
     rows = {}
     for _, ks in ipairs(keys) do rows[ks] = cache[ks] end
   else
-    rows, err = self:_load(store, tbl, keys)
+    rows, err = self:_load(store, tbl, keys, opts and opts.record)
     if not rows then return nil, err end
   end
   if timings then t0 = add_time(timings, "load", t0) end
@@ -294,12 +295,10 @@ function M.apply_inline(store, read_models, events, opts)
     end
   end
   -- a rebuild running meanwhile must know this transaction wrote inline
-  if not is_memory(store) and not (opts and opts.dry_run) then
-    local ok, err = ReadModel.record_inline(store, read_models)
-    if not ok then return nil, err end
-  end
+  local aopts = { record = true }
+  for k, v in pairs(opts or {}) do aopts[k] = v end
   for _, rm in ipairs(read_models) do
-    local ok, a, b = rm:_apply(store, rm.name, list, #list, opts)
+    local ok, a, b = rm:_apply(store, rm.name, list, #list, aopts)
     if ok == nil then return nil, a end
     if ok == false then
       local e = list[a]

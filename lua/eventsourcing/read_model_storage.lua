@@ -95,8 +95,9 @@ end
 -- Rebuild markers (see eventsourcing.rebuild): while a rebuild of a read
 -- model runs, its row in read_model_rebuilds is there, and every
 -- transaction that updates the read model inline records its txid in
--- read_model_rebuild_writes, so the rebuild's swap can replay exactly the
--- inline transactions that committed after its watermark.
+-- read_model_rebuild_writes (in the statement that loads its rows, see
+-- _load), so the rebuild's swap can replay exactly the inline
+-- transactions that committed after its watermark.
 local function marker_sqls(store)
   local s = quote(store:schema())
   return {
@@ -108,17 +109,6 @@ local function marker_sqls(store)
 end
 
 function ReadModel._marker_sqls(store) return marker_sqls(store) end
-
--- In the inline writer's transaction, before it touches the tables of
--- `read_models`: one statement, which inserts nothing unless a rebuild runs.
-function ReadModel.record_inline(store, read_models)
-  local names = {}
-  for i, rm in ipairs(read_models) do names[i] = rm.name end
-  local s = quote(store:schema())
-  return store:query(("INSERT INTO %s.read_model_rebuild_writes (id, txid) SELECT id, pg_current_xact_id() "
-    .. "FROM %s.read_model_rebuilds WHERE name = ANY($1::text[]) ON CONFLICT DO NOTHING"):format(s, s),
-    "{" .. table.concat(names, ",") .. "}")
-end
 
 -- Creates the table (key = primary key) and its indexes; idempotent.
 -- Run inside a transaction holding the projections' migration lock by
@@ -163,7 +153,11 @@ local function keys_param(keys)
 end
 
 -- Loads the rows of `keys` (array of key strings) -> map key string -> row.
-function ReadModel:_load(store, tbl, keys)
+-- record: an inline writer's load, which also records its transaction for
+-- a rebuild of this read model that may be running (see the rebuild
+-- markers above),
+-- in the same statement.
+function ReadModel:_load(store, tbl, keys, record)
   local found = {}
   if #keys == 0 then return found end
   if is_memory(store) then
@@ -176,12 +170,17 @@ function ReadModel:_load(store, tbl, keys)
   end
   -- statements are cached per schema and table: one read model may serve
   -- stores of several schemas
-  local ck = store:schema() .. "." .. (tbl or self.name)
+  local ck = store:schema() .. "." .. (tbl or self.name) .. (record and "+record" or "")
   local sql = self._load_sql and self._load_sql[ck]
   if not sql then
     self._load_sql = self._load_sql or {}
     sql = ("SELECT %s FROM %s WHERE %s IN (SELECT k::%s FROM jsonb_array_elements_text($1::jsonb) AS k)")
       :format(self:_select_list(), self:_qualified(store, tbl), quote(self.key), self.types[self.key])
+    if record then
+      local s = quote(store:schema())
+      sql = ("WITH rec AS (INSERT INTO %s.read_model_rebuild_writes (id, txid) SELECT id, pg_current_xact_id() "
+        .. "FROM %s.read_model_rebuilds WHERE name = '%s' ON CONFLICT DO NOTHING) "):format(s, s, self.name) .. sql
+    end
     self._load_sql[ck] = sql
   end
   local res, err = store:query(sql, keys_param(keys))
