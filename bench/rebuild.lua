@@ -29,8 +29,7 @@ assert(store:migrate())
 local q = '"' .. schema .. '"'
 
 -- the rebuild's phases (projector:rebuild's timings option), in order
-local PHASES = { "read", "keys", "load", "handlers", "build", "encode", "write", "flush", "pkey", "indexes",
-  "wait", "swap" }
+local PHASES = { "read", "keys", "load", "handlers", "build", "encode", "write", "indexes", "wait", "swap" }
 
 -- a clock of this process: no round trip inside the timed part
 local now = require("eventsourcing.core").monotonic

@@ -127,25 +127,6 @@ describe("rebuild with writers running (processes, PostgreSQL)", function()
     assert_equals_replay(store, schema, "rm_inl")
   end)
 
-  it("gives the same table whether the rows stay in Lua or spill into the table early", function()
-    local model = assert(load(MODEL .. " return model"))()
-    local Counter = assert(load(MODEL .. " return Counter"))()
-    local repo = es.repository(store, { read_models = { model("rm_inl") } })
-    local p = es.projector(store, { model("rm_inl") })
-    assert(p:migrate())
-    for i = 1, 300 do assert(repo:execute(Counter, "s" .. (i % 11), "Add", { by = i })) end
-    for _, mb in ipairs { 256, 0, collectgarbage("count") / 1024 + 0.05 } do
-      local timings = {}
-      assert.equal(300, p:rebuild("rm_inl", { batch_size = 13, memory_mb = mb, timings = timings }))
-      assert.is_number(timings.flush)
-      assert_equals_replay(store, schema, "rm_inl")
-      assert(store:query(('DROP TABLE "%s".rm_check'):format(schema)))
-      assert(store:query(('DELETE FROM "%s".projections WHERE name = $1'):format(schema), "rm_check"))
-    end
-    assert.has_error(function() p:rebuild("rm_inl", { memory_mb = -1 }) end,
-      "projector:rebuild: memory_mb must be a number >= 0")
-  end)
-
   it("gives two rebuilds started in the same second tables of their own", function()
     local model = assert(load(MODEL .. " return model"))()
     local repo = es.repository(store, { read_models = { model("rm_inl") } })

@@ -48,7 +48,6 @@ Projector.__index = Projector
 M.Projector = Projector
 
 local DEFAULT_BATCH = 5000
-local DEFAULT_REBUILD_MB = 256   -- Lua heap a rebuild may fill with rows before it spills
 
 -- The event types a projection has handlers for, sorted.
 local function types_of(p)
@@ -228,9 +227,8 @@ end
 
 -- rebuild(name, { progress = function(done, total, rate, eta, final) end,
 --                 bar = true (draw eventsourcing.progress.bar on stderr), batch_size,
---                 memory_mb = 256 (rows are kept in Lua until the heap passes this),
 --                 timings = {} (gets seconds per phase: read, keys, load, handlers,
---                 build, encode, write, flush, pkey, indexes, wait, swap) })
+--                 build, encode, write, indexes, wait, swap) })
 -- Read models: replays every event into a fresh table and swaps it in
 -- atomically (queries answer from the old table until then); the
 -- checkpoint moves to the rebuilt one in the same transaction. Custom
@@ -240,10 +238,6 @@ function Projector:rebuild(name, opts)
   opts = opts or {}
   local p = self.by_name[name]
   if not p then error(("projector:rebuild: no projection named %s"):format(tostring(name)), 2) end
-  if opts.memory_mb ~= nil and (type(opts.memory_mb) ~= "number" or opts.memory_mb ~= opts.memory_mb
-      or opts.memory_mb < 0) then
-    error("projector:rebuild: memory_mb must be a number >= 0", 2)
-  end
   local ok, err = self.engine:ensure()
   if not ok then return nil, err end
   local limit = opts.batch_size or math.max(self.batch_size, 10000)
@@ -257,7 +251,6 @@ function Projector:rebuild(name, opts)
   end
   local report = progress.reporter(cb, function() return self:_count_events(p) end)
   self._timings = opts.timings
-  self._memory_mb = opts.memory_mb or DEFAULT_REBUILD_MB
   -- a raise (the progress callback, a bug) must not strand the swap's
   -- transaction and its lease
   local done, a, b = pcall(p.kind == "read_model" and self._rebuild_swap or self._rebuild_in_place,
@@ -269,12 +262,11 @@ function Projector:rebuild(name, opts)
 end
 
 -- Replays the events of p after `after` into tbl in batches of `limit`
--- (read_all's watermark). ctx.seen: keys that may have a row in tbl;
--- ctx.rows: rows kept in Lua instead (spilled into tbl when the Lua heap
--- passes ctx.limit_kb). -> true, checkpoint, events | nil, err
-function Projector:_replay(p, tbl, after, limit, ctx, report, done)
+-- (read_all's watermark). -> true, checkpoint, events | nil, err
+function Projector:_replay(p, tbl, after, limit, seen, report, done)
   local store, types = self.store, self.engine.by_name[p.name].types
   local timings, clock = self._timings, util.monotonic
+  local opts = { seen = seen, timings = timings }
   while true do
     local t0 = timings and clock()
     local batch, cp = store:read_all({ after = after, limit = limit, prefetch = true,
@@ -282,8 +274,7 @@ function Projector:_replay(p, tbl, after, limit, ctx, report, done)
     if not batch then return nil, cp end
     if timings then timings.read = (timings.read or 0) + (clock() - t0) end
     if #batch == 0 then return true, cp or after, done end
-    local r, a, b = p:_apply(store, tbl, batch, #batch, { seen = not ctx.rows and ctx.seen or nil,
-      rows = ctx.rows, timings = timings })
+    local r, a, b = p:_apply(store, tbl, batch, #batch, opts)
     if r == nil then return nil, a end
     if r == false then
       local e = batch[a]
@@ -292,32 +283,9 @@ function Projector:_replay(p, tbl, after, limit, ctx, report, done)
         { position = e.position, type = e.type, stream = e.stream })
     end
     after, done = cp, done + #batch
-    if ctx.rows and collectgarbage("count") > ctx.limit_kb then
-      collectgarbage("collect")
-      if collectgarbage("count") > ctx.limit_kb * 0.8 then
-        local ok, err = self:_spill(p, tbl, ctx)
-        if not ok then return nil, err end
-      end
-    end
     report(done)
     if #batch < limit then return true, after, done end
   end
-end
-
--- The rows kept in Lua go into the shadow table (plain INSERTs into a
--- table with no index yet), then its primary key is built; from here on
--- batches read and write the table.
-function Projector:_spill(p, tbl, ctx)
-  local store, timings, t0 = self.store, self._timings, util.monotonic()
-  local rows = ctx.rows
-  ctx.rows = nil
-  local ok, err = p:_insert_rows(store, tbl, rows, 5000)
-  if timings then timings.flush = (timings.flush or 0) + (util.monotonic() - t0); t0 = util.monotonic() end
-  if ok then ok, err = store:query(p:_pkey_sql(store, tbl)) end
-  if timings then timings.pkey = (timings.pkey or 0) + (util.monotonic() - t0) end
-  if not ok then return nil, err end
-  for ks in pairs(rows) do ctx.seen[ks] = true end
-  return true
 end
 
 -- Memory stores: one process, no concurrent writers; replay and swap.
@@ -327,7 +295,8 @@ function Projector:_rebuild_memory(p, limit, report)
   self._mem_rebuilds = (self._mem_rebuilds or 0) + 1
   local tmp = ("%s__rebuild_%d"):format(p.name, self._mem_rebuilds)
   tables[tmp] = {}
-  local ok, after, done = self:_replay(p, tmp, nil, limit, { seen = {} }, report, 0)
+  local seen = {}
+  local ok, after, done = self:_replay(p, tmp, nil, limit, seen, report, 0)
   local err = after
   if ok then ok, err = engine:lock_all(p.name) end
   if not ok then tables[tmp] = nil; return nil, err end
@@ -343,14 +312,14 @@ end
 -- In the swap's transaction: the live table locked, the tail, the inline
 -- transactions above the watermark, the renames. -> true, checkpoint,
 -- events | nil, err
-function Projector:_swap_tail(p, tmp, after, limit, ctx, report, done)
+function Projector:_swap_tail(p, tmp, after, limit, seen, report, done)
   local store = self.store
   local ok, err = rebuild.lock_live(store, p)
   if not ok then return nil, err end
-  ok, after, done = self:_replay(p, tmp, after, limit, ctx, report, done)
+  ok, after, done = self:_replay(p, tmp, after, limit, seen, report, done)
   if not ok then return nil, after end
   local extra
-  extra, err = rebuild.replay_inline(store, p, tmp, after, self.engine.by_name[p.name].types, ctx.seen)
+  extra, err = rebuild.replay_inline(store, p, tmp, after, self.engine.by_name[p.name].types, seen)
   if not extra then return nil, err end
   ok, err = rebuild.swap(store, p, tmp)
   if not ok then return nil, err end
@@ -365,16 +334,10 @@ function Projector:_rebuild_swap(p, limit, report)
   local tmp, err = rebuild.start(store, p)
   if not tmp then return nil, err end
   local function fail(e) rebuild.abandon(store, p, tmp); return nil, e end
-  -- rows stay in Lua while they fit (no index to maintain, one write
-  -- each); the primary key and indexes are built after the load
-  local ctx = { seen = {}, rows = {}, limit_kb = self._memory_mb * 1024 }
+  local seen = {}
   -- batches of thousands of events make garbage fast: collect less often
   local ok_gc, pause = pcall(collectgarbage, "setpause", 400)
-  local ok, after, done = self:_replay(p, tmp, nil, limit, ctx, report, 0)
-  if ok and ctx.rows then
-    local spilled, serr = self:_spill(p, tmp, ctx)
-    if not spilled then ok, after = nil, serr end
-  end
+  local ok, after, done = self:_replay(p, tmp, nil, limit, seen, report, 0)
   if ok_gc then pcall(collectgarbage, "setpause", pause) end
   if not ok then return fail(after) end
   local timings, t0 = self._timings, util.monotonic()
@@ -385,7 +348,7 @@ function Projector:_rebuild_swap(p, limit, report)
   if not ok then return fail(err) end
   ok, err = engine:lock_all(p.name)
   if not ok then return fail(err) end
-  ok, after, done = self:_swap_tail(p, tmp, after, limit, ctx, report, done)
+  ok, after, done = self:_swap_tail(p, tmp, after, limit, seen, report, done)
   err = after
   if ok then ok, err = engine:set_all(p.name, after) end
   if not ok then engine:rollback(); return fail(err) end

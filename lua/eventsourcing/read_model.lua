@@ -136,8 +136,6 @@ end
 function ReadModel:__tostring() return "read model " .. self.name end
 
 -- opts.record: an inline writer's batch (see _load).
--- opts.rows: a map key string -> row used instead of the table (rows are
--- read from it and the batch's rows stored in it; nothing is written).
 -- opts.timings: a table whose fields keys, load, handlers, build, encode,
 -- write get the seconds spent in each step added (a rebuild's breakdown).
 local clock = util.monotonic
@@ -184,16 +182,9 @@ function ReadModel:_apply(store, tbl, events, n, opts)
     end
   end
   if timings then t0 = add_time(timings, "keys", t0) end
-  -- 2. current rows, one query (opts.rows: a rebuild's rows kept in Lua)
-  local cache = opts and opts.rows
-  local rows, err
-  if cache then
-    rows = {}
-    for _, ks in ipairs(keys) do rows[ks] = cache[ks] end
-  else
-    rows, err = self:_load(store, tbl, keys, opts and opts.record)
-    if not rows then return nil, err end
-  end
+  -- 2. current rows, one query
+  local rows, err = self:_load(store, tbl, keys, opts and opts.record)
+  if not rows then return nil, err end
   if timings then t0 = add_time(timings, "load", t0) end
   local existed = {}
   for ks in pairs(rows) do existed[ks] = true end
@@ -222,7 +213,6 @@ function ReadModel:_apply(store, tbl, events, n, opts)
     end
   end
   if timings then t0 = add_time(timings, "handlers", t0) end
-  if cache then return self:_keep(cache, state, timings, t0), handled end
   -- 4. write each touched row once
   local upserts, deletes = {}, {}
   for ks, row in pairs(state) do
@@ -244,15 +234,6 @@ function ReadModel:_apply(store, tbl, events, n, opts)
   return true, handled
 end
 
--- A rebuild's rows kept in Lua (opts.rows of _apply): the batch's final
--- states replace them, cleaned as a round trip through the table would.
-function ReadModel:_keep(cache, state, timings, t0)
-  for ks, row in pairs(state) do
-    if row == DELETE then cache[ks] = nil else cache[ks] = self:_clean(row, true) end
-  end
-  if timings then add_time(timings, "build", t0) end
-  return true
-end
 
 -- Inline read models -----------------------------------------------------------------
 

@@ -37,25 +37,15 @@ function ReadModel:_select_list()
   return self._sel
 end
 
--- fresh: a rebuild's shadow table, which must be new and gets its
--- primary key later (_pkey_sql), once its rows are in.
 function ReadModel:_create_sql(store, tbl, fresh)
   local cols = {}
   for _, c in ipairs(self.columns) do
     cols[#cols + 1] = quote(c) .. " " .. self.types[c] .. (c == self.key and " NOT NULL" or "")
   end
-  if not fresh then cols[#cols + 1] = self:_pkey_clause(tbl) end
+  cols[#cols + 1] = ("CONSTRAINT %s PRIMARY KEY (%s)"):format(quote(short_ident(tbl .. "_pkey")), quote(self.key))
   -- a rebuild's shadow table must be new: never share one by accident
   return ("CREATE TABLE %s%s (%s)"):format(fresh and "" or "IF NOT EXISTS ", self:_qualified(store, tbl),
     table.concat(cols, ", "))
-end
-
-function ReadModel:_pkey_clause(tbl)
-  return ("CONSTRAINT %s PRIMARY KEY (%s)"):format(quote(short_ident(tbl .. "_pkey")), quote(self.key))
-end
-
-function ReadModel:_pkey_sql(store, tbl)
-  return ("ALTER TABLE %s ADD %s"):format(self:_qualified(store, tbl), self:_pkey_clause(tbl))
 end
 
 function ReadModel:_index_sqls(store, tbl)
@@ -244,36 +234,6 @@ function ReadModel:_write(store, tbl, upserts, deletes, timings)
   local res, err = store:query(sql, text, keys_param(deletes))
   if not res then return nil, err end
   if timings then timings.write = (timings.write or 0) + (util.monotonic() - t0) end
-  return true
-end
-
--- Bulk load into a table with no primary key yet (a rebuild's shadow
--- table): the rows of map `rows` (key string -> clean row), `chunk` rows
--- per plain INSERT. -> true | nil, err
-function ReadModel:_insert_rows(store, tbl, rows, chunk)
-  local q = self:_qualified(store, tbl)
-  local cols = {}
-  for i, c in ipairs(self.columns) do cols[i] = quote(c) end
-  local collist = table.concat(cols, ", ")
-  local sql = ("INSERT INTO %s (%s) SELECT %s FROM json_populate_recordset(NULL::%s, $1::json)")
-    :format(q, collist, collist, q)
-  local batch = {}
-  local function flush()
-    local text, err = self:_encode_rows(batch)
-    if not text then return nil, err end
-    local ok, qerr = store:query(sql, text)
-    if not ok then return nil, qerr end
-    batch = {}
-    return true
-  end
-  for _, row in pairs(rows) do
-    batch[#batch + 1] = row
-    if #batch >= chunk then
-      local ok, err = flush()
-      if not ok then return nil, err end
-    end
-  end
-  if #batch > 0 then return flush() end
   return true
 end
 
