@@ -127,6 +127,41 @@ describe("rebuild with writers running (processes, PostgreSQL)", function()
     assert_equals_replay(store, schema, "rm_inl")
   end)
 
+  it("leaves neither shadow table nor marker behind when its progress callback raises", function()
+    local model = assert(load(MODEL .. " return model"))()
+    local Counter = assert(load(MODEL .. " return Counter"))()
+    local repo = es.repository(store, { read_models = { model("rm_inl") } })
+    local p = es.projector(store, { model("rm_inl") })
+    assert(p:migrate())
+    for i = 1, 60 do assert(repo:execute(Counter, "s" .. (i % 7), "Add", { by = i })) end
+    local other = assert(es.open(helpers.database_url(), { schema = schema }))
+    local other_repo = es.repository(other, { read_models = { model("rm_inl") } })
+    for _, in_tail in ipairs { false, true } do
+      local raised_in_tx
+      assert.has_error(function()
+        p:rebuild("rm_inl", { batch_size = 20, progress = function(done, _, _, _, final)
+          if final then return end
+          if not in_tail and done >= 40 then error("progress broke") end
+          if in_tail and store:status().in_transaction then
+            raised_in_tx = true      -- the swap's tail, live table locked
+            error("progress broke")
+          elseif in_tail then
+            -- events for the tail: appended after each bulk batch
+            for i = 1, 3 do assert(other_repo:execute(Counter, "t" .. i, "Add", { by = i })) end
+          end
+        end })
+      end, "progress broke")
+      if in_tail then assert.is_true(raised_in_tx) end
+      local markers = assert(store:query(('SELECT count(*) AS n FROM "%s".read_model_rebuilds'):format(schema)))
+      assert.equal(0, markers[1].n)
+      assert.is_true(store:status().in_transaction == false)
+      assert_equals_replay(store, schema, "rm_inl")
+      assert(store:query(('DROP TABLE "%s".rm_check'):format(schema)))
+      assert(store:query(('DELETE FROM "%s".projections WHERE name = $1'):format(schema), "rm_check"))
+    end
+    other:close()
+  end)
+
   it("gives two rebuilds started in the same second tables of their own", function()
     local model = assert(load(MODEL .. " return model"))()
     local repo = es.repository(store, { read_models = { model("rm_inl") } })

@@ -256,8 +256,13 @@ function Projector:rebuild(name, opts)
   local done, a, b = pcall(p.kind == "read_model" and self._rebuild_swap or self._rebuild_in_place,
     self, p, limit, report)
   self._timings = nil
+  local tmp = self._rebuild_tmp
+  self._rebuild_tmp = nil
   if done then return a, b end
   self.engine:rollback()
+  -- nor leave its shadow table and marker (inline writers would go on
+  -- recording their transactions for it)
+  if tmp then rebuild.abandon(self.store, p, tmp) end
   error(a, 0)
 end
 
@@ -333,6 +338,7 @@ function Projector:_rebuild_swap(p, limit, report)
   local store, engine = self.store, self.engine
   local tmp, err = rebuild.start(store, p)
   if not tmp then return nil, err end
+  self._rebuild_tmp = tmp    -- for rebuild() to clean up after a raise
   local function fail(e) rebuild.abandon(store, p, tmp); return nil, e end
   local seen = {}
   -- batches of thousands of events make garbage fast: collect less often
