@@ -1,7 +1,9 @@
 -- bench/rebuild.lua: rebuild of rm_orders (examples/orders/read_model.lua)
 -- from ES_BENCH_EVENTS events (default 1,000,000 = 200,000 orders of 5
 -- events), against a naive loop that runs one SQL statement (INSERT or
--- UPDATE) per event, in the same run. Prints `name value unit` lines.
+-- UPDATE) per event, in the same run; then a projector catching up over
+-- the same events from its first checkpoint. Prints `name value unit`
+-- lines, and where the rebuild's time went per phase.
 --
 --   ES_BENCH_DATABASE_URL (or ES_TEST_DATABASE_URL)  the database
 --   ES_BENCH_EVENTS   events to generate (multiple of 10,000)
@@ -27,6 +29,10 @@ local schema = ("bench_rebuild_%d"):format(os.time() % 1000000)
 local store = assert(es.open(url, { schema = schema }))
 assert(store:migrate())
 local q = '"' .. schema .. '"'
+
+-- the rebuild's phases (projector:rebuild's timings option), in order
+local PHASES = { "read", "keys", "load", "handlers", "build", "encode", "write", "indexes", "wait",
+  "swap" }
 
 -- a clock of this process: no round trip inside the timed part
 local now = require("eventsourcing.core").monotonic
@@ -60,13 +66,21 @@ io.stderr:write(("generated %d events in %.1f s\n"):format(N, now() - t0))
 local projector = es.projector(store, { orders_rm.Orders }, { batch_size = BATCH })
 assert(projector:migrate())
 t0 = now()
-local done = assert(projector:rebuild("rm_orders", { batch_size = BATCH, bar = false }))
+local timings = {}
+local done = assert(projector:rebuild("rm_orders", { batch_size = BATCH, bar = false, timings = timings }))
 local rebuild_s = now() - t0
 assert(done == N, ("rebuild replayed %d of %d events"):format(done, N))
 local rows = store:query(("SELECT count(*) AS n, sum(total) AS t FROM %s.rm_orders"):format(q))[1]
 assert(rows.n == N / 5, ("rm_orders has %d rows, expected %d"):format(rows.n, N / 5))
 local sample = assert(orders_rm.get_order(store, "1"))
 assert(sample.total == 2500 and sample.status == "placed" and sample.item_count == 1, "wrong row for order 1")
+
+-- 2b. a projector catching up over the same events from its first checkpoint
+assert(projector:reset("rm_orders"))
+t0 = now()
+local caught = assert(projector:catch_up())
+local catchup_s = now() - t0
+assert(caught == N, ("catch_up handled %d of %d events"):format(caught, N))
 
 -- 3. the naive alternative: one statement per event, a transaction per batch
 assert(store:query(([[CREATE TABLE %s.rm_naive (id text PRIMARY KEY, customer_id text,
@@ -114,8 +128,18 @@ store:query(("DROP SCHEMA %s CASCADE"):format(q))
 store:close()
 
 local rate, naive_rate = N / rebuild_s, applied / naive_s
+-- where the rebuild's time went, per phase (seconds and microseconds per event)
+local accounted = 0
+for _, phase in ipairs(PHASES) do
+  local t = timings[phase] or 0
+  accounted = accounted + t
+  print(("rebuild_phase_%s %.3f s %.2f us/event"):format(phase, t, t * 1e6 / N))
+end
+print(("rebuild_phase_other %.3f s %.2f us/event"):format(rebuild_s - accounted,
+  (rebuild_s - accounted) * 1e6 / N))
 print(("rebuild_rm_orders_events %d events"):format(N))
 print(("rebuild_rm_orders_seconds %.2f s"):format(rebuild_s))
 print(("rebuild_rm_orders_rate %.0f events/s"):format(rate))
+print(("catch_up_rm_orders_rate %.0f events/s"):format(N / catchup_s))
 print(("naive_update_per_event_rate %.0f events/s"):format(naive_rate))
 print(("rebuild_speedup_vs_naive %.1f x"):format(rate / naive_rate))

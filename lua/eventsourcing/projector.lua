@@ -37,6 +37,7 @@ local core = require "eventsourcing.core"
 local read_model = require "eventsourcing.read_model"
 local follower = require "eventsourcing.follower"
 local progress = require "eventsourcing.progress"
+local rebuild = require "eventsourcing.rebuild"
 local util = require "eventsourcing.util"
 
 local quote = read_model.quote
@@ -225,7 +226,9 @@ function Projector:_count_events(p)
 end
 
 -- rebuild(name, { progress = function(done, total, rate, eta, final) end,
---                 bar = true (draw eventsourcing.progress.bar on stderr), batch_size })
+--                 bar = true (draw eventsourcing.progress.bar on stderr), batch_size,
+--                 timings = {} (gets seconds per phase: read, keys, load, handlers,
+--                 build, encode, write, indexes, wait, swap) })
 -- Read models: replays every event into a fresh table and swaps it in
 -- atomically (queries answer from the old table until then); the
 -- checkpoint moves to the rebuilt one in the same transaction. Custom
@@ -247,87 +250,117 @@ function Projector:rebuild(name, opts)
     end
   end
   local report = progress.reporter(cb, function() return self:_count_events(p) end)
+  self._timings = opts.timings
   -- a raise (the progress callback, a bug) must not strand the swap's
   -- transaction and its lease
   local done, a, b = pcall(p.kind == "read_model" and self._rebuild_swap or self._rebuild_in_place,
     self, p, limit, report)
+  self._timings = nil
+  local tmp = self._rebuild_tmp
+  self._rebuild_tmp = nil
   if done then return a, b end
   self.engine:rollback()
+  -- nor leave its shadow table and marker (inline writers would go on
+  -- recording their transactions for it)
+  if tmp then rebuild.abandon(self.store, p, tmp) end
   error(a, 0)
 end
 
-function Projector:_rebuild_swap(p, limit, report)
-  local ok, err
-  local store = self.store
-  local tmp = read_model.short_ident(("%s__rebuild_%d"):format(p.name, os.time() % 100000000))
-  local seen = {}
-  if self.memory then
-    read_model._mem_tables(store)[tmp] = {}
-  else
-    ok, err = store:query(p:_create_sql(store, tmp))
-    if not ok then return nil, err end
-  end
-  local function drop_tmp()
-    if self.memory then read_model._mem_tables(store)[tmp] = nil
-    else store:query("DROP TABLE IF EXISTS " .. p:_qualified(store, tmp)) end
-  end
-  -- 1. bulk replay, outside any long transaction
-  local after, done = nil, 0
-  local function replay(max_batches)
-    local batches = 0
-    while not max_batches or batches < max_batches do
-      local batch, cp = store:read_all({ after = after, limit = limit, prefetch = true,
-        types = self.engine.by_name[p.name].types, category = p.category })
-      if not batch then return nil, cp end
-      if #batch == 0 then after = cp; return true end
-      local r, a, b = p:_apply(store, tmp, batch, #batch, { seen = seen })
-      if r == nil then return nil, a end
-      if r == false then
-        local e = batch[a]
-        return nil, core.error("invalid", ("rebuild %s: handler for %s failed at position %s (stream %s): %s")
-          :format(p.name, e.type, tostring(e.position), tostring(e.stream), b),
-          { position = e.position, type = e.type, stream = e.stream })
-      end
-      after, done = cp, done + #batch
-      report(done)
-      batches = batches + 1
-      if #batch < limit then return true end
+-- Replays the events of p after `after` into tbl in batches of `limit`
+-- (read_all's watermark). -> true, checkpoint, events | nil, err
+function Projector:_replay(p, tbl, after, limit, seen, report, done)
+  local store, types = self.store, self.engine.by_name[p.name].types
+  local timings, clock = self._timings, util.monotonic
+  local opts = { seen = seen, timings = timings }
+  while true do
+    local t0 = timings and clock()
+    local batch, cp = store:read_all({ after = after, limit = limit, prefetch = true,
+      types = types, category = p.category })
+    if not batch then return nil, cp end
+    if timings then timings.read = (timings.read or 0) + (clock() - t0) end
+    if #batch == 0 then return true, cp or after, done end
+    local r, a, b = p:_apply(store, tbl, batch, #batch, opts)
+    if r == nil then return nil, a end
+    if r == false then
+      local e = batch[a]
+      return nil, core.error("invalid", ("rebuild %s: handler for %s failed at position %s (stream %s): %s")
+        :format(p.name, e.type, tostring(e.position), tostring(e.stream), b),
+        { position = e.position, type = e.type, stream = e.stream })
     end
-    return true
+    after, done = cp, done + #batch
+    report(done)
+    if #batch < limit then return true, after, done end
   end
+end
+
+-- Memory stores: one process, no concurrent writers; replay and swap.
+function Projector:_rebuild_memory(p, limit, report)
+  local store, engine = self.store, self.engine
+  local tables = read_model._mem_tables(store)
+  self._mem_rebuilds = (self._mem_rebuilds or 0) + 1
+  local tmp = ("%s__rebuild_%d"):format(p.name, self._mem_rebuilds)
+  tables[tmp] = {}
+  local seen = {}
+  local ok, after, done = self:_replay(p, tmp, nil, limit, seen, report, 0)
+  local err = after
+  if ok then ok, err = engine:lock_all(p.name) end
+  if not ok then tables[tmp] = nil; return nil, err end
+  tables[p.name], tables[tmp] = tables[tmp], nil
+  ok, err = engine:set_all(p.name, after)
+  if not ok then engine:rollback(); return nil, err end
+  ok, err = engine:commit()
+  if not ok then return nil, err end
+  report(done, true)
+  return done
+end
+
+-- In the swap's transaction: the live table locked, the tail, the inline
+-- transactions above the watermark, the renames. -> true, checkpoint,
+-- events | nil, err
+function Projector:_swap_tail(p, tmp, after, limit, seen, report, done)
+  local store = self.store
+  local ok, err = rebuild.lock_live(store, p)
+  if not ok then return nil, err end
+  ok, after, done = self:_replay(p, tmp, after, limit, seen, report, done)
+  if not ok then return nil, after end
+  local extra
+  extra, err = rebuild.replay_inline(store, p, tmp, after, self.engine.by_name[p.name].types, seen)
+  if not extra then return nil, err end
+  ok, err = rebuild.swap(store, p, tmp)
+  if not ok then return nil, err end
+  return true, after, done + extra
+end
+
+-- PostgreSQL: see eventsourcing.rebuild for why each step is safe with
+-- projectors and inline writers running.
+function Projector:_rebuild_swap(p, limit, report)
+  if self.memory then return self:_rebuild_memory(p, limit, report) end
+  local store, engine = self.store, self.engine
+  local tmp, err = rebuild.start(store, p)
+  if not tmp then return nil, err end
+  self._rebuild_tmp = tmp    -- for rebuild() to clean up after a raise
+  local function fail(e) rebuild.abandon(store, p, tmp); return nil, e end
+  local seen = {}
   -- batches of thousands of events make garbage fast: collect less often
   local ok_gc, pause = pcall(collectgarbage, "setpause", 400)
-  ok, err = replay()
+  local ok, after, done = self:_replay(p, tmp, nil, limit, seen, report, 0)
   if ok_gc then pcall(collectgarbage, "setpause", pause) end
-  if not ok then drop_tmp(); return nil, err end
-  if not self.memory then
-    ok, err = read_model._exec_all(store, p:_index_sqls(store, tmp))
-    if not ok then drop_tmp(); return nil, err end
-  end
-  -- 2. swap: hold the lease, apply the tail, rename, move the checkpoint
-  local engine = self.engine
+  if not ok then return fail(after) end
+  local timings, t0 = self._timings, util.monotonic()
+  ok, err = read_model._exec_all(store, p:_index_sqls(store, tmp))
+  if timings then timings.indexes = util.monotonic() - t0; t0 = util.monotonic() end
+  if ok then ok, err = rebuild.wait_running(store) end
+  if timings then timings.wait = util.monotonic() - t0; t0 = util.monotonic() end
+  if not ok then return fail(err) end
   ok, err = engine:lock_all(p.name)
-  if not ok then drop_tmp(); return nil, err end
-  ok, err = replay()
-  if ok and self.memory then
-    local tables = read_model._mem_tables(store)
-    tables[p.name], tables[tmp] = tables[tmp], nil
-  elseif ok then
-    local old = read_model.short_ident(p.name .. "__old")
-    local sqls = {
-      ("ALTER TABLE %s RENAME TO %s"):format(p:_qualified(store), quote(old)),
-      "DROP TABLE " .. p:_qualified(store, old),
-      ("ALTER TABLE %s RENAME TO %s"):format(p:_qualified(store, tmp), quote(p.name)),
-    }
-    for _, s in ipairs(p:_rename_index_sqls(store, tmp)) do sqls[#sqls + 1] = s end
-    ok, err = read_model._exec_all(store, sqls)
-  end
-  if ok then
-    ok, err = engine:set_all(p.name, after)
-  end
-  if not ok then engine:rollback(); drop_tmp(); return nil, err end
+  if not ok then return fail(err) end
+  ok, after, done = self:_swap_tail(p, tmp, after, limit, seen, report, done)
+  err = after
+  if ok then ok, err = engine:set_all(p.name, after) end
+  if not ok then engine:rollback(); return fail(err) end
   ok, err = engine:commit()
-  if not ok then drop_tmp(); return nil, err end
+  if not ok then return fail(err) end
+  if timings then timings.swap = util.monotonic() - t0 end
   report(done, true)
   return done
 end

@@ -135,9 +135,22 @@ end
 
 function ReadModel:__tostring() return "read model " .. self.name end
 
+-- opts.record: an inline writer's batch (see _load).
+-- opts.timings: a table whose fields keys, load, handlers, build, encode,
+-- write get the seconds spent in each step added (a rebuild's breakdown).
+local clock = util.monotonic
+
+local function add_time(timings, what, since)
+  local t = clock()
+  timings[what] = (timings[what] or 0) + (t - since)
+  return t
+end
+
 function ReadModel:_apply(store, tbl, events, n, opts)
   local on, key_of, keyc = self.on, self.key_of, self.key
   local seen = opts and opts.seen
+  local timings = opts and opts.timings
+  local t0 = timings and clock()
   local memory = is_memory(store)
   -- 1. keys the batch touches
   local ev_keys, keys, kset = {}, {}, {}
@@ -168,9 +181,11 @@ function ReadModel:_apply(store, tbl, events, n, opts)
       end
     end
   end
+  if timings then t0 = add_time(timings, "keys", t0) end
   -- 2. current rows, one query
-  local rows, err = self:_load(store, tbl, keys)
+  local rows, err = self:_load(store, tbl, keys, opts and opts.record)
   if not rows then return nil, err end
+  if timings then t0 = add_time(timings, "load", t0) end
   local existed = {}
   for ks in pairs(rows) do existed[ks] = true end
   -- 3. handlers
@@ -197,6 +212,7 @@ function ReadModel:_apply(store, tbl, events, n, opts)
       handled = handled + 1
     end
   end
+  if timings then t0 = add_time(timings, "handlers", t0) end
   -- 4. write each touched row once
   local upserts, deletes = {}, {}
   for ks, row in pairs(state) do
@@ -212,7 +228,8 @@ function ReadModel:_apply(store, tbl, events, n, opts)
     if not text then return nil, eerr end
     return true, handled
   end
-  local ok, werr = self:_write(store, tbl, upserts, deletes)
+  if timings then add_time(timings, "build", t0) end
+  local ok, werr = self:_write(store, tbl, upserts, deletes, timings)
   if not ok then return nil, werr end
   return true, handled
 end
@@ -258,8 +275,11 @@ function M.apply_inline(store, read_models, events, opts)
       list[i] = c
     end
   end
+  -- a rebuild running meanwhile must know this transaction wrote inline
+  local aopts = { record = true }
+  for k, v in pairs(opts or {}) do aopts[k] = v end
   for _, rm in ipairs(read_models) do
-    local ok, a, b = rm:_apply(store, rm.name, list, #list, opts)
+    local ok, a, b = rm:_apply(store, rm.name, list, #list, aopts)
     if ok == nil then return nil, a end
     if ok == false then
       local e = list[a]

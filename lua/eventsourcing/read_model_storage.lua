@@ -37,13 +37,15 @@ function ReadModel:_select_list()
   return self._sel
 end
 
-function ReadModel:_create_sql(store, tbl)
+function ReadModel:_create_sql(store, tbl, fresh)
   local cols = {}
   for _, c in ipairs(self.columns) do
     cols[#cols + 1] = quote(c) .. " " .. self.types[c] .. (c == self.key and " NOT NULL" or "")
   end
   cols[#cols + 1] = ("CONSTRAINT %s PRIMARY KEY (%s)"):format(quote(short_ident(tbl .. "_pkey")), quote(self.key))
-  return ("CREATE TABLE IF NOT EXISTS %s (%s)"):format(self:_qualified(store, tbl), table.concat(cols, ", "))
+  -- a rebuild's shadow table must be new: never share one by accident
+  return ("CREATE TABLE %s%s (%s)"):format(fresh and "" or "IF NOT EXISTS ", self:_qualified(store, tbl),
+    table.concat(cols, ", "))
 end
 
 function ReadModel:_index_sqls(store, tbl)
@@ -80,13 +82,33 @@ local function exec_all(store, sqls)
   return true
 end
 
+-- Rebuild markers (see eventsourcing.rebuild): while a rebuild of a read
+-- model runs, its row in read_model_rebuilds is there, and every
+-- transaction that updates the read model inline records its txid in
+-- read_model_rebuild_writes (in the statement that loads its rows, see
+-- _load), so the rebuild's swap can replay exactly the inline
+-- transactions that committed after its watermark.
+local function marker_sqls(store)
+  local s = quote(store:schema())
+  return {
+    ("CREATE TABLE IF NOT EXISTS %s.read_model_rebuilds (id text PRIMARY KEY, name text NOT NULL, "
+      .. "txid xid8 NOT NULL, pid integer NOT NULL, started_at timestamptz NOT NULL DEFAULT now())"):format(s),
+    ("CREATE TABLE IF NOT EXISTS %s.read_model_rebuild_writes (id text NOT NULL, txid xid8 NOT NULL, "
+      .. "PRIMARY KEY (id, txid))"):format(s),
+  }
+end
+
+function ReadModel._marker_sqls(store) return marker_sqls(store) end
+
 -- Creates the table (key = primary key) and its indexes; idempotent.
 -- Run inside a transaction holding the projections' migration lock by
 -- the projector; callable directly too.
 function ReadModel:migrate(store, tbl)
   if is_memory(store) then self:_mem_rows(store, tbl); return true end
   tbl = tbl or self.name
-  local ok, err = store:query(self:_create_sql(store, tbl))
+  local ok, err = exec_all(store, marker_sqls(store))
+  if not ok then return nil, err end
+  ok, err = store:query(self:_create_sql(store, tbl))
   if not ok then return nil, err end
   return exec_all(store, self:_index_sqls(store, tbl))
 end
@@ -121,7 +143,11 @@ local function keys_param(keys)
 end
 
 -- Loads the rows of `keys` (array of key strings) -> map key string -> row.
-function ReadModel:_load(store, tbl, keys)
+-- record: an inline writer's load, which also records its transaction for
+-- a rebuild of this read model that may be running (see the rebuild
+-- markers above),
+-- in the same statement.
+function ReadModel:_load(store, tbl, keys, record)
   local found = {}
   if #keys == 0 then return found end
   if is_memory(store) then
@@ -134,12 +160,17 @@ function ReadModel:_load(store, tbl, keys)
   end
   -- statements are cached per schema and table: one read model may serve
   -- stores of several schemas
-  local ck = store:schema() .. "." .. (tbl or self.name)
+  local ck = store:schema() .. "." .. (tbl or self.name) .. (record and "+record" or "")
   local sql = self._load_sql and self._load_sql[ck]
   if not sql then
     self._load_sql = self._load_sql or {}
     sql = ("SELECT %s FROM %s WHERE %s IN (SELECT k::%s FROM jsonb_array_elements_text($1::jsonb) AS k)")
       :format(self:_select_list(), self:_qualified(store, tbl), quote(self.key), self.types[self.key])
+    if record then
+      local s = quote(store:schema())
+      sql = ("WITH rec AS (INSERT INTO %s.read_model_rebuild_writes (id, txid) SELECT id, pg_current_xact_id() "
+        .. "FROM %s.read_model_rebuilds WHERE name = '%s' ON CONFLICT DO NOTHING) "):format(s, s, self.name) .. sql
+    end
     self._load_sql[ck] = sql
   end
   local res, err = store:query(sql, keys_param(keys))
@@ -165,10 +196,17 @@ function ReadModel:_encode_rows(upserts)
   return text
 end
 
-function ReadModel:_write(store, tbl, upserts, deletes)
+-- timings (a rebuild's breakdown): seconds added to "encode" and "write".
+function ReadModel:_write(store, tbl, upserts, deletes, timings)
   if #upserts == 0 and #deletes == 0 then return true end
+  local t0 = timings and util.monotonic()
   local text, eerr = self:_encode_rows(upserts)
   if not text then return nil, eerr end
+  if timings then
+    local t = util.monotonic()
+    timings.encode = (timings.encode or 0) + (t - t0)
+    t0 = t
+  end
   if is_memory(store) then
     local rows = self:_mem_rows(store, tbl)
     for _, k in ipairs(deletes) do rows[k] = nil end
@@ -195,6 +233,7 @@ function ReadModel:_write(store, tbl, upserts, deletes)
   end
   local res, err = store:query(sql, text, keys_param(deletes))
   if not res then return nil, err end
+  if timings then timings.write = (timings.write or 0) + (util.monotonic() - t0) end
   return true
 end
 
