@@ -7,8 +7,6 @@
 local helpers = require "helpers"
 local fm = require "fault_matrix"
 
-local MANY = 1000000   -- writers run until stopped
-
 describe("fault matrix: appends (processes, PostgreSQL)", function()
   local store, schema, w
   before_each(function()
@@ -24,15 +22,7 @@ describe("fault matrix: appends (processes, PostgreSQL)", function()
   -- batches: one writer per entry, its events per transaction; env: extra
   -- environment. fault() runs once they all write; they must go on after.
   local function run(batches, fault, env)
-    local pids, logs = {}, {}
-    for i, batch in ipairs(batches) do
-      pids[i], logs[i] = fm.spawn_writer(w, schema, { n = i, count = MANY, batch = batch, env = env })
-    end
-    fm.wait_writing(w, #batches, 3)
-    fault()
-    fm.wait_writing(w, #batches, 3)
-    fm.stop_writers(w)
-    fm.wait_all(pids, logs, 120)
+    local logs = fm.during_writes(w, schema, batches, fault, env)
     store:close()
     store = fm.reopen(schema)
     fm.assert_acked_once(store, schema, w)

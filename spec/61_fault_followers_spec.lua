@@ -8,8 +8,6 @@ local helpers = require "helpers"
 local es = require "eventsourcing"
 local fm = require "fault_matrix"
 
-local MANY = 1000000   -- writers run until stopped
-
 describe("fault matrix: followers (processes, PostgreSQL)", function()
   local store, schema, w
   before_each(function()
@@ -32,15 +30,12 @@ describe("fault matrix: followers (processes, PostgreSQL)", function()
     return pids, logs
   end
 
-  -- writers until stopped; fault() runs while they write and while the
-  -- projector follows; they go on after it
+  -- single-event writers until stopped; fault() runs while they write and
+  -- while the projector follows
   local function during_writes(n, fault)
-    local pids, logs = writers(n, MANY, 1)
-    fm.wait_writing(w, n, 3)
-    fault()
-    fm.wait_writing(w, n, 3)
-    fm.stop_writers(w)
-    fm.wait_all(pids, logs, 120)
+    local batches = {}
+    for i = 1, n do batches[i] = 1 end
+    return fm.during_writes(w, schema, batches, fault)
   end
 
   -- the projector must catch up by itself, then stop when asked

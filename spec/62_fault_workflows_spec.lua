@@ -5,8 +5,6 @@
 local helpers = require "helpers"
 local fm = require "fault_matrix"
 
-local MANY = 1000000   -- writers run until stopped
-
 describe("fault matrix: workflows (processes, PostgreSQL)", function()
   local store, schema, w
   before_each(function()
@@ -21,17 +19,11 @@ describe("fault matrix: workflows (processes, PostgreSQL)", function()
     w:remove()
   end)
 
+  -- paced writers: every event costs the runner two commands
   local function during_writes(n, fault)
-    local pids, logs = {}, {}
-    -- paced: every event costs the runner two commands
-    for i = 1, n do
-      pids[i], logs[i] = fm.spawn_writer(w, schema, { n = i, count = MANY, batch = 1, env = "ES_FAULT_PACE=0.02" })
-    end
-    fm.wait_writing(w, n, 3)
-    fault()
-    fm.wait_writing(w, n, 3)
-    fm.stop_writers(w)
-    fm.wait_all(pids, logs, 120)
+    local batches = {}
+    for i = 1, n do batches[i] = 1 end
+    return fm.during_writes(w, schema, batches, fault, "ES_FAULT_PACE=0.02")
   end
 
   local function finish(rpid, rlog)

@@ -150,6 +150,23 @@ function M.wait_writing(w, writers, more)
   error("the writers did not go on writing within 60 s")
 end
 
+-- Writers until stopped, one per entry of `batches` (events per
+-- transaction); fault() runs once they all write, and they must go on by
+-- themselves after it. env: extra environment of the writers. Returns
+-- their log files once they are done.
+function M.during_writes(w, schema, batches, fault, env)
+  local pids, logs = {}, {}
+  for i, batch in ipairs(batches) do
+    pids[i], logs[i] = M.spawn_writer(w, schema, { n = i, count = 1000000, batch = batch, env = env })
+  end
+  M.wait_writing(w, #batches, 3)
+  fault()
+  M.wait_writing(w, #batches, 3)
+  M.stop_writers(w)
+  M.wait_all(pids, logs, 120)
+  return logs
+end
+
 function M.stop_writers(w)
   helpers.sh("touch " .. q(w.dir .. "/stop-writers"))
 end
