@@ -450,6 +450,21 @@ static void pg_destroy(es_store *s)
     free(p);
 }
 
+static int pg_distribute(es_store *s, int shards, es_error *err)
+{
+    return pg_citus_distribute((pg_store *)s, shards, err);
+}
+
+static int pg_info(es_store *s, es_store_info *out, es_error *err)
+{
+    pg_store *p = (pg_store *)s;
+    if (pg_citus_info(p, &out->shards, err) < 0)
+        return -1;
+    out->citus = p->citus_version[0] ? p->citus_version : NULL;
+    out->distributed = p->citus == 1;
+    return 0;
+}
+
 static const es_store_ops pg_ops = {
     .kind = "postgresql",
     .migrate = pg_migrate,
@@ -468,6 +483,8 @@ static const es_store_ops pg_ops = {
     .wait = pg_wait,
     .disconnect = pg_disconnect,
     .destroy = pg_destroy,
+    .distribute = pg_distribute,
+    .info = pg_info,
 };
 
 es_store *es_pg_open(const char *conninfo, const char *schema, es_error *err)
@@ -489,6 +506,7 @@ es_store *es_pg_open(const char *conninfo, const char *schema, es_error *err)
     p->base.ops = &pg_ops;
     snprintf(p->schema, sizeof p->schema, "%s", schema);
     p->base.schema = p->schema;
+    p->citus = -1;
     es_buf_init(&p->params);
     es_buf_init(&p->ahead.key);
     if (pg_ensure(p, err) < 0) {

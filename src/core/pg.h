@@ -3,6 +3,7 @@
  *   pg.c         connection, reconnects, error mapping, SQL, transactions
  *   pg_schema.c  migrations (schema versions, advisory lock)
  *   pg_events.c  append, version, read and read_all cursors
+ *   pg_citus.c   the schema laid out on Citus; pg_citus_read.c its read_all
  */
 #ifndef ES_PG_H
 #define ES_PG_H
@@ -53,6 +54,8 @@ typedef struct pg_store {
     PGresult *snapshot;       /* the last snapshot loaded */
     pg_prefetch ahead;
     char snapshot_time[32];
+    int citus;                /* events distributed by Citus: 1, 0, -1 unknown */
+    char citus_version[32];   /* the extension's, "" without Citus */
 } pg_store;
 
 /* Collects a prefetched read_all result still on the wire, so the session
@@ -103,5 +106,14 @@ int pg_load_snapshot(es_store *s, const char *stream, int64_t max_version,
                      es_error *err);
 es_cursor *pg_read_all(es_store *s, const es_read_all_opts *o,
                        es_error *err);
+
+/* Citus (pg_citus.c): whether the events table is distributed (1/0, -1
+ * with err filled), asked once per store; the distributed layout (after
+ * the migration steps; shards 0 = citus.shard_count); shard count. */
+int pg_citus_detect(pg_store *p, es_error *err);
+int pg_citus_distribute(pg_store *p, int shards, es_error *err);
+int pg_citus_info(pg_store *p, int *shards, es_error *err);
+es_cursor *pg_citus_read_all(pg_store *p, const es_read_all_opts *o,
+                             es_error *err);
 
 #endif

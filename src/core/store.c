@@ -71,6 +71,27 @@ int es_migrate(es_store *s, es_error *err)
     return s->ops->migrate(s, err);
 }
 
+int es_distribute(es_store *s, int shards, es_error *err)
+{
+    es_error_clear(err);
+    if (store_usable(s, err) < 0)
+        return -1;
+    if (!s->ops->distribute)
+        return es_fail(err, ES_INVALID, "%s stores cannot be distributed "
+                       "(PostgreSQL with Citus only)", s->ops->kind);
+    return s->ops->distribute(s, shards, err);
+}
+
+int es_store_info_get(es_store *s, es_store_info *out, es_error *err)
+{
+    es_error_clear(err);
+    if (store_usable(s, err) < 0)
+        return -1;
+    memset(out, 0, sizeof *out);
+    out->kind = s->ops->kind;
+    return s->ops->info ? s->ops->info(s, out, err) : 0;
+}
+
 int es_valid_stream(const char *stream, es_error *err)
 {
     if (!stream || !*stream)

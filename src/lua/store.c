@@ -330,12 +330,49 @@ static int l_schema(lua_State *L)
     return 1;
 }
 
+/* store:migrate([{ distributed = true, shards = n }]): distributed lays
+ * the schema out for Citus after the usual steps (docs/scale-out.md). */
 static int l_migrate(lua_State *L)
 {
+    es_store *s = check_store(L)->s;
+    int distributed;
+    int64_t shards;
     es_error err;
-    if (es_migrate(check_store(L)->s, &err) < 0)
+
+    check_opts(L, 2);
+    distributed = opt_bool_field(L, 2, "distributed");
+    shards = opt_int_field(L, 2, "shards", 0);
+    if (shards < 0 || shards > 4096)
+        return luaL_error(L, "option 'shards' must be 1..4096");
+    if (!distributed && shards)
+        return luaL_error(L, "option 'shards' needs distributed = true");
+    if (es_migrate(s, &err) < 0)
+        return esl_push_error(L, &err);
+    if (distributed && es_distribute(s, (int)shards, &err) < 0)
         return esl_push_error(L, &err);
     lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* store:info() -> { kind, citus = version|nil, distributed, shards } */
+static int l_info(lua_State *L)
+{
+    es_store_info info;
+    es_error err;
+
+    if (es_store_info_get(check_store(L)->s, &info, &err) < 0)
+        return esl_push_error(L, &err);
+    lua_createtable(L, 0, 4);
+    lua_pushstring(L, info.kind);
+    lua_setfield(L, -2, "kind");
+    if (info.citus) {
+        lua_pushstring(L, info.citus);
+        lua_setfield(L, -2, "citus");
+    }
+    lua_pushboolean(L, info.distributed);
+    lua_setfield(L, -2, "distributed");
+    lua_pushinteger(L, info.shards);
+    lua_setfield(L, -2, "shards");
     return 1;
 }
 
@@ -1028,6 +1065,7 @@ static const luaL_Reg store_methods[] = {
     {"listen", l_listen},
     {"wait", l_wait},
     {"kind", l_kind},
+    {"info", l_info},
     {"schema", l_schema},
     {"is_closed", l_is_closed},
     {"close", l_close},
