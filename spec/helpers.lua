@@ -46,8 +46,23 @@ function helpers.open(entry)
   local es = require "eventsourcing"
   local schema = entry.name ~= "memory" and helpers.fresh_schema() or nil
   local store = assert(es.open(entry.url, schema and { schema = schema } or nil))
-  if store.migrate then assert(store:migrate()) end
+  if store.migrate then assert(store:migrate(helpers.migrate_opts(entry))) end
   return store, schema
+end
+
+-- Migration options for a store entry: with ES_TEST_DISTRIBUTED=1 (make
+-- test-citus, against a Citus coordinator) PostgreSQL stores are laid out
+-- distributed, with ES_TEST_SHARDS shards (default 4).
+function helpers.migrate_opts(entry)
+  if (entry and entry.name == "memory") or os.getenv("ES_TEST_DISTRIBUTED") ~= "1" then
+    return nil
+  end
+  return { distributed = true, shards = tonumber(os.getenv("ES_TEST_SHARDS") or "4") }
+end
+
+-- Whether PostgreSQL stores are distributed on Citus in this run.
+function helpers.distributed()
+  return os.getenv("ES_TEST_DISTRIBUTED") == "1"
 end
 
 -- The Lua flavour running the specs: "luajit" or "lua5.4".
@@ -65,7 +80,8 @@ helpers.shell_quote = shell_quote
 --   io.popen(helpers.lua_cmd() .. " -e " .. helpers.shell_quote(code))
 function helpers.lua_cmd()
   local env = {}
-  for _, k in ipairs { "LUA_PATH", "LUA_CPATH", "ES_TEST_DATABASE_URL", "LD_PRELOAD",
+  for _, k in ipairs { "LUA_PATH", "LUA_CPATH", "ES_TEST_DATABASE_URL", "ES_TEST_DISTRIBUTED",
+                       "ES_TEST_SHARDS", "LD_PRELOAD",
                        "ASAN_OPTIONS", "UBSAN_OPTIONS", "LSAN_OPTIONS" } do
     local v = os.getenv(k)
     if v then env[#env + 1] = k .. "=" .. shell_quote(v) end
