@@ -48,23 +48,8 @@ describe("read_all global order (postgresql)", function()
 
   -- On Citus an open transaction holds back only the events of its own
   -- worker (each worker has its own transaction ids; read_all keeps a
-  -- cursor per shard): the streams of one scenario are picked on one shard,
-  -- names[2..] getting a suffix. Elsewhere the names as given.
-  local function on_one_shard(...)
-    local names = { ... }
-    if not helpers.distributed() then return ... end
-    local q = "SELECT get_shard_id_for_distribution_column($1, $2::text)::text AS s"
-    local rel = qident(schema) .. ".events"
-    local want = assert(R:query(q, rel, names[1]))[1].s
-    for i = 2, #names do
-      local k = 0
-      while assert(R:query(q, rel, names[i]))[1].s ~= want do
-        k = k + 1
-        names[i] = names[i]:gsub("_%d+$", "") .. "_" .. k
-      end
-    end
-    return (table.unpack or unpack)(names)
-  end
+  -- cursor per shard): the streams of one scenario are on one shard.
+  local function on_one_shard(...) return helpers.on_one_shard(R, ...) end
 
   after_each(function()
     for _, s in ipairs { A, B, R } do

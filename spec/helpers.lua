@@ -65,6 +65,26 @@ function helpers.distributed()
   return os.getenv("ES_TEST_DISTRIBUTED") == "1"
 end
 
+-- Stream names on one shard, for scenarios about the order of events of
+-- several streams (on Citus read_all orders only within a shard): the
+-- first name as given, the others with a suffix ("_<n>") when needed.
+-- Elsewhere the names as given.
+function helpers.on_one_shard(store, ...)
+  local names = { ... }
+  if not (helpers.distributed() and store:kind() == "postgresql") then return ... end
+  local q = "SELECT get_shard_id_for_distribution_column($1, $2::text)::text AS s"
+  local rel = '"' .. store:schema() .. '".events'
+  local want = assert(store:query(q, rel, names[1]))[1].s
+  for i = 2, #names do
+    local k = 0
+    while assert(store:query(q, rel, names[i]))[1].s ~= want do
+      k = k + 1
+      names[i] = names[i]:gsub("_%d+$", "") .. "_" .. k
+    end
+  end
+  return (table.unpack or unpack)(names)
+end
+
 -- The Lua flavour running the specs: "luajit" or "lua5.4".
 function helpers.flavour()
   return rawget(_G, "jit") and "luajit" or "lua5.4"

@@ -393,12 +393,20 @@ function Projector:status()
       local r = res[1] or {}
       s.checkpoint, s.position, s.handled, s.error = r.checkpoint, r.position or 0, r.handled or 0, r.error
       s.updated_at, s.failed_at = r.updated_at, r.failed_at
-      local txid, pos = parse_cp(r.checkpoint)
-      res, err = store:query(self:_q("SELECT count(*) AS n, coalesce(extract(epoch FROM now() - "
-        .. "min(recorded_at)), 0)::float8 AS lag FROM <schema>.events "
-        .. "WHERE (txid, position) > ($1::xid8, $2::bigint)"), txid, pos)
-      if not res then return nil, err end
-      s.lag_events, s.lag_seconds = res[1].n, math.max(0, res[1].lag)
+      if util.per_shard(r.checkpoint) then
+        -- Citus: a cursor per shard, not comparable in one SQL condition
+        local n, first = util.lag_by_scan(store, r.checkpoint)
+        if not n then return nil, first end
+        local t = first and iso_epoch(first)
+        s.lag_events, s.lag_seconds = n, t and math.max(0, util.now() - t) or 0
+      else
+        local txid, pos = parse_cp(r.checkpoint)
+        res, err = store:query(self:_q("SELECT count(*) AS n, coalesce(extract(epoch FROM now() - "
+          .. "min(recorded_at)), 0)::float8 AS lag FROM <schema>.events "
+          .. "WHERE (txid, position) > ($1::xid8, $2::bigint)"), txid, pos)
+        if not res then return nil, err end
+        s.lag_events, s.lag_seconds = res[1].n, math.max(0, res[1].lag)
+      end
     end
     s.status = s.error and "failed" or "running"
     out[#out + 1] = s
