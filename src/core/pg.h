@@ -56,6 +56,7 @@ typedef struct pg_store {
     char snapshot_time[32];
     int citus;                /* events distributed by Citus: 1, 0, -1 unknown */
     char citus_version[32];   /* the extension's, "" without Citus */
+    struct pg_citus_nodes *nodes;  /* sessions to workers (read_all) */
 } pg_store;
 
 /* Collects a prefetched read_all result still on the wire, so the session
@@ -115,5 +116,7 @@ int pg_citus_distribute(pg_store *p, int shards, es_error *err);
 int pg_citus_info(pg_store *p, int *shards, es_error *err);
 es_cursor *pg_citus_read_all(pg_store *p, const es_read_all_opts *o,
                              es_error *err);
+/* Closes the sessions to workers. */
+void pg_citus_close(pg_store *p);
 
 #endif

@@ -170,10 +170,6 @@ static const char layout_sql[] =
     "  $$BEGIN NEW.txid := pg_current_xact_id(); RETURN NEW; END$$;"
     "CREATE TRIGGER events_txid BEFORE INSERT ON %1$s.events"
     "  FOR EACH ROW EXECUTE FUNCTION %1$s.set_txid();"
-    /* read_all raises a shard's failure on the coordinator with this. */
-    "CREATE FUNCTION %1$s.shard_failed(shard bigint, msg text) RETURNS json"
-    "  LANGUAGE plpgsql AS $$BEGIN RAISE EXCEPTION"
-    "  'read_all on shard %%: %%', shard, msg; END$$;"
     /* Colocation needs the same collation on both distribution columns. */
     "ALTER TABLE %1$s.snapshots ALTER COLUMN stream TYPE text COLLATE \"C\";"
     "SELECT create_distributed_table('%2$s.events', 'stream',"
@@ -189,7 +185,7 @@ static const char delegate_sql[] =
     " colocate_with => '%2$s.events', force_delegation => true);";
 
 /* Expands %1$s (quoted schema), %2$s (bare schema), %3$s (arg) and
- * %% (kept as %%, for plpgsql's RAISE) into b. */
+ * %% (as %) into b. */
 static int expand(es_buf *b, const char *tmpl, const char *schema,
                   const char *arg)
 {

@@ -1,16 +1,16 @@
 /*
  * pg_citus_read.c - read_all on Citus: one (txid, position) cursor per
- * shard, read on the shard's worker against that worker's snapshot.
+ * shard, each read on the shard's worker against that worker's snapshot.
  *
- * One statement on the coordinator runs the same query on every shard at
- * once (run_command_on_shards, in parallel; each shard finds its own
- * cursor by its shard id): the rows of a shard whose transactions are all
- * older than anything still running on its worker, after that shard's
- * cursor, in (txid, position) order. Shards' rows come back as JSON,
- * become columns again on the coordinator and are interleaved round robin
- * up to the limit. A batch thus holds, for every shard, a prefix of what
- * that shard has after its cursor, so the checkpoint after any event is
- * exact, and per-stream order (a stream lives on one shard) is kept.
+ * The coordinator says where each shard of the events table is; read_all
+ * then asks every shard's table directly, on a session to its worker
+ * opened with the store's own conninfo and the worker's host and port
+ * (kept for later reads): the rows after that shard's cursor whose
+ * transactions are older than anything still running on that worker, in
+ * (txid, position) order. Shards' rows are taken round robin up to the
+ * limit, so a batch holds a prefix of every shard's rows after its cursor:
+ * the checkpoint after any event is exact, and per-stream order (a stream
+ * lives on one shard) is kept. Reads run outside the caller's transaction.
  *
  * Checkpoints: "c1:<shard>@<group>=<txid>:<position>,..." for every shard
  * of the events table. The group is the node group the cursor was read
@@ -33,14 +33,21 @@ typedef struct shard_cursor {
     int64_t group;
     uint64_t txid;
     int64_t pos;
+    char *table;              /* current shards: the shard's table, */
+    char *host;               /* on this worker */
+    int port;
+    PGresult *res;            /* its rows of this batch */
 } shard_cursor;
 
+/* A batch: shards' rows taken round robin, so that it holds a prefix of
+ * every shard's rows after its cursor. */
 typedef struct citus_cursor {
     es_cursor base;
-    PGresult *res;
-    int row, nrows;
     shard_cursor *sh;
     int nsh;
+    int *order;               /* shard index of each row of the batch */
+    int *next_row;            /* per shard: its next row */
+    int row, nrows;
     es_buf cp;
     char id[37];
     char recorded_at[32];
@@ -55,11 +62,22 @@ static uint64_t be64(const char *v)
     return x;
 }
 
+static void free_shards(shard_cursor *sh, int n)
+{
+    for (int i = 0; sh && i < n; i++) {
+        free(sh[i].table);
+        free(sh[i].host);
+        PQclear(sh[i].res);
+    }
+    free(sh);
+}
+
 static void cc_destroy(es_cursor *c)
 {
     citus_cursor *cc = (citus_cursor *)c;
-    PQclear(cc->res);
-    free(cc->sh);
+    free_shards(cc->sh, cc->nsh);
+    free(cc->order);
+    free(cc->next_row);
     es_buf_free(&cc->cp);
     free(cc);
 }
@@ -92,13 +110,16 @@ static shard_cursor *find_shard(shard_cursor *sh, int n, int64_t shard)
 static int cc_next(es_cursor *c, es_event *e, es_error *err)
 {
     citus_cursor *cc = (citus_cursor *)c;
-    PGresult *r = cc->res;
     shard_cursor *s;
+    PGresult *r;
     int i;
 
+    (void)err;
     if (cc->row >= cc->nrows)
         return 0;
-    i = cc->row++;
+    s = &cc->sh[cc->order[cc->row++]];
+    r = s->res;
+    i = cc->next_row[s - cc->sh]++;
     e->position = (int64_t)be64(PQgetvalue(r, i, 0));
     uuid_unparse_lower((const unsigned char *)PQgetvalue(r, i, 1), cc->id);
     e->id = cc->id;
@@ -112,10 +133,6 @@ static int cc_next(es_cursor *c, es_event *e, es_error *err)
                    cc->recorded_at);
     e->recorded_at = cc->recorded_at;
     e->stream = PQgetvalue(r, i, 8);
-    s = find_shard(cc->sh, cc->nsh, (int64_t)be64(PQgetvalue(r, i, 9)));
-    if (!s)
-        return es_fail(err, ES_DATABASE, "read_all: a row from a shard "
-                       "this read did not ask");
     s->txid = be64(PQgetvalue(r, i, 7));
     s->pos = e->position;
     return 1;
@@ -183,8 +200,16 @@ bad:
     return bad_checkpoint(text, err);
 }
 
-/* The events table's shards and the node group of each, as cursors at the
- * start of the shard. */
+static int has_duplicates(const shard_cursor *sh, int n)
+{
+    for (int i = 1; i < n; i++)
+        if (sh[i].shard == sh[i - 1].shard)
+            return 1;
+    return 0;
+}
+
+/* The events table's shards: each one's node group, table and worker, as
+ * cursors at the start of the shard. */
 static int current_shards(pg_store *p, shard_cursor **out, int *n,
                           es_error *err)
 {
@@ -195,25 +220,43 @@ static int current_shards(pg_store *p, shard_cursor **out, int *n,
     *n = 0;
     if (pg_ensure(p, err) < 0)
         return -1;
-    res = PQexecParams(p->conn, "SELECT s.shardid, min(pl.groupid)"
-                       " FROM pg_dist_shard s JOIN pg_dist_placement pl"
-                       " USING (shardid) WHERE s.logicalrelid = to_regclass("
-                       "quote_ident($1::text) || '.events') GROUP BY s.shardid"
+    res = PQexecParams(p->conn, "SELECT s.shardid, pl.groupid,"
+                       " shard_name(s.logicalrelid, s.shardid), n.nodename,"
+                       " n.nodeport FROM pg_dist_shard s"
+                       " JOIN pg_dist_placement pl USING (shardid)"
+                       " JOIN pg_dist_node n ON n.groupid = pl.groupid"
+                       " AND n.noderole = 'primary'"
+                       " WHERE s.logicalrelid = to_regclass("
+                       "quote_ident($1::text) || '.events')"
                        " ORDER BY s.shardid", 1, NULL, param, NULL, NULL, 0);
     if (PQresultStatus(res) != PGRES_TUPLES_OK)
         return pg_fail(p, res, "read_all", err);
     *n = PQntuples(res);
     *out = calloc((size_t)*n + 1, sizeof **out);
+    for (int i = 0; *out && i < *n; i++) {
+        shard_cursor *c = &(*out)[i];
+        c->shard = strtoll(PQgetvalue(res, i, 0), NULL, 10);
+        c->group = strtoll(PQgetvalue(res, i, 1), NULL, 10);
+        c->table = strdup(PQgetvalue(res, i, 2));
+        c->host = strdup(PQgetvalue(res, i, 3));
+        c->port = atoi(PQgetvalue(res, i, 4));
+        if (!c->table || !c->host) {
+            free_shards(*out, *n);
+            *out = NULL;
+        }
+    }
+    PQclear(res);
     if (!*out) {
-        PQclear(res);
         *n = 0;
         return es_fail(err, ES_DATABASE, "out of memory");
     }
-    for (int i = 0; i < *n; i++) {
-        (*out)[i].shard = strtoll(PQgetvalue(res, i, 0), NULL, 10);
-        (*out)[i].group = strtoll(PQgetvalue(res, i, 1), NULL, 10);
-    }
-    PQclear(res);
+    if (has_duplicates(*out, *n))
+        return es_fail(err, ES_INVALID, "read_all: a shard of the events "
+                       "table has several placements (replication), which "
+                       "this store does not follow (docs/scale-out.md)");
+    if (*n == 0)
+        return es_fail(err, ES_DATABASE, "read_all: the events table has no "
+                       "shards");
     return 0;
 }
 
@@ -249,103 +292,204 @@ static int rebase(shard_cursor *cur, int ncur, const shard_cursor *old,
     return 0;
 }
 
-/* ---- the statement --------------------------------------------------------- */
+/* ---- worker sessions ------------------------------------------------------ */
 
-/* Adds a literal for the per-shard command, which goes through format():
- * its % signs are doubled. */
-static int add_literal(pg_store *p, es_buf *b, const char *s)
+/* A session per worker, opened with the store's own conninfo and the
+ * worker's host and port (as Citus lists them), kept for later reads. */
+typedef struct node_conn {
+    char host[256];
+    int port;
+    PGconn *conn;
+} node_conn;
+
+struct pg_citus_nodes {
+    node_conn *v;
+    int n;
+};
+
+void pg_citus_close(pg_store *p)
 {
-    char *lit = PQescapeLiteral(p->conn, s, strlen(s));
-    int rc = 0;
-    if (!lit)
-        return -1;
-    for (const char *c = lit; *c; c++)
-        rc |= *c == '%' ? es_buf_adds(b, "%%") : es_buf_addc(b, *c);
-    PQfreemem(lit);
-    return rc;
+    if (!p->nodes)
+        return;
+    for (int i = 0; i < p->nodes->n; i++)
+        if (p->nodes->v[i].conn)
+            PQfinish(p->nodes->v[i].conn);
+    free(p->nodes->v);
+    free(p->nodes);
+    p->nodes = NULL;
 }
 
-/* The query each shard runs (%1$s: the shard's table). */
-static int shard_command(pg_store *p, es_buf *b, const shard_cursor *sh,
-                         int nsh, const es_read_all_opts *o, int64_t limit)
+static PGconn *connect_node(pg_store *p, const char *host, int port,
+                            es_error *err)
 {
-    char one[96];
-    int rc = 0;
+    PQconninfoOption *opts, *o;
+    const char *keys[64], *vals[64];
+    char portstr[16], *msg = NULL;
+    int k = 0;
+    PGconn *c;
 
-    rc |= es_buf_adds(b, "SELECT coalesce(json_agg(e ORDER BY e.n), '[]')"
-                      " FROM (SELECT position, id, version, type, data,"
-                      " metadata, recorded_at, txid, stream, row_number()"
-                      " OVER (ORDER BY txid, position) AS n FROM %1$s"
-                      " WHERE (txid, position) > (SELECT c.t, c.p FROM"
-                      " (VALUES ");
-    for (int i = 0; i < nsh; i++) {
-        snprintf(one, sizeof one, "%s(%" PRId64 "::bigint, '%" PRIu64
-                 "'::xid8, %" PRId64 "::bigint)", i ? ", " : "", sh[i].shard,
-                 sh[i].txid, sh[i].pos);
-        rc |= es_buf_adds(b, one);
+    opts = PQconninfoParse(p->conninfo, &msg);
+    if (!opts) {
+        es_fail(err, ES_CONNECTION, "read_all: conninfo: %s",
+                msg ? msg : "out of memory");
+        PQfreemem(msg);
+        return NULL;
     }
-    rc |= es_buf_adds(b, ") AS c(s, t, p) WHERE c.s = substring('%1$s' FROM"
-                      " '(\\d+)\\D*$')::bigint)"
-                      " AND txid < pg_snapshot_xmin(pg_current_snapshot())");
-    if (o->category) {
-        rc |= es_buf_adds(b, " AND category = ");
-        rc |= add_literal(p, b, o->category);
+    snprintf(portstr, sizeof portstr, "%d", port);
+    for (o = opts; o->keyword && k < 60; o++) {
+        if (!o->val || !strcmp(o->keyword, "host") ||
+            !strcmp(o->keyword, "hostaddr") || !strcmp(o->keyword, "port"))
+            continue;
+        keys[k] = o->keyword;
+        vals[k++] = o->val;
     }
-    if (o->types) {
-        rc |= es_buf_adds(b, " AND type IN (");
-        for (size_t i = 0; i < o->ntypes; i++) {
-            if (i)
-                rc |= es_buf_addc(b, ',');
-            rc |= add_literal(p, b, o->types[i]);
-        }
-        rc |= es_buf_addc(b, ')');
+    keys[k] = "host";
+    vals[k++] = host;
+    keys[k] = "port";
+    vals[k++] = portstr;
+    keys[k] = NULL;
+    vals[k] = NULL;
+    c = PQconnectdbParams(keys, vals, 0);
+    PQconninfoFree(opts);
+    if (PQstatus(c) != CONNECTION_OK) {
+        es_fail(err, ES_CONNECTION, "read_all: worker %s:%d: %s", host, port,
+                PQerrorMessage(c));
+        err->message[strcspn(err->message, "\n")] = '\0';
+        PQfinish(c);
+        return NULL;
     }
-    snprintf(one, sizeof one, " ORDER BY txid, position LIMIT %" PRId64 ") e",
-             limit);
-    rc |= es_buf_adds(b, one);
-    return rc;
+    return c;
 }
 
-static PGresult *run_batch(pg_store *p, const shard_cursor *sh, int nsh,
-                           const es_read_all_opts *o, int64_t limit,
-                           es_error *err)
+/* The live session to host:port, (re)connecting when needed. */
+static PGconn *node_session(pg_store *p, const char *host, int port,
+                            es_error *err)
 {
-    char sql[1024], lim[24];
-    const char *values[2];
-    es_buf cmd;
-    PGresult *res;
+    node_conn *nc = NULL;
 
-    es_buf_init(&cmd);
-    if (shard_command(p, &cmd, sh, nsh, o, limit) < 0 || !es_buf_cstr(&cmd)) {
-        es_buf_free(&cmd);
+    if (!p->nodes && !(p->nodes = calloc(1, sizeof *p->nodes))) {
         es_fail(err, ES_DATABASE, "out of memory");
         return NULL;
     }
-    snprintf(sql, sizeof sql, "SELECT r.position, r.id, r.version, r.type,"
-             " r.data, r.metadata, r.recorded_at, r.txid, r.stream, c.shardid"
-             " FROM run_command_on_shards('\"%s\".events', $1) c,"
-             " LATERAL json_to_recordset(CASE WHEN c.success THEN"
-             " c.result::json ELSE \"%s\".shard_failed(c.shardid, c.result)"
-             " END) AS r(position bigint, id uuid, version bigint, type text,"
-             " data json, metadata json, recorded_at timestamptz, txid xid8,"
-             " stream text, n bigint)"
-             " ORDER BY r.n, c.shardid LIMIT $2::bigint", p->schema,
-             p->schema);
-    snprintf(lim, sizeof lim, "%" PRId64, limit);
-    values[0] = es_buf_cstr(&cmd);
-    values[1] = lim;
-    res = PQexecParams(p->conn, sql, 2, NULL, values, NULL, NULL, 1);
-    es_buf_free(&cmd);
-    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-        pg_fail(p, res, "read_all", err);
-        return NULL;
+    for (int i = 0; i < p->nodes->n; i++)
+        if (p->nodes->v[i].port == port && !strcmp(p->nodes->v[i].host, host))
+            nc = &p->nodes->v[i];
+    if (!nc) {
+        node_conn *v = realloc(p->nodes->v,
+                               (size_t)(p->nodes->n + 1) * sizeof *v);
+        if (!v) {
+            es_fail(err, ES_DATABASE, "out of memory");
+            return NULL;
+        }
+        p->nodes->v = v;
+        nc = &v[p->nodes->n++];
+        memset(nc, 0, sizeof *nc);
+        snprintf(nc->host, sizeof nc->host, "%s", host);
+        nc->port = port;
     }
-    if (PQnfields(res) != 10) {
+    if (nc->conn && PQstatus(nc->conn) != CONNECTION_OK) {
+        PQfinish(nc->conn);
+        nc->conn = NULL;
+    }
+    if (!nc->conn)
+        nc->conn = connect_node(p, host, port, err);
+    return nc->conn;
+}
+
+/* ---- one shard ------------------------------------------------------------ */
+
+/* Adds one element of a text[] literal. */
+static int add_elem(es_buf *b, const char *s, int first)
+{
+    int rc = first ? 0 : es_buf_addc(b, ',');
+    rc |= es_buf_addc(b, '"');
+    for (; *s; s++) {
+        if (*s == '"' || *s == '\\')
+            rc |= es_buf_addc(b, '\\');
+        rc |= es_buf_addc(b, *s);
+    }
+    return rc | es_buf_addc(b, '"');
+}
+
+/* The shard's rows after its cursor whose transactions are older than
+ * anything still running on its worker, in (txid, position) order. */
+static PGresult *read_shard(pg_store *p, PGconn *c, const char *table,
+                            const shard_cursor *sh, const es_read_all_opts *o,
+                            int64_t limit, es_error *err)
+{
+    char sql[768], filters[128] = "", tx[24], pos[24], lim[24];
+    const char *values[5];
+    int n = 3;
+    es_buf types;
+    PGresult *res;
+
+    es_buf_init(&types);
+    snprintf(tx, sizeof tx, "%" PRIu64, sh->txid);
+    snprintf(pos, sizeof pos, "%" PRId64, sh->pos);
+    snprintf(lim, sizeof lim, "%" PRId64, limit);
+    values[0] = tx;
+    values[1] = pos;
+    values[2] = lim;
+    if (o->category) {
+        values[n++] = o->category;
+        snprintf(filters, sizeof filters, " AND category = $%d", n);
+    }
+    if (o->types) {
+        int rc = es_buf_addc(&types, '{');
+        for (size_t i = 0; i < o->ntypes; i++)
+            rc |= add_elem(&types, o->types[i], i == 0);
+        rc |= es_buf_addc(&types, '}');
+        if (rc < 0 || !es_buf_cstr(&types)) {
+            es_buf_free(&types);
+            es_fail(err, ES_DATABASE, "out of memory");
+            return NULL;
+        }
+        values[n++] = es_buf_cstr(&types);
+        snprintf(filters + strlen(filters), sizeof filters - strlen(filters),
+                 " AND type = ANY($%d::text[])", n);
+    }
+    snprintf(sql, sizeof sql, "SELECT position, id, version, type, data,"
+             " metadata, recorded_at, txid, stream FROM %s"
+             " WHERE (txid, position) > ($1::xid8, $2::bigint)"
+             " AND txid < pg_snapshot_xmin(pg_current_snapshot())%s"
+             " ORDER BY txid, position LIMIT $3::bigint", table, filters);
+    res = PQexecParams(c, sql, n, NULL, values, NULL, NULL, 1);
+    es_buf_free(&types);
+    if (PQresultStatus(res) != PGRES_TUPLES_OK || PQnfields(res) != 9) {
+        es_fail(err, PQstatus(c) == CONNECTION_OK ? ES_DATABASE
+                : ES_CONNECTION, "read_all: shard %" PRId64 ": %s", sh->shard,
+                PQresultErrorMessage(res));
+        err->message[strcspn(err->message, "\n")] = '\0';
         PQclear(res);
-        es_fail(err, ES_DATABASE, "read_all: unexpected result shape");
         return NULL;
     }
     return res;
+}
+
+/* Reads every shard's next rows and lays the batch out round robin. */
+static int read_batch(pg_store *p, citus_cursor *cc, const es_read_all_opts *o,
+                      int64_t limit, es_error *err)
+{
+    int64_t total = 0;
+
+    for (int i = 0; i < cc->nsh; i++) {
+        shard_cursor *s = &cc->sh[i];
+        PGconn *c = node_session(p, s->host, s->port, err);
+        if (!c || !(s->res = read_shard(p, c, s->table, s, o, limit, err)))
+            return -1;
+        total += PQntuples(s->res);
+    }
+    if (total > limit)
+        total = limit;
+    cc->order = malloc(((size_t)total + 1) * sizeof *cc->order);
+    cc->next_row = calloc((size_t)cc->nsh, sizeof *cc->next_row);
+    if (!cc->order || !cc->next_row)
+        return es_fail(err, ES_DATABASE, "out of memory");
+    for (int round = 0; cc->nrows < total; round++)
+        for (int i = 0; i < cc->nsh && cc->nrows < total; i++)
+            if (round < PQntuples(cc->sh[i].res))
+                cc->order[cc->nrows++] = i;
+    return 0;
 }
 
 es_cursor *pg_citus_read_all(pg_store *p, const es_read_all_opts *o,
@@ -367,18 +511,13 @@ es_cursor *pg_citus_read_all(pg_store *p, const es_read_all_opts *o,
     cc->base.store = &p->base;
     es_buf_init(&cc->cp);
     if (current_shards(p, &cc->sh, &cc->nsh, err) < 0 ||
-        rebase(cc->sh, cc->nsh, old, nold, err) < 0)
-        goto fail;
+        rebase(cc->sh, cc->nsh, old, nold, err) < 0 ||
+        read_batch(p, cc, o, o->limit > 0 ? o->limit : (int64_t)DEFAULT_BATCH,
+                   err) < 0) {
+        free(old);
+        cc_destroy(&cc->base);
+        return NULL;
+    }
     free(old);
-    old = NULL;
-    cc->res = run_batch(p, cc->sh, cc->nsh, o,
-                        o->limit > 0 ? o->limit : (int64_t)DEFAULT_BATCH, err);
-    if (!cc->res)
-        goto fail;
-    cc->nrows = PQntuples(cc->res);
     return &cc->base;
-fail:
-    free(old);
-    cc_destroy(&cc->base);
-    return NULL;
 }
