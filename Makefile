@@ -3,6 +3,9 @@
 #   make               build the module for Lua 5.4 and for LuaJIT
 #   make test          every spec under Lua 5.4 and LuaJIT on a throwaway
 #                      PostgreSQL (or ES_TEST_DATABASE_URL)
+#   make test-citus    the store, global-order, projector, workflow and Citus
+#                      specs against a throwaway Citus cluster (as root;
+#                      builds Citus from ../shared/citus when not installed)
 #   make check-memory  the Lua 5.4 specs against an ASan+UBSan build
 #   make bench         benchmarks (ratios against alternatives, same run)
 #   make demo          the order service walk-through
@@ -46,7 +49,7 @@ BUILDS = build/rock/eventsourcing/core.so
 INSTALL_SO = build/rock/eventsourcing/core.so
 endif
 
-.PHONY: all test check-memory bench demo install clean lint
+.PHONY: all test test-citus check-memory bench demo install clean lint
 
 all: $(BUILDS)
 
@@ -72,6 +75,9 @@ $(eval $(call flavour,rock,-I$(LUA_INCDIR),))
 # SPEC=spec/03_store_spec.lua runs one file (or several, space-separated).
 test: all
 	@scripts/test.sh $(SPEC)
+
+test-citus: all
+	@scripts/citus.sh test $(SPEC)
 
 check-memory: build/asan/eventsourcing/core.so
 	@scripts/check-memory.sh $(SPEC)

@@ -185,7 +185,7 @@ static int parse_checkpoint(const char *text, shard_cursor **out, int *n,
         if (*end != ':' || end[1] < '0' || end[1] > '9')
             goto bad;
         c->pos = strtoll(end + 1, &end, 10);
-        if (*end != ',' && *end != '\0')
+        if ((*end != ',' && *end != '\0') || (*end == ',' && !end[1]))
             goto bad;
         (*n)++;
         s = *end ? end + 1 : end;

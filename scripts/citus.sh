@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# A throwaway Citus cluster for the specs and benchmarks (docs/scale-out.md).
+#
+#   scripts/citus.sh test [SPEC...]   start a cluster (coordinator + 2 workers),
+#                                     run the specs against it with stores laid
+#                                     out distributed, stop it; prints
+#                                     `N passed, N failed` last (make test-citus)
+#   scripts/citus.sh start DIR        start one, print the coordinator's conninfo
+#   scripts/citus.sh stop DIR
+#
+# Uses an installed Citus (the extension in PostgreSQL 15); without one, as
+# root, builds it from ../shared/citus (beside the repository) with its
+# build.sh. Neither there: `test` says so and skips (exit 0, no counts).
+# As root (servers run as user postgres). ES_CITUS_WORKERS (2), ES_CITUS_PORT
+# (a free base port), ES_TEST_SHARDS (4), ES_TEST_FLAVOURS as for make test.
+set -uo pipefail
+# shellcheck source=scripts/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$ES_ROOT" || exit 1
+
+BIN=/usr/lib/postgresql/15/bin
+SHARED=$ES_ROOT/../shared/citus
+CONTROL=/usr/share/postgresql/15/extension/citus.control
+
+installed() { [ -f "$CONTROL" ]; }
+
+# Makes sure Citus is installed: 0 yes, 1 cannot (message printed).
+ensure_citus() {
+  installed && return 0
+  if [ ! -x "$SHARED/build.sh" ]; then
+    es_log "citus: not installed, and no $SHARED/build.sh to build it from"
+    return 1
+  fi
+  es_is_root || { es_log "citus: building it needs root"; return 1; }
+  local t0=$SECONDS
+  "$SHARED/build.sh" >&2 || { es_log "citus: build failed"; return 1; }
+  es_log "citus: built and installed in $((SECONDS - t0))s"
+}
+
+port_free() { ! ss -Htln "sport = :$1" 2>/dev/null | grep -q .; }
+
+# A base port with WORKERS+1 free ports after it, below the ephemeral range.
+free_base() {
+  local n=$1 base i ok
+  for _ in $(seq 1 50); do
+    base=$((20000 + RANDOM % 10000)) ok=1
+    for i in $(seq 0 "$n"); do port_free $((base + i)) || { ok=0; break; }; done
+    [ $ok = 1 ] && { echo "$base"; return 0; }
+  done
+  return 1
+}
+
+pg() { runuser -u postgres -- "$@"; }
+
+# start DIR: coordinator on the base port, workers after it.
+start() {
+  local dir=$1 n=${ES_CITUS_WORKERS:-2} base i d port
+  base=${ES_CITUS_PORT:-$(free_base "$n")} || es_die "no free ports"
+  mkdir -p "$dir" && chown postgres "$dir" || es_die "cannot use $dir"
+  echo "$base" >"$dir/base_port"
+  for i in $(seq 0 "$n"); do
+    d=$dir/node$i port=$((base + i))
+    pg $BIN/initdb -D "$d" -U postgres -A trust --no-sync -E UTF8 --locale=C.UTF-8 >/dev/null ||
+      es_die "initdb failed"
+    printf '%s\n' "shared_preload_libraries = 'citus'" "listen_addresses = '127.0.0.1'" \
+      "port = $port" "unix_socket_directories = '$dir'" "max_connections = 300" \
+      "wal_level = logical" "max_prepared_transactions = 100" "fsync = off" \
+      "synchronous_commit = off" "full_page_writes = off" >>"$d/postgresql.conf"
+    pg $BIN/pg_ctl -D "$d" -l "$dir/node$i.log" -w start >/dev/null ||
+      { cat "$dir/node$i.log" >&2; es_die "node $i did not start"; }
+    pg psql -X -q -h 127.0.0.1 -p "$port" -U postgres -d postgres -c 'CREATE EXTENSION citus' >/dev/null ||
+      es_die "CREATE EXTENSION citus failed on node $i"
+  done
+  local P="pg psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p $base -U postgres -d postgres"
+  $P -c "SELECT citus_set_coordinator_host('127.0.0.1', $base)" >/dev/null || es_die "coordinator setup failed"
+  for i in $(seq 1 "$n"); do
+    $P -c "SELECT citus_add_node('127.0.0.1', $((base + i)))" >/dev/null || es_die "citus_add_node failed"
+  done
+  echo "host=127.0.0.1 port=$base user=postgres dbname=postgres"
+}
+
+stop() {
+  local d
+  for d in "$1"/node*; do
+    [ -f "$d/postmaster.pid" ] && pg $BIN/pg_ctl -D "$d" -m immediate -w stop >/dev/null
+  done
+  true
+}
+
+run_tests() {
+  es_is_root || es_die "scripts/citus.sh test runs as root (servers run as user postgres)"
+  if ! ensure_citus; then
+    echo "test-citus: skipped (Citus is not installed and ../shared/citus is absent)"
+    exit 0
+  fi
+  local dir url t0=$SECONDS
+  dir=$(mktemp -d "${TMPDIR:-/tmp}/es-citus.XXXXXX")
+  trap 'stop "$dir"; rm -rf "$dir"' EXIT
+  trap es_on_interrupt INT TERM
+  url=$(start "$dir" | tail -1) || es_die "the cluster did not start"
+  echo "test-citus: cluster up at $url ($((SECONDS - t0))s)"
+  local specs=("$@")
+  [ ${#specs[@]} -gt 0 ] || specs=(spec/03_store_spec.lua spec/04_global_order_spec.lua
+    spec/21_projector_spec.lua spec/40_workflow_spec.lua spec/50_citus_spec.lua)
+  ES_TEST_DISTRIBUTED=1 ES_TEST_SHARDS=${ES_TEST_SHARDS:-4} ES_TEST_DATABASE_URL=$url \
+    ES_CITUS_DIR=$dir scripts/test.sh "${specs[@]}"
+}
+
+case ${1:-} in
+  test) shift; run_tests "$@" ;;
+  start) [ -n "${2:-}" ] || es_die "usage: $0 start DIR"; ensure_citus || exit 1; start "$2" ;;
+  stop) [ -n "${2:-}" ] || es_die "usage: $0 stop DIR"; stop "$2" ;;
+  *) es_die "usage: $0 test [SPEC...] | start DIR | stop DIR" ;;
+esac
