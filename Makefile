@@ -6,6 +6,7 @@
 #   make test-citus    the store, global-order, projector, workflow and Citus
 #                      specs against a throwaway Citus cluster (as root;
 #                      builds Citus from ../shared/citus when not installed)
+#   make bench-citus   appends and catch-up on Citus beside one PostgreSQL
 #   make check-memory  the Lua 5.4 specs against an ASan+UBSan build
 #   make bench         benchmarks (ratios against alternatives, same run)
 #   make demo          the order service walk-through
@@ -49,7 +50,7 @@ BUILDS = build/rock/eventsourcing/core.so
 INSTALL_SO = build/rock/eventsourcing/core.so
 endif
 
-.PHONY: all test test-citus check-memory bench demo install clean lint
+.PHONY: all test test-citus bench-citus check-memory bench demo install clean lint
 
 all: $(BUILDS)
 
@@ -78,6 +79,9 @@ test: all
 
 test-citus: all
 	@scripts/citus.sh test $(SPEC)
+
+bench-citus: all
+	@scripts/citus.sh bench
 
 check-memory: build/asan/eventsourcing/core.so
 	@scripts/check-memory.sh $(SPEC)

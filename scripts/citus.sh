@@ -5,6 +5,11 @@
 #                                     run the specs against it with stores laid
 #                                     out distributed, stop it; prints
 #                                     `N passed, N failed` last (make test-citus)
+#   scripts/citus.sh bench            appends at 8 and 32 clients (1 and 100 events
+#                                     each) on one PostgreSQL, through the
+#                                     coordinator and connected to a worker, then
+#                                     catch-up of ES_BENCH_EVENTS (1,000,000) events
+#                                     (make bench-citus; figures in docs/scale-out.md)
 #   scripts/citus.sh start DIR        start one, print the coordinator's conninfo
 #   scripts/citus.sh stop DIR
 #
@@ -106,8 +111,83 @@ run_tests() {
     ES_CITUS_DIR=$dir scripts/test.sh "${specs[@]}"
 }
 
+# appends URL SCHEMA CLIENTS SIZE : events/s of CLIENTS bench/append.lua
+# processes appending SIZE events per call for ES_BENCH_SECS seconds.
+appends() {
+  local url=$1 schema=$2 clients=$3 size=$4 secs=${ES_BENCH_SECS:-5} i out
+  out=$(mktemp -d "${TMPDIR:-/tmp}/es-bench.XXXXXX")
+  for i in $(seq 1 "$clients"); do
+    LUA_PATH="$ES_LPATH;;" LUA_CPATH="build/lua5.4/?.so;;" \
+      lua5.4 bench/append.lua "$url" "$schema" "$i" "$size" "$secs" >"$out/$i" 2>&1 &
+  done
+  wait
+  awk '/^events/ { ev += $2; s += $4; n++ } END { if (n) printf "%.0f", ev / (s / n) }' "$out"/*
+  rm -rf "$out"
+}
+
+lua_eval() {
+  LUA_PATH="$ES_LPATH;;" LUA_CPATH="build/lua5.4/?.so;;" lua5.4 -e "$1"
+}
+
+run_bench() {
+  es_is_root || es_die "scripts/citus.sh bench runs as root"
+  ensure_citus || es_die "Citus is not installed (and ../shared/citus is absent)"
+  local dir url wurl single c size
+  dir=$(mktemp -d "${TMPDIR:-/tmp}/es-citus.XXXXXX")
+  trap 'stop "$dir"; rm -rf "$dir"' EXIT
+  url=$(start "$dir" | tail -1) || es_die "the cluster did not start"
+  wurl="host=127.0.0.1 port=$(( $(cat "$dir/base_port") + 1 )) user=postgres dbname=postgres"
+  # one PostgreSQL: the coordinator's own, with a schema that is not distributed
+  lua_eval "local es = require 'eventsourcing'
+    assert(assert(es.open('$url', { schema = 'bench_single' })):migrate())
+    assert(assert(es.open('$url', { schema = 'bench_dist' })):migrate({ distributed = true }))"
+  echo "citus bench: $(nproc) cores, ${ES_BENCH_SECS:-5} s per phase, events/s (sum of clients)"
+  printf '%-8s %-8s %12s %12s %12s\n' clients events single-node coordinator worker
+  for size in 1 100; do
+    for c in 8 32; do
+      printf '%-8s %-8s %12s %12s %12s\n' "$c" "$size" \
+        "$(appends "$url" bench_single "$c" "$size")" \
+        "$(appends "$url" bench_dist "$c" "$size")" \
+        "$(appends "$wurl" bench_dist "$c" "$size")"
+    done
+  done
+  catch_up "$url"
+}
+
+# catch_up URL: ES_BENCH_EVENTS events in 1,000-event streams, then the
+# time one read_all follower takes to read them all, single-node and on
+# Citus (all shards in one cursor).
+catch_up() {
+  local n=${ES_BENCH_EVENTS:-1000000}
+  lua_eval "
+    local es = require 'eventsourcing'
+    local core = require 'eventsourcing.core'
+    local function seed(schema, opts)
+      local s = assert(es.open('$1', { schema = schema }))
+      assert(s:migrate(opts))
+      local t0 = core.monotonic()
+      assert(s:query('INSERT INTO ' .. schema .. '.events (id, stream, version, type, data, metadata, category)'
+        .. ' SELECT gen_random_uuid(), \'Seed-\' || (g / 1000), g % 1000 + 1, \'Ticked\','
+        .. ' \'{"n": 1, "note": "hello"}\', \'{}\', \'Seed\' FROM generate_series(0, $n - 1) g'))
+      local seeded = core.monotonic() - t0
+      t0 = core.monotonic()
+      local cp, total = nil, 0
+      while true do
+        local b, ncp = assert(s:read_all({ after = cp, limit = 1000 }))
+        if #b == 0 then break end
+        total, cp = total + #b, ncp
+      end
+      local dt = core.monotonic() - t0
+      print(('catch-up %-12s %d events: seeded in %.1f s, read in %.1f s (%.0f events/s)')
+        :format(opts and 'citus' or 'single-node', total, seeded, dt, total / dt))
+    end
+    seed('bench_cu_single', nil)
+    seed('bench_cu_dist', { distributed = true })"
+}
+
 case ${1:-} in
   test) shift; run_tests "$@" ;;
+  bench) run_bench ;;
   start) [ -n "${2:-}" ] || es_die "usage: $0 start DIR"; ensure_citus || exit 1; start "$2" ;;
   stop) [ -n "${2:-}" ] || es_die "usage: $0 stop DIR"; stop "$2" ;;
   *) es_die "usage: $0 test [SPEC...] | start DIR | stop DIR" ;;
