@@ -98,9 +98,10 @@ run_tests() {
     echo "test-citus: skipped (Citus is not installed and ../shared/citus is absent)"
     exit 0
   fi
-  local dir url t0=$SECONDS
-  dir=$(mktemp -d "${TMPDIR:-/tmp}/es-citus.XXXXXX")
-  trap 'stop "$dir"; rm -rf "$dir"' EXIT
+  local url t0=$SECONDS
+  CLUSTER_DIR=$(mktemp -d "${TMPDIR:-/tmp}/es-citus.XXXXXX")
+  local dir=$CLUSTER_DIR
+  trap 'stop "$CLUSTER_DIR"; rm -rf "$CLUSTER_DIR"' EXIT
   trap es_on_interrupt INT TERM
   url=$(start "$dir" | tail -1) || es_die "the cluster did not start"
   echo "test-citus: cluster up at $url ($((SECONDS - t0))s)"
@@ -132,9 +133,10 @@ lua_eval() {
 run_bench() {
   es_is_root || es_die "scripts/citus.sh bench runs as root"
   ensure_citus || es_die "Citus is not installed (and ../shared/citus is absent)"
-  local dir url wurl single c size
-  dir=$(mktemp -d "${TMPDIR:-/tmp}/es-citus.XXXXXX")
-  trap 'stop "$dir"; rm -rf "$dir"' EXIT
+  local url wurl c size
+  CLUSTER_DIR=$(mktemp -d "${TMPDIR:-/tmp}/es-citus.XXXXXX")
+  local dir=$CLUSTER_DIR
+  trap 'stop "$CLUSTER_DIR"; rm -rf "$CLUSTER_DIR"' EXIT
   url=$(start "$dir" | tail -1) || es_die "the cluster did not start"
   wurl="host=127.0.0.1 port=$(( $(cat "$dir/base_port") + 1 )) user=postgres dbname=postgres"
   # one PostgreSQL: the coordinator's own, with a schema that is not distributed
@@ -168,7 +170,7 @@ catch_up() {
       local t0 = core.monotonic()
       assert(s:query('INSERT INTO ' .. schema .. '.events (id, stream, version, type, data, metadata, category)'
         .. ' SELECT gen_random_uuid(), \'Seed-\' || (g / 1000), g % 1000 + 1, \'Ticked\','
-        .. ' \'{"n": 1, "note": "hello"}\', \'{}\', \'Seed\' FROM generate_series(0, $n - 1) g'))
+        .. ' \'{\"n\": 1, \"note\": \"hello\"}\', \'{}\', \'Seed\' FROM generate_series(0, $n - 1) g'))
       local seeded = core.monotonic() - t0
       t0 = core.monotonic()
       local cp, total = nil, 0

@@ -1139,8 +1139,12 @@ function M.trace(store, correlation_id)
     if ok == nil and err then return nil, err end
     return out
   end
+  -- on Citus transaction ids are per worker: a chain crosses workers in
+  -- the order its events were recorded
+  local info = store:info()
+  local order = info and info.distributed and "recorded_at, position" or "txid, position"
   return store:query(sqlq(store, "SELECT " .. EVENT_COLS .. " FROM <schema>.events "
-    .. "WHERE metadata->>'correlation_id' = $1 OR id = $2::uuid ORDER BY txid, position"),
+    .. "WHERE metadata->>'correlation_id' = $1 OR id = $2::uuid ORDER BY " .. order),
     correlation_id, correlation_id:match("^%x+%-%x+%-%x+%-%x+%-%x+$") and correlation_id
       or "00000000-0000-0000-0000-000000000000")
 end
