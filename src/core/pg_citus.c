@@ -30,20 +30,11 @@
 
 /* ---- the distributed schema ---------------------------------------------- */
 
-/* append() for Citus: the single-node function (pg_schema.c, step 3) with
- * id lookups confined to the stream, since ids are unique per stream. It
- * runs on the worker that holds the stream (create_distributed_function
- * below), so pg_current_xact_id() is that worker's, like the rows' txid. */
-#define C_LAST \
-    "(SELECT coalesce(e.version, 0) AS cur, e.txid FROM (VALUES (1)) AS one" \
-    " LEFT JOIN LATERAL (SELECT version, txid FROM %1$s.events" \
-    "   WHERE stream = p_stream ORDER BY version DESC LIMIT 1) e ON true)"
-#define C_ALLOWED \
-    "(l.txid IS NULL OR l.txid <= pg_current_xact_id())" \
-    " AND NOT ((p_expected = -2 AND l.cur <> 0)" \
-    "  OR (p_expected = -3 AND l.cur = 0)" \
-    "  OR (p_expected >= 0 AND l.cur <> p_expected))"
-
+/* append() for Citus: the single-node function's rules (pg_schema.c, step
+ * 3) with id lookups confined to the stream, since ids are unique per
+ * stream. It runs on the worker that holds the stream
+ * (create_distributed_function below), so pg_current_xact_id() is that
+ * worker's, like the rows' txid. */
 static const char append_sql[] =
     "CREATE OR REPLACE FUNCTION %1$s.append(p_stream text, p_expected bigint,"
     "    p_check_ids boolean, p_ids uuid[], p_types text[], p_data json[],"
@@ -100,58 +91,35 @@ static const char append_sql[] =
     "      RETURN;"
     "    END IF;"
     "  END IF;"
-    "  FOR attempt IN 1..3 LOOP"
-    "    IF n = 1 THEN"
-    "      INSERT INTO %1$s.events (id, stream, version, type, data,"
-    "                               metadata, category)"
-    "      SELECT p_ids[1], p_stream, l.cur + 1, p_types[1], p_data[1],"
-    "             p_meta[1], split_part(p_stream, '-', 1)"
-    "        FROM " C_LAST " l WHERE " C_ALLOWED
-    "      RETURNING position, version INTO o_position, o_version;"
-    "    ELSE"
-    "      SELECT e.version, e.txid INTO cur, last_txid FROM %1$s.events e"
-    "        WHERE e.stream = p_stream ORDER BY e.version DESC LIMIT 1;"
-    "      cur := coalesce(cur, 0);"
-    "      IF (last_txid IS NULL OR last_txid <= pg_current_xact_id())"
-    "         AND NOT ((p_expected = -2 AND cur <> 0)"
-    "                  OR (p_expected = -3 AND cur = 0)"
-    "                  OR (p_expected >= 0 AND cur <> p_expected)) THEN"
-    /* RETURNING rather than currval(): the identity's sequence on a
-     * worker is not the one the session's currval() would name. */
-    "        WITH ins AS ("
-    "          INSERT INTO %1$s.events (id, stream, version, type, data,"
-    "                                   metadata, category)"
-    "          SELECT u.id, p_stream, cur + u.ord, u.type, u.data, u.meta,"
-    "                 split_part(p_stream, '-', 1)"
-    "            FROM unnest(p_ids, p_types, p_data, p_meta)"
-    "                 WITH ORDINALITY AS u(id, type, data, meta, ord)"
-    "           ORDER BY u.ord"
-    "          RETURNING position)"
-    "        SELECT max(ins.position) INTO o_position FROM ins;"
-    "        o_version := cur + n;"
-    "      END IF;"
-    "    END IF;"
-    "    IF o_position IS NOT NULL THEN"
-    "      o_status := 0;"
-    "      o_recorded_at := (extract(epoch FROM now()) * 1000000)::bigint;"
-    "      RETURN;"
-    "    END IF;"
-    "    SELECT e.version, e.txid INTO cur, last_txid FROM %1$s.events e"
-    "      WHERE e.stream = p_stream ORDER BY e.version DESC LIMIT 1;"
-    "    cur := coalesce(cur, 0);"
-    "    IF last_txid > pg_current_xact_id() THEN"
-    "      RAISE EXCEPTION 'stream % was appended to by a younger"
+    /* Read the last version, check, then INSERT ... VALUES row by row:
+     * each statement names the stream, so Citus runs it on this worker's
+     * shard as is. An INSERT ... SELECT (the single-node function's one
+     * statement, or unnest for many events) is planned by Citus through
+     * intermediate results and COPY instead, several times slower. Two
+     * writers that read the same last version meet at the unique
+     * (stream, version) index; the caller asks again (pg.c). */
+    "  SELECT e.version, e.txid INTO cur, last_txid FROM %1$s.events e"
+    "    WHERE e.stream = p_stream ORDER BY e.version DESC LIMIT 1;"
+    "  cur := coalesce(cur, 0);"
+    "  IF last_txid > pg_current_xact_id() THEN"
+    "    RAISE EXCEPTION 'stream % was appended to by a younger"
     " transaction; retry in a new transaction', p_stream"
-    "        USING ERRCODE = '40001';"
-    "    END IF;"
-    "    IF (p_expected = -2 AND cur <> 0) OR (p_expected = -3 AND cur = 0)"
-    "       OR (p_expected >= 0 AND cur <> p_expected) THEN"
-    "      o_status := 2; o_version := cur;"
-    "      RETURN;"
-    "    END IF;"
+    "      USING ERRCODE = '40001';"
+    "  END IF;"
+    "  IF (p_expected = -2 AND cur <> 0) OR (p_expected = -3 AND cur = 0)"
+    "     OR (p_expected >= 0 AND cur <> p_expected) THEN"
+    "    o_status := 2; o_version := cur;"
+    "    RETURN;"
+    "  END IF;"
+    "  FOR i IN 1..n LOOP"
+    "    INSERT INTO %1$s.events (id, stream, version, type, data, metadata,"
+    "                             category)"
+    "    VALUES (p_ids[i], p_stream, cur + i, p_types[i], p_data[i],"
+    "            p_meta[i], split_part(p_stream, '-', 1))"
+    "    RETURNING position INTO o_position;"
     "  END LOOP;"
-    "  RAISE EXCEPTION 'stream % keeps changing under this append; retry',"
-    "    p_stream USING ERRCODE = '40001';"
+    "  o_status := 0; o_version := cur + n;"
+    "  o_recorded_at := (extract(epoch FROM now()) * 1000000)::bigint;"
     "END $fn$;";
 
 /* Runs before the tables are distributed, in the migration's transaction.
