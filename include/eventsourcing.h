@@ -114,6 +114,11 @@ typedef struct es_read_all_opts {
                                     read_all asking exactly that gets it
                                     without waiting for the server again.
                                     Other calls meanwhile are fine. */
+    const int64_t *shards;       /* Citus: read only these shards of the
+                                    events table (nshards ids; NULL: all).
+                                    A checkpoint covers the shards it was
+                                    read with. Elsewhere ES_INVALID. */
+    size_t nshards;
 } es_read_all_opts;
 
 typedef struct es_store es_store;

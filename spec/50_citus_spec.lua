@@ -25,6 +25,15 @@ describe("distributed layout refused where there is no Citus", function()
     assert.is_false(store:info().distributed)
   end)
 
+  it("read_all's shards option is for distributed stores only", function()
+    local store = assert(es.open("memory:"))
+    local b, err = store:read_all({ shards = { 1 } })
+    assert.is_nil(b)
+    assert.equal("invalid", err.kind)
+    assert.has_error(function() store:read_all({ shards = 1 }) end)
+    assert.has_error(function() store:read_all({ shards = { "x" } }) end)
+  end)
+
   it("bad options raise", function()
     local store = assert(es.open("memory:"))
     assert.has_error(function() store:migrate({ shards = 4 }) end)
@@ -167,6 +176,47 @@ describe("the store on Citus", function()
     assert.equal(near, rest[2].stream)
     assert.equal(3, #drain(store, nil, 2))   -- from the start: each once
     A:close(); B:close()
+  end)
+
+  it("reads a subset of shards: one consumer per shard group, together everything once", function()
+    for i = 1, 30 do assert(store:append("G-" .. i, { { type = "A" }, { type = "B" } })) end
+    local ids = {}
+    for _, r in ipairs(assert(store:query("SELECT shardid FROM pg_dist_shard WHERE logicalrelid = $1::regclass "
+      .. "ORDER BY shardid", '"' .. schema .. '".events'))) do ids[#ids + 1] = r.shardid end
+    assert.is_true(#ids >= 2)
+    -- member k takes every other shard
+    local groups = { {}, {} }
+    for i, id in ipairs(ids) do table.insert(groups[i % 2 + 1], id) end
+    local seen, cps = {}, {}
+    for k, g in ipairs(groups) do
+      local cp
+      repeat
+        local b
+        b, cp = assert(store:read_all({ after = cp, limit = 7, shards = g }))
+        for _, e in ipairs(b) do
+          assert.is_nil(seen[e.id], "delivered twice")
+          seen[e.id] = k
+        end
+      until #b == 0
+      cps[k] = cp
+    end
+    local n = 0
+    for _ in pairs(seen) do n = n + 1 end
+    assert.equal(60, n)
+    -- a checkpoint belongs to its shards
+    local b, err = store:read_all({ after = cps[1], shards = groups[2] })
+    assert.is_nil(b)
+    assert.equal("invalid", err.kind)
+    b, err = store:read_all({ shards = { 1 } })
+    assert.is_nil(b)
+    assert.matches("not a shard", err.message)
+    -- new events go to the member of their shard
+    assert(store:append("G-1", { type = "C" }))
+    local got = 0
+    for k, g in ipairs(groups) do
+      got = got + #assert(store:read_all({ after = cps[k], shards = g }))
+    end
+    assert.equal(1, got)
   end)
 
   it("refuses to follow a shard that moved since the checkpoint", function()

@@ -62,13 +62,20 @@ static uint64_t be64(const char *v)
     return x;
 }
 
-static void free_shards(shard_cursor *sh, int n)
+static void clear_shards(shard_cursor *sh, int n)
 {
     for (int i = 0; sh && i < n; i++) {
         free(sh[i].table);
         free(sh[i].host);
         PQclear(sh[i].res);
+        sh[i].table = sh[i].host = NULL;
+        sh[i].res = NULL;
     }
+}
+
+static void free_shards(shard_cursor *sh, int n)
+{
+    clear_shards(sh, n);
     free(sh);
 }
 
@@ -257,6 +264,41 @@ static int current_shards(pg_store *p, shard_cursor **out, int *n,
     if (*n == 0)
         return es_fail(err, ES_DATABASE, "read_all: the events table has no "
                        "shards");
+    return 0;
+}
+
+/* Keeps only the shards o->shards names (all when it is NULL): a
+ * consumer group's member reads its own shards. */
+static int only_shards(citus_cursor *cc, const es_read_all_opts *o,
+                       es_error *err)
+{
+    int kept = 0;
+
+    if (!o->shards)
+        return 0;
+    if (o->nshards == 0)
+        return es_fail(err, ES_INVALID, "read_all: option shards is empty");
+    for (size_t k = 0; k < o->nshards; k++) {
+        if (!find_shard(cc->sh, cc->nsh, o->shards[k]))
+            return es_fail(err, ES_INVALID, "read_all: %" PRId64 " is not a "
+                           "shard of the events table", o->shards[k]);
+        for (size_t j = 0; j < k; j++)
+            if (o->shards[j] == o->shards[k])
+                return es_fail(err, ES_INVALID, "read_all: shard %" PRId64
+                               " named twice", o->shards[k]);
+    }
+    for (int i = 0; i < cc->nsh; i++) {
+        int wanted = 0;
+        for (size_t k = 0; k < o->nshards && !wanted; k++)
+            wanted = o->shards[k] == cc->sh[i].shard;
+        if (wanted) {
+            shard_cursor keep = cc->sh[i];
+            cc->sh[i] = cc->sh[kept];
+            cc->sh[kept++] = keep;
+        }
+    }
+    clear_shards(cc->sh + kept, cc->nsh - kept);
+    cc->nsh = kept;
     return 0;
 }
 
@@ -511,6 +553,7 @@ es_cursor *pg_citus_read_all(pg_store *p, const es_read_all_opts *o,
     cc->base.store = &p->base;
     es_buf_init(&cc->cp);
     if (current_shards(p, &cc->sh, &cc->nsh, err) < 0 ||
+        only_shards(cc, o, err) < 0 ||
         rebase(cc->sh, cc->nsh, old, nold, err) < 0 ||
         read_batch(p, cc, o, o->limit > 0 ? o->limit : (int64_t)DEFAULT_BATCH,
                    err) < 0) {

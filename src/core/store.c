@@ -216,6 +216,11 @@ es_cursor *es_read_all(es_store *s, const es_read_all_opts *o, es_error *err)
         es_fail(err, ES_INVALID, "limit must not be negative");
         return NULL;
     }
+    if (o->shards && !s->ops->distribute) {
+        es_fail(err, ES_INVALID, "read_all: option shards is for stores "
+                "distributed on Citus, not %s ones", s->ops->kind);
+        return NULL;
+    }
     return cursor_adopt(s, s->ops->read_all(s, o, err));
 }
 

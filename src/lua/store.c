@@ -673,6 +673,35 @@ static int l_read(lua_State *L)
     return 1;
 }
 
+/* Option `shards` of read_all (index 2 holds the options): an array of
+ * shard ids, copied into a userdata left on the stack. */
+static void read_all_shards(lua_State *L, es_read_all_opts *o)
+{
+    int64_t *ids;
+    int t;
+
+    if (lua_isnil(L, 2))
+        return;
+    lua_getfield(L, 2, "shards");
+    t = lua_gettop(L);
+    if (lua_isnil(L, t))
+        return;
+    if (!lua_istable(L, t))
+        luaL_error(L, "option 'shards' must be an array of shard ids");
+    o->nshards = esl_rawlen(L, t);
+    ids = (int64_t *)esl_newuserdata(L, (o->nshards + 1) * sizeof *ids);
+    for (size_t k = 0; k < o->nshards; k++) {
+        long long v;
+        lua_rawgeti(L, t, (int)(k + 1));
+        if (!esl_toint64(L, -1, &v))
+            luaL_error(L, "option 'shards' must be an array of shard ids "
+                       "(item %d is %s)", (int)k + 1, luaL_typename(L, -1));
+        ids[k] = (int64_t)v;
+        lua_pop(L, 1);
+    }
+    o->shards = ids;
+}
+
 static int l_read_all(lua_State *L)
 {
     lstore *ls = check_store(L);
@@ -713,6 +742,7 @@ static int l_read_all(lua_State *L)
             o.types = types;
         }
     }
+    read_all_shards(L, &o);
     lc = new_cursor(L);
     lc->c = es_read_all(ls->s, &o, &err);
     if (!lc->c)
