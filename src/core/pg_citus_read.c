@@ -7,8 +7,9 @@
  * opened with the store's own conninfo and the worker's host and port
  * (kept for later reads): the rows after that shard's cursor whose
  * transactions are older than anything still running on that worker, in
- * (txid, position) order. Shards' rows are taken round robin up to the
- * limit, so a batch holds a prefix of every shard's rows after its cursor:
+ * (txid, position) order. Each shard gets a share of the limit (more
+ * while others have less), so a batch holds a prefix of every shard's
+ * rows after its cursor and reads about `limit` rows in all:
  * the checkpoint after any event is exact, and per-stream order (a stream
  * lives on one shard) is kept. Reads run outside the caller's transaction.
  *
@@ -36,18 +37,26 @@ typedef struct shard_cursor {
     char *table;              /* current shards: the shard's table, */
     char *host;               /* on this worker */
     int port;
-    PGresult *res;            /* its rows of this batch */
+    uint64_t rd_txid;         /* where this batch's reads of it got to */
+    int64_t rd_pos;
+    int done;                 /* nothing more in it for this batch */
 } shard_cursor;
 
-/* A batch: shards' rows taken round robin, so that it holds a prefix of
- * every shard's rows after its cursor. */
+/* Rows of one shard read for the batch. */
+typedef struct piece {
+    int shard;                /* index into sh */
+    PGresult *res;
+} piece;
+
+/* A batch: pieces of shards' rows, each shard's in order, so that it
+ * holds a prefix of every shard's rows after its cursor. */
 typedef struct citus_cursor {
     es_cursor base;
     shard_cursor *sh;
     int nsh;
-    int *order;               /* shard index of each row of the batch */
-    int *next_row;            /* per shard: its next row */
-    int row, nrows;
+    piece *pieces;
+    int npieces, cap;
+    int piece_at, row;        /* the next row: row of pieces[piece_at] */
     es_buf cp;
     char id[37];
     char recorded_at[32];
@@ -67,9 +76,7 @@ static void clear_shards(shard_cursor *sh, int n)
     for (int i = 0; sh && i < n; i++) {
         free(sh[i].table);
         free(sh[i].host);
-        PQclear(sh[i].res);
         sh[i].table = sh[i].host = NULL;
-        sh[i].res = NULL;
     }
 }
 
@@ -83,8 +90,9 @@ static void cc_destroy(es_cursor *c)
 {
     citus_cursor *cc = (citus_cursor *)c;
     free_shards(cc->sh, cc->nsh);
-    free(cc->order);
-    free(cc->next_row);
+    for (int i = 0; i < cc->npieces; i++)
+        PQclear(cc->pieces[i].res);
+    free(cc->pieces);
     es_buf_free(&cc->cp);
     free(cc);
 }
@@ -122,11 +130,16 @@ static int cc_next(es_cursor *c, es_event *e, es_error *err)
     int i;
 
     (void)err;
-    if (cc->row >= cc->nrows)
+    while (cc->piece_at < cc->npieces &&
+           cc->row >= PQntuples(cc->pieces[cc->piece_at].res)) {
+        cc->piece_at++;
+        cc->row = 0;
+    }
+    if (cc->piece_at >= cc->npieces)
         return 0;
-    s = &cc->sh[cc->order[cc->row++]];
-    r = s->res;
-    i = cc->next_row[s - cc->sh]++;
+    s = &cc->sh[cc->pieces[cc->piece_at].shard];
+    r = cc->pieces[cc->piece_at].res;
+    i = cc->row++;
     e->position = (int64_t)be64(PQgetvalue(r, i, 0));
     uuid_unparse_lower((const unsigned char *)PQgetvalue(r, i, 1), cc->id);
     e->id = cc->id;
@@ -466,8 +479,8 @@ static PGresult *read_shard(pg_store *p, PGconn *c, const char *table,
     PGresult *res;
 
     es_buf_init(&types);
-    snprintf(tx, sizeof tx, "%" PRIu64, sh->txid);
-    snprintf(pos, sizeof pos, "%" PRId64, sh->pos);
+    snprintf(tx, sizeof tx, "%" PRIu64, sh->rd_txid);
+    snprintf(pos, sizeof pos, "%" PRId64, sh->rd_pos);
     snprintf(lim, sizeof lim, "%" PRId64, limit);
     values[0] = tx;
     values[1] = pos;
@@ -508,29 +521,66 @@ static PGresult *read_shard(pg_store *p, PGconn *c, const char *table,
     return res;
 }
 
-/* Reads every shard's next rows and lays the batch out round robin. */
+static int add_piece(citus_cursor *cc, int shard, PGresult *res)
+{
+    if (cc->npieces == cc->cap) {
+        int cap = cc->cap ? cc->cap * 2 : 16;
+        piece *v = realloc(cc->pieces, (size_t)cap * sizeof *v);
+        if (!v)
+            return -1;
+        cc->pieces = v;
+        cc->cap = cap;
+    }
+    cc->pieces[cc->npieces].shard = shard;
+    cc->pieces[cc->npieces++].res = res;
+    return 0;
+}
+
+/* Fills the batch up to limit: every shard not yet exhausted gets an even
+ * share of what is left, again while some came back full. A batch is short
+ * only when every shard had less than its share: followers take a short
+ * batch for the end of the log. Each query is one shard's next rows, so a
+ * batch reads about `limit` rows whatever the shard count. */
 static int read_batch(pg_store *p, citus_cursor *cc, const es_read_all_opts *o,
                       int64_t limit, es_error *err)
 {
-    int64_t total = 0;
+    int64_t left = limit;
+    int active = cc->nsh;
 
     for (int i = 0; i < cc->nsh; i++) {
-        shard_cursor *s = &cc->sh[i];
-        PGconn *c = node_session(p, s->host, s->port, err);
-        if (!c || !(s->res = read_shard(p, c, s->table, s, o, limit, err)))
-            return -1;
-        total += PQntuples(s->res);
+        cc->sh[i].rd_txid = cc->sh[i].txid;
+        cc->sh[i].rd_pos = cc->sh[i].pos;
     }
-    if (total > limit)
-        total = limit;
-    cc->order = malloc(((size_t)total + 1) * sizeof *cc->order);
-    cc->next_row = calloc((size_t)cc->nsh, sizeof *cc->next_row);
-    if (!cc->order || !cc->next_row)
-        return es_fail(err, ES_DATABASE, "out of memory");
-    for (int round = 0; cc->nrows < total; round++)
-        for (int i = 0; i < cc->nsh && cc->nrows < total; i++)
-            if (round < PQntuples(cc->sh[i].res))
-                cc->order[cc->nrows++] = i;
+    while (left > 0 && active > 0) {
+        int64_t share = (left + active - 1) / active;
+        for (int i = 0; i < cc->nsh && left > 0; i++) {
+            shard_cursor *s = &cc->sh[i];
+            int64_t ask = share < left ? share : left;
+            PGconn *c;
+            PGresult *res;
+            int n;
+
+            if (s->done)
+                continue;
+            if (!(c = node_session(p, s->host, s->port, err)) ||
+                !(res = read_shard(p, c, s->table, s, o, ask, err)))
+                return -1;
+            n = PQntuples(res);
+            if (n > 0) {
+                s->rd_txid = be64(PQgetvalue(res, n - 1, 7));
+                s->rd_pos = (int64_t)be64(PQgetvalue(res, n - 1, 0));
+            }
+            if (add_piece(cc, i, res) < 0) {
+                PQclear(res);
+                return es_fail(err, ES_DATABASE, "out of memory");
+            }
+            left -= n;
+            if (n < ask) {
+                s->done = 1;
+                active--;
+            }
+        }
+    }
     return 0;
 }
 
