@@ -9,7 +9,9 @@
 #                                     each) on one PostgreSQL, through the
 #                                     coordinator and connected to a worker, then
 #                                     catch-up of ES_BENCH_EVENTS (1,000,000) events
-#                                     (make bench-citus; figures in docs/scale-out.md)
+#                                     (make bench-citus; figures in docs/scale-out.md;
+#                                     ES_BENCH_SECS 5, ES_BENCH_SIZES "1 100",
+#                                     ES_BENCH_CATCHUP 0 skips the catch-up)
 #   scripts/citus.sh start DIR        start one, print the coordinator's conninfo
 #   scripts/citus.sh stop DIR
 #
@@ -145,7 +147,7 @@ run_bench() {
     assert(assert(es.open('$url', { schema = 'bench_dist' })):migrate({ distributed = true }))"
   echo "citus bench: $(nproc) cores, ${ES_BENCH_SECS:-5} s per phase, events/s (sum of clients)"
   printf '%-8s %-8s %12s %12s %12s\n' clients events single-node coordinator worker
-  for size in 1 100; do
+  for size in ${ES_BENCH_SIZES:-1 100}; do
     for c in 8 32; do
       printf '%-8s %-8s %12s %12s %12s\n' "$c" "$size" \
         "$(appends "$url" bench_single "$c" "$size")" \
@@ -153,7 +155,7 @@ run_bench() {
         "$(appends "$wurl" bench_dist "$c" "$size")"
     done
   done
-  catch_up "$url"
+  [ "${ES_BENCH_CATCHUP:-1}" = 0 ] || catch_up "$url"
 }
 
 # catch_up URL: ES_BENCH_EVENTS events in 1,000-event streams, then the
