@@ -219,6 +219,29 @@ describe("the store on Citus", function()
     assert.equal(1, got)
   end)
 
+  it("distributes an existing store: rows kept in stream order, old checkpoints refused", function()
+    local other = helpers.fresh_schema()
+    local s = assert(es.open(helpers.database_url(), { schema = other }))
+    assert(s:migrate())
+    for i = 1, 20 do assert(s:append("E-" .. (i % 5), { { type = "A" }, { type = "B" } })) end
+    local _, old_cp = assert(s:read_all({ limit = 10 }))
+    assert(s:migrate({ distributed = true, shards = 4 }))
+    assert.is_true(s:info().distributed)
+    local b, err = s:read_all({ after = old_cp })
+    assert.is_nil(b)
+    assert.equal("invalid", err.kind)
+    for i = 1, 5 do assert(s:append("E-" .. (i % 5), { type = "C" })) end
+    local all = drain(s, nil, 7)
+    assert.equal(45, #all)
+    local last = {}
+    for _, e in ipairs(all) do
+      assert.equal((last[e.stream] or 0) + 1, e.version)
+      last[e.stream] = e.version
+    end
+    s:query('DROP SCHEMA "' .. other .. '" CASCADE')
+    s:close()
+  end)
+
   it("refuses to follow a shard that moved since the checkpoint", function()
     assert(store:append("M-1", { type = "A" }))
     local _, cp = drain(store)
