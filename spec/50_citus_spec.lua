@@ -141,6 +141,23 @@ describe("the store on Citus", function()
     assert.equal(1, store:version("I-1"))
   end)
 
+  it("a smaller limit gives a prefix of the same batch (followers re-read up to an event)", function()
+    for i = 1, 12 do assert(store:append("P-" .. i, { { type = "A" }, { type = "B" }, { type = "C" } })) end
+    assert(store:append("P-1", { type = "D" }))
+    local full = assert(store:read_all({ limit = 25 }))
+    assert.equal(25, #full)
+    for _, n in ipairs { 1, 2, 5, 7, 13, 24 } do
+      local part, cp = assert(store:read_all({ limit = n }))
+      assert.equal(n, #part)
+      for i = 1, n do assert.equal(full[i].id, part[i].id) end
+      -- and the checkpoint after it goes on without reading any again
+      local rest = assert(store:read_all({ after = cp, limit = 25 - n }))
+      local seen = {}
+      for i = 1, n do seen[full[i].id] = true end
+      for _, e in ipairs(rest) do assert.is_nil(seen[e.id], "read twice") end
+    end
+  end)
+
   it("checkpoints hold a cursor per shard and refuse others", function()
     assert(store:append("C-1", { type = "A" }))
     local _, cp = drain(store)

@@ -8,8 +8,9 @@
  * (kept for later reads): the rows after that shard's cursor whose
  * transactions are older than anything still running on that worker, in
  * (txid, position) order. Each shard gets a share of the limit (more
- * while others have less), so a batch holds a prefix of every shard's
- * rows after its cursor and reads about `limit` rows in all:
+ * while others have less), and the batch gives the rows round robin, so it
+ * holds a prefix of every shard's rows after its cursor and reads about
+ * `limit` rows in all:
  * the checkpoint after any event is exact, and per-stream order (a stream
  * lives on one shard) is kept. Reads run outside the caller's transaction.
  *
@@ -48,6 +49,10 @@ typedef struct piece {
     PGresult *res;
 } piece;
 
+typedef struct rowref {
+    int piece, row;
+} rowref;
+
 /* A batch: pieces of shards' rows, each shard's in order, so that it
  * holds a prefix of every shard's rows after its cursor. */
 typedef struct citus_cursor {
@@ -56,7 +61,8 @@ typedef struct citus_cursor {
     int nsh;
     piece *pieces;
     int npieces, cap;
-    int piece_at, row;        /* the next row: row of pieces[piece_at] */
+    rowref *refs;             /* the batch's rows, in the order given */
+    int nrows, row;
     es_buf cp;
     char id[37];
     char recorded_at[32];
@@ -93,6 +99,7 @@ static void cc_destroy(es_cursor *c)
     for (int i = 0; i < cc->npieces; i++)
         PQclear(cc->pieces[i].res);
     free(cc->pieces);
+    free(cc->refs);
     es_buf_free(&cc->cp);
     free(cc);
 }
@@ -130,16 +137,11 @@ static int cc_next(es_cursor *c, es_event *e, es_error *err)
     int i;
 
     (void)err;
-    while (cc->piece_at < cc->npieces &&
-           cc->row >= PQntuples(cc->pieces[cc->piece_at].res)) {
-        cc->piece_at++;
-        cc->row = 0;
-    }
-    if (cc->piece_at >= cc->npieces)
+    if (cc->row >= cc->nrows)
         return 0;
-    s = &cc->sh[cc->pieces[cc->piece_at].shard];
-    r = cc->pieces[cc->piece_at].res;
-    i = cc->row++;
+    s = &cc->sh[cc->pieces[cc->refs[cc->row].piece].shard];
+    r = cc->pieces[cc->refs[cc->row].piece].res;
+    i = cc->refs[cc->row++].row;
     e->position = (int64_t)be64(PQgetvalue(r, i, 0));
     uuid_unparse_lower((const unsigned char *)PQgetvalue(r, i, 1), cc->id);
     e->id = cc->id;
@@ -536,6 +538,47 @@ static int add_piece(citus_cursor *cc, int shard, PGresult *res)
     return 0;
 }
 
+/* Orders the rows read round robin: every shard's first row, then every
+ * shard's second, ... The shares read above are exactly the first rows of
+ * that order, whatever the limit, so a smaller limit over the same log
+ * gives a prefix of this batch (followers re-read up to an event to find
+ * its checkpoint). */
+static int lay_out(citus_cursor *cc, int64_t total, es_error *err)
+{
+    int *at = calloc((size_t)cc->nsh + 1, sizeof *at);    /* piece per shard */
+    int *row = calloc((size_t)cc->nsh + 1, sizeof *row);  /* row in it */
+    int progress = 1;
+
+    cc->refs = malloc(((size_t)total + 1) * sizeof *cc->refs);
+    if (!at || !row || !cc->refs) {
+        free(at);
+        free(row);
+        return es_fail(err, ES_DATABASE, "out of memory");
+    }
+    for (int k = 0; k < cc->nsh; k++)
+        at[k] = -1;
+    while (progress && cc->nrows < total) {
+        progress = 0;
+        for (int k = 0; k < cc->nsh && cc->nrows < total; k++) {
+            /* this shard's next row: on in its piece, or its next piece */
+            while (at[k] < cc->npieces &&
+                   (at[k] < 0 || cc->pieces[at[k]].shard != k ||
+                    row[k] >= PQntuples(cc->pieces[at[k]].res))) {
+                at[k]++;
+                row[k] = 0;
+            }
+            if (at[k] >= cc->npieces)
+                continue;
+            cc->refs[cc->nrows].piece = at[k];
+            cc->refs[cc->nrows++].row = row[k]++;
+            progress = 1;
+        }
+    }
+    free(at);
+    free(row);
+    return 0;
+}
+
 /* Fills the batch up to limit: every shard not yet exhausted gets an even
  * share of what is left, again while some came back full. A batch is short
  * only when every shard had less than its share: followers take a short
@@ -581,7 +624,7 @@ static int read_batch(pg_store *p, citus_cursor *cc, const es_read_all_opts *o,
             }
         }
     }
-    return 0;
+    return lay_out(cc, limit - left, err);
 }
 
 es_cursor *pg_citus_read_all(pg_store *p, const es_read_all_opts *o,
