@@ -4,6 +4,12 @@
 local es = require "eventsourcing"
 local helpers = require "helpers"
 
+local function events_of(n)
+  local t = {}
+  for i = 1, n do t[i] = { type = "E", data = { i = i } } end
+  return t
+end
+
 local function drain(store, cp, limit)
   local out = {}
   while true do
@@ -143,10 +149,10 @@ describe("the store on Citus", function()
 
   it("a smaller limit gives a prefix of the same batch (followers re-read up to an event)", function()
     for i = 1, 12 do assert(store:append("P-" .. i, { { type = "A" }, { type = "B" }, { type = "C" } })) end
-    assert(store:append("P-1", { type = "D" }))
+    assert(store:append("P-1", events_of(9)))     -- one shard much fuller than the others
     local full = assert(store:read_all({ limit = 25 }))
     assert.equal(25, #full)
-    for _, n in ipairs { 1, 2, 5, 7, 13, 24 } do
+    for n = 1, 24 do
       local part, cp = assert(store:read_all({ limit = n }))
       assert.equal(n, #part)
       for i = 1, n do assert.equal(full[i].id, part[i].id) end
@@ -265,6 +271,8 @@ describe("the store on Citus", function()
     local g, port, shard = placement("M-1")
     local other = assert(store:query("SELECT nodeport FROM pg_dist_node WHERE groupid <> $1 "
       .. "AND groupid <> 0 AND noderole = 'primary' LIMIT 1", g))[1].nodeport
+    -- an earlier move's old placement may still wait for cleanup
+    assert(store:query("CALL citus_cleanup_orphaned_resources()"))
     assert(store:query("SELECT citus_move_shard_placement($1::bigint, '127.0.0.1', $2::int, "
       .. "'127.0.0.1', $3::int, shard_transfer_mode => 'block_writes')", shard, port, other))
     local batch, err = store:read_all({ after = cp })

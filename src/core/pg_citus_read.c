@@ -580,7 +580,7 @@ static int lay_out(citus_cursor *cc, int64_t total, es_error *err)
 }
 
 /* Fills the batch up to limit: every shard not yet exhausted gets an even
- * share of what is left, again while some came back full. A batch is short
+ * share of what is left, again while some came back short. A batch is short
  * only when every shard had less than its share: followers take a short
  * batch for the end of the log. Each query is one shard's next rows, so a
  * batch reads about `limit` rows whatever the shard count. */
@@ -595,10 +595,13 @@ static int read_batch(pg_store *p, citus_cursor *cc, const es_read_all_opts *o,
         cc->sh[i].rd_pos = cc->sh[i].pos;
     }
     while (left > 0 && active > 0) {
-        int64_t share = (left + active - 1) / active;
+        /* Shards still going are level: each gets the same share, or,
+         * when fewer rows are left than shards, one each in shard order
+         * until none is left. That is what a round robin over the shards
+         * takes first. */
+        int64_t ask = left / active > 0 ? left / active : 1;
         for (int i = 0; i < cc->nsh && left > 0; i++) {
             shard_cursor *s = &cc->sh[i];
-            int64_t ask = share < left ? share : left;
             PGconn *c;
             PGresult *res;
             int n;
