@@ -1,7 +1,8 @@
 /*
  * pg_citus.c - the PostgreSQL store laid out on Citus (distributed
- * PostgreSQL): the distributed schema and read_all with one cursor per
- * shard. docs/scale-out.md explains the choices; in short:
+ * PostgreSQL): detecting it and the distributed schema (read_all with a
+ * cursor per shard is pg_citus_read.c). docs/scale-out.md explains the
+ * choices; in short:
  *
  * - events and snapshots are distributed by stream and colocated, so a
  *   stream lives whole on one worker and append() is delegated to it;
@@ -22,11 +23,9 @@
  */
 #include "pg.h"
 
-#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <uuid.h>
 
 /* ---- the distributed schema ---------------------------------------------- */
 
