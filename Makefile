@@ -3,6 +3,10 @@
 #   make               build the module for Lua 5.4 and for LuaJIT
 #   make test          every spec under Lua 5.4 and LuaJIT on a throwaway
 #                      PostgreSQL (or ES_TEST_DATABASE_URL)
+#   make test-citus    the store contract, global-order and Citus specs on a
+#                      throwaway Citus cluster (scripts/citus.sh; builds Citus
+#                      from ../shared/citus when not installed)
+#   make bench-citus   appends and catch-up on Citus beside one PostgreSQL
 #   make check-memory  the Lua 5.4 specs against an ASan+UBSan build
 #   make bench         benchmarks (ratios against alternatives, same run)
 #   make demo          the order service walk-through
@@ -50,7 +54,7 @@ BUILDS = build/rock/eventsourcing/core.so
 INSTALL_SO = build/rock/eventsourcing/core.so
 endif
 
-.PHONY: all deps test check-memory bench demo soak install clean lint fuzz fuzz-build
+.PHONY: all deps test test-citus bench-citus check-memory bench demo soak install clean lint fuzz fuzz-build
 
 all: $(BUILDS)
 
@@ -132,6 +136,18 @@ test:
 	@$(DEPS)
 	@$(MAKE) --no-print-directory all
 	@scripts/test.sh $(SPEC)
+
+# Citus (scripts/citus.sh): a coordinator and 2 workers on loopback, Citus
+# built from ../shared/citus when it is not installed.
+test-citus:
+	@$(DEPS)
+	@$(MAKE) --no-print-directory all
+	@scripts/citus.sh test $(SPEC)
+
+bench-citus:
+	@$(DEPS)
+	@$(MAKE) --no-print-directory all
+	@scripts/citus.sh bench
 
 check-memory:
 	@$(DEPS)

@@ -134,6 +134,11 @@ typedef struct es_read_all_opts {
                                     read_all asking exactly that gets it
                                     without waiting for the server again.
                                     Other calls meanwhile are fine. */
+    const int64_t *shards;       /* Citus: read only these shards of the
+                                    events table (nshards ids; NULL: all).
+                                    A checkpoint covers the shards it was
+                                    read with. Elsewhere ES_INVALID. */
+    size_t nshards;
 } es_read_all_opts;
 
 typedef struct es_store es_store;
@@ -189,6 +194,24 @@ const char *es_store_kind(const es_store *store);   /* "memory"/"postgresql" */
 const char *es_store_schema(const es_store *store);
 
 int es_migrate(es_store *store, es_error *err);
+/* PostgreSQL with Citus: lays the migrated schema out for Citus (events
+ * and snapshots distributed by stream and colocated, append() delegated
+ * to the worker holding the stream; docs/scale-out.md). shards: the shard
+ * count, 0 for Citus' citus.shard_count. Idempotent; ES_INVALID when the
+ * database has no Citus or the store is not PostgreSQL. */
+int es_distribute(es_store *store, int shards, es_error *err);
+
+/* What a store is: kind as es_store_kind; citus: the Citus extension's
+ * version (NULL without Citus); distributed: the events table is
+ * distributed (read_all checkpoints then hold a cursor per shard);
+ * shards: how many shards it has. */
+typedef struct es_store_info {
+    const char *kind;
+    const char *citus;
+    int distributed;
+    int shards;
+} es_store_info;
+int es_store_info_get(es_store *store, es_store_info *out, es_error *err);
 int es_append(es_store *store, const char *stream, const es_event_in *events,
               size_t n, int64_t expected, es_append_result *out,
               es_error *err);

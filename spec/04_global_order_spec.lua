@@ -42,9 +42,14 @@ describe("read_all global order (postgresql)", function()
   before_each(function()
     schema = fresh_schema()
     R = open(schema)
-    assert(R:migrate())
+    assert(R:migrate(helpers.migrate_opts()))
     A, B = open(schema), open(schema)
   end)
+
+  -- On Citus an open transaction holds back only the events of its own
+  -- worker (each worker has its own transaction ids; read_all keeps a
+  -- cursor per shard): the streams of one scenario are on one shard.
+  local function on_one_shard(...) return helpers.on_one_shard(R, ...) end
 
   after_each(function()
     for _, s in ipairs { A, B, R } do
@@ -53,9 +58,10 @@ describe("read_all global order (postgresql)", function()
   end)
 
   it("the scenario is real: a naive reader by position skips a late commit", function()
+    local late_a, late_b = on_one_shard("Late-a", "Late-b")
     A:begin()
-    local ra = assert(A:append("Late-a", { type = "A" }))
-    local rb = assert(B:append("Late-b", { type = "B" }))
+    local ra = assert(A:append(late_a, { type = "A" }))
+    local rb = assert(B:append(late_b, { type = "B" }))
     assert.is_true(ra.position < rb.position, "A holds the lower position")
     local naive_sql = "SELECT id::text AS id, position FROM " .. qident(schema)
       .. ".events WHERE position > $1 ORDER BY position"
@@ -73,10 +79,11 @@ describe("read_all global order (postgresql)", function()
   end)
 
   it("does not return a later commit while an older transaction is open, then returns both once", function()
+    local late_a, late_b = on_one_shard("Late-a", "Late-b")
     local _, cp0 = R:read_all({})
     A:begin()
-    local ra = assert(A:append("Late-a", { type = "A", data = { who = "a" } }))
-    local rb = assert(B:append("Late-b", { type = "B", data = { who = "b" } }))
+    local ra = assert(A:append(late_a, { type = "A", data = { who = "a" } }))
+    local rb = assert(B:append(late_b, { type = "B", data = { who = "b" } }))
     assert.is_true(ra.position < rb.position)
 
     -- B committed, A is still open: B's event must be held back
@@ -89,8 +96,8 @@ describe("read_all global order (postgresql)", function()
     assert(A:commit())
     local got, cp2 = drain(R, cp1)
     assert.equal(2, #got)
-    assert.equal("Late-a", got[1].stream)   -- older transaction first
-    assert.equal("Late-b", got[2].stream)
+    assert.equal(late_a, got[1].stream)   -- older transaction first
+    assert.equal(late_b, got[2].stream)
     assert.equal(ra.position, got[1].position)
     assert.equal(rb.position, got[2].position)
     -- nothing more, and the checkpoint does not go back
@@ -102,23 +109,25 @@ describe("read_all global order (postgresql)", function()
   end)
 
   it("after a rollback delivers the later commit and never the rolled-back event", function()
+    local gone_a, kept_b = on_one_shard("Gone-a", "Kept-b")
     local _, cp0 = R:read_all({})
     A:begin()
-    assert(A:append("Gone-a", { type = "A" }))
-    assert(B:append("Kept-b", { type = "B" }))
+    assert(A:append(gone_a, { type = "A" }))
+    assert(B:append(kept_b, { type = "B" }))
     local held, cp1 = R:read_all({ after = cp0 })
     assert.equal(0, #held)
     assert(A:rollback())
     local got = drain(R, cp1)
     assert.equal(1, #got)
-    assert.equal("Kept-b", got[1].stream)
+    assert.equal(kept_b, got[1].stream)
   end)
 
   it("holds back the whole batch behind the oldest open transaction, whatever the batch size", function()
+    local slow_a, fast_b = on_one_shard("Slow-a", "Fast-b")
     local _, cp = R:read_all({})
     A:begin()
-    assert(A:append("Slow-a", { { type = "A" }, { type = "A" }, { type = "A" } }))
-    for i = 1, 5 do assert(B:append("Fast-b", { type = "B", data = { i = i } })) end
+    assert(A:append(slow_a, { { type = "A" }, { type = "A" }, { type = "A" } }))
+    for i = 1, 5 do assert(B:append(fast_b, { type = "B", data = { i = i } })) end
     for _, limit in ipairs { 1, 2, 1000 } do
       local batch = assert(R:read_all({ after = cp, limit = limit }))
       assert.equal(0, #batch)
@@ -126,18 +135,19 @@ describe("read_all global order (postgresql)", function()
     assert(A:commit())
     local got = drain(R, cp, 2)
     assert.equal(8, #got)
-    for i = 1, 3 do assert.equal("Slow-a", got[i].stream); assert.equal(i, got[i].version) end
-    for i = 4, 8 do assert.equal("Fast-b", got[i].stream); assert.equal(i - 3, got[i].version) end
+    for i = 1, 3 do assert.equal(slow_a, got[i].stream); assert.equal(i, got[i].version) end
+    for i = 4, 8 do assert.equal(fast_b, got[i].stream); assert.equal(i - 3, got[i].version) end
   end)
 
   -- A transaction that took its txid early (by writing elsewhere) and then
   -- appends to a stream after a newer transaction appended to it: ordering by
   -- (txid, position) would hand out version 2 before version 1.
   it("delivers a stream's events in version order when an older transaction appends last", function()
+    local other, order = on_one_shard("Other-1", "Order-1")
     A:begin()
-    assert(A:append("Other-1", { type = "Elsewhere" }))            -- A's txid is older
-    assert(B:append("Order-1", { type = "OrderCreated" }, { expected_version = es.NO_STREAM }))
-    local ok, err = A:append("Order-1", { type = "ItemAdded" }, { expected_version = 1 })
+    assert(A:append(other, { type = "Elsewhere" }))            -- A's txid is older
+    assert(B:append(order, { type = "OrderCreated" }, { expected_version = es.NO_STREAM }))
+    local ok, err = A:append(order, { type = "ItemAdded" }, { expected_version = 1 })
     if ok then
       assert(A:commit())
     else
@@ -232,7 +242,7 @@ describe("read_all with concurrent writers (postgresql)", function()
   it("sees every committed event exactly once, no rolled-back one, each stream in version order", function()
     local schema = fresh_schema()
     local R = open(schema)
-    assert(R:migrate())
+    assert(R:migrate(helpers.migrate_opts()))
     local clock = open(schema)   -- for sleeping and for the naive reader
     local script = tmpname()
     local f = assert(io.open(script, "w")); f:write(WRITER); f:close()
@@ -424,7 +434,7 @@ describe("concurrent appends to the same streams (postgresql)", function()
   it("keep versions dense and unique, honour expected versions, create a stream once", function()
     local schema = fresh_schema()
     local R = open(schema)
-    assert(R:migrate())
+    assert(R:migrate(helpers.migrate_opts()))
     local iterations = 60
     local work = helpers.workdir("es-shared")
     local kids = {}

@@ -266,6 +266,13 @@ function L.lag(store, checkpoint)
     local t = first and util.iso_epoch(first.recorded_at)
     return n, t and math.max(0, util.now() - t) or 0
   end
+  if util.per_shard(checkpoint) then
+    -- a cursor per shard (Citus): not comparable in SQL, so read what follows
+    local n, first = util.lag_by_scan(store, checkpoint)
+    if not n then return nil, first end
+    local t = first and util.iso_epoch(first)
+    return n, t and math.max(0, util.now() - t) or 0
+  end
   local txid, pos = parse_cp(checkpoint)
   local res, err = store:query(("SELECT count(*) AS n, coalesce(extract(epoch FROM now() - "
     .. "min(recorded_at)), 0)::float8 AS lag FROM %s.events "

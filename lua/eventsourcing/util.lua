@@ -69,6 +69,26 @@ function M.category(def, what)
   return c
 end
 
+-- Whether checkpoint cp holds a cursor per shard (a store distributed on
+-- Citus, docs/scale-out.md): it cannot be compared in SQL.
+function M.per_shard(cp)
+  return type(cp) == "string" and cp:sub(1, 3) == "c1:"
+end
+
+-- How far behind checkpoint cp is, by reading what comes after it:
+-- -> events, oldest recorded_at (nil when none) | nil, err
+function M.lag_by_scan(store, cp)
+  local n, first = 0, nil
+  local done, err = M.scan(store, cp, function(b)
+    for _, e in ipairs(b) do
+      if not first or e.recorded_at < first then first = e.recorded_at end
+    end
+    n = n + #b
+  end)
+  if done == nil and err then return nil, err end
+  return n, first
+end
+
 M.now = core.now                 -- wall clock, seconds since the epoch
 M.monotonic = core.monotonic     -- for durations and rates
 M.iso = core.time_format         -- epoch seconds -> "YYYY-MM-DDTHH:MM:SS.ffffffZ"

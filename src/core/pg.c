@@ -689,6 +689,7 @@ void pg_disconnect(es_store *s)
 {
     pg_store *p = (pg_store *)s;
     pg_prefetch_drop(p);
+    pg_citus_close(p);
     if (p->conn)
         PQfinish(p->conn);
     p->conn = NULL;

@@ -6,6 +6,7 @@
  *   pg_schema.c   migrations (schema versions, advisory lock): pg_schema.h
  *   pg_events.c   append, version, read and read_all cursors: pg_events.h
  *   pg_store.c    the operations table and es_pg_open, which tie them up
+ *   pg_citus.c    the schema laid out on Citus; pg_citus_read.c its read_all
  * Calls go one way: pg_store.c -> pg_schema.c, pg_events.c -> pg.c.
  */
 #ifndef ES_PG_H
@@ -69,6 +70,9 @@ typedef struct pg_store {
     PGresult *snapshot;       /* the last snapshot loaded */
     pg_prefetch ahead;
     char snapshot_time[32];
+    int citus;                /* events distributed by Citus: 1, 0, -1 unknown */
+    char citus_version[32];   /* the extension's, "" without Citus */
+    struct pg_citus_nodes *nodes;  /* sessions to workers (read_all) */
 } pg_store;
 
 /* Collects a prefetched read_all result still on the wire, so the session
@@ -125,5 +129,16 @@ void pg_destroy(es_store *s);
 
 /* Names the prepared statements of this store's schema. */
 void pg_name_statements(pg_store *p);
+
+/* Citus (pg_citus.c): whether the events table is distributed (1/0, -1
+ * with err filled), asked once per store; the distributed layout (after
+ * the migration steps; shards 0 = citus.shard_count); shard count. */
+int pg_citus_detect(pg_store *p, es_error *err);
+int pg_citus_distribute(pg_store *p, int shards, es_error *err);
+int pg_citus_info(pg_store *p, int *shards, es_error *err);
+es_cursor *pg_citus_read_all(pg_store *p, const es_read_all_opts *o,
+                             es_error *err);
+/* Closes the sessions to workers. */
+void pg_citus_close(pg_store *p);
 
 #endif

@@ -670,6 +670,16 @@ es_cursor *pg_read_all(es_store *s, const es_read_all_opts *o, es_error *err)
     int nvalues = 3, stmt = PG_READ_ALL;
     es_buf types;
 
+    /* On Citus the log is read per shard (pg_citus_read.c). */
+    switch (pg_citus_detect(p, err)) {
+    case -1: return NULL;
+    case 1: return pg_citus_read_all(p, o, err);
+    }
+    if (o->shards) {
+        es_fail(err, ES_INVALID, "read_all: option shards is for stores "
+                "distributed on Citus (store:migrate({ distributed = true }))");
+        return NULL;
+    }
     if (parse_checkpoint(o->after, &txid, &pos, err) < 0)
         return NULL;
     limit_n = o->limit > 0 ? o->limit : (int64_t)DEFAULT_BATCH;

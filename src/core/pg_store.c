@@ -28,6 +28,21 @@ static int valid_schema(const char *s)
     return 1;
 }
 
+static int pg_distribute(es_store *s, int shards, es_error *err)
+{
+    return pg_citus_distribute((pg_store *)s, shards, err);
+}
+
+static int pg_info(es_store *s, es_store_info *out, es_error *err)
+{
+    pg_store *p = (pg_store *)s;
+    if (pg_citus_info(p, &out->shards, err) < 0)
+        return -1;
+    out->citus = p->citus_version[0] ? p->citus_version : NULL;
+    out->distributed = p->citus == 1;
+    return 0;
+}
+
 static const es_store_ops pg_ops = {
     .kind = "postgresql",
     .migrate = pg_migrate,
@@ -47,6 +62,8 @@ static const es_store_ops pg_ops = {
     .status = pg_status,
     .disconnect = pg_disconnect,
     .destroy = pg_destroy,
+    .distribute = pg_distribute,
+    .info = pg_info,
 };
 
 /* PG_POOLER_* for a name, or -1. */
@@ -88,6 +105,7 @@ es_store *es_pg_open(const char *target, const es_open_opts *o, es_error *err)
         return NULL;
     }
     p->base.ops = &pg_ops;
+    p->citus = -1;            /* not asked yet (pg_citus_detect) */
     snprintf(p->schema, sizeof p->schema, "%s", schema);
     p->base.schema = p->schema;
     pg_name_statements(p);

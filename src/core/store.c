@@ -92,6 +92,27 @@ int es_migrate(es_store *s, es_error *err)
     return s->ops->migrate(s, err);
 }
 
+int es_distribute(es_store *s, int shards, es_error *err)
+{
+    es_error_clear(err);
+    if (store_usable(s, err) < 0)
+        return -1;
+    if (!s->ops->distribute)
+        return es_fail(err, ES_INVALID, "%s stores cannot be distributed "
+                       "(PostgreSQL with Citus only)", s->ops->kind);
+    return s->ops->distribute(s, shards, err);
+}
+
+int es_store_info_get(es_store *s, es_store_info *out, es_error *err)
+{
+    es_error_clear(err);
+    if (store_usable(s, err) < 0)
+        return -1;
+    memset(out, 0, sizeof *out);
+    out->kind = s->ops->kind;
+    return s->ops->info ? s->ops->info(s, out, err) : 0;
+}
+
 /* Names are stored as PostgreSQL text: valid UTF-8 (the server refuses
  * anything else, so the memory store must too), printable, bounded. */
 static int valid_name(const char *name, const char *what, size_t max,
@@ -207,6 +228,11 @@ es_cursor *es_read_all(es_store *s, const es_read_all_opts *o, es_error *err)
         o = &def;
     if (o->limit < 0) {
         es_fail(err, ES_INVALID, "limit must not be negative");
+        return NULL;
+    }
+    if (o->shards && !s->ops->distribute) {
+        es_fail(err, ES_INVALID, "read_all: option shards is for stores "
+                "distributed on Citus, not %s ones", s->ops->kind);
         return NULL;
     }
     return cursor_adopt(s, s->ops->read_all(s, o, err));

@@ -38,6 +38,9 @@ typedef struct es_store_ops {
     int (*status)(es_store *s, es_store_status *out, es_error *err);
     void (*disconnect)(es_store *s);   /* close: drop connection/data */
     void (*destroy)(es_store *s);      /* free the struct itself */
+    /* optional (NULL: not supported by this kind of store) */
+    int (*distribute)(es_store *s, int shards, es_error *err);
+    int (*info)(es_store *s, es_store_info *out, es_error *err);
 } es_store_ops;
 
 struct es_store {

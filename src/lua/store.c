@@ -334,12 +334,49 @@ static int l_schema(lua_State *L)
     return 1;
 }
 
+/* store:migrate([{ distributed = true, shards = n }]): distributed lays
+ * the schema out for Citus after the usual steps (docs/scale-out.md). */
 static int l_migrate(lua_State *L)
 {
+    es_store *s = check_store(L)->s;
+    int distributed;
+    int64_t shards;
     es_error err;
-    if (es_migrate(check_store(L)->s, &err) < 0)
+
+    check_opts(L, 2);
+    distributed = opt_bool_field(L, 2, "distributed");
+    shards = opt_int_field(L, 2, "shards", 0);
+    if (shards < 0 || shards > 4096)
+        return luaL_error(L, "option 'shards' must be 1..4096");
+    if (!distributed && shards)
+        return luaL_error(L, "option 'shards' needs distributed = true");
+    if (es_migrate(s, &err) < 0)
+        return esl_push_error(L, &err);
+    if (distributed && es_distribute(s, (int)shards, &err) < 0)
         return esl_push_error(L, &err);
     lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* store:info() -> { kind, citus = version|nil, distributed, shards } */
+static int l_info(lua_State *L)
+{
+    es_store_info info;
+    es_error err;
+
+    if (es_store_info_get(check_store(L)->s, &info, &err) < 0)
+        return esl_push_error(L, &err);
+    lua_createtable(L, 0, 4);
+    lua_pushstring(L, info.kind);
+    lua_setfield(L, -2, "kind");
+    if (info.citus) {
+        lua_pushstring(L, info.citus);
+        lua_setfield(L, -2, "citus");
+    }
+    lua_pushboolean(L, info.distributed);
+    lua_setfield(L, -2, "distributed");
+    lua_pushinteger(L, info.shards);
+    lua_setfield(L, -2, "shards");
     return 1;
 }
 
@@ -646,6 +683,35 @@ static int l_read(lua_State *L)
     return 1;
 }
 
+/* Option `shards` of read_all (index 2 holds the options): an array of
+ * shard ids, copied into a userdata left on the stack. */
+static void read_all_shards(lua_State *L, es_read_all_opts *o)
+{
+    int64_t *ids;
+    int t;
+
+    if (lua_isnil(L, 2))
+        return;
+    lua_getfield(L, 2, "shards");
+    t = lua_gettop(L);
+    if (lua_isnil(L, t))
+        return;
+    if (!lua_istable(L, t))
+        luaL_error(L, "option 'shards' must be an array of shard ids");
+    o->nshards = esl_rawlen(L, t);
+    ids = (int64_t *)esl_newuserdata(L, (o->nshards + 1) * sizeof *ids);
+    for (size_t k = 0; k < o->nshards; k++) {
+        long long v;
+        lua_rawgeti(L, t, (int)(k + 1));
+        if (!esl_toint64(L, -1, &v))
+            luaL_error(L, "option 'shards' must be an array of shard ids "
+                       "(item %d is %s)", (int)k + 1, luaL_typename(L, -1));
+        ids[k] = (int64_t)v;
+        lua_pop(L, 1);
+    }
+    o->shards = ids;
+}
+
 static int l_read_all(lua_State *L)
 {
     lstore *ls = check_store(L);
@@ -690,6 +756,7 @@ static int l_read_all(lua_State *L)
             o.types = types;
         }
     }
+    read_all_shards(L, &o);
     lc = new_cursor(L);
     lc->c = es_read_all(ls->s, &o, &err);
     if (!lc->c)
@@ -1098,6 +1165,7 @@ static const luaL_Reg store_methods[] = {
     {"listen", l_listen},
     {"wait", l_wait},
     {"kind", l_kind},
+    {"info", l_info},
     {"schema", l_schema},
     {"pooler", l_pooler},
     {"status", l_status},

@@ -1,0 +1,288 @@
+-- The store on Citus (docs/scale-out.md): what differs from one PostgreSQL.
+-- The Citus part runs under `make test-citus` (ES_TEST_DISTRIBUTED=1, a
+-- coordinator and two workers); refusals run everywhere.
+local es = require "eventsourcing"
+local helpers = require "helpers"
+
+local function events_of(n)
+  local t = {}
+  for i = 1, n do t[i] = { type = "E", data = { i = i } } end
+  return t
+end
+
+local function drain(store, cp, limit)
+  local out = {}
+  while true do
+    local batch, next_cp = store:read_all({ after = cp, limit = limit or 1000 })
+    assert(batch, tostring(next_cp))
+    for _, e in ipairs(batch) do out[#out + 1] = e end
+    cp = next_cp
+    if #batch == 0 then return out, cp end
+  end
+end
+
+describe("distributed layout refused where there is no Citus", function()
+  it("memory stores cannot be distributed", function()
+    local store = assert(es.open("memory:"))
+    local ok, err = store:migrate({ distributed = true })
+    assert.is_nil(ok)
+    assert.equal("invalid", err.kind)
+    assert.equal("memory", store:info().kind)
+    assert.is_false(store:info().distributed)
+  end)
+
+  it("read_all's shards option is for distributed stores only", function()
+    local store = assert(es.open("memory:"))
+    local b, err = store:read_all({ shards = { 1 } })
+    assert.is_nil(b)
+    assert.equal("invalid", err.kind)
+    assert.has_error(function() store:read_all({ shards = 1 }) end)
+    assert.has_error(function() store:read_all({ shards = { "x" } }) end)
+  end)
+
+  it("bad options raise", function()
+    local store = assert(es.open("memory:"))
+    assert.has_error(function() store:migrate({ shards = 4 }) end)
+    assert.has_error(function() store:migrate({ distributed = true, shards = -1 }) end)
+    assert.has_error(function() store:migrate({ distributed = true, shards = "4" }) end)
+  end)
+
+  if not helpers.distributed() then
+    it("PostgreSQL without Citus: an error, and the store stays as it was", function()
+      local schema = helpers.fresh_schema()
+      local store = assert(es.open(helpers.database_url(), { schema = schema }))
+      assert(store:migrate())
+      assert(store:append("S-1", { type = "A" }))
+      local ok, err = store:migrate({ distributed = true })
+      assert.is_nil(ok)
+      assert.equal("invalid", err.kind)
+      assert.matches("Citus", err.message)
+      assert.is_false(store:info().distributed)
+      assert.equal(1, store:version("S-1"))
+      local batch, cp = assert(store:read_all())
+      assert.equal(1, #batch)
+      assert.matches("^%d+:%d+$", cp)
+      store:query('DROP SCHEMA "' .. schema .. '" CASCADE')
+      store:close()
+    end)
+  end
+end)
+
+if not helpers.distributed() then
+  describe("the store on Citus", function()
+    pending("needs a Citus cluster: make test-citus")
+  end)
+  return
+end
+
+describe("the store on Citus", function()
+  local store, schema
+
+  -- The node group and port of the shard holding stream `name`.
+  local function placement(name)
+    local r = assert(store:query("SELECT p.groupid, n.nodeport, p.shardid FROM pg_dist_placement p "
+      .. "JOIN pg_dist_node n USING (groupid) WHERE p.shardid = "
+      .. "get_shard_id_for_distribution_column($1, $2::text)", '"' .. schema .. '".events', name))[1]
+    return r.groupid, r.nodeport, r.shardid
+  end
+
+  -- A stream name starting with prefix whose shard is on node group g
+  -- (or not on it, with other = true).
+  local function stream_on(prefix, g, other)
+    for k = 1, 1000 do
+      local name = prefix .. "-" .. k
+      local group = placement(name)
+      if (group == g) ~= (other or false) then return name end
+    end
+    error("no stream found")
+  end
+
+  before_each(function()
+    store, schema = helpers.open({ name = "postgresql", url = helpers.database_url() })
+  end)
+
+  after_each(function()
+    if store and not store:is_closed() then
+      pcall(store.rollback, store)
+      pcall(store.query, store, 'DROP SCHEMA "' .. schema .. '" CASCADE')
+      store:close()
+    end
+  end)
+
+  it("says it is distributed, and migrating again changes nothing", function()
+    local info = assert(store:info())
+    assert.equal("postgresql", info.kind)
+    assert.is_string(info.citus)
+    assert.is_true(info.distributed)
+    assert.equal(tonumber(os.getenv("ES_TEST_SHARDS") or "4"), info.shards)
+    assert(store:append("S-1", { type = "A" }))
+    assert(store:migrate(helpers.migrate_opts()))
+    assert(store:migrate())
+    assert.equal(1, store:version("S-1"))
+  end)
+
+  it("stores each event's txid from the worker that stores it", function()
+    for i = 1, 20 do assert(store:append("T-" .. i, { { type = "A" }, { type = "B" } })) end
+    store:begin()
+    for i = 1, 5 do assert(store:append("T-" .. i, { type = "C" })) end
+    assert(store:commit())
+    local rows = assert(store:query("SELECT success, result FROM run_command_on_shards($1, "
+      .. "'SELECT count(*) FILTER (WHERE txid::text <> xmin::text) FROM %s')",
+      '"' .. schema .. '".events'))
+    assert.is_true(#rows > 0)
+    for _, r in ipairs(rows) do
+      assert.is_true(r.success)
+      assert.equal("0", r.result)
+    end
+  end)
+
+  it("checks event ids within their stream", function()
+    local id = "0190a5a4-0000-7000-8000-000000000001"
+    local r1 = assert(store:append("I-1", { id = id, type = "A" }))
+    assert.same(r1, assert(store:append("I-1", { id = id, type = "A" })))   -- a retry
+    assert(store:append("I-2", { id = id, type = "A" }))                      -- another stream
+    local ok, err = store:append("I-1", { { type = "B" }, { id = id, type = "A" } })
+    assert.is_nil(ok)
+    assert.equal("invalid", err.kind)
+    assert.equal(1, store:version("I-1"))
+  end)
+
+  it("a smaller limit gives a prefix of the same batch (followers re-read up to an event)", function()
+    for i = 1, 12 do assert(store:append("P-" .. i, { { type = "A" }, { type = "B" }, { type = "C" } })) end
+    assert(store:append("P-1", events_of(9)))     -- one shard much fuller than the others
+    local full = assert(store:read_all({ limit = 25 }))
+    assert.equal(25, #full)
+    for n = 1, 24 do
+      local part, cp = assert(store:read_all({ limit = n }))
+      assert.equal(n, #part)
+      for i = 1, n do assert.equal(full[i].id, part[i].id) end
+      -- and the checkpoint after it goes on without reading any again
+      local rest = assert(store:read_all({ after = cp, limit = 25 - n }))
+      local seen = {}
+      for i = 1, n do seen[full[i].id] = true end
+      for _, e in ipairs(rest) do assert.is_nil(seen[e.id], "read twice") end
+    end
+  end)
+
+  it("checkpoints hold a cursor per shard and refuse others", function()
+    assert(store:append("C-1", { type = "A" }))
+    local _, cp = drain(store)
+    local n = select(2, cp:gsub("=", ""))
+    assert.equal(store:info().shards, n)
+    assert.matches("^c1:%d+@%d+=%d+:%d+", cp)
+    for _, bad in ipairs { "5:7", "c1:", "c1:1@1=2", "c1:x", cp .. ",", "c1:1@1=2:3" } do
+      local b, err = store:read_all({ after = bad })
+      assert.is_nil(b, bad)
+      assert.equal("invalid", err.kind)
+    end
+  end)
+
+  it("a slow transaction holds back only its own worker, and nothing is skipped", function()
+    local A = assert(es.open(helpers.database_url(), { schema = schema }))
+    local B = assert(es.open(helpers.database_url(), { schema = schema }))
+    local slow = "Slow-1"
+    local g = placement(slow)
+    local near, far = stream_on("Near", g), stream_on("Far", g, true)
+    local _, cp0 = drain(store)
+    A:begin()
+    assert(A:append(slow, { type = "Slow" }))
+    assert(B:append(near, { type = "Near" }))
+    assert(B:append(far, { type = "Far" }))
+    local got, cp1 = drain(store, cp0)
+    -- the other worker's event comes through; the same worker's waits
+    assert.equal(1, #got)
+    assert.equal(far, got[1].stream)
+    assert(A:commit())
+    local rest = drain(store, cp1, 1)
+    assert.equal(2, #rest)
+    assert.equal(slow, rest[1].stream)       -- the older transaction first on its worker
+    assert.equal(near, rest[2].stream)
+    assert.equal(3, #drain(store, nil, 2))   -- from the start: each once
+    A:close(); B:close()
+  end)
+
+  it("reads a subset of shards: one consumer per shard group, together everything once", function()
+    for i = 1, 30 do assert(store:append("G-" .. i, { { type = "A" }, { type = "B" } })) end
+    local ids = {}
+    for _, r in ipairs(assert(store:query("SELECT shardid FROM pg_dist_shard WHERE logicalrelid = $1::regclass "
+      .. "ORDER BY shardid", '"' .. schema .. '".events'))) do ids[#ids + 1] = r.shardid end
+    assert.is_true(#ids >= 2)
+    -- member k takes every other shard
+    local groups = { {}, {} }
+    for i, id in ipairs(ids) do table.insert(groups[i % 2 + 1], id) end
+    local seen, cps = {}, {}
+    for k, g in ipairs(groups) do
+      local cp
+      repeat
+        local b
+        b, cp = assert(store:read_all({ after = cp, limit = 7, shards = g }))
+        for _, e in ipairs(b) do
+          assert.is_nil(seen[e.id], "delivered twice")
+          seen[e.id] = k
+        end
+      until #b == 0
+      cps[k] = cp
+    end
+    local n = 0
+    for _ in pairs(seen) do n = n + 1 end
+    assert.equal(60, n)
+    -- a checkpoint belongs to its shards
+    local b, err = store:read_all({ after = cps[1], shards = groups[2] })
+    assert.is_nil(b)
+    assert.equal("invalid", err.kind)
+    b, err = store:read_all({ shards = { 1 } })
+    assert.is_nil(b)
+    assert.matches("not a shard", err.message)
+    -- new events go to the member of their shard
+    assert(store:append("G-1", { type = "C" }))
+    local got = 0
+    for k, g in ipairs(groups) do
+      got = got + #assert(store:read_all({ after = cps[k], shards = g }))
+    end
+    assert.equal(1, got)
+  end)
+
+  it("distributes an existing store: rows kept in stream order, old checkpoints refused", function()
+    local other = helpers.fresh_schema()
+    local s = assert(es.open(helpers.database_url(), { schema = other }))
+    assert(s:migrate())
+    for i = 1, 20 do assert(s:append("E-" .. (i % 5), { { type = "A" }, { type = "B" } })) end
+    local _, old_cp = assert(s:read_all({ limit = 10 }))
+    assert(s:migrate({ distributed = true, shards = 4 }))
+    assert.is_true(s:info().distributed)
+    local b, err = s:read_all({ after = old_cp })
+    assert.is_nil(b)
+    assert.equal("invalid", err.kind)
+    for i = 1, 5 do assert(s:append("E-" .. (i % 5), { type = "C" })) end
+    local all = drain(s, nil, 7)
+    assert.equal(45, #all)
+    local last = {}
+    for _, e in ipairs(all) do
+      assert.equal((last[e.stream] or 0) + 1, e.version)
+      last[e.stream] = e.version
+    end
+    s:query('DROP SCHEMA "' .. other .. '" CASCADE')
+    s:close()
+  end)
+
+  it("refuses to follow a shard that moved since the checkpoint", function()
+    assert(store:append("M-1", { type = "A" }))
+    local _, cp = drain(store)
+    local g, port, shard = placement("M-1")
+    local other = assert(store:query("SELECT nodeport FROM pg_dist_node WHERE groupid <> $1 "
+      .. "AND groupid <> 0 AND noderole = 'primary' LIMIT 1", g))[1].nodeport
+    -- an earlier move's old placement may still wait for cleanup
+    assert(store:query("CALL citus_cleanup_orphaned_resources()"))
+    assert(store:query("SELECT citus_move_shard_placement($1::bigint, '127.0.0.1', $2::int, "
+      .. "'127.0.0.1', $3::int, shard_transfer_mode => 'block_writes')", shard, port, other))
+    local batch, err = store:read_all({ after = cp })
+    assert.is_nil(batch)
+    assert.equal("invalid", err.kind)
+    assert.matches("moved", err.message)
+    -- reading from the start still works, and sees everything once
+    assert(store:append("M-1", { type = "B" }))
+    local all = drain(store)
+    assert.equal(2, #all)
+    assert.same({ 1, 2 }, { all[1].version, all[2].version })
+  end)
+end)

@@ -1,0 +1,663 @@
+/*
+ * pg_citus_read.c - read_all on Citus: one (txid, position) cursor per
+ * shard, each read on the shard's worker against that worker's snapshot.
+ *
+ * The coordinator says where each shard of the events table is; read_all
+ * then asks every shard's table directly, on a session to its worker
+ * opened with the store's own conninfo and the worker's host and port
+ * (kept for later reads): the rows after that shard's cursor whose
+ * transactions are older than anything still running on that worker, in
+ * (txid, position) order. Each shard gets a share of the limit (more
+ * while others have less), and the batch gives the rows round robin, so it
+ * holds a prefix of every shard's rows after its cursor and reads about
+ * `limit` rows in all:
+ * the checkpoint after any event is exact, and per-stream order (a stream
+ * lives on one shard) is kept. Reads run outside the caller's transaction.
+ *
+ * Checkpoints: "c1:<shard>@<group>=<txid>:<position>,..." for every shard
+ * of the events table. The group is the node group the cursor was read
+ * on: transaction ids are node-local, so a cursor is refused once its
+ * shard has moved (see pg_citus.c and docs/scale-out.md).
+ */
+#include "pg.h"
+#include "es_time.h"
+
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <uuid.h>
+
+#define DEFAULT_BATCH 1000
+#define PG_EPOCH_USEC INT64_C(946684800000000)
+
+typedef struct shard_cursor {
+    int64_t shard;
+    int64_t group;
+    uint64_t txid;
+    int64_t pos;
+    char *table;              /* current shards: the shard's table, */
+    char *host;               /* on this worker */
+    int port;
+    uint64_t rd_txid;         /* where this batch's reads of it got to */
+    int64_t rd_pos;
+    int done;                 /* nothing more in it for this batch */
+} shard_cursor;
+
+/* Rows of one shard read for the batch. */
+typedef struct piece {
+    int shard;                /* index into sh */
+    PGresult *res;
+} piece;
+
+typedef struct rowref {
+    int piece, row;
+} rowref;
+
+/* A batch: pieces of shards' rows, each shard's in order, so that it
+ * holds a prefix of every shard's rows after its cursor. */
+typedef struct citus_cursor {
+    es_cursor base;
+    shard_cursor *sh;
+    int nsh;
+    piece *pieces;
+    int npieces, cap;
+    rowref *refs;             /* the batch's rows, in the order given */
+    int nrows, row;
+    es_buf cp;
+    char id[37];
+    char recorded_at[32];
+} citus_cursor;
+
+static uint64_t be64(const char *v)
+{
+    const unsigned char *u = (const unsigned char *)v;
+    uint64_t x = 0;
+    for (int i = 0; i < 8; i++)
+        x = (x << 8) | u[i];
+    return x;
+}
+
+static void clear_shards(shard_cursor *sh, int n)
+{
+    for (int i = 0; sh && i < n; i++) {
+        free(sh[i].table);
+        free(sh[i].host);
+        sh[i].table = sh[i].host = NULL;
+    }
+}
+
+static void free_shards(shard_cursor *sh, int n)
+{
+    clear_shards(sh, n);
+    free(sh);
+}
+
+static void cc_destroy(es_cursor *c)
+{
+    citus_cursor *cc = (citus_cursor *)c;
+    free_shards(cc->sh, cc->nsh);
+    for (int i = 0; i < cc->npieces; i++)
+        PQclear(cc->pieces[i].res);
+    free(cc->pieces);
+    free(cc->refs);
+    es_buf_free(&cc->cp);
+    free(cc);
+}
+
+static const char *cc_checkpoint(es_cursor *c)
+{
+    citus_cursor *cc = (citus_cursor *)c;
+    char one[96];
+    int rc;
+
+    es_buf_reset(&cc->cp);
+    rc = es_buf_adds(&cc->cp, "c1:");
+    for (int i = 0; i < cc->nsh; i++) {
+        snprintf(one, sizeof one, "%s%" PRId64 "@%" PRId64 "=%" PRIu64
+                 ":%" PRId64, i ? "," : "", cc->sh[i].shard, cc->sh[i].group,
+                 cc->sh[i].txid, cc->sh[i].pos);
+        rc |= es_buf_adds(&cc->cp, one);
+    }
+    return rc < 0 ? NULL : es_buf_cstr(&cc->cp);
+}
+
+static shard_cursor *find_shard(shard_cursor *sh, int n, int64_t shard)
+{
+    for (int i = 0; i < n; i++)
+        if (sh[i].shard == shard)
+            return &sh[i];
+    return NULL;
+}
+
+static int cc_next(es_cursor *c, es_event *e, es_error *err)
+{
+    citus_cursor *cc = (citus_cursor *)c;
+    shard_cursor *s;
+    PGresult *r;
+    int i;
+
+    (void)err;
+    if (cc->row >= cc->nrows)
+        return 0;
+    s = &cc->sh[cc->pieces[cc->refs[cc->row].piece].shard];
+    r = cc->pieces[cc->refs[cc->row].piece].res;
+    i = cc->refs[cc->row++].row;
+    e->position = (int64_t)be64(PQgetvalue(r, i, 0));
+    uuid_unparse_lower((const unsigned char *)PQgetvalue(r, i, 1), cc->id);
+    e->id = cc->id;
+    e->version = (int64_t)be64(PQgetvalue(r, i, 2));
+    e->type = PQgetvalue(r, i, 3);
+    e->data = PQgetvalue(r, i, 4);
+    e->data_len = (size_t)PQgetlength(r, i, 4);
+    e->metadata = PQgetvalue(r, i, 5);
+    e->metadata_len = (size_t)PQgetlength(r, i, 5);
+    es_time_format((int64_t)be64(PQgetvalue(r, i, 6)) + PG_EPOCH_USEC,
+                   cc->recorded_at);
+    e->recorded_at = cc->recorded_at;
+    e->stream = PQgetvalue(r, i, 8);
+    s->txid = be64(PQgetvalue(r, i, 7));
+    s->pos = e->position;
+    return 1;
+}
+
+static const es_cursor_ops cc_ops = { cc_next, cc_checkpoint, cc_destroy };
+
+/* ---- checkpoints ---------------------------------------------------------- */
+
+static int bad_checkpoint(const char *text, es_error *err)
+{
+    return es_fail(err, ES_INVALID, "checkpoint '%.60s' is not one this "
+                   "store made: on Citus read_all checkpoints hold a cursor "
+                   "per shard (\"c1:<shard>@<group>=<txid>:<position>,...\"); "
+                   "single-node checkpoints do not carry over "
+                   "(docs/scale-out.md)", text);
+}
+
+/* Parses `text` into *out (malloc'd, *n entries). NULL text: none. */
+static int parse_checkpoint(const char *text, shard_cursor **out, int *n,
+                            es_error *err)
+{
+    const char *s;
+    int cap = 0;
+
+    *out = NULL;
+    *n = 0;
+    if (!text)
+        return 0;
+    if (strncmp(text, "c1:", 3) != 0)
+        return bad_checkpoint(text, err);
+    for (s = text + 3; *s; s++)
+        cap += *s == ',';
+    *out = calloc((size_t)cap + 1, sizeof **out);
+    if (!*out)
+        return es_fail(err, ES_DATABASE, "out of memory");
+    s = text + 3;
+    while (*s) {
+        shard_cursor *c = &(*out)[*n];
+        char *end;
+        if (*s < '0' || *s > '9')
+            goto bad;
+        c->shard = strtoll(s, &end, 10);
+        if (*end != '@' || end[1] < '0' || end[1] > '9')
+            goto bad;
+        c->group = strtoll(end + 1, &end, 10);
+        if (*end != '=' || end[1] < '0' || end[1] > '9')
+            goto bad;
+        c->txid = strtoull(end + 1, &end, 10);
+        if (*end != ':' || end[1] < '0' || end[1] > '9')
+            goto bad;
+        c->pos = strtoll(end + 1, &end, 10);
+        if ((*end != ',' && *end != '\0') || (*end == ',' && !end[1]))
+            goto bad;
+        (*n)++;
+        s = *end ? end + 1 : end;
+    }
+    if (*n == 0)
+        goto bad;
+    return 0;
+bad:
+    free(*out);
+    *out = NULL;
+    *n = 0;
+    return bad_checkpoint(text, err);
+}
+
+static int has_duplicates(const shard_cursor *sh, int n)
+{
+    for (int i = 1; i < n; i++)
+        if (sh[i].shard == sh[i - 1].shard)
+            return 1;
+    return 0;
+}
+
+/* The events table's shards: each one's node group, table and worker, as
+ * cursors at the start of the shard. */
+static int current_shards(pg_store *p, shard_cursor **out, int *n,
+                          es_error *err)
+{
+    const char *param[1] = { p->schema };
+    PGresult *res;
+
+    *out = NULL;
+    *n = 0;
+    if (pg_ensure(p, err) < 0)
+        return -1;
+    res = PQexecParams(p->conn, "SELECT s.shardid, pl.groupid,"
+                       " shard_name(s.logicalrelid, s.shardid), n.nodename,"
+                       " n.nodeport FROM pg_dist_shard s"
+                       " JOIN pg_dist_placement pl USING (shardid)"
+                       " JOIN pg_dist_node n ON n.groupid = pl.groupid"
+                       " AND n.noderole = 'primary'"
+                       " WHERE s.logicalrelid = to_regclass("
+                       "quote_ident($1::text) || '.events')"
+                       " ORDER BY s.shardid", 1, NULL, param, NULL, NULL, 0);
+    if (PQresultStatus(res) != PGRES_TUPLES_OK)
+        return pg_fail(p, res, "read_all", err);
+    *n = PQntuples(res);
+    *out = calloc((size_t)*n + 1, sizeof **out);
+    for (int i = 0; *out && i < *n; i++) {
+        shard_cursor *c = &(*out)[i];
+        c->shard = strtoll(PQgetvalue(res, i, 0), NULL, 10);
+        c->group = strtoll(PQgetvalue(res, i, 1), NULL, 10);
+        c->table = strdup(PQgetvalue(res, i, 2));
+        c->host = strdup(PQgetvalue(res, i, 3));
+        c->port = atoi(PQgetvalue(res, i, 4));
+        if (!c->table || !c->host) {
+            free_shards(*out, *n);
+            *out = NULL;
+        }
+    }
+    PQclear(res);
+    if (!*out) {
+        *n = 0;
+        return es_fail(err, ES_DATABASE, "out of memory");
+    }
+    if (has_duplicates(*out, *n))
+        return es_fail(err, ES_INVALID, "read_all: a shard of the events "
+                       "table has several placements (replication), which "
+                       "this store does not follow (docs/scale-out.md)");
+    if (*n == 0)
+        return es_fail(err, ES_DATABASE, "read_all: the events table has no "
+                       "shards");
+    return 0;
+}
+
+/* Keeps only the shards o->shards names (all when it is NULL): a
+ * consumer group's member reads its own shards. */
+static int only_shards(citus_cursor *cc, const es_read_all_opts *o,
+                       es_error *err)
+{
+    int kept = 0;
+
+    if (!o->shards)
+        return 0;
+    if (o->nshards == 0)
+        return es_fail(err, ES_INVALID, "read_all: option shards is empty");
+    for (size_t k = 0; k < o->nshards; k++) {
+        if (!find_shard(cc->sh, cc->nsh, o->shards[k]))
+            return es_fail(err, ES_INVALID, "read_all: %" PRId64 " is not a "
+                           "shard of the events table", o->shards[k]);
+        for (size_t j = 0; j < k; j++)
+            if (o->shards[j] == o->shards[k])
+                return es_fail(err, ES_INVALID, "read_all: shard %" PRId64
+                               " named twice", o->shards[k]);
+    }
+    for (int i = 0; i < cc->nsh; i++) {
+        int wanted = 0;
+        for (size_t k = 0; k < o->nshards && !wanted; k++)
+            wanted = o->shards[k] == cc->sh[i].shard;
+        if (wanted) {
+            shard_cursor keep = cc->sh[i];
+            cc->sh[i] = cc->sh[kept];
+            cc->sh[kept++] = keep;
+        }
+    }
+    clear_shards(cc->sh + kept, cc->nsh - kept);
+    cc->nsh = kept;
+    return 0;
+}
+
+/* Carries the checkpoint's cursors over to the current shards, refusing
+ * any shard that moved, appeared or went since the checkpoint. */
+static int rebase(shard_cursor *cur, int ncur, const shard_cursor *old,
+                  int nold, es_error *err)
+{
+    if (!old)
+        return 0;
+    for (int i = 0; i < nold; i++) {
+        shard_cursor *c = find_shard(cur, ncur, old[i].shard);
+        if (!c)
+            return es_fail(err, ES_INVALID, "read_all: shard %" PRId64 " of "
+                           "this checkpoint no longer exists (split or "
+                           "table redistributed?): followers cannot carry "
+                           "their position over (docs/scale-out.md)",
+                           old[i].shard);
+        if (c->group != old[i].group)
+            return es_fail(err, ES_INVALID, "read_all: shard %" PRId64
+                           " moved from node group %" PRId64 " to %" PRId64
+                           " since this checkpoint; transaction ids are "
+                           "per node, so its cursor cannot be carried over "
+                           "(docs/scale-out.md: shard moves)", old[i].shard,
+                           old[i].group, c->group);
+        c->txid = old[i].txid;
+        c->pos = old[i].pos;
+    }
+    if (nold != ncur)
+        return es_fail(err, ES_INVALID, "read_all: the events table has %d "
+                       "shards, this checkpoint %d (docs/scale-out.md)", ncur,
+                       nold);
+    return 0;
+}
+
+/* ---- worker sessions ------------------------------------------------------ */
+
+/* A session per worker, opened with the store's own conninfo and the
+ * worker's host and port (as Citus lists them), kept for later reads. */
+typedef struct node_conn {
+    char host[256];
+    int port;
+    PGconn *conn;
+} node_conn;
+
+struct pg_citus_nodes {
+    node_conn *v;
+    int n;
+};
+
+void pg_citus_close(pg_store *p)
+{
+    if (!p->nodes)
+        return;
+    for (int i = 0; i < p->nodes->n; i++)
+        if (p->nodes->v[i].conn)
+            PQfinish(p->nodes->v[i].conn);
+    free(p->nodes->v);
+    free(p->nodes);
+    p->nodes = NULL;
+}
+
+static PGconn *connect_node(pg_store *p, const char *host, int port,
+                            es_error *err)
+{
+    PQconninfoOption *opts, *o;
+    const char *keys[64], *vals[64];
+    char portstr[16], *msg = NULL;
+    int k = 0;
+    PGconn *c;
+
+    opts = PQconninfoParse(p->conninfo, &msg);
+    if (!opts) {
+        es_fail(err, ES_CONNECTION, "read_all: conninfo: %s",
+                msg ? msg : "out of memory");
+        PQfreemem(msg);
+        return NULL;
+    }
+    snprintf(portstr, sizeof portstr, "%d", port);
+    for (o = opts; o->keyword && k < 60; o++) {
+        if (!o->val || !strcmp(o->keyword, "host") ||
+            !strcmp(o->keyword, "hostaddr") || !strcmp(o->keyword, "port"))
+            continue;
+        keys[k] = o->keyword;
+        vals[k++] = o->val;
+    }
+    keys[k] = "host";
+    vals[k++] = host;
+    keys[k] = "port";
+    vals[k++] = portstr;
+    keys[k] = NULL;
+    vals[k] = NULL;
+    c = PQconnectdbParams(keys, vals, 0);
+    PQconninfoFree(opts);
+    if (PQstatus(c) != CONNECTION_OK) {
+        es_fail(err, ES_CONNECTION, "read_all: worker %s:%d: %s", host, port,
+                PQerrorMessage(c));
+        err->message[strcspn(err->message, "\n")] = '\0';
+        PQfinish(c);
+        return NULL;
+    }
+    return c;
+}
+
+/* The live session to host:port, (re)connecting when needed. */
+static PGconn *node_session(pg_store *p, const char *host, int port,
+                            es_error *err)
+{
+    node_conn *nc = NULL;
+
+    if (!p->nodes && !(p->nodes = calloc(1, sizeof *p->nodes))) {
+        es_fail(err, ES_DATABASE, "out of memory");
+        return NULL;
+    }
+    for (int i = 0; i < p->nodes->n; i++)
+        if (p->nodes->v[i].port == port && !strcmp(p->nodes->v[i].host, host))
+            nc = &p->nodes->v[i];
+    if (!nc) {
+        node_conn *v = realloc(p->nodes->v,
+                               (size_t)(p->nodes->n + 1) * sizeof *v);
+        if (!v) {
+            es_fail(err, ES_DATABASE, "out of memory");
+            return NULL;
+        }
+        p->nodes->v = v;
+        nc = &v[p->nodes->n++];
+        memset(nc, 0, sizeof *nc);
+        snprintf(nc->host, sizeof nc->host, "%s", host);
+        nc->port = port;
+    }
+    if (nc->conn && PQstatus(nc->conn) != CONNECTION_OK) {
+        PQfinish(nc->conn);
+        nc->conn = NULL;
+    }
+    if (!nc->conn)
+        nc->conn = connect_node(p, host, port, err);
+    return nc->conn;
+}
+
+/* ---- one shard ------------------------------------------------------------ */
+
+/* Adds one element of a text[] literal. */
+static int add_elem(es_buf *b, const char *s, int first)
+{
+    int rc = first ? 0 : es_buf_addc(b, ',');
+    rc |= es_buf_addc(b, '"');
+    for (; *s; s++) {
+        if (*s == '"' || *s == '\\')
+            rc |= es_buf_addc(b, '\\');
+        rc |= es_buf_addc(b, *s);
+    }
+    return rc | es_buf_addc(b, '"');
+}
+
+/* The shard's rows after its cursor whose transactions are older than
+ * anything still running on its worker, in (txid, position) order. */
+static PGresult *read_shard(pg_store *p, PGconn *c, const char *table,
+                            const shard_cursor *sh, const es_read_all_opts *o,
+                            int64_t limit, es_error *err)
+{
+    char sql[768], filters[128] = "", tx[24], pos[24], lim[24];
+    const char *values[5];
+    int n = 3;
+    es_buf types;
+    PGresult *res;
+
+    es_buf_init(&types);
+    snprintf(tx, sizeof tx, "%" PRIu64, sh->rd_txid);
+    snprintf(pos, sizeof pos, "%" PRId64, sh->rd_pos);
+    snprintf(lim, sizeof lim, "%" PRId64, limit);
+    values[0] = tx;
+    values[1] = pos;
+    values[2] = lim;
+    if (o->category) {
+        values[n++] = o->category;
+        snprintf(filters, sizeof filters, " AND category = $%d", n);
+    }
+    if (o->types) {
+        int rc = es_buf_addc(&types, '{');
+        for (size_t i = 0; i < o->ntypes; i++)
+            rc |= add_elem(&types, o->types[i], i == 0);
+        rc |= es_buf_addc(&types, '}');
+        if (rc < 0 || !es_buf_cstr(&types)) {
+            es_buf_free(&types);
+            es_fail(err, ES_DATABASE, "out of memory");
+            return NULL;
+        }
+        values[n++] = es_buf_cstr(&types);
+        snprintf(filters + strlen(filters), sizeof filters - strlen(filters),
+                 " AND type = ANY($%d::text[])", n);
+    }
+    snprintf(sql, sizeof sql, "SELECT position, id, version, type, data,"
+             " metadata, recorded_at, txid, stream FROM %s"
+             " WHERE (txid, position) > ($1::xid8, $2::bigint)"
+             " AND txid < pg_snapshot_xmin(pg_current_snapshot())%s"
+             " ORDER BY txid, position LIMIT $3::bigint", table, filters);
+    res = PQexecParams(c, sql, n, NULL, values, NULL, NULL, 1);
+    es_buf_free(&types);
+    if (PQresultStatus(res) != PGRES_TUPLES_OK || PQnfields(res) != 9) {
+        es_fail(err, PQstatus(c) == CONNECTION_OK ? ES_DATABASE
+                : ES_CONNECTION, "read_all: shard %" PRId64 ": %s", sh->shard,
+                PQresultErrorMessage(res));
+        err->message[strcspn(err->message, "\n")] = '\0';
+        PQclear(res);
+        return NULL;
+    }
+    return res;
+}
+
+static int add_piece(citus_cursor *cc, int shard, PGresult *res)
+{
+    if (cc->npieces == cc->cap) {
+        int cap = cc->cap ? cc->cap * 2 : 16;
+        piece *v = realloc(cc->pieces, (size_t)cap * sizeof *v);
+        if (!v)
+            return -1;
+        cc->pieces = v;
+        cc->cap = cap;
+    }
+    cc->pieces[cc->npieces].shard = shard;
+    cc->pieces[cc->npieces++].res = res;
+    return 0;
+}
+
+/* Orders the rows read round robin: every shard's first row, then every
+ * shard's second, ... The shares read above are exactly the first rows of
+ * that order, whatever the limit, so a smaller limit over the same log
+ * gives a prefix of this batch (followers re-read up to an event to find
+ * its checkpoint). */
+static int lay_out(citus_cursor *cc, int64_t total, es_error *err)
+{
+    int *at = calloc((size_t)cc->nsh + 1, sizeof *at);    /* piece per shard */
+    int *row = calloc((size_t)cc->nsh + 1, sizeof *row);  /* row in it */
+    int progress = 1;
+
+    cc->refs = malloc(((size_t)total + 1) * sizeof *cc->refs);
+    if (!at || !row || !cc->refs) {
+        free(at);
+        free(row);
+        return es_fail(err, ES_DATABASE, "out of memory");
+    }
+    for (int k = 0; k < cc->nsh; k++)
+        at[k] = -1;
+    while (progress && cc->nrows < total) {
+        progress = 0;
+        for (int k = 0; k < cc->nsh && cc->nrows < total; k++) {
+            /* this shard's next row: on in its piece, or its next piece */
+            while (at[k] < cc->npieces &&
+                   (at[k] < 0 || cc->pieces[at[k]].shard != k ||
+                    row[k] >= PQntuples(cc->pieces[at[k]].res))) {
+                at[k]++;
+                row[k] = 0;
+            }
+            if (at[k] >= cc->npieces)
+                continue;
+            cc->refs[cc->nrows].piece = at[k];
+            cc->refs[cc->nrows++].row = row[k]++;
+            progress = 1;
+        }
+    }
+    free(at);
+    free(row);
+    return 0;
+}
+
+/* Fills the batch up to limit: every shard not yet exhausted gets an even
+ * share of what is left, again while some came back short. A batch is short
+ * only when every shard had less than its share: followers take a short
+ * batch for the end of the log. Each query is one shard's next rows, so a
+ * batch reads about `limit` rows whatever the shard count. */
+static int read_batch(pg_store *p, citus_cursor *cc, const es_read_all_opts *o,
+                      int64_t limit, es_error *err)
+{
+    int64_t left = limit;
+    int active = cc->nsh;
+
+    for (int i = 0; i < cc->nsh; i++) {
+        cc->sh[i].rd_txid = cc->sh[i].txid;
+        cc->sh[i].rd_pos = cc->sh[i].pos;
+    }
+    while (left > 0 && active > 0) {
+        /* Shards still going are level: each gets the same share, or,
+         * when fewer rows are left than shards, one each in shard order
+         * until none is left. That is what a round robin over the shards
+         * takes first. */
+        int64_t ask = left / active > 0 ? left / active : 1;
+        for (int i = 0; i < cc->nsh && left > 0; i++) {
+            shard_cursor *s = &cc->sh[i];
+            PGconn *c;
+            PGresult *res;
+            int n;
+
+            if (s->done)
+                continue;
+            if (!(c = node_session(p, s->host, s->port, err)) ||
+                !(res = read_shard(p, c, s->table, s, o, ask, err)))
+                return -1;
+            n = PQntuples(res);
+            if (n > 0) {
+                s->rd_txid = be64(PQgetvalue(res, n - 1, 7));
+                s->rd_pos = (int64_t)be64(PQgetvalue(res, n - 1, 0));
+            }
+            if (add_piece(cc, i, res) < 0) {
+                PQclear(res);
+                return es_fail(err, ES_DATABASE, "out of memory");
+            }
+            left -= n;
+            if (n < ask) {
+                s->done = 1;
+                active--;
+            }
+        }
+    }
+    return lay_out(cc, limit - left, err);
+}
+
+es_cursor *pg_citus_read_all(pg_store *p, const es_read_all_opts *o,
+                             es_error *err)
+{
+    shard_cursor *old = NULL;
+    int nold = 0;
+    citus_cursor *cc;
+
+    if (parse_checkpoint(o->after, &old, &nold, err) < 0)
+        return NULL;
+    cc = calloc(1, sizeof *cc);
+    if (!cc) {
+        free(old);
+        es_fail(err, ES_DATABASE, "out of memory");
+        return NULL;
+    }
+    cc->base.ops = &cc_ops;
+    cc->base.store = &p->base;
+    es_buf_init(&cc->cp);
+    if (current_shards(p, &cc->sh, &cc->nsh, err) < 0 ||
+        only_shards(cc, o, err) < 0 ||
+        rebase(cc->sh, cc->nsh, old, nold, err) < 0 ||
+        read_batch(p, cc, o, o->limit > 0 ? o->limit : (int64_t)DEFAULT_BATCH,
+                   err) < 0) {
+        free(old);
+        cc_destroy(&cc->base);
+        return NULL;
+    }
+    free(old);
+    return &cc->base;
+}
