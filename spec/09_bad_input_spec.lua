@@ -22,19 +22,7 @@ local function long_array(n)
   return t
 end
 
--- every row of every table of the schema, hashed in a stable order
-local function digest(store, schema)
-  local tables = assert(store:query(
-    "SELECT tablename FROM pg_tables WHERE schemaname = $1 ORDER BY tablename", schema))
-  local parts = {}
-  for _, t in ipairs(tables) do
-    local q = ("SELECT count(*) AS n, coalesce(md5(string_agg(x::text, '|' ORDER BY x::text)), '') AS h "
-      .. "FROM %q.%q x"):format(schema, t.tablename)
-    local r = assert(store:query(q))
-    parts[#parts + 1] = ("%s:%s:%s"):format(t.tablename, tostring(r[1].n), r[1].h)
-  end
-  return table.concat(parts, "\n")
-end
+local digest = helpers.schema_digest
 
 -- Runs f; it must raise or return nil, err. Returns the message.
 local function refused(f)

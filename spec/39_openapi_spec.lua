@@ -157,6 +157,27 @@ describe("openapi.json", function()
       return req("DELETE", items(new_order()) .. "/p1", { token = ALICE })
     end,
 
+    -- a body that says it is not JSON: 415 before anything is done
+    ["POST /orders 415"] = function()
+      return req("POST", "/orders", { token = ALICE, body = "{}", headers = { "Content-Type: text/plain" } })
+    end,
+    ["POST /orders/{id}/items 415"] = function()
+      return req("POST", "/orders/" .. new_order() .. "/items", { token = ALICE,
+        body = '{"product_id":"p","quantity":1,"unit_price":1}', headers = { "Content-Type: text/plain" } })
+    end,
+    ["POST /orders/{id}/place 415"] = function()
+      return req("POST", "/orders/" .. new_order(ALICE, { "p1" }) .. "/place", { token = ALICE, body = "{}",
+        headers = { "Content-Type: multipart/form-data; boundary=x" } })
+    end,
+    ["POST /orders/{id}/cancel 415"] = function()
+      return req("POST", "/orders/" .. new_order() .. "/cancel", { token = ALICE, body = "{}",
+        headers = { "Content-Type: text/plain" } })
+    end,
+    ["POST /stock/{product_id}/receive 415"] = function()
+      return req("POST", "/stock/p1/receive", { token = ADMIN, body = '{"quantity":1}',
+        headers = { "Content-Type: text/csv" } })
+    end,
+
     ["POST /orders/{id}/place 200"] = function()
       return req("POST", "/orders/" .. new_order(ALICE, { "p1" }) .. "/place", { token = ALICE })
     end,

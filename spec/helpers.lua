@@ -197,4 +197,19 @@ function helpers.wait_exit(child, seconds)  -- true once the process is gone
   return false
 end
 
+-- Every row of every table of a schema, hashed in a stable order: equal
+-- digests before and after mean no stored byte changed.
+function helpers.schema_digest(store, schema)
+  local tables = assert(store:query(
+    "SELECT tablename FROM pg_tables WHERE schemaname = $1 ORDER BY tablename", schema))
+  local parts = {}
+  for _, t in ipairs(tables) do
+    local q = ("SELECT count(*) AS n, coalesce(md5(string_agg(x::text, '|' ORDER BY x::text)), '') AS h "
+      .. "FROM %q.%q x"):format(schema, t.tablename)
+    local r = assert(store:query(q))
+    parts[#parts + 1] = ("%s:%s:%s"):format(t.tablename, tostring(r[1].n), r[1].h)
+  end
+  return table.concat(parts, "\n")
+end
+
 return helpers

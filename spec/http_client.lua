@@ -62,10 +62,15 @@ local function curl_cmd(self, method, path, opts, files)
   if opts.token then
     args[#args + 1] = "-H " .. shell_quote("Authorization: Bearer " .. opts.token)
   end
-  for _, h in ipairs(opts.headers or {}) do args[#args + 1] = "-H " .. shell_quote(h) end
+  local ctype = false
+  for _, h in ipairs(opts.headers or {}) do
+    args[#args + 1] = "-H " .. shell_quote(h)
+    if h:lower():match("^content%-type:") then ctype = true end
+  end
   if opts.body then
     write_file(files.req, opts.body)
-    args[#args + 1] = "-H 'Content-Type: application/json' --data-binary @" .. files.req
+    -- JSON unless the request names its own Content-Type
+    args[#args + 1] = (ctype and "" or "-H 'Content-Type: application/json' ") .. "--data-binary @" .. files.req
   end
   args[#args + 1] = shell_quote(self.base .. path)
   return table.concat(args, " ")

@@ -57,6 +57,12 @@ local function header(h, name)
   return v
 end
 
+local function json_type(ctype)
+  local t = ctype:lower():match("^%s*([^;%s]+)")
+  return t == "application/json" or t == "application/x-www-form-urlencoded"
+    or (t ~= nil and t:match("^application/[%w.-]+%+json$") ~= nil)
+end
+
 local function send(status, body, etag, location, replayed)
   ngx.status = status
   ngx.header["Content-Type"] = "application/json"
@@ -83,6 +89,17 @@ function M.handle()
   local h, truncated = ngx.req.get_headers(100)
   if truncated then
     return send(400, error_body("invalid", "too many request headers"))
+  end
+  -- Bodies are JSON. Say so, or say nothing; curl's -d says
+  -- form-urlencoded, which the README's examples use, so it passes too.
+  -- Any other type (text/plain, multipart/...) is refused before anything.
+  local ctype = header(h, "content-type")
+  if ctype == false then
+    return send(400, error_body("invalid", "Content-Type given more than once"))
+  end
+  if body and body ~= "" and ctype and not json_type(ctype) then
+    return send(415, error_body("unsupported_media_type",
+      "request bodies are JSON: send Content-Type: application/json"))
   end
   local auth, if_match = header(h, "authorization"), header(h, "if-match")
   local idem_key = header(h, "idempotency-key")
