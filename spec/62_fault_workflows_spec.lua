@@ -57,6 +57,29 @@ describe("fault matrix: workflows (processes, PostgreSQL)", function()
     finish(rpid, rlog)
   end)
 
+  it("statement and lock timeouts firing in a runner with timers delay it, never stop it", function()
+    local rpid, rlog = fm.spawn_runner(w, schema, "runner", "ES_FAULT_STATEMENT_TIMEOUT=50")
+    during_writes(2, function()
+      local admin = fm.reopen(schema)
+      for _ = 1, 4 do
+        -- the runner's appends (commands, timers) wait on this lock
+        assert(admin:begin())
+        assert(admin:query(('LOCK TABLE "%s".timers IN EXCLUSIVE MODE'):format(schema)))
+        helpers.sleep(0.3)
+        assert(admin:rollback())
+        fm.wait_writing(w, 2, 2)
+      end
+      admin:close()
+    end)
+    finish(rpid, rlog)
+    -- the timeouts fired (the runner logged its retries), and nothing gave up
+    local text = helpers.read_file(rlog) or ""
+    assert.is_truthy(text:find("lock timeout", 1, true) or text:find("statement timeout", 1, true),
+      "no timeout fired: " .. text:sub(1, 500))
+    local dl = assert(store:query(('SELECT count(*) AS n FROM "%s".dead_letters'):format(schema)))
+    assert.equal(0, dl[1].n)
+  end)
+
   it("kill -9 of the runner 20 times at random moments, timers pending", function()
     during_writes(2, function()
       for i = 1, 20 do

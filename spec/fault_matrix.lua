@@ -350,13 +350,17 @@ end
 local RUNNER = M.WORKFLOW .. [[
 local util = require "eventsourcing.util"
 local schema, stop_file = %q, %q
+local opts = { schema = schema }
+local timeout = tonumber(os.getenv("ES_FAULT_STATEMENT_TIMEOUT") or "")
+if timeout then opts.statement_timeout = timeout; opts.lock_timeout = timeout end
 local store
 for _ = 1, 600 do
-  store = es.open(os.getenv("ES_TEST_DATABASE_URL"), { schema = schema })
+  store = es.open(os.getenv("ES_TEST_DATABASE_URL"), opts)
   if store then break end
   util.sleep(0.1)
 end
-local r = runner(store, { batch_size = 20, backoff = 0.01 })
+local r = runner(store, { batch_size = 20, backoff = 0.01, max_attempts = 1000,
+  log = function(line) print(line) end })
 r:run { poll = 0.1, retry = 0.1, stop = function()
     local f = io.open(stop_file); if f then f:close(); return true end; return false end,
   on_error = function(err)
@@ -366,8 +370,8 @@ r:run { poll = 0.1, retry = 0.1, stop = function()
 print("done")
 ]]
 
-function M.spawn_runner(w, schema, name)
-  return w:spawn(RUNNER:format(schema, w.dir .. "/stop"), name or "runner")
+function M.spawn_runner(w, schema, name, env)
+  return w:spawn(RUNNER:format(schema, w.dir .. "/stop"), name or "runner", env)
 end
 
 -- Waits until every Fault event has its two effects; then asserts none is
