@@ -55,15 +55,7 @@ describe("fault matrix: appends (processes, PostgreSQL)", function()
 
   it("statement and lock timeouts firing during appends (the events table locked now and then)", function()
     local logs = run({ 1, 1, 100 }, function()
-      local admin = fm.reopen(schema)
-      for _ = 1, 4 do
-        assert(admin:begin())
-        assert(admin:query(('LOCK TABLE "%s".events IN EXCLUSIVE MODE'):format(schema)))
-        helpers.sleep(0.2)   -- four times the writers' timeouts
-        assert(admin:rollback())
-        fm.wait_writing(w, 3, 1)
-      end
-      admin:close()
+      fm.lock_now_and_then(w, schema, "events", "EXCLUSIVE", 4, 0.2, 3)
     end, "ES_FAULT_STATEMENT_TIMEOUT=50")
     assert.is_true(fm.retries(logs, "57014") + fm.retries(logs, "55P03") > 0, "no timeout fired")
   end)

@@ -60,16 +60,7 @@ describe("fault matrix: workflows (processes, PostgreSQL)", function()
   it("statement and lock timeouts firing in a runner with timers delay it, never stop it", function()
     local rpid, rlog = fm.spawn_runner(w, schema, "runner", "ES_FAULT_STATEMENT_TIMEOUT=50")
     during_writes(2, function()
-      local admin = fm.reopen(schema)
-      for _ = 1, 4 do
-        -- the runner's appends (commands, timers) wait on this lock
-        assert(admin:begin())
-        assert(admin:query(('LOCK TABLE "%s".timers IN EXCLUSIVE MODE'):format(schema)))
-        helpers.sleep(0.3)
-        assert(admin:rollback())
-        fm.wait_writing(w, 2, 2)
-      end
-      admin:close()
+      fm.lock_now_and_then(w, schema, "timers", "EXCLUSIVE", 4, 0.3, 2)
     end)
     finish(rpid, rlog)
     -- the timeouts fired (the runner logged its retries), and nothing gave up

@@ -167,6 +167,21 @@ function M.during_writes(w, schema, batches, fault, env)
   return logs
 end
 
+-- Holds `tbl` of the schema locked (mode) for `hold` seconds, `times`
+-- times, letting the writers go on between: timeouts fire in whatever
+-- waits on it.
+function M.lock_now_and_then(w, schema, tbl, mode, times, hold, writers)
+  local admin = M.reopen(schema)
+  for _ = 1, times do
+    assert(admin:begin())
+    assert(admin:query(('LOCK TABLE "%s".%s IN %s MODE'):format(schema, tbl, mode)))
+    helpers.sleep(hold)
+    assert(admin:rollback())
+    M.wait_writing(w, writers, 1)
+  end
+  admin:close()
+end
+
 function M.stop_writers(w)
   helpers.sh("touch " .. q(w.dir .. "/stop-writers"))
 end

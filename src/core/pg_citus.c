@@ -103,7 +103,7 @@ static const char append_sql[] =
     "  IF last_txid > pg_current_xact_id() THEN"
     "    RAISE EXCEPTION 'stream % was appended to by a younger"
     " transaction; retry in a new transaction', p_stream"
-    "      USING ERRCODE = '40001';"
+    "      USING ERRCODE = '40001', CONSTRAINT = 'stream_order';"
     "  END IF;"
     "  IF (p_expected = -2 AND cur <> 0) OR (p_expected = -3 AND cur = 0)"
     "     OR (p_expected >= 0 AND cur <> p_expected) THEN"
