@@ -129,14 +129,15 @@ function roles.writer(n)
   store:close()
 end
 
-local function follow(make)
+-- Follows until the file DIR/<stop_name> appears.
+local function follow(make, stop_name)
   local store = open()
   local follower = make(store)
   local stop = false
   follower:run { poll = 0.2, retry = 0.2,
     stop = function()
       if not stop then
-        local f = io.open(DIR .. "/stop")
+        local f = io.open(DIR .. "/" .. stop_name)
         if f then f:close(); stop = true end
       end
       return stop
@@ -145,12 +146,14 @@ local function follow(make)
 end
 
 function roles.projector()
-  follow(function(store) return es.projector(store, read_models()) end)
+  follow(function(store) return es.projector(store, read_models()) end, "stop")
 end
 
 function roles.runner()
   local workflows = require "orders.workflows"
-  follow(function(store) return workflows.runner(store, { draft_ttl = 2, read_models = false }) end)
+  -- stopped first (its timers append events of their own), then the projectors
+  follow(function(store) return workflows.runner(store, { draft_ttl = 2, read_models = false }) end,
+    "stop-runner")
 end
 
 -- Drives the order service over HTTP: create, add, place, read.
@@ -241,14 +244,15 @@ local function read_acks()
   return acked, n_acked, rolled, n_rolled
 end
 
--- Followers have caught up when every projection and workflow checkpoint
--- is at the end of the log.
-local function caught_up(store)
+-- Followers have caught up when every projection (and, unless
+-- projections_only, workflow) checkpoint is at the end of the log.
+local function caught_up(store, projections_only)
   local p = es.projector(store, read_models())
   local ps = p:status()
   if not ps then return false end
   local workflows = require "orders.workflows"
-  local rs = workflows.runner(store, { draft_ttl = 2, read_models = false }):status()
+  local rs = projections_only and {}
+    or workflows.runner(store, { draft_ttl = 2, read_models = false }):status()
   if not rs then return false end
   for _, list in ipairs { ps, rs } do
     for _, s in ipairs(list) do
@@ -315,10 +319,22 @@ local function run()
   check(#died == 0, "no follower process died" .. (#died > 0 and (": " .. table.concat(died, ", ")) or ""))
   check(done, "followers caught up by themselves within 120 s of the writers' end"
     .. (last and (" (behind: " .. tostring(last.name) .. ")") or ""))
-  local f = assert(io.open(DIR .. "/stop", "w")); f:close()
-  if not wait_gone(followers, 30) then
-    for _, c in ipairs(followers) do sh("kill " .. c.pid .. " 2>/dev/null") end
+  -- the runner's timers keep appending (draft expiry): stop it first, let
+  -- the projectors reach the very end, then stop them
+  local function stop(name, list)
+    local f = assert(io.open(DIR .. "/" .. name, "w")); f:close()
+    if not wait_gone(list, 30) then
+      for _, c in ipairs(list) do sh("kill " .. c.pid .. " 2>/dev/null") end
+    end
   end
+  stop("stop-runner", { r })
+  local t_last = util.monotonic() + 60
+  repeat
+    local ok, ok2 = pcall(caught_up, store, true)
+    if ok and ok2 then break end
+    util.sleep(0.2)
+  until util.monotonic() > t_last
+  stop("stop", followers)
 
   -- 1. acknowledged appends: stored exactly once
   local acked, n_acked, rolled, n_rolled = read_acks()
