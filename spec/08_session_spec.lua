@@ -19,9 +19,7 @@ describe("session (postgresql)", function()
   local store, admin, schema
 
   before_each(function()
-    store, schema = helpers.open({ name = "postgresql", url = helpers.database_url() })
-    admin = assert(es.open(helpers.database_url(), { schema = schema }))
-    assert(store:query(('CREATE TABLE "%s".probe (x int)'):format(schema)))
+    store, admin, schema = helpers.open_pair()
   end)
   after_each(function()
     store:close()

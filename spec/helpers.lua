@@ -102,6 +102,16 @@ function helpers.on_one_shard(store, ...)
   return (table.unpack or unpack)(names)
 end
 
+-- Two sessions on one fresh schema, with an empty table `probe` for
+-- specs that need something to lock or write: store, admin, schema.
+function helpers.open_pair()
+  local es = require "eventsourcing"
+  local store, schema = helpers.open({ name = "postgresql", url = helpers.database_url() })
+  local admin = assert(es.open(helpers.database_url(), { schema = schema }))
+  assert(store:query(('CREATE TABLE "%s".probe (x int)'):format(schema)))
+  return store, admin, schema
+end
+
 -- The Lua flavour running the specs: "luajit" or "lua5.4".
 function helpers.flavour()
   return rawget(_G, "jit") and "luajit" or "lua5.4"
