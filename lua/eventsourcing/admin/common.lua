@@ -43,4 +43,40 @@ function M.projections_of(app)
   return list
 end
 
+-- Status straight from a checkpoint ledger ("projections" or "workflows"),
+-- for an operator without the app's definitions: one row per ledger row
+-- (a consumer group's partitions each have theirs), with the lag and what
+-- holds readers back as the follower engine reports them.
+-- -> rows | nil, err
+function M.ledger_status(store, ledger)
+  local ok, err = M.need_pg(store, ledger .. " status")
+  if not ok then return nil, err end
+  local tbl = ('"%s".%s'):format(store:schema(), ledger)
+  local row
+  row, err = M.one(store, "SELECT to_regclass($1) IS NOT NULL AS has", tbl)
+  if not row then return nil, err end
+  if not row.has then
+    return M.fail("not_found", "schema %s has no %s ledger (nothing has followed the log there yet)",
+      store:schema(), ledger)
+  end
+  local rows
+  rows, err = store:query(("SELECT name, checkpoint, position, handled, error, paused, %s, %s FROM %s "
+    .. "ORDER BY name"):format(M.ts("updated_at"), M.ts("failed_at"), tbl))
+  if not rows then return nil, err end
+  local L = require "eventsourcing.follower_ledger"
+  local held
+  for _, r in ipairs(rows) do
+    r.lag_events, r.lag_seconds = L.lag(store, r.checkpoint)
+    if not r.lag_events then return nil, r.lag_seconds end
+    if r.lag_events > 0 and held == nil then
+      held, err = L.held_by(store)
+      if held == nil and err then return nil, err end
+      held = held or false
+    end
+    if r.lag_events > 0 and held then r.held_by = held end
+    r.state = r.paused and "paused" or (r.error and "failed") or "running"
+  end
+  return rows
+end
+
 return M

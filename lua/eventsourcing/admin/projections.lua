@@ -35,8 +35,10 @@ function M.list(app)
   return out
 end
 
--- projector:status() rows, each with `state` ("running", "paused", "failed").
+-- projector:status() rows, each with `state` ("running", "paused", "failed");
+-- without an app, the ledger's rows (common.ledger_status).
 function M.status(store, app)
+  if not app then return common.ledger_status(store, "projections") end
   local p, err = projector(store, app)
   if not p then return nil, err end
   local rows

@@ -19,8 +19,10 @@ local function runner(store, app)
   return workflow_mod().runner(store, list, opts)
 end
 
--- runner:status() rows, each with `state`.
+-- runner:status() rows, each with `state`; without an app, the ledger's
+-- rows (common.ledger_status).
 function M.status(store, app)
+  if not app then return common.ledger_status(store, "workflows") end
   local r, err = runner(store, app)
   if not r then return nil, err end
   local rows

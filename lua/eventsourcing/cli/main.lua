@@ -47,10 +47,11 @@ local function store_commands(p)
 end
 
 local function ops_commands(p)
-  local c = p:command("projections", "The app's read models and projections (needs --app).")
+  local c = p:command("projections",
+    "The app's read models and projections (needs --app; status without it reads the ledger).")
   c:command_target("action")
   c:command("list", "Names and kinds.")
-  c:command("status", "Checkpoint, lag in events and seconds, state, last error.")
+  c:command("status", "Checkpoint, lag in events and seconds, state, last error (without --app: every ledger row).")
   for _, a in ipairs { { "rebuild", "Replay every event into a fresh table, swapped in at the end." },
                        { "reset", "Back to the first event (a read model's rows are cleared)." },
                        { "pause", "Stop applying events until resumed." },
@@ -60,7 +61,7 @@ local function ops_commands(p)
   end
   c = p:command("workflows", "Workflows: status, dead letters, timers.")
   c:command_target("action")
-  c:command("status", "Checkpoint, lag, dead letters and timers per workflow (needs --app).")
+  c:command("status", "Checkpoint, lag, dead letters and timers per workflow (without --app: the ledger's rows).")
   c:command("dead-letters", "Events a workflow gave up on."):argument("name", "Only this workflow's."):args("?")
   c:command("retry", "Run one dead letter again (needs --app)."):argument("id", "Its event id.")
   c:command("discard", "Delete one dead letter."):argument("id", "Its event id.")
