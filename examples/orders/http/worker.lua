@@ -5,10 +5,11 @@
 --                         method, request_uri, authorization, if_match, body,
 --                         idempotency_key, request_id)
 --   --> true, status, body_json, etag_or_nil, location_or_nil, replayed,
---       appended, conflicts, seconds
+--       appended, conflicts, seconds, timings
 -- (appended: events this request appended; conflicts: appends that met a
 -- concurrent writer; seconds: time spent on this thread; request_id: the
--- correlation id the command's events carry)
+-- correlation id the command's events carry; timings: nil, or with
+-- ES_HTTP_TIMINGS=1 the milliseconds per phase, Server-Timing style)
 --   ngx.run_worker_thread("es", "orders.http.worker", "metrics")
 --   --> true, exposition lines (checkpoint lag and dead letters)
 -- (replayed: the stored response of an earlier request with the same
@@ -32,6 +33,7 @@ local core = require "eventsourcing.core"
 local service = require "orders.service"
 local Order = require "orders.order"
 local stock = require "orders.http.stock"
+local draft_view = require "orders.http.draft_view"
 local idem = require "orders.http.idempotency"
 
 local json = es.json
@@ -79,10 +81,63 @@ local function settings()
   return config
 end
 
+---------------------------------------------------------------- timings
+
+-- Bench-only (ES_HTTP_TIMINGS=1): seconds this thread spent per phase of
+-- the request, returned to api.lua, which sends them in a Server-Timing
+-- header. The store is wrapped in a proxy that times its calls; off, the
+-- store is used as it is and nothing is timed.
+local TIMINGS = os.getenv("ES_HTTP_TIMINGS") == "1"
+local phases = {}     -- phase -> seconds, of the request being handled
+local PHASE_OF = { fold = "fold", read = "fold", load_snapshot = "fold", version = "fold",
+                   begin = "begin", append = "append", query = "sql", commit = "commit",
+                   rollback = "commit" }
+
+local function add_time(phase, t0)
+  phases[phase] = (phases[phase] or 0) + (core.monotonic() - t0)
+end
+
+local function finish(phase, t0, ...)
+  add_time(phase, t0)
+  return ...
+end
+
+local function timed(s)
+  local proxy = {}
+  return setmetatable(proxy, { __index = function(_, name)
+    local f, phase = s[name], PHASE_OF[name]
+    if type(f) ~= "function" then return f end
+    local w
+    if phase then
+      w = function(_, ...)
+        local t0 = core.monotonic()
+        return finish(phase, t0, f(s, ...))
+      end
+    else
+      w = function(_, ...) return f(s, ...) end
+    end
+    proxy[name] = w
+    return w
+  end })
+end
+
+local function timing_text(total)
+  local parts, known = {}, 0
+  for phase, secs in pairs(phases) do
+    parts[#parts + 1] = ("%s;dur=%.3f"):format(phase, secs * 1000)
+    known = known + secs
+    phases[phase] = nil
+  end
+  parts[#parts + 1] = ("lua;dur=%.3f"):format((total - known) * 1000)
+  return table.concat(parts, ", ")
+end
+
 ---------------------------------------------------------------- responses
 
 local function respond(status, value, etag, location)
+  local t0 = TIMINGS and core.monotonic()
   local text = json.encode(value)
+  if t0 then add_time("encode", t0) end
   if not text then
     return 500, '{"error":{"kind":"internal","message":"response could not be encoded"}}\n'
   end
@@ -140,7 +195,7 @@ local function connect()
     statement_timeout = tonumber(os.getenv("ES_HTTP_STATEMENT_TIMEOUT") or "") or 5000,
     lock_timeout = tonumber(os.getenv("ES_HTTP_LOCK_TIMEOUT") or "") or 2000 })
   if not s then return nil, err end
-  store = s
+  store = TIMINGS and timed(s) or s
   svc = service.new(store, { metadata = { via = "http" }, max_retries = c.max_retries,
     inline = read_model_mode() == "inline" })
   folded = service.fold_queries(store, svc.repository)
@@ -451,8 +506,14 @@ local function get_order(p, id, args)
     if not o then return fail_err(e) end
     return respond(200, o, etag_of(o.version))
   end
-  -- current state: folded from the stream (never stale, exact version),
-  -- with where its stock reservation stands (the workflow's progress)
+  -- a draft: the read model's row as JSON, when it is at the stream's
+  -- last version (orders.http.draft_view), in one statement
+  local found, body, version = draft_view.get(store, id)
+  if found == nil then return fail_err(body) end
+  if found then return 200, body, etag_of(version) end
+  -- else the current state folded from the stream (never stale, exact
+  -- version), with where its stock reservation stands (the workflow's
+  -- progress)
   local o, e = folded.get_order(id)
   if not o then return fail_err(e) end
   o.reservation, e = stock.reservation(svc.repository, o)
@@ -663,6 +724,7 @@ function M.handle(method, uri, authorization, if_match, body, idempotency_key, r
   end
   local t0 = core.monotonic()
   counts.appended, counts.conflicts = 0, 0
+  if TIMINGS then for k in pairs(phases) do phases[k] = nil end end
   local ok, status, out, etag, location, replayed = xpcall(dispatch, debug.traceback,
     method, uri, authorization, if_match, body, idempotency_key, request_id)
   if not ok then
@@ -672,8 +734,9 @@ function M.handle(method, uri, authorization, if_match, body, idempotency_key, r
   -- a lost connection: open a new one on the next request
   if status == 503 and store and store:is_closed() then drop_connection() end
   if replayed then counts.appended = 0 end
+  local busy = core.monotonic() - t0
   return status, out, etag, location, replayed, counts.appended, counts.conflicts,
-    core.monotonic() - t0
+    busy, TIMINGS and timing_text(busy) or nil
 end
 
 ---------------------------------------------------------------- live events
