@@ -33,7 +33,6 @@ local core = require "eventsourcing.core"
 local service = require "orders.service"
 local Order = require "orders.order"
 local stock = require "orders.http.stock"
-local draft_view = require "orders.http.draft_view"
 local idem = require "orders.http.idempotency"
 
 local json = es.json
@@ -506,14 +505,8 @@ local function get_order(p, id, args)
     if not o then return fail_err(e) end
     return respond(200, o, etag_of(o.version))
   end
-  -- a draft: the read model's row as JSON, when it is at the stream's
-  -- last version (orders.http.draft_view), in one statement
-  local found, body, version = draft_view.get(store, id)
-  if found == nil then return fail_err(body) end
-  if found then return 200, body, etag_of(version) end
-  -- else the current state folded from the stream (never stale, exact
-  -- version), with where its stock reservation stands (the workflow's
-  -- progress)
+  -- current state: folded from the stream (never stale, exact version),
+  -- with where its stock reservation stands (the workflow's progress)
   local o, e = folded.get_order(id)
   if not o then return fail_err(e) end
   o.reservation, e = stock.reservation(svc.repository, o)
