@@ -59,12 +59,14 @@ local tokens = nil        -- token -> principal
 local owners = {}         -- order id -> customer id (immutable once created)
 local owners_count = 0
 local MAX_OWNERS = 100000
+local replies, replies_count, MAX_REPLIES = {}, 0, 10000   -- see cached_reply
 
 -- M.configure{ database_url, schema, tokens_path }: for use outside nginx.
 function M.configure(c)
   config = c
   if store then store:close() end
   store, svc, tokens, owners, owners_count = nil, nil, nil, {}, 0
+  replies, replies_count = {}, 0
 end
 
 local function settings()
@@ -481,6 +483,27 @@ local function create_order(p, req)
   return respond(201, view(r.state, r.version), etag_of(r.version), "/orders/" .. id)
 end
 
+-- GET /orders/{id}'s reply per order, kept by this thread for orders whose
+-- reply depends on their own stream only (never placed: the reservation
+-- of a placed order follows the Inventory streams). Served again only
+-- while the stream's version (one index probe) is the one it was made at:
+-- a stream's events never change, so the same version is the same reply.
+local function cached_reply(id)
+  local r = replies[id]
+  if not r then return nil end
+  local v, err = store:version(Order:stream(id))
+  if not v then return nil, err end
+  if v == r.version then return r end
+  return nil
+end
+
+local function remember_reply(id, o, status, body, etag)
+  if status ~= 200 or o.placed_at ~= nil then return end
+  if replies_count >= MAX_REPLIES then replies, replies_count = {}, 0 end
+  if not replies[id] then replies_count = replies_count + 1 end
+  replies[id] = { version = o.version, body = body, etag = etag }
+end
+
 local function get_order(p, id, args)
   local err = check_query(args, { at = true, version = true })
   if err then return bad_request(err) end
@@ -505,13 +528,18 @@ local function get_order(p, id, args)
     if not o then return fail_err(e) end
     return respond(200, o, etag_of(o.version))
   end
+  local hit, herr = cached_reply(id)
+  if hit then return 200, hit.body, hit.etag end
+  if herr then return fail_err(herr) end
   -- current state: folded from the stream (never stale, exact version),
   -- with where its stock reservation stands (the workflow's progress)
   local o, e = folded.get_order(id)
   if not o then return fail_err(e) end
   o.reservation, e = stock.reservation(svc.repository, o)
   if not o.reservation then return fail_err(e) end
-  return respond(200, o, etag_of(o.version))
+  local status, body, etag = respond(200, o, etag_of(o.version))
+  remember_reply(id, o, status, body, etag)
+  return status, body, etag
 end
 
 local function history(p, id, args)
