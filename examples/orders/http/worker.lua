@@ -59,7 +59,7 @@ local tokens = nil        -- token -> principal
 local owners = {}         -- order id -> customer id (immutable once created)
 local owners_count = 0
 local MAX_OWNERS = 100000
-local replies, replies_count, MAX_REPLIES = {}, 0, 10000   -- see cached_reply
+local replies, replies_count, MAX_REPLIES = {}, 0, 4096   -- see cached_reply
 
 -- M.configure{ database_url, schema, tokens_path }: for use outside nginx.
 function M.configure(c)
