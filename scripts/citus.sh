@@ -108,10 +108,8 @@ run_tests() {
   url=$(start "$dir" | tail -1) || es_die "the cluster did not start"
   echo "test-citus: cluster up at $url ($((SECONDS - t0))s)"
   local specs=("$@")
-  # the projector and workflow specs (21, 40) ran here before the follower
-  # engine; on top of it they do not pass on Citus yet (docs/scale-out.md)
   [ ${#specs[@]} -gt 0 ] || specs=(spec/03_store_spec.lua spec/04_global_order_spec.lua
-    spec/50_citus_spec.lua)
+    spec/21_projector_spec.lua spec/40_workflow_spec.lua spec/50_citus_spec.lua)
   ES_TEST_DISTRIBUTED=1 ES_TEST_SHARDS=${ES_TEST_SHARDS:-4} ES_TEST_DATABASE_URL=$url \
     ES_CITUS_DIR=$dir scripts/test.sh "${specs[@]}"
 }

@@ -176,16 +176,20 @@ function Follower:set_all(name, checkpoint, reset_handled)
 end
 
 -- Moves the checkpoint (in the open transaction); failure: record it.
-function Follower:save(sub, checkpoint, handled, failure)
-  local _, position = parse_cp(checkpoint)
+-- The recorded position is the checkpoint's; a per-shard checkpoint
+-- (Citus) names none, so there it is `last` (the position of the last
+-- event done), or stays as it was when no event was done.
+function Follower:save(sub, checkpoint, handled, failure, last)
+  local position
+  if util.per_shard(checkpoint) then position = last else position = select(2, parse_cp(checkpoint)) end
   if self.memory then
     local r = self:_mem(sub.name)
-    r.checkpoint, r.position, r.handled = checkpoint, position, r.handled + handled
+    r.checkpoint, r.position, r.handled = checkpoint, position or r.position, r.handled + handled
     r.updated_at = util.now_iso()
     if failure then r.error, r.failed_at = failure, r.updated_at end
     return true
   end
-  return self.store:query(self:_q("UPDATE <ledger> SET checkpoint = $2, position = $3, "
+  return self.store:query(self:_q("UPDATE <ledger> SET checkpoint = $2, position = coalesce($3::bigint, position), "
     .. "handled = handled + $4, updated_at = now(), failed_at = CASE WHEN $5::jsonb IS NULL "
     .. "THEN failed_at ELSE now() END, error = coalesce($5::jsonb, error) WHERE name = $1"),
     sub.name, checkpoint, position, handled, failure)
