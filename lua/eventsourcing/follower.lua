@@ -227,6 +227,7 @@ function Follower:stop() self.stopping = true end
 -- Whether the log has moved past where the idle subscriptions stand: one
 -- event read after the lowest of their checkpoints. -> true | false | nil, err
 function Follower:moved()
+  if self.group and self.group.on_shards then return self.group:moved(self.idle_at) end
   local low, any = nil, false
   for _, cp in pairs(self.idle_at) do
     if not any or cp_less(cp, low) then low = cp end

@@ -42,11 +42,15 @@ typedef struct shard_cursor {
     uint64_t rd_txid;         /* where this batch's reads of it got to */
     int64_t rd_pos;
     int done;                 /* nothing more in it for this batch */
+    int jump;                 /* filtered and short: once the batch is */
+    uint64_t hd_txid;         /* delivered, the cursor moves to the last */
+    int64_t hd_pos;           /* row below the watermark, any type */
 } shard_cursor;
 
 /* Rows of one shard read for the batch. */
 typedef struct piece {
     int shard;                /* index into sh */
+    int n;                    /* its event rows (a head row may follow) */
     PGresult *res;
 } piece;
 
@@ -114,9 +118,12 @@ static const char *cc_checkpoint(es_cursor *c)
     es_buf_reset(&cc->cp);
     rc = es_buf_adds(&cc->cp, "c1:");
     for (int i = 0; i < cc->nsh; i++) {
+        const shard_cursor *s = &cc->sh[i];
+        /* past what the filters skipped, once every event is delivered */
+        int head = s->jump && cc->row >= cc->nrows;
         snprintf(one, sizeof one, "%s%" PRId64 "@%" PRId64 "=%" PRIu64
-                 ":%" PRId64, i ? "," : "", cc->sh[i].shard, cc->sh[i].group,
-                 cc->sh[i].txid, cc->sh[i].pos);
+                 ":%" PRId64, i ? "," : "", s->shard, s->group,
+                 head ? s->hd_txid : s->txid, head ? s->hd_pos : s->pos);
         rc |= es_buf_adds(&cc->cp, one);
     }
     return rc < 0 ? NULL : es_buf_cstr(&cc->cp);
@@ -475,7 +482,7 @@ static PGresult *read_shard(pg_store *p, PGconn *c, const char *table,
                             const shard_cursor *sh, const es_read_all_opts *o,
                             int64_t limit, es_error *err)
 {
-    char sql[768], filters[128] = "", tx[24], pos[24], lim[24];
+    char sql[1280], filters[128] = "", tx[24], pos[24], lim[24];
     const char *values[5];
     int n = 3;
     es_buf types;
@@ -506,11 +513,21 @@ static PGresult *read_shard(pg_store *p, PGconn *c, const char *table,
         snprintf(filters + strlen(filters), sizeof filters - strlen(filters),
                  " AND type = ANY($%d::text[])", n);
     }
-    snprintf(sql, sizeof sql, "SELECT position, id, version, type, data,"
+    /* Filtered: a last row with a NULL id names the shard's last row below
+     * the watermark, any type (same statement, same snapshot), where the
+     * cursor moves when this read is short, as on one PostgreSQL. */
+    snprintf(sql, sizeof sql, "%sSELECT position, id, version, type, data,"
              " metadata, recorded_at, txid, stream FROM %s"
              " WHERE (txid, position) > ($1::xid8, $2::bigint)"
              " AND txid < pg_snapshot_xmin(pg_current_snapshot())%s"
-             " ORDER BY txid, position LIMIT $3::bigint", table, filters);
+             " ORDER BY txid, position LIMIT $3::bigint%s", *filters ? "(" : "",
+             table, filters, *filters ? ")" : "");
+    if (*filters)
+        snprintf(sql + strlen(sql), sizeof sql - strlen(sql), " UNION ALL"
+                 " (SELECT position, NULL, NULL, NULL, NULL, NULL, NULL, txid,"
+                 " NULL FROM %s WHERE txid <"
+                 " pg_snapshot_xmin(pg_current_snapshot())"
+                 " ORDER BY txid DESC, position DESC LIMIT 1)", table);
     res = PQexecParams(c, sql, n, NULL, values, NULL, NULL, 1);
     es_buf_free(&types);
     if (PQresultStatus(res) != PGRES_TUPLES_OK || PQnfields(res) != 9) {
@@ -524,7 +541,7 @@ static PGresult *read_shard(pg_store *p, PGconn *c, const char *table,
     return res;
 }
 
-static int add_piece(citus_cursor *cc, int shard, PGresult *res)
+static int add_piece(citus_cursor *cc, int shard, int n, PGresult *res)
 {
     if (cc->npieces == cc->cap) {
         int cap = cc->cap ? cc->cap * 2 : 16;
@@ -535,6 +552,7 @@ static int add_piece(citus_cursor *cc, int shard, PGresult *res)
         cc->cap = cap;
     }
     cc->pieces[cc->npieces].shard = shard;
+    cc->pieces[cc->npieces].n = n;
     cc->pieces[cc->npieces++].res = res;
     return 0;
 }
@@ -564,7 +582,7 @@ static int lay_out(citus_cursor *cc, int64_t total, es_error *err)
             /* this shard's next row: on in its piece, or its next piece */
             while (at[k] < cc->npieces &&
                    (at[k] < 0 || cc->pieces[at[k]].shard != k ||
-                    row[k] >= PQntuples(cc->pieces[at[k]].res))) {
+                    row[k] >= cc->pieces[at[k]].n)) {
                 at[k]++;
                 row[k] = 0;
             }
@@ -578,6 +596,19 @@ static int lay_out(citus_cursor *cc, int64_t total, es_error *err)
     free(at);
     free(row);
     return 0;
+}
+
+/* A filtered read's head row (row `i` of res): the shard's last row below
+ * the watermark, where its cursor may move once this batch is delivered
+ * (read_batch cancels that when the read was not short). */
+static void note_head(shard_cursor *s, PGresult *res, int i)
+{
+    uint64_t t = be64(PQgetvalue(res, i, 7));
+    int64_t p = (int64_t)be64(PQgetvalue(res, i, 0));
+
+    s->jump = t > s->txid || (t == s->txid && p > s->pos);
+    s->hd_txid = t;
+    s->hd_pos = p;
 }
 
 /* Fills the batch up to limit: every shard not yet exhausted gets an even
@@ -613,11 +644,15 @@ static int read_batch(pg_store *p, citus_cursor *cc, const es_read_all_opts *o,
                 !(res = read_shard(p, c, s->table, s, o, ask, err)))
                 return -1;
             n = PQntuples(res);
+            if (n > 0 && PQgetisnull(res, n - 1, 1)) {    /* the head row */
+                n--;
+                note_head(s, res, n);
+            }
             if (n > 0) {
                 s->rd_txid = be64(PQgetvalue(res, n - 1, 7));
                 s->rd_pos = (int64_t)be64(PQgetvalue(res, n - 1, 0));
             }
-            if (add_piece(cc, i, res) < 0) {
+            if (add_piece(cc, i, n, res) < 0) {
                 PQclear(res);
                 return es_fail(err, ES_DATABASE, "out of memory");
             }
@@ -625,6 +660,8 @@ static int read_batch(pg_store *p, citus_cursor *cc, const es_read_all_opts *o,
             if (n < ask) {
                 s->done = 1;
                 active--;
+            } else {
+                s->jump = 0;      /* more may match: no moving past it */
             }
         }
     }
