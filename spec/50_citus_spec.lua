@@ -265,6 +265,45 @@ describe("the store on Citus", function()
     s:close()
   end)
 
+  it("applies the store's lock and statement timeouts to its reads on workers", function()
+    assert(store:append("L-1", { type = "A" }))
+    local _, port, shard = placement("L-1")
+    local tbl = assert(store:query("SELECT shard_name($1::regclass, $2::bigint) AS t",
+      '"' .. schema .. '".events', shard))[1].t
+    -- a child holds the shard's table locked on its worker for 4 s: a read
+    -- without the timeouts would wait for it
+    local work = helpers.workdir("es-citus-lock")
+    local locked = work.dir .. "/locked"
+    local child = work:spawn(([[
+      local es = require "eventsourcing"
+      local w = assert(es.open(%q))
+      assert(w:begin())
+      assert(w:query("SET LOCAL citus.enable_manual_changes_to_shards = on"))
+      assert(w:query("LOCK TABLE " .. %q .. " IN ACCESS EXCLUSIVE MODE"))
+      io.open(%q, "w"):close()
+      os.execute("sleep 4")
+      w:rollback()
+    ]]):format((helpers.database_url():gsub("port=%d+", "port=" .. port)), tbl, locked), "locker")
+    for _ = 1, 100 do
+      if helpers.read_file(locked) then break end
+      helpers.sleep(0.05)
+    end
+    assert.truthy(helpers.read_file(locked), "the child did not lock the shard")
+    local timed = assert(es.open(helpers.database_url(), { schema = schema, lock_timeout = 200 }))
+    local t0 = es.workflow.now()
+    local b, err = timed:read_all()
+    local took = es.workflow.now() - t0
+    assert.is_nil(b)
+    assert.equal("timeout", err.reason)
+    assert.matches("lock timeout", err.message)
+    assert.is_true(took < 3, ("took %.1f s"):format(took))
+    helpers.wait_exit(child, 10)
+    work:remove()
+    local batch = assert(timed:read_all())       -- the same session goes on
+    assert.equal(1, #batch)
+    timed:close()
+  end)
+
   it("refuses to follow a shard that moved since the checkpoint", function()
     assert(store:append("M-1", { type = "A" }))
     local _, cp = drain(store)

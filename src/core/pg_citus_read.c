@@ -384,6 +384,28 @@ void pg_citus_close(pg_store *p)
     p->nodes = NULL;
 }
 
+/* The store's statement and lock timeouts, on a worker session too:
+ * reads of the log run there. Worker sessions are direct (never through
+ * the store's pooler), so a session SET holds. */
+static int set_timeouts(const pg_store *p, PGconn *c)
+{
+    char sql[160];
+    PGresult *res;
+    int ok;
+
+    if (p->session_sql[0])
+        snprintf(sql, sizeof sql, "%s", p->session_sql);
+    else if (p->timeouts[0][0])
+        snprintf(sql, sizeof sql, "SET statement_timeout = %s;"
+                 " SET lock_timeout = %s", p->timeouts[0], p->timeouts[1]);
+    else
+        return 0;
+    res = PQexec(c, sql);
+    ok = PQresultStatus(res) == PGRES_COMMAND_OK;
+    PQclear(res);
+    return ok ? 0 : -1;
+}
+
 static PGconn *connect_node(pg_store *p, const char *host, int port,
                             es_error *err)
 {
@@ -416,7 +438,7 @@ static PGconn *connect_node(pg_store *p, const char *host, int port,
     vals[k] = NULL;
     c = PQconnectdbParams(keys, vals, 0);
     PQconninfoFree(opts);
-    if (PQstatus(c) != CONNECTION_OK) {
+    if (PQstatus(c) != CONNECTION_OK || set_timeouts(p, c) < 0) {
         es_fail(err, ES_CONNECTION, "read_all: worker %s:%d: %s", host, port,
                 PQerrorMessage(c));
         err->message[strcspn(err->message, "\n")] = '\0';
@@ -531,10 +553,16 @@ static PGresult *read_shard(pg_store *p, PGconn *c, const char *table,
     res = PQexecParams(c, sql, n, NULL, values, NULL, NULL, 1);
     es_buf_free(&types);
     if (PQresultStatus(res) != PGRES_TUPLES_OK || PQnfields(res) != 9) {
+        const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
         es_fail(err, PQstatus(c) == CONNECTION_OK ? ES_DATABASE
                 : ES_CONNECTION, "read_all: shard %" PRId64 ": %s", sh->shard,
                 PQresultErrorMessage(res));
         err->message[strcspn(err->message, "\n")] = '\0';
+        if (state) {
+            snprintf(err->sqlstate, sizeof err->sqlstate, "%s", state);
+            if (!strcmp(state, "57014") || !strcmp(state, "55P03"))
+                err->reason = ES_REASON_TIMEOUT;    /* retry later */
+        }
         PQclear(res);
         return NULL;
     }
