@@ -325,10 +325,60 @@ static int only_shards(citus_cursor *cc, const es_read_all_opts *o,
     return 0;
 }
 
+static PGconn *node_session(pg_store *p, const char *host, int port,
+                            es_error *err);
+
+/* Whether a cursor read on another node group carries over to the node
+ * that holds its shard now (c, after citus_move_shard_placement). A move
+ * copies the rows with their txid and position, so the rows up to the
+ * cursor there are the ones the follower saw, except rows appended on the
+ * new node since the move whose txid (that node's) is below the cursor's:
+ * those a carried cursor would skip. Rows appended on a node have txid =
+ * xmin (the trigger); copied rows have the copy's xmin. So: carried over
+ * when no row up to the cursor has txid = xmin; else refused (the row
+ * count says how many). -> 1 carried, 0 refused (err set), -1 error */
+static int carries_over(pg_store *p, shard_cursor *c, const shard_cursor *old,
+                        es_error *err)
+{
+    char tx[24], pos[24], sql[512];
+    const char *values[2] = { tx, pos };
+    PGconn *conn;
+    PGresult *res;
+    long below;
+
+    if (!(conn = node_session(p, c->host, c->port, err)))
+        return -1;
+    snprintf(tx, sizeof tx, "%" PRIu64, old->txid);
+    snprintf(pos, sizeof pos, "%" PRId64, old->pos);
+    snprintf(sql, sizeof sql, "SELECT count(*) FROM %s WHERE (txid, position)"
+             " <= ($1::xid8, $2::bigint) AND txid::text::numeric %% 4294967296"
+             " = xmin::text::numeric", c->table);
+    res = PQexecParams(conn, sql, 2, NULL, values, NULL, NULL, 0);
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        es_fail(err, ES_DATABASE, "read_all: shard %" PRId64 ": %s", c->shard,
+                PQresultErrorMessage(res));
+        err->message[strcspn(err->message, "\n")] = '\0';
+        PQclear(res);
+        return -1;
+    }
+    below = atol(PQgetvalue(res, 0, 0));
+    PQclear(res);
+    if (below == 0)
+        return 1;
+    es_fail(err, ES_INVALID, "read_all: shard %" PRId64 " moved from node "
+            "group %" PRId64 " to %" PRId64 " since this checkpoint, and %ld "
+            "event(s) appended there since have transaction ids below its "
+            "cursor (that node's counter was behind): the cursor cannot be "
+            "carried over without skipping them (docs/scale-out.md: shard "
+            "moves)", c->shard, old->group, c->group, below);
+    return 0;
+}
+
 /* Carries the checkpoint's cursors over to the current shards, refusing
- * any shard that moved, appeared or went since the checkpoint. */
-static int rebase(shard_cursor *cur, int ncur, const shard_cursor *old,
-                  int nold, es_error *err)
+ * any shard that appeared or went since the checkpoint, or that moved in
+ * a way its cursor cannot follow (carries_over). */
+static int rebase(pg_store *p, shard_cursor *cur, int ncur,
+                  const shard_cursor *old, int nold, es_error *err)
 {
     if (!old)
         return 0;
@@ -340,13 +390,8 @@ static int rebase(shard_cursor *cur, int ncur, const shard_cursor *old,
                            "table redistributed?): followers cannot carry "
                            "their position over (docs/scale-out.md)",
                            old[i].shard);
-        if (c->group != old[i].group)
-            return es_fail(err, ES_INVALID, "read_all: shard %" PRId64
-                           " moved from node group %" PRId64 " to %" PRId64
-                           " since this checkpoint; transaction ids are "
-                           "per node, so its cursor cannot be carried over "
-                           "(docs/scale-out.md: shard moves)", old[i].shard,
-                           old[i].group, c->group);
+        if (c->group != old[i].group && carries_over(p, c, &old[i], err) < 1)
+            return -1;
         c->txid = old[i].txid;
         c->pos = old[i].pos;
     }
@@ -716,7 +761,7 @@ es_cursor *pg_citus_read_all(pg_store *p, const es_read_all_opts *o,
     es_buf_init(&cc->cp);
     if (current_shards(p, &cc->sh, &cc->nsh, err) < 0 ||
         only_shards(cc, o, err) < 0 ||
-        rebase(cc->sh, cc->nsh, old, nold, err) < 0 ||
+        rebase(p, cc->sh, cc->nsh, old, nold, err) < 0 ||
         read_batch(p, cc, o, o->limit > 0 ? o->limit : (int64_t)DEFAULT_BATCH,
                    err) < 0) {
         free(old);
