@@ -390,7 +390,8 @@ static int rebase(pg_store *p, shard_cursor *cur, int ncur,
         shard_cursor *c = find_shard(cur, ncur, old[i].shard);
         if (!c)
             return es_fail(err, ES_INVALID, "read_all: shard %" PRId64 " of "
-                           "this checkpoint no longer exists (split or "
+                           "this checkpoint is not among the shards read "
+                           "(option shards) or no longer exists (split or "
                            "table redistributed?): followers cannot carry "
                            "their position over (docs/scale-out.md)",
                            old[i].shard);
