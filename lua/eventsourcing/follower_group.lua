@@ -14,7 +14,11 @@
 -- Streams are spread over `partitions` by hashtext(stream): all events of
 -- a stream are in one partition, so per-stream order is kept. Each
 -- subscription has a checkpoint per partition (ledger rows "<name>/<k>"),
--- read with the partition's filter in SQL.
+-- read with the partition's filter in SQL. On a store distributed on
+-- Citus the partitions are the shards of the events table instead
+-- (partitions = "shards", the default there; a number is refused):
+-- partition k is the (k+1)th shard by id, its checkpoint that shard's
+-- cursor, read with read_all({ shards = { id } }) on the shard's worker.
 --
 -- Membership and ownership are rows with leases, never sessions (no
 -- LISTEN, no advisory locks: fine behind PgBouncer in transaction mode):
