@@ -82,7 +82,9 @@ function M.new(store, projections, opts)
     memory = util.is_memory(store), log = opts.log }, Projector)
   local subs = {}
   for _, p in ipairs(list) do
+    -- read model handlers get no e.checkpoint (no string per event)
     subs[#subs + 1] = { name = p.name, types = types_of(p), category = p.category, prefetch = true,
+      checkpoints = p.kind ~= "read_model",
       process = function(batch, n) return self:_process(p, batch, n) end,
       reset = function() return self:_clear_rows(p) end }
   end
@@ -275,7 +277,7 @@ function Projector:_replay(p, tbl, after, limit, seen, report, done)
   while true do
     local t0 = timings and clock()
     local batch, cp = store:read_all({ after = after, limit = limit, prefetch = true,
-      types = types, category = p.category })
+      types = types, category = p.category, checkpoints = false })
     if not batch then return nil, cp end
     if timings then timings.read = (timings.read or 0) + (clock() - t0) end
     if #batch == 0 then return true, cp or after, done end
