@@ -213,13 +213,16 @@ function ReadModel:_apply(store, tbl, events, n, opts)
     end
   end
   if timings then t0 = add_time(timings, "handlers", t0) end
-  -- 4. write each touched row once
+  -- 4. write each touched row once; into a fresh table (seen), rows of
+  -- keys never written there before go in by COPY (no conflict possible)
   local upserts, deletes = {}, {}
+  local news = seen and not memory and {} or nil
   for ks, row in pairs(state) do
     if row == DELETE then
       if existed[ks] then deletes[#deletes + 1] = ks end
     else
-      upserts[#upserts + 1] = self:_clean(row, memory)
+      local clean = self:_clean(row, memory)
+      if news and not seen[ks] then news[#news + 1] = clean else upserts[#upserts + 1] = clean end
       if seen then seen[ks] = true end
     end
   end
@@ -229,7 +232,7 @@ function ReadModel:_apply(store, tbl, events, n, opts)
     return true, handled
   end
   if timings then add_time(timings, "build", t0) end
-  local ok, werr = self:_write(store, tbl, upserts, deletes, timings)
+  local ok, werr = self:_write(store, tbl, upserts, deletes, timings, news)
   if not ok then return nil, werr end
   return true, handled
 end

@@ -197,7 +197,15 @@ function ReadModel:_encode_rows(upserts)
 end
 
 -- timings (a rebuild's breakdown): seconds added to "encode" and "write".
-function ReadModel:_write(store, tbl, upserts, deletes, timings)
+-- news: rows of keys the table cannot hold yet (a rebuild's fresh table),
+-- copied in bulk (store:copy_rows).
+function ReadModel:_write(store, tbl, upserts, deletes, timings, news)
+  if news and #news > 0 then
+    local t0 = timings and util.monotonic()
+    local n, cerr = store:copy_rows(tbl or self.name, self.columns, news)
+    if not n then return nil, cerr end
+    if timings then timings.write = (timings.write or 0) + (util.monotonic() - t0) end
+  end
   if #upserts == 0 and #deletes == 0 then return true end
   local t0 = timings and util.monotonic()
   local text, eerr = self:_encode_rows(upserts)
