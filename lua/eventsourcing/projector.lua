@@ -104,6 +104,8 @@ function Projector:migrate() return self.engine:migrate() end
 -- Applying a batch --------------------------------------------------------------
 
 local SAVEPOINT = "es_projector_batch"
+-- a batch runs in its own transaction: upserts may be staged (read_model)
+local STAGE = { stage = true }
 
 function Projector:_sp(what)
   if self.memory then return true end
@@ -117,7 +119,7 @@ function Projector:_process(p, batch, n)
   if n == 0 then return 0 end
   local ok, err = self:_sp("SAVEPOINT")
   if not ok then return nil, err end
-  local res, a, b = p:_apply(self.store, p.name, batch, n)
+  local res, a, b = p:_apply(self.store, p.name, batch, n, STAGE)
   if res then
     ok, err = self:_sp("RELEASE SAVEPOINT")
     if not ok then return nil, err end

@@ -136,6 +136,8 @@ end
 function ReadModel:__tostring() return "read model " .. self.name end
 
 -- opts.record: an inline writer's batch (see _load).
+-- opts.stage: the caller's transaction is open (a projector's batch): many
+-- upserts may go through a staging table (see _write).
 -- opts.timings: a table whose fields keys, load, handlers, build, encode,
 -- write get the seconds spent in each step added (a rebuild's breakdown).
 local clock = util.monotonic
@@ -232,7 +234,7 @@ function ReadModel:_apply(store, tbl, events, n, opts)
     return true, handled
   end
   if timings then add_time(timings, "build", t0) end
-  local ok, werr = self:_write(store, tbl, upserts, deletes, timings, news)
+  local ok, werr = self:_write(store, tbl, upserts, deletes, timings, news, opts and opts.stage)
   if not ok then return nil, werr end
   return true, handled
 end

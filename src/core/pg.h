@@ -129,7 +129,8 @@ void pg_disconnect(es_store *s);
 void pg_destroy(es_store *s);
 
 /* COPY ... FROM STDIN of rows in COPY's text format (pg_copy.c). */
-int pg_copy(es_store *s, const char *table, const char *const *columns,
+int pg_copy(es_store *s, const char *schema, const char *table,
+            const char *const *columns,
             size_t ncolumns, const char *data, size_t len, int64_t *count,
             es_error *err);
 

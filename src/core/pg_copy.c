@@ -30,11 +30,11 @@ static int add_ident(pg_store *p, es_buf *b, const char *name, es_error *err)
 }
 
 /* The COPY statement into sql (caller frees the buffer). */
-static int copy_sql(pg_store *p, es_buf *sql, const char *table,
-                    const char *const *columns, size_t ncolumns,
-                    es_error *err)
+static int copy_sql(pg_store *p, es_buf *sql, const char *schema,
+                    const char *table, const char *const *columns,
+                    size_t ncolumns, es_error *err)
 {
-    if (add_ident(p, sql, p->schema, err) < 0)
+    if (add_ident(p, sql, schema, err) < 0)
         return -1;
     if (es_buf_addc(sql, '.') < 0)
         return es_fail(err, ES_DATABASE, "out of memory");
@@ -80,7 +80,8 @@ static int send_rows(pg_store *p, const char *data, size_t len,
     return 0;
 }
 
-int pg_copy(es_store *s, const char *table, const char *const *columns,
+int pg_copy(es_store *s, const char *schema, const char *table,
+            const char *const *columns,
             size_t ncolumns, const char *data, size_t len, int64_t *count,
             es_error *err)
 {
@@ -96,7 +97,8 @@ int pg_copy(es_store *s, const char *table, const char *const *columns,
         es_buf_free(&sql);
         return es_fail(err, ES_DATABASE, "out of memory");
     }
-    if (copy_sql(p, &sql, table, columns, ncolumns, err) < 0) {
+    if (copy_sql(p, &sql, schema ? schema : p->schema, table, columns,
+                 ncolumns, err) < 0) {
         es_buf_free(&sql);
         return -1;
     }

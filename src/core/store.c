@@ -310,7 +310,8 @@ es_rows *es_query(es_store *s, const char *sql, int nparams,
     return s->ops->query(s, sql, nparams, params, err);
 }
 
-int es_copy(es_store *s, const char *table, const char *const *columns,
+int es_copy(es_store *s, const char *schema, const char *table,
+            const char *const *columns,
             size_t ncolumns, const char *data, size_t len, int64_t *count,
             es_error *err)
 {
@@ -330,7 +331,8 @@ int es_copy(es_store *s, const char *table, const char *const *columns,
         if (!columns[i] || !*columns[i])
             return es_fail(err, ES_INVALID, "copy: column %zu has an empty "
                            "name", i + 1);
-    return s->ops->copy(s, table, columns, ncolumns, data, len, count, err);
+    return s->ops->copy(s, schema, table, columns, ncolumns, data, len, count,
+                        err);
 }
 
 #define TX_OP(fn, op)                                                  \

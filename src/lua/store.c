@@ -832,15 +832,17 @@ static const char **copy_columns(lua_State *L, lstore *ls, int idx, size_t n,
     return cols;
 }
 
-/* store:copy_rows(table, columns, rows) -> rows copied | nil, err.
- * COPY into table (of the store's schema): rows is an array of tables
- * whose fields named by columns are read raw. Every value is checked and
- * the whole text built before anything is sent; the server takes all the
- * rows or none. */
+/* store:copy_rows(table, columns, rows, { schema = "pg_temp" })
+ * -> rows copied | nil, err.
+ * COPY into table (of the store's schema, or opts.schema): rows is an
+ * array of tables whose fields named by columns are read raw. Every value
+ * is checked and the whole text built before anything is sent; the server
+ * takes all the rows or none. */
 static int l_copy_rows(lua_State *L)
 {
     lstore *ls = check_store(L);
     const char *table = check_strict_string(L, 2);
+    const char *schema;
     const char **cols;
     size_t ncols, nrows;
     char msg[320], why[260];
@@ -849,7 +851,9 @@ static int l_copy_rows(lua_State *L)
 
     luaL_checktype(L, 3, LUA_TTABLE);
     luaL_checktype(L, 4, LUA_TTABLE);
-    lua_settop(L, 4);
+    check_opts(L, 5);
+    lua_settop(L, 5);
+    schema = opt_string_field(L, 5, "schema");
     ncols = esl_rawlen(L, 3);
     nrows = esl_rawlen(L, 4);
     if (ncols == 0)
@@ -859,13 +863,13 @@ static int l_copy_rows(lua_State *L)
     if (cols && esl_copy_text(L, 4, 3, ncols, nrows, &ls->json, why,
                               sizeof why) < 0)
         cols = NULL;
-    lua_settop(L, 4);
+    lua_settop(L, 5);
     if (!cols) {
         snprintf(msg, sizeof msg, "copy_rows %s: %s", table, why);
         return esl_push_fail(L, ES_INVALID, msg);
     }
-    if (es_copy(ls->s, table, cols, ncols, ls->json.data, ls->json.len, &n,
-                &err) < 0)
+    if (es_copy(ls->s, schema, table, cols, ncols, ls->json.data,
+                ls->json.len, &n, &err) < 0)
         return esl_push_error(L, &err);
     esl_pushint64(L, n);
     return 1;
