@@ -217,7 +217,10 @@ function ReadModel:_stage_sqls(store, tbl)
   end
   local collist = table.concat(cols, ", ")
   st = { name = name,
-    create = ("CREATE TEMP TABLE IF NOT EXISTS %s (LIKE %s)"):format(quote(name), q),
+    -- ON COMMIT DELETE ROWS: truncated in place at each commit, so the
+    -- dead rows of the merges' DELETEs never pile up (temporary tables
+    -- get no autovacuum)
+    create = ("CREATE TEMP TABLE IF NOT EXISTS %s (LIKE %s) ON COMMIT DELETE ROWS"):format(quote(name), q),
     merge = ("WITH d AS (DELETE FROM %s WHERE %s IN (SELECT k::%s FROM jsonb_array_elements_text($1::jsonb) AS k)), "
       .. "s AS (DELETE FROM pg_temp.%s RETURNING %s) "
       .. "INSERT INTO %s (%s) SELECT %s FROM s ON CONFLICT (%s) DO %s")
