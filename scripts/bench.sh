@@ -45,7 +45,9 @@
 #            projector polling the log's head every 5 ms (no NOTIFY) against
 #            100 ms polling, idle and with 4 writers, lua5.4 and luajit
 #   http     bench/http.sh, wrk on nginx: GET /orders/{id} and POST
-#            /orders/{id}/items at 2 and 32 connections, against GET /health
+#            /orders/{id}/items at 2 and 32 connections, against GET /health,
+#            with the CPU per request of nginx, PostgreSQL and wrk;
+#            ES_HTTP_TIMINGS=1 adds the mean time per phase of a request
 #   pooler   bench/pooler.sh, appends and folds at 8 and 32 clients: named
 #            prepared statements straight to PostgreSQL against unnamed ones
 #            (pooler = "transaction") straight and through PgBouncer

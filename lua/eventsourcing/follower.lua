@@ -45,6 +45,7 @@
 --
 -- opts.group makes the follower one member of a consumer group: see
 -- eventsourcing.follower_group.
+local core = require "eventsourcing.core"
 local util = require "eventsourcing.util"
 
 local M = {}
@@ -142,7 +143,7 @@ function Follower:_batch_in(sub, limit)
     return 0, row.paused and "paused" or "failed"
   end
   local batch, cp = store:read_all({ after = row.checkpoint, limit = limit, prefetch = sub.prefetch,
-    types = sub.types, category = sub.category })
+    types = sub.types, category = sub.category, checkpoints = sub.checkpoints })
   if not batch then self:rollback(); return nil, cp end
   local n = #batch
   if n == 0 then
@@ -158,11 +159,16 @@ function Follower:_batch_in(sub, limit)
   if done == nil then self:rollback(); return nil, info end
   info = info or {}
   if done == n then
-    return self:_finish(sub, cp, info.handled or n, info, n < limit and "idle" or "more")
+    return self:_finish(sub, cp, info.handled or n, info, n < limit and "idle" or "more", batch[n].position)
   end
-  local to = done > 0 and batch[done].checkpoint or row.checkpoint
+  local to = row.checkpoint
+  if done > 0 then
+    to, err = self:_checkpoint_at(sub, row.checkpoint, batch, done)
+    if not to then self:rollback(); return nil, err end
+  end
   local handled, st
-  handled, st = self:_finish(sub, to, info.handled or done, info, info.failure and "failed" or "more")
+  handled, st = self:_finish(sub, to, info.handled or done, info, info.failure and "failed" or "more",
+    done > 0 and batch[done].position or nil)
   if handled and info.failure and self.log then
     local e = batch[done + 1]
     self.log(("%s %s stopped at position %s (%s, stream %s): %s"):format(self.label, sub.name,
@@ -172,11 +178,32 @@ function Follower:_batch_in(sub, limit)
   return handled, st
 end
 
+-- The checkpoint after batch[done] (a batch stopped early). Read without
+-- per-event checkpoints (sub.checkpoints == false, which saves building a
+-- string per event), the first `done` events are read again: rows below
+-- the first read's watermark were all settled then, so they come back the
+-- same and first; checked, a mismatch only retries the batch.
+function Follower:_checkpoint_at(sub, after, batch, done)
+  local e = batch[done]
+  if e.checkpoint then return e.checkpoint end
+  local again, err = self.store:read_all({ after = after, limit = done, types = sub.types,
+    category = sub.category })
+  if not again then return nil, err end
+  local last = again[done]
+  if #again ~= done or last.id ~= e.id or last.position ~= e.position then
+    return nil, core.error("conflict", ("%s %s: a batch read again differs at event %d; retrying")
+      :format(self.label, sub.name, done), { reason = "serialization" })
+  end
+  return last.checkpoint
+end
+
 -- A group's item: its units in one transaction (see follower_group).
 function Follower:_set_batch(item, limit) return self.group:batch(item, limit) end
 
-function Follower:_finish(sub, cp, handled, info, state)
-  local ok, err = self:save(sub, cp, handled, info.failure)
+-- last: the position of the last event done (nil: none), recorded as the
+-- unit's position when the checkpoint does not say it (Citus).
+function Follower:_finish(sub, cp, handled, info, state, last)
+  local ok, err = self:save(sub, cp, handled, info.failure, last)
   if not ok then self:rollback(); return nil, err end
   ok, err = self:commit()
   if not ok then return nil, err end
@@ -224,6 +251,7 @@ function Follower:stop() self.stopping = true end
 -- Whether the log has moved past where the idle subscriptions stand: one
 -- event read after the lowest of their checkpoints. -> true | false | nil, err
 function Follower:moved()
+  if self.group and self.group.on_shards then return self.group:moved(self.idle_at) end
   local low, any = nil, false
   for _, cp in pairs(self.idle_at) do
     if not any or cp_less(cp, low) then low = cp end

@@ -7,8 +7,10 @@
  * opened with the store's own conninfo and the worker's host and port
  * (kept for later reads): the rows after that shard's cursor whose
  * transactions are older than anything still running on that worker, in
- * (txid, position) order. Each shard gets a share of the limit (more
- * while others have less), and the batch gives the rows round robin, so it
+ * (txid, position) order, each shard's query its own statement, sent to
+ * all workers at once (libpq pipeline mode). Each shard gets a share of
+ * the limit (more while others have less), and the batch gives the rows
+ * round robin, so it
  * holds a prefix of every shard's rows after its cursor and reads about
  * `limit` rows in all:
  * the checkpoint after any event is exact, and per-stream order (a stream
@@ -16,8 +18,9 @@
  *
  * Checkpoints: "c1:<shard>@<group>=<txid>:<position>,..." for every shard
  * of the events table. The group is the node group the cursor was read
- * on: transaction ids are node-local, so a cursor is refused once its
- * shard has moved (see pg_citus.c and docs/scale-out.md).
+ * on: transaction ids are node-local, so once its shard has moved a cursor
+ * is carried over only when that skips nothing (carries_over; see
+ * pg_citus.c and docs/scale-out.md).
  */
 #include "pg.h"
 #include "es_time.h"
@@ -42,11 +45,15 @@ typedef struct shard_cursor {
     uint64_t rd_txid;         /* where this batch's reads of it got to */
     int64_t rd_pos;
     int done;                 /* nothing more in it for this batch */
+    int jump;                 /* filtered and short: once the batch is */
+    uint64_t hd_txid;         /* delivered, the cursor moves to the last */
+    int64_t hd_pos;           /* row below the watermark, any type */
 } shard_cursor;
 
 /* Rows of one shard read for the batch. */
 typedef struct piece {
     int shard;                /* index into sh */
+    int n;                    /* its event rows (a head row may follow) */
     PGresult *res;
 } piece;
 
@@ -114,9 +121,12 @@ static const char *cc_checkpoint(es_cursor *c)
     es_buf_reset(&cc->cp);
     rc = es_buf_adds(&cc->cp, "c1:");
     for (int i = 0; i < cc->nsh; i++) {
+        const shard_cursor *s = &cc->sh[i];
+        /* past what the filters skipped, once every event is delivered */
+        int head = s->jump && cc->row >= cc->nrows;
         snprintf(one, sizeof one, "%s%" PRId64 "@%" PRId64 "=%" PRIu64
-                 ":%" PRId64, i ? "," : "", cc->sh[i].shard, cc->sh[i].group,
-                 cc->sh[i].txid, cc->sh[i].pos);
+                 ":%" PRId64, i ? "," : "", s->shard, s->group,
+                 head ? s->hd_txid : s->txid, head ? s->hd_pos : s->pos);
         rc |= es_buf_adds(&cc->cp, one);
     }
     return rc < 0 ? NULL : es_buf_cstr(&cc->cp);
@@ -318,10 +328,63 @@ static int only_shards(citus_cursor *cc, const es_read_all_opts *o,
     return 0;
 }
 
+static PGconn *node_session(pg_store *p, const char *host, int port,
+                            es_error *err);
+
+/* Whether a cursor read on another node group carries over to the node
+ * that holds its shard now (c, after citus_move_shard_placement). A move
+ * copies the rows with their txid and position, so the rows up to the
+ * cursor there are the ones the follower saw, except rows appended on the
+ * new node since the move whose txid (that node's) is below the cursor's:
+ * those a carried cursor would skip. Rows appended on a node have txid =
+ * xmin (the trigger); copied rows have the copy's xmin. So: carried over
+ * when no row up to the cursor has txid = xmin; else refused (the row
+ * count says how many). This holds for one move since the cursor: rows
+ * appended on a node in between are copied on like the rest (aligned
+ * counters before every move cover that: docs/scale-out.md).
+ * -> 1 carried, 0 refused (err set), -1 error */
+static int carries_over(pg_store *p, shard_cursor *c, const shard_cursor *old,
+                        es_error *err)
+{
+    char tx[24], pos[24], sql[512];
+    const char *values[2] = { tx, pos };
+    PGconn *conn;
+    PGresult *res;
+    long below;
+
+    if (!(conn = node_session(p, c->host, c->port, err)))
+        return -1;
+    snprintf(tx, sizeof tx, "%" PRIu64, old->txid);
+    snprintf(pos, sizeof pos, "%" PRId64, old->pos);
+    snprintf(sql, sizeof sql, "SELECT count(*) FROM %s WHERE (txid, position)"
+             " <= ($1::xid8, $2::bigint) AND txid::text::numeric %% 4294967296"
+             " = xmin::text::numeric", c->table);
+    res = PQexecParams(conn, sql, 2, NULL, values, NULL, NULL, 0);
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        es_fail(err, ES_DATABASE, "read_all: shard %" PRId64 ": %s", c->shard,
+                PQresultErrorMessage(res));
+        err->message[strcspn(err->message, "\n")] = '\0';
+        PQclear(res);
+        return -1;
+    }
+    below = atol(PQgetvalue(res, 0, 0));
+    PQclear(res);
+    if (below == 0)
+        return 1;
+    es_fail(err, ES_INVALID, "read_all: shard %" PRId64 " moved from node "
+            "group %" PRId64 " to %" PRId64 " since this checkpoint, and %ld "
+            "event(s) appended there since have transaction ids below its "
+            "cursor (that node's counter was behind): the cursor cannot be "
+            "carried over without skipping them (docs/scale-out.md: shard "
+            "moves)", c->shard, old->group, c->group, below);
+    return 0;
+}
+
 /* Carries the checkpoint's cursors over to the current shards, refusing
- * any shard that moved, appeared or went since the checkpoint. */
-static int rebase(shard_cursor *cur, int ncur, const shard_cursor *old,
-                  int nold, es_error *err)
+ * any shard that appeared or went since the checkpoint, or that moved in
+ * a way its cursor cannot follow (carries_over). */
+static int rebase(pg_store *p, shard_cursor *cur, int ncur,
+                  const shard_cursor *old, int nold, es_error *err)
 {
     if (!old)
         return 0;
@@ -329,17 +392,13 @@ static int rebase(shard_cursor *cur, int ncur, const shard_cursor *old,
         shard_cursor *c = find_shard(cur, ncur, old[i].shard);
         if (!c)
             return es_fail(err, ES_INVALID, "read_all: shard %" PRId64 " of "
-                           "this checkpoint no longer exists (split or "
+                           "this checkpoint is not among the shards read "
+                           "(option shards) or no longer exists (split or "
                            "table redistributed?): followers cannot carry "
                            "their position over (docs/scale-out.md)",
                            old[i].shard);
-        if (c->group != old[i].group)
-            return es_fail(err, ES_INVALID, "read_all: shard %" PRId64
-                           " moved from node group %" PRId64 " to %" PRId64
-                           " since this checkpoint; transaction ids are "
-                           "per node, so its cursor cannot be carried over "
-                           "(docs/scale-out.md: shard moves)", old[i].shard,
-                           old[i].group, c->group);
+        if (c->group != old[i].group && carries_over(p, c, &old[i], err) < 1)
+            return -1;
         c->txid = old[i].txid;
         c->pos = old[i].pos;
     }
@@ -377,6 +436,28 @@ void pg_citus_close(pg_store *p)
     p->nodes = NULL;
 }
 
+/* The store's statement and lock timeouts, on a worker session too:
+ * reads of the log run there. Worker sessions are direct (never through
+ * the store's pooler), so a session SET holds. */
+static int set_timeouts(const pg_store *p, PGconn *c)
+{
+    char sql[160];
+    PGresult *res;
+    int ok;
+
+    if (p->session_sql[0])
+        snprintf(sql, sizeof sql, "%s", p->session_sql);
+    else if (p->timeouts[0][0])
+        snprintf(sql, sizeof sql, "SET statement_timeout = %s;"
+                 " SET lock_timeout = %s", p->timeouts[0], p->timeouts[1]);
+    else
+        return 0;
+    res = PQexec(c, sql);
+    ok = PQresultStatus(res) == PGRES_COMMAND_OK;
+    PQclear(res);
+    return ok ? 0 : -1;
+}
+
 static PGconn *connect_node(pg_store *p, const char *host, int port,
                             es_error *err)
 {
@@ -409,7 +490,7 @@ static PGconn *connect_node(pg_store *p, const char *host, int port,
     vals[k] = NULL;
     c = PQconnectdbParams(keys, vals, 0);
     PQconninfoFree(opts);
-    if (PQstatus(c) != CONNECTION_OK) {
+    if (PQstatus(c) != CONNECTION_OK || set_timeouts(p, c) < 0) {
         es_fail(err, ES_CONNECTION, "read_all: worker %s:%d: %s", host, port,
                 PQerrorMessage(c));
         err->message[strcspn(err->message, "\n")] = '\0';
@@ -469,17 +550,16 @@ static int add_elem(es_buf *b, const char *s, int first)
     return rc | es_buf_addc(b, '"');
 }
 
-/* The shard's rows after its cursor whose transactions are older than
- * anything still running on its worker, in (txid, position) order. */
-static PGresult *read_shard(pg_store *p, PGconn *c, const char *table,
-                            const shard_cursor *sh, const es_read_all_opts *o,
-                            int64_t limit, es_error *err)
+/* Sends the query for the shard's rows after its cursor whose
+ * transactions are older than anything still running on its worker, in
+ * (txid, position) order (read_round reads the answer). */
+static int send_shard(PGconn *c, const char *table, const shard_cursor *sh,
+                      const es_read_all_opts *o, int64_t limit, es_error *err)
 {
-    char sql[768], filters[128] = "", tx[24], pos[24], lim[24];
+    char sql[1280], filters[128] = "", tx[24], pos[24], lim[24];
     const char *values[5];
-    int n = 3;
+    int n = 3, sent;
     es_buf types;
-    PGresult *res;
 
     es_buf_init(&types);
     snprintf(tx, sizeof tx, "%" PRIu64, sh->rd_txid);
@@ -499,32 +579,60 @@ static PGresult *read_shard(pg_store *p, PGconn *c, const char *table,
         rc |= es_buf_addc(&types, '}');
         if (rc < 0 || !es_buf_cstr(&types)) {
             es_buf_free(&types);
-            es_fail(err, ES_DATABASE, "out of memory");
-            return NULL;
+            return es_fail(err, ES_DATABASE, "out of memory");
         }
         values[n++] = es_buf_cstr(&types);
         snprintf(filters + strlen(filters), sizeof filters - strlen(filters),
                  " AND type = ANY($%d::text[])", n);
     }
-    snprintf(sql, sizeof sql, "SELECT position, id, version, type, data,"
+    /* Filtered: a last row with a NULL id names the shard's last row below
+     * the watermark, any type (same statement, same snapshot), where the
+     * cursor moves when this read is short, as on one PostgreSQL. */
+    snprintf(sql, sizeof sql, "%sSELECT position, id, version, type, data,"
              " metadata, recorded_at, txid, stream FROM %s"
              " WHERE (txid, position) > ($1::xid8, $2::bigint)"
              " AND txid < pg_snapshot_xmin(pg_current_snapshot())%s"
-             " ORDER BY txid, position LIMIT $3::bigint", table, filters);
-    res = PQexecParams(c, sql, n, NULL, values, NULL, NULL, 1);
+             " ORDER BY txid, position LIMIT $3::bigint%s", *filters ? "(" : "",
+             table, filters, *filters ? ")" : "");
+    if (*filters)
+        snprintf(sql + strlen(sql), sizeof sql - strlen(sql), " UNION ALL"
+                 " (SELECT position, NULL, NULL, NULL, NULL, NULL, NULL, txid,"
+                 " NULL FROM %s WHERE txid <"
+                 " pg_snapshot_xmin(pg_current_snapshot())"
+                 " ORDER BY txid DESC, position DESC LIMIT 1)", table);
+    sent = PQsendQueryParams(c, sql, n, NULL, values, NULL, NULL, 1);
     es_buf_free(&types);
+    if (!sent) {
+        es_fail(err, ES_CONNECTION, "read_all: shard %" PRId64 ": %s",
+                sh->shard, PQerrorMessage(c));
+        err->message[strcspn(err->message, "\n")] = '\0';
+        return -1;
+    }
+    return 0;
+}
+
+/* Checks the answer to send_shard: 0, or -1 with err set (res cleared). */
+static int shard_result(PGconn *c, const shard_cursor *sh, PGresult *res,
+                        es_error *err)
+{
     if (PQresultStatus(res) != PGRES_TUPLES_OK || PQnfields(res) != 9) {
+        const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
         es_fail(err, PQstatus(c) == CONNECTION_OK ? ES_DATABASE
                 : ES_CONNECTION, "read_all: shard %" PRId64 ": %s", sh->shard,
                 PQresultErrorMessage(res));
         err->message[strcspn(err->message, "\n")] = '\0';
+        if (state) {
+            snprintf(err->sqlstate, sizeof err->sqlstate, "%s", state);
+            if (!strcmp(state, "57014") || !strcmp(state, "55P03"))
+                err->reason = ES_REASON_TIMEOUT;    /* retry later */
+        }
         PQclear(res);
-        return NULL;
+        return -1;
     }
-    return res;
+    return 0;
 }
 
-static int add_piece(citus_cursor *cc, int shard, PGresult *res)
+static int add_piece(citus_cursor *cc, int shard, int n, PGresult *res)
 {
     if (cc->npieces == cc->cap) {
         int cap = cc->cap ? cc->cap * 2 : 16;
@@ -535,6 +643,7 @@ static int add_piece(citus_cursor *cc, int shard, PGresult *res)
         cc->cap = cap;
     }
     cc->pieces[cc->npieces].shard = shard;
+    cc->pieces[cc->npieces].n = n;
     cc->pieces[cc->npieces++].res = res;
     return 0;
 }
@@ -564,7 +673,7 @@ static int lay_out(citus_cursor *cc, int64_t total, es_error *err)
             /* this shard's next row: on in its piece, or its next piece */
             while (at[k] < cc->npieces &&
                    (at[k] < 0 || cc->pieces[at[k]].shard != k ||
-                    row[k] >= PQntuples(cc->pieces[at[k]].res))) {
+                    row[k] >= cc->pieces[at[k]].n)) {
                 at[k]++;
                 row[k] = 0;
             }
@@ -580,6 +689,128 @@ static int lay_out(citus_cursor *cc, int64_t total, es_error *err)
     return 0;
 }
 
+/* A filtered read's head row (row `i` of res): the shard's last row below
+ * the watermark, where its cursor may move once this batch is delivered
+ * (read_batch cancels that when the read was not short). */
+static void note_head(shard_cursor *s, PGresult *res, int i)
+{
+    uint64_t t = be64(PQgetvalue(res, i, 7));
+    int64_t p = (int64_t)be64(PQgetvalue(res, i, 0));
+
+    s->jump = t > s->txid || (t == s->txid && p > s->pos);
+    s->hd_txid = t;
+    s->hd_pos = p;
+}
+
+/* Takes one shard's answer into the batch: its rows, where its reads got
+ * to, and whether it has more (fewer rows than asked: done). */
+static int take(citus_cursor *cc, int i, PGresult *res, int64_t ask,
+                int64_t *left, int *active, es_error *err)
+{
+    shard_cursor *s = &cc->sh[i];
+    int n = PQntuples(res);
+
+    if (n > 0 && PQgetisnull(res, n - 1, 1)) {    /* the head row */
+        n--;
+        note_head(s, res, n);
+    }
+    if (n > 0) {
+        s->rd_txid = be64(PQgetvalue(res, n - 1, 7));
+        s->rd_pos = (int64_t)be64(PQgetvalue(res, n - 1, 0));
+    }
+    if (add_piece(cc, i, n, res) < 0) {
+        PQclear(res);
+        return es_fail(err, ES_DATABASE, "out of memory");
+    }
+    *left -= n;
+    if (n < ask) {
+        s->done = 1;
+        (*active)--;
+    } else {
+        s->jump = 0;              /* more may match: no moving past it */
+    }
+    return 0;
+}
+
+/* Leaves pipeline mode on c, reading what is left up to the sync; a
+ * session that cannot is closed (the next read opens another). */
+static void end_pipeline(pg_store *p, PGconn *c)
+{
+    for (int guard = 0; guard < 10000; guard++) {
+        PGresult *r;
+        if (PQpipelineStatus(c) == PQ_PIPELINE_OFF || PQexitPipelineMode(c))
+            return;
+        r = PQgetResult(c);
+        if (!r && PQstatus(c) != CONNECTION_OK)
+            break;
+        PQclear(r);
+    }
+    for (int i = 0; p->nodes && i < p->nodes->n; i++)
+        if (p->nodes->v[i].conn == c) {
+            PQfinish(c);
+            p->nodes->v[i].conn = NULL;
+        }
+}
+
+static int first_use(PGconn **conn, int k)
+{
+    for (int j = 0; j < k; j++)
+        if (conn[j] == conn[k])
+            return 0;
+    return 1;
+}
+
+/* Asks the shards want[0..nw) for `ask` rows each, pipelined: every query
+ * is sent on its worker's session first, then the answers are read in the
+ * same order, so a round costs about one round trip per worker instead
+ * of one per shard. Each query is its own statement (its own snapshot),
+ * as when they ran one after the other. */
+static int read_round(pg_store *p, citus_cursor *cc, const es_read_all_opts *o,
+                      const int *want, int nw, int64_t ask, int64_t *left,
+                      int *active, es_error *err)
+{
+    PGconn **conn = calloc((size_t)nw + 1, sizeof *conn);
+    int k, sent = 0, rc = 0;
+
+    if (!conn)
+        return es_fail(err, ES_DATABASE, "out of memory");
+    /* sessions first: none is opened while a pipeline is open */
+    for (k = 0; k < nw; k++) {
+        shard_cursor *s = &cc->sh[want[k]];
+        if (!(conn[k] = node_session(p, s->host, s->port, err))) {
+            free(conn);
+            return -1;
+        }
+    }
+    for (k = 0; k < nw && rc == 0; k++)
+        if (PQpipelineStatus(conn[k]) == PQ_PIPELINE_OFF &&
+            !PQenterPipelineMode(conn[k]))
+            rc = es_fail(err, ES_CONNECTION, "read_all: %s",
+                         PQerrorMessage(conn[k]));
+    for (k = 0; k < nw && rc == 0; k++)
+        if ((rc = send_shard(conn[k], cc->sh[want[k]].table, &cc->sh[want[k]],
+                             o, ask, err)) == 0)
+            sent++;
+    for (k = 0; k < nw; k++)
+        if (first_use(conn, k) && PQpipelineStatus(conn[k]) != PQ_PIPELINE_OFF)
+            PQpipelineSync(conn[k]);
+    for (k = 0; k < sent; k++) {
+        PGresult *res = PQgetResult(conn[k]), *end;
+        while ((end = PQgetResult(conn[k])) != NULL)    /* up to its end */
+            PQclear(end);
+        if (rc < 0)
+            PQclear(res);             /* after an error: only read on */
+        else if (shard_result(conn[k], &cc->sh[want[k]], res, err) < 0 ||
+                 take(cc, want[k], res, ask, left, active, err) < 0)
+            rc = -1;
+    }
+    for (k = 0; k < nw; k++)
+        if (first_use(conn, k))
+            end_pipeline(p, conn[k]);
+    free(conn);
+    return rc;
+}
+
 /* Fills the batch up to limit: every shard not yet exhausted gets an even
  * share of what is left, again while some came back short. A batch is short
  * only when every shard had less than its share: followers take a short
@@ -590,44 +821,41 @@ static int read_batch(pg_store *p, citus_cursor *cc, const es_read_all_opts *o,
 {
     int64_t left = limit;
     int active = cc->nsh;
+    int *want = malloc(((size_t)cc->nsh + 1) * sizeof *want);
 
+    if (!want)
+        return es_fail(err, ES_DATABASE, "out of memory");
     for (int i = 0; i < cc->nsh; i++) {
         cc->sh[i].rd_txid = cc->sh[i].txid;
         cc->sh[i].rd_pos = cc->sh[i].pos;
     }
     while (left > 0 && active > 0) {
-        /* Shards still going are level: each gets the same share, or,
-         * when fewer rows are left than shards, one each in shard order
-         * until none is left. That is what a round robin over the shards
-         * takes first. */
+        /* A pass: shards still going are level, each gets the same share,
+         * or, when fewer rows are left than shards, one each in shard
+         * order until none is left. That is what a round robin over the
+         * shards takes first. A round asks, at once, as many of the
+         * pass's next shards as the rows left can serve (all of them
+         * when the shares fit); the pass goes on from there. */
         int64_t ask = left / active > 0 ? left / active : 1;
-        for (int i = 0; i < cc->nsh && left > 0; i++) {
-            shard_cursor *s = &cc->sh[i];
-            PGconn *c;
-            PGresult *res;
-            int n;
-
-            if (s->done)
-                continue;
-            if (!(c = node_session(p, s->host, s->port, err)) ||
-                !(res = read_shard(p, c, s->table, s, o, ask, err)))
+        int i = 0;
+        while (i < cc->nsh && left > 0) {
+            int64_t budget = left;
+            int nw = 0;
+            for (; i < cc->nsh && budget > 0; i++) {
+                if (cc->sh[i].done)
+                    continue;
+                want[nw++] = i;
+                budget -= ask;
+            }
+            if (nw == 0)
+                break;
+            if (read_round(p, cc, o, want, nw, ask, &left, &active, err) < 0) {
+                free(want);
                 return -1;
-            n = PQntuples(res);
-            if (n > 0) {
-                s->rd_txid = be64(PQgetvalue(res, n - 1, 7));
-                s->rd_pos = (int64_t)be64(PQgetvalue(res, n - 1, 0));
-            }
-            if (add_piece(cc, i, res) < 0) {
-                PQclear(res);
-                return es_fail(err, ES_DATABASE, "out of memory");
-            }
-            left -= n;
-            if (n < ask) {
-                s->done = 1;
-                active--;
             }
         }
     }
+    free(want);
     return lay_out(cc, limit - left, err);
 }
 
@@ -651,7 +879,7 @@ es_cursor *pg_citus_read_all(pg_store *p, const es_read_all_opts *o,
     es_buf_init(&cc->cp);
     if (current_shards(p, &cc->sh, &cc->nsh, err) < 0 ||
         only_shards(cc, o, err) < 0 ||
-        rebase(cc->sh, cc->nsh, old, nold, err) < 0 ||
+        rebase(p, cc->sh, cc->nsh, old, nold, err) < 0 ||
         read_batch(p, cc, o, o->limit > 0 ? o->limit : (int64_t)DEFAULT_BATCH,
                    err) < 0) {
         free(old);
