@@ -29,7 +29,7 @@
 #            (bench/pgbench_append.sql, pgbench_append_one.sql,
 #            pgbench_write_message.sql, pgbench_insert.sql) beside two
 #            floors (pgbench_insert_pk.sql: a table with only a primary key;
-#            pgbench_commit.sql: a commit and nothing else); server CPU and
+#            pgbench_commit.sql: one WAL record and the commit's flush); server CPU and
 #            WAL bytes per append from the backend's schedstat and the WAL
 #            insert position; bench/append.lua processes (2 and 8, one event per
 #            append) against the same loop calling write_message; 100 events
@@ -210,7 +210,7 @@ server_cpu() {
                   $payload, '{}')" ;;
     insert_pk) call="INSERT INTO $BARE.pk (id, stream, version, type, data, metadata)
           VALUES (gen_random_uuid(), 'Cpu-' || i, 1, 'Ticked', $payload, '{}')" ;;
-    commit) call="PERFORM pg_current_xact_id()" ;;
+    commit) call="PERFORM pg_logical_emit_message(true, 'es_bench', '')" ;;
   esac
   psql -X -q -At -v ON_ERROR_STOP=1 "$url" 2>&1 <<SQL
 $pre
@@ -313,7 +313,7 @@ elif sed "s/BENCH_SCHEMA/$BARE/g" bench/bare.sql | psql_q >/dev/null; then
   # server side: pgbench calls append() itself (es) and sends the
   # library's one-event statement (es_one), one event per transaction,
   # against write_message, the bare INSERT and two floors: an INSERT into a
-  # table with only a primary key, and a commit with nothing else
+  # table with only a primary key, and a commit that writes one WAL record
   for c in 2 8 32; do
     phases=("es:pgbench_phase bench/pgbench_append.sql $c"
             "es_one:pgbench_phase bench/pgbench_append_one.sql $c"
