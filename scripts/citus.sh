@@ -108,10 +108,9 @@ run_tests() {
   url=$(start "$dir" | tail -1) || es_die "the cluster did not start"
   echo "test-citus: cluster up at $url ($((SECONDS - t0))s)"
   local specs=("$@")
-  # the projector and workflow specs (21, 40) ran here before the follower
-  # engine; on top of it they do not pass on Citus yet (docs/scale-out.md)
   [ ${#specs[@]} -gt 0 ] || specs=(spec/03_store_spec.lua spec/04_global_order_spec.lua
-    spec/50_citus_spec.lua)
+    spec/21_projector_spec.lua spec/40_workflow_spec.lua spec/50_citus_spec.lua
+    spec/52_citus_group_spec.lua)
   ES_TEST_DISTRIBUTED=1 ES_TEST_SHARDS=${ES_TEST_SHARDS:-4} ES_TEST_DATABASE_URL=$url \
     ES_CITUS_DIR=$dir scripts/test.sh "${specs[@]}"
 }
@@ -189,29 +188,46 @@ catch_up() {
     end
     seed('bench_cu_single', nil)
     seed('bench_cu_dist', { distributed = true })"
-  # the same log, one follower process per worker, each on that worker's shards
-  local g t0 t1 w=${ES_CITUS_WORKERS:-2}
+  # the same log, one follower process per worker (each on that worker's
+  # shards), then one per shard
+  local w=${ES_CITUS_WORKERS:-2} sh
+  followers "$1" "worker" "$(seq 1 "$w" | sed 's/.*/AND groupid = &/')"
+  sh=$(lua_eval "local es = require 'eventsourcing'
+    local s = assert(es.open('$1', { schema = 'bench_cu_dist' }))
+    for _, r in ipairs(assert(s:query('SELECT shardid FROM pg_dist_shard'
+      .. ' WHERE logicalrelid = \'bench_cu_dist.events\'::regclass ORDER BY shardid'))) do print(r.shardid) end")
+  followers "$1" "shard" "$(printf '%s\n' "$sh" | sed 's/.*/AND shardid = &/')"
+}
+
+# followers URL WHAT CONDITIONS: one read_all process per line of
+# CONDITIONS (a filter on pg_dist_shard x pg_dist_placement naming its
+# shards), all at once over bench_cu_dist; prints the time they took.
+followers() {
+  local url=$1 what=$2 cond n=0 t0 t1
+  rm -f "$CLUSTER_DIR"/follower.*
   t0=$(date +%s.%N)
-  for g in $(seq 1 "$w"); do
+  while IFS= read -r cond; do
+    [ -n "$cond" ] || continue
+    n=$((n + 1))
     lua_eval "
       local es = require 'eventsourcing'
-      local s = assert(es.open('$1', { schema = 'bench_cu_dist' }))
+      local s = assert(es.open('$url', { schema = 'bench_cu_dist' }))
       local ids = {}
       for _, r in ipairs(assert(s:query('SELECT shardid FROM pg_dist_shard JOIN pg_dist_placement USING (shardid)'
-        .. ' WHERE logicalrelid = \'bench_cu_dist.events\'::regclass AND groupid = $g'))) do ids[#ids + 1] = r.shardid end
+        .. ' WHERE logicalrelid = \'bench_cu_dist.events\'::regclass $cond'))) do ids[#ids + 1] = r.shardid end
       local cp, total = nil, 0
       while true do
         local b, ncp = assert(s:read_all({ after = cp, limit = 1000, shards = ids }))
         if #b == 0 then break end
         total, cp = total + #b, ncp
       end
-      print(total)" >"$CLUSTER_DIR/follower.$g" &
-  done
+      print(total)" >"$CLUSTER_DIR/follower.$n" &
+  done <<<"$3"
   wait
   t1=$(date +%s.%N)
-  awk -v t0="$t0" -v t1="$t1" -v w="$w" '{ n += $1 } END {
-    printf "catch-up citus       %d events: one follower per worker (%d processes) in %.1f s (%.0f events/s)\n",
-      n, w, t1 - t0, n / (t1 - t0) }' "$CLUSTER_DIR"/follower.*
+  awk -v t0="$t0" -v t1="$t1" -v p="$n" -v what="$what" '{ n += $1 } END {
+    printf "catch-up citus       %d events: one follower per %s (%d processes) in %.1f s (%.0f events/s)\n",
+      n, what, p, t1 - t0, n / (t1 - t0) }' "$CLUSTER_DIR"/follower.*
 }
 
 case ${1:-} in

@@ -158,11 +158,12 @@ function Follower:_batch_in(sub, limit)
   if done == nil then self:rollback(); return nil, info end
   info = info or {}
   if done == n then
-    return self:_finish(sub, cp, info.handled or n, info, n < limit and "idle" or "more")
+    return self:_finish(sub, cp, info.handled or n, info, n < limit and "idle" or "more", batch[n].position)
   end
   local to = done > 0 and batch[done].checkpoint or row.checkpoint
   local handled, st
-  handled, st = self:_finish(sub, to, info.handled or done, info, info.failure and "failed" or "more")
+  handled, st = self:_finish(sub, to, info.handled or done, info, info.failure and "failed" or "more",
+    done > 0 and batch[done].position or nil)
   if handled and info.failure and self.log then
     local e = batch[done + 1]
     self.log(("%s %s stopped at position %s (%s, stream %s): %s"):format(self.label, sub.name,
@@ -175,8 +176,10 @@ end
 -- A group's item: its units in one transaction (see follower_group).
 function Follower:_set_batch(item, limit) return self.group:batch(item, limit) end
 
-function Follower:_finish(sub, cp, handled, info, state)
-  local ok, err = self:save(sub, cp, handled, info.failure)
+-- last: the position of the last event done (nil: none), recorded as the
+-- unit's position when the checkpoint does not say it (Citus).
+function Follower:_finish(sub, cp, handled, info, state, last)
+  local ok, err = self:save(sub, cp, handled, info.failure, last)
   if not ok then self:rollback(); return nil, err end
   ok, err = self:commit()
   if not ok then return nil, err end
@@ -224,6 +227,7 @@ function Follower:stop() self.stopping = true end
 -- Whether the log has moved past where the idle subscriptions stand: one
 -- event read after the lowest of their checkpoints. -> true | false | nil, err
 function Follower:moved()
+  if self.group and self.group.on_shards then return self.group:moved(self.idle_at) end
   local low, any = nil, false
   for _, cp in pairs(self.idle_at) do
     if not any or cp_less(cp, low) then low = cp end

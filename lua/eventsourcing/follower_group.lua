@@ -54,11 +54,31 @@ local function default_member()
     math.random(0, 999999))
 end
 
-local function check(g)
+-- The partition count: a number, or on a store distributed on Citus the
+-- shards of the events table (`partitions = "shards"`, the default and the
+-- only choice there: partitions by hash of the stream would be read
+-- through the coordinator, merging workers by transaction ids that order
+-- events only within a worker). -> count, whether partitions are shards
+local function partitions_of(g, store)
+  local p = g.partitions
+  local info, err = store:info()
+  if not info then error("group: " .. tostring(err), 5) end
+  if info.distributed then
+    if p ~= nil and p ~= "shards" then
+      error(("group: on a store distributed on Citus a group's partitions are the shards of "
+        .. "the events table: partitions = \"shards\" (or none), not %s"):format(tostring(p)), 5)
+    end
+    return info.shards, true
+  end
+  if p == "shards" then error("group: partitions = \"shards\" needs a store distributed on Citus", 5) end
+  return p or 16, false
+end
+
+local function check(g, store)
   if type(g) ~= "table" then error("group: expected a table { name, partitions, member, ... }", 4) end
-  local p = g.partitions or 16
+  local p, on_shards = partitions_of(g, store)
   if type(p) ~= "number" or p < 1 or p > 4096 or p % 1 ~= 0 then
-    error("group: partitions must be an integer from 1 to 4096", 4)
+    error("group: partitions must be an integer from 1 to 4096 (or \"shards\" on Citus)", 4)
   end
   for _, k in ipairs { "ttl", "heartbeat" } do
     if g[k] ~= nil and (type(g[k]) ~= "number" or g[k] <= 0) then
@@ -68,7 +88,7 @@ local function check(g)
   if g.member ~= nil and (type(g.member) ~= "string" or g.member == "") then
     error("group: member must be a non-empty string", 4)
   end
-  return p
+  return p, on_shards
 end
 
 -- Members must follow the same subscriptions: a member owns a partition
@@ -83,12 +103,12 @@ function M.default_name(ledger, subs)
 end
 
 function M.new(engine, g, subs)
-  local partitions = check(g)
   if engine.memory then error("group: consumer groups need a PostgreSQL store", 3) end
+  local partitions, on_shards = check(g, engine.store)
   math.randomseed(os.time() + math.floor(util.monotonic() * 1e6) % 1000000)
   return setmetatable({
     engine = engine, store = engine.store, name = g.name or M.default_name(engine.ledger, subs),
-    partitions = partitions, member = g.member or default_member(),
+    partitions = partitions, on_shards = on_shards, member = g.member or default_member(),
     ttl = g.ttl or 5, heartbeat = g.heartbeat or 1,
     next_beat = -math.huge, owned_set = {}, unit_list = {},
   }, Group)
@@ -210,6 +230,7 @@ function Group:batch(item, limit)
     end
   end
   if not any then engine:rollback(); return 0, #rows < #item.units and "locked" or "idle" end
+  if self.on_shards then return self:_shard_batch(item, usable, cps, limit) end
   local batch, cp = self:read(item.base, parts, low, limit)
   if not batch then engine:rollback(); return nil, cp end
   local kept = {}
@@ -242,6 +263,12 @@ function Group:_finish(item, usable, cps, kept, done, info, upto, short)
       if not ok then engine:rollback(); return nil, err end
     end
   end
+  return self:_done(item, kept, done, info, fail_part, moved, short)
+end
+
+-- Commits a batch and says what comes next: done, "more" | "idle".
+function Group:_done(item, kept, done, info, fail_part, moved, short)
+  local engine, n = self.engine, #kept
   local ok, err = engine:commit()
   if not ok then return nil, err end
   if fail_part and engine.log then
@@ -257,6 +284,121 @@ function Group:_finish(item, usable, cps, kept, done, info, upto, short)
   if not short then return done, "more" end
   for u, to in pairs(moved) do engine.idle_at[u] = to end
   return done, "idle"
+end
+
+-- Partitions that are shards (Citus) --------------------------------------------
+
+-- The events table's shard ids in order: partition k is the (k+1)th.
+-- Asked once; a split (another count) is refused, as read_all refuses
+-- a checkpoint of shards that are gone.
+function Group:shard_ids()
+  if self.shards then return self.shards end
+  local rows, err = self.store:query("SELECT shardid FROM pg_dist_shard WHERE logicalrelid = "
+    .. "to_regclass(quote_ident($1) || '.events') ORDER BY shardid", self.store:schema())
+  if not rows then return nil, err end
+  if #rows ~= self.partitions then
+    return nil, core.error("invalid", ("group %s: the events table has %d shards, the group %d "
+      .. "partitions (one per shard; docs/scale-out.md)"):format(self.name, #rows, self.partitions))
+  end
+  local ids = {}
+  for i, r in ipairs(rows) do ids[i] = r.shardid end
+  self.shards = ids
+  return ids
+end
+
+-- A batch of partitions that are shards: each unit reads its own shard
+-- after its own checkpoint (a cursor of that shard alone, read on its
+-- worker against that worker's snapshot: the coordinator-side read above
+-- would merge shards of different workers by transaction ids that only
+-- order events within a worker). The units' events are handled one
+-- unit after the other (a stream lives on one shard), in the batch's
+-- transaction; each unit moves to where its own events got.
+function Group:_shard_batch(item, usable, cps, limit)
+  local engine, store = self.engine, self.store
+  local ids, err = self:shard_ids()
+  if not ids then engine:rollback(); return nil, err end
+  local ask = math.max(1, math.floor(limit / #usable))
+  local kept, reads, short = {}, {}, true
+  for _, u in ipairs(usable) do
+    local b, cp = store:read_all({ after = cps[u.part] or nil, limit = ask, shards = { ids[u.part + 1] },
+      types = item.base.types, category = item.base.category })
+    if not b then engine:rollback(); return nil, cp end
+    reads[u] = { cp = cp, first = #kept + 1, last = #kept + #b }
+    for _, e in ipairs(b) do e.part = u.part; kept[#kept + 1] = e end
+    if #b >= ask then short = false end
+  end
+  local n, done, info = #kept, 0, {}
+  if n > 0 then
+    done, info = item.base.process(kept, n)
+    if done == nil then engine:rollback(); return nil, info end
+    info = info or {}
+  end
+  local fail_part = done < n and info.failure and kept[done + 1].part
+  local moved = {}
+  for _, u in ipairs(usable) do
+    local r, from = reads[u], cps[u.part] or nil
+    local to, last, handled = from, nil, 0
+    if done >= r.last then
+      to, handled = r.cp, r.last - r.first + 1
+    elseif done >= r.first then
+      to, handled = kept[done].checkpoint, done - r.first + 1
+    end
+    if handled > 0 then last = kept[r.first + handled - 1].position end
+    moved[u] = to
+    if to ~= from or handled > 0 or u.part == fail_part then
+      local ok, e = engine:save(u, to, handled, u.part == fail_part and info.failure or nil, last)
+      if not ok then engine:rollback(); return nil, e end
+    end
+  end
+  return self:_done(item, kept, done, info, fail_part, moved, short)
+end
+
+-- Whether the log moved past where idle units (partitions that are
+-- shards) stand: one event read after their cursors, in one read_all for
+-- those with a checkpoint and one for those still at the start.
+-- -> true | false | nil, err
+function Group:moved(idle_at)
+  local ids = self.shards
+  if not ids then return true end
+  local seen, with, at_start, cps = {}, {}, {}, {}
+  for u, cp in pairs(idle_at) do
+    local id = ids[u.part + 1]
+    if id and not seen[id] then
+      seen[id] = true
+      if cp then
+        with[#with + 1] = id
+        cps[#cps + 1] = cp:sub(4)        -- "c1:" dropped: one shard's cursor
+      else
+        at_start[#at_start + 1] = id
+      end
+    end
+  end
+  for _, q in ipairs { { shards = with, after = #cps > 0 and "c1:" .. table.concat(cps, ",") or nil },
+                       { shards = at_start } } do
+    if #q.shards > 0 then
+      local b, err = self.store:read_all({ after = q.after, shards = q.shards, limit = 1 })
+      if not b then return nil, err end
+      if #b > 0 then return true end
+    end
+  end
+  return false
+end
+
+-- Lag of partitions that are shards: each partition's rows (ledger rows of
+-- status) counted on its own shard. -> events, seconds | nil, err
+function Group:shard_lag(parts)
+  local ids, err = self:shard_ids()
+  if not ids then return nil, err end
+  local n, oldest = 0, nil
+  for _, r in ipairs(parts) do
+    local k = tonumber(r.name:match("/(%d+)$"))
+    local c, first = util.lag_by_scan(self.store, r.checkpoint, { ids[k + 1] })
+    if not c then return nil, first end
+    n = n + c
+    if first and (not oldest or first < oldest) then oldest = first end
+  end
+  local t = oldest and util.iso_epoch(oldest)
+  return n, t and math.max(0, util.now() - t) or 0
 end
 
 -- Tables -------------------------------------------------------------------------

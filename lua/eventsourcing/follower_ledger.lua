@@ -21,13 +21,43 @@ function L.parse_checkpoint(cp)
 end
 local parse_cp = L.parse_checkpoint
 
--- Whether checkpoint a is before b (nil: the start).
-local function cp_less(a, b)
-  local ta, pa = parse_cp(a)
-  local tb, pb = parse_cp(b)
+-- The cursors of a per-shard checkpoint (Citus, "c1:<shard>@<group>=
+-- <txid>:<position>,..."): { [shard] = { group, txid (string), position } }
+local function shard_cursors(cp)
+  local out = {}
+  for shard, group, t, p in cp:gmatch("(%d+)@(%d+)=(%d+):(%d+)") do
+    out[shard] = { group, t, tonumber(p) }
+  end
+  return out
+end
+
+local function txpos_less(ta, pa, tb, pb)
   if #ta ~= #tb then return #ta < #tb end
   if ta ~= tb then return ta < tb end
   return pa < pb
+end
+
+-- Per-shard checkpoints: a is before b when they differ and no cursor of
+-- a is past b's (a partial order: cursors of different shards or node
+-- groups do not compare).
+local function shard_cp_less(a, b)
+  if a == b then return false end
+  local ca, cb = shard_cursors(a), shard_cursors(b)
+  for shard, x in pairs(ca) do
+    local y = cb[shard]
+    if not y or y[1] ~= x[1] or txpos_less(y[2], y[3], x[2], x[3]) then return false end
+  end
+  for shard in pairs(cb) do if not ca[shard] then return false end end
+  return true
+end
+
+-- Whether checkpoint a is before b (nil: the start).
+local function cp_less(a, b)
+  if util.per_shard(b) then return a == nil or (util.per_shard(a) and shard_cp_less(a, b)) end
+  if util.per_shard(a) then return false end
+  local ta, pa = parse_cp(a)
+  local tb, pb = parse_cp(b)
+  return txpos_less(ta, pa, tb, pb)
 end
 L.checkpoint_less = cp_less
 
@@ -176,16 +206,20 @@ function Follower:set_all(name, checkpoint, reset_handled)
 end
 
 -- Moves the checkpoint (in the open transaction); failure: record it.
-function Follower:save(sub, checkpoint, handled, failure)
-  local _, position = parse_cp(checkpoint)
+-- The recorded position is the checkpoint's; a per-shard checkpoint
+-- (Citus) names none, so there it is `last` (the position of the last
+-- event done), or stays as it was when no event was done.
+function Follower:save(sub, checkpoint, handled, failure, last)
+  local position
+  if util.per_shard(checkpoint) then position = last else position = select(2, parse_cp(checkpoint)) end
   if self.memory then
     local r = self:_mem(sub.name)
-    r.checkpoint, r.position, r.handled = checkpoint, position, r.handled + handled
+    r.checkpoint, r.position, r.handled = checkpoint, position or r.position, r.handled + handled
     r.updated_at = util.now_iso()
     if failure then r.error, r.failed_at = failure, r.updated_at end
     return true
   end
-  return self.store:query(self:_q("UPDATE <ledger> SET checkpoint = $2, position = $3, "
+  return self.store:query(self:_q("UPDATE <ledger> SET checkpoint = $2, position = coalesce($3::bigint, position), "
     .. "handled = handled + $4, updated_at = now(), failed_at = CASE WHEN $5::jsonb IS NULL "
     .. "THEN failed_at ELSE now() END, error = coalesce($5::jsonb, error) WHERE name = $1"),
     sub.name, checkpoint, position, handled, failure)
@@ -351,7 +385,11 @@ function Follower:status()
     end
     s.name = sub.name
     if self.group then s.partitions = parts end
-    s.lag_events, s.lag_seconds = L.lag(self.store, s.checkpoint)
+    if self.group and self.group.on_shards then   -- each partition on its own shard
+      s.lag_events, s.lag_seconds = self.group:shard_lag(parts)
+    else
+      s.lag_events, s.lag_seconds = L.lag(self.store, s.checkpoint)
+    end
     if not s.lag_events then return nil, s.lag_seconds end
     if s.lag_events > 0 and held == nil then
       held, err = L.held_by(self.store)

@@ -48,9 +48,10 @@ end
 -- Pages through every event after checkpoint `after` (nil: all), calling
 -- each_batch(batch) for each page. -> the checkpoint after the last event
 -- (`after` when there was none) | nil, err
-function M.scan(store, after, each_batch)
+-- shards: only those shards' events (Citus; read_all's option).
+function M.scan(store, after, each_batch, shards)
   while true do
-    local batch, cp = store:read_all({ after = after, limit = 10000 })
+    local batch, cp = store:read_all({ after = after, limit = 10000, shards = shards })
     if not batch then return nil, cp end
     if #batch == 0 then return after end
     if each_batch then each_batch(batch) end
@@ -77,14 +78,15 @@ end
 
 -- How far behind checkpoint cp is, by reading what comes after it:
 -- -> events, oldest recorded_at (nil when none) | nil, err
-function M.lag_by_scan(store, cp)
+-- shards: only those shards (Citus: a checkpoint of some shards).
+function M.lag_by_scan(store, cp, shards)
   local n, first = 0, nil
   local done, err = M.scan(store, cp, function(b)
     for _, e in ipairs(b) do
       if not first or e.recorded_at < first then first = e.recorded_at end
     end
     n = n + #b
-  end)
+  end, shards)
   if done == nil and err then return nil, err end
   return n, first
 end

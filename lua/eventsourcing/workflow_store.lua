@@ -151,7 +151,38 @@ end
 local EVENT_COLS = "id::text AS id, stream, version, position, type, data, metadata, "
   .. ts("recorded_at")
 
--- Every event of one correlation id, in the global order.
+-- Events in the order given, except that an event whose cause
+-- (metadata.causation_id) is among them comes after it: on Citus the
+-- (txid, position) order holds only within a worker, and a chain hops
+-- between workers. On one PostgreSQL a cause always commits before what
+-- it causes, so this keeps the order as it is.
+local function causes_first(events)
+  local ids, placed, waiting, out = {}, {}, {}, {}
+  for _, e in ipairs(events) do ids[e.id] = true end
+  local function place(e)
+    out[#out + 1] = e
+    placed[e.id] = true
+    local kids = waiting[e.id]
+    waiting[e.id] = nil
+    for _, k in ipairs(kids or {}) do place(k) end
+  end
+  for _, e in ipairs(events) do
+    local m = type(e.metadata) == "table" and e.metadata or {}
+    local cause = m.causation_id
+    if cause and cause ~= e.id and ids[cause] and not placed[cause] then
+      waiting[cause] = waiting[cause] or {}
+      table.insert(waiting[cause], e)
+    else
+      place(e)
+    end
+  end
+  for _, kids in pairs(waiting) do       -- a cycle of causes (bad metadata)
+    for _, k in ipairs(kids) do if not placed[k.id] then place(k) end end
+  end
+  return out
+end
+
+-- Every event of one correlation id, in the global order (causes first).
 function M.trace(store, correlation_id)
   if type(correlation_id) ~= "string" then error("workflow.trace: correlation_id must be a string", 2) end
   if is_memory(store) then
@@ -167,10 +198,12 @@ function M.trace(store, correlation_id)
     if ok == nil and err then return nil, err end
     return out
   end
-  return store:query(sqlq(store, "SELECT " .. EVENT_COLS .. " FROM <schema>.events "
+  local rows, err = store:query(sqlq(store, "SELECT " .. EVENT_COLS .. " FROM <schema>.events "
     .. "WHERE metadata->>'correlation_id' = $1 OR id = $2::uuid ORDER BY txid, position"),
     correlation_id, correlation_id:match("^%x+%-%x+%-%x+%-%x+%-%x+$") and correlation_id
       or "00000000-0000-0000-0000-000000000000")
+  if not rows then return nil, err end
+  return causes_first(rows)
 end
 
 -- The checkpoint at the store's current end (for runner:reset(name,

@@ -42,11 +42,15 @@ typedef struct shard_cursor {
     uint64_t rd_txid;         /* where this batch's reads of it got to */
     int64_t rd_pos;
     int done;                 /* nothing more in it for this batch */
+    int jump;                 /* filtered and short: once the batch is */
+    uint64_t hd_txid;         /* delivered, the cursor moves to the last */
+    int64_t hd_pos;           /* row below the watermark, any type */
 } shard_cursor;
 
 /* Rows of one shard read for the batch. */
 typedef struct piece {
     int shard;                /* index into sh */
+    int n;                    /* its event rows (a head row may follow) */
     PGresult *res;
 } piece;
 
@@ -114,9 +118,12 @@ static const char *cc_checkpoint(es_cursor *c)
     es_buf_reset(&cc->cp);
     rc = es_buf_adds(&cc->cp, "c1:");
     for (int i = 0; i < cc->nsh; i++) {
+        const shard_cursor *s = &cc->sh[i];
+        /* past what the filters skipped, once every event is delivered */
+        int head = s->jump && cc->row >= cc->nrows;
         snprintf(one, sizeof one, "%s%" PRId64 "@%" PRId64 "=%" PRIu64
-                 ":%" PRId64, i ? "," : "", cc->sh[i].shard, cc->sh[i].group,
-                 cc->sh[i].txid, cc->sh[i].pos);
+                 ":%" PRId64, i ? "," : "", s->shard, s->group,
+                 head ? s->hd_txid : s->txid, head ? s->hd_pos : s->pos);
         rc |= es_buf_adds(&cc->cp, one);
     }
     return rc < 0 ? NULL : es_buf_cstr(&cc->cp);
@@ -318,10 +325,60 @@ static int only_shards(citus_cursor *cc, const es_read_all_opts *o,
     return 0;
 }
 
+static PGconn *node_session(pg_store *p, const char *host, int port,
+                            es_error *err);
+
+/* Whether a cursor read on another node group carries over to the node
+ * that holds its shard now (c, after citus_move_shard_placement). A move
+ * copies the rows with their txid and position, so the rows up to the
+ * cursor there are the ones the follower saw, except rows appended on the
+ * new node since the move whose txid (that node's) is below the cursor's:
+ * those a carried cursor would skip. Rows appended on a node have txid =
+ * xmin (the trigger); copied rows have the copy's xmin. So: carried over
+ * when no row up to the cursor has txid = xmin; else refused (the row
+ * count says how many). -> 1 carried, 0 refused (err set), -1 error */
+static int carries_over(pg_store *p, shard_cursor *c, const shard_cursor *old,
+                        es_error *err)
+{
+    char tx[24], pos[24], sql[512];
+    const char *values[2] = { tx, pos };
+    PGconn *conn;
+    PGresult *res;
+    long below;
+
+    if (!(conn = node_session(p, c->host, c->port, err)))
+        return -1;
+    snprintf(tx, sizeof tx, "%" PRIu64, old->txid);
+    snprintf(pos, sizeof pos, "%" PRId64, old->pos);
+    snprintf(sql, sizeof sql, "SELECT count(*) FROM %s WHERE (txid, position)"
+             " <= ($1::xid8, $2::bigint) AND txid::text::numeric %% 4294967296"
+             " = xmin::text::numeric", c->table);
+    res = PQexecParams(conn, sql, 2, NULL, values, NULL, NULL, 0);
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        es_fail(err, ES_DATABASE, "read_all: shard %" PRId64 ": %s", c->shard,
+                PQresultErrorMessage(res));
+        err->message[strcspn(err->message, "\n")] = '\0';
+        PQclear(res);
+        return -1;
+    }
+    below = atol(PQgetvalue(res, 0, 0));
+    PQclear(res);
+    if (below == 0)
+        return 1;
+    es_fail(err, ES_INVALID, "read_all: shard %" PRId64 " moved from node "
+            "group %" PRId64 " to %" PRId64 " since this checkpoint, and %ld "
+            "event(s) appended there since have transaction ids below its "
+            "cursor (that node's counter was behind): the cursor cannot be "
+            "carried over without skipping them (docs/scale-out.md: shard "
+            "moves)", c->shard, old->group, c->group, below);
+    return 0;
+}
+
 /* Carries the checkpoint's cursors over to the current shards, refusing
- * any shard that moved, appeared or went since the checkpoint. */
-static int rebase(shard_cursor *cur, int ncur, const shard_cursor *old,
-                  int nold, es_error *err)
+ * any shard that appeared or went since the checkpoint, or that moved in
+ * a way its cursor cannot follow (carries_over). */
+static int rebase(pg_store *p, shard_cursor *cur, int ncur,
+                  const shard_cursor *old, int nold, es_error *err)
 {
     if (!old)
         return 0;
@@ -333,13 +390,8 @@ static int rebase(shard_cursor *cur, int ncur, const shard_cursor *old,
                            "table redistributed?): followers cannot carry "
                            "their position over (docs/scale-out.md)",
                            old[i].shard);
-        if (c->group != old[i].group)
-            return es_fail(err, ES_INVALID, "read_all: shard %" PRId64
-                           " moved from node group %" PRId64 " to %" PRId64
-                           " since this checkpoint; transaction ids are "
-                           "per node, so its cursor cannot be carried over "
-                           "(docs/scale-out.md: shard moves)", old[i].shard,
-                           old[i].group, c->group);
+        if (c->group != old[i].group && carries_over(p, c, &old[i], err) < 1)
+            return -1;
         c->txid = old[i].txid;
         c->pos = old[i].pos;
     }
@@ -377,6 +429,28 @@ void pg_citus_close(pg_store *p)
     p->nodes = NULL;
 }
 
+/* The store's statement and lock timeouts, on a worker session too:
+ * reads of the log run there. Worker sessions are direct (never through
+ * the store's pooler), so a session SET holds. */
+static int set_timeouts(const pg_store *p, PGconn *c)
+{
+    char sql[160];
+    PGresult *res;
+    int ok;
+
+    if (p->session_sql[0])
+        snprintf(sql, sizeof sql, "%s", p->session_sql);
+    else if (p->timeouts[0][0])
+        snprintf(sql, sizeof sql, "SET statement_timeout = %s;"
+                 " SET lock_timeout = %s", p->timeouts[0], p->timeouts[1]);
+    else
+        return 0;
+    res = PQexec(c, sql);
+    ok = PQresultStatus(res) == PGRES_COMMAND_OK;
+    PQclear(res);
+    return ok ? 0 : -1;
+}
+
 static PGconn *connect_node(pg_store *p, const char *host, int port,
                             es_error *err)
 {
@@ -409,7 +483,7 @@ static PGconn *connect_node(pg_store *p, const char *host, int port,
     vals[k] = NULL;
     c = PQconnectdbParams(keys, vals, 0);
     PQconninfoFree(opts);
-    if (PQstatus(c) != CONNECTION_OK) {
+    if (PQstatus(c) != CONNECTION_OK || set_timeouts(p, c) < 0) {
         es_fail(err, ES_CONNECTION, "read_all: worker %s:%d: %s", host, port,
                 PQerrorMessage(c));
         err->message[strcspn(err->message, "\n")] = '\0';
@@ -475,7 +549,7 @@ static PGresult *read_shard(pg_store *p, PGconn *c, const char *table,
                             const shard_cursor *sh, const es_read_all_opts *o,
                             int64_t limit, es_error *err)
 {
-    char sql[768], filters[128] = "", tx[24], pos[24], lim[24];
+    char sql[1280], filters[128] = "", tx[24], pos[24], lim[24];
     const char *values[5];
     int n = 3;
     es_buf types;
@@ -506,25 +580,41 @@ static PGresult *read_shard(pg_store *p, PGconn *c, const char *table,
         snprintf(filters + strlen(filters), sizeof filters - strlen(filters),
                  " AND type = ANY($%d::text[])", n);
     }
-    snprintf(sql, sizeof sql, "SELECT position, id, version, type, data,"
+    /* Filtered: a last row with a NULL id names the shard's last row below
+     * the watermark, any type (same statement, same snapshot), where the
+     * cursor moves when this read is short, as on one PostgreSQL. */
+    snprintf(sql, sizeof sql, "%sSELECT position, id, version, type, data,"
              " metadata, recorded_at, txid, stream FROM %s"
              " WHERE (txid, position) > ($1::xid8, $2::bigint)"
              " AND txid < pg_snapshot_xmin(pg_current_snapshot())%s"
-             " ORDER BY txid, position LIMIT $3::bigint", table, filters);
+             " ORDER BY txid, position LIMIT $3::bigint%s", *filters ? "(" : "",
+             table, filters, *filters ? ")" : "");
+    if (*filters)
+        snprintf(sql + strlen(sql), sizeof sql - strlen(sql), " UNION ALL"
+                 " (SELECT position, NULL, NULL, NULL, NULL, NULL, NULL, txid,"
+                 " NULL FROM %s WHERE txid <"
+                 " pg_snapshot_xmin(pg_current_snapshot())"
+                 " ORDER BY txid DESC, position DESC LIMIT 1)", table);
     res = PQexecParams(c, sql, n, NULL, values, NULL, NULL, 1);
     es_buf_free(&types);
     if (PQresultStatus(res) != PGRES_TUPLES_OK || PQnfields(res) != 9) {
+        const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
         es_fail(err, PQstatus(c) == CONNECTION_OK ? ES_DATABASE
                 : ES_CONNECTION, "read_all: shard %" PRId64 ": %s", sh->shard,
                 PQresultErrorMessage(res));
         err->message[strcspn(err->message, "\n")] = '\0';
+        if (state) {
+            snprintf(err->sqlstate, sizeof err->sqlstate, "%s", state);
+            if (!strcmp(state, "57014") || !strcmp(state, "55P03"))
+                err->reason = ES_REASON_TIMEOUT;    /* retry later */
+        }
         PQclear(res);
         return NULL;
     }
     return res;
 }
 
-static int add_piece(citus_cursor *cc, int shard, PGresult *res)
+static int add_piece(citus_cursor *cc, int shard, int n, PGresult *res)
 {
     if (cc->npieces == cc->cap) {
         int cap = cc->cap ? cc->cap * 2 : 16;
@@ -535,6 +625,7 @@ static int add_piece(citus_cursor *cc, int shard, PGresult *res)
         cc->cap = cap;
     }
     cc->pieces[cc->npieces].shard = shard;
+    cc->pieces[cc->npieces].n = n;
     cc->pieces[cc->npieces++].res = res;
     return 0;
 }
@@ -564,7 +655,7 @@ static int lay_out(citus_cursor *cc, int64_t total, es_error *err)
             /* this shard's next row: on in its piece, or its next piece */
             while (at[k] < cc->npieces &&
                    (at[k] < 0 || cc->pieces[at[k]].shard != k ||
-                    row[k] >= PQntuples(cc->pieces[at[k]].res))) {
+                    row[k] >= cc->pieces[at[k]].n)) {
                 at[k]++;
                 row[k] = 0;
             }
@@ -578,6 +669,19 @@ static int lay_out(citus_cursor *cc, int64_t total, es_error *err)
     free(at);
     free(row);
     return 0;
+}
+
+/* A filtered read's head row (row `i` of res): the shard's last row below
+ * the watermark, where its cursor may move once this batch is delivered
+ * (read_batch cancels that when the read was not short). */
+static void note_head(shard_cursor *s, PGresult *res, int i)
+{
+    uint64_t t = be64(PQgetvalue(res, i, 7));
+    int64_t p = (int64_t)be64(PQgetvalue(res, i, 0));
+
+    s->jump = t > s->txid || (t == s->txid && p > s->pos);
+    s->hd_txid = t;
+    s->hd_pos = p;
 }
 
 /* Fills the batch up to limit: every shard not yet exhausted gets an even
@@ -613,11 +717,15 @@ static int read_batch(pg_store *p, citus_cursor *cc, const es_read_all_opts *o,
                 !(res = read_shard(p, c, s->table, s, o, ask, err)))
                 return -1;
             n = PQntuples(res);
+            if (n > 0 && PQgetisnull(res, n - 1, 1)) {    /* the head row */
+                n--;
+                note_head(s, res, n);
+            }
             if (n > 0) {
                 s->rd_txid = be64(PQgetvalue(res, n - 1, 7));
                 s->rd_pos = (int64_t)be64(PQgetvalue(res, n - 1, 0));
             }
-            if (add_piece(cc, i, res) < 0) {
+            if (add_piece(cc, i, n, res) < 0) {
                 PQclear(res);
                 return es_fail(err, ES_DATABASE, "out of memory");
             }
@@ -625,6 +733,8 @@ static int read_batch(pg_store *p, citus_cursor *cc, const es_read_all_opts *o,
             if (n < ask) {
                 s->done = 1;
                 active--;
+            } else {
+                s->jump = 0;      /* more may match: no moving past it */
             }
         }
     }
@@ -651,7 +761,7 @@ es_cursor *pg_citus_read_all(pg_store *p, const es_read_all_opts *o,
     es_buf_init(&cc->cp);
     if (current_shards(p, &cc->sh, &cc->nsh, err) < 0 ||
         only_shards(cc, o, err) < 0 ||
-        rebase(cc->sh, cc->nsh, old, nold, err) < 0 ||
+        rebase(p, cc->sh, cc->nsh, old, nold, err) < 0 ||
         read_batch(p, cc, o, o->limit > 0 ? o->limit : (int64_t)DEFAULT_BATCH,
                    err) < 0) {
         free(old);
