@@ -3,7 +3,8 @@
 -- events), against a naive loop that runs one SQL statement (INSERT or
 -- UPDATE) per event, in the same run; then a projector catching up over
 -- the same events from its first checkpoint. Prints `name value unit`
--- lines, and where the rebuild's time went per phase.
+-- lines, where the rebuild's time went per phase, and the rate of the bare
+-- read loop (no handler) over the same events.
 --
 --   ES_BENCH_DATABASE_URL (or ES_TEST_DATABASE_URL)  the database
 --   ES_BENCH_EVENTS   events to generate (multiple of 10,000)
@@ -61,6 +62,21 @@ for from = 0, N - 1, CHUNK do
 end
 assert(store:query(("ANALYZE %s.events"):format(q)))
 io.stderr:write(("generated %d events in %.1f s\n"):format(N, now() - t0))
+
+-- 1b. the bare read a rebuild does (types filtered in SQL, prefetch, no
+-- checkpoint string per event), no handler: the ceiling for one worker
+local function bare_read()
+  local types = { "OrderCreated", "ItemAdded", "ItemRemoved", "OrderPlaced", "OrderCancelled" }
+  local t, n, after = now(), 0, nil
+  repeat
+    local b, cp = assert(store:read_all({ after = after, limit = BATCH, prefetch = true, types = types,
+      checkpoints = false }))
+    n, after = n + #b, cp
+  until #b < BATCH
+  assert(n == N, ("bare read got %d of %d events"):format(n, N))
+  return N / (now() - t)
+end
+local bare_rate = bare_read()
 
 -- 2. the projector's rebuild
 local projector = es.projector(store, { orders_rm.Orders }, { batch_size = BATCH })
@@ -141,5 +157,6 @@ print(("rebuild_rm_orders_events %d events"):format(N))
 print(("rebuild_rm_orders_seconds %.2f s"):format(rebuild_s))
 print(("rebuild_rm_orders_rate %.0f events/s"):format(rate))
 print(("catch_up_rm_orders_rate %.0f events/s"):format(N / catchup_s))
+print(("read_all_bare_rate %.0f events/s"):format(bare_rate))
 print(("naive_update_per_event_rate %.0f events/s"):format(naive_rate))
 print(("rebuild_speedup_vs_naive %.1f x"):format(rate / naive_rate))

@@ -263,6 +263,18 @@ const char *es_rows_value(const es_rows *rows, int row, int col,
                           size_t *len);
 void es_rows_free(es_rows *rows);
 
+/* Bulk load (PostgreSQL): COPY schema.table (columns)
+ * FROM STDIN, `data` being len bytes of COPY's text format (fields
+ * separated by tabs, \N for NULL, backslash escapes, one row per line).
+ * One statement: a row the server refuses copies nothing (inside a
+ * transaction, that transaction is aborted). *count gets the rows copied.
+ * schema NULL: the store's ("pg_temp": the session's temporary tables).
+ * Memory stores fail with ES_INVALID. */
+int es_copy(es_store *store, const char *schema, const char *table,
+            const char *const *columns,
+            size_t ncolumns, const char *data, size_t len, int64_t *count,
+            es_error *err);
+
 /* Transactions (PostgreSQL): appends inside one commit together. */
 int es_begin(es_store *store, es_error *err);
 int es_commit(es_store *store, es_error *err);

@@ -45,6 +45,7 @@
 --
 -- opts.group makes the follower one member of a consumer group: see
 -- eventsourcing.follower_group.
+local core = require "eventsourcing.core"
 local util = require "eventsourcing.util"
 
 local M = {}
@@ -142,7 +143,7 @@ function Follower:_batch_in(sub, limit)
     return 0, row.paused and "paused" or "failed"
   end
   local batch, cp = store:read_all({ after = row.checkpoint, limit = limit, prefetch = sub.prefetch,
-    types = sub.types, category = sub.category })
+    types = sub.types, category = sub.category, checkpoints = sub.checkpoints })
   if not batch then self:rollback(); return nil, cp end
   local n = #batch
   if n == 0 then
@@ -160,7 +161,11 @@ function Follower:_batch_in(sub, limit)
   if done == n then
     return self:_finish(sub, cp, info.handled or n, info, n < limit and "idle" or "more", batch[n].position)
   end
-  local to = done > 0 and batch[done].checkpoint or row.checkpoint
+  local to = row.checkpoint
+  if done > 0 then
+    to, err = self:_checkpoint_at(sub, row.checkpoint, batch, done)
+    if not to then self:rollback(); return nil, err end
+  end
   local handled, st
   handled, st = self:_finish(sub, to, info.handled or done, info, info.failure and "failed" or "more",
     done > 0 and batch[done].position or nil)
@@ -171,6 +176,25 @@ function Follower:_batch_in(sub, limit)
   end
   if handled and not info.failure and info.delay then sleep(info.delay) end
   return handled, st
+end
+
+-- The checkpoint after batch[done] (a batch stopped early). Read without
+-- per-event checkpoints (sub.checkpoints == false, which saves building a
+-- string per event), the first `done` events are read again: rows below
+-- the first read's watermark were all settled then, so they come back the
+-- same and first; checked, a mismatch only retries the batch.
+function Follower:_checkpoint_at(sub, after, batch, done)
+  local e = batch[done]
+  if e.checkpoint then return e.checkpoint end
+  local again, err = self.store:read_all({ after = after, limit = done, types = sub.types,
+    category = sub.category })
+  if not again then return nil, err end
+  local last = again[done]
+  if #again ~= done or last.id ~= e.id or last.position ~= e.position then
+    return nil, core.error("conflict", ("%s %s: a batch read again differs at event %d; retrying")
+      :format(self.label, sub.name, done), { reason = "serialization" })
+  end
+  return last.checkpoint
 end
 
 -- A group's item: its units in one transaction (see follower_group).

@@ -82,7 +82,9 @@ function M.new(store, projections, opts)
     memory = util.is_memory(store), log = opts.log }, Projector)
   local subs = {}
   for _, p in ipairs(list) do
+    -- read model handlers get no e.checkpoint (no string per event)
     subs[#subs + 1] = { name = p.name, types = types_of(p), category = p.category, prefetch = true,
+      checkpoints = p.kind ~= "read_model",
       process = function(batch, n) return self:_process(p, batch, n) end,
       reset = function() return self:_clear_rows(p) end }
   end
@@ -102,6 +104,8 @@ function Projector:migrate() return self.engine:migrate() end
 -- Applying a batch --------------------------------------------------------------
 
 local SAVEPOINT = "es_projector_batch"
+-- a batch runs in its own transaction: upserts may be staged (read_model)
+local STAGE = { stage = true }
 
 function Projector:_sp(what)
   if self.memory then return true end
@@ -115,7 +119,7 @@ function Projector:_process(p, batch, n)
   if n == 0 then return 0 end
   local ok, err = self:_sp("SAVEPOINT")
   if not ok then return nil, err end
-  local res, a, b = p:_apply(self.store, p.name, batch, n)
+  local res, a, b = p:_apply(self.store, p.name, batch, n, STAGE)
   if res then
     ok, err = self:_sp("RELEASE SAVEPOINT")
     if not ok then return nil, err end
@@ -275,7 +279,7 @@ function Projector:_replay(p, tbl, after, limit, seen, report, done)
   while true do
     local t0 = timings and clock()
     local batch, cp = store:read_all({ after = after, limit = limit, prefetch = true,
-      types = types, category = p.category })
+      types = types, category = p.category, checkpoints = false })
     if not batch then return nil, cp end
     if timings then timings.read = (timings.read or 0) + (clock() - t0) end
     if #batch == 0 then return true, cp or after, done end

@@ -136,6 +136,8 @@ end
 function ReadModel:__tostring() return "read model " .. self.name end
 
 -- opts.record: an inline writer's batch (see _load).
+-- opts.stage: the caller's transaction is open (a projector's batch): many
+-- upserts may go through a staging table (see _write).
 -- opts.timings: a table whose fields keys, load, handlers, build, encode,
 -- write get the seconds spent in each step added (a rebuild's breakdown).
 local clock = util.monotonic
@@ -213,13 +215,16 @@ function ReadModel:_apply(store, tbl, events, n, opts)
     end
   end
   if timings then t0 = add_time(timings, "handlers", t0) end
-  -- 4. write each touched row once
+  -- 4. write each touched row once; into a fresh table (seen), rows of
+  -- keys never written there before go in by COPY (no conflict possible)
   local upserts, deletes = {}, {}
+  local news = seen and not memory and {} or nil
   for ks, row in pairs(state) do
     if row == DELETE then
       if existed[ks] then deletes[#deletes + 1] = ks end
     else
-      upserts[#upserts + 1] = self:_clean(row, memory)
+      local clean = self:_clean(row, memory)
+      if news and not seen[ks] then news[#news + 1] = clean else upserts[#upserts + 1] = clean end
       if seen then seen[ks] = true end
     end
   end
@@ -229,7 +234,7 @@ function ReadModel:_apply(store, tbl, events, n, opts)
     return true, handled
   end
   if timings then add_time(timings, "build", t0) end
-  local ok, werr = self:_write(store, tbl, upserts, deletes, timings)
+  local ok, werr = self:_write(store, tbl, upserts, deletes, timings, news, opts and opts.stage)
   if not ok then return nil, werr end
   return true, handled
 end

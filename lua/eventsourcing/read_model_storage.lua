@@ -196,9 +196,71 @@ function ReadModel:_encode_rows(upserts)
   return text
 end
 
+-- At least this many upserts in a transaction go through a staging table.
+local STAGE_MIN = 200
+
+-- The staging table of tbl: a temporary table (the session's own, gone
+-- with it) shaped like tbl. Staged rows live only inside the caller's
+-- transaction: a failure rolls them back with it, and the merge takes
+-- them all out again.
+function ReadModel:_stage_sqls(store, tbl)
+  local ck = store:schema() .. "." .. (tbl or self.name)
+  self._stage_sql = self._stage_sql or {}
+  local st = self._stage_sql[ck]
+  if st then return st end
+  local q = self:_qualified(store, tbl)
+  local name = short_ident("es_stage_" .. store:schema() .. "_" .. (tbl or self.name))
+  local cols, sets = {}, {}
+  for _, c in ipairs(self.columns) do
+    cols[#cols + 1] = quote(c)
+    if c ~= self.key then sets[#sets + 1] = quote(c) .. " = excluded." .. quote(c) end
+  end
+  local collist = table.concat(cols, ", ")
+  st = { name = name,
+    -- ON COMMIT DELETE ROWS: truncated in place at each commit, so the
+    -- dead rows of the merges' DELETEs never pile up (temporary tables
+    -- get no autovacuum)
+    create = ("CREATE TEMP TABLE IF NOT EXISTS %s (LIKE %s) ON COMMIT DELETE ROWS"):format(quote(name), q),
+    merge = ("WITH d AS (DELETE FROM %s WHERE %s IN (SELECT k::%s FROM jsonb_array_elements_text($1::jsonb) AS k)), "
+      .. "s AS (DELETE FROM pg_temp.%s RETURNING %s) "
+      .. "INSERT INTO %s (%s) SELECT %s FROM s ON CONFLICT (%s) DO %s")
+      :format(q, quote(self.key), self.types[self.key], quote(name), collist, q, collist, collist,
+        quote(self.key), #sets > 0 and ("UPDATE SET " .. table.concat(sets, ", ")) or "NOTHING") }
+  self._stage_sql[ck] = st
+  return st
+end
+
+-- Many upserts of a transaction: COPY into the staging table, then one
+-- statement deletes `deletes` and merges the staged rows (an upsert, as
+-- the JSON path does) and empties the stage.
+function ReadModel:_write_staged(store, tbl, upserts, deletes)
+  local st = self:_stage_sqls(store, tbl)
+  local ok, err = store:query(st.create)
+  if not ok then return nil, err end
+  ok, err = store:copy_rows(st.name, self.columns, upserts, { schema = "pg_temp" })
+  if not ok then return nil, err end
+  return store:query(st.merge, keys_param(deletes))
+end
+
 -- timings (a rebuild's breakdown): seconds added to "encode" and "write".
-function ReadModel:_write(store, tbl, upserts, deletes, timings)
+-- news: rows of keys the table cannot hold yet (a rebuild's fresh table),
+-- copied in bulk (store:copy_rows). stage: the caller's transaction is
+-- open, so many upserts may be staged (_write_staged).
+function ReadModel:_write(store, tbl, upserts, deletes, timings, news, stage)
+  if news and #news > 0 then
+    local t0 = timings and util.monotonic()
+    local n, cerr = store:copy_rows(tbl or self.name, self.columns, news)
+    if not n then return nil, cerr end
+    if timings then timings.write = (timings.write or 0) + (util.monotonic() - t0) end
+  end
   if #upserts == 0 and #deletes == 0 then return true end
+  if stage and #upserts >= STAGE_MIN and not is_memory(store) then
+    local t0 = timings and util.monotonic()
+    local ok, serr = self:_write_staged(store, tbl, upserts, deletes)
+    if not ok then return nil, serr end
+    if timings then timings.write = (timings.write or 0) + (util.monotonic() - t0) end
+    return true
+  end
   local t0 = timings and util.monotonic()
   local text, eerr = self:_encode_rows(upserts)
   if not text then return nil, eerr end

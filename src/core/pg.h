@@ -7,6 +7,7 @@
  *   pg_events.c   append, version, read and read_all cursors: pg_events.h
  *   pg_store.c    the operations table and es_pg_open, which tie them up
  *   pg_citus.c    the schema laid out on Citus; pg_citus_read.c its read_all
+ *   pg_copy.c     bulk loads into tables (COPY FROM STDIN)
  * Calls go one way: pg_store.c -> pg_schema.c, pg_events.c -> pg.c.
  */
 #ifndef ES_PG_H
@@ -126,6 +127,12 @@ int pg_rollback(es_store *s, es_error *err);
 int pg_status(es_store *s, es_store_status *out, es_error *err);
 void pg_disconnect(es_store *s);
 void pg_destroy(es_store *s);
+
+/* COPY ... FROM STDIN of rows in COPY's text format (pg_copy.c). */
+int pg_copy(es_store *s, const char *schema, const char *table,
+            const char *const *columns,
+            size_t ncolumns, const char *data, size_t len, int64_t *count,
+            es_error *err);
 
 /* Names the prepared statements of this store's schema. */
 void pg_name_statements(pg_store *p);

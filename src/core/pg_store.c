@@ -64,6 +64,7 @@ static const es_store_ops pg_ops = {
     .destroy = pg_destroy,
     .distribute = pg_distribute,
     .info = pg_info,
+    .copy = pg_copy,
 };
 
 /* PG_POOLER_* for a name, or -1. */

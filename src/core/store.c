@@ -310,6 +310,31 @@ es_rows *es_query(es_store *s, const char *sql, int nparams,
     return s->ops->query(s, sql, nparams, params, err);
 }
 
+int es_copy(es_store *s, const char *schema, const char *table,
+            const char *const *columns,
+            size_t ncolumns, const char *data, size_t len, int64_t *count,
+            es_error *err)
+{
+    es_error_clear(err);
+    *count = 0;
+    if (store_usable(s, err) < 0)
+        return -1;
+    if (!s->ops->copy)
+        return es_fail(err, ES_INVALID, "%s stores have no tables to copy "
+                       "rows into", s->ops->kind);
+    if (!table || !*table)
+        return es_fail(err, ES_INVALID, "copy: the table name must be a "
+                       "non-empty string");
+    if (ncolumns == 0)
+        return es_fail(err, ES_INVALID, "copy: no columns given");
+    for (size_t i = 0; i < ncolumns; i++)
+        if (!columns[i] || !*columns[i])
+            return es_fail(err, ES_INVALID, "copy: column %zu has an empty "
+                           "name", i + 1);
+    return s->ops->copy(s, schema, table, columns, ncolumns, data, len, count,
+                        err);
+}
+
 #define TX_OP(fn, op)                                                  \
     int fn(es_store *s, es_error *err)                                 \
     {                                                                  \

@@ -41,6 +41,10 @@ typedef struct es_store_ops {
     /* optional (NULL: not supported by this kind of store) */
     int (*distribute)(es_store *s, int shards, es_error *err);
     int (*info)(es_store *s, es_store_info *out, es_error *err);
+    int (*copy)(es_store *s, const char *schema, const char *table,
+                const char *const *columns,
+                size_t ncolumns, const char *data, size_t len,
+                int64_t *count, es_error *err);
 } es_store_ops;
 
 struct es_store {

@@ -22,6 +22,14 @@ void clock_open(lua_State *L);
 /* ids.c: core.uuid5 (name-based UUIDs). */
 void ids_open(lua_State *L);
 
+/* copy_text.c: rows[1..nrows] (the table at index rows) as COPY text for
+ * the column names at cols[1..ncols], appended to out. -1 with msg filled
+ * (row and column named) when a value cannot be stored; the stack may
+ * then hold extra values (the caller restores its top). */
+#include "../core/buf.h"
+int esl_copy_text(lua_State *L, int rows, int cols, size_t ncols,
+                  size_t nrows, es_buf *out, char *msg, size_t msglen);
+
 /* store.c: core.open and the store methods. */
 void store_open(lua_State *L);
 

@@ -719,13 +719,21 @@ static int l_read_all(lua_State *L)
     es_error err;
     lcursor *lc;
     es_event e;
-    int rc, i = 0;
+    int rc, i = 0, per_event;
     event_ctx ctx;
     const char *cp;
 
     check_opts(L, 2);
     lua_settop(L, 2);
     memset(&o, 0, sizeof o);
+    /* checkpoints = false: no string per event (a replay that only ever
+     * saves the batch's checkpoint saves building a million of them) */
+    per_event = 1;
+    if (!lua_isnil(L, 2)) {
+        lua_getfield(L, 2, "checkpoints");
+        per_event = lua_isnil(L, -1) || lua_toboolean(L, -1);
+        lua_pop(L, 1);
+    }
     o.after = opt_string_field(L, 2, "after");
     o.limit = opt_int_field(L, 2, "limit", 0);
     o.category = opt_string_field(L, 2, "category");
@@ -767,8 +775,10 @@ static int l_read_all(lua_State *L)
      * at event k saves events[k-1].checkpoint without reading again */
     while ((rc = es_cursor_next(lc->c, &e, &err)) > 0) {
         push_event(L, &e, &ctx);
-        lua_pushstring(L, es_cursor_checkpoint(lc->c));
-        lua_setfield(L, -2, "checkpoint");
+        if (per_event) {
+            lua_pushstring(L, es_cursor_checkpoint(lc->c));
+            lua_setfield(L, -2, "checkpoint");
+        }
         lua_rawseti(L, -2, ++i);
     }
     if (rc < 0) {
@@ -787,6 +797,82 @@ static int l_read_all(lua_State *L)
     es_cursor_free(lc->c);
     lc->c = NULL;
     return 2;
+}
+
+/* ---- bulk load ---------------------------------------------------------- */
+
+/* The column names of store:copy_rows (an array at idx) as C strings in
+ * ls->scratch, anchored by that table. NULL with msg filled. */
+static const char **copy_columns(lua_State *L, lstore *ls, int idx, size_t n,
+                                 char *msg, size_t msglen)
+{
+    const char **cols;
+    es_buf_reset(&ls->scratch);
+    if (es_buf_reserve(&ls->scratch, (n + 1) * sizeof(char *)) < 0) {
+        snprintf(msg, msglen, "out of memory");
+        return NULL;
+    }
+    cols = (const char **)(void *)ls->scratch.data;
+    for (size_t k = 0; k < n; k++) {
+        size_t len;
+        lua_rawgeti(L, idx, (int)(k + 1));
+        if (lua_type(L, -1) != LUA_TSTRING) {
+            snprintf(msg, msglen, "column %zu is a %s, not a name", k + 1,
+                     luaL_typename(L, -1));
+            return NULL;
+        }
+        cols[k] = lua_tolstring(L, -1, &len);
+        lua_pop(L, 1);
+        if (len == 0 || strlen(cols[k]) != len) {
+            snprintf(msg, msglen, "column %zu: a name must be non-empty, "
+                     "without NUL bytes", k + 1);
+            return NULL;
+        }
+    }
+    return cols;
+}
+
+/* store:copy_rows(table, columns, rows, { schema = "pg_temp" })
+ * -> rows copied | nil, err.
+ * COPY into table (of the store's schema, or opts.schema): rows is an
+ * array of tables whose fields named by columns are read raw. Every value
+ * is checked and the whole text built before anything is sent; the server
+ * takes all the rows or none. */
+static int l_copy_rows(lua_State *L)
+{
+    lstore *ls = check_store(L);
+    const char *table = check_strict_string(L, 2);
+    const char *schema;
+    const char **cols;
+    size_t ncols, nrows;
+    char msg[320], why[260];
+    int64_t n;
+    es_error err;
+
+    luaL_checktype(L, 3, LUA_TTABLE);
+    luaL_checktype(L, 4, LUA_TTABLE);
+    check_opts(L, 5);
+    lua_settop(L, 5);
+    schema = opt_string_field(L, 5, "schema");
+    ncols = esl_rawlen(L, 3);
+    nrows = esl_rawlen(L, 4);
+    if (ncols == 0)
+        return esl_push_fail(L, ES_INVALID, "copy_rows: no columns given");
+    cols = copy_columns(L, ls, 3, ncols, why, sizeof why);
+    es_buf_reset(&ls->json);
+    if (cols && esl_copy_text(L, 4, 3, ncols, nrows, &ls->json, why,
+                              sizeof why) < 0)
+        cols = NULL;
+    lua_settop(L, 5);
+    if (!cols) {
+        snprintf(msg, sizeof msg, "copy_rows %s: %s", table, why);
+        return esl_push_fail(L, ES_INVALID, msg);
+    }
+    if (es_copy(ls->s, schema, table, cols, ncols, ls->json.data,
+                ls->json.len, &n, &err) < 0)
+        return esl_push_error(L, &err);
+    esl_pushint64(L, n);
+    return 1;
 }
 
 /* ---- fold: the hot path ----------------------------------------------- */
@@ -1155,6 +1241,7 @@ static const luaL_Reg store_methods[] = {
     {"read", l_read},
     {"version", l_version},
     {"read_all", l_read_all},
+    {"copy_rows", l_copy_rows},
     {"fold", l_fold},
     {"save_snapshot", l_save_snapshot},
     {"load_snapshot", l_load_snapshot},
