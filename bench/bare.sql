@@ -14,3 +14,14 @@ CREATE TABLE BENCH_SCHEMA.bare (
   recorded_at timestamptz NOT NULL DEFAULT now(),
   UNIQUE (stream, version)
 );
+-- A floor for bench/pgbench_insert_pk.sql: the same row, only a primary key.
+CREATE TABLE BENCH_SCHEMA.pk (
+  position bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+  id uuid NOT NULL,
+  stream text NOT NULL,
+  version bigint NOT NULL,
+  type text NOT NULL,
+  data json NOT NULL,
+  metadata json NOT NULL,
+  recorded_at timestamptz NOT NULL DEFAULT now()
+);

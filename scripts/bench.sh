@@ -24,10 +24,14 @@
 #            a temporary folder and a database of its own; skipped, and said
 #            so, without npm) and plain prepared INSERTs into a bare table with
 #            the same columns and keys (bench/bare.sql), phases alternated:
-#            pgbench calling append() / write_message / INSERT at 2, 8 and 32
-#            clients (bench/pgbench_append.sql, pgbench_write_message.sql,
-#            pgbench_insert.sql); server CPU per append from the backend's
-#            schedstat; bench/append.lua processes (2 and 8, one event per
+#            pgbench calling append() / the library's one-event INSERT /
+#            write_message / INSERT at 2, 8 and 32 clients
+#            (bench/pgbench_append.sql, pgbench_append_one.sql,
+#            pgbench_write_message.sql, pgbench_insert.sql) beside two
+#            floors (pgbench_insert_pk.sql: a table with only a primary key;
+#            pgbench_commit.sql: a commit and nothing else); server CPU and
+#            WAL bytes per append from the backend's schedstat and the WAL
+#            insert position; bench/append.lua processes (2 and 8, one event per
 #            append) against the same loop calling write_message; 100 events
 #            per append against a 100-row INSERT (pgbench_insert100.sql)
 #   fold     bench/fold.lua, store:fold against lua-sql-postgres + lua-cjson,
@@ -157,7 +161,9 @@ pgbench_phase() {
   local url=$URL opts=${PGOPTIONS:-}
   if [ "${3:-}" = message_db ]; then url=$MDB_URL; opts="-c search_path=message_store,public"; fi
   sed -e "s/BENCH_SCHEMA/$BARE/g" "$1" >"$OUT/pgbench.sql"
-  [ "$(basename "$1")" = pgbench_append.sql ] && sed -i "s/$BARE/$SCHEMA/g" "$OUT/pgbench.sql"
+  case $(basename "$1") in
+    pgbench_append.sql|pgbench_append_one.sql) sed -i "s/$BARE/$SCHEMA/g" "$OUT/pgbench.sql" ;;
+  esac
   PGOPTIONS=$opts pgbench -n -M prepared -c "$2" -j "$(( $2 < 2 ? $2 : 2 ))" -T "$SECS" \
     -f "$OUT/pgbench.sql" "$url" >"$OUT/pgbench.out" 2>&1 || { cat "$OUT/pgbench.out" >&2; return 1; }
   sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$OUT/pgbench.out" | head -1
@@ -169,31 +175,51 @@ pgbench_events() {
   awk -v t="$tps" -v n="$3" 'BEGIN { printf "%.0f", t * n }'
 }
 
-# server_cpu TARGET N : microseconds of server CPU per single-event append,
-# N appends each in its own transaction (a DO loop that commits), read from
-# the backend's /proc/self/schedstat: time on a CPU only, so unlike the
-# rates above it hardly moves with the load of a shared machine. The loop
-# runs with synchronous_commit off, so the flush is not in the figure (it
-# is the same for every target). Needs a superuser on a Linux server.
+# server_cpu TARGET N : "CPU_US WAL_BYTES" per single-event append, N
+# appends each in its own transaction (a DO loop that commits). CPU is read
+# from the backend's /proc/self/schedstat: time on a CPU only, so unlike
+# the rates above it hardly moves with the load of a shared machine. WAL is
+# pg_current_wal_insert_lsn() before and after (commit records included;
+# another session writing at the same time would add to it: run alone).
+# The loop runs with synchronous_commit off, so the flush is not in the
+# figure (it is the same for every target). Needs a superuser on a Linux
+# server. Targets: es (append()), es_one (the library's one-statement
+# INSERT for one event, pg_events.c PG_APPEND_ONE), message_db
+# (write_message), bare_insert, insert_pk, commit (the floors of
+# bench/bare.sql, pgbench_insert_pk.sql and pgbench_commit.sql).
 server_cpu() {
   local target=$1 n=$2 url=$URL pre="" call
+  local payload="'{\"n\": 1, \"note\": \"hello\"}'"
   case $target in
     es) call="PERFORM $SCHEMA.append('Cpu-' || i || '-' || random(), -1, false,
-          ARRAY[gen_random_uuid()], ARRAY['Ticked'], ARRAY['{\"n\": 1, \"note\": \"hello\"}'::json],
+          ARRAY[gen_random_uuid()], ARRAY['Ticked'], ARRAY[$payload::json],
           ARRAY['{}'::json])" ;;
+    es_one) call="s := 'Cpu-' || i || '-' || random();
+          INSERT INTO $SCHEMA.events (id, stream, version, type, data, metadata, category)
+          SELECT gen_random_uuid(), s, l.cur + 1, 'Ticked', $payload::json, '{}'::json,
+                 split_part(s, '-', 1)
+            FROM (SELECT coalesce(e.version, 0) AS cur, e.txid FROM (VALUES (1)) AS one
+                  LEFT JOIN LATERAL (SELECT version, txid FROM $SCHEMA.events
+                    WHERE stream = s ORDER BY version DESC LIMIT 1) e ON true) l
+           WHERE (l.txid IS NULL OR l.txid <= pg_current_xact_id())" ;;
     message_db) url=$MDB_URL; pre="SET search_path = message_store, public;"
       call="PERFORM write_message(gen_random_uuid()::text, 'cpu-' || i || '-' || random(),
-          'Ticked', '{\"n\": 1, \"note\": \"hello\"}', '{}')" ;;
+          'Ticked', $payload, '{}')" ;;
     bare_insert) call="INSERT INTO $BARE.bare (id, stream, version, type, data, metadata)
           VALUES (gen_random_uuid(), 'Cpu-' || i, nextval('$BARE.bare_version'), 'Ticked',
-                  '{\"n\": 1, \"note\": \"hello\"}', '{}')" ;;
+                  $payload, '{}')" ;;
+    insert_pk) call="INSERT INTO $BARE.pk (id, stream, version, type, data, metadata)
+          VALUES (gen_random_uuid(), 'Cpu-' || i, 1, 'Ticked', $payload, '{}')" ;;
+    commit) call="PERFORM pg_current_xact_id()" ;;
   esac
   psql -X -q -At -v ON_ERROR_STOP=1 "$url" 2>&1 <<SQL
 $pre
 SET synchronous_commit = off;
-SELECT split_part(pg_read_file('/proc/self/schedstat'), ' ', 1) AS s0 \gset
-DO \$\$ BEGIN FOR i IN 1..$n LOOP $call; COMMIT; END LOOP; END \$\$;
-SELECT round((split_part(pg_read_file('/proc/self/schedstat'), ' ', 1)::bigint - :s0) / 1000.0 / $n, 1);
+SELECT split_part(pg_read_file('/proc/self/schedstat'), ' ', 1) AS s0,
+       pg_current_wal_insert_lsn() AS w0 \gset
+DO \$\$ DECLARE s text; BEGIN FOR i IN 1..$n LOOP $call; COMMIT; END LOOP; END \$\$;
+SELECT round((split_part(pg_read_file('/proc/self/schedstat'), ' ', 1)::bigint - :s0) / 1000.0 / $n, 1)
+       || ' ' || round(pg_wal_lsn_diff(pg_current_wal_insert_lsn(), :'w0') / $n);
 SQL
 }
 
@@ -224,10 +250,11 @@ alternate() {
   done
 }
 
-# record_ratio NAME A B : NAME_A / NAME_B when both were recorded
+# record_ratio NAME A B [OUT] : NAME_A / NAME_B when both were recorded, as
+# OUT (default NAME_ratio_B)
 record_ratio() {
   local a b; a=$(value_of "${1}_$2"); b=$(value_of "${1}_$3")
-  [ -n "$a" ] && [ -n "$b" ] && record "${1}_ratio_$3 $(ratio "$a" "$b") x"
+  [ -n "$a" ] && [ -n "$b" ] && record "${4:-${1}_ratio_$3} $(ratio "$a" "$b") x"
 }
 
 # ---- codec ---------------------------------------------------------------
@@ -263,32 +290,67 @@ fi
 if want append; then
 section "append (${SECS}s per phase, $APPEND_ROUNDS rounds alternated; append() against Message DB's write_message and a bare INSERT)"
 
-if sed "s/BENCH_SCHEMA/$BARE/g" bench/bare.sql | psql_q >/dev/null; then
-  # server side: pgbench calls append() itself, one event per transaction
+# Both stores start with 20,000 events in 2,000 streams and fresh
+# statistics, as a store that has run a while has (autovacuum's ANALYZE
+# comes after 10% of a table changes, never within a short bench). Message
+# DB needs them: its stream_version() (called by every write_message) keeps
+# a sequential-scan plan when its session starts on a table never analyzed,
+# 0.7 ms a call at 26,000 rows against 0.03 ms after ANALYZE, measured here.
+seed_stores() {
+  psql_q -c "DO \$\$ BEGIN FOR i IN 1..20000 LOOP PERFORM $SCHEMA.append('Seed-' || (i % 2000),
+      -1, false, ARRAY[gen_random_uuid()], ARRAY['Seeded'], ARRAY['{\"n\": 1}'::json],
+      ARRAY['{}'::json]); END LOOP; END \$\$" -c "ANALYZE $SCHEMA.events" || return 1
+  [ -z "$MDB_URL" ] && return 0
+  PGOPTIONS="-c search_path=message_store,public -c client_min_messages=warning" \
+    psql -X -q -v ON_ERROR_STOP=1 "$MDB_URL" -c "DO \$\$ BEGIN FOR i IN 1..20000 LOOP
+      PERFORM write_message(gen_random_uuid()::text, 'seed-' || (i % 2000), 'Seeded',
+      '{\"n\": 1}', '{}'); END LOOP; END \$\$" -c "ANALYZE messages"
+}
+
+if ! seed_stores; then
+  fail "append (could not seed the stores)"
+elif sed "s/BENCH_SCHEMA/$BARE/g" bench/bare.sql | psql_q >/dev/null; then
+  # server side: pgbench calls append() itself (es) and sends the
+  # library's one-event statement (es_one), one event per transaction,
+  # against write_message, the bare INSERT and two floors: an INSERT into a
+  # table with only a primary key, and a commit with nothing else
   for c in 2 8 32; do
     phases=("es:pgbench_phase bench/pgbench_append.sql $c"
-            "bare_insert:pgbench_phase bench/pgbench_insert.sql $c")
+            "es_one:pgbench_phase bench/pgbench_append_one.sql $c"
+            "bare_insert:pgbench_phase bench/pgbench_insert.sql $c"
+            "insert_pk:pgbench_phase bench/pgbench_insert_pk.sql $c"
+            "commit:pgbench_phase bench/pgbench_commit.sql $c")
     [ -n "$MDB_URL" ] && phases+=("message_db:pgbench_phase bench/pgbench_write_message.sql $c message_db")
     alternate "append_server_1_c$c" "$APPEND_ROUNDS" "${phases[@]}"
     record_ratio "append_server_1_c$c" es message_db
-    record_ratio "append_server_1_c$c" es bare_insert
+    for l in es_one bare_insert insert_pk commit; do
+      record_ratio "append_server_1_c$c" "$l" message_db "append_server_1_c${c}_${l}_ratio_message_db"
+    done
+    record_ratio "append_server_1_c$c" es_one bare_insert "append_server_1_c${c}_es_one_ratio_bare_insert"
   done
-  # server CPU per append, the median of 5 rounds of 2,000 (alternated)
+  # server CPU and WAL per append, the median of 5 rounds of 2,000
+  # (alternated)
   if [ "$(psql_q -At -c "SELECT rolsuper FROM pg_roles WHERE rolname = current_user")" = t ] \
      && [ -r /proc/self/schedstat ]; then
-    targets="es bare_insert"; [ -n "$MDB_URL" ] && targets="es message_db bare_insert"
+    targets="es es_one bare_insert insert_pk commit"
+    [ -n "$MDB_URL" ] && targets="$targets message_db"
     for _ in 1 2 3 4 5; do
       for t in $targets; do
         v=$(server_cpu "$t" 2000 | tail -1)
-        if [[ $v =~ ^[0-9.]+$ ]]; then echo "$t $v" >>"$OUT/cpu"; else fail "server cpu $t: $v"; fi
+        if [[ $v =~ ^[0-9.]+\ [0-9]+$ ]]; then echo "$t $v" >>"$OUT/cpu"; else fail "server cpu $t: $v"; fi
       done
     done
+    median() { sort -n | awk '{ a[NR] = $1 } END { if (NR) print a[int((NR + 1) / 2)] }'; }
     for t in $targets; do
-      v=$(awk -v t="$t" '$1 == t { print $2 }' "$OUT/cpu" | sort -n | awk '{ a[NR] = $1 } END { if (NR) print a[int((NR + 1) / 2)] }')
+      v=$(awk -v t="$t" '$1 == t { print $2 }' "$OUT/cpu" | median)
       [ -n "$v" ] && record "append_server_cpu_$t $v us"
+      v=$(awk -v t="$t" '$1 == t { print $3 }' "$OUT/cpu" | median)
+      [ -n "$v" ] && record "append_server_wal_$t $v bytes"
     done
-    a=$(value_of append_server_cpu_es); b=$(value_of append_server_cpu_message_db)
-    [ -n "$a" ] && [ -n "$b" ] && record "append_server_cpu_ratio_message_db $(ratio "$b" "$a") x"
+    for t in es es_one; do
+      a=$(value_of "append_server_cpu_$t"); b=$(value_of append_server_cpu_message_db)
+      [ -n "$a" ] && [ -n "$b" ] && record "append_server_cpu_${t}_ratio_message_db $(ratio "$b" "$a") x"
+    done
   else
     echo "bench: server CPU per append SKIPPED (needs a superuser and /proc/self/schedstat)"
   fi

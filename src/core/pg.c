@@ -329,7 +329,7 @@ int pg_fail(pg_store *p, PGresult *res, const char *what, es_error *err)
 }
 
 static const char *const stmt_names[PG_NSTMT] = {
-    "es_append", "es_version", "es_read_f", "es_read_b",
+    "es_append", "es_append_one", "es_version", "es_read_f", "es_read_b",
     "es_snapshot_save", "es_snapshot_load",
     "es_read_all0", "es_read_all1", "es_read_all2", "es_read_all3"
 };

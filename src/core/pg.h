@@ -21,6 +21,7 @@
 /* Prepared statements, made on first use in each session. */
 enum {
     PG_APPEND,
+    PG_APPEND_ONE,        /* one event, id made here: no function call */
     PG_VERSION,
     PG_READ_FORWARD,
     PG_READ_BACKWARD,

@@ -36,6 +36,24 @@ const char *pg_statement_sql(const pg_store *p, int stmt, char *out,
                  " o_stream, o_recorded_at FROM \"%s\".append($1, $2::bigint, $3::boolean,"
                  " $4::uuid[], $5::text[], $6::json[], $7::json[])", s);
         break;
+    case PG_APPEND_ONE:
+        /* append()'s one-statement path (pg_schema.c, step 3) sent as is:
+         * the same checks, without the function call around it. No row
+         * back means a check refused: append() then says which. */
+        snprintf(out, outlen, "INSERT INTO \"%s\".events (id, stream,"
+                 " version, type, data, metadata, category)"
+                 " SELECT $3::uuid, $1, l.cur + 1, $4, $5::json, $6::json,"
+                 " split_part($1, '-', 1) FROM (SELECT coalesce(e.version, 0)"
+                 " AS cur, e.txid FROM (VALUES (1)) AS one LEFT JOIN LATERAL"
+                 " (SELECT version, txid FROM \"%s\".events WHERE stream = $1"
+                 " ORDER BY version DESC LIMIT 1) e ON true) l"
+                 " WHERE (l.txid IS NULL OR l.txid <= pg_current_xact_id())"
+                 " AND NOT (($2::bigint = -2 AND l.cur <> 0)"
+                 " OR ($2 = -3 AND l.cur = 0)"
+                 " OR ($2 >= 0 AND l.cur <> $2))"
+                 " RETURNING position, version,"
+                 " (extract(epoch FROM recorded_at) * 1000000)::bigint", s, s);
+        break;
     case PG_VERSION:
         /* the last event's, through the unique (stream, version) index */
         snprintf(out, outlen, "SELECT version FROM \"%s\".events WHERE "
@@ -238,6 +256,81 @@ static int append_result(PGresult *res, const char *stream, int64_t expected,
     return -1;
 }
 
+/* A unique violation or serialization failure inside the caller's
+ * transaction has aborted it: a conflict whose reason (set by pg_fail:
+ * "order" for the stream-order rule, else "tx_aborted") and message say
+ * that the transaction must be rolled back. */
+static int aborted_conflict(const char *stream, int64_t expected,
+                            es_error *err)
+{
+    char sql_msg[ES_MESSAGE_MAX];
+    snprintf(sql_msg, sizeof sql_msg, "%s", err->message);
+    err->kind = ES_CONFLICT;
+    err->expected = expected;
+    err->actual = -1;
+    if (strcmp(err->sqlstate, "23505") == 0)
+        snprintf(sql_msg, sizeof sql_msg, "stream %.200s: a "
+                 "concurrent append took the same version", stream);
+    snprintf(err->message, sizeof err->message, "%.400s (the "
+             "transaction is aborted: roll it back)", sql_msg);
+    return -1;
+}
+
+enum { O_STREAM, O_EXPECTED, O_ID, O_TYPE, O_DATA, O_META, O_N };
+
+/* One event whose id is made here, the common case, on a single-node
+ * store: PG_APPEND_ONE. Returns 1 when it appended (out is set), 0 when
+ * a check refused (append() then says which), 2 when a concurrent writer
+ * took the version (err holds the unique violation), -1 on an error. */
+static int append_one(pg_store *p, const char *stream, const es_event_in *ev,
+                      int64_t expected, es_append_result *out, es_error *err)
+{
+    es_buf *b = &p->params;
+    size_t offs[O_N];
+    const char *values[O_N];
+    char num[24], id[37];
+    int rc = 0;
+
+    es_buf_reset(b);
+    es_uuid_v7(id);
+    offs[O_STREAM] = b->len;
+    rc |= es_buf_add(b, stream, strlen(stream) + 1);
+    offs[O_EXPECTED] = b->len;
+    i64(num, expected);
+    rc |= es_buf_add(b, num, strlen(num) + 1);
+    offs[O_ID] = b->len;
+    rc |= es_buf_add(b, id, sizeof id);
+    offs[O_TYPE] = b->len;
+    rc |= es_buf_add(b, ev->type, strlen(ev->type) + 1);
+    offs[O_DATA] = b->len;
+    rc |= es_buf_add(b, ev->data, ev->data_len);
+    rc |= es_buf_addc(b, '\0');
+    offs[O_META] = b->len;
+    if (ev->metadata)
+        rc |= es_buf_add(b, ev->metadata, ev->metadata_len);
+    else
+        rc |= es_buf_add(b, "{}", 2);
+    rc |= es_buf_addc(b, '\0');
+    if (rc)
+        return es_fail(err, ES_DATABASE, "out of memory");
+    for (int i = 0; i < O_N; i++)
+        values[i] = b->data + offs[i];
+
+    PGresult *res = pg_exec_prepared(p, PG_APPEND_ONE, O_N, values, 0, err);
+    if (!res)
+        return strcmp(err->sqlstate, "23505") == 0 ||
+               strcmp(err->sqlstate, "40001") == 0 ? 2 : -1;
+    rc = PQntuples(res) == 1;
+    if (rc) {
+        out->position = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
+        out->version = strtoll(PQgetvalue(res, 0, 1), NULL, 10);
+        es_time_format(strtoll(PQgetvalue(res, 0, 2), NULL, 10),
+                       out->recorded_at);
+    }
+    PQclear(res);
+    return rc;
+}
+
 int pg_append(es_store *s, const char *stream, const es_event_in *ev,
               size_t n, int64_t expected, es_append_result *out,
               es_error *err)
@@ -247,6 +340,20 @@ int pg_append(es_store *s, const char *stream, const es_event_in *ev,
     const char *values[A_N];
     PGresult *res;
 
+    /* Citus routes append() to the stream's worker; only the function
+     * knows how (pg_citus.c). Caller-chosen ids need append()'s
+     * idempotency check. */
+    if (n == 1 && !ev[0].id) {
+        int citus = pg_citus_detect(p, err), rc = 0;
+        if (citus < 0)
+            return -1;
+        if (!citus)
+            rc = append_one(p, stream, ev, expected, out, err);
+        if (rc == 1 || rc == -1)
+            return rc > 0 ? 0 : -1;
+        if (rc == 2 && p->in_tx)
+            return aborted_conflict(stream, expected, err);
+    }
     if (build_append_params(p, stream, ev, n, expected, offs, err) < 0)
         return -1;
     for (int i = 0; i < A_N; i++)
@@ -257,9 +364,7 @@ int pg_append(es_store *s, const char *stream, const es_event_in *ev,
      * just ask again: the function then sees that writer's events and
      * answers properly (conflict, idempotent success, or a new version for
      * es.ANY). Inside the caller's transaction the statement's failure
-     * has aborted it: a conflict whose reason (set by pg_fail: "order"
-     * for the stream-order rule, else "tx_aborted") and message say that
-     * the transaction must be rolled back. */
+     * has aborted it (aborted_conflict). */
     for (int attempt = 0;; attempt++) {
         res = pg_exec_prepared(p, PG_APPEND, A_N, values, 0, err);
         if (res)
@@ -267,19 +372,8 @@ int pg_append(es_store *s, const char *stream, const es_event_in *ev,
         if (strcmp(err->sqlstate, "23505") != 0 &&
             strcmp(err->sqlstate, "40001") != 0)
             return -1;
-        if (p->in_tx) {
-            char sql_msg[ES_MESSAGE_MAX];
-            snprintf(sql_msg, sizeof sql_msg, "%s", err->message);
-            err->kind = ES_CONFLICT;
-            err->expected = expected;
-            err->actual = -1;
-            if (strcmp(err->sqlstate, "23505") == 0)
-                snprintf(sql_msg, sizeof sql_msg, "stream %.200s: a "
-                         "concurrent append took the same version", stream);
-            snprintf(err->message, sizeof err->message, "%.400s (the "
-                     "transaction is aborted: roll it back)", sql_msg);
-            return -1;
-        }
+        if (p->in_tx)
+            return aborted_conflict(stream, expected, err);
         if (attempt == APPEND_RETRIES) {
             err->kind = ES_CONFLICT;
             err->expected = expected;

@@ -1,0 +1,104 @@
+-- The append path on PostgreSQL (src/core/pg_events.c): one event whose id
+-- the library makes goes as one prepared INSERT carrying append()'s checks
+-- (PG_APPEND_ONE); everything else, and every refusal of that INSERT, goes
+-- through the schema's append() function. The session's prepared
+-- statements show which path ran. Not on Citus (append() is delegated there)
+-- nor through a transaction pooler (unnamed statements).
+local es = require "eventsourcing"
+local helpers = require "helpers"
+
+local skip = helpers.distributed() or helpers.pooler()
+
+-- The kinds of append statement this session has prepared: "one" for the
+-- single INSERT, "fn" for append().
+local function paths(store)
+  local rows = assert(store:query("SELECT name FROM pg_prepared_statements"
+    .. " WHERE name LIKE 'es\\_append%' ORDER BY name"))
+  local seen = {}
+  for _, r in ipairs(rows) do
+    seen[#seen + 1] = r.name:match("^es_append_one_") and "one" or "fn"
+  end
+  return table.concat(seen, ",")
+end
+
+local function count(store, schema, stream)
+  return assert(store:query(('SELECT count(*)::int AS n FROM "%s".events WHERE stream = $1')
+    :format(schema), stream))[1].n
+end
+
+describe("append path (postgresql)", function()
+  if skip then
+    pending("not on Citus or through a transaction pooler")
+    return
+  end
+
+  local store, schema
+  before_each(function()
+    store, schema = helpers.open({ name = "postgresql", url = helpers.database_url() })
+  end)
+  after_each(function()
+    store:close()
+  end)
+
+  it("appends one event without an id in one INSERT, never calling append()", function()
+    local r1 = assert(store:append("One-1", { type = "A", data = { n = 1 } }))
+    local r2 = assert(store:append("One-1", { type = "B" }, { expected_version = 1 }))
+    assert(store:append("One-2", { type = "A" }, { expected_version = es.NO_STREAM }))
+    assert(store:append("One-2", { type = "B" }, { expected_version = es.STREAM_EXISTS }))
+    assert.equal("one", paths(store))
+    assert.same({ 1, 2 }, { r1.version, r2.version })
+    assert.is_true(r2.position > r1.position)
+    local evs = {}
+    for e in assert(store:read("One-1")) do evs[#evs + 1] = e end
+    assert.equal(2, #evs)
+    assert.same({ n = 1 }, evs[1].data)
+    assert.equal(r1.position, evs[1].position)
+    assert.equal(r1.recorded_at, evs[1].recorded_at)
+    local row = assert(store:query(('SELECT category, txid::text AS txid FROM "%s".events'
+      .. ' WHERE stream = $1 AND version = 1'):format(schema), "One-1"))[1]
+    assert.equal("One", row.category)
+    assert.truthy(row.txid:match("^%d+$"))
+  end)
+
+  it("hands a refused append to append(), which says why; nothing is stored", function()
+    assert(store:append("Ref-1", { type = "A" }))
+    assert(store:append("Ref-1", { type = "B" }))
+    local ok, err = store:append("Ref-1", { type = "C" }, { expected_version = 0 })
+    assert.is_nil(ok)
+    assert.equal("conflict", err.kind)
+    assert.equal("version", err.reason)
+    assert.equal(2, err.actual)
+    ok, err = store:append("Ref-1", { type = "C" }, { expected_version = es.NO_STREAM })
+    assert.is_nil(ok)
+    assert.equal(2, err.actual)
+    ok, err = store:append("Ref-2", { type = "C" }, { expected_version = es.STREAM_EXISTS })
+    assert.is_nil(ok)
+    assert.equal(0, err.actual)
+    assert.equal(2, count(store, schema, "Ref-1"))
+    assert.equal(0, count(store, schema, "Ref-2"))
+    assert.equal("fn,one", paths(store))
+  end)
+
+  it("sends caller-chosen ids and many events to append() (idempotent retries)", function()
+    local id = require("eventsourcing.core").uuid()
+    local r1 = assert(store:append("Id-1", { id = id, type = "A" }, { expected_version = es.NO_STREAM }))
+    local r2 = assert(store:append("Id-1", { id = id, type = "A" }, { expected_version = es.NO_STREAM }))
+    assert.same({ r1.version, r1.position }, { r2.version, r2.position })
+    assert(store:append("Id-2", { { type = "A" }, { type = "B" } }))
+    assert.equal("fn", paths(store))
+    assert.equal(1, count(store, schema, "Id-1"))
+    assert.equal(2, count(store, schema, "Id-2"))
+  end)
+
+  it("keeps the caller's transaction: appends inside it roll back with it", function()
+    assert(store:begin())
+    assert(store:append("Tx-1", { type = "A" }))
+    assert(store:append("Tx-1", { type = "B" }, { expected_version = 1 }))
+    assert(store:rollback())
+    assert.equal(0, count(store, schema, "Tx-1"))
+    assert(store:begin())
+    assert(store:append("Tx-1", { type = "A" }))
+    assert(store:commit())
+    assert.equal(1, store:version("Tx-1"))
+  end)
+end)
