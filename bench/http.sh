@@ -9,7 +9,12 @@
 # named alternative: the ceiling of nginx + wrk on this machine.
 # Settings: ES_DATABASE_URL (else ES_TEST_DATABASE_URL, else a throwaway
 # PostgreSQL), ES_BENCH_SECONDS (per run, default 5), ES_BENCH_ORDERS
-# (default 1000), ES_HTTP_WORKERS (default: CPUs), ES_HTTP_THREADS (8), PORT.
+# (default 1000), ES_HTTP_WORKERS (default: CPUs), ES_HTTP_THREADS (8), PORT,
+# ES_HTTP_TIMINGS=1 (also the mean time per phase of a request, from the
+# Server-Timing header the service then sends: *_phase_* lines), and
+# ES_BENCH_ONLY=get|post|health (only those runs).
+# Also the CPU per request of nginx's workers, PostgreSQL and wrk itself
+# (*_cpu_* lines): on 2 shared cores wrk's own CPU is part of the picture.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -94,13 +99,63 @@ function request()
 end
 LUA
 
-# run NAME CONNECTIONS wrk-args...: prints rps, p50, p99 (ms)
+# CPU seconds (user + system) of nginx's workers and of PostgreSQL's
+# processes (backends and background writers), from /proc: the server's
+# cost per request, beside wrk's own (which shares the 2 cores).
+NGINX_PIDS= PG_PIDS=
+ticks() {
+  local sum=0 pid f
+  for pid in "$@"; do
+    f=$(cat "/proc/$pid/stat" 2>/dev/null) || continue
+    f=${f##*) }   # fields after the command name; utime, stime are 12th, 13th here
+    # shellcheck disable=SC2086
+    set -- $f
+    sum=$((sum + ${12} + ${13}))
+  done
+  echo "$sum"
+}
+server_pids() {
+  local master
+  master=$(<"$WORK/nginx/logs/nginx.pid")
+  NGINX_PIDS=$(ps -o pid= --ppid "$master" | tr '\n' ' ')
+  PG_PIDS=$(psql "$URL" -Atqc "SELECT pid FROM pg_stat_activity" 2>/dev/null | tr '\n' ' ')
+}
+
+# Bench-only phase breakdown (ES_HTTP_TIMINGS=1): the mean of every
+# Server-Timing phase over the access log of one run, in ms.
+phases() {
+  local name=$1
+  awk -v name="$name" '
+    match($0, /"timing":"[^"]*"/) {
+      t = substr($0, RSTART + 10, RLENGTH - 11)
+      if (t == "") next
+      n++
+      k = split(t, parts, /, /)
+      for (i = 1; i <= k; i++) {
+        split(parts[i], kv, /;dur=/)
+        sum[kv[1]] += kv[2]
+      }
+      if (match($0, /"duration":[0-9.]+/)) total += substr($0, RSTART + 11, RLENGTH - 11) * 1000
+    }
+    END {
+      if (n == 0) exit
+      for (p in sum) printf "%s_phase_%s %.3f ms\n", name, p, sum[p] / n
+      printf "%s_phase_nginx_request_time %.3f ms\n", name, total / n
+    }' "$WORK/nginx/logs/access.log" | sort
+}
+
+# run NAME CONNECTIONS wrk-args...: prints rps, p50, p99 (ms), and the
+# server's CPU per request (and wrk's, for honesty on 2 shared cores)
 run() {
   local name=$1 conns=$2; shift 2
-  local threads=2 out
-  out=$(wrk -t"$threads" -c"$conns" -d"${SECS}s" --latency "$@" 2>&1) \
+  local threads=2 out n0 p0 n1 p1
+  : >"$WORK/nginx/logs/access.log"
+  n0=$(ticks $NGINX_PIDS) p0=$(ticks $PG_PIDS)
+  out=$( { TIMEFORMAT='wrk_cpu %U %S'; time wrk -t"$threads" -c"$conns" -d"${SECS}s" --latency "$@"; } 2>&1) \
     || { echo "bench/http.sh: wrk failed: $out" >&2; return 1; }
-  awk -v name="$name" '
+  n1=$(ticks $NGINX_PIDS) p1=$(ticks $PG_PIDS)
+  [ "${ES_HTTP_TIMINGS:-}" = 1 ] && phases "$name"
+  awk -v name="$name" -v nginx=$((n1 - n0)) -v pg=$((p1 - p0)) -v hz="$(getconf CLK_TCK)" '
     function ms(v) {
       if (v ~ /us$/) return substr(v, 1, length(v) - 2) / 1000
       if (v ~ /ms$/) return substr(v, 1, length(v) - 2) + 0
@@ -112,24 +167,33 @@ run() {
     /^ +99%/ { p99 = ms($2) }
     /Non-2xx or 3xx responses:/ { bad = $5 }
     /Socket errors:/ { sockerr = $0 }
+    /^wrk_cpu / { wrk = $2 + $3 }
+    /requests in / { n = $1 }
     END {
       printf "%s_rps %.0f req/s\n", name, rps
       printf "%s_p50 %.3f ms\n", name, p50
       printf "%s_p99 %.3f ms\n", name, p99
       printf "%s_non2xx %d responses\n", name, bad
+      if (n > 0) {
+        printf "%s_cpu_nginx %.1f us/req\n", name, nginx / hz / n * 1e6
+        printf "%s_cpu_pg %.1f us/req\n", name, pg / hz / n * 1e6
+        printf "%s_cpu_wrk %.1f us/req\n", name, wrk / n * 1e6
+      }
     }' <<<"$out"
 }
 
 export IDS=$WORK/ids TOKEN
 # warm-up: every pool thread opens its connection, plans get cached
 MODE=get wrk -t2 -c32 -d1s -s "$WORK/orders.lua" "$BASE" >/dev/null 2>&1 || true
+server_pids
 # every GET before any POST, so both GET runs read orders of the same length
+want() { [ -z "${ES_BENCH_ONLY:-}" ] || [[ ,$ES_BENCH_ONLY, == *,$1,* ]]; }
 for c in 2 32; do
-  run "http_health_c$c" "$c" "$BASE/health"
-  MODE=get run "http_get_order_c$c" "$c" -s "$WORK/orders.lua" "$BASE"
+  want health && run "http_health_c$c" "$c" "$BASE/health"
+  want get && MODE=get run "http_get_order_c$c" "$c" -s "$WORK/orders.lua" "$BASE"
 done
 for c in 2 32; do
-  MODE=post run "http_post_item_c$c" "$c" -s "$WORK/orders.lua" "$BASE"
+  want post && MODE=post run "http_post_item_c$c" "$c" -s "$WORK/orders.lua" "$BASE"
 done
 if grep -q 'runtime error' "$WORK/nginx/logs/error.log"; then
   echo "bench/http.sh: Lua errors in the nginx log:" >&2

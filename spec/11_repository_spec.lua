@@ -306,6 +306,34 @@ for _, entry in ipairs(helpers.stores()) do
         assert.equal(es.json.encode(full.log), es.json.encode(state.log))
       end)
 
+      it("skips the snapshot query of a stream it saw short, and still sees a longer one right", function()
+        local A = counter { snapshot_every = 4 }
+        local spy, counts = spy_store(store)
+        local repo = es.repository(spy)
+        assert(add(repo, A, "k", 1))
+        assert(add(repo, A, "k", 2))
+        -- the first load asked; the second knew the stream had no snapshot
+        assert.equal(1, counts.calls.load_snapshot)
+        local state, version = repo:load(A, "k")
+        assert.equal(2, version)
+        assert.equal(3, state.n)
+        assert.equal(1, counts.calls.load_snapshot)
+        -- another writer takes it past snapshot_every (and snapshots it)
+        local other = es.repository(store)
+        for i = 3, 6 do assert(add(other, A, "k", i)) end
+        assert.equal(4, store:load_snapshot("Counter-k").version)
+        state, version = repo:load(A, "k")
+        assert.equal(6, version)
+        assert.equal(21, state.n)
+        assert.same({ 1, 2, 3, 4, 5, 6 }, state.log)
+        -- long now: the snapshot is asked for again
+        local folded = counts.folded
+        state = repo:load(A, "k")
+        assert.equal(21, state.n)
+        assert.equal(2, counts.calls.load_snapshot)
+        assert.equal(2, counts.folded - folded, "only events 5 and 6 were folded")
+      end)
+
       it("ignores a snapshot with another snapshot_version and rebuilds from events", function()
         local repo = es.repository(store)
         for i = 1, 4 do assert(add(repo, counter { snapshot_every = 2 }, "v", i)) end

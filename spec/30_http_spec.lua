@@ -268,6 +268,61 @@ describe("order service over HTTP (nginx)", function()
     end)
   end)
 
+  describe("GET /orders/{id} after changes made elsewhere", function()
+    -- the pool threads keep replies of orders never placed while their
+    -- stream's version stays: many GETs warm several threads, then every
+    -- GET after a change must show it
+    local function get_all(id, n)
+      local seen = {}
+      for _ = 1, n do
+        local r = req("GET", "/orders/" .. id, { token = ALICE })
+        assert.are.equal(200, r.status, r.body)
+        seen[#seen + 1] = r
+      end
+      return seen
+    end
+
+    it("shows a command of another process and a cancellation at once", function()
+      local id = create(ALICE)
+      assert.are.equal(200, add(ALICE, id, "p1", 2, 10).status)
+      get_all(id, 24)
+      -- an event appended by another process (not through nginx)
+      local service = require "orders.service"
+      local other = service.new(store)
+      assert(other:add_item { order_id = id, product_id = "p9", quantity = 1, unit_price = 5 })
+      for _, r in ipairs(get_all(id, 24)) do
+        assert.are.equal(3, r.json.version)
+        assert.are.equal('"3"', r.headers["etag"])
+        assert.are.equal(2, #r.json.items)
+        assert.are.equal(25, r.json.total)
+        assert.are.equal(2, #r.json.reservation.items)
+      end
+      assert(other:cancel_order { order_id = id, reason = "changed my mind" })
+      for _, r in ipairs(get_all(id, 24)) do
+        assert.are.equal("cancelled", r.json.status)
+        assert.are.equal(4, r.json.version)
+      end
+    end)
+
+    it("a placed order's reservation follows its Inventory streams", function()
+      local id = create(ALICE)
+      assert.are.equal(200, add(ALICE, id, "pz", 1, 10).status)
+      assert.are.equal(200, req("POST", "/orders/" .. id .. "/place", { token = ALICE }).status)
+      for _, r in ipairs(get_all(id, 16)) do
+        assert.are.equal("pending", r.json.reservation.status)
+      end
+      -- the workflow's reservation, appended to the product's stream only
+      local inventory = require "orders.inventory"
+      local repo = es.repository(store)
+      assert(repo:execute(inventory.Inventory, "pz", "ReceiveStock", { product_id = "pz", quantity = 5 }))
+      assert(repo:execute(inventory.Inventory, "pz", "ReserveStock",
+        { order_id = id, quantity = 1 }))
+      for _, r in ipairs(get_all(id, 16)) do
+        assert.are.equal("reserved", r.json.reservation.status, r.body)
+      end
+    end)
+  end)
+
   describe("GET /orders (list)", function()
     local a1, a2, a3, cust
     setup(function()

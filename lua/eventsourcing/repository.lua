@@ -60,12 +60,38 @@ function M.new(store, opts)
     read_models = opts.read_models and #opts.read_models > 0 and opts.read_models or nil,
     stats = { loads = 0, events_folded = 0, snapshots_used = 0,
               snapshots_saved = 0, retries = 0 },
+    short = {}, n_short = 0,   -- see note_short
   }, Repository)
 end
 
 local function uses_snapshots(self, A)
   return self.snapshots and A.snapshot_every ~= nil
     and self.store.load_snapshot ~= nil
+end
+
+-- Streams this repository last loaded whole, without a snapshot, at fewer
+-- than snapshot_every events: none can have a snapshot yet unless another
+-- writer took it past that since, so their next load skips the snapshot
+-- query (one round trip of every command and query on a short stream).
+-- A stream that did grow is folded from its start once (the same state,
+-- a snapshot only saves time) and leaves the set. Bounded: cleared when full.
+local SHORT_MAX = 10000
+
+local function note_short(self, stream, short)
+  local set = self.short
+  if short then
+    if not set[stream] then
+      if self.n_short >= SHORT_MAX then
+        set = {}
+        self.short, self.n_short = set, 0
+      end
+      set[stream] = true
+      self.n_short = self.n_short + 1
+    end
+  elseif set[stream] then
+    set[stream] = nil
+    self.n_short = self.n_short - 1
+  end
 end
 
 -- The last event of a stream recorded before instant `at` (any time when
@@ -107,7 +133,9 @@ local function load(self, A, stream, opts)
     if max_version <= 0 then return A:initial(), 0, 0 end
   end
   local state, from, snap_version = nil, 1, 0
-  if uses_snapshots(self, A) then
+  local snapshots = uses_snapshots(self, A)
+  local whole = snapshots and max_version == nil
+  if snapshots and not (whole and self.short[stream]) then
     local snap, err = store:load_snapshot(stream,
       { max_version = max_version, schema_version = A.snapshot_version })
     if snap then
@@ -123,6 +151,7 @@ local function load(self, A, stream, opts)
   local version
   state, version = store:fold(stream, A.handlers, state, { from = from, to = max_version })
   if state == nil then return nil, version end
+  if whole then note_short(self, stream, snap_version == 0 and version < A.snapshot_every) end
   self.stats.loads = self.stats.loads + 1
   self.stats.events_folded = self.stats.events_folded + (version - from + 1)
   return state, version, snap_version
@@ -290,6 +319,10 @@ function Repository:execute(A, id, command_name, command, opts)
     if res then
       state = A:evolve(state, out)
       local serr = maybe_snapshot(self, A, stream, res.version, snap_version)
+      -- what this append made of the stream (a snapshot may be due now)
+      if uses_snapshots(self, A) then
+        note_short(self, stream, snap_version == 0 and res.version < A.snapshot_every)
+      end
       return { version = res.version, position = res.position, events = out,
                state = state, snapshot_error = serr }
     end

@@ -120,6 +120,7 @@ static int connect_now(pg_store *p, es_error *err)
     if (p->conn)
         PQfinish(p->conn);
     p->prepared = 0;
+    pg_qcache_reset(p);
     p->in_tx = 0;
     p->wrapped = 0;
     p->conn = PQconnectdb(p->conninfo);
@@ -316,6 +317,7 @@ int pg_fail(pg_store *p, PGresult *res, const char *what, es_error *err)
         /* our statements are named per session: another session answered
          * (a transaction pooler); forget them all, the error says why */
         p->prepared = 0;
+        pg_qcache_reset(p);
         es_fail(err, kind, "%s: %s (the server session changed under this "
                 "connection: behind a transaction pooler such as PgBouncer "
                 "open the store with { pooler = \"transaction\" } or "
@@ -521,7 +523,10 @@ es_rows *pg_query(es_store *s, const char *sql, int nparams,
     if (pg_ensure(p, err) < 0)
         return NULL;
     if (p->pooler != PG_POOLER_TRANSACTION) {
-        res = PQexecParams(p->conn, sql, nparams, NULL, params, NULL, NULL, 0);
+        res = pg_qcache_exec(p, sql, nparams, params);
+        if (!res)
+            res = PQexecParams(p->conn, sql, nparams, NULL, params, NULL,
+                               NULL, 0);
     } else {
         if (send_params(p, sql, nparams, params, 0, "query", err) < 0)
             return NULL;
@@ -703,6 +708,7 @@ void pg_destroy(es_store *s)
     es_buf_free(&p->ahead.key);
     for (int i = 0; i < PG_NSTMT; i++)
         free(p->sql[i]);
+    pg_qcache_free(p);
     free(p->conninfo);
     es_buf_free(&p->params);
     free(p);

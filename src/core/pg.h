@@ -48,6 +48,13 @@ typedef struct pg_prefetch {
 /* What sits between us and PostgreSQL (es_open_opts.pooler). */
 enum { PG_POOLER_NONE, PG_POOLER_SESSION, PG_POOLER_TRANSACTION };
 
+/* query(): a statement prepared on the session by its text (pg_qcache.c) */
+#define PG_QCACHE 32
+typedef struct pg_qslot {
+    char *sql;                /* NULL: free */
+    unsigned long used;       /* last use, for eviction */
+} pg_qslot;
+
 typedef struct pg_store {
     es_store base;
     PGconn *conn;
@@ -75,6 +82,9 @@ typedef struct pg_store {
     int citus;                /* events distributed by Citus: 1, 0, -1 unknown */
     char citus_version[32];   /* the extension's, "" without Citus */
     struct pg_citus_nodes *nodes;  /* sessions to workers (read_all) */
+    pg_qslot qcache[PG_QCACHE];
+    unsigned qprepared;       /* bit per qcache slot prepared this session */
+    unsigned long qclock;
 } pg_store;
 
 /* Collects a prefetched read_all result still on the wire, so the session
@@ -126,6 +136,15 @@ int pg_begin(es_store *s, es_error *err);
 int pg_commit(es_store *s, es_error *err);
 int pg_rollback(es_store *s, es_error *err);
 int pg_status(es_store *s, es_store_status *out, es_error *err);
+/* Runs a query with parameters as a statement prepared on this session
+ * (parsed and planned once), or returns NULL when it is not one to cache:
+ * then the caller runs it unnamed. Never behind a transaction pooler. */
+PGresult *pg_qcache_exec(pg_store *p, const char *sql, int nparams,
+                         const char *const *params);
+/* Forgets the session's prepared queries (a new session has none). */
+void pg_qcache_reset(pg_store *p);
+void pg_qcache_free(pg_store *p);
+
 void pg_disconnect(es_store *s);
 void pg_destroy(es_store *s);
 

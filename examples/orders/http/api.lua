@@ -18,6 +18,11 @@ local POOL = "es"
 local PERMITS = tonumber(os.getenv("ES_HTTP_THREADS") or "") or 16
 local WAIT = 10   -- seconds a request may queue before a 503
 local sema = assert(semaphore.new(PERMITS))
+
+-- Bench-only (ES_HTTP_TIMINGS=1): a Server-Timing header with the wait for
+-- a VM permit, the thread pool's hand-off, and the worker's phases
+-- (orders.http.worker). clock: a monotonic clock finer than ngx.now().
+local clock = os.getenv("ES_HTTP_TIMINGS") == "1" and require("eventsourcing.core").monotonic or nil
 M.semaphore = sema   -- shared with orders.http.admin_api (the console)
 
 -- The bearer tokens, read once per nginx worker (a small file, read
@@ -132,10 +137,16 @@ function M.handle()
   end
   ngx.update_time()
   local t0 = ngx.now()
-  local ok, status, out, etag, location, replayed, appended, conflicts, busy = ngx.run_worker_thread(POOL,
+  local c0 = clock and clock()
+  local ok, status, out, etag, location, replayed, appended, conflicts, busy, timings = ngx.run_worker_thread(POOL,
     "orders.http.worker", "handle",
     ngx.req.get_method(), ngx.var.request_uri, auth, if_match, body, idem_key, ngx.var.es_request_id)
   sema:post(1)
+  if c0 and ok and timings then
+    -- the thread call's time beyond the thread's own: hand-off and return
+    ngx.header["Server-Timing"] = ("vm_wait;dur=%.3f, handoff;dur=%.3f, %s"):format(
+      (ngx.ctx.vm_wait or 0) * 1000, (clock() - c0 - (busy or 0)) * 1000, timings)
+  end
   if not ok then
     ngx.log(ngx.ERR, "orders.http.worker: ", tostring(status))
     return send(500, error_body("internal", "worker thread failed"))
@@ -155,8 +166,9 @@ function M.release() sema:post(1) end
 -- Waits for one of the permits (a free worker-thread VM), timed.
 function M.acquire()
   ngx.update_time()
-  local t0 = ngx.now()
+  local t0, c0 = ngx.now(), clock and clock()
   local got, err = sema:wait(WAIT)
+  if c0 then ngx.ctx.vm_wait = clock() - c0 end
   ngx.update_time()
   metrics.observe("es_http_vm_pool_wait_seconds", nil, ngx.now() - t0)
   if not got then metrics.add("es_http_vm_pool_timeouts_total") end

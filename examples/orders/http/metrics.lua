@@ -10,8 +10,9 @@
 --
 -- Keys in the dict: family \t labels \t suffix, where labels is the
 -- rendered label set (`route="/orders",method="GET"`) and suffix is empty
--- for counters, or a bucket's upper bound, "sum" or "count" for histograms
--- (bucket counts are stored per bucket and made cumulative when rendered).
+-- for counters, or a bucket's upper bound or "sum" for histograms (bucket
+-- counts are stored per bucket and made cumulative when rendered; the
+-- count is their total).
 local M = {}
 
 M.BUCKETS = { 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10 }
@@ -72,20 +73,60 @@ local function bucket_of(v)
   return "+Inf"
 end
 
+-- Every request observes three histograms: their dict keys are made once
+-- per family and label set (bucket bound -> key, and "sum"), not per call.
+local hist_keys, n_hist_keys = {}, 0
+local function keys_of(family, labels)
+  if n_hist_keys >= 1000 then hist_keys, n_hist_keys = {}, 0 end
+  local by_labels = hist_keys[family]
+  if not by_labels then by_labels = {}; hist_keys[family] = by_labels end
+  local k = by_labels[labels or ""]
+  if not k then
+    k = { sum = key(family, labels, "sum"), ["+Inf"] = key(family, labels, "+Inf") }
+    for _, b in ipairs(M.BUCKETS) do k[b] = key(family, labels, tostring(b)) end
+    by_labels[labels or ""] = k
+    n_hist_keys = n_hist_keys + 1
+  end
+  return k
+end
+
+-- A bucket and the sum; the count is the buckets' total (render).
 function M.observe(family, labels, v)
   local d = dict()
   if not d then return end
   v = math.max(0, tonumber(v) or 0)
-  d:incr(key(family, labels, tostring(bucket_of(v))), 1, 0)
-  d:incr(key(family, labels, "sum"), v, 0)
-  d:incr(key(family, labels, "count"), 1, 0)
+  local k = keys_of(family, labels)
+  d:incr(k[bucket_of(v)], 1, 0)
+  d:incr(k.sum, v, 0)
+end
+
+-- route -> method -> status -> { the counter's key, the histogram's labels }
+-- (at most MAX_KEYS: a client's made-up methods must not grow it forever)
+local request_keys, n_request_keys, MAX_KEYS = {}, 0, 1000
+local function request_key(route, method, status)
+  if n_request_keys >= MAX_KEYS then
+    request_keys, n_request_keys = {}, 0
+  end
+  local by_method = request_keys[route]
+  if not by_method then by_method = {}; request_keys[route] = by_method end
+  local by_status = by_method[method]
+  if not by_status then by_status = {}; by_method[method] = by_status end
+  local k = by_status[status]
+  if not k then
+    k = { key("es_http_requests_total", M.labels { { "route", route }, { "method", method },
+            { "status", status } }),
+          M.labels { { "route", route }, { "method", method } } }
+    by_status[status] = k
+    n_request_keys = n_request_keys + 1
+  end
+  return k
 end
 
 function M.request(route, method, status, seconds)
-  local l = M.labels { { "route", route }, { "method", method } }
-  M.add("es_http_requests_total", M.labels { { "route", route }, { "method", method },
-    { "status", status } })
-  M.observe("es_http_request_duration_seconds", l, seconds)
+  local k = request_key(route, method, status)
+  local d = dict()
+  if d then d:incr(k[1], 1, 0) end
+  M.observe("es_http_request_duration_seconds", k[2], seconds)
 end
 
 -- Prometheus' number syntax (integers without a fraction).

@@ -5,10 +5,11 @@
 --                         method, request_uri, authorization, if_match, body,
 --                         idempotency_key, request_id)
 --   --> true, status, body_json, etag_or_nil, location_or_nil, replayed,
---       appended, conflicts, seconds
+--       appended, conflicts, seconds, timings
 -- (appended: events this request appended; conflicts: appends that met a
 -- concurrent writer; seconds: time spent on this thread; request_id: the
--- correlation id the command's events carry)
+-- correlation id the command's events carry; timings: nil, or with
+-- ES_HTTP_TIMINGS=1 the milliseconds per phase, Server-Timing style)
 --   ngx.run_worker_thread("es", "orders.http.worker", "metrics")
 --   --> true, exposition lines (checkpoint lag and dead letters)
 -- (replayed: the stored response of an earlier request with the same
@@ -58,12 +59,14 @@ local tokens = nil        -- token -> principal
 local owners = {}         -- order id -> customer id (immutable once created)
 local owners_count = 0
 local MAX_OWNERS = 100000
+local replies, replies_count, MAX_REPLIES = {}, 0, 4096   -- see cached_reply
 
 -- M.configure{ database_url, schema, tokens_path }: for use outside nginx.
 function M.configure(c)
   config = c
   if store then store:close() end
   store, svc, tokens, owners, owners_count = nil, nil, nil, {}, 0
+  replies, replies_count = {}, 0
 end
 
 local function settings()
@@ -79,10 +82,63 @@ local function settings()
   return config
 end
 
+---------------------------------------------------------------- timings
+
+-- Bench-only (ES_HTTP_TIMINGS=1): seconds this thread spent per phase of
+-- the request, returned to api.lua, which sends them in a Server-Timing
+-- header. The store is wrapped in a proxy that times its calls; off, the
+-- store is used as it is and nothing is timed.
+local TIMINGS = os.getenv("ES_HTTP_TIMINGS") == "1"
+local phases = {}     -- phase -> seconds, of the request being handled
+local PHASE_OF = { fold = "fold", read = "fold", load_snapshot = "fold", version = "fold",
+                   begin = "begin", append = "append", query = "sql", commit = "commit",
+                   rollback = "commit" }
+
+local function add_time(phase, t0)
+  phases[phase] = (phases[phase] or 0) + (core.monotonic() - t0)
+end
+
+local function finish(phase, t0, ...)
+  add_time(phase, t0)
+  return ...
+end
+
+local function timed(s)
+  local proxy = {}
+  return setmetatable(proxy, { __index = function(_, name)
+    local f, phase = s[name], PHASE_OF[name]
+    if type(f) ~= "function" then return f end
+    local w
+    if phase then
+      w = function(_, ...)
+        local t0 = core.monotonic()
+        return finish(phase, t0, f(s, ...))
+      end
+    else
+      w = function(_, ...) return f(s, ...) end
+    end
+    proxy[name] = w
+    return w
+  end })
+end
+
+local function timing_text(total)
+  local parts, known = {}, 0
+  for phase, secs in pairs(phases) do
+    parts[#parts + 1] = ("%s;dur=%.3f"):format(phase, secs * 1000)
+    known = known + secs
+    phases[phase] = nil
+  end
+  parts[#parts + 1] = ("lua;dur=%.3f"):format((total - known) * 1000)
+  return table.concat(parts, ", ")
+end
+
 ---------------------------------------------------------------- responses
 
 local function respond(status, value, etag, location)
+  local t0 = TIMINGS and core.monotonic()
   local text = json.encode(value)
+  if t0 then add_time("encode", t0) end
   if not text then
     return 500, '{"error":{"kind":"internal","message":"response could not be encoded"}}\n'
   end
@@ -140,7 +196,7 @@ local function connect()
     statement_timeout = tonumber(os.getenv("ES_HTTP_STATEMENT_TIMEOUT") or "") or 5000,
     lock_timeout = tonumber(os.getenv("ES_HTTP_LOCK_TIMEOUT") or "") or 2000 })
   if not s then return nil, err end
-  store = s
+  store = TIMINGS and timed(s) or s
   svc = service.new(store, { metadata = { via = "http" }, max_retries = c.max_retries,
     inline = read_model_mode() == "inline" })
   folded = service.fold_queries(store, svc.repository)
@@ -427,6 +483,27 @@ local function create_order(p, req)
   return respond(201, view(r.state, r.version), etag_of(r.version), "/orders/" .. id)
 end
 
+-- GET /orders/{id}'s reply per order, kept by this thread for orders whose
+-- reply depends on their own stream only (never placed: the reservation
+-- of a placed order follows the Inventory streams). Served again only
+-- while the stream's version (one index probe) is the one it was made at:
+-- a stream's events never change, so the same version is the same reply.
+local function cached_reply(id)
+  local r = replies[id]
+  if not r then return nil end
+  local v, err = store:version(Order:stream(id))
+  if not v then return nil, err end
+  if v == r.version then return r end
+  return nil
+end
+
+local function remember_reply(id, o, status, body, etag)
+  if status ~= 200 or o.placed_at ~= nil then return end
+  if replies_count >= MAX_REPLIES then replies, replies_count = {}, 0 end
+  if not replies[id] then replies_count = replies_count + 1 end
+  replies[id] = { version = o.version, body = body, etag = etag }
+end
+
 local function get_order(p, id, args)
   local err = check_query(args, { at = true, version = true })
   if err then return bad_request(err) end
@@ -451,13 +528,18 @@ local function get_order(p, id, args)
     if not o then return fail_err(e) end
     return respond(200, o, etag_of(o.version))
   end
+  local hit, herr = cached_reply(id)
+  if hit then return 200, hit.body, hit.etag end
+  if herr then return fail_err(herr) end
   -- current state: folded from the stream (never stale, exact version),
   -- with where its stock reservation stands (the workflow's progress)
   local o, e = folded.get_order(id)
   if not o then return fail_err(e) end
   o.reservation, e = stock.reservation(svc.repository, o)
   if not o.reservation then return fail_err(e) end
-  return respond(200, o, etag_of(o.version))
+  local status, body, etag = respond(200, o, etag_of(o.version))
+  remember_reply(id, o, status, body, etag)
+  return status, body, etag
 end
 
 local function history(p, id, args)
@@ -663,6 +745,7 @@ function M.handle(method, uri, authorization, if_match, body, idempotency_key, r
   end
   local t0 = core.monotonic()
   counts.appended, counts.conflicts = 0, 0
+  if TIMINGS then for k in pairs(phases) do phases[k] = nil end end
   local ok, status, out, etag, location, replayed = xpcall(dispatch, debug.traceback,
     method, uri, authorization, if_match, body, idempotency_key, request_id)
   if not ok then
@@ -672,8 +755,9 @@ function M.handle(method, uri, authorization, if_match, body, idempotency_key, r
   -- a lost connection: open a new one on the next request
   if status == 503 and store and store:is_closed() then drop_connection() end
   if replayed then counts.appended = 0 end
+  local busy = core.monotonic() - t0
   return status, out, etag, location, replayed, counts.appended, counts.conflicts,
-    core.monotonic() - t0
+    busy, TIMINGS and timing_text(busy) or nil
 end
 
 ---------------------------------------------------------------- live events

@@ -1,0 +1,132 @@
+/*
+ * pg_qcache.c - store:query's statements, prepared once per session.
+ *
+ * A read model's inline write (load the rows, write them) and other hot
+ * queries built in Lua come as SQL text; sent unnamed, PostgreSQL parses
+ * and plans them on every call, which cost more than running them (about
+ * 100 us each here). So a query with parameters is prepared on the
+ * session under a slot's name and executed by name afterwards; the least
+ * recently used of PG_QCACHE slots is deallocated when another query needs
+ * one. Queries without parameters (DDL, one-off statements) stay unnamed.
+ *
+ * A prepared statement names its tables by the text, as the query did:
+ * when a table is replaced (a rebuild's swap renames tables) PostgreSQL
+ * analyses the text again on the next execution, so it reads the new one.
+ * A statement whose result columns changed fails once (0A000) and its slot
+ * is dropped. Not used behind a transaction pooler (no session to keep
+ * statements in), nor in an aborted transaction (nothing would run).
+ */
+#include "pg.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static void slot_name(int i, char *out, size_t len)
+{
+    snprintf(out, len, "es_q%d", i);
+}
+
+static int find(const pg_store *p, const char *sql)
+{
+    for (int i = 0; i < PG_QCACHE; i++)
+        if (p->qcache[i].sql && strcmp(p->qcache[i].sql, sql) == 0)
+            return i;
+    return -1;
+}
+
+/* A free slot, else the least recently used one. */
+static int victim(const pg_store *p)
+{
+    int best = 0;
+    for (int i = 0; i < PG_QCACHE; i++) {
+        if (!p->qcache[i].sql)
+            return i;
+        if (p->qcache[i].used < p->qcache[best].used)
+            best = i;
+    }
+    return best;
+}
+
+/* Empties slot i, deallocating its statement on the session. -1 when the
+ * server refused (the slot is kept as it was). */
+static int evict(pg_store *p, int i)
+{
+    if (p->qprepared & (1u << i)) {
+        char sql[32], name[16];
+        PGresult *res;
+        slot_name(i, name, sizeof name);
+        snprintf(sql, sizeof sql, "DEALLOCATE %s", name);
+        res = PQexec(p->conn, sql);
+        if (PQresultStatus(res) != PGRES_COMMAND_OK) {
+            PQclear(res);
+            return -1;
+        }
+        PQclear(res);
+        p->qprepared &= ~(1u << i);
+    }
+    free(p->qcache[i].sql);
+    p->qcache[i].sql = NULL;
+    return 0;
+}
+
+/* The slot holding sql (taken now when needed), or -1. */
+static int slot_for(pg_store *p, const char *sql)
+{
+    int i = find(p, sql);
+    if (i >= 0)
+        return i;
+    i = victim(p);
+    if (evict(p, i) < 0)
+        return -1;
+    if (!(p->qcache[i].sql = strdup(sql)))
+        return -1;
+    return i;
+}
+
+PGresult *pg_qcache_exec(pg_store *p, const char *sql, int nparams,
+                         const char *const *params)
+{
+    char name[16];
+    PGresult *res;
+    const char *state;
+    int i;
+
+    if (nparams == 0 || p->pooler == PG_POOLER_TRANSACTION ||
+        PQtransactionStatus(p->conn) == PQTRANS_INERROR)
+        return NULL;
+    if ((i = slot_for(p, sql)) < 0)
+        return NULL;
+    p->qcache[i].used = ++p->qclock;
+    slot_name(i, name, sizeof name);
+    if (!(p->qprepared & (1u << i))) {
+        res = PQprepare(p->conn, name, sql, nparams, NULL);
+        if (PQresultStatus(res) != PGRES_COMMAND_OK)
+            return res;   /* the query's error (the slot stays unprepared) */
+        PQclear(res);
+        p->qprepared |= 1u << i;
+    }
+    res = PQexecPrepared(p->conn, name, nparams, params, NULL, NULL, 0);
+    state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+    /* "cached plan must not change result type": prepare it afresh next
+     * time (outside an aborted transaction) */
+    if (state && strcmp(state, "0A000") == 0) {
+        free(p->qcache[i].sql);
+        p->qcache[i].sql = NULL;
+    }
+    return res;
+}
+
+void pg_qcache_reset(pg_store *p)
+{
+    p->qprepared = 0;
+}
+
+void pg_qcache_free(pg_store *p)
+{
+    for (int i = 0; i < PG_QCACHE; i++) {
+        free(p->qcache[i].sql);
+        p->qcache[i].sql = NULL;
+    }
+    p->qprepared = 0;
+}
