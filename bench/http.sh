@@ -102,7 +102,7 @@ LUA
 # CPU seconds (user + system) of nginx's workers and of PostgreSQL's
 # processes (backends and background writers), from /proc: the server's
 # cost per request, beside wrk's own (which shares the 2 cores).
-NGINX_PIDS= PG_PIDS=
+NGINX_PIDS='' PG_PIDS=''
 ticks() {
   local sum=0 pid f
   for pid in "$@"; do
@@ -150,9 +150,11 @@ run() {
   local name=$1 conns=$2; shift 2
   local threads=2 out n0 p0 n1 p1
   : >"$WORK/nginx/logs/access.log"
+  # shellcheck disable=SC2086  # lists of pids, split on purpose
   n0=$(ticks $NGINX_PIDS) p0=$(ticks $PG_PIDS)
   out=$( { TIMEFORMAT='wrk_cpu %U %S'; time wrk -t"$threads" -c"$conns" -d"${SECS}s" --latency "$@"; } 2>&1) \
     || { echo "bench/http.sh: wrk failed: $out" >&2; return 1; }
+  # shellcheck disable=SC2086
   n1=$(ticks $NGINX_PIDS) p1=$(ticks $PG_PIDS)
   [ "${ES_HTTP_TIMINGS:-}" = 1 ] && phases "$name"
   awk -v name="$name" -v nginx=$((n1 - n0)) -v pg=$((p1 - p0)) -v hz="$(getconf CLK_TCK)" '

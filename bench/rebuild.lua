@@ -67,24 +67,26 @@ io.stderr:write(("generated %d events in %.1f s\n"):format(N, now() - t0))
 -- checkpoint string per event), no handler: the ceiling for one worker
 local function bare_read()
   local types = { "OrderCreated", "ItemAdded", "ItemRemoved", "OrderPlaced", "OrderCancelled" }
-  local t, n, after = now(), 0, nil
+  local t, c, n, after = now(), os.clock(), 0, nil
   repeat
     local b, cp = assert(store:read_all({ after = after, limit = BATCH, prefetch = true, types = types,
       checkpoints = false }))
     n, after = n + #b, cp
   until #b < BATCH
   assert(n == N, ("bare read got %d of %d events"):format(n, N))
-  return N / (now() - t)
+  return N / (now() - t), (os.clock() - c) * 1e6 / N
 end
-local bare_rate = bare_read()
+local bare_rate, bare_cpu = bare_read()
 
 -- 2. the projector's rebuild
 local projector = es.projector(store, { orders_rm.Orders }, { batch_size = BATCH })
 assert(projector:migrate())
 t0 = now()
+local c0 = os.clock()
 local timings = {}
 local done = assert(projector:rebuild("rm_orders", { batch_size = BATCH, bar = false, timings = timings }))
 local rebuild_s = now() - t0
+local rebuild_cpu = os.clock() - c0
 assert(done == N, ("rebuild replayed %d of %d events"):format(done, N))
 local rows = store:query(("SELECT count(*) AS n, sum(total) AS t FROM %s.rm_orders"):format(q))[1]
 assert(rows.n == N / 5, ("rm_orders has %d rows, expected %d"):format(rows.n, N / 5))
@@ -93,9 +95,9 @@ assert(sample.total == 2500 and sample.status == "placed" and sample.item_count 
 
 -- 2b. a projector catching up over the same events from its first checkpoint
 assert(projector:reset("rm_orders"))
-t0 = now()
+t0, c0 = now(), os.clock()
 local caught = assert(projector:catch_up())
-local catchup_s = now() - t0
+local catchup_s, catchup_cpu = now() - t0, os.clock() - c0
 assert(caught == N, ("catch_up handled %d of %d events"):format(caught, N))
 
 -- 3. the naive alternative: one statement per event, a transaction per batch
@@ -158,5 +160,10 @@ print(("rebuild_rm_orders_seconds %.2f s"):format(rebuild_s))
 print(("rebuild_rm_orders_rate %.0f events/s"):format(rate))
 print(("catch_up_rm_orders_rate %.0f events/s"):format(N / catchup_s))
 print(("read_all_bare_rate %.0f events/s"):format(bare_rate))
+-- this process's CPU per event: what the client costs, much less swayed
+-- by other work on the machine than the rates (wall clock) are
+print(("rebuild_client_cpu %.2f us/event"):format(rebuild_cpu * 1e6 / N))
+print(("catch_up_client_cpu %.2f us/event"):format(catchup_cpu * 1e6 / N))
+print(("read_all_bare_client_cpu %.2f us/event"):format(bare_cpu))
 print(("naive_update_per_event_rate %.0f events/s"):format(naive_rate))
 print(("rebuild_speedup_vs_naive %.1f x"):format(rate / naive_rate))

@@ -29,7 +29,7 @@
 #            (bench/pgbench_append.sql, pgbench_append_one.sql,
 #            pgbench_write_message.sql, pgbench_insert.sql) beside two
 #            floors (pgbench_insert_pk.sql: a table with only a primary key;
-#            pgbench_commit.sql: a commit and nothing else); server CPU and
+#            pgbench_commit.sql: one WAL record and the commit's flush); server CPU and
 #            WAL bytes per append from the backend's schedstat and the WAL
 #            insert position; bench/append.lua processes (2 and 8, one event per
 #            append) against the same loop calling write_message; 100 events
@@ -49,7 +49,9 @@
 #            projector polling the log's head every 5 ms (no NOTIFY) against
 #            100 ms polling, idle and with 4 writers, lua5.4 and luajit
 #   http     bench/http.sh, wrk on nginx: GET /orders/{id} and POST
-#            /orders/{id}/items at 2 and 32 connections, against GET /health
+#            /orders/{id}/items at 2 and 32 connections, against GET /health,
+#            with the CPU per request of nginx, PostgreSQL and wrk;
+#            ES_HTTP_TIMINGS=1 adds the mean time per phase of a request
 #   pooler   bench/pooler.sh, appends and folds at 8 and 32 clients: named
 #            prepared statements straight to PostgreSQL against unnamed ones
 #            (pooler = "transaction") straight and through PgBouncer
@@ -210,7 +212,7 @@ server_cpu() {
                   $payload, '{}')" ;;
     insert_pk) call="INSERT INTO $BARE.pk (id, stream, version, type, data, metadata)
           VALUES (gen_random_uuid(), 'Cpu-' || i, 1, 'Ticked', $payload, '{}')" ;;
-    commit) call="PERFORM pg_current_xact_id()" ;;
+    commit) call="PERFORM pg_logical_emit_message(true, 'es_bench', '')" ;;
   esac
   psql -X -q -At -v ON_ERROR_STOP=1 "$url" 2>&1 <<SQL
 $pre
@@ -313,7 +315,7 @@ elif sed "s/BENCH_SCHEMA/$BARE/g" bench/bare.sql | psql_q >/dev/null; then
   # server side: pgbench calls append() itself (es) and sends the
   # library's one-event statement (es_one), one event per transaction,
   # against write_message, the bare INSERT and two floors: an INSERT into a
-  # table with only a primary key, and a commit with nothing else
+  # table with only a primary key, and a commit that writes one WAL record
   for c in 2 8 32; do
     phases=("es:pgbench_phase bench/pgbench_append.sql $c"
             "es_one:pgbench_phase bench/pgbench_append_one.sql $c"
@@ -378,13 +380,14 @@ for f in lua5.4 luajit; do
   bench_run "fold $f" "" run_lua "$f" bench/fold.lua "$URL" "$SCHEMA"
 done
 # Message DB reads the same stream on the server alone (pgbench discards
-# the rows: no client decoding at all), best of BENCH_ROUNDS
+# the rows: no client decoding at all), best of BENCH_ROUNDS, with fresh
+# statistics (without them its read of this stream was 2-3x slower here)
 if [ -n "$MDB_URL" ]; then
   if PGOPTIONS="-c search_path=message_store,public -c client_min_messages=warning" \
      psql -X -q -v ON_ERROR_STOP=1 "$MDB_URL" -c "SELECT count(write_message(gen_random_uuid()::text,
        'fold-1', 'Ticked', json_build_object('n', g, 'note', 'hello', 'items',
        json_build_array(1, 2, 3))::jsonb, '{\"user\": \"u1\"}'))
-       FROM generate_series(1, 100000) AS g" >/dev/null; then
+       FROM generate_series(1, 100000) AS g" -c "ANALYZE messages" >/dev/null; then
     best=0
     for _ in $(seq 1 "${BENCH_ROUNDS:-5}"); do
       t=$(PGOPTIONS="-c search_path=message_store,public" pgbench -n -M prepared -c 1 -t 3 \

@@ -336,10 +336,17 @@ describe("the store on Citus", function()
       .. "AND groupid <> 0 AND noderole = 'primary' LIMIT 1", port))[1]
     local src, dst = worker(port), worker(r.nodeport)
     if prepare then prepare(src, dst) end
-    -- an earlier move's old placement may still wait for cleanup
-    assert(store:query("CALL citus_cleanup_orphaned_resources()"))
-    assert(store:query("SELECT citus_move_shard_placement($1::bigint, '127.0.0.1', $2::int, "
-      .. "'127.0.0.1', $3::int, shard_transfer_mode => 'block_writes')", shard, port, r.nodeport))
+    -- an earlier move's old placement may still wait for cleanup (Citus
+    -- drops it later, and refuses a move until it could): try again a while
+    local ok, err
+    for _ = 1, 40 do
+      assert(store:query("CALL citus_cleanup_orphaned_resources()"))
+      ok, err = store:query("SELECT citus_move_shard_placement($1::bigint, '127.0.0.1', $2::int, "
+        .. "'127.0.0.1', $3::int, shard_transfer_mode => 'block_writes')", shard, port, r.nodeport)
+      if ok or not tostring(err):find("could not be cleaned up", 1, true) then break end
+      helpers.sleep(0.25)
+    end
+    assert(ok, tostring(err))
     src:close()
     dst:close()
     return r.groupid, shard

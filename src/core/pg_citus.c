@@ -18,8 +18,9 @@
  *   that worker's snapshot, and its checkpoint holds them all;
  * - a shard moved to another node keeps its rows' old txids while new rows
  *   get the new node's: a cursor carried across the move could skip. Each
- *   cursor records the node group it was read on, and read_all refuses to
- *   follow a shard that has moved since (kind "invalid").
+ *   cursor records the node group it was read on; read_all carries it over
+ *   to the shard's new node only when no row appended there since has a
+ *   lower txid, and refuses otherwise (kind "invalid"; pg_citus_read.c).
  */
 #include "pg.h"
 

@@ -16,8 +16,9 @@
  *
  * Checkpoints: "c1:<shard>@<group>=<txid>:<position>,..." for every shard
  * of the events table. The group is the node group the cursor was read
- * on: transaction ids are node-local, so a cursor is refused once its
- * shard has moved (see pg_citus.c and docs/scale-out.md).
+ * on: transaction ids are node-local, so once its shard has moved a cursor
+ * is carried over only when that skips nothing (carries_over; see
+ * pg_citus.c and docs/scale-out.md).
  */
 #include "pg.h"
 #include "es_time.h"
@@ -336,7 +337,10 @@ static PGconn *node_session(pg_store *p, const char *host, int port,
  * those a carried cursor would skip. Rows appended on a node have txid =
  * xmin (the trigger); copied rows have the copy's xmin. So: carried over
  * when no row up to the cursor has txid = xmin; else refused (the row
- * count says how many). -> 1 carried, 0 refused (err set), -1 error */
+ * count says how many). This holds for one move since the cursor: rows
+ * appended on a node in between are copied on like the rest (aligned
+ * counters before every move cover that: docs/scale-out.md).
+ * -> 1 carried, 0 refused (err set), -1 error */
 static int carries_over(pg_store *p, shard_cursor *c, const shard_cursor *old,
                         es_error *err)
 {
