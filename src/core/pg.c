@@ -154,7 +154,9 @@ static void notice_ignore(void *arg, const char *message)
 
 static int exec_raw(pg_store *p, const char *sql, es_error *err);
 
-static int listen_now(pg_store *p, es_error *err)
+/* LISTEN; raw: on the new session as it is (a reconnect), else as any
+ * statement (after a deferred BEGIN, inside the caller's transaction). */
+static int listen_now(pg_store *p, int raw, es_error *err)
 {
     char sql[96];
     if (p->pooler == PG_POOLER_TRANSACTION)
@@ -163,9 +165,7 @@ static int listen_now(pg_store *p, es_error *err)
                        "\"transaction\" does not keep: poll instead, or "
                        "listen on a store opened directly (no pooler)");
     snprintf(sql, sizeof sql, "LISTEN \"%s_events\"", p->schema);
-    if (p->conn && PQstatus(p->conn) == CONNECTION_OK)
-        return exec_raw(p, sql, err);
-    return pg_exec_simple(p, sql, err);
+    return raw ? exec_raw(p, sql, err) : pg_exec_simple(p, sql, err);
 }
 
 int pg_ready(pg_store *p, es_error *err)
@@ -184,7 +184,7 @@ int pg_ready(pg_store *p, es_error *err)
     PQsetNoticeProcessor(p->conn, notice_ignore, NULL);
     if (p->session_sql[0] && exec_raw(p, p->session_sql, err) < 0)
         return -1;
-    if (p->listening && listen_now(p, err) < 0)
+    if (p->listening && listen_now(p, 1, err) < 0)
         return -1;
     return 0;
 }
@@ -236,7 +236,7 @@ int pg_set_timeouts(es_store *s, int64_t statement_ms,
 int pg_listen(es_store *s, es_error *err)
 {
     pg_store *p = (pg_store *)s;
-    if (listen_now(p, err) < 0)
+    if (listen_now(p, 0, err) < 0)
         return -1;
     p->listening = 1;
     return 0;
