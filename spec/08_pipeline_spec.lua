@@ -156,29 +156,43 @@ describe("transactions in fewer round trips (" .. target.name .. ")", function()
       assert.equal(0, notes())
     end)
 
-    -- (behind PgBouncer the client's connection outlives an idle server
-    -- session: nothing to see there)
-    local it_direct = target.opts and pending or it
-    it_direct("a session dropped before the first statement: that statement reports it, "
-      .. "rollback() clears it, the next transaction reconnects", function()
-      assert(store:append("D-6", { type = "A" }))
-      assert(store:begin())
+    local function kill_others()
       assert(admin:query("SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity "
         .. "WHERE datname = current_database() AND pid <> pg_backend_pid() "
         .. "AND backend_type = 'client backend' AND application_name NOT LIKE 'pgbouncer%'"))
-      local ok, err = store:append("D-6", { type = "B" })
-      assert.is_nil(ok)
-      assert.equal("connection", err.kind)
-      -- the transaction is gone: calls refuse until rollback()
-      ok, err = store:version("D-6")
-      assert.is_nil(ok)
-      assert.equal("connection", err.kind)
-      assert(store:rollback())
-      assert(store:begin())
-      assert(store:append("D-6", { type = "B" }, { expected_version = 1 }))
-      assert(store:commit())
-      assert.equal(2, events("D-6"))
-    end)
+    end
+
+    if target.opts then
+      -- PgBouncer holds no server session for a transaction that has sent
+      -- nothing: the first statement gets a live one
+      it("a server session dropped before the first statement is not this transaction's", function()
+        assert(store:append("D-6", { type = "A" }))
+        assert(store:begin())
+        kill_others()
+        assert(store:append("D-6", { type = "B" }, { expected_version = 1 }))
+        assert(store:commit())
+        assert.equal(2, events("D-6"))
+      end)
+    else
+      it("a session dropped before the first statement: that statement reports it, "
+        .. "rollback() clears it, the next transaction reconnects", function()
+        assert(store:append("D-6", { type = "A" }))
+        assert(store:begin())
+        kill_others()
+        local ok, err = store:append("D-6", { type = "B" })
+        assert.is_nil(ok)
+        assert.equal("connection", err.kind)
+        -- the transaction is gone: calls refuse until rollback()
+        ok, err = store:version("D-6")
+        assert.is_nil(ok)
+        assert.equal("connection", err.kind)
+        assert(store:rollback())
+        assert(store:begin())
+        assert(store:append("D-6", { type = "B" }, { expected_version = 1 }))
+        assert(store:commit())
+        assert.equal(2, events("D-6"))
+      end)
+    end
   end)
 
   describe("commit_with", function()
