@@ -279,6 +279,12 @@ int es_copy(es_store *store, const char *schema, const char *table,
 int es_begin(es_store *store, es_error *err);
 int es_commit(es_store *store, es_error *err);
 int es_rollback(es_store *store, es_error *err);
+/* The transaction's last statement and COMMIT together (one round trip):
+ * es_query's statement, then es_commit. The transaction ends either way:
+ * when the statement fails it is rolled back and the statement's error is
+ * reported (the reasons a query inside the transaction gets). */
+int es_query_commit(es_store *store, const char *sql, int nparams,
+                    const char *const *params, es_error *err);
 
 /* Wake-ups (PostgreSQL): every committed append notifies the store's
  * channel. es_listen subscribes this session (again after a reconnect);

@@ -57,6 +57,9 @@
 #            prepared statements straight to PostgreSQL against unnamed ones
 #            (pooler = "transaction") straight and through PgBouncer
 #            (transaction pooling), lua5.4; BENCH_POOLER_SECS=3 per phase
+#   trips    bench/round_trips.sh, round trips to PostgreSQL per add_item
+#            command (what POST /orders/{id}/items runs), counted as libpq's
+#            sendto() calls under strace
 set -uo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ES_ROOT" || exit 1
@@ -466,6 +469,12 @@ section "http (wrk on nginx, ${BENCH_HTTP_SECS:-5}s per run; against GET /health
 bench_run "http" "" env ES_DATABASE_URL="$URL" ES_BENCH_SECONDS="${BENCH_HTTP_SECS:-5}" bash bench/http.sh
 bad=$(awk '$1 ~ /^http_.*_non2xx$/ && $2 > 0 { print $1 "=" $2 }' "$RESULTS" | tr '\n' ' ')
 [ -n "$bad" ] && fail "http: non-2xx responses: $bad"
+fi
+
+# ---- round trips ----------------------------------------------------------
+if want trips; then
+section "round trips to PostgreSQL per add_item command (sendto() calls under strace)"
+bench_run "trips" "" env ES_DATABASE_URL="$URL" bash bench/round_trips.sh
 fi
 
 if want pooler; then

@@ -234,7 +234,8 @@ function ReadModel:_apply(store, tbl, events, n, opts)
     return true, handled
   end
   if timings then add_time(timings, "build", t0) end
-  local ok, werr = self:_write(store, tbl, upserts, deletes, timings, news, opts and opts.stage)
+  local ok, werr = self:_write(store, tbl, upserts, deletes, timings, news, opts and opts.stage,
+    opts and opts.defer)
   if not ok then return nil, werr end
   return true, handled
 end
@@ -283,7 +284,11 @@ function M.apply_inline(store, read_models, events, opts)
   -- a rebuild running meanwhile must know this transaction wrote inline
   local aopts = { record = true }
   for k, v in pairs(opts or {}) do aopts[k] = v end
-  for _, rm in ipairs(read_models) do
+  -- opts.defer: the last write (if one statement) is left in it for the
+  -- caller to run with its COMMIT (store:commit_with): one round trip less
+  local defer = aopts.defer
+  for i, rm in ipairs(read_models) do
+    aopts.defer = (i == #read_models) and defer or nil
     local ok, a, b = rm:_apply(store, rm.name, list, #list, aopts)
     if ok == nil then return nil, a end
     if ok == false then

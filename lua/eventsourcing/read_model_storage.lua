@@ -252,8 +252,10 @@ end
 -- timings (a rebuild's breakdown): seconds added to "encode" and "write".
 -- news: rows of keys the table cannot hold yet (a rebuild's fresh table),
 -- copied in bulk (store:copy_rows). stage: the caller's transaction is
--- open, so many upserts may be staged (_write_staged).
-function ReadModel:_write(store, tbl, upserts, deletes, timings, news, stage)
+-- open, so many upserts may be staged (_write_staged). defer: a table that
+-- takes the one-statement write instead of running it ({ sql = ..., n,
+-- params... }), for the caller to run with its COMMIT (store:commit_with).
+function ReadModel:_write(store, tbl, upserts, deletes, timings, news, stage, defer)
   if news and #news > 0 then
     local t0 = timings and util.monotonic()
     local n, cerr = store:copy_rows(tbl or self.name, self.columns, news)
@@ -299,6 +301,10 @@ function ReadModel:_write(store, tbl, upserts, deletes, timings, news, stage)
       :format(q, quote(self.key), self.types[self.key], q, collist, collist, q, quote(self.key),
         #sets > 0 and ("UPDATE SET " .. table.concat(sets, ", ")) or "NOTHING")
     self._write_sql[ck] = sql
+  end
+  if defer then
+    defer.sql, defer.n, defer[1], defer[2] = sql, 2, text, keys_param(deletes)
+    return true
   end
   local res, err = store:query(sql, text, keys_param(deletes))
   if not res then return nil, err end

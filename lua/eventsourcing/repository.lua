@@ -248,9 +248,15 @@ local function append_inline(self, stream, out, version)
     res, err = store:append(stream, out, { expected_version = version })
     if res then
       stamp(out, res)
-      ok, err = read_model.apply_inline(store, self.read_models, out)
+      -- the read models' last write goes with COMMIT, in one round trip
+      local last = {}
+      ok, err = read_model.apply_inline(store, self.read_models, out, { defer = last })
       if ok then
-        ok, err = store:commit()
+        if last.sql then
+          ok, err = store:commit_with(last.sql, (table.unpack or unpack)(last, 1, last.n))
+        else
+          ok, err = store:commit()
+        end
         return
       end
     end

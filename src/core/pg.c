@@ -21,14 +21,16 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* The pipeline of a wrapped statement (see send_params), read to its
- * Sync: set_config's result, the statement's, then the Sync's. Two NULLs
+/* The pipeline of a wrapped statement (see pg_pipe_open), read to its
+ * Sync: BEGIN's and/or set_config's result, the statement's, then the
+ * Sync's. Two NULLs
  * in a row mean nothing more is coming (a broken pipeline): then the
  * session is dropped rather than left in pipeline mode. */
 static void drain_pipeline(pg_store *p)
 {
     int nulls = 0;
     p->wrapped = 0;
+    p->prefix = 0;
     while (nulls < 2 && PQstatus(p->conn) == CONNECTION_OK) {
         PGresult *r = PQgetResult(p->conn);
         ExecStatusType st;
@@ -59,18 +61,19 @@ void pg_drain(pg_store *p)
         PQclear(r);
 }
 
-/* The next result of the statement on the wire, past the set_config()
- * of a wrapped one (whose failure, if it failed, is the result). */
-static PGresult *take_result(pg_store *p)
+PGresult *pg_take_result(pg_store *p)
 {
-    if (p->wrapped == 1) {
-        PGresult *set = PQgetResult(p->conn), *end;
-        p->wrapped = 2;
+    while (p->prefix > 0) {
+        PGresult *pre = PQgetResult(p->conn), *end;
+        p->prefix--;
+        if (!pre || (PQresultStatus(pre) != PGRES_TUPLES_OK &&
+                     PQresultStatus(pre) != PGRES_COMMAND_OK)) {
+            p->prefix = 0;  /* the rest is aborted: pg_drain reads it */
+            return pre;
+        }
+        PQclear(pre);
         if ((end = PQgetResult(p->conn)) != NULL)
-            PQclear(end);   /* not expected: set_config returns one row */
-        if (!set || PQresultStatus(set) != PGRES_TUPLES_OK)
-            return set;
-        PQclear(set);
+            PQclear(end);   /* not expected: one result per statement */
     }
     return PQgetResult(p->conn);
 }
@@ -79,7 +82,7 @@ void pg_settle(pg_store *p)
 {
     if (p->ahead.state != 1)
         return;
-    p->ahead.res = p->conn ? take_result(p) : NULL;
+    p->ahead.res = p->conn ? pg_take_result(p) : NULL;
     pg_drain(p);
     p->ahead.state = 2;
 }
@@ -100,7 +103,9 @@ void pg_settle_wire(pg_store *p)
  * commit half of what the caller meant as one. */
 static void note_session_loss(pg_store *p)
 {
-    if (p->in_tx) {
+    /* a deferred BEGIN not sent yet: no transaction to lose, the next
+     * statement reconnects and sends it */
+    if (p->in_tx && !p->begin_pending) {
         p->tx_lost = 1;
         p->in_tx = 0;
     }
@@ -121,8 +126,10 @@ static int connect_now(pg_store *p, es_error *err)
         PQfinish(p->conn);
     p->prepared = 0;
     pg_qcache_reset(p);
-    p->in_tx = 0;
+    if (!p->begin_pending)
+        p->in_tx = 0;
     p->wrapped = 0;
+    p->prefix = 0;
     p->conn = PQconnectdb(p->conninfo);
     if (!p->conn)
         return es_fail(err, ES_CONNECTION, "out of memory connecting");
@@ -145,7 +152,11 @@ static void notice_ignore(void *arg, const char *message)
     (void)message;
 }
 
-static int listen_now(pg_store *p, es_error *err)
+static int exec_raw(pg_store *p, const char *sql, es_error *err);
+
+/* LISTEN; raw: on the new session as it is (a reconnect), else as any
+ * statement (after a deferred BEGIN, inside the caller's transaction). */
+static int listen_now(pg_store *p, int raw, es_error *err)
 {
     char sql[96];
     if (p->pooler == PG_POOLER_TRANSACTION)
@@ -154,10 +165,10 @@ static int listen_now(pg_store *p, es_error *err)
                        "\"transaction\" does not keep: poll instead, or "
                        "listen on a store opened directly (no pooler)");
     snprintf(sql, sizeof sql, "LISTEN \"%s_events\"", p->schema);
-    return pg_exec_simple(p, sql, err);
+    return raw ? exec_raw(p, sql, err) : pg_exec_simple(p, sql, err);
 }
 
-int pg_ensure(pg_store *p, es_error *err)
+int pg_ready(pg_store *p, es_error *err)
 {
     pg_settle_wire(p);
     if (p->conn && PQstatus(p->conn) != CONNECTION_OK)
@@ -171,11 +182,30 @@ int pg_ensure(pg_store *p, es_error *err)
     if (connect_now(p, err) < 0)
         return -1;
     PQsetNoticeProcessor(p->conn, notice_ignore, NULL);
-    if (p->session_sql[0] && pg_exec_simple(p, p->session_sql, err) < 0)
+    if (p->session_sql[0] && exec_raw(p, p->session_sql, err) < 0)
         return -1;
-    if (p->listening && listen_now(p, err) < 0)
+    if (p->listening && listen_now(p, 1, err) < 0)
         return -1;
     return 0;
+}
+
+/* Sends a deferred BEGIN on its own: for statements that do not go in a
+ * pipeline (DDL, COPY, migrations), as begin() did before deferring. */
+static int begin_now(pg_store *p, es_error *err)
+{
+    char sql[176];
+    p->begin_pending = 0;
+    /* pooler: the timeouts go with the transaction, in the same trip */
+    snprintf(sql, sizeof sql, "BEGIN%s%s", p->local_sql[0] ? "; " : "",
+             p->local_sql);
+    return exec_raw(p, sql, err);
+}
+
+int pg_ensure(pg_store *p, es_error *err)
+{
+    if (pg_ready(p, err) < 0)
+        return -1;
+    return p->begin_pending ? begin_now(p, err) : 0;
 }
 
 int pg_set_timeouts(es_store *s, int64_t statement_ms,
@@ -206,7 +236,7 @@ int pg_set_timeouts(es_store *s, int64_t statement_ms,
 int pg_listen(es_store *s, es_error *err)
 {
     pg_store *p = (pg_store *)s;
-    if (listen_now(p, err) < 0)
+    if (listen_now(p, 0, err) < 0)
         return -1;
     p->listening = 1;
     return 0;
@@ -356,7 +386,7 @@ static int prepare_once(pg_store *p, int stmt, es_error *err)
     PGresult *res;
     char sql[2048];
 
-    if (pg_ensure(p, err) < 0)
+    if (pg_ready(p, err) < 0)
         return -1;
     if (p->prepared & (1u << stmt))
         return 0;
@@ -398,42 +428,101 @@ static const char set_timeouts_sql[] =
     "SELECT set_config('statement_timeout', $1, true),"
     " set_config('lock_timeout', $2, true)";
 
-/* Pooler: sends an unnamed statement. With timeouts, outside a
- * transaction, it goes in a pipeline behind set_config(..., true) for
- * them, with one Sync after both: one implicit transaction, so the
- * settings end with the statement, in one round trip. take_result and
- * pg_drain read the pipeline. A session that fails half way is dropped. */
+int pg_pipe_open(pg_store *p)
+{
+    const char *t[2] = { p->timeouts[0], p->timeouts[1] };
+    int begin = p->begin_pending;
+    int timeouts = p->pooler == PG_POOLER_TRANSACTION && p->local_sql[0] &&
+                   (begin || !p->in_tx);
+    if (!begin && !timeouts)
+        return 0;
+    if (!PQenterPipelineMode(p->conn))
+        return -1;
+    p->wrapped = 1;
+    p->prefix = 0;
+    p->begin_pending = 0;       /* on the wire now, or the session is lost */
+    if (begin && !PQsendQueryParams(p->conn, "BEGIN", 0, NULL, NULL, NULL,
+                                    NULL, 0))
+        return -1;
+    p->prefix += begin;
+    /* set_config(..., true) lasts as long as the transaction: the
+     * caller's (as SET LOCAL after BEGIN did) or the statement's own */
+    if (timeouts && !PQsendQueryParams(p->conn, set_timeouts_sql, 2, NULL, t,
+                                       NULL, NULL, 0))
+        return -1;
+    p->prefix += timeouts;
+    return 1;
+}
+
+/* Sends a statement (by name, else its text) behind what pg_pipe_open
+ * puts in front of it, with one Sync after all: one round trip. A
+ * deferred BEGIN makes the pipeline's transaction the caller's, which
+ * stays open after the Sync; without one the statement runs in its own
+ * implicit transaction, so set_config's settings end with it. pg_take_result
+ * and pg_drain read the pipeline. 0, or -1 when libpq refused. */
+static int put_stmt(pg_store *p, const char *name, const char *sql,
+                    int nparams, const char *const *values, int binary_result)
+{
+    int piped = pg_pipe_open(p), ok;
+    if (piped < 0)
+        return -1;
+    ok = name ? PQsendQueryPrepared(p->conn, name, nparams, values, NULL,
+                                    NULL, binary_result)
+              : PQsendQueryParams(p->conn, sql, nparams, NULL, values, NULL,
+                                  NULL, binary_result);
+    if (!ok || (piped && !PQpipelineSync(p->conn)))
+        return -1;
+    return 0;
+}
+
+/* put_stmt, reporting a refusal in err. A session that fails half way
+ * through a pipeline is dropped. */
+static int send_stmt(pg_store *p, const char *name, const char *sql,
+                     int nparams, const char *const *values,
+                     int binary_result, const char *what, es_error *err)
+{
+    if (put_stmt(p, name, sql, nparams, values, binary_result) == 0)
+        return 0;
+    pg_fail(p, NULL, what, err);
+    if (p->wrapped && p->conn) {
+        PQfinish(p->conn);
+        p->conn = NULL;
+        p->wrapped = 0;
+        p->prefix = 0;
+    }
+    return -1;
+}
+
 static int send_params(pg_store *p, const char *sql, int nparams,
                        const char *const *values, int binary_result,
                        const char *what, es_error *err)
 {
-    const char *t[2] = { p->timeouts[0], p->timeouts[1] };
-    int wrap = !p->in_tx && p->local_sql[0];
-    if (wrap && (!PQenterPipelineMode(p->conn) ||
-                 !PQsendQueryParams(p->conn, set_timeouts_sql, 2, NULL, t,
-                                    NULL, NULL, 0)))
-        goto fail;
-    p->wrapped = wrap;
-    if (!PQsendQueryParams(p->conn, sql, nparams, NULL, values, NULL, NULL,
-                           binary_result) ||
-        (wrap && !PQpipelineSync(p->conn)))
-        goto fail;
-    return 0;
-fail:
-    pg_fail(p, NULL, what, err);
-    if (wrap && p->conn) {
-        PQfinish(p->conn);
-        p->conn = NULL;
-        p->wrapped = 0;
-    }
-    return -1;
+    return send_stmt(p, NULL, sql, nparams, values, binary_result, what, err);
+}
+
+PGresult *pg_exec_stmt(pg_store *p, const char *name, const char *sql,
+                       int nparams, const char *const *values,
+                       int binary_result)
+{
+    PGresult *res;
+    if (!p->begin_pending && p->pooler != PG_POOLER_TRANSACTION)
+        return name ? PQexecPrepared(p->conn, name, nparams, values, NULL,
+                                     NULL, binary_result)
+                    : PQexecParams(p->conn, sql, nparams, NULL, values, NULL,
+                                   NULL, binary_result);
+    res = put_stmt(p, name, sql, nparams, values, binary_result) == 0
+              ? pg_take_result(p) : NULL;
+    if (!res)       /* libpq's message, before the drain may drop it */
+        res = PQmakeEmptyPGresult(p->conn, PGRES_FATAL_ERROR);
+    pg_drain(p);    /* to the end of this query: the session is free again */
+    return res;
 }
 
 /* Pooler: connected and the statement's text in *sql. */
 static int unnamed_ready(pg_store *p, int stmt, const char **sql,
                          es_error *err)
 {
-    if (pg_ensure(p, err) < 0 || !(*sql = unnamed_sql(p, stmt, err)))
+    if (pg_ready(p, err) < 0 || !(*sql = unnamed_sql(p, stmt, err)))
         return -1;
     return 0;
 }
@@ -459,8 +548,8 @@ PGresult *pg_exec_prepared(pg_store *p, int stmt, int nparams,
     if (prepare_once(p, stmt, err) < 0)
         return NULL;
     return check_result(p, stmt,
-                        PQexecPrepared(p->conn, p->names[stmt], nparams,
-                                       values, NULL, NULL, binary_result),
+                        pg_exec_stmt(p, p->names[stmt], NULL, nparams,
+                                     values, binary_result),
                         err);
 }
 
@@ -477,15 +566,13 @@ int pg_send_prepared(pg_store *p, int stmt, int nparams,
     }
     if (prepare_once(p, stmt, err) < 0)
         return -1;
-    if (!PQsendQueryPrepared(p->conn, p->names[stmt], nparams, values,
-                             NULL, NULL, binary_result))
-        return pg_fail(p, NULL, stmt_names[stmt] + 3, err);
-    return 0;
+    return send_stmt(p, p->names[stmt], NULL, nparams, values,
+                     binary_result, stmt_names[stmt] + 3, err);
 }
 
 PGresult *pg_receive(pg_store *p, int stmt, es_error *err)
 {
-    PGresult *res = take_result(p);
+    PGresult *res = pg_take_result(p);
     pg_drain(p);    /* to the end of this query: the session is free again */
     if (!res) {
         pg_fail(p, NULL, stmt_names[stmt] + 3, err);
@@ -496,10 +583,15 @@ PGresult *pg_receive(pg_store *p, int stmt, es_error *err)
 
 int pg_exec_simple(pg_store *p, const char *sql, es_error *err)
 {
-    PGresult *res;
     if (pg_ensure(p, err) < 0)
         return -1;
-    res = PQexec(p->conn, sql);
+    return exec_raw(p, sql, err);
+}
+
+/* pg_exec_simple on the session as it is (no reconnect, no BEGIN). */
+static int exec_raw(pg_store *p, const char *sql, es_error *err)
+{
+    PGresult *res = PQexec(p->conn, sql);
     if (PQresultStatus(res) != PGRES_COMMAND_OK &&
         PQresultStatus(res) != PGRES_TUPLES_OK)
         return pg_fail(p, res, "sql", err);
@@ -520,17 +612,16 @@ es_rows *pg_query(es_store *s, const char *sql, int nparams,
     PGresult *res;
     es_rows *rows;
 
-    if (pg_ensure(p, err) < 0)
+    if (pg_ready(p, err) < 0)
         return NULL;
     if (p->pooler != PG_POOLER_TRANSACTION) {
         res = pg_qcache_exec(p, sql, nparams, params);
         if (!res)
-            res = PQexecParams(p->conn, sql, nparams, NULL, params, NULL,
-                               NULL, 0);
+            res = pg_exec_stmt(p, NULL, sql, nparams, params, 0);
     } else {
         if (send_params(p, sql, nparams, params, 0, "query", err) < 0)
             return NULL;
-        res = take_result(p);
+        res = pg_take_result(p);
         pg_drain(p);
         if (!res)
             return pg_fail(p, NULL, "query", err), NULL;
@@ -583,15 +674,14 @@ void es_rows_free(es_rows *r)
 int pg_begin(es_store *s, es_error *err)
 {
     pg_store *p = (pg_store *)s;
-    char sql[176];
     if (p->in_tx)
         return es_fail(err, ES_INVALID, "a transaction is already open");
-    /* pooler: the timeouts go with the transaction, in the same trip */
-    snprintf(sql, sizeof sql, "BEGIN%s%s", p->local_sql[0] ? "; " : "",
-             p->local_sql);
-    if (pg_exec_simple(p, sql, err) < 0)
+    /* connects now, as before; BEGIN itself waits for the transaction's
+     * first statement and goes in the same round trip (pg_pipe_open) */
+    if (pg_ready(p, err) < 0)
         return -1;
     p->in_tx = 1;
+    p->begin_pending = 1;
     return 0;
 }
 
@@ -615,6 +705,11 @@ static int pg_end(es_store *s, int commit, es_error *err)
     }
     if (!p->in_tx)
         return es_fail(err, ES_INVALID, "%s: no transaction is open", what);
+    if (p->begin_pending) {     /* nothing was sent: nothing to end */
+        p->begin_pending = 0;
+        p->in_tx = 0;
+        return 0;
+    }
     res = PQexec(p->conn, commit ? "COMMIT" : "ROLLBACK");
     if (PQresultStatus(res) != PGRES_COMMAND_OK) {
         p->in_tx = 0;     /* ended either way: nothing left to roll back */

@@ -8,6 +8,7 @@
  *   pg_store.c    the operations table and es_pg_open, which tie them up
  *   pg_citus.c    the schema laid out on Citus; pg_citus_read.c its read_all
  *   pg_copy.c     bulk loads into tables (COPY FROM STDIN)
+ *   pg_pipeline.c a statement and COMMIT in one round trip (commit_with)
  * Calls go one way: pg_store.c -> pg_schema.c, pg_events.c -> pg.c.
  */
 #ifndef ES_PG_H
@@ -61,6 +62,9 @@ typedef struct pg_store {
     char *conninfo;
     char schema[64];          /* validated: [a-z_][a-z0-9_]* */
     int in_tx;                /* inside es_begin .. es_commit/rollback */
+    int begin_pending;        /* in_tx, but BEGIN not sent yet: it goes in
+                                 a pipeline in front of the transaction's
+                                 first statement (pg_pipe_open) */
     int tx_lost;              /* the session died inside a transaction */
     pg_page_claim *page;      /* the cursor whose page is on the wire */
     int listening;            /* LISTEN again after a reconnect */
@@ -71,9 +75,11 @@ typedef struct pg_store {
                                  state: unnamed statements, SET LOCAL */
     char local_sql[160];      /* pooler: SET LOCAL timeouts, or "" */
     char timeouts[2][24];     /* pooler: the same for set_config() */
-    int wrapped;              /* pooler: a statement went in a pipeline
-                                 behind set_config() for the timeouts: 1
-                                 that result is still to read, 2 read */
+    int wrapped;              /* a statement went in a pipeline behind
+                                 a deferred BEGIN and/or set_config() for
+                                 the pooler's timeouts: read to its Sync */
+    int prefix;               /* results of those still to read before
+                                 the statement's */
     char *sql[PG_NSTMT];      /* pooler: statement text, made on first use */
     es_buf params;            /* parameter text of one call */
     PGresult *snapshot;       /* the last snapshot loaded */
@@ -115,6 +121,23 @@ int pg_send_prepared(pg_store *p, int stmt, int nparams,
 PGresult *pg_receive(pg_store *p, int stmt, es_error *err);
 /* Runs a statement without parameters (DDL, BEGIN, ...). */
 int pg_exec_simple(pg_store *p, const char *sql, es_error *err);
+/* pg_ensure without sending a deferred BEGIN: for a caller that sends it
+ * in front of its statement (pg_pipe_open). */
+int pg_ready(pg_store *p, es_error *err);
+/* Enters pipeline mode with what must go before the next statement: the
+ * deferred BEGIN (and the pooler's timeouts for its transaction) or,
+ * behind a pooler outside a transaction, the timeouts for the statement's
+ * implicit one. 1: piped (send the statement, then PQpipelineSync), 0:
+ * nothing to put in front, -1: libpq refused (the session is unusable). */
+int pg_pipe_open(pg_store *p);
+/* The next result of the statement on the wire, past what pg_pipe_open
+ * put in front of it (whose failure, if it failed, is the result). */
+PGresult *pg_take_result(pg_store *p);
+/* Runs a statement by name (prepared on the session) or by its text with
+ * parameters, behind a deferred BEGIN when one is pending. Never NULL. */
+PGresult *pg_exec_stmt(pg_store *p, const char *name, const char *sql,
+                       int nparams, const char *const *values,
+                       int binary_result);
 
 /* Copies target without the library's own `pooler` option (URL
  * parameter or conninfo keyword), whose value goes to pooler ("" when
@@ -135,12 +158,22 @@ es_rows *pg_query(es_store *s, const char *sql, int nparams,
 int pg_begin(es_store *s, es_error *err);
 int pg_commit(es_store *s, es_error *err);
 int pg_rollback(es_store *s, es_error *err);
+/* The transaction's last statement and COMMIT in one round trip
+ * (pg_pipeline.c): es_query_commit. */
+int pg_query_commit(es_store *s, const char *sql, int nparams,
+                    const char *const *params, es_error *err);
 int pg_status(es_store *s, es_store_status *out, es_error *err);
 /* Runs a query with parameters as a statement prepared on this session
  * (parsed and planned once), or returns NULL when it is not one to cache:
  * then the caller runs it unnamed. Never behind a transaction pooler. */
 PGresult *pg_qcache_exec(pg_store *p, const char *sql, int nparams,
                          const char *const *params);
+/* The slot of a query to cache, prepared: 1 with its name in name[16], 0
+ * when it is not one to cache, -1 with the server's refusal in *res. */
+int pg_qcache_prepare(pg_store *p, const char *sql, int nparams,
+                      char *name, PGresult **res);
+/* Drops the slot of sql after a result that says its plan is stale. */
+void pg_qcache_check(pg_store *p, const char *sql, const PGresult *res);
 /* Forgets the session's prepared queries (a new session has none). */
 void pg_qcache_reset(pg_store *p);
 void pg_qcache_free(pg_store *p);

@@ -84,36 +84,51 @@ static int slot_for(pg_store *p, const char *sql)
     return i;
 }
 
+int pg_qcache_prepare(pg_store *p, const char *sql, int nparams,
+                      char *name, PGresult **res)
+{
+    int i;
+    if (nparams == 0 || p->pooler == PG_POOLER_TRANSACTION ||
+        PQtransactionStatus(p->conn) == PQTRANS_INERROR)
+        return 0;
+    if ((i = slot_for(p, sql)) < 0)
+        return 0;
+    p->qcache[i].used = ++p->qclock;
+    slot_name(i, name, 16);
+    if (!(p->qprepared & (1u << i))) {
+        *res = PQprepare(p->conn, name, sql, nparams, NULL);
+        if (PQresultStatus(*res) != PGRES_COMMAND_OK)
+            return -1;   /* the query's error (the slot stays unprepared) */
+        PQclear(*res);
+        *res = NULL;
+        p->qprepared |= 1u << i;
+    }
+    return 1;
+}
+
+void pg_qcache_check(pg_store *p, const char *sql, const PGresult *res)
+{
+    const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+    int i;
+    /* "cached plan must not change result type": prepare it afresh next
+     * time (outside an aborted transaction) */
+    if (state && strcmp(state, "0A000") == 0 && (i = find(p, sql)) >= 0) {
+        free(p->qcache[i].sql);
+        p->qcache[i].sql = NULL;
+    }
+}
+
 PGresult *pg_qcache_exec(pg_store *p, const char *sql, int nparams,
                          const char *const *params)
 {
     char name[16];
-    PGresult *res;
-    const char *state;
-    int i;
+    PGresult *res = NULL;
+    int rc = pg_qcache_prepare(p, sql, nparams, name, &res);
 
-    if (nparams == 0 || p->pooler == PG_POOLER_TRANSACTION ||
-        PQtransactionStatus(p->conn) == PQTRANS_INERROR)
-        return NULL;
-    if ((i = slot_for(p, sql)) < 0)
-        return NULL;
-    p->qcache[i].used = ++p->qclock;
-    slot_name(i, name, sizeof name);
-    if (!(p->qprepared & (1u << i))) {
-        res = PQprepare(p->conn, name, sql, nparams, NULL);
-        if (PQresultStatus(res) != PGRES_COMMAND_OK)
-            return res;   /* the query's error (the slot stays unprepared) */
-        PQclear(res);
-        p->qprepared |= 1u << i;
-    }
-    res = PQexecPrepared(p->conn, name, nparams, params, NULL, NULL, 0);
-    state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
-    /* "cached plan must not change result type": prepare it afresh next
-     * time (outside an aborted transaction) */
-    if (state && strcmp(state, "0A000") == 0) {
-        free(p->qcache[i].sql);
-        p->qcache[i].sql = NULL;
-    }
+    if (rc <= 0)
+        return res;
+    res = pg_exec_stmt(p, name, NULL, nparams, params, 0);
+    pg_qcache_check(p, sql, res);
     return res;
 }
 

@@ -350,6 +350,18 @@ TX_OP(es_begin, begin)
 TX_OP(es_commit, commit)
 TX_OP(es_rollback, rollback)
 
+int es_query_commit(es_store *s, const char *sql, int nparams,
+                    const char *const *params, es_error *err)
+{
+    es_error_clear(err);
+    if (store_usable(s, err) < 0)
+        return -1;
+    if (!s->ops->query_commit)
+        return es_fail(err, ES_INVALID, "%s stores have no transactions",
+                       s->ops->kind);
+    return s->ops->query_commit(s, sql, nparams, params, err);
+}
+
 int es_set_timeouts(es_store *s, int64_t statement_ms, int64_t lock_ms,
                     es_error *err)
 {

@@ -1087,17 +1087,15 @@ static int rows_gc(lua_State *L)
     return 0;
 }
 
-/* store:query(sql, ...) -> array of rows keyed by column name. */
-static int l_query(lua_State *L)
+/* The text of the query parameters at stack indexes 3.. into *out (held
+ * by the store's buffers): 0, or minus the count of values pushed (nil,
+ * err) for a parameter refused. */
+static int query_params(lua_State *L, lstore *ls, int nparams,
+                        const char ***out)
 {
-    lstore *ls = check_store(L);
-    const char *sql = check_strict_string(L, 2);
-    int nparams = lua_gettop(L) - 2;
     const char **params;
     size_t *offs;
     int *nulls;
-    es_error err;
-    es_rows *r;
 
     es_buf_reset(&ls->json);
     es_buf_reset(&ls->scratch);
@@ -1115,7 +1113,7 @@ static int l_query(lua_State *L)
             char msg[80];
             snprintf(msg, sizeof msg, "query parameter %d contains a NUL "
                      "byte", i + 1);
-            return esl_push_fail(L, ES_INVALID, msg);
+            return -esl_push_fail(L, ES_INVALID, msg);
         }
         offs[i] = (size_t)-1;
         params[i] = param_text(L, ls, i + 3, &offs[i], &nulls[i]);
@@ -1123,6 +1121,22 @@ static int l_query(lua_State *L)
     for (int i = 0; i < nparams; i++)
         if (!params[i] && !nulls[i])
             params[i] = ls->json.data + offs[i];
+    *out = params;
+    return 0;
+}
+
+/* store:query(sql, ...) -> array of rows keyed by column name. */
+static int l_query(lua_State *L)
+{
+    lstore *ls = check_store(L);
+    const char *sql = check_strict_string(L, 2);
+    int nparams = lua_gettop(L) - 2, rc;
+    const char **params;
+    es_error err;
+    es_rows *r;
+
+    if ((rc = query_params(L, ls, nparams, &params)) < 0)
+        return -rc;
     es_rows **holder = (es_rows **)esl_newuserdata(L, sizeof *holder);
     *holder = NULL;
     luaL_getmetatable(L, ROWS_MT);
@@ -1163,6 +1177,23 @@ static int l_commit(lua_State *L)
 {
     es_error err;
     return tx_result(L, es_commit(check_store(L)->s, &err), &err);
+}
+
+/* store:commit_with(sql, ...) -> true | nil, err: the transaction's last
+ * statement (as store:query runs it, rows discarded) and COMMIT in one
+ * round trip. The transaction ends either way. */
+static int l_commit_with(lua_State *L)
+{
+    lstore *ls = check_store(L);
+    const char *sql = check_strict_string(L, 2);
+    int nparams = lua_gettop(L) - 2, rc;
+    const char **params;
+    es_error err;
+
+    if ((rc = query_params(L, ls, nparams, &params)) < 0)
+        return -rc;
+    return tx_result(L, es_query_commit(ls->s, sql, nparams, params, &err),
+                     &err);
 }
 
 static int l_rollback(lua_State *L)
@@ -1248,6 +1279,7 @@ static const luaL_Reg store_methods[] = {
     {"query", l_query},
     {"begin", l_begin},
     {"commit", l_commit},
+    {"commit_with", l_commit_with},
     {"rollback", l_rollback},
     {"listen", l_listen},
     {"wait", l_wait},

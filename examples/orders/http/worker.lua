@@ -91,7 +91,7 @@ end
 local TIMINGS = os.getenv("ES_HTTP_TIMINGS") == "1"
 local phases = {}     -- phase -> seconds, of the request being handled
 local PHASE_OF = { fold = "fold", read = "fold", load_snapshot = "fold", version = "fold",
-                   begin = "begin", append = "append", query = "sql", commit = "commit",
+                   begin = "begin", append = "append", query = "sql", commit = "commit", commit_with = "commit",
                    rollback = "commit" }
 
 local function add_time(phase, t0)

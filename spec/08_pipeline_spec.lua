@@ -1,0 +1,397 @@
+-- Fewer round trips per transaction (issue 12): store:begin() sends nothing
+-- and BEGIN goes in one pipeline with the transaction's first statement;
+-- store:commit_with(sql, ...) sends the last statement and COMMIT together.
+-- What callers see must not change: errors, aborted transactions, dropped
+-- sessions, and the same behind PgBouncer in transaction pooling.
+local es = require "eventsourcing"
+local helpers = require "helpers"
+
+local POOLER = os.getenv("ES_TEST_POOLER_URL")
+if POOLER == "" then POOLER = nil end
+
+local function qident(s) return '"' .. s .. '"' end
+
+-- Each block runs against a direct store and, when scripts/test.sh gives
+-- one, a store behind its PgBouncer (transaction pooling).
+local targets = { { name = "direct", url = function() return helpers.database_url() end } }
+if POOLER then
+  targets[#targets + 1] = { name = "behind PgBouncer", url = function() return POOLER end,
+                            opts = { pooler = "transaction" } }
+end
+
+for _, target in ipairs(targets) do
+describe("transactions in fewer round trips (" .. target.name .. ")", function()
+  local schema, store, admin, tbl
+
+  local function open(extra)
+    local o = { schema = schema }
+    for k, v in pairs(target.opts or {}) do o[k] = v end
+    for k, v in pairs(extra or {}) do o[k] = v end
+    return assert(es.open(target.url(), o))
+  end
+
+  before_each(function()
+    schema = helpers.fresh_schema()
+    admin = assert(es.open(helpers.listen_url(), { schema = schema }))
+    assert(admin:migrate())
+    tbl = qident(schema) .. ".notes"
+    assert(admin:query("CREATE TABLE " .. tbl .. " (id int PRIMARY KEY, note text NOT NULL)"))
+    store = open()
+  end)
+
+  after_each(function()
+    if store and not store:is_closed() then store:close() end
+    if admin and not admin:is_closed() then admin:close() end
+  end)
+
+  local function notes()
+    return #assert(admin:query("SELECT id FROM " .. tbl))
+  end
+
+  local function events(stream)
+    return assert(admin:query("SELECT count(*) AS n FROM " .. qident(schema)
+      .. ".events WHERE stream = $1", stream))[1].n
+  end
+
+  describe("a deferred BEGIN", function()
+    it("makes the first statement and the rest one transaction", function()
+      assert(store:begin())
+      assert.is_true(assert(store:status()).in_transaction)
+      assert(store:append("D-1", { type = "A" }))
+      assert(store:query("INSERT INTO " .. tbl .. " VALUES (1, 'x')"))
+      -- the first statement ran in the transaction: one txid for both
+      local t = assert(store:query("SELECT pg_current_xact_id_if_assigned()::text AS now, "
+        .. "(SELECT max(txid)::text FROM " .. qident(schema) .. ".events) AS ev"))[1]
+      assert.equal(t.ev, t.now)
+      assert(store:rollback())
+      assert.equal(0, events("D-1"))
+      assert.equal(0, notes())
+      assert.is_false(assert(store:status()).in_transaction)
+    end)
+
+    if not target.opts then
+      it("begin() sends nothing: the server session stays idle until the first statement", function()
+        local pid = assert(store:query("SELECT pg_backend_pid() AS pid"))[1].pid
+        local function state()
+          return assert(admin:query("SELECT state FROM pg_stat_activity WHERE pid = $1", pid))[1].state
+        end
+        assert(store:begin())
+        assert.equal("idle", state())
+        assert(store:query("SELECT 1 AS one"))
+        assert.equal("idle in transaction", state())
+        assert(store:commit())
+        assert.equal("idle", state())
+      end)
+    end
+
+    it("begin() then commit() or rollback() with nothing between works", function()
+      assert(store:begin())
+      assert(store:commit())
+      assert(store:begin())
+      assert(store:rollback())
+      local ok, err = store:commit()
+      assert.is_nil(ok)
+      assert.equal("invalid", err.kind)
+      assert.matches("no transaction is open", err.message)
+      assert(store:begin())
+      local again, aerr = store:begin()
+      assert.is_nil(again)
+      assert.matches("already open", aerr.message)
+      assert(store:commit())
+    end)
+
+    it("lets SET TRANSACTION ISOLATION LEVEL be the first statement", function()
+      assert(store:begin())
+      assert(store:query("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"))
+      assert.equal("serializable",
+        assert(store:query("SHOW transaction_isolation"))[1].transaction_isolation)
+      assert(store:append("D-2", { type = "A" }))
+      assert(store:commit())
+      assert.equal(1, events("D-2"))
+    end)
+
+    it("a failing first statement aborts the transaction, as it did after BEGIN", function()
+      assert(store:begin())
+      local ok, err = store:query("SELECT 1 / 0 AS x")
+      assert.is_nil(ok)
+      assert.equal("invalid", err.kind)
+      assert.equal("tx_aborted", err.reason)
+      assert.equal("22012", err.sqlstate)
+      ok, err = store:append("D-3", { type = "A" })
+      assert.is_nil(ok)
+      assert.equal("25P02", err.sqlstate)
+      ok, err = store:commit()
+      assert.is_nil(ok)
+      assert.equal("tx_aborted", err.reason)
+      assert.equal(0, events("D-3"))
+      assert(store:append("D-3", { type = "A" }))    -- the session goes on
+    end)
+
+    it("a conflict as the first statement reports as before and leaves nothing", function()
+      assert(store:append("D-4", { type = "A" }))
+      assert(store:begin())
+      local ok, err = store:append("D-4", { type = "B" }, { expected_version = es.NO_STREAM })
+      assert.is_nil(ok)
+      assert.equal("conflict", err.kind)
+      assert.equal("version", err.reason)
+      assert(store:rollback())
+      assert.equal(1, events("D-4"))
+    end)
+
+    it("the fold (a read cursor) can be the first statement", function()
+      assert(store:append("D-5", { { type = "A" }, { type = "A" } }))
+      assert(store:begin())
+      local st = assert(store:fold("D-5", { A = function(n) return n + 1 end }, 0))
+      assert.equal(2, st)
+      assert(store:append("D-5", { type = "A" }, { expected_version = 2 }))
+      assert(store:commit())
+      assert.equal(3, events("D-5"))
+    end)
+
+    it("statements that do not pipeline (COPY, migrate) send BEGIN first", function()
+      assert(store:begin())
+      assert(store:copy_rows("notes", { "id", "note" }, { { id = 7, note = "c" } }))
+      assert(store:migrate())
+      assert(store:rollback())
+      assert.equal(0, notes())
+    end)
+
+    local function kill_others()
+      assert(admin:query("SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity "
+        .. "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+        .. "AND backend_type = 'client backend' AND application_name NOT LIKE 'pgbouncer%'"))
+    end
+
+    if target.opts then
+      -- PgBouncer holds no server session for a transaction that has sent
+      -- nothing: the first statement gets a live one
+      it("a server session dropped before the first statement is not this transaction's", function()
+        assert(store:append("D-6", { type = "A" }))
+        assert(store:begin())
+        kill_others()
+        assert(store:append("D-6", { type = "B" }, { expected_version = 1 }))
+        assert(store:commit())
+        assert.equal(2, events("D-6"))
+      end)
+    else
+      it("a session dropped before the first statement: that statement reports it, "
+        .. "rollback() clears it, the next transaction reconnects", function()
+        assert(store:append("D-6", { type = "A" }))
+        assert(store:begin())
+        kill_others()
+        local ok, err = store:append("D-6", { type = "B" })
+        assert.is_nil(ok)
+        assert.equal("connection", err.kind)
+        -- the transaction is gone: calls refuse until rollback()
+        ok, err = store:version("D-6")
+        assert.is_nil(ok)
+        assert.equal("connection", err.kind)
+        assert(store:rollback())
+        assert(store:begin())
+        assert(store:append("D-6", { type = "B" }, { expected_version = 1 }))
+        assert(store:commit())
+        assert.equal(2, events("D-6"))
+      end)
+    end
+  end)
+
+  describe("commit_with", function()
+    it("runs the last statement and commits the transaction", function()
+      assert(store:begin())
+      assert(store:append("C-1", { type = "A" }))
+      assert.is_true(store:commit_with("INSERT INTO " .. tbl .. " VALUES ($1, $2)", 1, "one"))
+      assert.is_false(assert(store:status()).in_transaction)
+      assert.equal(1, events("C-1"))
+      assert.equal(1, notes())
+      -- parameters as store:query takes them (a table goes as JSON)
+      assert(store:begin())
+      assert(store:commit_with("INSERT INTO " .. tbl .. " SELECT $1, ($2::jsonb)->>'n'", 2, { n = "two" }))
+      assert.equal("two", assert(admin:query("SELECT note FROM " .. tbl .. " WHERE id = 2"))[1].note)
+    end)
+
+    it("can be the transaction's only statement (BEGIN, it, COMMIT in one trip)", function()
+      assert(store:begin())
+      assert(store:commit_with("INSERT INTO " .. tbl .. " VALUES (3, 'three')"))
+      assert.equal(1, notes())
+      -- again, so a statement prepared on the session is used too
+      for i = 4, 6 do
+        assert(store:begin())
+        assert(store:commit_with("INSERT INTO " .. tbl .. " VALUES ($1, 'n')", i))
+      end
+      assert.equal(4, notes())
+    end)
+
+    it("a failing statement rolls everything back and reports as a query would", function()
+      assert(admin:query("INSERT INTO " .. tbl .. " VALUES (1, 'taken')"))
+      local sql = "INSERT INTO " .. tbl .. " VALUES ($1, $2)"
+      -- what store:query reports inside a transaction ...
+      assert(store:begin())
+      local _, qerr = store:query(sql, 1, "again")
+      assert(store:rollback())
+      -- ... is what commit_with reports
+      for _ = 1, 2 do
+        assert(store:begin())
+        assert(store:append("C-2", { type = "A" }))
+        local ok, err = store:commit_with(sql, 1, "again")
+        assert.is_nil(ok)
+        assert.equal(qerr.kind, err.kind)
+        assert.equal(qerr.reason, err.reason)
+        assert.equal("23505", err.sqlstate)
+        assert.equal(qerr.message, err.message)
+        -- the transaction has ended, rolled back
+        assert.is_false(assert(store:status()).in_transaction)
+        assert.equal(0, events("C-2"))
+        assert.equal(1, notes())
+      end
+      local ok, err = store:rollback()
+      assert.is_nil(ok)
+      assert.matches("no transaction is open", err.message)
+      -- a bad parameter is refused before anything is sent
+      assert(store:begin())
+      ok, err = store:commit_with(sql, 9, "a\0b")
+      assert.is_nil(ok)
+      assert.equal("invalid", err.kind)
+      assert.is_true(assert(store:status()).in_transaction)
+      assert(store:rollback())
+      -- the session goes on
+      assert(store:begin())
+      assert(store:append("C-2", { type = "A" }))
+      assert(store:commit_with(sql, 2, "fine"))
+      assert.equal(1, events("C-2"))
+    end)
+
+    it("in a transaction an earlier error aborted: nothing is committed", function()
+      assert(store:begin())
+      assert(store:append("C-3", { type = "A" }))
+      assert.is_nil(store:query("SELECT 1 / 0 AS x"))
+      local ok, err = store:commit_with("INSERT INTO " .. tbl .. " VALUES (5, 'x')")
+      assert.is_nil(ok)
+      assert.equal("tx_aborted", err.reason)
+      assert.equal("25P02", err.sqlstate)
+      assert.is_false(assert(store:status()).in_transaction)
+      assert.equal(0, events("C-3"))
+      assert.equal(0, notes())
+      assert(store:append("C-3", { type = "A" }))
+    end)
+
+    it("a failing COMMIT (serialization) reports as commit() does", function()
+      assert(store:begin())
+      assert(store:query("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"))
+      assert.equal(0, #assert(store:query("SELECT id FROM " .. tbl .. " WHERE id = 1")))
+      local other = open()
+      assert(other:begin())
+      assert(other:query("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"))
+      assert.equal(0, #assert(other:query("SELECT id FROM " .. tbl .. " WHERE id = 2")))
+      assert(other:query("INSERT INTO " .. tbl .. " VALUES (1, 'other')"))
+      assert(other:commit())
+      other:close()
+      local ok, err = store:commit_with("INSERT INTO " .. tbl .. " VALUES (2, 'mine')")
+      assert.is_nil(ok)
+      assert.equal("conflict", err.kind)
+      assert.equal("40001", err.sqlstate)
+      assert.is_false(assert(store:status()).in_transaction)
+      assert.equal(1, notes())
+    end)
+
+    it("without a transaction: refused, nothing runs", function()
+      local ok, err = store:commit_with("INSERT INTO " .. tbl .. " VALUES (1, 'x')")
+      assert.is_nil(ok)
+      assert.equal("invalid", err.kind)
+      assert.matches("no transaction is open", err.message)
+      assert.equal(0, notes())
+      local mem = assert(es.open("memory:"))
+      ok, err = mem:commit_with("SELECT 1")
+      assert.is_nil(ok)
+      assert.equal("invalid", err.kind)
+    end)
+
+    it("after the session dropped inside the transaction: connection, nothing stored", function()
+      assert(store:begin())
+      assert(store:append("C-4", { type = "A" }))
+      assert(admin:query("SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity "
+        .. "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+        .. "AND backend_type = 'client backend' AND application_name NOT LIKE 'pgbouncer%'"))
+      local ok, err = store:commit_with("INSERT INTO " .. tbl .. " VALUES (1, 'x')")
+      assert.is_nil(ok)
+      assert.equal("connection", err.kind)
+      assert.is_false(assert(store:status()).in_transaction)
+      assert.equal(0, events("C-4"))
+      assert.equal(0, notes())
+      -- the next transaction reconnects
+      assert(store:begin())
+      assert(store:append("C-4", { type = "A" }))
+      assert(store:commit_with("INSERT INTO " .. tbl .. " VALUES (1, 'x')"))
+      assert.equal(1, events("C-4"))
+    end)
+  end)
+
+  if target.opts then
+    it("behind the pooler, the timeouts still hold inside the transaction only", function()
+      local s = open({ statement_timeout = 300, lock_timeout = 100 })
+      assert(s:begin())
+      assert.equal("300ms", assert(s:query("SHOW statement_timeout"))[1].statement_timeout)
+      assert.equal("100ms", assert(s:query("SHOW lock_timeout"))[1].lock_timeout)
+      local ok, err = s:query("SELECT pg_sleep(2)")
+      assert.is_nil(ok)
+      assert.equal("tx_aborted", err.reason)
+      assert(s:rollback())
+      assert(s:begin())
+      ok, err = s:commit_with("SELECT pg_sleep(2)")
+      assert.is_nil(ok)
+      assert.equal("57014", err.sqlstate)
+      s:close()
+    end)
+  end
+end)
+end
+
+describe("the repository's inline read model write goes with COMMIT", function()
+  local schema, store
+
+  local Counter = es.aggregate {
+    name = "Counter",
+    initial = function() return { n = 0 } end,
+    apply = { Added = function(st) st.n = st.n + 1 end },
+    decide = { Add = function(_, c) return { type = "Added", data = { by = c.by } } end },
+  }
+
+  local function model()
+    return es.read_model {
+      name = "counters",
+      columns = { id = "text", n = "integer", last = "integer" },
+      on = { Added = function(row, e)
+        row.n = (row.n or 0) + 1
+        row.last = e.data.by
+        return row
+      end },
+    }
+  end
+
+  before_each(function()
+    schema = helpers.fresh_schema()
+    store = assert(es.open(helpers.database_url(), { schema = schema }))
+    assert(store:migrate())
+  end)
+
+  after_each(function() store:close() end)
+
+  it("commits the events and the row together; a failing write stores neither", function()
+    local rm = model()
+    assert(rm:migrate(store))
+    local repo = es.repository(store, { read_models = { rm } })
+    assert(repo:execute(Counter, "a", "Add", { by = 1 }))
+    assert(repo:execute(Counter, "a", "Add", { by = 2 }))
+    local row = assert(rm:get(store, "a"))
+    assert.same({ 2, 2 }, { row.n, row.last })
+    -- a value the column cannot take fails the write in PostgreSQL
+    local res, err = repo:execute(Counter, "a", "Add", { by = "not a number" })
+    assert.is_nil(res)
+    assert.equal("invalid", err.kind)
+    assert.equal("tx_aborted", err.reason)
+    assert.is_false(assert(store:status()).in_transaction)
+    assert.equal(2, store:version("Counter-a"))
+    assert.equal(2, assert(rm:get(store, "a")).n)
+    assert(repo:execute(Counter, "a", "Add", { by = 3 }))
+    assert.equal(3, assert(rm:get(store, "a")).last)
+  end)
+end)
