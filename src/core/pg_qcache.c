@@ -12,8 +12,9 @@
  * A prepared statement names its tables by the text, as the query did:
  * when a table is replaced (a rebuild's swap renames tables) PostgreSQL
  * analyses the text again on the next execution, so it reads the new one.
- * A statement whose result columns changed fails once (0A000) and its slot
- * is dropped. Not used behind a transaction pooler (no session to keep
+ * A statement whose result columns changed is prepared again and run once
+ * more when no transaction is open; inside one it fails (0A000) and its
+ * slot is dropped. Not used behind a transaction pooler (no session to keep
  * statements in), nor in an aborted transaction (nothing would run).
  */
 #include "pg.h"
@@ -106,13 +107,22 @@ int pg_qcache_prepare(pg_store *p, const char *sql, int nparams,
     return 1;
 }
 
-void pg_qcache_check(pg_store *p, const char *sql, const PGresult *res)
+/* "cached plan must not change result type": a table under the statement
+ * changed its columns since it was prepared. Told by the function that
+ * raises it, not by the message (0A000 alone is any unsupported feature). */
+static int plan_changed(const PGresult *res)
 {
     const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+    const char *fn = PQresultErrorField(res, PG_DIAG_SOURCE_FUNCTION);
+    return state && strcmp(state, "0A000") == 0 && fn &&
+           strcmp(fn, "RevalidateCachedQuery") == 0;
+}
+
+void pg_qcache_check(pg_store *p, const char *sql, const PGresult *res)
+{
     int i;
-    /* "cached plan must not change result type": prepare it afresh next
-     * time (outside an aborted transaction) */
-    if (state && strcmp(state, "0A000") == 0 && (i = find(p, sql)) >= 0) {
+    /* prepare it afresh next time (outside an aborted transaction) */
+    if (plan_changed(res) && (i = find(p, sql)) >= 0) {
         free(p->qcache[i].sql);
         p->qcache[i].sql = NULL;
     }
@@ -129,6 +139,19 @@ PGresult *pg_qcache_exec(pg_store *p, const char *sql, int nparams,
         return res;
     res = pg_exec_stmt(p, name, NULL, nparams, params, 0);
     pg_qcache_check(p, sql, res);
+    /* Outside a transaction the failed statement changed nothing: run it
+     * once more, prepared afresh, so that the caller never sees an error
+     * the cache alone caused. Inside one, the transaction is aborted and
+     * the error stands (the caller's retry starts a new one). */
+    if (plan_changed(res) && !p->in_tx &&
+        PQtransactionStatus(p->conn) == PQTRANS_IDLE) {
+        PQclear(res);
+        res = NULL;
+        if ((rc = pg_qcache_prepare(p, sql, nparams, name, &res)) <= 0)
+            return res;
+        res = pg_exec_stmt(p, name, NULL, nparams, params, 0);
+        pg_qcache_check(p, sql, res);
+    }
     return res;
 }
 
