@@ -16,4 +16,4 @@ SELECT gen_random_uuid(), 'Bench' || :client_id || '-' || :k, l.cur + 1, 'Ticked
  WHERE (l.txid IS NULL OR l.txid <= pg_current_xact_id())
    AND NOT ((:expected::bigint = -2 AND l.cur <> 0) OR (:expected = -3 AND l.cur = 0)
             OR (:expected >= 0 AND l.cur <> :expected))
-RETURNING position, version, (extract(epoch FROM recorded_at) * 1000000)::bigint;
+RETURNING position, version, recorded_at;

@@ -36,7 +36,8 @@
 #            per append against a 100-row INSERT (pgbench_insert100.sql)
 #   fold     bench/fold.lua, store:fold against lua-sql-postgres + lua-cjson,
 #            and Message DB's get_stream_messages of the same stream on the
-#            server alone (bench/pgbench_get_stream_messages.sql)
+#            server alone (bench/pgbench_get_stream_messages.sql) beside our
+#            stream read on the server alone (pgbench_read_stream.sql)
 #   commands bench/commands.lua, AddItem end to end, 2 client processes, 10
 #            and 1,000 prior events, without snapshots against snapshot_every
 #            = 100, lua5.4 and luajit
@@ -388,17 +389,25 @@ if [ -n "$MDB_URL" ]; then
        'fold-1', 'Ticked', json_build_object('n', g, 'note', 'hello', 'items',
        json_build_array(1, 2, 3))::jsonb, '{\"user\": \"u1\"}'))
        FROM generate_series(1, 100000) AS g" -c "ANALYZE messages" >/dev/null; then
-    best=0
+    # and our stream read on the server alone too (rounds alternated), the
+    # like-for-like line: the fold figures above include decoding in Lua
+    sed "s/BENCH_SCHEMA/$SCHEMA/g" bench/pgbench_read_stream.sql >"$OUT/read_stream.sql"
+    best=0 best_es=0
     for _ in $(seq 1 "${BENCH_ROUNDS:-5}"); do
       t=$(PGOPTIONS="-c search_path=message_store,public" pgbench -n -M prepared -c 1 -t 3 \
           -f bench/pgbench_get_stream_messages.sql "$MDB_URL" 2>&1 | sed -n 's/^tps = \([0-9.]*\).*/\1/p')
       best=$(awk -v a="$best" -v b="${t:-0}" 'BEGIN { print (b > a) ? b : a }')
+      t=$(pgbench -n -M prepared -c 1 -t 3 -f "$OUT/read_stream.sql" "$URL" 2>&1 \
+          | sed -n 's/^tps = \([0-9.]*\).*/\1/p')
+      best_es=$(awk -v a="$best_es" -v b="${t:-0}" 'BEGIN { print (b > a) ? b : a }')
     done
     record "fold_message_db_get_stream_messages $(awk -v t="$best" 'BEGIN { printf "%.0f", t * 100000 }') events/s"
+    record "fold_es_server_read $(awk -v t="$best_es" 'BEGIN { printf "%.0f", t * 100000 }') events/s"
     for f in lua5.4 luajit; do
       es_rate=$(value_of "fold_es_$f")
       [ -n "$es_rate" ] && record "fold_ratio_${f}_message_db $(ratio "$es_rate" "$(value_of fold_message_db_get_stream_messages)") x"
     done
+    record_ratio fold es_server_read message_db_get_stream_messages fold_ratio_server_read_message_db
   else
     fail "fold (writing Message DB's stream)"
   fi

@@ -231,4 +231,43 @@ describe("consumer groups on Citus (partitions are shards)", function()
     assert.is_false(ok)
     assert.matches("shards", tostring(err))
   end)
+
+  it("runs workflow runners as a group too, and resets every partition to the end of the log", function()
+    local seen = {}
+    local wf = es.workflow { name = "wf-cgroup", category = "T", on = { Tick = function(e)
+      seen[e.id] = (seen[e.id] or 0) + 1
+    end } }
+    local other = assert(es.open(helpers.database_url(), { schema = schema }))
+    local r1 = es.workflow.runner(store, { wf }, { group = { member = "a", heartbeat = 0.05 } })
+    local r2 = es.workflow.runner(other, { wf }, { group = { member = "b", heartbeat = 0.05 } })
+    for i = 1, 40 do assert(store:append("T-" .. i, { { type = "Tick" }, { type = "Tick" } })) end
+    for i = 1, 10 do assert(store:append("U-" .. i, { type = "Tick" })) end   -- another category
+    assert(r1:catch_up())
+    assert(r2:catch_up())
+    helpers.sleep(0.1)
+    assert(r1:catch_up())      -- r1 hands b's share over, r2 takes it
+    helpers.sleep(0.1)
+    assert(r2:catch_up())
+    assert(r1:catch_up())
+    local count = 0
+    for _, c in pairs(seen) do assert.equal(1, c); count = count + 1 end
+    assert.equal(80, count)
+    local st = assert(r1:status())[1]
+    assert.equal(0, st.lag_events)
+    -- a checkpoint of all shards given to every partition: each keeps its own
+    assert(r1:reset("wf-cgroup", { checkpoint = assert(es.workflow.end_checkpoint(store)) }))
+    for i = 41, 50 do assert(store:append("T-" .. i, { type = "Tick" })) end
+    seen = {}
+    local n1 = assert(r1:catch_up())
+    local n2 = assert(r2:catch_up())
+    helpers.sleep(0.1)
+    n1 = n1 + assert(r1:catch_up())
+    n2 = n2 + assert(r2:catch_up())
+    assert.equal(10, n1 + n2)
+    count = 0
+    for _, c in pairs(seen) do assert.equal(1, c); count = count + 1 end
+    assert.equal(10, count)
+    assert.equal(0, assert(r2:status())[1].lag_events)
+    other:close()
+  end)
 end)

@@ -14,7 +14,11 @@
 -- Streams are spread over `partitions` by hashtext(stream): all events of
 -- a stream are in one partition, so per-stream order is kept. Each
 -- subscription has a checkpoint per partition (ledger rows "<name>/<k>"),
--- read with the partition's filter in SQL.
+-- read with the partition's filter in SQL. On a store distributed on
+-- Citus the partitions are the shards of the events table instead
+-- (partitions = "shards", the default there; a number is refused):
+-- partition k is the (k+1)th shard by id, its checkpoint that shard's
+-- cursor, read with read_all({ shards = { id } }) on the shard's worker.
 --
 -- Membership and ownership are rows with leases, never sessions (no
 -- LISTEN, no advisory locks: fine behind PgBouncer in transaction mode):
@@ -306,6 +310,14 @@ function Group:shard_ids()
   return ids
 end
 
+-- A unit's checkpoint narrowed to its own shard's cursor: a reset may
+-- give every unit one checkpoint of all shards (es.workflow.end_checkpoint).
+local function own_cursor(cp, id)
+  if not util.per_shard(cp) then return cp end
+  local entry = cp:match("[:,](" .. ("%d"):format(id) .. "@%d+=%d+:%d+)")
+  return entry and "c1:" .. entry or cp
+end
+
 -- A batch of partitions that are shards: each unit reads its own shard
 -- after its own checkpoint (a cursor of that shard alone, read on its
 -- worker against that worker's snapshot: the coordinator-side read above
@@ -320,7 +332,8 @@ function Group:_shard_batch(item, usable, cps, limit)
   local ask = math.max(1, math.floor(limit / #usable))
   local kept, reads, short = {}, {}, true
   for _, u in ipairs(usable) do
-    local b, cp = store:read_all({ after = cps[u.part] or nil, limit = ask, shards = { ids[u.part + 1] },
+    local b, cp = store:read_all({ after = own_cursor(cps[u.part] or nil, ids[u.part + 1]), limit = ask,
+      shards = { ids[u.part + 1] },
       types = item.base.types, category = item.base.category })
     if not b then engine:rollback(); return nil, cp end
     reads[u] = { cp = cp, first = #kept + 1, last = #kept + #b }
@@ -392,7 +405,7 @@ function Group:shard_lag(parts)
   local n, oldest = 0, nil
   for _, r in ipairs(parts) do
     local k = tonumber(r.name:match("/(%d+)$"))
-    local c, first = util.lag_by_scan(self.store, r.checkpoint, { ids[k + 1] })
+    local c, first = util.lag_by_scan(self.store, own_cursor(r.checkpoint, ids[k + 1]), { ids[k + 1] })
     if not c then return nil, first end
     n = n + c
     if first and (not oldest or first < oldest) then oldest = first end

@@ -198,6 +198,7 @@ end
 
 -- At least this many upserts in a transaction go through a staging table.
 local STAGE_MIN = 200
+local STAGE_NS = "6f1d7c52-3b8e-4a57-9a51-2f0c4e8d9b13"
 
 -- The staging table of tbl: a temporary table (the session's own, gone
 -- with it) shaped like tbl. Staged rows live only inside the caller's
@@ -209,7 +210,13 @@ function ReadModel:_stage_sqls(store, tbl)
   local st = self._stage_sql[ck]
   if st then return st end
   local q = self:_qualified(store, tbl)
-  local name = short_ident("es_stage_" .. store:schema() .. "_" .. (tbl or self.name))
+  -- named after the columns too: a session's stage made for a table an
+  -- older definition shaped (before a rebuild swapped in new columns) is
+  -- never taken for this one
+  local shape = {}
+  for _, c in ipairs(self.columns) do shape[#shape + 1] = c .. " " .. self.types[c] end
+  local tag = core.uuid5(STAGE_NS, table.concat(shape, ",")):sub(1, 8)
+  local name = short_ident(("es_stage_%s_%s_%s"):format(store:schema(), tbl or self.name, tag))
   local cols, sets = {}, {}
   for _, c in ipairs(self.columns) do
     cols[#cols + 1] = quote(c)

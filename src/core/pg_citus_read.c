@@ -7,8 +7,10 @@
  * opened with the store's own conninfo and the worker's host and port
  * (kept for later reads): the rows after that shard's cursor whose
  * transactions are older than anything still running on that worker, in
- * (txid, position) order. Each shard gets a share of the limit (more
- * while others have less), and the batch gives the rows round robin, so it
+ * (txid, position) order, each shard's query its own statement, sent to
+ * all workers at once (libpq pipeline mode). Each shard gets a share of
+ * the limit (more while others have less), and the batch gives the rows
+ * round robin, so it
  * holds a prefix of every shard's rows after its cursor and reads about
  * `limit` rows in all:
  * the checkpoint after any event is exact, and per-stream order (a stream
@@ -390,7 +392,8 @@ static int rebase(pg_store *p, shard_cursor *cur, int ncur,
         shard_cursor *c = find_shard(cur, ncur, old[i].shard);
         if (!c)
             return es_fail(err, ES_INVALID, "read_all: shard %" PRId64 " of "
-                           "this checkpoint no longer exists (split or "
+                           "this checkpoint is not among the shards read "
+                           "(option shards) or no longer exists (split or "
                            "table redistributed?): followers cannot carry "
                            "their position over (docs/scale-out.md)",
                            old[i].shard);
@@ -547,17 +550,16 @@ static int add_elem(es_buf *b, const char *s, int first)
     return rc | es_buf_addc(b, '"');
 }
 
-/* The shard's rows after its cursor whose transactions are older than
- * anything still running on its worker, in (txid, position) order. */
-static PGresult *read_shard(pg_store *p, PGconn *c, const char *table,
-                            const shard_cursor *sh, const es_read_all_opts *o,
-                            int64_t limit, es_error *err)
+/* Sends the query for the shard's rows after its cursor whose
+ * transactions are older than anything still running on its worker, in
+ * (txid, position) order (read_round reads the answer). */
+static int send_shard(PGconn *c, const char *table, const shard_cursor *sh,
+                      const es_read_all_opts *o, int64_t limit, es_error *err)
 {
     char sql[1280], filters[128] = "", tx[24], pos[24], lim[24];
     const char *values[5];
-    int n = 3;
+    int n = 3, sent;
     es_buf types;
-    PGresult *res;
 
     es_buf_init(&types);
     snprintf(tx, sizeof tx, "%" PRIu64, sh->rd_txid);
@@ -577,8 +579,7 @@ static PGresult *read_shard(pg_store *p, PGconn *c, const char *table,
         rc |= es_buf_addc(&types, '}');
         if (rc < 0 || !es_buf_cstr(&types)) {
             es_buf_free(&types);
-            es_fail(err, ES_DATABASE, "out of memory");
-            return NULL;
+            return es_fail(err, ES_DATABASE, "out of memory");
         }
         values[n++] = es_buf_cstr(&types);
         snprintf(filters + strlen(filters), sizeof filters - strlen(filters),
@@ -599,8 +600,21 @@ static PGresult *read_shard(pg_store *p, PGconn *c, const char *table,
                  " NULL FROM %s WHERE txid <"
                  " pg_snapshot_xmin(pg_current_snapshot())"
                  " ORDER BY txid DESC, position DESC LIMIT 1)", table);
-    res = PQexecParams(c, sql, n, NULL, values, NULL, NULL, 1);
+    sent = PQsendQueryParams(c, sql, n, NULL, values, NULL, NULL, 1);
     es_buf_free(&types);
+    if (!sent) {
+        es_fail(err, ES_CONNECTION, "read_all: shard %" PRId64 ": %s",
+                sh->shard, PQerrorMessage(c));
+        err->message[strcspn(err->message, "\n")] = '\0';
+        return -1;
+    }
+    return 0;
+}
+
+/* Checks the answer to send_shard: 0, or -1 with err set (res cleared). */
+static int shard_result(PGconn *c, const shard_cursor *sh, PGresult *res,
+                        es_error *err)
+{
     if (PQresultStatus(res) != PGRES_TUPLES_OK || PQnfields(res) != 9) {
         const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
         es_fail(err, PQstatus(c) == CONNECTION_OK ? ES_DATABASE
@@ -613,9 +627,9 @@ static PGresult *read_shard(pg_store *p, PGconn *c, const char *table,
                 err->reason = ES_REASON_TIMEOUT;    /* retry later */
         }
         PQclear(res);
-        return NULL;
+        return -1;
     }
-    return res;
+    return 0;
 }
 
 static int add_piece(citus_cursor *cc, int shard, int n, PGresult *res)
@@ -688,6 +702,115 @@ static void note_head(shard_cursor *s, PGresult *res, int i)
     s->hd_pos = p;
 }
 
+/* Takes one shard's answer into the batch: its rows, where its reads got
+ * to, and whether it has more (fewer rows than asked: done). */
+static int take(citus_cursor *cc, int i, PGresult *res, int64_t ask,
+                int64_t *left, int *active, es_error *err)
+{
+    shard_cursor *s = &cc->sh[i];
+    int n = PQntuples(res);
+
+    if (n > 0 && PQgetisnull(res, n - 1, 1)) {    /* the head row */
+        n--;
+        note_head(s, res, n);
+    }
+    if (n > 0) {
+        s->rd_txid = be64(PQgetvalue(res, n - 1, 7));
+        s->rd_pos = (int64_t)be64(PQgetvalue(res, n - 1, 0));
+    }
+    if (add_piece(cc, i, n, res) < 0) {
+        PQclear(res);
+        return es_fail(err, ES_DATABASE, "out of memory");
+    }
+    *left -= n;
+    if (n < ask) {
+        s->done = 1;
+        (*active)--;
+    } else {
+        s->jump = 0;              /* more may match: no moving past it */
+    }
+    return 0;
+}
+
+/* Leaves pipeline mode on c, reading what is left up to the sync; a
+ * session that cannot is closed (the next read opens another). */
+static void end_pipeline(pg_store *p, PGconn *c)
+{
+    for (int guard = 0; guard < 10000; guard++) {
+        PGresult *r;
+        if (PQpipelineStatus(c) == PQ_PIPELINE_OFF || PQexitPipelineMode(c))
+            return;
+        r = PQgetResult(c);
+        if (!r && PQstatus(c) != CONNECTION_OK)
+            break;
+        PQclear(r);
+    }
+    for (int i = 0; p->nodes && i < p->nodes->n; i++)
+        if (p->nodes->v[i].conn == c) {
+            PQfinish(c);
+            p->nodes->v[i].conn = NULL;
+        }
+}
+
+static int first_use(PGconn **conn, int k)
+{
+    for (int j = 0; j < k; j++)
+        if (conn[j] == conn[k])
+            return 0;
+    return 1;
+}
+
+/* Asks the shards want[0..nw) for `ask` rows each, pipelined: every query
+ * is sent on its worker's session first, then the answers are read in the
+ * same order, so a round costs about one round trip per worker instead
+ * of one per shard. Each query is its own statement (its own snapshot),
+ * as when they ran one after the other. */
+static int read_round(pg_store *p, citus_cursor *cc, const es_read_all_opts *o,
+                      const int *want, int nw, int64_t ask, int64_t *left,
+                      int *active, es_error *err)
+{
+    PGconn **conn = calloc((size_t)nw + 1, sizeof *conn);
+    int k, sent = 0, rc = 0;
+
+    if (!conn)
+        return es_fail(err, ES_DATABASE, "out of memory");
+    /* sessions first: none is opened while a pipeline is open */
+    for (k = 0; k < nw; k++) {
+        shard_cursor *s = &cc->sh[want[k]];
+        if (!(conn[k] = node_session(p, s->host, s->port, err))) {
+            free(conn);
+            return -1;
+        }
+    }
+    for (k = 0; k < nw && rc == 0; k++)
+        if (PQpipelineStatus(conn[k]) == PQ_PIPELINE_OFF &&
+            !PQenterPipelineMode(conn[k]))
+            rc = es_fail(err, ES_CONNECTION, "read_all: %s",
+                         PQerrorMessage(conn[k]));
+    for (k = 0; k < nw && rc == 0; k++)
+        if ((rc = send_shard(conn[k], cc->sh[want[k]].table, &cc->sh[want[k]],
+                             o, ask, err)) == 0)
+            sent++;
+    for (k = 0; k < nw; k++)
+        if (first_use(conn, k) && PQpipelineStatus(conn[k]) != PQ_PIPELINE_OFF)
+            PQpipelineSync(conn[k]);
+    for (k = 0; k < sent; k++) {
+        PGresult *res = PQgetResult(conn[k]), *end;
+        while ((end = PQgetResult(conn[k])) != NULL)    /* up to its end */
+            PQclear(end);
+        if (rc < 0)
+            PQclear(res);             /* after an error: only read on */
+        else if (shard_result(conn[k], &cc->sh[want[k]], res, err) < 0 ||
+                 take(cc, want[k], res, ask, left, active, err) < 0)
+            rc = -1;
+    }
+    for (k = 0; k < nw; k++)
+        if (first_use(conn, k))
+            end_pipeline(p, conn[k]);
+    free(conn);
+    return rc;
+}
+
 /* Fills the batch up to limit: every shard not yet exhausted gets an even
  * share of what is left, again while some came back short. A batch is short
  * only when every shard had less than its share: followers take a short
@@ -698,50 +821,41 @@ static int read_batch(pg_store *p, citus_cursor *cc, const es_read_all_opts *o,
 {
     int64_t left = limit;
     int active = cc->nsh;
+    int *want = malloc(((size_t)cc->nsh + 1) * sizeof *want);
 
+    if (!want)
+        return es_fail(err, ES_DATABASE, "out of memory");
     for (int i = 0; i < cc->nsh; i++) {
         cc->sh[i].rd_txid = cc->sh[i].txid;
         cc->sh[i].rd_pos = cc->sh[i].pos;
     }
     while (left > 0 && active > 0) {
-        /* Shards still going are level: each gets the same share, or,
-         * when fewer rows are left than shards, one each in shard order
-         * until none is left. That is what a round robin over the shards
-         * takes first. */
+        /* A pass: shards still going are level, each gets the same share,
+         * or, when fewer rows are left than shards, one each in shard
+         * order until none is left. That is what a round robin over the
+         * shards takes first. A round asks, at once, as many of the
+         * pass's next shards as the rows left can serve (all of them
+         * when the shares fit); the pass goes on from there. */
         int64_t ask = left / active > 0 ? left / active : 1;
-        for (int i = 0; i < cc->nsh && left > 0; i++) {
-            shard_cursor *s = &cc->sh[i];
-            PGconn *c;
-            PGresult *res;
-            int n;
-
-            if (s->done)
-                continue;
-            if (!(c = node_session(p, s->host, s->port, err)) ||
-                !(res = read_shard(p, c, s->table, s, o, ask, err)))
+        int i = 0;
+        while (i < cc->nsh && left > 0) {
+            int64_t budget = left;
+            int nw = 0;
+            for (; i < cc->nsh && budget > 0; i++) {
+                if (cc->sh[i].done)
+                    continue;
+                want[nw++] = i;
+                budget -= ask;
+            }
+            if (nw == 0)
+                break;
+            if (read_round(p, cc, o, want, nw, ask, &left, &active, err) < 0) {
+                free(want);
                 return -1;
-            n = PQntuples(res);
-            if (n > 0 && PQgetisnull(res, n - 1, 1)) {    /* the head row */
-                n--;
-                note_head(s, res, n);
-            }
-            if (n > 0) {
-                s->rd_txid = be64(PQgetvalue(res, n - 1, 7));
-                s->rd_pos = (int64_t)be64(PQgetvalue(res, n - 1, 0));
-            }
-            if (add_piece(cc, i, n, res) < 0) {
-                PQclear(res);
-                return es_fail(err, ES_DATABASE, "out of memory");
-            }
-            left -= n;
-            if (n < ask) {
-                s->done = 1;
-                active--;
-            } else {
-                s->jump = 0;      /* more may match: no moving past it */
             }
         }
     }
+    free(want);
     return lay_out(cc, limit - left, err);
 }
 

@@ -39,7 +39,8 @@ const char *pg_statement_sql(const pg_store *p, int stmt, char *out,
     case PG_APPEND_ONE:
         /* append()'s one-statement path (pg_schema.c, step 3) sent as is:
          * the same checks, without the function call around it. No row
-         * back means a check refused: append() then says which. */
+         * back means a check refused: append() then says which. Binary
+         * results: no number formatting or epoch arithmetic on the server. */
         snprintf(out, outlen, "INSERT INTO \"%s\".events (id, stream,"
                  " version, type, data, metadata, category)"
                  " SELECT $3::uuid, $1, l.cur + 1, $4, $5::json, $6::json,"
@@ -51,8 +52,7 @@ const char *pg_statement_sql(const pg_store *p, int stmt, char *out,
                  " AND NOT (($2::bigint = -2 AND l.cur <> 0)"
                  " OR ($2 = -3 AND l.cur = 0)"
                  " OR ($2 >= 0 AND l.cur <> $2))"
-                 " RETURNING position, version,"
-                 " (extract(epoch FROM recorded_at) * 1000000)::bigint", s, s);
+                 " RETURNING position, version, recorded_at", s, s);
         break;
     case PG_VERSION:
         /* the last event's, through the unique (stream, version) index */
@@ -316,15 +316,15 @@ static int append_one(pg_store *p, const char *stream, const es_event_in *ev,
     for (int i = 0; i < O_N; i++)
         values[i] = b->data + offs[i];
 
-    PGresult *res = pg_exec_prepared(p, PG_APPEND_ONE, O_N, values, 0, err);
+    PGresult *res = pg_exec_prepared(p, PG_APPEND_ONE, O_N, values, 1, err);
     if (!res)
         return strcmp(err->sqlstate, "23505") == 0 ||
                strcmp(err->sqlstate, "40001") == 0 ? 2 : -1;
     rc = PQntuples(res) == 1;
     if (rc) {
-        out->position = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
-        out->version = strtoll(PQgetvalue(res, 0, 1), NULL, 10);
-        es_time_format(strtoll(PQgetvalue(res, 0, 2), NULL, 10),
+        out->position = (int64_t)be64(PQgetvalue(res, 0, 0));
+        out->version = (int64_t)be64(PQgetvalue(res, 0, 1));
+        es_time_format((int64_t)be64(PQgetvalue(res, 0, 2)) + PG_EPOCH_USEC,
                        out->recorded_at);
     }
     PQclear(res);
