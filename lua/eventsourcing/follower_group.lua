@@ -142,20 +142,15 @@ function Group:units(sub)
 end
 
 -- One read for any set of partitions: the events of those partitions after
--- checkpoint $1 (each with its partition and checkpoint), then a last row
--- (NULL id) naming the last event below the watermark.
--- (the text of txid is named tx: ORDER BY txid must mean the xid8 column,
--- not an output column of that name, which would sort as text)
-local READ = [[(SELECT id::text AS id, stream, version, position, type, data, metadata,
-    %s, txid::text AS tx, (hashtext(stream) & 2147483647) %% $3::int AS part FROM <schema>.events
-  WHERE (txid, position) > ($1::xid8, $2::bigint)
-    AND txid < pg_snapshot_xmin(pg_current_snapshot())
-    AND (hashtext(stream) & 2147483647) %% $3::int = ANY($4::int[])
-    AND ($6::text[] IS NULL OR type = ANY($6::text[])) AND ($7::text IS NULL OR category = $7)
-  ORDER BY txid, position LIMIT $5::bigint)
-UNION ALL (SELECT NULL, NULL, NULL, position, NULL, NULL, NULL, NULL, txid::text AS tx, NULL
-  FROM <schema>.events WHERE txid < pg_snapshot_xmin(pg_current_snapshot())
-  ORDER BY txid DESC, position DESC LIMIT 1)]]
+-- checkpoint `after` (each with its partition e.part and checkpoint), by
+-- the C read path (read_all's partition filter: (hashtext(stream) &
+-- 0x7fffffff) % partitions, in SQL). A short batch's checkpoint moves on
+-- to the last event below the watermark, whatever its partition or type.
+-- -> events, the batch's checkpoint | nil, err
+function Group:read(base, parts, after, limit)
+  return self.store:read_all({ after = after, limit = limit, prefetch = base.prefetch,
+    types = base.types, category = base.category, partitions = self.partitions, partition = parts })
+end
 
 local function array_literal(list, quoted)
   local out = {}
@@ -163,30 +158,6 @@ local function array_literal(list, quoted)
     out[i] = quoted and ('"' .. tostring(t):gsub('[\\"]', '\\%0') .. '"') or tostring(t)
   end
   return "{" .. table.concat(out, ",") .. "}"
-end
-
--- -> events (e.part, e.checkpoint), the batch's checkpoint (past what the
--- filters skipped when the batch is short) | nil, err
-function Group:read(base, parts, after, limit)
-  local txid, pos = fm().parse_checkpoint(after)
-  self.sql_read = self.sql_read or self:_q(READ:format(util.ts_sql("recorded_at")))
-  local rows, err = self.store:query(self.sql_read, txid, pos, self.partitions, array_literal(parts), limit,
-    base.types and array_literal(base.types, true) or nil, base.category)
-  if not rows then return nil, err end
-  local cp, n = after, #rows
-  local head = n > 0 and rows[n].id == nil and rows[n] or nil
-  if head then rows[n] = nil; n = n - 1 end
-  for i = 1, n do
-    local e = rows[i]
-    e.checkpoint = e.tx .. ":" .. e.position
-    e.tx = nil
-    cp = e.checkpoint
-  end
-  if head and n < limit then
-    local hcp = head.tx .. ":" .. head.position
-    if fm().checkpoint_less(cp, hcp) then cp = hcp end
-  end
-  return rows, cp
 end
 
 -- Work items: per subscription, the units of the owned partitions.
