@@ -208,9 +208,19 @@ function Group:batch(item, limit)
   if self.on_shards then return self:_shard_batch(item, usable, cps, limit) end
   local batch, cp = self:read(item.base, parts, low, limit)
   if not batch then engine:rollback(); return nil, cp end
-  local kept = {}
-  for _, e in ipairs(batch) do
-    if fm().checkpoint_less(cps[e.part] or nil, e.checkpoint) then kept[#kept + 1] = e end
+  -- drop events a unit has done already: only units whose checkpoint is
+  -- above the one read from can have any (after a takeover or a failure)
+  local ahead, less = {}, fm().checkpoint_less
+  for part, c in pairs(cps) do
+    if c and c ~= low then ahead[part] = c end
+  end
+  local kept = batch
+  if next(ahead) then
+    kept = {}
+    for _, e in ipairs(batch) do
+      local c = ahead[e.part]
+      if not c or less(c, e.checkpoint) then kept[#kept + 1] = e end
+    end
   end
   local n, done, info = #kept, 0, {}
   if n > 0 then

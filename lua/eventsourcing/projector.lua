@@ -11,6 +11,7 @@
 --                               --        lag_seconds, handled, error, state,
 --                               --        updated_at, failed_at }, ... }
 --   projector:rebuild("rm_orders", { progress = function(done, total, rate, eta, final) end })
+--   projector:rebuild("rm_orders", { workers = 2 })  -- replay over 2 processes
 --   projector:retry("rm_orders")   -- clear a recorded handler error
 --   projector:pause(name) / resume(name)
 --   projector:reset(name)       -- back to the first event; a read model's
