@@ -142,14 +142,16 @@ function Group:units(sub)
 end
 
 -- One read for any set of partitions: the events of those partitions after
--- checkpoint `after` (each with its partition e.part and checkpoint), by
--- the C read path (read_all's partition filter: (hashtext(stream) &
--- 0x7fffffff) % partitions, in SQL). A short batch's checkpoint moves on
--- to the last event below the watermark, whatever its partition or type.
+-- checkpoint `after` (each with its partition e.part and, when asked, its
+-- checkpoint), by the C read path (read_all's partition filter:
+-- (hashtext(stream) & 0x7fffffff) % partitions, in SQL). A short batch's
+-- checkpoint moves on to the last event below the watermark, whatever its
+-- partition or type.
 -- -> events, the batch's checkpoint | nil, err
-function Group:read(base, parts, after, limit)
-  return self.store:read_all({ after = after, limit = limit, prefetch = base.prefetch,
-    types = base.types, category = base.category, partitions = self.partitions, partition = parts })
+function Group:read(base, parts, after, limit, checkpoints, prefetch)
+  return self.store:read_all({ after = after, limit = limit, prefetch = prefetch and base.prefetch,
+    types = base.types, category = base.category, partitions = self.partitions, partition = parts,
+    checkpoints = checkpoints })
 end
 
 local function array_literal(list, quoted)
@@ -206,16 +208,19 @@ function Group:batch(item, limit)
   end
   if not any then engine:rollback(); return 0, #rows < #item.units and "locked" or "idle" end
   if self.on_shards then return self:_shard_batch(item, usable, cps, limit) end
-  local batch, cp = self:read(item.base, parts, low, limit)
-  if not batch then engine:rollback(); return nil, cp end
   -- drop events a unit has done already: only units whose checkpoint is
   -- above the one read from can have any (after a takeover or a failure)
   local ahead, less = {}, fm().checkpoint_less
   for part, c in pairs(cps) do
     if c and c ~= low then ahead[part] = c end
   end
+  local filter = next(ahead) ~= nil
+  -- a checkpoint string per event only when something needs it (the
+  -- filter, or the subscription's handlers: not a read model's)
+  local batch, cp = self:read(item.base, parts, low, limit, filter or item.base.checkpoints ~= false, true)
+  if not batch then engine:rollback(); return nil, cp end
   local kept = batch
-  if next(ahead) then
+  if filter then
     kept = {}
     for _, e in ipairs(batch) do
       local c = ahead[e.part]
@@ -228,8 +233,29 @@ function Group:batch(item, limit)
     if done == nil then engine:rollback(); return nil, info end
     info = info or {}
   end
-  return self:_finish(item, usable, cps, kept, done, info,
-    done == n and cp or (done > 0 and kept[done].checkpoint or nil), #batch < limit)
+  local upto = done == n and cp or nil
+  if done < n and done > 0 then
+    upto, err = self:_checkpoint_at(item.base, parts, low, kept, done)
+    if not upto then engine:rollback(); return nil, err end
+  end
+  return self:_finish(item, usable, cps, kept, done, info, upto, #batch < limit)
+end
+
+-- The checkpoint after kept[done] (a batch stopped early, read without
+-- per-event checkpoints): the first `done` events read again, below the
+-- first read's watermark they come back the same and first; checked, a
+-- mismatch only retries the batch.
+function Group:_checkpoint_at(base, parts, after, kept, done)
+  local e = kept[done]
+  if e.checkpoint then return e.checkpoint end
+  local again, err = self:read(base, parts, after, done, true, false)
+  if not again then return nil, err end
+  local last = again[done]
+  if #again ~= done or last.id ~= e.id or last.position ~= e.position then
+    return nil, core.error("conflict", ("%s %s: a batch read again differs at event %d; retrying")
+      :format(self.engine.label, base.name, done), { reason = "serialization" })
+  end
+  return last.checkpoint
 end
 
 function Group:_finish(item, usable, cps, kept, done, info, upto, short)
