@@ -83,6 +83,9 @@ function M.run(store, n, replay, what)
       os.remove(kid.path)
     end
   end
+  -- garbage of the parent is collected here, not in a worker: a cursor's
+  -- or store's finalizer run there would talk on the parent's session
+  collectgarbage("collect")
   for k = 1, n - 1 do
     local path = os.tmpname()
     local pid, err = core.fork()
