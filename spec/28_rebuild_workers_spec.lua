@@ -169,6 +169,23 @@ describe("rebuild with workers (processes, PostgreSQL)", function()
     end
   end)
 
+  it("stops its workers and cleans up when the parent's progress callback raises", function()
+    local p = es.projector(store, { model("rm_w") })
+    assert(p:migrate())
+    assert(p:rebuild("rm_w"))
+    local before = rows_of(store, schema, "rm_w")
+    assert.has_error(function()
+      p:rebuild("rm_w", { batch_size = 10, workers = 2, progress = function(done, _, _, _, final)
+        if not final and done >= 20 then error("progress broke") end
+      end })
+    end, "progress broke")
+    assert.same({ 0, 0 }, { leftovers(store, schema) })
+    assert.same(before, rows_of(store, schema, "rm_w"))
+    assert.is_false(store:status().in_transaction)
+    assert.equal(306, assert(p:rebuild("rm_w", { workers = 2 })))
+    assert.same(before, rows_of(store, schema, "rm_w"))
+  end)
+
   it("refuses workers it cannot use", function()
     local p = es.projector(store, { model("rm_w", { by_stream = false }) })
     assert.has_error(function() p:rebuild("rm_w", { workers = 2 }) end,
