@@ -10,6 +10,8 @@
 --   ES_BENCH_EVENTS   events to generate (multiple of 10,000)
 --   ES_BENCH_NAIVE    events the naive loop applies (default 100,000)
 --   ES_BENCH_BATCH    rebuild batch size (default 10,000)
+--   ES_BENCH_WORKERS  worker counts of the rebuilds after the first
+--                     (default "2"; projector:rebuild's workers option)
 --
 -- Event layout: blocks of 2,000 orders whose 5 events interleave over
 -- 10,000 positions (orders in flight at the same time, as in a live shop).
@@ -93,6 +95,25 @@ assert(rows.n == N / 5, ("rm_orders has %d rows, expected %d"):format(rows.n, N 
 local sample = assert(orders_rm.get_order(store, "1"))
 assert(sample.total == 2500 and sample.status == "placed" and sample.item_count == 1, "wrong row for order 1")
 
+-- 2a. the same rebuild spread over worker processes (stream partitions):
+-- the same table (row count and totals), its rate beside one worker's
+local by_workers = {}
+local function table_sum()
+  local r = store:query(("SELECT count(*) AS n, sum(total) AS t, sum(version) AS v FROM %s.rm_orders"):format(q))[1]
+  return ("%s/%s/%s"):format(tostring(r.n), tostring(r.t), tostring(r.v))
+end
+local one_worker_sum = table_sum()
+for w in (os.getenv("ES_BENCH_WORKERS") or "2"):gmatch("%d+") do
+  w = tonumber(w)
+  local tw, cw = now(), os.clock()
+  local tm = {}
+  local dw = assert(projector:rebuild("rm_orders", { batch_size = BATCH, workers = w, timings = tm }))
+  local secs = now() - tw
+  assert(dw == N, ("rebuild with %d workers replayed %d of %d events"):format(w, dw, N))
+  assert(table_sum() == one_worker_sum, ("rebuild with %d workers: table differs"):format(w))
+  by_workers[#by_workers + 1] = { w = w, secs = secs, cpu = os.clock() - cw, timings = tm }
+end
+
 -- 2b. a projector catching up over the same events from its first checkpoint
 assert(projector:reset("rm_orders"))
 t0, c0 = now(), os.clock()
@@ -158,6 +179,22 @@ print(("rebuild_phase_other %.3f s %.2f us/event"):format(rebuild_s - accounted,
 print(("rebuild_rm_orders_events %d events"):format(N))
 print(("rebuild_rm_orders_seconds %.2f s"):format(rebuild_s))
 print(("rebuild_rm_orders_rate %.0f events/s"):format(rate))
+for _, r in ipairs(by_workers) do
+  print(("rebuild_rm_orders_%d_workers_seconds %.2f s"):format(r.w, r.secs))
+  print(("rebuild_rm_orders_%d_workers_rate %.0f events/s"):format(r.w, N / r.secs))
+  print(("rebuild_%d_workers_speedup %.2f x"):format(r.w, rebuild_s / r.secs))
+  -- the parent's CPU only (its partition, the tail, the swap)
+  print(("rebuild_%d_workers_parent_cpu %.2f us/event"):format(r.w, r.cpu * 1e6 / N))
+  -- the parent's phases: its partition's replay, then indexes, wait, swap
+  -- (waiting for the other workers falls in "other")
+  local acc = 0
+  for _, phase in ipairs(PHASES) do
+    local t = r.timings[phase] or 0
+    acc = acc + t
+    print(("rebuild_%d_workers_phase_%s %.3f s"):format(r.w, phase, t))
+  end
+  print(("rebuild_%d_workers_phase_other %.3f s"):format(r.w, r.secs - acc))
+end
 print(("catch_up_rm_orders_rate %.0f events/s"):format(N / catchup_s))
 print(("read_all_bare_rate %.0f events/s"):format(bare_rate))
 -- this process's CPU per event: what the client costs, much less swayed

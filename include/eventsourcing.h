@@ -105,6 +105,8 @@ typedef struct es_event {
     const char *metadata;
     size_t metadata_len;
     const char *recorded_at;   /* ISO-8601 UTC, microseconds, "...Z" */
+    int32_t part;              /* read_all with partitions: the stream's
+                                  partition; untouched otherwise */
 } es_event;
 
 typedef struct es_read_opts {
@@ -139,6 +141,15 @@ typedef struct es_read_all_opts {
                                     A checkpoint covers the shards it was
                                     read with. Elsewhere ES_INVALID. */
     size_t nshards;
+    int64_t partitions;          /* PostgreSQL: > 0 reads only streams with
+                                    (hashtext(stream) & 0x7fffffff) %
+                                    partitions in parts (nparts of them),
+                                    the consumer groups' hash; each event
+                                    gets its part. Elsewhere ES_INVALID. */
+    const int64_t *parts;
+    size_t nparts;
+    const char *upto;            /* PostgreSQL: checkpoint; no event after it
+                                    (a rebuild's common bound). */
 } es_read_all_opts;
 
 typedef struct es_store es_store;

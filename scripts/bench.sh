@@ -15,6 +15,8 @@
 #   BENCH_CMD_SECS=5                 length of each commands phase
 #   BENCH_EVENTS=1000000             events replayed by the rebuild bench
 #   BENCH_NAIVE=100000               events the naive UPDATE loop applies
+#   BENCH_WORKERS="2"                worker counts of the rebuilds after the 1-worker one
+#   BENCH_GROUP_MEMBERS="1 2 4"      group sizes of the group catch-up bench
 #   BENCH_LAG_N=300                  lag samples (head polling; a third for 100 ms polling)
 #   BENCH_HTTP_SECS=5                length of each wrk run
 #
@@ -42,7 +44,8 @@
 #            and 1,000 prior events, without snapshots against snapshot_every
 #            = 100, lua5.4 and luajit
 #   rebuild  bench/rebuild.lua, rebuild of rm_orders from 1,000,000 events
-#            against a naive UPDATE-per-event loop, lua5.4 and luajit
+#            with 1 and BENCH_WORKERS worker processes, against a naive
+#            UPDATE-per-event loop, lua5.4 and luajit
 #   group    bench/group_catchup.lua, catch-up of a read model over
 #            BENCH_GROUP_EVENTS (1,000,000) events by a consumer group of 1, 2
 #            and 4 member processes, against one plain projector, lua5.4
@@ -438,7 +441,7 @@ EVENTS=${BENCH_EVENTS:-1000000}
 section "rebuild (rm_orders from $EVENTS events; against one UPDATE per event)"
 for f in lua5.4 luajit; do
   bench_run "rebuild $f" "_$f" env ES_BENCH_DATABASE_URL="$URL" ES_BENCH_EVENTS="$EVENTS" \
-    ES_BENCH_NAIVE="${BENCH_NAIVE:-100000}" \
+    ES_BENCH_NAIVE="${BENCH_NAIVE:-100000}" ES_BENCH_WORKERS="${BENCH_WORKERS:-2}" \
     LUA_PATH="lua/?.lua;lua/?/init.lua;examples/?.lua;;" LUA_CPATH="build/$f/?.so;;" \
     "$f" bench/rebuild.lua
 done
@@ -459,6 +462,7 @@ if want group; then
 GROUP_EVENTS=${BENCH_GROUP_EVENTS:-1000000}
 section "group catch-up ($GROUP_EVENTS events, 16 partitions, 1/2/4 member processes; against one plain projector)"
 bench_run "group catch-up lua5.4" "" env ES_BENCH_DATABASE_URL="$URL" ES_BENCH_GROUP_EVENTS="$GROUP_EVENTS" \
+  ES_BENCH_GROUP_MEMBERS="${BENCH_GROUP_MEMBERS:-1 2 4}" \
   LUA_PATH="lua/?.lua;lua/?/init.lua;examples/?.lua;;" LUA_CPATH="build/lua5.4/?.so;;" \
   lua5.4 bench/group_catchup.lua
 fi

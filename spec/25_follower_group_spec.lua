@@ -235,6 +235,38 @@ describe("consumer groups (processes, PostgreSQL)", function()
     other:close()
   end)
 
+  it("stops a read model's partition at a failing event in mid-batch; the others go on", function()
+    local bad = "S-7"
+    local rm = es.read_model { name = "rm_gfail", columns = { id = "text", n = "bigint" },
+      on = { Tick = function(row, e)
+        if e.stream == bad and e.version == 2 then error("tick refused") end
+        row.n = (row.n or 0) + 1
+      end } }
+    for _ = 1, 3 do
+      for i = 1, 12 do assert(store:append("S-" .. i, { type = "Tick" })) end
+    end
+    local all = assert(store:read_all({ limit = 100, partitions = 4, partition = { 0, 1, 2, 3 } }))
+    local part_of = {}
+    for _, e in ipairs(all) do part_of[e.stream] = e.part end
+    local p = es.projector(store, { rm }, { batch_size = 1000, group = { partitions = 4, member = "m" } })
+    assert(p:catch_up())
+    local n = {}
+    for _, r in ipairs(assert(store:query(('SELECT id, n FROM "%s".rm_gfail'):format(schema)))) do
+      n[r.id] = r.n
+    end
+    assert.equal(1, n["7"])
+    for i = 1, 12 do
+      -- streams of the failed partition stop where the failing event stood
+      if part_of["S-" .. i] ~= part_of[bad] then assert.equal(3, n[tostring(i)], "S-" .. i) end
+    end
+    local failed = assert(store:query(('SELECT name, error FROM "%s".projections WHERE name LIKE '
+      .. "'rm_gfail/%%' AND error IS NOT NULL"):format(schema)))
+    assert.equal(1, #failed)
+    assert.equal("rm_gfail/" .. part_of[bad], failed[1].name)
+    assert.matches("tick refused", failed[1].error.message)
+    assert.equal(2, failed[1].error.version)
+  end)
+
   it("refuses a different partition count for an existing group, and memory stores", function()
     local P = assert(load(PROJECTION:format(schema) .. " return P"))()
     assert(es.projector(store, { P }, { group = { partitions = 8, member = "a" } }):migrate())

@@ -2,6 +2,7 @@
 -- processes (es.repository with read_models) is rebuilt again and again
 -- while they append; afterwards its table equals a fresh replay. Two
 -- rebuilds of one read model at the same moment each use a table of their own.
+-- The writers' test runs with rebuilds of 1 and of 2 worker processes.
 local helpers = require "helpers"
 local es = require "eventsourcing"
 
@@ -15,7 +16,7 @@ local es = require "eventsourcing"
 -- before it touches the table: younger writers commit meanwhile
 local slow = tonumber(os.getenv("ES_SPEC_SLOW_KEY") or "0")
 local function model(name)
-  return es.read_model { name = name, key = "id",
+  return es.read_model { name = name, key = "id", keys_by_stream = true,
     columns = { id = "text", n = "bigint", sum = "bigint", last = "bigint" },
     indexes = { "n" },
     key_of = function(e)
@@ -93,7 +94,9 @@ describe("rebuild with writers running (processes, PostgreSQL)", function()
     work:remove()
   end)
 
-  it("keeps every inline write made while rebuilds of the same table run and swap", function()
+  for _, workers in ipairs { 1, 2 } do
+  it(("keeps every inline write made while rebuilds (%d worker%s) of the same table run and swap")
+      :format(workers, workers > 1 and "s" or ""), function()
     local model = assert(load(MODEL .. " return model"))()
     local rm = model("rm_inl")
     local p = es.projector(store, { rm }, { batch_size = 50 })
@@ -109,7 +112,7 @@ describe("rebuild with writers running (processes, PostgreSQL)", function()
       return false
     end
     while any_alive() or rebuilds < 3 do
-      local n, err = p:rebuild("rm_inl", { batch_size = 50 })
+      local n, err = p:rebuild("rm_inl", { batch_size = 50, workers = workers })
       assert(n, tostring(err))
       rebuilds = rebuilds + 1
       -- checked now, with writers running: a later rebuild would repair it
@@ -123,9 +126,10 @@ describe("rebuild with writers running (processes, PostgreSQL)", function()
     assert.is_true(rebuilds >= 3)
     assert_equals_replay(store, schema, "rm_inl")
     -- and once more with nobody writing
-    assert(p:rebuild("rm_inl"))
+    assert(p:rebuild("rm_inl", { workers = workers }))
     assert_equals_replay(store, schema, "rm_inl")
   end)
+  end
 
   it("leaves neither shadow table nor marker behind when its progress callback raises", function()
     local model = assert(load(MODEL .. " return model"))()

@@ -37,6 +37,7 @@ end
 
 M.Orders = es.read_model {
   name = "rm_orders",
+  keys_by_stream = true,  -- a row per Order stream: rebuilds may use workers
   key = "id",
   columns = {
     id = "text", customer_id = "text", status = "text", items = "jsonb",

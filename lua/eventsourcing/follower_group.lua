@@ -142,20 +142,17 @@ function Group:units(sub)
 end
 
 -- One read for any set of partitions: the events of those partitions after
--- checkpoint $1 (each with its partition and checkpoint), then a last row
--- (NULL id) naming the last event below the watermark.
--- (the text of txid is named tx: ORDER BY txid must mean the xid8 column,
--- not an output column of that name, which would sort as text)
-local READ = [[(SELECT id::text AS id, stream, version, position, type, data, metadata,
-    %s, txid::text AS tx, (hashtext(stream) & 2147483647) %% $3::int AS part FROM <schema>.events
-  WHERE (txid, position) > ($1::xid8, $2::bigint)
-    AND txid < pg_snapshot_xmin(pg_current_snapshot())
-    AND (hashtext(stream) & 2147483647) %% $3::int = ANY($4::int[])
-    AND ($6::text[] IS NULL OR type = ANY($6::text[])) AND ($7::text IS NULL OR category = $7)
-  ORDER BY txid, position LIMIT $5::bigint)
-UNION ALL (SELECT NULL, NULL, NULL, position, NULL, NULL, NULL, NULL, txid::text AS tx, NULL
-  FROM <schema>.events WHERE txid < pg_snapshot_xmin(pg_current_snapshot())
-  ORDER BY txid DESC, position DESC LIMIT 1)]]
+-- checkpoint `after` (each with its partition e.part and, when asked, its
+-- checkpoint), by the C read path (read_all's partition filter:
+-- (hashtext(stream) & 0x7fffffff) % partitions, in SQL). A short batch's
+-- checkpoint moves on to the last event below the watermark, whatever its
+-- partition or type.
+-- -> events, the batch's checkpoint | nil, err
+function Group:read(base, parts, after, limit, checkpoints, prefetch)
+  return self.store:read_all({ after = after, limit = limit, prefetch = prefetch and base.prefetch,
+    types = base.types, category = base.category, partitions = self.partitions, partition = parts,
+    checkpoints = checkpoints })
+end
 
 local function array_literal(list, quoted)
   local out = {}
@@ -163,30 +160,6 @@ local function array_literal(list, quoted)
     out[i] = quoted and ('"' .. tostring(t):gsub('[\\"]', '\\%0') .. '"') or tostring(t)
   end
   return "{" .. table.concat(out, ",") .. "}"
-end
-
--- -> events (e.part, e.checkpoint), the batch's checkpoint (past what the
--- filters skipped when the batch is short) | nil, err
-function Group:read(base, parts, after, limit)
-  local txid, pos = fm().parse_checkpoint(after)
-  self.sql_read = self.sql_read or self:_q(READ:format(util.ts_sql("recorded_at")))
-  local rows, err = self.store:query(self.sql_read, txid, pos, self.partitions, array_literal(parts), limit,
-    base.types and array_literal(base.types, true) or nil, base.category)
-  if not rows then return nil, err end
-  local cp, n = after, #rows
-  local head = n > 0 and rows[n].id == nil and rows[n] or nil
-  if head then rows[n] = nil; n = n - 1 end
-  for i = 1, n do
-    local e = rows[i]
-    e.checkpoint = e.tx .. ":" .. e.position
-    e.tx = nil
-    cp = e.checkpoint
-  end
-  if head and n < limit then
-    local hcp = head.tx .. ":" .. head.position
-    if fm().checkpoint_less(cp, hcp) then cp = hcp end
-  end
-  return rows, cp
 end
 
 -- Work items: per subscription, the units of the owned partitions.
@@ -235,11 +208,24 @@ function Group:batch(item, limit)
   end
   if not any then engine:rollback(); return 0, #rows < #item.units and "locked" or "idle" end
   if self.on_shards then return self:_shard_batch(item, usable, cps, limit) end
-  local batch, cp = self:read(item.base, parts, low, limit)
+  -- drop events a unit has done already: only units whose checkpoint is
+  -- above the one read from can have any (after a takeover or a failure)
+  local ahead, less = {}, fm().checkpoint_less
+  for part, c in pairs(cps) do
+    if c and c ~= low then ahead[part] = c end
+  end
+  local filter = next(ahead) ~= nil
+  -- a checkpoint string per event only when something needs it (the
+  -- filter, or the subscription's handlers: not a read model's)
+  local batch, cp = self:read(item.base, parts, low, limit, filter or item.base.checkpoints ~= false, true)
   if not batch then engine:rollback(); return nil, cp end
-  local kept = {}
-  for _, e in ipairs(batch) do
-    if fm().checkpoint_less(cps[e.part] or nil, e.checkpoint) then kept[#kept + 1] = e end
+  local kept = batch
+  if filter then
+    kept = {}
+    for _, e in ipairs(batch) do
+      local c = ahead[e.part]
+      if not c or less(c, e.checkpoint) then kept[#kept + 1] = e end
+    end
   end
   local n, done, info = #kept, 0, {}
   if n > 0 then
@@ -247,8 +233,29 @@ function Group:batch(item, limit)
     if done == nil then engine:rollback(); return nil, info end
     info = info or {}
   end
-  return self:_finish(item, usable, cps, kept, done, info,
-    done == n and cp or (done > 0 and kept[done].checkpoint or nil), #batch < limit)
+  local upto = done == n and cp or nil
+  if done < n and done > 0 then
+    upto, err = self:_checkpoint_at(item.base, parts, low, kept, done)
+    if not upto then engine:rollback(); return nil, err end
+  end
+  return self:_finish(item, usable, cps, kept, done, info, upto, #batch < limit)
+end
+
+-- The checkpoint after kept[done] (a batch stopped early, read without
+-- per-event checkpoints): the first `done` events read again, below the
+-- first read's watermark they come back the same and first; checked, a
+-- mismatch only retries the batch.
+function Group:_checkpoint_at(base, parts, after, kept, done)
+  local e = kept[done]
+  if e.checkpoint then return e.checkpoint end
+  local again, err = self:read(base, parts, after, done, true, false)
+  if not again then return nil, err end
+  local last = again[done]
+  if #again ~= done or last.id ~= e.id or last.position ~= e.position then
+    return nil, core.error("conflict", ("%s %s: a batch read again differs at event %d; retrying")
+      :format(self.engine.label, base.name, done), { reason = "serialization" })
+  end
+  return last.checkpoint
 end
 
 function Group:_finish(item, usable, cps, kept, done, info, upto, short)

@@ -12,7 +12,10 @@ local es = {
 }
 
 function es.open(target, opts)
-  return core.open(target, opts)
+  local store, err = core.open(target, opts)
+  if not store then return nil, err end
+  -- remembered for a rebuild's worker processes (projector:rebuild workers)
+  return require("eventsourcing.util").note_open(store, target, opts)
 end
 
 -- aggregates, repository (modules loaded on first use), given/when/then helpers

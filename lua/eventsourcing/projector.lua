@@ -11,6 +11,7 @@
 --                               --        lag_seconds, handled, error, state,
 --                               --        updated_at, failed_at }, ... }
 --   projector:rebuild("rm_orders", { progress = function(done, total, rate, eta, final) end })
+--   projector:rebuild("rm_orders", { workers = 2 })  -- replay over 2 processes
 --   projector:retry("rm_orders")   -- clear a recorded handler error
 --   projector:pause(name) / resume(name)
 --   projector:reset(name)       -- back to the first event; a read model's
@@ -38,6 +39,7 @@ local read_model = require "eventsourcing.read_model"
 local follower = require "eventsourcing.follower"
 local progress = require "eventsourcing.progress"
 local rebuild = require "eventsourcing.rebuild"
+local rebuild_workers = require "eventsourcing.rebuild_workers"
 local util = require "eventsourcing.util"
 
 local quote = read_model.quote
@@ -229,7 +231,33 @@ function Projector:_count_events(p)
   return res and res[1].n or 0
 end
 
+-- opts.workers of rebuild: 1 (default) or the processes to spread the
+-- replay over. More than one needs a read model whose rows each follow
+-- one stream (partitions split streams apart, never one stream; see
+-- README, "Rebuilds"): the default key_of with a category, or
+-- keys_by_stream = true in its definition. A memory store rebuilds in one.
+function Projector:_workers(p, w)
+  if w == nil or w == 1 then return 1 end
+  if type(w) ~= "number" or w % 1 ~= 0 or w < 1 or w > 64 then
+    error("projector:rebuild: workers must be an integer from 1 to 64", 3)
+  end
+  if p.kind ~= "read_model" then
+    error(("projector:rebuild: workers is for read models (%s is rebuilt in place)"):format(p.name), 3)
+  end
+  if not (p.keys_by_stream or (p.key_of == read_model.default_key_of and p.category)) then
+    error(("projector:rebuild: %s cannot be rebuilt by %d workers: its rows must each follow one "
+      .. "stream (the default key_of with a category, or keys_by_stream = true)"):format(p.name, w), 3)
+  end
+  if self.memory then return 1 end
+  local info = self.store:info()
+  if info and info.distributed then
+    error("projector:rebuild: workers > 1 is not for stores distributed on Citus", 3)
+  end
+  return w
+end
+
 -- rebuild(name, { progress = function(done, total, rate, eta, final) end,
+--                 workers = 1 (processes replaying, see _workers),
 --                 bar = true (draw eventsourcing.progress.bar on stderr), batch_size,
 --                 timings = {} (gets seconds per phase: read, keys, load, handlers,
 --                 build, encode, write, indexes, wait, swap) })
@@ -245,6 +273,7 @@ function Projector:rebuild(name, opts)
   local ok, err = self.engine:ensure()
   if not ok then return nil, err end
   local limit = opts.batch_size or math.max(self.batch_size, 10000)
+  local workers = self:_workers(p, opts.workers)
   local cb = opts.progress
   if opts.bar then
     local bar, user = progress.bar(), cb
@@ -258,7 +287,7 @@ function Projector:rebuild(name, opts)
   -- a raise (the progress callback, a bug) must not strand the swap's
   -- transaction and its lease
   local done, a, b = pcall(p.kind == "read_model" and self._rebuild_swap or self._rebuild_in_place,
-    self, p, limit, report)
+    self, p, limit, report, workers)
   self._timings = nil
   local tmp = self._rebuild_tmp
   self._rebuild_tmp = nil
@@ -271,15 +300,20 @@ function Projector:rebuild(name, opts)
 end
 
 -- Replays the events of p after `after` into tbl in batches of `limit`
--- (read_all's watermark). -> true, checkpoint, events | nil, err
-function Projector:_replay(p, tbl, after, limit, seen, report, done)
-  local store, types = self.store, self.engine.by_name[p.name].types
+-- (read_all's watermark). part (a rebuild's worker): { store = its own
+-- session, partitions = n, partition = k, upto = W }.
+-- -> true, checkpoint, events | nil, err
+function Projector:_replay(p, tbl, after, limit, seen, report, done, part)
+  local store, types = part and part.store or self.store, self.engine.by_name[p.name].types
   local timings, clock = self._timings, util.monotonic
   local opts = { seen = seen, timings = timings }
+  local ropts = { after = after, limit = limit, prefetch = true, types = types,
+    category = p.category, checkpoints = false,
+    partitions = part and part.partitions, partition = part and part.partition, upto = part and part.upto }
   while true do
     local t0 = timings and clock()
-    local batch, cp = store:read_all({ after = after, limit = limit, prefetch = true,
-      types = types, category = p.category, checkpoints = false })
+    ropts.after = after
+    local batch, cp = store:read_all(ropts)
     if not batch then return nil, cp end
     if timings then timings.read = (timings.read or 0) + (clock() - t0) end
     if #batch == 0 then return true, cp or after, done end
@@ -295,6 +329,25 @@ function Projector:_replay(p, tbl, after, limit, seen, report, done)
     report(done)
     if #batch < limit then return true, after, done end
   end
+end
+
+-- Workers > 1: the events up to the bound W replayed by `workers`
+-- processes, one stream-hash partition each (eventsourcing.rebuild_workers).
+-- The parent's progress counts its own partition times the workers.
+-- -> true, W, events | nil, err
+function Projector:_replay_workers(p, tmp, limit, report, workers, upto)
+  local function replay(store, k)
+    local seen = {}     -- keys of this partition only: none is in another's
+    local ok, a, done = self:_replay(p, tmp, nil, limit, seen,
+      k == 0 and function(n) report(n * workers) end or function() end, 0,
+      { store = store, partitions = workers, partition = k, upto = upto })
+    if not ok then return nil, a end
+    return done
+  end
+  local done, err = rebuild_workers.run(self.store, workers, replay, "rebuild " .. p.name)
+  if not done then return nil, err end
+  report(done)
+  return true, upto, done
 end
 
 -- Memory stores: one process, no concurrent writers; replay and swap.
@@ -336,18 +389,31 @@ function Projector:_swap_tail(p, tmp, after, limit, seen, report, done)
 end
 
 -- PostgreSQL: see eventsourcing.rebuild for why each step is safe with
--- projectors and inline writers running.
-function Projector:_rebuild_swap(p, limit, report)
+-- projectors and inline writers running. workers > 1: the bulk replay up
+-- to a bound W fixed first, spread over that many processes; the tail
+-- (after W) and the swap as with one.
+function Projector:_rebuild_swap(p, limit, report, workers)
   if self.memory then return self:_rebuild_memory(p, limit, report) end
   local store, engine = self.store, self.engine
   local tmp, err = rebuild.start(store, p)
   if not tmp then return nil, err end
   self._rebuild_tmp = tmp    -- for rebuild() to clean up after a raise
   local function fail(e) rebuild.abandon(store, p, tmp); return nil, e end
-  local seen = {}
+  local seen, upto = {}, nil
+  if workers > 1 then
+    upto, err = rebuild.bound(store)
+    if err then return fail(err) end
+  end
   -- batches of thousands of events make garbage fast: collect less often
   local ok_gc, pause = pcall(collectgarbage, "setpause", 400)
-  local ok, after, done = self:_replay(p, tmp, nil, limit, seen, report, 0)
+  local ok, after, done
+  if upto then
+    ok, after, done = self:_replay_workers(p, tmp, limit, report, workers, upto)
+    -- rows of the other partitions are not in seen: the tail looks keys up
+    seen = nil
+  else
+    ok, after, done = self:_replay(p, tmp, nil, limit, seen, report, 0)
+  end
   if ok_gc then pcall(collectgarbage, "setpause", pause) end
   if not ok then return fail(after) end
   local timings, t0 = self._timings, util.monotonic()

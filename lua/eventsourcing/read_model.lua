@@ -12,6 +12,9 @@
 --     },
 --     key_of = function(event) return ... end,   -- default: the stream after its first "-"
 --     category = "Order",    -- optional: only streams "Order-..." are read (in SQL)
+--     keys_by_stream = true, -- optional: each row's events come from one
+--                            -- stream (a rebuild may use workers; implied by
+--                            -- the default key_of with a category)
 --   }
 --
 -- Handlers: on[type](row, event) gets the current row (or, for a key with no
@@ -54,6 +57,7 @@ local is_memory = base.is_memory
 local M = {}
 M.DELETE, M.valid_ident, M.quote, M.short_ident = DELETE, valid_ident, quote, short_ident
 M._mem_tables = mem_tables
+M.default_key_of = default_key_of
 
 -- Definition ----------------------------------------------------------------
 
@@ -120,6 +124,9 @@ function M.new(def)
   if def.key_of ~= nil and type(def.key_of) ~= "function" then
     error(("es.read_model %s: key_of must be a function(event)"):format(name), 2)
   end
+  if def.keys_by_stream ~= nil and type(def.keys_by_stream) ~= "boolean" then
+    error(("es.read_model %s: keys_by_stream must be a boolean"):format(name), 2)
+  end
   -- how _clean treats each column: "int", "ts" or false
   local treat = {}
   for i, c in ipairs(columns) do
@@ -130,6 +137,9 @@ function M.new(def)
     name = name, key = key, columns = columns, types = types, treat = treat,
     indexes = indexes, on = on, key_of = def.key_of or default_key_of,
     category = util.category(def, "es.read_model " .. name),
+    -- every row's events come from one stream: a rebuild may be spread
+    -- over workers by stream partition (projector:rebuild workers)
+    keys_by_stream = def.keys_by_stream or false,
   }, ReadModel)
 end
 

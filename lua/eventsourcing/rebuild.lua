@@ -68,6 +68,18 @@ function M.start(store, p)
   return tmp
 end
 
+-- The last event below the watermark now ("<txid>:<position>"), the
+-- common bound of a rebuild's workers: every event at or below it has
+-- committed, so the set they replay is fixed. -> checkpoint | nil (no
+-- event), nil | nil, err
+function M.bound(store)
+  local rows, err = store:query(("SELECT txid::text || ':' || position AS cp FROM %s.events "
+    .. "WHERE txid < pg_snapshot_xmin(pg_current_snapshot()) ORDER BY txid DESC, position DESC LIMIT 1")
+    :format(quote(store:schema())))
+  if not rows then return nil, err end
+  return rows[1] and rows[1].cp or nil
+end
+
 -- Drops the shadow table and the marker (a rebuild that failed).
 function M.abandon(store, p, tmp)
   store:query("DROP TABLE IF EXISTS " .. p:_qualified(store, tmp))

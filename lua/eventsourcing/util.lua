@@ -22,6 +22,21 @@ end
 
 function M.is_memory(store) return store:kind() == "memory" end
 
+-- How each store was opened (es.open records it): a rebuild's workers open
+-- sessions of their own to the same database and schema.
+local opened = setmetatable({}, { __mode = "k" })
+function M.note_open(store, target, opts)
+  if store then opened[store] = { target = target, opts = opts and M.deep_copy(opts) } end
+  return store
+end
+
+-- -> a function opening another store like `store` | nil (not opened by es.open)
+function M.reopener(store)
+  local o = opened[store]
+  if not o then return nil end
+  return function() return core.open(o.target, o.opts) end
+end
+
 -- Transactions, which a memory store does not have: there they are no-ops.
 -- rollback ignores errors (the session may be gone already).
 function M.begin(store)

@@ -363,7 +363,10 @@ int pg_fail(pg_store *p, PGresult *res, const char *what, es_error *err)
 static const char *const stmt_names[PG_NSTMT] = {
     "es_append", "es_append_one", "es_version", "es_read_f", "es_read_b",
     "es_snapshot_save", "es_snapshot_load",
-    "es_read_all0", "es_read_all1", "es_read_all2", "es_read_all3"
+    "es_read_all0", "es_read_all1", "es_read_all2", "es_read_all3",
+    "es_read_all4", "es_read_all5", "es_read_all6", "es_read_all7",
+    "es_read_all8", "es_read_all9", "es_read_all10", "es_read_all11",
+    "es_read_all12", "es_read_all13", "es_read_all14", "es_read_all15"
 };
 
 /* Statement names carry a hash of the schema: the text of a statement

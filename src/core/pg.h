@@ -28,8 +28,9 @@ enum {
     PG_READ_BACKWARD,
     PG_SNAPSHOT_SAVE,
     PG_SNAPSHOT_LOAD,
-    PG_READ_ALL,          /* + 0..3: category filter bit 1, types bit 2 */
-    PG_NSTMT = PG_READ_ALL + 4
+    PG_READ_ALL,          /* + 0..15: category filter bit 1, types bit 2,
+                             partitions bit 4, upper bound bit 8 */
+    PG_NSTMT = PG_READ_ALL + 16
 };
 
 /* A stream cursor's page on the wire (fold reads ahead). Any other

@@ -88,29 +88,46 @@ const char *pg_statement_sql(const pg_store *p, int stmt, char *out,
     default: {
         int filters = stmt - PG_READ_ALL;
         int next = 4;
-        char cat[64] = "", types[64] = "";
+        char cat[64] = "", types[64] = "", part[128] = "", upto[64] = "";
         if (filters & 1)
             snprintf(cat, sizeof cat, " AND category = $%d", next++);
         if (filters & 2)
             snprintf(types, sizeof types, " AND type = ANY($%d::text[])",
                      next++);
-        /* the stream read's columns first (decode_row), then these two */
+        /* the consumer groups' hash of the stream: a partition never
+         * splits a stream */
+        if (filters & 4) {
+            snprintf(part, sizeof part, " AND (hashtext(stream) & 2147483647)"
+                     " %% $%d::int = ANY($%d::int[])", next, next + 1);
+            next += 2;
+        }
+        /* a common upper bound (a rebuild's workers stop at one W) */
+        if (filters & 8)
+            snprintf(upto, sizeof upto, " AND (txid, position) <="
+                     " ($%d::xid8, $%d::bigint)", next, next + 1);
+        char partcol[96] = "";
+        if (filters & 4)
+            snprintf(partcol, sizeof partcol, ", (hashtext(stream) &"
+                     " 2147483647) %% $%d::int", next - 2);
+        /* the stream read's columns first (decode_row), then these */
         int n = snprintf(out, outlen, "%sSELECT position, id, version, type,"
-                 " data, metadata, recorded_at, txid, stream FROM \"%s\".events"
+                 " data, metadata, recorded_at, txid, stream%s FROM \"%s\".events"
                  " WHERE (txid, position) > ($1::xid8, $2::bigint)"
-                 " AND txid < pg_snapshot_xmin(pg_current_snapshot())%s%s"
+                 " AND txid < pg_snapshot_xmin(pg_current_snapshot())%s%s%s%s"
                  " ORDER BY txid, position LIMIT $3::bigint%s", filters ? "(" : "",
-                 s, cat, types, filters ? ")" : "");
-        /* A filtered batch also names the last event below the watermark,
-         * whatever its type, in a last row with a NULL id: when the batch
-         * is short the checkpoint moves there, so events the filter skips
-         * are never scanned again (same snapshot: same statement). */
+                 partcol, s, cat, types, part, upto, filters ? ")" : "");
+        /* A filtered batch also names the last event below the watermark
+         * (and the bound), whatever its type or partition, in a last row
+         * with a NULL id: when the batch is short the checkpoint moves
+         * there, so events the filter skips are never scanned again
+         * (same snapshot: same statement). */
         if (filters && n > 0 && (size_t)n < outlen)
             snprintf(out + n, outlen - (size_t)n, " UNION ALL (SELECT"
-                     " position, NULL, NULL, NULL, NULL, NULL, NULL, txid, NULL"
-                     " FROM \"%s\".events WHERE txid <"
-                     " pg_snapshot_xmin(pg_current_snapshot())"
-                     " ORDER BY txid DESC, position DESC LIMIT 1)", s);
+                     " position, NULL, NULL, NULL, NULL, NULL, NULL, txid,"
+                     " NULL%s FROM \"%s\".events WHERE txid <"
+                     " pg_snapshot_xmin(pg_current_snapshot())%s"
+                     " ORDER BY txid DESC, position DESC LIMIT 1)",
+                     filters & 4 ? ", NULL::int" : "", s, upto);
     }
     }
     return out;
@@ -125,6 +142,13 @@ static uint64_t be64(const char *v)
     for (int i = 0; i < 8; i++)
         x = (x << 8) | u[i];
     return x;
+}
+
+static int32_t be32(const char *v)
+{
+    const unsigned char *u = (const unsigned char *)v;
+    return (int32_t)(((uint32_t)u[0] << 24) | ((uint32_t)u[1] << 16) |
+                     ((uint32_t)u[2] << 8) | u[3]);
 }
 
 /* int64 as parameter text */
@@ -619,6 +643,8 @@ static int all_next(es_cursor *c, es_event *e, es_error *err)
     i = pc->row++;
     decode_row(pc, pc->res, i, e);
     e->stream = PQgetvalue(pc->res, i, 8);
+    if (PQnfields(pc->res) > 9)     /* read with partitions: the stream's */
+        e->part = be32(PQgetvalue(pc->res, i, 9));
     pc->cp_txid = be64(PQgetvalue(pc->res, i, 7));
     pc->cp_pos = e->position;
     return 1;
@@ -757,24 +783,32 @@ es_cursor *pg_read_all(es_store *s, const es_read_all_opts *o, es_error *err)
 {
     pg_store *p = (pg_store *)s;
     pg_cursor *pc;
-    uint64_t txid = 0;
-    int64_t pos = 0, limit_n;
-    char txs[24], poss[24], limit[24];
-    const char *values[5];
+    uint64_t txid = 0, up_txid = 0;
+    int64_t pos = 0, up_pos = 0, limit_n;
+    char txs[24], poss[24], limit[24], nparts_s[24], up_txs[24], up_poss[24];
+    const char *values[9];
     int nvalues = 3, stmt = PG_READ_ALL;
-    es_buf types;
+    es_buf types, parts;
 
     /* On Citus the log is read per shard (pg_citus_read.c). */
     switch (pg_citus_detect(p, err)) {
     case -1: return NULL;
-    case 1: return pg_citus_read_all(p, o, err);
+    case 1:
+        if (o->partitions || o->upto) {
+            es_fail(err, ES_INVALID, "read_all: options partitions and upto "
+                    "are not for stores distributed on Citus (their "
+                    "partitions are shards: option shards)");
+            return NULL;
+        }
+        return pg_citus_read_all(p, o, err);
     }
     if (o->shards) {
         es_fail(err, ES_INVALID, "read_all: option shards is for stores "
                 "distributed on Citus (store:migrate({ distributed = true }))");
         return NULL;
     }
-    if (parse_checkpoint(o->after, &txid, &pos, err) < 0)
+    if (parse_checkpoint(o->after, &txid, &pos, err) < 0 ||
+        (o->upto && parse_checkpoint(o->upto, &up_txid, &up_pos, err) < 0))
         return NULL;
     limit_n = o->limit > 0 ? o->limit : (int64_t)DEFAULT_BATCH;
     snprintf(txs, sizeof txs, "%" PRIu64, txid);
@@ -782,6 +816,7 @@ es_cursor *pg_read_all(es_store *s, const es_read_all_opts *o, es_error *err)
     values[1] = i64(poss, pos);
     values[2] = i64(limit, limit_n);
     es_buf_init(&types);
+    es_buf_init(&parts);
     if (o->category) {
         stmt += 1;
         values[nvalues++] = o->category;
@@ -794,18 +829,33 @@ es_cursor *pg_read_all(es_store *s, const es_read_all_opts *o, es_error *err)
                                  i == 0);
         rc |= es_buf_addc(&types, '}');
         values[nvalues++] = es_buf_cstr(&types);
-        if (rc || !values[nvalues - 1]) {
-            es_buf_free(&types);
-            es_fail(err, ES_DATABASE, "out of memory");
-            return NULL;
+        if (rc || !values[nvalues - 1])
+            goto oom;
+    }
+    if (o->partitions) {
+        int rc = es_buf_addc(&parts, '{');
+        char k[24];
+        stmt += 4;
+        for (size_t i = 0; i < o->nparts; i++) {
+            if (i)
+                rc |= es_buf_addc(&parts, ',');
+            rc |= es_buf_adds(&parts, i64(k, o->parts[i]));
         }
+        rc |= es_buf_addc(&parts, '}');
+        values[nvalues++] = i64(nparts_s, o->partitions);
+        values[nvalues++] = es_buf_cstr(&parts);
+        if (rc || !values[nvalues - 1])
+            goto oom;
+    }
+    if (o->upto) {
+        stmt += 8;
+        snprintf(up_txs, sizeof up_txs, "%" PRIu64, up_txid);
+        values[nvalues++] = up_txs;
+        values[nvalues++] = i64(up_poss, up_pos);
     }
     pc = calloc(1, sizeof *pc);
-    if (!pc) {
-        es_buf_free(&types);
-        es_fail(err, ES_DATABASE, "out of memory");
-        return NULL;
-    }
+    if (!pc)
+        goto oom;
     pc->base.ops = &all_cursor_ops;
     pc->base.store = s;
     pc->cp_txid = txid;        /* the `after` given, until a row moves it */
@@ -816,6 +866,7 @@ es_cursor *pg_read_all(es_store *s, const es_read_all_opts *o, es_error *err)
     if (pc->res && o->prefetch && event_rows(pc->res) == limit_n)
         prefetch_next(p, stmt, pc->res, values, nvalues);
     es_buf_free(&types);
+    es_buf_free(&parts);
     if (!pc->res) {
         cursor_destroy(&pc->base);
         return NULL;
@@ -824,6 +875,11 @@ es_cursor *pg_read_all(es_store *s, const es_read_all_opts *o, es_error *err)
     if (pc->nrows < limit_n && pc->nrows < PQntuples(pc->res))
         note_head(pc);
     return &pc->base;
+oom:
+    es_buf_free(&types);
+    es_buf_free(&parts);
+    es_fail(err, ES_DATABASE, "out of memory");
+    return NULL;
 }
 
 /* ---- snapshots ------------------------------------------------------------ */

@@ -218,6 +218,32 @@ es_cursor *es_read(es_store *s, const char *stream, const es_read_opts *o,
     return cursor_adopt(s, s->ops->read(s, stream, o, err));
 }
 
+/* read_all's partition filter and upper bound: PostgreSQL stores only
+ * (a memory store has no hashtext; on Citus partitions are shards). */
+static int check_partitions(es_store *s, const es_read_all_opts *o,
+                            es_error *err)
+{
+    if (!o->partitions && !o->nparts && !o->upto)
+        return 0;
+    if (!s->ops->distribute)
+        return es_fail(err, ES_INVALID, "read_all: options partitions and "
+                       "upto need a PostgreSQL store, not a %s one",
+                       s->ops->kind);
+    if (o->partitions < 0 || o->partitions > 4096 ||
+        (o->nparts && !o->partitions))
+        return es_fail(err, ES_INVALID, "read_all: option partitions must "
+                       "be 1..4096");
+    if (o->partitions && (!o->parts || !o->nparts))
+        return es_fail(err, ES_INVALID, "read_all: option partition must "
+                       "name at least one partition");
+    for (size_t i = 0; i < o->nparts; i++)
+        if (o->parts[i] < 0 || o->parts[i] >= o->partitions)
+            return es_fail(err, ES_INVALID, "read_all: partition %lld is "
+                           "not one of 0..%lld", (long long)o->parts[i],
+                           (long long)o->partitions - 1);
+    return 0;
+}
+
 es_cursor *es_read_all(es_store *s, const es_read_all_opts *o, es_error *err)
 {
     es_read_all_opts def = {0};
@@ -235,6 +261,8 @@ es_cursor *es_read_all(es_store *s, const es_read_all_opts *o, es_error *err)
                 "distributed on Citus, not %s ones", s->ops->kind);
         return NULL;
     }
+    if (check_partitions(s, o, err) < 0)
+        return NULL;
     return cursor_adopt(s, s->ops->read_all(s, o, err));
 }
 

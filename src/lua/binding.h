@@ -19,6 +19,10 @@ int esl_push_fail(lua_State *L, es_kind kind, const char *message);
  * core.time_format. */
 void clock_open(lua_State *L);
 
+/* process.c: core.fork, core.wait, core.kill, core.exit (rebuild
+ * workers). */
+void process_open(lua_State *L);
+
 /* ids.c: core.uuid5 (name-based UUIDs). */
 void ids_open(lua_State *L);
 

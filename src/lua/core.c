@@ -52,5 +52,6 @@ int luaopen_eventsourcing_core(lua_State *L)
     store_open(L);
     clock_open(L);
     ids_open(L);
+    process_open(L);
     return 1;
 }

@@ -712,6 +712,41 @@ static void read_all_shards(lua_State *L, es_read_all_opts *o)
     o->shards = ids;
 }
 
+/* Options `partitions` (a count), `partition` (one of them or an array
+ * of them; copied into a userdata left on the stack) and `upto` (a
+ * checkpoint) of read_all: see es_read_all_opts. */
+static void read_all_partitions(lua_State *L, es_read_all_opts *o)
+{
+    int t;
+
+    if (lua_isnil(L, 2))
+        return;
+    o->upto = opt_string_field(L, 2, "upto");
+    o->partitions = opt_int_field(L, 2, "partitions", 0);
+    lua_getfield(L, 2, "partition");
+    t = lua_gettop(L);
+    if (lua_isnil(L, t))
+        return;
+    if (!o->partitions)
+        luaL_error(L, "option 'partition' needs option 'partitions' (a count)");
+    o->nparts = lua_istable(L, t) ? esl_rawlen(L, t) : 1;
+    int64_t *ks = (int64_t *)esl_newuserdata(L, (o->nparts + 1) * sizeof *ks);
+    for (size_t k = 0; k < o->nparts; k++) {
+        long long v;
+        if (lua_istable(L, t))
+            lua_rawgeti(L, t, (int)(k + 1));
+        else
+            lua_pushvalue(L, t);
+        if (!esl_toint64(L, -1, &v))
+            luaL_error(L, "option 'partition' must be a partition number or "
+                       "an array of them (item %d is %s)", (int)k + 1,
+                       luaL_typename(L, -1));
+        ks[k] = (int64_t)v;
+        lua_pop(L, 1);
+    }
+    o->parts = ks;
+}
+
 static int l_read_all(lua_State *L)
 {
     lstore *ls = check_store(L);
@@ -765,6 +800,7 @@ static int l_read_all(lua_State *L)
         }
     }
     read_all_shards(L, &o);
+    read_all_partitions(L, &o);
     lc = new_cursor(L);
     lc->c = es_read_all(ls->s, &o, &err);
     if (!lc->c)
@@ -773,8 +809,13 @@ static int l_read_all(lua_State *L)
     lua_newtable(L);
     /* each event carries the checkpoint after it: a follower that stops
      * at event k saves events[k-1].checkpoint without reading again */
+    e.part = -1;
     while ((rc = es_cursor_next(lc->c, &e, &err)) > 0) {
         push_event(L, &e, &ctx);
+        if (e.part >= 0) {
+            lua_pushinteger(L, e.part);
+            lua_setfield(L, -2, "part");
+        }
         if (per_event) {
             lua_pushstring(L, es_cursor_checkpoint(lc->c));
             lua_setfield(L, -2, "checkpoint");
