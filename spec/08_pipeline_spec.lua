@@ -342,6 +342,48 @@ describe("transactions in fewer round trips (" .. target.name .. ")", function()
       s:close()
     end)
   end
+
+  describe("a first statement that fails before it runs", function()
+    it("(at prepare, in commit_with) ends the transaction: nothing stays open on the server", function()
+      assert(store:begin())
+      local ok, err = store:commit_with("INSERT INTO " .. qident(schema) .. ".nope VALUES ($1)", 1)
+      assert.is_nil(ok)
+      assert.is_truthy(err)
+      assert.is_false(assert(store:status()).in_transaction)
+      -- the next statement runs on its own and is committed at once
+      assert(store:query("INSERT INTO " .. tbl .. " VALUES ($1, 'after')", 1))
+      assert.equal(1, notes())
+      assert.equal(0, #assert(admin:query("SELECT pid FROM pg_stat_activity WHERE state LIKE 'idle in transaction%' "
+        .. "AND query LIKE '%' || $1 || '%'", schema)))
+    end)
+
+    it("(at prepare, in query) aborts the caller's transaction: commit() fails, nothing is stored", function()
+      assert(store:begin())
+      local ok, err = store:query("SELECT nope FROM " .. tbl .. " WHERE id = $1", 1)
+      assert.is_nil(ok)
+      assert.equal("tx_aborted", err.reason)
+      assert.is_nil((store:append("P-1", { type = "A" })))
+      assert.is_nil((store:commit()))
+      assert.equal(0, events("P-1"))
+      assert.is_false(assert(store:status()).in_transaction)
+      assert(store:append("P-1", { type = "A" }))
+      assert.equal(1, events("P-1"))
+    end)
+
+    it("(more parameters than the protocol counts) is refused at once, the session goes on", function()
+      local params, marks = {}, {}
+      for i = 1, 70000 do params[i] = i; marks[i] = "$" .. i end
+      local sql = "SELECT " .. table.concat(marks, ",", 1, 3)
+      assert(store:begin())
+      local ok, err = store:query(sql, table.unpack(params))
+      assert.is_nil(ok)
+      assert.equal("invalid", err.kind)
+      assert.matches("65535", err.message, 1, true)
+      assert(store:query("INSERT INTO " .. tbl .. " VALUES ($1, 'in')", 2))
+      assert(store:commit())
+      assert.equal(1, notes())
+    end)
+  end)
 end)
 end
 

@@ -94,6 +94,18 @@ describe("store:query prepared per session", function()
     assert.are.equal("v1", assert(store:query(('SELECT v FROM "%s".t WHERE k = $1'):format(schema), 1))[1].v)
   end)
 
+  it("goes on after a statement error of the caller's own about prepared statements", function()
+    local sql = ('SELECT v FROM "%s".t WHERE k = $1'):format(schema)
+    assert.are.equal("v1", assert(store:query(sql, 1))[1].v)
+    local ok, err = store:query("DEALLOCATE no_such_statement")
+    assert.is_nil(ok)
+    assert.are.equal("26000", err.sqlstate)
+    for k = 1, 3 do assert.are.equal("v" .. k, assert(store:query(sql, k))[1].v) end
+    assert(store:begin())
+    assert.are.equal("v4", assert(store:query(sql, 4))[1].v)
+    assert(store:commit())
+  end)
+
   it("prepares again on a new session", function()
     local sql = ('SELECT v FROM "%s".t WHERE k = $1'):format(schema)
     assert(store:query(sql, 3))

@@ -53,6 +53,26 @@ describe("store:copy_rows", function()
     assert.equal(0, assert(store:copy_rows("t", { "id" }, {})))
   end)
 
+  it("stores what the JSON write path stores: strings in json columns stay strings, booleans in text", function()
+    local rows = {
+      { id = "s", j = "123", x = true },
+      { id = "t", j = "hello\tworld", x = false },
+      { id = "u", j = true, x = 2.5 },
+      { id = "v", j = { a = 1 } },
+    }
+    -- the JSON path (json_populate_recordset, as the read models' upserts)
+    assert(store:query(('INSERT INTO "%s".t SELECT * FROM json_populate_recordset(NULL::"%s".t, $1::json)')
+      :format(schema, schema), es.json.encode(es.json.array(rows))))
+    local want = all_rows(store, schema)
+    assert(store:query(('TRUNCATE "%s".t'):format(schema)))
+    assert.equal(4, assert(store:copy_rows("t", COLS, rows, { json = { "j" } })))
+    assert.same(want, all_rows(store, schema))
+    assert.equal('"123"', want[1].j)
+    assert.equal("true", want[1].x)
+    -- a bad json option is refused
+    assert.has_error(function() store:copy_rows("t", COLS, rows, { json = "j" }) end)
+  end)
+
   it("refuses bad input with a clear error and copies nothing", function()
     assert(store:copy_rows("t", { "id" }, { { id = "kept" } }))
     local cases = {

@@ -237,6 +237,21 @@ function ReadModel:_stage_sqls(store, tbl)
   return st
 end
 
+-- copy_rows' options for this read model's rows: json/jsonb columns take
+-- every value as JSON text (a string stays a JSON string), as the rows
+-- written as JSON do.
+function ReadModel:_copy_opts(schema)
+  if not self._copy_json then
+    local names = {}
+    for _, c in ipairs(self.columns) do
+      local t = self.types[c]
+      if t == "json" or t == "jsonb" then names[#names + 1] = c end
+    end
+    self._copy_json = names
+  end
+  return { schema = schema, json = self._copy_json }
+end
+
 -- Many upserts of a transaction: COPY into the staging table, then one
 -- statement deletes `deletes` and merges the staged rows (an upsert, as
 -- the JSON path does) and empties the stage.
@@ -244,7 +259,7 @@ function ReadModel:_write_staged(store, tbl, upserts, deletes)
   local st = self:_stage_sqls(store, tbl)
   local ok, err = store:query(st.create)
   if not ok then return nil, err end
-  ok, err = store:copy_rows(st.name, self.columns, upserts, { schema = "pg_temp" })
+  ok, err = store:copy_rows(st.name, self.columns, upserts, self:_copy_opts("pg_temp"))
   if not ok then return nil, err end
   return store:query(st.merge, keys_param(deletes))
 end
@@ -258,7 +273,7 @@ end
 function ReadModel:_write(store, tbl, upserts, deletes, timings, news, stage, defer)
   if news and #news > 0 then
     local t0 = timings and util.monotonic()
-    local n, cerr = store:copy_rows(tbl or self.name, self.columns, news)
+    local n, cerr = store:copy_rows(tbl or self.name, self.columns, news, self:_copy_opts())
     if not n then return nil, cerr end
     if timings then timings.write = (timings.write or 0) + (util.monotonic() - t0) end
   end

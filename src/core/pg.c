@@ -393,6 +393,10 @@ static int prepare_once(pg_store *p, int stmt, es_error *err)
         return -1;
     if (p->prepared & (1u << stmt))
         return 0;
+    /* a deferred BEGIN goes first: a failed prepare then aborts the
+     * caller's transaction, as the statement's own failure would */
+    if (p->begin_pending && begin_now(p, err) < 0)
+        return -1;
     pg_statement_sql(p, stmt, sql, sizeof sql);
     res = PQprepare(p->conn, p->names[stmt], sql, 0, NULL);
     if (PQresultStatus(res) != PGRES_COMMAND_OK)
@@ -478,8 +482,22 @@ static int put_stmt(pg_store *p, const char *name, const char *sql,
     return 0;
 }
 
-/* put_stmt, reporting a refusal in err. A session that fails half way
- * through a pipeline is dropped. */
+/* A session that failed half way through a pipeline cannot be read to
+ * its end (no Sync went out): it is dropped. A transaction it held (its
+ * BEGIN may have gone out) is lost as on any broken session: the caller
+ * must roll back before going on (note_session_loss). */
+void pg_drop_pipeline(pg_store *p)
+{
+    if (!p->wrapped || !p->conn)
+        return;
+    note_session_loss(p);
+    PQfinish(p->conn);
+    p->conn = NULL;
+    p->wrapped = 0;
+    p->prefix = 0;
+}
+
+/* put_stmt, reporting a refusal in err. */
 static int send_stmt(pg_store *p, const char *name, const char *sql,
                      int nparams, const char *const *values,
                      int binary_result, const char *what, es_error *err)
@@ -487,12 +505,7 @@ static int send_stmt(pg_store *p, const char *name, const char *sql,
     if (put_stmt(p, name, sql, nparams, values, binary_result) == 0)
         return 0;
     pg_fail(p, NULL, what, err);
-    if (p->wrapped && p->conn) {
-        PQfinish(p->conn);
-        p->conn = NULL;
-        p->wrapped = 0;
-        p->prefix = 0;
-    }
+    pg_drop_pipeline(p);
     return -1;
 }
 
@@ -513,8 +526,14 @@ PGresult *pg_exec_stmt(pg_store *p, const char *name, const char *sql,
                                      NULL, binary_result)
                     : PQexecParams(p->conn, sql, nparams, NULL, values, NULL,
                                    NULL, binary_result);
-    res = put_stmt(p, name, sql, nparams, values, binary_result) == 0
-              ? pg_take_result(p) : NULL;
+    if (put_stmt(p, name, sql, nparams, values, binary_result) < 0) {
+        /* libpq's message, then the half-sent pipeline goes (nothing
+         * would ever end it: no Sync went out) */
+        res = PQmakeEmptyPGresult(p->conn, PGRES_FATAL_ERROR);
+        pg_drop_pipeline(p);
+        return res;
+    }
+    res = pg_take_result(p);
     if (!res)       /* libpq's message, before the drain may drop it */
         res = PQmakeEmptyPGresult(p->conn, PGRES_FATAL_ERROR);
     pg_drain(p);    /* to the end of this query: the session is free again */

@@ -52,9 +52,11 @@ enum { PG_POOLER_NONE, PG_POOLER_SESSION, PG_POOLER_TRANSACTION };
 
 /* query(): a statement prepared on the session by its text (pg_qcache.c) */
 #define PG_QCACHE 32
+#define PG_QNAME 32           /* room for a qcache statement's name */
 typedef struct pg_qslot {
     char *sql;                /* NULL: free */
     unsigned long used;       /* last use, for eviction */
+    unsigned long gen;        /* its statement is es_q<gen> (see pg_qcache.c) */
 } pg_qslot;
 
 typedef struct pg_store {
@@ -92,6 +94,7 @@ typedef struct pg_store {
     pg_qslot qcache[PG_QCACHE];
     unsigned qprepared;       /* bit per qcache slot prepared this session */
     unsigned long qclock;
+    unsigned long qgen;       /* names handed out to qcache statements */
 } pg_store;
 
 /* Collects a prefetched read_all result still on the wire, so the session
@@ -131,6 +134,7 @@ int pg_ready(pg_store *p, es_error *err);
  * implicit one. 1: piped (send the statement, then PQpipelineSync), 0:
  * nothing to put in front, -1: libpq refused (the session is unusable). */
 int pg_pipe_open(pg_store *p);
+void pg_drop_pipeline(pg_store *p);
 /* The next result of the statement on the wire, past what pg_pipe_open
  * put in front of it (whose failure, if it failed, is the result). */
 PGresult *pg_take_result(pg_store *p);

@@ -70,6 +70,7 @@ static int fail_statement(pg_store *p, PGresult *res, es_error *err)
         PQtransactionStatus(p->conn) != PQTRANS_IDLE)
         PQclear(PQexec(p->conn, "ROLLBACK"));
     p->in_tx = 0;
+    p->begin_pending = 0;
     p->tx_lost = 0;     /* reported here: the next call reconnects */
     return -1;
 }
@@ -82,10 +83,15 @@ static int fail_send(pg_store *p, es_error *err)
     if (p->wrapped && p->conn) {
         PQfinish(p->conn);
         p->conn = NULL;
+    } else if (p->conn && PQstatus(p->conn) == CONNECTION_OK &&
+               PQtransactionStatus(p->conn) != PQTRANS_IDLE) {
+        /* BEGIN went out earlier: end the transaction here too */
+        PQclear(PQexec(p->conn, "ROLLBACK"));
     }
     p->wrapped = 0;
     p->prefix = 0;
     p->in_tx = 0;
+    p->begin_pending = 0;
     p->tx_lost = 0;
     return -1;
 }
@@ -119,7 +125,7 @@ int pg_query_commit(es_store *s, const char *sql, int nparams,
 {
     pg_store *p = (pg_store *)s;
     PGresult *res = NULL, *done;
-    char name[16];
+    char name[PG_QNAME];
     int named;
 
     pg_settle_wire(p);

@@ -23,9 +23,13 @@
 #include <stdlib.h>
 #include <string.h>
 
-static void slot_name(int i, char *out, size_t len)
+/* Each preparation gets a name never used before on this store: after
+ * pg_fail forgot what was prepared (42P05/26000, see pg.c) the session
+ * may still hold statements of earlier names, which a reused name would
+ * collide with ("already exists") on every later prepare. */
+static void slot_name(const pg_store *p, int i, char *out, size_t len)
 {
-    snprintf(out, len, "es_q%d", i);
+    snprintf(out, len, "es_q%lu", p->qcache[i].gen);
 }
 
 static int find(const pg_store *p, const char *sql)
@@ -54,9 +58,9 @@ static int victim(const pg_store *p)
 static int evict(pg_store *p, int i)
 {
     if (p->qprepared & (1u << i)) {
-        char sql[32], name[16];
+        char sql[48], name[32];
         PGresult *res;
-        slot_name(i, name, sizeof name);
+        slot_name(p, i, name, sizeof name);
         snprintf(sql, sizeof sql, "DEALLOCATE %s", name);
         res = PQexec(p->conn, sql);
         if (PQresultStatus(res) != PGRES_COMMAND_OK) {
@@ -95,14 +99,24 @@ int pg_qcache_prepare(pg_store *p, const char *sql, int nparams,
     if ((i = slot_for(p, sql)) < 0)
         return 0;
     p->qcache[i].used = ++p->qclock;
-    slot_name(i, name, 16);
     if (!(p->qprepared & (1u << i))) {
+        /* A deferred BEGIN goes first: a statement that fails to prepare
+         * must abort the caller's transaction, as it would inside it. */
+        if (p->begin_pending) {
+            es_error ignored;
+            if (pg_ensure(p, &ignored) < 0)
+                return 0;   /* the unnamed path reports the broken session */
+        }
+        p->qcache[i].gen = ++p->qgen;
+        slot_name(p, i, name, PG_QNAME);
         *res = PQprepare(p->conn, name, sql, nparams, NULL);
         if (PQresultStatus(*res) != PGRES_COMMAND_OK)
             return -1;   /* the query's error (the slot stays unprepared) */
         PQclear(*res);
         *res = NULL;
         p->qprepared |= 1u << i;
+    } else {
+        slot_name(p, i, name, PG_QNAME);
     }
     return 1;
 }
@@ -131,7 +145,7 @@ void pg_qcache_check(pg_store *p, const char *sql, const PGresult *res)
 PGresult *pg_qcache_exec(pg_store *p, const char *sql, int nparams,
                          const char *const *params)
 {
-    char name[16];
+    char name[PG_QNAME];
     PGresult *res = NULL;
     int rc = pg_qcache_prepare(p, sql, nparams, name, &res);
 

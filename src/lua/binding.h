@@ -27,12 +27,14 @@ void process_open(lua_State *L);
 void ids_open(lua_State *L);
 
 /* copy_text.c: rows[1..nrows] (the table at index rows) as COPY text for
- * the column names at cols[1..ncols], appended to out. -1 with msg filled
+ * the column names at cols[1..ncols], appended to out; json_cols is a
+ * table whose true fields name the columns that take JSON text. -1 with msg filled
  * (row and column named) when a value cannot be stored; the stack may
  * then hold extra values (the caller restores its top). */
 #include "../core/buf.h"
-int esl_copy_text(lua_State *L, int rows, int cols, size_t ncols,
-                  size_t nrows, es_buf *out, char *msg, size_t msglen);
+int esl_copy_text(lua_State *L, int rows, int cols, int json_cols,
+                  size_t ncols, size_t nrows, es_buf *out, char *msg,
+                  size_t msglen);
 
 /* store.c: core.open and the store methods. */
 void store_open(lua_State *L);

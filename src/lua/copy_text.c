@@ -2,10 +2,13 @@
  * copy_text.c - Lua rows as PostgreSQL COPY text (store:copy_rows).
  *
  * One line per row, fields in the order of the columns, separated by tabs;
- * nil and es.json.null are \N, booleans t/f, numbers as es.json writes
- * them, strings with backslash, newline, carriage return and tab escaped,
- * tables as their JSON text (escaped the same way). Any other value is
- * refused with its row and column named, before anything is sent.
+ * nil and es.json.null are \N, booleans true/false, numbers as es.json
+ * writes them, strings with backslash, newline, carriage return and tab
+ * escaped, tables as their JSON text (escaped the same way). In a column
+ * named as json, every value is its JSON text (a string "123" stays a
+ * string): the same values a row written as JSON (json_populate_recordset)
+ * gets. Any other value is refused with its row and column named, before
+ * anything is sent.
  */
 #include "binding.h"
 #include "json.h"
@@ -55,18 +58,20 @@ static int escape_tail(es_buf *b, size_t from)
 
 /* Appends the field for the value at the top of the stack; null_idx
  * holds es.json.null. -1 with msg filled when it cannot be stored. */
-static int add_field(lua_State *L, es_buf *b, int null_idx, char *msg,
-                     size_t msglen)
+static int add_field(lua_State *L, es_buf *b, int null_idx, int as_json,
+                     char *msg, size_t msglen)
 {
     size_t from = b->len, len;
     const char *s;
-    int rc = 0;
+    int rc = 0, type = lua_type(L, -1);
 
-    switch (lua_type(L, -1)) {
-    case LUA_TNIL:
+    if (type == LUA_TNIL || lua_rawequal(L, -1, null_idx))
         return es_buf_add(b, "\\N", 2);
+    if (as_json && (type == LUA_TSTRING || type == LUA_TBOOLEAN))
+        type = LUA_TTABLE;      /* encoded below, as JSON */
+    switch (type) {
     case LUA_TBOOLEAN:
-        return es_buf_addc(b, lua_toboolean(L, -1) ? 't' : 'f');
+        return es_buf_adds(b, lua_toboolean(L, -1) ? "true" : "false");
     case LUA_TSTRING:
         s = lua_tolstring(L, -1, &len);
         if (memchr(s, '\0', len)) {
@@ -81,8 +86,6 @@ static int add_field(lua_State *L, es_buf *b, int null_idx, char *msg,
             return -1;
         break;
     default:
-        if (lua_rawequal(L, -1, null_idx))
-            return es_buf_add(b, "\\N", 2);
         snprintf(msg, msglen, "a %s cannot be stored",
                  luaL_typename(L, -1));
         return -1;
@@ -94,8 +97,9 @@ static int add_field(lua_State *L, es_buf *b, int null_idx, char *msg,
     return 0;
 }
 
-int esl_copy_text(lua_State *L, int rows, int cols, size_t ncols,
-                  size_t nrows, es_buf *out, char *msg, size_t msglen)
+int esl_copy_text(lua_State *L, int rows, int cols, int json_cols,
+                  size_t ncols, size_t nrows, es_buf *out, char *msg,
+                  size_t msglen)
 {
     int null_idx;
     char why[200];
@@ -112,9 +116,14 @@ int esl_copy_text(lua_State *L, int rows, int cols, size_t ncols,
         for (size_t c = 1; c <= ncols; c++) {
             if (c > 1 && es_buf_addc(out, '\t') < 0)
                 return snprintf(msg, msglen, "out of memory"), -1;
+            int as_json;
+            lua_rawgeti(L, cols, (int)c);
+            lua_rawget(L, json_cols);
+            as_json = lua_toboolean(L, -1);
+            lua_pop(L, 1);
             lua_rawgeti(L, cols, (int)c);
             lua_rawget(L, -2);
-            if (add_field(L, out, null_idx, why, sizeof why) < 0) {
+            if (add_field(L, out, null_idx, as_json, why, sizeof why) < 0) {
                 lua_rawgeti(L, cols, (int)c);
                 snprintf(msg, msglen, "row %zu, column %s: %s", r,
                          lua_tostring(L, -1), why);

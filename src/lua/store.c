@@ -873,12 +873,34 @@ static const char **copy_columns(lua_State *L, lstore *ls, int idx, size_t n,
     return cols;
 }
 
-/* store:copy_rows(table, columns, rows, { schema = "pg_temp" })
+/* Pushes a set of opts.json's names (the columns that take JSON text). */
+static void json_columns(lua_State *L, int opts)
+{
+    lua_newtable(L);
+    if (lua_isnil(L, opts))
+        return;
+    lua_getfield(L, opts, "json");
+    if (!lua_isnil(L, -1)) {
+        luaL_argcheck(L, lua_istable(L, -1), opts,
+                      "json must be an array of column names");
+        for (size_t i = 1, n = esl_rawlen(L, -1); i <= n; i++) {
+            lua_rawgeti(L, -1, (int)i);
+            luaL_argcheck(L, lua_type(L, -1) == LUA_TSTRING, opts,
+                          "json must be an array of column names");
+            lua_pushboolean(L, 1);
+            lua_rawset(L, -4);
+        }
+    }
+    lua_pop(L, 1);
+}
+
+/* store:copy_rows(table, columns, rows, { schema = "pg_temp", json = { names } })
  * -> rows copied | nil, err.
  * COPY into table (of the store's schema, or opts.schema): rows is an
- * array of tables whose fields named by columns are read raw. Every value
- * is checked and the whole text built before anything is sent; the server
- * takes all the rows or none. */
+ * array of tables whose fields named by columns are read raw; the columns
+ * named in opts.json (json/jsonb) get every value as JSON text. Every
+ * value is checked and the whole text built before anything is sent; the
+ * server takes all the rows or none. */
 static int l_copy_rows(lua_State *L)
 {
     lstore *ls = check_store(L);
@@ -899,9 +921,10 @@ static int l_copy_rows(lua_State *L)
     nrows = esl_rawlen(L, 4);
     if (ncols == 0)
         return esl_push_fail(L, ES_INVALID, "copy_rows: no columns given");
+    json_columns(L, 5);         /* at 6 */
     cols = copy_columns(L, ls, 3, ncols, why, sizeof why);
     es_buf_reset(&ls->json);
-    if (cols && esl_copy_text(L, 4, 3, ncols, nrows, &ls->json, why,
+    if (cols && esl_copy_text(L, 4, 3, 6, ncols, nrows, &ls->json, why,
                               sizeof why) < 0)
         cols = NULL;
     lua_settop(L, 5);
@@ -1138,6 +1161,11 @@ static int query_params(lua_State *L, lstore *ls, int nparams,
     size_t *offs;
     int *nulls;
 
+    /* the protocol counts parameters in 16 bits: libpq would refuse
+     * the statement only once it is half on the wire */
+    if (nparams > 65535)
+        return -esl_push_fail(L, ES_INVALID, "query: at most 65535 "
+                              "parameters (PostgreSQL's protocol limit)");
     es_buf_reset(&ls->json);
     es_buf_reset(&ls->scratch);
     if (es_buf_reserve(&ls->scratch, (size_t)(nparams + 1) *
