@@ -87,9 +87,23 @@ function setup(thread)
 end
 function init() tid = tonumber(wrk.thread:get("tid")) or 0 end
 local headers = { ["Authorization"] = "Bearer " .. token, ["Content-Type"] = "application/json" }
+-- Each wrk thread writes its own share of the orders (ids whose index is
+-- tid modulo the number of threads): two threads stepping through one list
+-- at a fixed offset would otherwise hit the same order again and again,
+-- and the conflicts retried (409 after 3) would measure the bench's own
+-- collisions. Within a thread the connections in flight take distinct ids.
+local mine
 function request()
   counter = counter + 1
-  local id = ids[(counter * 7919 + tid * 104729) % #ids + 1]
+  if not mine then
+    local n = tonumber(os.getenv("WRK_THREADS")) or 2
+    mine = {}
+    for i = 1, #ids do
+      if i % n == tid % n then mine[#mine + 1] = ids[i] end
+    end
+    if #mine == 0 then mine = ids end
+  end
+  local id = mine[(counter * 7919) % #mine + 1]
   if mode == "get" then
     return wrk.format("GET", "/orders/" .. id, headers)
   end
