@@ -370,12 +370,16 @@ describe("transactions in fewer round trips (" .. target.name .. ")", function()
       assert.equal(1, events("P-1"))
     end)
 
-    it("(more parameters than the protocol counts) is refused at once, the session goes on", function()
+    -- LuaJIT cannot pass 70,000 arguments to a call at all (unpack's
+    -- limit), so the case is reachable from Lua 5.4 only
+    local can = pcall(function() return (table.unpack or unpack)({}, 1, 70000) end)
+    local it_can = can and it or pending
+    it_can("(more parameters than the protocol counts) is refused at once, the session goes on", function()
       local params, marks = {}, {}
       for i = 1, 70000 do params[i] = i; marks[i] = "$" .. i end
       local sql = "SELECT " .. table.concat(marks, ",", 1, 3)
       assert(store:begin())
-      local ok, err = store:query(sql, table.unpack(params))
+      local ok, err = store:query(sql, (table.unpack or unpack)(params))
       assert.is_nil(ok)
       assert.equal("invalid", err.kind)
       assert.matches("65535", err.message, 1, true)
