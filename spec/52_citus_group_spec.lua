@@ -15,57 +15,16 @@ if not helpers.distributed() then
   return
 end
 
--- Records every event it handles (with the member) and refuses one that is
--- not the next of its stream: a doubled, lost or reordered event shows.
-local PROJECTION = [[
-local es = require "eventsourcing"
-local member = os.getenv("ES_MEMBER") or "test"
-local schema = %q
-local P = es.projection { name = "grp_audit",
-  migrate = function(tx)
-    tx:execute(('CREATE TABLE IF NOT EXISTS "%%s".grp_handled (event_id uuid, stream text, '
-      .. 'version bigint, member text)'):format(schema))
-    tx:execute(('CREATE TABLE IF NOT EXISTS "%%s".grp_last (stream text PRIMARY KEY, '
-      .. 'version bigint NOT NULL)'):format(schema))
-  end,
-  on = { Tick = function(e, tx)
-    local r = tx:execute(('SELECT version FROM "%%s".grp_last WHERE stream = $1'):format(schema), e.stream)
-    local prev = r[1] and r[1].version or 0
-    if e.version ~= prev + 1 then
-      error(("stream %%s: version %%d after %%d"):format(e.stream, e.version, prev))
-    end
-    tx:execute(('INSERT INTO "%%s".grp_last VALUES ($1, $2) ON CONFLICT (stream) DO UPDATE '
-      .. 'SET version = excluded.version'):format(schema), e.stream, e.version)
-    tx:execute(('INSERT INTO "%%s".grp_handled VALUES ($1, $2, $3, $4)'):format(schema),
-      e.id, e.stream, e.version, member)
-  end } }
-]]
+local gh = require "group_helpers"
+local PROJECTION = gh.PROJECTION
 
 local function member_code(url, schema, stop_file)
-  return PROJECTION:format(schema) .. ([[
-local store = assert(es.open(%q, { schema = %q }))
-local p = es.projector(store, { P }, { batch_size = 20,
-  group = { partitions = "shards", member = member, ttl = 1.5, heartbeat = 0.2 } })
-p:run { poll = 0.5, retry = 0.1, stop = function()
-  local f = io.open(%q); if f then f:close(); return true end; return false end }
-print("done")
-]]):format(url, schema, stop_file)
+  return gh.member_code(url, schema, stop_file, "shards")
 end
 
 -- A writer connected to one worker (url): appends go to the stream's
 -- worker from there.
-local function writer_code(url, schema, w, n)
-  return ([[
-local es = require "eventsourcing"
-local store = assert(es.open(%q, { schema = %q }))
-for i = 1, %d do
-  assert(store:append(("G%d-%%d"):format(i %% 13), { type = "Tick" }))
-  assert(store:append(("N-%%d"):format(i %% 5), { type = "Noise" }))
-  if i %% 50 == 0 then os.execute("sleep 0.05") end
-end
-print("done")
-]]):format(url, schema, n, w)
-end
+local writer_code = gh.writer_code
 
 describe("consumer groups on Citus (partitions are shards)", function()
   local store, schema, work, children, slow
@@ -97,16 +56,7 @@ describe("consumer groups on Citus (partitions are shards)", function()
   local function sql(s, ...) return assert(store:query((s:gsub("<s>", '"' .. schema .. '"')), ...)) end
 
   local function wait_for(what, fn, seconds)
-    local t_end = es.workflow.now() + (seconds or 60)
-    while es.workflow.now() < t_end do
-      if fn() then return end
-      helpers.sleep(0.1)
-    end
-    local ledger = {}
-    for _, r in ipairs(sql("SELECT name, checkpoint, error::text AS e FROM <s>.projections ORDER BY name")) do
-      ledger[#ledger + 1] = ("%s %s %s"):format(r.name, tostring(r.checkpoint), tostring(r.e))
-    end
-    error("timed out waiting for " .. what .. "; ledger:\n" .. table.concat(ledger, "\n"))
+    gh.wait_for(sql, what, fn, seconds)
   end
 
   -- The workers' conninfos: the test's own with their ports.
