@@ -19,29 +19,20 @@ local function writer_code(schema, w, n)
 end
 
 describe("consumer groups (processes, PostgreSQL)", function()
-  local store, schema, work, children
+  local store, schema, work, procs
   before_each(function()
     schema = helpers.fresh_schema()
     store = assert(es.open(helpers.database_url(), { schema = schema }))
     assert(store:migrate())
     work = helpers.workdir("es-group")
-    children = {}
+    procs = gh.processes(work)
   end)
   after_each(function()
-    -- a test that failed half-way leaves members running: stop them
-    -- before their stop file goes with the folder
-    helpers.sh("touch " .. q(work.dir .. "/stop"))
-    for _, pid in ipairs(children) do
-      if not helpers.wait_exit(pid, 5) then helpers.sh("kill -9 " .. pid .. " 2>/dev/null") end
-    end
+    procs.stop()
     store:close()
     work:remove()
   end)
-  local function spawn(code, name, env)
-    local pid = work:spawn(code, name, env)
-    children[#children + 1] = pid
-    return pid
-  end
+  local function spawn(...) return procs.spawn(...) end
 
   local function sql(s) return assert(store:query((s:gsub("<s>", '"' .. schema .. '"')))) end
 

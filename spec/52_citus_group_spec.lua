@@ -27,31 +27,24 @@ end
 local writer_code = gh.writer_code
 
 describe("consumer groups on Citus (partitions are shards)", function()
-  local store, schema, work, children, slow
+  local store, schema, work, procs, slow
 
   before_each(function()
     schema = helpers.fresh_schema()
     store = assert(es.open(helpers.database_url(), { schema = schema }))
     assert(store:migrate(helpers.migrate_opts()))
     work = helpers.workdir("es-cgroup")
-    children = {}
+    procs = gh.processes(work)
   end)
 
   after_each(function()
-    helpers.sh("touch " .. q(work.dir .. "/stop"))
-    for _, pid in ipairs(children) do
-      if not helpers.wait_exit(pid, 5) then helpers.sh("kill -9 " .. pid .. " 2>/dev/null") end
-    end
+    procs.stop()
     if slow and not slow:is_closed() then pcall(slow.rollback, slow); slow:close() end
     store:close()
     work:remove()
   end)
 
-  local function spawn(code, name, env)
-    local pid = work:spawn(code, name, env)
-    children[#children + 1] = pid
-    return pid
-  end
+  local function spawn(...) return procs.spawn(...) end
 
   local function sql(s, ...) return assert(store:query((s:gsub("<s>", '"' .. schema .. '"')), ...)) end
 

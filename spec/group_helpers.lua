@@ -62,6 +62,27 @@ print("done")
 ]]):format(url, schema, n, w)
 end
 
+-- Member and writer processes of one test, in work (helpers.workdir):
+-- spawn(code, name, env) -> pid; stop() touches work's stop file (members
+-- leave at it) and kills what has not left within 5 s. A test that failed
+-- half-way leaves members running: stop() before the folder goes.
+function M.processes(work)
+  local pids = {}
+  return {
+    spawn = function(code, name, env)
+      local pid = work:spawn(code, name, env)
+      pids[#pids + 1] = pid
+      return pid
+    end,
+    stop = function()
+      helpers.sh("touch " .. helpers.shell_quote(work.dir .. "/stop"))
+      for _, pid in ipairs(pids) do
+        if not helpers.wait_exit(pid, 5) then helpers.sh("kill -9 " .. pid .. " 2>/dev/null") end
+      end
+    end,
+  }
+end
+
 -- Waits until fn() is true; on timeout raises with the ledger's rows and
 -- whatever more() says. sql(s) runs s with <s> as the schema.
 function M.wait_for(sql, what, fn, seconds, more)

@@ -184,6 +184,16 @@ end
 -- events a unit has done already, let the subscription process the rest,
 -- and move every unit to where the batch got (the failing unit records
 -- its failure). Same results as the follower's batch.
+
+-- Hands a batch to the subscription's handlers. -> events done, info
+-- (nothing to do for an empty batch) | nil, err
+local function process(item, kept)
+  if #kept == 0 then return 0, {} end
+  local done, info = item.base.process(kept, #kept)
+  if done == nil then return nil, info end
+  return done, info or {}
+end
+
 function Group:batch(item, limit)
   local engine, store = self.engine, self.store
   local ok, err = store:begin()
@@ -227,12 +237,8 @@ function Group:batch(item, limit)
       if not c or less(c, e.checkpoint) then kept[#kept + 1] = e end
     end
   end
-  local n, done, info = #kept, 0, {}
-  if n > 0 then
-    done, info = item.base.process(kept, n)
-    if done == nil then engine:rollback(); return nil, info end
-    info = info or {}
-  end
+  local n, done, info = #kept, process(item, kept)
+  if done == nil then engine:rollback(); return nil, info end
   local upto = done == n and cp or nil
   if done < n and done > 0 then
     upto, err = self:_checkpoint_at(item.base, parts, low, kept, done)
@@ -347,12 +353,8 @@ function Group:_shard_batch(item, usable, cps, limit)
     for _, e in ipairs(b) do e.part = u.part; kept[#kept + 1] = e end
     if #b >= ask then short = false end
   end
-  local n, done, info = #kept, 0, {}
-  if n > 0 then
-    done, info = item.base.process(kept, n)
-    if done == nil then engine:rollback(); return nil, info end
-    info = info or {}
-  end
+  local n, done, info = #kept, process(item, kept)
+  if done == nil then engine:rollback(); return nil, info end
   local fail_part = done < n and info.failure and kept[done + 1].part
   local moved = {}
   for _, u in ipairs(usable) do

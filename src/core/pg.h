@@ -19,6 +19,19 @@
 
 #include <libpq-fe.h>
 
+/* Microseconds from 1970-01-01 to PostgreSQL's epoch 2000-01-01. */
+#define PG_EPOCH_USEC INT64_C(946684800000000)
+
+/* A binary int8 / timestamptz result field (network byte order). */
+static inline uint64_t pg_be64(const char *v)
+{
+    const unsigned char *u = (const unsigned char *)v;
+    uint64_t x = 0;
+    for (int i = 0; i < 8; i++)
+        x = (x << 8) | u[i];
+    return x;
+}
+
 /* Prepared statements, made on first use in each session. */
 enum {
     PG_APPEND,

@@ -32,7 +32,6 @@
 #include <uuid.h>
 
 #define DEFAULT_BATCH 1000
-#define PG_EPOCH_USEC INT64_C(946684800000000)
 
 typedef struct shard_cursor {
     int64_t shard;
@@ -75,15 +74,6 @@ typedef struct citus_cursor {
     char id[37];
     char recorded_at[32];
 } citus_cursor;
-
-static uint64_t be64(const char *v)
-{
-    const unsigned char *u = (const unsigned char *)v;
-    uint64_t x = 0;
-    for (int i = 0; i < 8; i++)
-        x = (x << 8) | u[i];
-    return x;
-}
 
 static void clear_shards(shard_cursor *sh, int n)
 {
@@ -153,20 +143,20 @@ static int cc_next(es_cursor *c, es_event *e, es_error *err)
     s = &cc->sh[cc->pieces[cc->refs[cc->row].piece].shard];
     r = cc->pieces[cc->refs[cc->row].piece].res;
     i = cc->refs[cc->row++].row;
-    e->position = (int64_t)be64(PQgetvalue(r, i, 0));
+    e->position = (int64_t)pg_be64(PQgetvalue(r, i, 0));
     uuid_unparse_lower((const unsigned char *)PQgetvalue(r, i, 1), cc->id);
     e->id = cc->id;
-    e->version = (int64_t)be64(PQgetvalue(r, i, 2));
+    e->version = (int64_t)pg_be64(PQgetvalue(r, i, 2));
     e->type = PQgetvalue(r, i, 3);
     e->data = PQgetvalue(r, i, 4);
     e->data_len = (size_t)PQgetlength(r, i, 4);
     e->metadata = PQgetvalue(r, i, 5);
     e->metadata_len = (size_t)PQgetlength(r, i, 5);
-    es_time_format((int64_t)be64(PQgetvalue(r, i, 6)) + PG_EPOCH_USEC,
+    es_time_format((int64_t)pg_be64(PQgetvalue(r, i, 6)) + PG_EPOCH_USEC,
                    cc->recorded_at);
     e->recorded_at = cc->recorded_at;
     e->stream = PQgetvalue(r, i, 8);
-    s->txid = be64(PQgetvalue(r, i, 7));
+    s->txid = pg_be64(PQgetvalue(r, i, 7));
     s->pos = e->position;
     return 1;
 }
@@ -694,8 +684,8 @@ static int lay_out(citus_cursor *cc, int64_t total, es_error *err)
  * (read_batch cancels that when the read was not short). */
 static void note_head(shard_cursor *s, PGresult *res, int i)
 {
-    uint64_t t = be64(PQgetvalue(res, i, 7));
-    int64_t p = (int64_t)be64(PQgetvalue(res, i, 0));
+    uint64_t t = pg_be64(PQgetvalue(res, i, 7));
+    int64_t p = (int64_t)pg_be64(PQgetvalue(res, i, 0));
 
     s->jump = t > s->txid || (t == s->txid && p > s->pos);
     s->hd_txid = t;
@@ -715,8 +705,8 @@ static int take(citus_cursor *cc, int i, PGresult *res, int64_t ask,
         note_head(s, res, n);
     }
     if (n > 0) {
-        s->rd_txid = be64(PQgetvalue(res, n - 1, 7));
-        s->rd_pos = (int64_t)be64(PQgetvalue(res, n - 1, 0));
+        s->rd_txid = pg_be64(PQgetvalue(res, n - 1, 7));
+        s->rd_pos = (int64_t)pg_be64(PQgetvalue(res, n - 1, 0));
     }
     if (add_piece(cc, i, n, res) < 0) {
         PQclear(res);

@@ -23,8 +23,6 @@
 #define PAGE_ROWS 1000
 #define DEFAULT_BATCH 1000
 #define APPEND_RETRIES 50
-/* Microseconds from 1970-01-01 to PostgreSQL's epoch 2000-01-01. */
-#define PG_EPOCH_USEC INT64_C(946684800000000)
 
 const char *pg_statement_sql(const pg_store *p, int stmt, char *out,
                              size_t outlen)
@@ -134,15 +132,6 @@ const char *pg_statement_sql(const pg_store *p, int stmt, char *out,
 }
 
 /* ---- binary values -------------------------------------------------------- */
-
-static uint64_t be64(const char *v)
-{
-    const unsigned char *u = (const unsigned char *)v;
-    uint64_t x = 0;
-    for (int i = 0; i < 8; i++)
-        x = (x << 8) | u[i];
-    return x;
-}
 
 static int32_t be32(const char *v)
 {
@@ -346,9 +335,9 @@ static int append_one(pg_store *p, const char *stream, const es_event_in *ev,
                strcmp(err->sqlstate, "40001") == 0 ? 2 : -1;
     rc = PQntuples(res) == 1;
     if (rc) {
-        out->position = (int64_t)be64(PQgetvalue(res, 0, 0));
-        out->version = (int64_t)be64(PQgetvalue(res, 0, 1));
-        es_time_format((int64_t)be64(PQgetvalue(res, 0, 2)) + PG_EPOCH_USEC,
+        out->position = (int64_t)pg_be64(PQgetvalue(res, 0, 0));
+        out->version = (int64_t)pg_be64(PQgetvalue(res, 0, 1));
+        es_time_format((int64_t)pg_be64(PQgetvalue(res, 0, 2)) + PG_EPOCH_USEC,
                        out->recorded_at);
     }
     PQclear(res);
@@ -479,16 +468,16 @@ static const char *all_checkpoint(es_cursor *c)
 /* Columns 0-6 of a row of either read: the event as es_event wants it. */
 static void decode_row(pg_cursor *pc, PGresult *r, int i, es_event *e)
 {
-    e->position = (int64_t)be64(PQgetvalue(r, i, 0));
+    e->position = (int64_t)pg_be64(PQgetvalue(r, i, 0));
     uuid_unparse_lower((const unsigned char *)PQgetvalue(r, i, 1), pc->id);
     e->id = pc->id;
-    e->version = (int64_t)be64(PQgetvalue(r, i, 2));
+    e->version = (int64_t)pg_be64(PQgetvalue(r, i, 2));
     e->type = PQgetvalue(r, i, 3);
     e->data = PQgetvalue(r, i, 4);         /* json: the text as stored */
     e->data_len = (size_t)PQgetlength(r, i, 4);
     e->metadata = PQgetvalue(r, i, 5);
     e->metadata_len = (size_t)PQgetlength(r, i, 5);
-    es_time_format((int64_t)be64(PQgetvalue(r, i, 6)) + PG_EPOCH_USEC,
+    es_time_format((int64_t)pg_be64(PQgetvalue(r, i, 6)) + PG_EPOCH_USEC,
                    pc->recorded_at);
     e->recorded_at = pc->recorded_at;
 }
@@ -645,7 +634,7 @@ static int all_next(es_cursor *c, es_event *e, es_error *err)
     e->stream = PQgetvalue(pc->res, i, 8);
     if (PQnfields(pc->res) > 9)     /* read with partitions: the stream's */
         e->part = be32(PQgetvalue(pc->res, i, 9));
-    pc->cp_txid = be64(PQgetvalue(pc->res, i, 7));
+    pc->cp_txid = pg_be64(PQgetvalue(pc->res, i, 7));
     pc->cp_pos = e->position;
     return 1;
 }
@@ -655,8 +644,8 @@ static int all_next(es_cursor *c, es_event *e, es_error *err)
 static void note_head(pg_cursor *pc)
 {
     int h = pc->nrows;
-    uint64_t tx = be64(PQgetvalue(pc->res, h, 7));
-    int64_t pos = (int64_t)be64(PQgetvalue(pc->res, h, 0));
+    uint64_t tx = pg_be64(PQgetvalue(pc->res, h, 7));
+    int64_t pos = (int64_t)pg_be64(PQgetvalue(pc->res, h, 0));
     if (tx > pc->cp_txid || (tx == pc->cp_txid && pos > pc->cp_pos)) {
         pc->has_head = 1;
         pc->head_txid = tx;
@@ -744,9 +733,9 @@ static void prefetch_next(pg_store *p, int stmt, PGresult *res,
     int last = event_rows(res) - 1;
     es_error ignored;
 
-    snprintf(txs, sizeof txs, "%" PRIu64, be64(PQgetvalue(res, last, 7)));
+    snprintf(txs, sizeof txs, "%" PRIu64, pg_be64(PQgetvalue(res, last, 7)));
     values[0] = txs;
-    values[1] = i64(poss, (int64_t)be64(PQgetvalue(res, last, 0)));
+    values[1] = i64(poss, (int64_t)pg_be64(PQgetvalue(res, last, 0)));
     if (request_key(&p->ahead.key, stmt, values, nvalues) < 0)
         return;
     /* A failure here only means no batch ahead; the next read_all asks
@@ -927,11 +916,11 @@ int pg_load_snapshot(es_store *s, const char *stream, int64_t max_version,
         return -1;
     if (PQntuples(r) == 0)
         return 0;
-    out->version = (int64_t)be64(PQgetvalue(r, 0, 0));
-    out->schema_version = (int64_t)be64(PQgetvalue(r, 0, 1));
+    out->version = (int64_t)pg_be64(PQgetvalue(r, 0, 0));
+    out->schema_version = (int64_t)pg_be64(PQgetvalue(r, 0, 1));
     out->state = PQgetvalue(r, 0, 2);
     out->state_len = (size_t)PQgetlength(r, 0, 2);
-    es_time_format((int64_t)be64(PQgetvalue(r, 0, 3)) + PG_EPOCH_USEC,
+    es_time_format((int64_t)pg_be64(PQgetvalue(r, 0, 3)) + PG_EPOCH_USEC,
                    p->snapshot_time);
     out->recorded_at = p->snapshot_time;
     return 1;
