@@ -124,6 +124,9 @@ static int run(const uint8_t *data, size_t size)
     es_buf b, b2;
     int top;
 
+    /* shared tables can expand without bound: 8 MiB of text is plenty for
+     * every property here and keeps a run inside libFuzzer's limits */
+    esl_json_max_text = (size_t)8 << 20;
     while (g.p < g.end)
         step(L, &g);
     if (lua_gettop(L) == 0)

@@ -431,6 +431,8 @@ static int enc_object(enc *e, int t, int marked)
     return 0;
 }
 
+size_t esl_json_max_text = (size_t)1 << 30;
+
 static int enc_table(enc *e, int t)
 {
     lua_State *L = e->L;
@@ -447,6 +449,9 @@ static int enc_table(enc *e, int t)
                  ESL_JSON_MAX_DEPTH);
         return -1;
     }
+    if (e->b->len > esl_json_max_text)
+        return enc_fail(e, "%s", "text too long (a table shared many times "
+                        "over is written out each time)");
     if (!lua_checkstack(L, 6))
         return enc_fail(e, "%s", "nesting too deep (Lua stack exhausted)");
     e->seen[e->depth++] = ptr;

@@ -11,6 +11,14 @@
 /* Deepest nesting of arrays/objects accepted by encode and decode. */
 #define ESL_JSON_MAX_DEPTH 1000
 
+/* Longest text encode writes (default 1 GiB, PostgreSQL's limit for one
+ * json value): a table shared many times over is written out each time
+ * (n levels of pairs make 2^n copies), and must end in an error, not in
+ * the process running out of memory. Set once before any encode (the fuzz
+ * harness lowers it to stay inside its memory and time limits); never
+ * changed by the library. */
+extern size_t esl_json_max_text;
+
 /* Appends the JSON text of the value at idx to b. On failure returns -1 and
  * writes a message (without the "invalid: " prefix) to msg. Raises only on
  * out-of-memory. */
