@@ -28,7 +28,7 @@ LUAJIT_CFLAGS := $(shell $(PKG) --cflags luajit 2>/dev/null || echo -I/usr/inclu
 DEPS_CFLAGS += $(if $(PQ_INCDIR),-I$(PQ_INCDIR)) \
                $(if $(UUID_INCDIR),-I$(UUID_INCDIR) -I$(UUID_INCDIR)/uuid)
 DEPS_LIBS   := $(if $(PQ_LIBDIR),-L$(PQ_LIBDIR)) \
-               $(if $(UUID_LIBDIR),-L$(UUID_LIBDIR)) $(DEPS_LIBS)
+               $(if $(UUID_LIBDIR),-L$(UUID_LIBDIR)) $(DEPS_LIBS) -pthread
 ALL_CFLAGS = $(WARN) $(DEFS) -fPIC -Iinclude $(DEPS_CFLAGS) $(CFLAGS)
 LDFLAGS_SO = -shared
 

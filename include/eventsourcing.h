@@ -280,11 +280,18 @@ void es_rows_free(es_rows *rows);
  * One statement: a row the server refuses copies nothing (inside a
  * transaction, that transaction is aborted). *count gets the rows copied.
  * schema NULL: the store's ("pg_temp": the session's temporary tables).
- * Memory stores fail with ES_INVALID. */
+ * Memory stores fail with ES_INVALID.
+ * count NULL: do not wait for the server. es_copy returns once the COPY
+ * has begun; a thread of the store sends the rows (a copy of data) and
+ * collects the result while the caller goes on. The store's next call
+ * waits for it first and fails with the copy's error if it failed;
+ * es_copy_wait waits and reports it, with the rows copied since the last
+ * es_copy_wait. */
 int es_copy(es_store *store, const char *schema, const char *table,
             const char *const *columns,
             size_t ncolumns, const char *data, size_t len, int64_t *count,
             es_error *err);
+int es_copy_wait(es_store *store, int64_t *count, es_error *err);
 
 /* Transactions (PostgreSQL): appends inside one commit together. */
 int es_begin(es_store *store, es_error *err);

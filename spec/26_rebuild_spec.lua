@@ -188,3 +188,39 @@ describe("rebuild with writers running (processes, PostgreSQL)", function()
     assert_equals_replay(store, schema, "rm_inl")
   end)
 end)
+
+describe("core.keyset (the keys a rebuild has written, outside the Lua heap)", function()
+  local core = require "eventsourcing.core"
+
+  it("adds and finds strings, counts them, and grows without losing any", function()
+    local set = core.keyset()
+    assert.is_nil(set.a)
+    assert.equal(0, #set)
+    set.a = true
+    set.a = true                          -- twice: held once
+    set[""] = true
+    set["a\0b"] = true                    -- bytes, not C strings
+    assert.is_true(set.a)
+    assert.is_true(set[""])
+    assert.is_true(set["a\0b"])
+    assert.is_nil(set["a\0"])
+    assert.is_nil(set.b)
+    assert.is_nil(set[1])                 -- not a string: never held
+    assert.equal(3, #set)
+    for i = 1, 100000 do set["k" .. i] = true end
+    assert.equal(100003, #set)
+    for i = 1, 100000, 997 do assert.is_true(set["k" .. i]) end
+    assert.is_nil(set.k0)
+    assert.is_nil(set.k100001)
+  end)
+
+  it("refuses keys that are not strings, and removals", function()
+    local set = core.keyset()
+    set.x = true
+    assert.has_error(function() set[1] = true end, "keyset: keys are strings, not number")
+    assert.has_error(function() set.x = nil end, "keyset: a key is added with true; keys are never removed")
+    assert.has_error(function() set.y = false end, "keyset: a key is added with true; keys are never removed")
+    assert.is_true(set.x)
+    assert.equal(1, #set)
+  end)
+end)

@@ -113,6 +113,50 @@ describe("store:copy_rows", function()
     assert.equal(0, #all_rows(store, schema))
   end)
 
+  it("wait = false: the rows go on being sent while the caller goes on; copy_wait reports them", function()
+    local rows = {}
+    for i = 1, 5000 do rows[i] = { id = ("k%05d"):format(i), n = i, j = { i = i } } end
+    assert.is_true(store:copy_rows("t", { "id", "n", "j" }, rows, { wait = false }))
+    assert.equal(5000, assert(store:copy_wait()))
+    assert.equal(0, assert(store:copy_wait()))          -- nothing pending any more
+    -- two in a row: the second waits for the first
+    assert.is_true(store:copy_rows("t", { "id" }, { { id = "x1" } }, { wait = false }))
+    assert.is_true(store:copy_rows("t", { "id" }, { { id = "x2" } }, { wait = false }))
+    assert.equal(2, assert(store:copy_wait()))
+    -- any other statement waits for it too
+    assert.is_true(store:copy_rows("t", { "id" }, { { id = "x3" } }, { wait = false }))
+    assert.equal(5003, assert(store:query(('SELECT count(*) AS n FROM "%s".t'):format(schema)))[1].n)
+    assert.equal(1, assert(store:copy_wait()))
+    assert.has_error(function() store:copy_rows("t", { "id" }, {}, { wait = "no" }) end,
+      "bad argument #4 to 'copy_rows' (wait must be a boolean)")
+  end)
+
+  it("wait = false: a copy the server refuses fails the next statement and copies nothing", function()
+    assert(store:copy_rows("t", { "id" }, { { id = "dup" } }))
+    -- refused by the server (a duplicate key), not by the text check
+    assert.is_true(store:copy_rows("t", { "id" }, { { id = "new" }, { id = "dup" } }, { wait = false }))
+    local res, err = store:query("SELECT 1 AS one")
+    assert.is_nil(res)
+    assert.equal("database", err.kind)
+    assert.matches("duplicate key", err.message)
+    assert.equal(1, assert(store:query("SELECT 1 AS one"))[1].one)   -- reported once
+    assert.equal(1, #all_rows(store, schema))
+    -- copy_wait reports it the same way
+    assert.is_true(store:copy_rows("t", { "id" }, { { id = "dup" } }, { wait = false }))
+    local n, werr = store:copy_wait()
+    assert.is_nil(n)
+    assert.matches("duplicate key", werr.message)
+    -- inside a transaction: commit fails and nothing of it stays
+    assert(store:begin())
+    assert(store:copy_rows("t", { "id" }, { { id = "in-tx" } }))
+    assert.is_true(store:copy_rows("t", { "id" }, { { id = "dup" } }, { wait = false }))
+    local ok, cerr = store:commit()
+    assert.is_nil(ok)
+    assert.matches("duplicate key", cerr.message)
+    assert.equal(1, #all_rows(store, schema))
+    assert.is_false(store:status().in_transaction)
+  end)
+
   it("is refused by memory stores", function()
     local m = assert(es.open("memory:"))
     local n, err = m:copy_rows("t", { "id" }, { { id = "a" } })

@@ -299,14 +299,41 @@ function Projector:rebuild(name, opts)
   error(a, 0)
 end
 
+-- A second session for a bulk replay's writes, so that the server stores
+-- one batch's rows while this process reads and applies the next (the
+-- rows go by COPY without waiting, see store:copy_rows). nil where there
+-- is none to open (a memory store, a store not opened with es.open): the
+-- writes then go on the reading session and wait.
+local function write_session(self, store)
+  if self.memory then return nil end
+  local reopen = util.reopener(self.store)
+  local w = reopen and reopen()
+  if w and store:schema() ~= w:schema() then w:close(); w = nil end
+  return w
+end
+
 -- Replays the events of p after `after` into tbl in batches of `limit`
 -- (read_all's watermark). part (a rebuild's worker): { store = its own
--- session, partitions = n, partition = k, upto = W }.
+-- session, partitions = n, partition = k, upto = W }. bulk: outside any
+-- transaction (not the swap's tail), so writes may go on a session of
+-- their own.
 -- -> true, checkpoint, events | nil, err
-function Projector:_replay(p, tbl, after, limit, seen, report, done, part)
+function Projector:_replay(p, tbl, after, limit, seen, report, done, part, bulk)
   local store, types = part and part.store or self.store, self.engine.by_name[p.name].types
+  local wstore = bulk and write_session(self, store)
+  local ok, a, b = self:_replay_on(store, wstore or store, p, tbl, after, limit, seen, report, done, part,
+    wstore ~= nil, types)
+  if wstore then
+    local copied, werr = wstore:copy_wait()
+    wstore:close()
+    if ok and not copied then return nil, werr end
+  end
+  return ok, a, b
+end
+
+function Projector:_replay_on(store, wstore, p, tbl, after, limit, seen, report, done, part, async, types)
   local timings, clock = self._timings, util.monotonic
-  local opts = { seen = seen, timings = timings }
+  local opts = { seen = seen, timings = timings, async = async }
   local ropts = { after = after, limit = limit, prefetch = true, types = types,
     category = p.category, checkpoints = false,
     partitions = part and part.partitions, partition = part and part.partition, upto = part and part.upto }
@@ -317,7 +344,7 @@ function Projector:_replay(p, tbl, after, limit, seen, report, done, part)
     if not batch then return nil, cp end
     if timings then timings.read = (timings.read or 0) + (clock() - t0) end
     if #batch == 0 then return true, cp or after, done end
-    local r, a, b = p:_apply(store, tbl, batch, #batch, opts)
+    local r, a, b = p:_apply(wstore, tbl, batch, #batch, opts)
     if r == nil then return nil, a end
     if r == false then
       local e = batch[a]
@@ -337,10 +364,10 @@ end
 -- -> true, W, events | nil, err
 function Projector:_replay_workers(p, tmp, limit, report, workers, upto)
   local function replay(store, k)
-    local seen = {}     -- keys of this partition only: none is in another's
+    local seen = core.keyset()  -- keys of this partition only: none is in another's
     local ok, a, done = self:_replay(p, tmp, nil, limit, seen,
       k == 0 and function(n) report(n * workers) end or function() end, 0,
-      { store = store, partitions = workers, partition = k, upto = upto })
+      { store = store, partitions = workers, partition = k, upto = upto }, true)
     if not ok then return nil, a end
     return done
   end
@@ -399,7 +426,9 @@ function Projector:_rebuild_swap(p, limit, report, workers)
   if not tmp then return nil, err end
   self._rebuild_tmp = tmp    -- for rebuild() to clean up after a raise
   local function fail(e) rebuild.abandon(store, p, tmp); return nil, e end
-  local seen, upto = {}, nil
+  -- the keys written into the shadow table: a core.keyset, which the
+  -- collector does not walk key by key on every cycle as it would a table
+  local seen, upto = core.keyset(), nil
   if workers > 1 then
     upto, err = rebuild.bound(store)
     if err then return fail(err) end
@@ -412,7 +441,7 @@ function Projector:_rebuild_swap(p, limit, report, workers)
     -- rows of the other partitions are not in seen: the tail looks keys up
     seen = nil
   else
-    ok, after, done = self:_replay(p, tmp, nil, limit, seen, report, 0)
+    ok, after, done = self:_replay(p, tmp, nil, limit, seen, report, 0, nil, true)
   end
   if ok_gc then pcall(collectgarbage, "setpause", pause) end
   if not ok then return fail(after) end

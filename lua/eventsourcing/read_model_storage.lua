@@ -240,7 +240,7 @@ end
 -- copy_rows' options for this read model's rows: json/jsonb columns take
 -- every value as JSON text (a string stays a JSON string), as the rows
 -- written as JSON do.
-function ReadModel:_copy_opts(schema)
+function ReadModel:_copy_opts(schema, wait)
   if not self._copy_json then
     local names = {}
     for _, c in ipairs(self.columns) do
@@ -249,7 +249,7 @@ function ReadModel:_copy_opts(schema)
     end
     self._copy_json = names
   end
-  return { schema = schema, json = self._copy_json }
+  return { schema = schema, json = self._copy_json, wait = wait }
 end
 
 -- Many upserts of a transaction: COPY into the staging table, then one
@@ -266,14 +266,16 @@ end
 
 -- timings (a rebuild's breakdown): seconds added to "encode" and "write".
 -- news: rows of keys the table cannot hold yet (a rebuild's fresh table),
--- copied in bulk (store:copy_rows). stage: the caller's transaction is
+-- copied in bulk (store:copy_rows; async: without waiting, the session's
+-- next statement waits for it). stage: the caller's transaction is
 -- open, so many upserts may be staged (_write_staged). defer: a table that
 -- takes the one-statement write instead of running it ({ sql = ..., n,
 -- params... }), for the caller to run with its COMMIT (store:commit_with).
-function ReadModel:_write(store, tbl, upserts, deletes, timings, news, stage, defer)
+function ReadModel:_write(store, tbl, upserts, deletes, timings, news, stage, defer, async)
   if news and #news > 0 then
     local t0 = timings and util.monotonic()
-    local n, cerr = store:copy_rows(tbl or self.name, self.columns, news, self:_copy_opts())
+    local n, cerr = store:copy_rows(tbl or self.name, self.columns, news,
+      async and self:_copy_opts(nil, false) or self:_copy_opts())
     if not n then return nil, cerr end
     if timings then timings.write = (timings.write or 0) + (util.monotonic() - t0) end
   end

@@ -80,6 +80,7 @@ PGresult *pg_take_result(pg_store *p)
 
 void pg_settle(pg_store *p)
 {
+    pg_copy_join(p);      /* the session is the copy thread's until then */
     if (p->ahead.state != 1)
         return;
     p->ahead.res = p->conn ? pg_take_result(p) : NULL;
@@ -171,6 +172,12 @@ static int listen_now(pg_store *p, int raw, es_error *err)
 int pg_ready(pg_store *p, es_error *err)
 {
     pg_settle_wire(p);
+    if (p->copy_failed) {     /* a copy sent without waiting: its error */
+        p->copy_failed = 0;
+        p->copied = 0;
+        *err = p->copy_err;
+        return -1;
+    }
     if (p->conn && PQstatus(p->conn) != CONNECTION_OK)
         note_session_loss(p);
     if (p->tx_lost)
@@ -716,6 +723,16 @@ static int pg_end(es_store *s, int commit, es_error *err)
     PGresult *res;
 
     pg_settle_wire(p);
+    if (p->copy_failed && commit) {
+        /* a copy of this transaction failed: it commits nothing */
+        p->copy_failed = 0;
+        *err = p->copy_err;
+        if (p->in_tx && p->conn && PQstatus(p->conn) == CONNECTION_OK)
+            PQclear(PQexec(p->conn, "ROLLBACK"));
+        p->in_tx = p->begin_pending = p->tx_lost = 0;
+        return -1;
+    }
+    p->copy_failed = 0;
     if (p->conn && PQstatus(p->conn) != CONNECTION_OK)
         note_session_loss(p);
     if (p->tx_lost) {
@@ -788,6 +805,7 @@ int pg_status(es_store *s, es_store_status *out, es_error *err)
 {
     pg_store *p = (pg_store *)s;
     int prepared = 0;
+    pg_copy_join(p);
     out->pooler = p->base.pooler;
     out->in_transaction = p->in_tx;
     if (!p->in_tx && !p->tx_lost && p->ahead.state != 1 && !p->page) {

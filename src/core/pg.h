@@ -108,6 +108,10 @@ typedef struct pg_store {
     unsigned qprepared;       /* bit per qcache slot prepared this session */
     unsigned long qclock;
     unsigned long qgen;       /* names handed out to qcache statements */
+    struct pg_copy_job *copying;  /* a COPY sending without waiting */
+    int64_t copied;           /* rows of such copies since the last wait */
+    int copy_failed;          /* one failed: copy_err until reported */
+    es_error copy_err;
 } pg_store;
 
 /* Collects a prefetched read_all result still on the wire, so the session
@@ -199,11 +203,15 @@ void pg_qcache_free(pg_store *p);
 void pg_disconnect(es_store *s);
 void pg_destroy(es_store *s);
 
-/* COPY ... FROM STDIN of rows in COPY's text format (pg_copy.c). */
+/* COPY ... FROM STDIN of rows in COPY's text format (pg_copy.c). count
+ * NULL: a thread sends the rows; pg_copy_join waits for it (every use of
+ * the session does first), pg_copy_wait also reports how it went. */
 int pg_copy(es_store *s, const char *schema, const char *table,
             const char *const *columns,
             size_t ncolumns, const char *data, size_t len, int64_t *count,
             es_error *err);
+int pg_copy_join(pg_store *p);
+int pg_copy_wait(es_store *s, int64_t *count, es_error *err);
 
 /* Names the prepared statements of this store's schema. */
 void pg_name_statements(pg_store *p);

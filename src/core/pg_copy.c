@@ -6,9 +6,18 @@
  * an INSERT ... SELECT FROM json_populate_recordset parses JSON and checks
  * ON CONFLICT for every row. The caller (the Lua binding) builds the text;
  * this file only names the target safely and moves the bytes.
+ *
+ * Without waiting (count NULL): the server spends about as long storing a
+ * batch of rows as the rebuild spends making the next one, and a COPY's
+ * rows go through a socket buffer far smaller than a batch, so whoever
+ * sends them waits for most of the server's work. A thread of the store
+ * sends them instead and collects the result; the session is the
+ * thread's until pg_copy_join, which every use of the session calls first
+ * (pg_settle), so the two never touch the connection at once.
  */
 #include "pg.h"
 
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -53,30 +62,115 @@ static int copy_sql(pg_store *p, es_buf *sql, const char *schema,
     return 0;
 }
 
-/* Sends the rows and ends the copy; the result says how it went. */
-static int send_rows(pg_store *p, const char *data, size_t len,
-                     int64_t *count, es_error *err)
+/* Sends the rows and ends the copy: its result (NULL if there is none).
+ * Touches nothing but conn: it may run on the copy thread. */
+static PGresult *put_rows(PGconn *conn, const char *data, size_t len)
 {
-    PGresult *res;
+    PGresult *res, *extra;
     const char *why = NULL;
     for (size_t at = 0; at < len && !why; at += COPY_CHUNK) {
         size_t n = len - at < COPY_CHUNK ? len - at : COPY_CHUNK;
-        if (PQputCopyData(p->conn, data + at, (int)n) != 1)
+        if (PQputCopyData(conn, data + at, (int)n) != 1)
             why = "the rows could not be sent";
     }
     /* on a send failure, end the copy with an error: the server then
      * rolls the statement back and copies nothing */
-    if (PQputCopyEnd(p->conn, why) != 1 && !why)
-        why = "the copy could not be ended";
-    res = PQgetResult(p->conn);
+    PQputCopyEnd(conn, why);
+    res = PQgetResult(conn);
+    while (res && (extra = PQgetResult(conn)) != NULL)
+        PQclear(extra);
+    return res;
+}
+
+/* The copy's outcome from its result (cleared here). */
+static int copy_result(pg_store *p, PGresult *res, int64_t *count,
+                       es_error *err)
+{
     if (!res || PQresultStatus(res) != PGRES_COMMAND_OK) {
         pg_fail(p, res, "copy", err);
         pg_drain(p);
         return -1;
     }
-    *count = strtoll(PQcmdTuples(res), NULL, 10);
+    if (count)
+        *count = strtoll(PQcmdTuples(res), NULL, 10);
     PQclear(res);
-    pg_drain(p);
+    return 0;
+}
+
+/* ---- a copy that does not wait ------------------------------------------- */
+
+typedef struct pg_copy_job {
+    pthread_t thread;
+    PGconn *conn;
+    char *data;               /* the job's own copy of the rows' text */
+    size_t len;
+    PGresult *res;            /* the thread's result */
+} pg_copy_job;
+
+static void *copy_thread(void *arg)
+{
+    pg_copy_job *job = arg;
+    job->res = put_rows(job->conn, job->data, job->len);
+    return NULL;
+}
+
+static int copy_start(pg_store *p, const char *data, size_t len,
+                      es_error *err)
+{
+    pg_copy_job *job = calloc(1, sizeof *job);
+    int rc;
+    if (job)
+        job->data = malloc(len ? len : 1);
+    if (!job || !job->data) {
+        if (job)
+            free(job);
+        /* the server waits in COPY for rows: end it with nothing */
+        PQclear(put_rows(p->conn, "", 0));
+        return es_fail(err, ES_DATABASE, "out of memory");
+    }
+    memcpy(job->data, data, len);
+    job->len = len;
+    job->conn = p->conn;
+    rc = pthread_create(&job->thread, NULL, copy_thread, job);
+    if (rc != 0) {          /* no thread: send them here, then */
+        PGresult *res = put_rows(p->conn, job->data, len);
+        free(job->data);
+        free(job);
+        return copy_result(p, res, NULL, err);
+    }
+    p->copying = job;
+    return 0;
+}
+
+int pg_copy_join(pg_store *p)
+{
+    pg_copy_job *job = p->copying;
+    int64_t n = 0;
+    int rc;
+    if (!job)
+        return 0;
+    pthread_join(job->thread, NULL);
+    p->copying = NULL;
+    free(job->data);
+    rc = copy_result(p, job->res, &n, &p->copy_err);
+    free(job);
+    p->copied += n;
+    if (rc < 0)
+        p->copy_failed = 1;
+    return rc;
+}
+
+int pg_copy_wait(es_store *s, int64_t *count, es_error *err)
+{
+    pg_store *p = (pg_store *)s;
+    pg_copy_join(p);
+    *count = p->copied;
+    p->copied = 0;
+    if (p->copy_failed) {
+        p->copy_failed = 0;
+        *err = p->copy_err;
+        return -1;
+    }
     return 0;
 }
 
@@ -110,5 +204,7 @@ int pg_copy(es_store *s, const char *schema, const char *table,
         return rc;
     }
     PQclear(res);
-    return send_rows(p, data, len, count, err);
+    if (!count)
+        return copy_start(p, data, len, err);
+    return copy_result(p, put_rows(p->conn, data, len), count, err);
 }

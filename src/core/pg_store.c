@@ -65,6 +65,7 @@ static const es_store_ops pg_ops = {
     .distribute = pg_distribute,
     .info = pg_info,
     .copy = pg_copy,
+    .copy_wait = pg_copy_wait,
     .query_commit = pg_query_commit,
 };
 

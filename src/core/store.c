@@ -344,7 +344,8 @@ int es_copy(es_store *s, const char *schema, const char *table,
             es_error *err)
 {
     es_error_clear(err);
-    *count = 0;
+    if (count)
+        *count = 0;
     if (store_usable(s, err) < 0)
         return -1;
     if (!s->ops->copy)
@@ -361,6 +362,17 @@ int es_copy(es_store *s, const char *schema, const char *table,
                            "name", i + 1);
     return s->ops->copy(s, schema, table, columns, ncolumns, data, len, count,
                         err);
+}
+
+int es_copy_wait(es_store *s, int64_t *count, es_error *err)
+{
+    es_error_clear(err);
+    *count = 0;
+    if (store_usable(s, err) < 0)
+        return -1;
+    if (!s->ops->copy_wait)
+        return 0;         /* no copy of this store ever goes on alone */
+    return s->ops->copy_wait(s, count, err);
 }
 
 #define TX_OP(fn, op)                                                  \

@@ -45,6 +45,7 @@ typedef struct es_store_ops {
                 const char *const *columns,
                 size_t ncolumns, const char *data, size_t len,
                 int64_t *count, es_error *err);
+    int (*copy_wait)(es_store *s, int64_t *count, es_error *err);
     int (*query_commit)(es_store *s, const char *sql, int nparams,
                         const char *const *params, es_error *err);
 } es_store_ops;

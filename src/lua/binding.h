@@ -23,6 +23,9 @@ void clock_open(lua_State *L);
  * workers). */
 void process_open(lua_State *L);
 
+/* keyset.c: core.keyset (a set of strings outside the Lua heap). */
+void keyset_open(lua_State *L);
+
 /* ids.c: core.uuid5 (name-based UUIDs). */
 void ids_open(lua_State *L);
 

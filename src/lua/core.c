@@ -53,5 +53,6 @@ int luaopen_eventsourcing_core(lua_State *L)
     clock_open(L);
     ids_open(L);
     process_open(L);
+    keyset_open(L);
     return 1;
 }

@@ -863,19 +863,47 @@ static int dec_array(dec *d)
     return 0;
 }
 
+/* Pairs of an object kept on the stack before its table is made: most
+ * objects an event carries are this small, and a table made for its
+ * size holds them without growing (each growth reallocates and rehashes
+ * the keys so far). */
+#define DEC_OBJ_PAIRS 8
+
+/* The object table from the n pairs above base (the table then stands
+ * at base + 1, the pairs gone); room for at least hint keys. */
+static void dec_make_object(dec *d, int base, int n, int hint)
+{
+    lua_State *L = d->L;
+    lua_createtable(L, 0, hint);
+    lua_pushvalue(L, d->mt_obj);
+    lua_setmetatable(L, -2);
+    /* in order: of a key given twice, the last value stays */
+    for (int i = 0; i < n; i++) {
+        lua_pushvalue(L, base + 1 + 2 * i);
+        lua_pushvalue(L, base + 2 + 2 * i);
+        lua_rawset(L, -3);
+    }
+    if (n > 0) {
+        lua_replace(L, base + 1);
+        lua_settop(L, base + 1);
+    }
+}
+
 static int dec_object(dec *d)
 {
     lua_State *L = d->L;
+    int base, n = 0, made = 0;
     if (dec_enter(d) < 0)
         return -1;
+    if (!lua_checkstack(L, 2 * DEC_OBJ_PAIRS + 2))
+        return dec_fail(d, d->p, "nesting too deep (Lua stack exhausted)");
     d->p++;
-    lua_createtable(L, 0, 0);
-    lua_pushvalue(L, d->mt_obj);
-    lua_setmetatable(L, -2);
+    base = lua_gettop(L);
     skip_ws(d);
     if (d->p < d->end && *d->p == '}') {
         d->p++;
         d->depth--;
+        dec_make_object(d, base, 0, 0);
         return 0;
     }
     for (;;) {
@@ -889,7 +917,12 @@ static int dec_object(dec *d)
         d->p++;
         if (dec_value(d) < 0)
             return -1;
-        lua_rawset(L, -3);
+        if (made) {
+            lua_rawset(L, base + 1);
+        } else if (++n == DEC_OBJ_PAIRS) {
+            dec_make_object(d, base, n, 2 * n);
+            made = 1;
+        }
         skip_ws(d);
         if (d->p < d->end && *d->p == ',') {
             d->p++;
@@ -904,6 +937,8 @@ static int dec_object(dec *d)
         }
         return dec_unexpected(d, d->p, " in object (',' or '}' expected)");
     }
+    if (!made)
+        dec_make_object(d, base, n, n);
     d->depth--;
     return 0;
 }

@@ -894,13 +894,17 @@ static void json_columns(lua_State *L, int opts)
     lua_pop(L, 1);
 }
 
-/* store:copy_rows(table, columns, rows, { schema = "pg_temp", json = { names } })
+/* store:copy_rows(table, columns, rows, { schema = "pg_temp", json = { names },
+ *                 wait = false })
  * -> rows copied | nil, err.
  * COPY into table (of the store's schema, or opts.schema): rows is an
  * array of tables whose fields named by columns are read raw; the columns
  * named in opts.json (json/jsonb) get every value as JSON text. Every
  * value is checked and the whole text built before anything is sent; the
- * server takes all the rows or none. */
+ * server takes all the rows or none. wait = false: returns true once the
+ * copy has begun, the rows go on being sent by a thread of the store; the
+ * store's next call (or store:copy_wait()) waits for the copy, and fails
+ * with its error if it failed. */
 static int l_copy_rows(lua_State *L)
 {
     lstore *ls = check_store(L);
@@ -910,6 +914,7 @@ static int l_copy_rows(lua_State *L)
     size_t ncols, nrows;
     char msg[320], why[260];
     int64_t n;
+    int wait;
     es_error err;
 
     luaL_checktype(L, 3, LUA_TTABLE);
@@ -917,6 +922,14 @@ static int l_copy_rows(lua_State *L)
     check_opts(L, 5);
     lua_settop(L, 5);
     schema = opt_string_field(L, 5, "schema");
+    wait = 1;
+    if (lua_istable(L, 5)) {
+        lua_getfield(L, 5, "wait");
+        luaL_argcheck(L, lua_isnil(L, -1) || lua_isboolean(L, -1), 5,
+                      "wait must be a boolean");
+        wait = lua_isnil(L, -1) || lua_toboolean(L, -1);
+        lua_pop(L, 1);
+    }
     ncols = esl_rawlen(L, 3);
     nrows = esl_rawlen(L, 4);
     if (ncols == 0)
@@ -933,7 +946,24 @@ static int l_copy_rows(lua_State *L)
         return esl_push_fail(L, ES_INVALID, msg);
     }
     if (es_copy(ls->s, schema, table, cols, ncols, ls->json.data,
-                ls->json.len, &n, &err) < 0)
+                ls->json.len, wait ? &n : NULL, &err) < 0)
+        return esl_push_error(L, &err);
+    if (!wait) {
+        lua_pushboolean(L, 1);
+        return 1;
+    }
+    esl_pushint64(L, n);
+    return 1;
+}
+
+/* store:copy_wait() -> rows copied by copies sent without waiting since
+ * the last call | nil, err (the first such copy that failed). */
+static int l_copy_wait(lua_State *L)
+{
+    lstore *ls = check_store(L);
+    int64_t n;
+    es_error err;
+    if (es_copy_wait(ls->s, &n, &err) < 0)
         return esl_push_error(L, &err);
     esl_pushint64(L, n);
     return 1;
@@ -1342,6 +1372,7 @@ static const luaL_Reg store_methods[] = {
     {"version", l_version},
     {"read_all", l_read_all},
     {"copy_rows", l_copy_rows},
+    {"copy_wait", l_copy_wait},
     {"fold", l_fold},
     {"save_snapshot", l_save_snapshot},
     {"load_snapshot", l_load_snapshot},
