@@ -237,8 +237,8 @@ SQL
 # server_cpu_batch TARGET N : "CPU_US WAL_BYTES" per event of N 100-event
 # transactions, read as server_cpu reads them. es: append() with the four
 # arrays (ids ordered in time like the library's UUID v7: a counter behind
-# the clock) to 10 streams in turn at their exact versions, as
-# bench/append.lua appends; bare_insert: bench/pgbench_insert100.sql's
+# the clock) to 10 new streams in turn at their exact versions, as
+# bench/append.lua appends (names as short as its); bare_insert: bench/pgbench_insert100.sql's
 # INSERT into the bare table (random ids, as there). Both figures include
 # making the rows' values on the server (about 1.3 us an event here).
 server_cpu_batch() {
@@ -248,7 +248,7 @@ server_cpu_batch() {
                 || '7' || lpad(to_hex(i * 100 + g), 19, '0'))::uuid), array_agg('Ticked'::text),
                 array_agg(('{\"n\": ' || g || ', \"note\": \"hello\"}')::json), array_agg('{}'::json)
             INTO ids, types, d, m FROM generate_series(1, 100) AS g;
-          s := 'CpuBatch' || tag || '-' || (i % 10);
+          s := 'Cpu' || tag || '-' || (i % 10);
           SELECT o_status INTO st FROM $SCHEMA.append(s, (i / 10) * 100, false, ids, types, d, m);
           IF st <> 0 THEN RAISE EXCEPTION 'append status %', st; END IF" ;;
     bare_insert) call="INSERT INTO $BARE.bare (id, stream, version, type, data, metadata)
@@ -260,7 +260,7 @@ server_cpu_batch() {
 SET synchronous_commit = off;
 SELECT split_part(pg_read_file('/proc/self/schedstat'), ' ', 1) AS s0,
        pg_current_wal_insert_lsn() AS w0 \gset
-DO \$\$ DECLARE s text; tag text := md5(random()::text); st int;
+DO \$\$ DECLARE s text; tag text := to_hex((random() * 1e9)::int); st int;
   ids uuid[]; types text[]; d json[]; m json[];
 BEGIN FOR i IN 0..$((n - 1)) LOOP $call; COMMIT; END LOOP; END \$\$;
 SELECT round((split_part(pg_read_file('/proc/self/schedstat'), ' ', 1)::bigint - :s0) / 1000.0 / ($n * 100), 2)
