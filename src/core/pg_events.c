@@ -193,10 +193,10 @@ static int put_array_head(es_buf *b, uint32_t elem_type, size_t n)
            put_be32(b, (uint32_t)n) | put_be32(b, 1);
 }
 
+/* An element longer than an int32 says is caught by the caller's check
+ * of the whole parameter's size. */
 static int put_elem(es_buf *b, const char *s, size_t n)
 {
-    if (n > INT32_MAX)
-        return -1;
     return put_be32(b, (uint32_t)n) | es_buf_add(b, s, n);
 }
 
@@ -268,7 +268,10 @@ static int build_append_params(pg_store *p, const char *stream,
         else
             rc |= put_elem(b, "{}", 2);
     }
-    if (rc || b->len - offs[A_IDS] > INT32_MAX)
+    if (b->len - offs[A_IDS] > INT32_MAX)     /* libpq counts in int */
+        return es_fail(err, ES_INVALID, "append: the batch is too large "
+                       "(over 2 GiB of parameters)");
+    if (rc)
         return es_fail(err, ES_DATABASE, "out of memory");
     for (int i = 0; i < A_N; i++) {
         size_t end = i + 1 < A_N ? offs[i + 1] : b->len;
