@@ -35,7 +35,8 @@
 #            WAL bytes per append from the backend's schedstat and the WAL
 #            insert position; bench/append.lua processes (2 and 8, one event per
 #            append) against the same loop calling write_message; 100 events
-#            per append against a 100-row INSERT (pgbench_insert100.sql)
+#            per append against a 100-row INSERT (pgbench_insert100.sql), and
+#            the server CPU and WAL per event of each (server_cpu_batch)
 #   fold     bench/fold.lua, store:fold against lua-sql-postgres + lua-cjson,
 #            and Message DB's get_stream_messages of the same stream on the
 #            server alone (bench/pgbench_get_stream_messages.sql) beside our
@@ -113,6 +114,7 @@ run_lua() {
 # record LINE : print a `name value unit` line and keep it for the summary
 record() { echo "$1"; echo "$1" >>"$RESULTS"; }
 value_of() { awk -v n="$1" '$1 == n { print $2 }' "$RESULTS" | tail -1; }
+median() { sort -n | awk '{ a[NR] = $1 } END { if (NR) print a[int((NR + 1) / 2)] }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "nan" }'; }
 
 psql_q() { PGOPTIONS="-c client_min_messages=warning" psql -X -q -v ON_ERROR_STOP=1 "$URL" "$@"; }
@@ -229,6 +231,40 @@ SELECT split_part(pg_read_file('/proc/self/schedstat'), ' ', 1) AS s0,
 DO \$\$ DECLARE s text; BEGIN FOR i IN 1..$n LOOP $call; COMMIT; END LOOP; END \$\$;
 SELECT round((split_part(pg_read_file('/proc/self/schedstat'), ' ', 1)::bigint - :s0) / 1000.0 / $n, 1)
        || ' ' || round(pg_wal_lsn_diff(pg_current_wal_insert_lsn(), :'w0') / $n);
+SQL
+}
+
+# server_cpu_batch TARGET N : "CPU_US WAL_BYTES" per event of N 100-event
+# transactions, read as server_cpu reads them. es: append() with the four
+# arrays (ids ordered in time like the library's UUID v7: a counter behind
+# the clock) to 10 new streams in turn at their exact versions, as
+# bench/append.lua appends (names as short as its); bare_insert: bench/pgbench_insert100.sql's
+# INSERT into the bare table (random ids, as there). Both figures include
+# making the rows' values on the server (about 1.3 us an event here).
+server_cpu_batch() {
+  local target=$1 n=$2 call
+  case $target in
+    es) call="SELECT array_agg((lpad(to_hex((extract(epoch FROM clock_timestamp()) * 1000)::bigint), 12, '0')
+                || '7' || lpad(to_hex(i * 100 + g), 19, '0'))::uuid), array_agg('Ticked'::text),
+                array_agg(('{\"n\": ' || g || ', \"note\": \"hello\"}')::json), array_agg('{}'::json)
+            INTO ids, types, d, m FROM generate_series(1, 100) AS g;
+          s := 'Cpu' || tag || '-' || (i % 10);
+          SELECT o_status INTO st FROM $SCHEMA.append(s, (i / 10) * 100, false, ids, types, d, m);
+          IF st <> 0 THEN RAISE EXCEPTION 'append status %', st; END IF" ;;
+    bare_insert) call="INSERT INTO $BARE.bare (id, stream, version, type, data, metadata)
+          SELECT gen_random_uuid(), 'CpuBatch' || i, nextval('$BARE.bare_version'), 'Ticked',
+                 ('{\"n\": ' || g || ', \"note\": \"hello\"}')::json, '{}'
+            FROM generate_series(1, 100) AS g" ;;
+  esac
+  psql -X -q -At -v ON_ERROR_STOP=1 "$URL" 2>&1 <<SQL
+SET synchronous_commit = off;
+SELECT split_part(pg_read_file('/proc/self/schedstat'), ' ', 1) AS s0,
+       pg_current_wal_insert_lsn() AS w0 \gset
+DO \$\$ DECLARE s text; tag text := to_hex((random() * 1e9)::int); st int;
+  ids uuid[]; types text[]; d json[]; m json[];
+BEGIN FOR i IN 0..$((n - 1)) LOOP $call; COMMIT; END LOOP; END \$\$;
+SELECT round((split_part(pg_read_file('/proc/self/schedstat'), ' ', 1)::bigint - :s0) / 1000.0 / ($n * 100), 2)
+       || ' ' || round(pg_wal_lsn_diff(pg_current_wal_insert_lsn(), :'w0') / ($n * 100));
 SQL
 }
 
@@ -349,7 +385,6 @@ elif sed "s/BENCH_SCHEMA/$BARE/g" bench/bare.sql | psql_q >/dev/null; then
         if [[ $v =~ ^[0-9.]+\ [0-9]+$ ]]; then echo "$t $v" >>"$OUT/cpu"; else fail "server cpu $t: $v"; fi
       done
     done
-    median() { sort -n | awk '{ a[NR] = $1 } END { if (NR) print a[int((NR + 1) / 2)] }'; }
     for t in $targets; do
       v=$(awk -v t="$t" '$1 == t { print $2 }' "$OUT/cpu" | median)
       [ -n "$v" ] && record "append_server_cpu_$t $v us"
@@ -375,6 +410,24 @@ elif sed "s/BENCH_SCHEMA/$BARE/g" bench/bare.sql | psql_q >/dev/null; then
   alternate "append_lua_100_c$CLIENTS" "$APPEND_ROUNDS" "es:append_phase $CLIENTS 100 es" \
     "pgbench_insert:pgbench_events bench/pgbench_insert100.sql $CLIENTS 100"
   record_ratio "append_lua_100_c$CLIENTS" es pgbench_insert
+  # and the server's CPU and WAL per event of a 100-event transaction, the
+  # median of 5 rounds of 200 (alternated): unlike the rates, steady on a
+  # loaded machine
+  if [ "$(psql_q -At -c "SELECT rolsuper FROM pg_roles WHERE rolname = current_user")" = t ] \
+     && [ -r /proc/self/schedstat ]; then
+    for _ in 1 2 3 4 5; do
+      for t in es bare_insert; do
+        v=$(server_cpu_batch "$t" 200 | tail -1)
+        if [[ $v =~ ^[0-9.]+\ [0-9]+$ ]]; then echo "$t $v" >>"$OUT/cpu100"; else fail "server cpu 100 $t: $v"; fi
+      done
+    done
+    for t in es bare_insert; do
+      v=$(awk -v t="$t" '$1 == t { print $2 }' "$OUT/cpu100" | median)
+      [ -n "$v" ] && record "append_server_cpu_100_$t $v us/event"
+      v=$(awk -v t="$t" '$1 == t { print $3 }' "$OUT/cpu100" | median)
+      [ -n "$v" ] && record "append_server_wal_100_$t $v bytes/event"
+    done
+  fi
 else
   fail "append (could not create the bare table)"
 fi

@@ -90,6 +90,72 @@ describe("append path (postgresql)", function()
     assert.equal(2, count(store, schema, "Id-2"))
   end)
 
+  it("sends a batch's arrays in binary: every field comes back as given, in version order", function()
+    local core = require "eventsourcing.core"
+    local given = core.uuid()
+    local batch = {}
+    for i = 1, 120 do
+      batch[i] = { type = ('T"\\%d é'):format(i % 7),
+        data = { n = i, s = 'quote " backslash \\ {brace} ,comma', u = "日本" },
+        metadata = i % 3 == 0 and { m = i } or nil }
+    end
+    batch[50].id = given
+    local r = assert(store:append("Bin-1", batch, { expected_version = es.NO_STREAM,
+      metadata = { who = "spec" } }))
+    assert.equal(120, r.version)
+    local evs, ids = {}, {}
+    for e in assert(store:read("Bin-1")) do evs[#evs + 1] = e end
+    assert.equal(120, #evs)
+    for i, e in ipairs(evs) do
+      assert.equal(i, e.version)
+      assert.equal(batch[i].type, e.type)
+      assert.same(batch[i].data, e.data)
+      assert.equal("spec", e.metadata.who)
+      assert.equal(i % 3 == 0 and i or nil, e.metadata.m)
+      assert.truthy(e.id:match("^%x+%-%x+%-%x+%-%x+%-%x+$"))
+      assert.is_nil(ids[e.id], "ids are distinct")
+      ids[e.id] = true
+      -- positions follow versions within the batch (one transaction)
+      if i > 1 then assert.is_true(e.position > evs[i - 1].position) end
+    end
+    assert.equal(given, evs[50].id)
+    assert.equal(r.position, evs[120].position)
+    -- a retry of nothing new: the caller's id is taken, nothing is added
+    local ok, err = store:append("Bin-2", { { id = given, type = "X" }, { type = "Y" } })
+    assert.is_nil(ok)
+    assert.equal("id_taken", err.reason)
+    assert.equal(0, count(store, schema, "Bin-2"))
+  end)
+
+  it("migration step 4 upgrades a store at step 3: append() stops sorting a batch", function()
+    local q = ('"%s"'):format(schema)
+    local function body()
+      return assert(store:query("SELECT pg_get_functiondef(($1 || '.append')::regproc) AS d",
+        q))[1].d
+    end
+    local function sorts(d) return d:find("ORDER BY u.ord;", 1, true) ~= nil end
+    assert.is_false(sorts(body()))
+    -- back to step 3: its append() (with the sort) and no record of step 4
+    local old = body():gsub("WITH ORDINALITY AS u%(id, type, data, meta, ord%)%s*;",
+      "WITH ORDINALITY AS u(id, type, data, meta, ord) ORDER BY u.ord;")
+    assert(store:query(old))
+    assert(store:query("DELETE FROM " .. q .. ".schema_version WHERE version >= 4"))
+    assert.is_true(sorts(body()))
+    local top = assert(store:query("SELECT max(version) AS v FROM " .. q .. ".schema_version"))
+    assert.equal(3, top[1].v)
+    assert(store:append("Up-1", { { type = "A" }, { type = "B" } }))
+    assert(store:migrate())
+    assert.is_false(sorts(body()))
+    top = assert(store:query("SELECT max(version) AS v FROM " .. q .. ".schema_version"))
+    assert.is_true(top[1].v >= 4)
+    local r = assert(store:append("Up-1", { { type = "C" }, { type = "D" }, { type = "E" } },
+      { expected_version = 2 }))
+    assert.equal(5, r.version)
+    local types = {}
+    for e in assert(store:read("Up-1")) do types[#types + 1] = e.type .. e.version end
+    assert.equal("A1,B2,C3,D4,E5", table.concat(types, ","))
+  end)
+
   it("keeps the caller's transaction: appends inside it roll back with it", function()
     assert(store:begin())
     assert(store:append("Tx-1", { type = "A" }))

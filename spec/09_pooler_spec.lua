@@ -136,6 +136,13 @@ describe("a store behind a transaction pooler", function()
       seen, cp = seen + #batch, next_cp
     until #batch == 0
     assert.equal(30 * STORES, seen)
+    -- a batch goes through append() with its arrays in binary, unnamed
+    for i, s in ipairs(stores) do
+      local res = assert(s:append("P-" .. i, { { type = "T", data = { r = 31 } },
+        { type = "T", data = { r = 32 } } }, { expected_version = 30 }))
+      assert.equal(32, res.version)
+      assert.equal(32, (assert(s:fold("P-" .. i, counter_handlers(), 0))))
+    end
     local st = assert(stores[1]:status())
     assert.equal("transaction", st.pooler)
     assert.equal(0, st.prepared)

@@ -129,6 +129,27 @@ describe("the store on Citus", function()
     assert.equal(1, store:version("S-1"))
   end)
 
+  it("upgrading a distributed store past step 4 keeps its own append()", function()
+    -- step 4 replaces append() on one PostgreSQL; a distributed store only
+    -- records it, so ids stay checked within their stream (pg_citus.c)
+    local q = '"' .. schema .. '"'
+    local function body()
+      return assert(store:query("SELECT pg_get_functiondef(($1 || '.append')::regproc) AS d",
+        q))[1].d
+    end
+    local citus_fn = "e.stream = p_stream AND e.id = u.id"
+    assert.truthy(body():find(citus_fn, 1, true))
+    assert(store:query("DELETE FROM " .. q .. ".schema_version WHERE version >= 4"))
+    assert(store:migrate())
+    assert.truthy(body():find(citus_fn, 1, true))
+    local top = assert(store:query("SELECT max(version) AS v FROM " .. q .. ".schema_version"))
+    assert.is_true(top[1].v >= 4)
+    local id = "0190a5a4-0000-7000-8000-0000000000f4"
+    assert(store:append("U4-1", { { id = id, type = "A" }, { type = "B" } }))
+    assert(store:append("U4-2", { id = id, type = "A" }))   -- another stream: allowed
+    assert.equal(2, store:version("U4-1"))
+  end)
+
   it("stores each event's txid from the worker that stores it", function()
     for i = 1, 20 do assert(store:append("T-" .. i, { { type = "A" }, { type = "B" } })) end
     store:begin()

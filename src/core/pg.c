@@ -475,15 +475,18 @@ int pg_pipe_open(pg_store *p)
  * implicit transaction, so set_config's settings end with it. pg_take_result
  * and pg_drain read the pipeline. 0, or -1 when libpq refused. */
 static int put_stmt(pg_store *p, const char *name, const char *sql,
-                    int nparams, const char *const *values, int binary_result)
+                    int nparams, const char *const *values,
+                    const pg_binparams *bin, int binary_result)
 {
+    const int *lengths = bin ? bin->lengths : NULL;
+    const int *formats = bin ? bin->formats : NULL;
     int piped = pg_pipe_open(p), ok;
     if (piped < 0)
         return -1;
-    ok = name ? PQsendQueryPrepared(p->conn, name, nparams, values, NULL,
-                                    NULL, binary_result)
-              : PQsendQueryParams(p->conn, sql, nparams, NULL, values, NULL,
-                                  NULL, binary_result);
+    ok = name ? PQsendQueryPrepared(p->conn, name, nparams, values, lengths,
+                                    formats, binary_result)
+              : PQsendQueryParams(p->conn, sql, nparams, NULL, values,
+                                  lengths, formats, binary_result);
     if (!ok || (piped && !PQpipelineSync(p->conn)))
         return -1;
     return 0;
@@ -507,9 +510,10 @@ void pg_drop_pipeline(pg_store *p)
 /* put_stmt, reporting a refusal in err. */
 static int send_stmt(pg_store *p, const char *name, const char *sql,
                      int nparams, const char *const *values,
-                     int binary_result, const char *what, es_error *err)
+                     const pg_binparams *bin, int binary_result,
+                     const char *what, es_error *err)
 {
-    if (put_stmt(p, name, sql, nparams, values, binary_result) == 0)
+    if (put_stmt(p, name, sql, nparams, values, bin, binary_result) == 0)
         return 0;
     pg_fail(p, NULL, what, err);
     pg_drop_pipeline(p);
@@ -517,23 +521,27 @@ static int send_stmt(pg_store *p, const char *name, const char *sql,
 }
 
 static int send_params(pg_store *p, const char *sql, int nparams,
-                       const char *const *values, int binary_result,
-                       const char *what, es_error *err)
+                       const char *const *values, const pg_binparams *bin,
+                       int binary_result, const char *what, es_error *err)
 {
-    return send_stmt(p, NULL, sql, nparams, values, binary_result, what, err);
+    return send_stmt(p, NULL, sql, nparams, values, bin, binary_result, what,
+                     err);
 }
 
-PGresult *pg_exec_stmt(pg_store *p, const char *name, const char *sql,
-                       int nparams, const char *const *values,
-                       int binary_result)
+/* pg_exec_stmt with some parameters in binary (bin, or NULL: all text). */
+static PGresult *exec_stmt(pg_store *p, const char *name, const char *sql,
+                           int nparams, const char *const *values,
+                           const pg_binparams *bin, int binary_result)
 {
+    const int *lengths = bin ? bin->lengths : NULL;
+    const int *formats = bin ? bin->formats : NULL;
     PGresult *res;
     if (!p->begin_pending && p->pooler != PG_POOLER_TRANSACTION)
-        return name ? PQexecPrepared(p->conn, name, nparams, values, NULL,
-                                     NULL, binary_result)
-                    : PQexecParams(p->conn, sql, nparams, NULL, values, NULL,
-                                   NULL, binary_result);
-    if (put_stmt(p, name, sql, nparams, values, binary_result) < 0) {
+        return name ? PQexecPrepared(p->conn, name, nparams, values, lengths,
+                                     formats, binary_result)
+                    : PQexecParams(p->conn, sql, nparams, NULL, values,
+                                   lengths, formats, binary_result);
+    if (put_stmt(p, name, sql, nparams, values, bin, binary_result) < 0) {
         /* libpq's message, then the half-sent pipeline goes (nothing
          * would ever end it: no Sync went out) */
         res = PQmakeEmptyPGresult(p->conn, PGRES_FATAL_ERROR);
@@ -547,6 +555,13 @@ PGresult *pg_exec_stmt(pg_store *p, const char *name, const char *sql,
     return res;
 }
 
+PGresult *pg_exec_stmt(pg_store *p, const char *name, const char *sql,
+                       int nparams, const char *const *values,
+                       int binary_result)
+{
+    return exec_stmt(p, name, sql, nparams, values, NULL, binary_result);
+}
+
 /* Pooler: connected and the statement's text in *sql. */
 static int unnamed_ready(pg_store *p, int stmt, const char **sql,
                          es_error *err)
@@ -557,29 +572,40 @@ static int unnamed_ready(pg_store *p, int stmt, const char **sql,
 }
 
 static PGresult *exec_unnamed(pg_store *p, int stmt, int nparams,
-                              const char *const *values, int binary_result,
+                              const char *const *values,
+                              const pg_binparams *bin, int binary_result,
                               es_error *err)
 {
     const char *sql;
     if (unnamed_ready(p, stmt, &sql, err) < 0 ||
-        send_params(p, sql, nparams, values, binary_result,
+        send_params(p, sql, nparams, values, bin, binary_result,
                     stmt_names[stmt] + 3, err) < 0)
         return NULL;
     return pg_receive(p, stmt, err);
+}
+
+PGresult *pg_exec_prepared_bin(pg_store *p, int stmt, int nparams,
+                               const char *const *values,
+                               const pg_binparams *bin, int binary_result,
+                               es_error *err)
+{
+    if (p->pooler == PG_POOLER_TRANSACTION)
+        return exec_unnamed(p, stmt, nparams, values, bin, binary_result,
+                            err);
+    if (prepare_once(p, stmt, err) < 0)
+        return NULL;
+    return check_result(p, stmt,
+                        exec_stmt(p, p->names[stmt], NULL, nparams, values,
+                                  bin, binary_result),
+                        err);
 }
 
 PGresult *pg_exec_prepared(pg_store *p, int stmt, int nparams,
                            const char *const *values, int binary_result,
                            es_error *err)
 {
-    if (p->pooler == PG_POOLER_TRANSACTION)
-        return exec_unnamed(p, stmt, nparams, values, binary_result, err);
-    if (prepare_once(p, stmt, err) < 0)
-        return NULL;
-    return check_result(p, stmt,
-                        pg_exec_stmt(p, p->names[stmt], NULL, nparams,
-                                     values, binary_result),
-                        err);
+    return pg_exec_prepared_bin(p, stmt, nparams, values, NULL,
+                                binary_result, err);
 }
 
 int pg_send_prepared(pg_store *p, int stmt, int nparams,
@@ -590,12 +616,12 @@ int pg_send_prepared(pg_store *p, int stmt, int nparams,
         const char *sql;
         if (unnamed_ready(p, stmt, &sql, err) < 0)
             return -1;
-        return send_params(p, sql, nparams, values, binary_result,
+        return send_params(p, sql, nparams, values, NULL, binary_result,
                            stmt_names[stmt] + 3, err);
     }
     if (prepare_once(p, stmt, err) < 0)
         return -1;
-    return send_stmt(p, p->names[stmt], NULL, nparams, values,
+    return send_stmt(p, p->names[stmt], NULL, nparams, values, NULL,
                      binary_result, stmt_names[stmt] + 3, err);
 }
 
@@ -648,7 +674,7 @@ es_rows *pg_query(es_store *s, const char *sql, int nparams,
         if (!res)
             res = pg_exec_stmt(p, NULL, sql, nparams, params, 0);
     } else {
-        if (send_params(p, sql, nparams, params, 0, "query", err) < 0)
+        if (send_params(p, sql, nparams, params, NULL, 0, "query", err) < 0)
             return NULL;
         res = pg_take_result(p);
         pg_drain(p);

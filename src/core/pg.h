@@ -134,6 +134,17 @@ int pg_fail(pg_store *p, PGresult *res, const char *what, es_error *err);
 PGresult *pg_exec_prepared(pg_store *p, int stmt, int nparams,
                            const char *const *values, int binary_result,
                            es_error *err);
+/* Lengths and formats (1: binary) of a statement's parameters, for
+ * libpq, when some are sent in binary. */
+typedef struct pg_binparams {
+    const int *lengths;
+    const int *formats;
+} pg_binparams;
+/* pg_exec_prepared with parameters in binary where bin says so. */
+PGresult *pg_exec_prepared_bin(pg_store *p, int stmt, int nparams,
+                               const char *const *values,
+                               const pg_binparams *bin, int binary_result,
+                               es_error *err);
 /* The same in two halves, so the caller can work while the server does:
  * send, then receive (which waits for the result). */
 int pg_send_prepared(pg_store *p, int stmt, int nparams,

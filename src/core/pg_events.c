@@ -12,6 +12,7 @@
 #include "pg.h"
 #include "pg_events.h"
 #include "es_time.h"
+#include "es_uuid.h"
 
 #include <errno.h>
 #include <inttypes.h>
@@ -171,16 +172,65 @@ static int add_array_elem(es_buf *b, const char *s, size_t n, int first)
 
 enum { A_STREAM, A_EXPECTED, A_CHECK, A_IDS, A_TYPES, A_DATA, A_META, A_N };
 
-/* Lays out the append's parameters in p->params; offs[] get each one's
- * start (the buffer may move while it grows). */
+/* Element types of the binary arrays (pg_type.oid, fixed since 8.x). */
+#define OID_TEXT 25
+#define OID_JSON 114
+#define OID_UUID 2950
+
+static int put_be32(es_buf *b, uint32_t v)
+{
+    char o[4] = { (char)(v >> 24), (char)(v >> 16), (char)(v >> 8),
+                  (char)v };
+    return es_buf_add(b, o, 4);
+}
+
+/* The header of a one-dimensional binary array of n elements without
+ * NULLs (array_recv's format); each element follows as its length and
+ * its bytes. */
+static int put_array_head(es_buf *b, uint32_t elem_type, size_t n)
+{
+    return put_be32(b, 1) | put_be32(b, 0) | put_be32(b, elem_type) |
+           put_be32(b, (uint32_t)n) | put_be32(b, 1);
+}
+
+/* An element longer than an int32 says is caught by the caller's check
+ * of the whole parameter's size. */
+static int put_elem(es_buf *b, const char *s, size_t n)
+{
+    return put_be32(b, (uint32_t)n) | es_buf_add(b, s, n);
+}
+
+/* The ids as a binary uuid[]: 16 bytes each, made here when the caller
+ * gave none (store.c checked the caller's). */
+static int put_ids(es_buf *b, const es_event_in *ev, size_t n)
+{
+    int rc = put_array_head(b, OID_UUID, n);
+    for (size_t i = 0; i < n; i++) {
+        unsigned char id[16];
+        if (ev[i].id) {
+            if (uuid_parse(ev[i].id, id) != 0)
+                return -2;
+        } else {
+            es_uuid_v7_bytes(id);
+        }
+        rc |= put_elem(b, (const char *)id, sizeof id);
+    }
+    return rc;
+}
+
+/* Lays out the append's parameters in p->params: the stream, expected
+ * version and check flag as text, the four arrays in binary (the server
+ * neither parses array literals nor uuids, and nothing is escaped here).
+ * offs[] get each one's start (the buffer may move while it grows),
+ * lens[] their lengths. */
 static int build_append_params(pg_store *p, const char *stream,
                                const es_event_in *ev, size_t n,
                                int64_t expected, size_t offs[A_N],
-                               es_error *err)
+                               int lens[A_N], es_error *err)
 {
     es_buf *b = &p->params;
     char num[32];
-    int check = 0, rc = 0;
+    int check = 0, rc = 0, ids;
 
     es_buf_reset(b);
     for (size_t i = 0; i < n; i++)
@@ -195,42 +245,39 @@ static int build_append_params(pg_store *p, const char *stream,
     rc |= es_buf_add(b, check ? "t" : "f", 2);
 
     offs[A_IDS] = b->len;
-    rc |= es_buf_addc(b, '{');
-    for (size_t i = 0; i < n; i++) {
-        char made[37];
-        const char *id = ev[i].id;
-        if (!id) {
-            es_uuid_v7(made);
-            id = made;
-        }
-        if (i)
-            rc |= es_buf_addc(b, ',');
-        rc |= es_buf_add(b, id, 36);
-    }
-    rc |= es_buf_add(b, "}", 2);
+    ids = put_ids(b, ev, n);
+    if (ids == -2)
+        return es_fail(err, ES_INVALID, "append: an event id is not a UUID");
+    rc |= ids;
 
     offs[A_TYPES] = b->len;
-    rc |= es_buf_addc(b, '{');
+    rc |= put_array_head(b, OID_TEXT, n);
     for (size_t i = 0; i < n; i++)
-        rc |= add_array_elem(b, ev[i].type, strlen(ev[i].type), i == 0);
-    rc |= es_buf_add(b, "}", 2);
+        rc |= put_elem(b, ev[i].type, strlen(ev[i].type));
 
     offs[A_DATA] = b->len;
-    rc |= es_buf_addc(b, '{');
+    rc |= put_array_head(b, OID_JSON, n);
     for (size_t i = 0; i < n; i++)
-        rc |= add_array_elem(b, ev[i].data, ev[i].data_len, i == 0);
-    rc |= es_buf_add(b, "}", 2);
+        rc |= put_elem(b, ev[i].data, ev[i].data_len);
 
     offs[A_META] = b->len;
-    rc |= es_buf_addc(b, '{');
+    rc |= put_array_head(b, OID_JSON, n);
     for (size_t i = 0; i < n; i++) {
         if (ev[i].metadata)
-            rc |= add_array_elem(b, ev[i].metadata, ev[i].metadata_len, i == 0);
+            rc |= put_elem(b, ev[i].metadata, ev[i].metadata_len);
         else
-            rc |= add_array_elem(b, "{}", 2, i == 0);
+            rc |= put_elem(b, "{}", 2);
     }
-    rc |= es_buf_add(b, "}", 2);
-    return rc ? es_fail(err, ES_DATABASE, "out of memory") : 0;
+    if (b->len - offs[A_IDS] > INT32_MAX)     /* libpq counts in int */
+        return es_fail(err, ES_INVALID, "append: the batch is too large "
+                       "(over 2 GiB of parameters)");
+    if (rc)
+        return es_fail(err, ES_DATABASE, "out of memory");
+    for (int i = 0; i < A_N; i++) {
+        size_t end = i + 1 < A_N ? offs[i + 1] : b->len;
+        lens[i] = (int)(end - offs[i]);
+    }
+    return 0;
 }
 
 static int append_result(PGresult *res, const char *stream, int64_t expected,
@@ -351,6 +398,9 @@ int pg_append(es_store *s, const char *stream, const es_event_in *ev,
     pg_store *p = (pg_store *)s;
     size_t offs[A_N];
     const char *values[A_N];
+    int lens[A_N];
+    static const int formats[A_N] = { 0, 0, 0, 1, 1, 1, 1 };
+    const pg_binparams bin = { lens, formats };
     PGresult *res;
 
     /* Citus routes append() to the stream's worker; only the function
@@ -367,7 +417,7 @@ int pg_append(es_store *s, const char *stream, const es_event_in *ev,
         if (rc == 2 && p->in_tx)
             return aborted_conflict(stream, expected, err);
     }
-    if (build_append_params(p, stream, ev, n, expected, offs, err) < 0)
+    if (build_append_params(p, stream, ev, n, expected, offs, lens, err) < 0)
         return -1;
     for (int i = 0; i < A_N; i++)
         values[i] = p->params.data + offs[i];
@@ -379,7 +429,7 @@ int pg_append(es_store *s, const char *stream, const es_event_in *ev,
      * es.ANY). Inside the caller's transaction the statement's failure
      * has aborted it (aborted_conflict). */
     for (int attempt = 0;; attempt++) {
-        res = pg_exec_prepared(p, PG_APPEND, A_N, values, 0, err);
+        res = pg_exec_prepared_bin(p, PG_APPEND, A_N, values, &bin, 0, err);
         if (res)
             break;
         if (strcmp(err->sqlstate, "23505") != 0 &&
