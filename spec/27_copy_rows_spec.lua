@@ -157,6 +157,27 @@ describe("store:copy_rows", function()
     assert.is_false(store:status().in_transaction)
   end)
 
+  it("wait = false: a session killed under the copy loses all of it or none, and says so", function()
+    local rows = {}
+    for i = 1, 200000 do rows[i] = { id = ("r%06d"):format(i), n = i, x = ("padding "):rep(4) } end
+    local pid = assert(store:query("SELECT pg_backend_pid() AS p"))[1].p
+    local other = assert(es.open(helpers.database_url(), { schema = schema }))
+    assert.is_true(store:copy_rows("t", { "id", "n", "x" }, rows, { wait = false }))
+    assert(other:query("SELECT pg_terminate_backend($1) AS ok", pid))
+    local n, err = store:copy_wait()
+    local count = assert(other:query(('SELECT count(*) AS n FROM "%s".t'):format(schema)))[1].n
+    if n then
+      assert.equal(200000, n)           -- it was done before the kill
+      assert.equal(200000, count)
+    else
+      assert.matches("^copy", err.message)
+      assert.equal(0, count)            -- one statement: nothing of it stays
+    end
+    -- the store goes on, on a new session
+    assert.equal(1, assert(store:query("SELECT 1 AS one"))[1].one)
+    other:close()
+  end)
+
   it("is refused by memory stores", function()
     local m = assert(es.open("memory:"))
     local n, err = m:copy_rows("t", { "id" }, { { id = "a" } })
