@@ -128,11 +128,12 @@ ticks() {
   done
   echo "$sum"
 }
+pg_pids() { psql "$URL" -Atqc "SELECT pid FROM pg_stat_activity" 2>/dev/null | tr '\n' ' '; }
 server_pids() {
   local master
   master=$(<"$WORK/nginx/logs/nginx.pid")
   NGINX_PIDS=$(ps -o pid= --ppid "$master" | tr '\n' ' ')
-  PG_PIDS=$(psql "$URL" -Atqc "SELECT pid FROM pg_stat_activity" 2>/dev/null | tr '\n' ' ')
+  PG_PIDS=$(pg_pids)
 }
 
 # Bench-only phase breakdown (ES_HTTP_TIMINGS=1): the mean of every
@@ -164,12 +165,16 @@ run() {
   local name=$1 conns=$2; shift 2
   local threads=2 out n0 p0 n1 p1
   : >"$WORK/nginx/logs/access.log"
+  # PostgreSQL's processes now; those that start during the run (the
+  # event loop's probe connections) are added after it, all their CPU
+  # being the run's
+  PG_PIDS=$(pg_pids)
   # shellcheck disable=SC2086  # lists of pids, split on purpose
   n0=$(ticks $NGINX_PIDS) p0=$(ticks $PG_PIDS)
   out=$( { TIMEFORMAT='wrk_cpu %U %S'; time wrk -t"$threads" -c"$conns" -d"${SECS}s" --latency "$@"; } 2>&1) \
     || { echo "bench/http.sh: wrk failed: $out" >&2; return 1; }
-  # shellcheck disable=SC2086
-  n1=$(ticks $NGINX_PIDS) p1=$(ticks $PG_PIDS)
+  # shellcheck disable=SC2086,SC2046
+  n1=$(ticks $NGINX_PIDS) p1=$(ticks $(printf '%s\n' $PG_PIDS $(pg_pids) | sort -u))
   [ "${ES_HTTP_TIMINGS:-}" = 1 ] && phases "$name"
   awk -v name="$name" -v nginx=$((n1 - n0)) -v pg=$((p1 - p0)) -v hz="$(getconf CLK_TCK)" '
     function ms(v) {

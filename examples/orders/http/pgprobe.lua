@@ -16,7 +16,7 @@
 -- here: it blocks the event loop.
 --
 -- Connections come from a per-worker cosocket pool (ES_HTTP_PROBE_CONNECTIONS
--- per worker, default 32; more callers queue for a free one). Only a unix
+-- per worker, default 16; more callers wait for a free one). Only a unix
 -- socket, or TCP with sslmode=disable, is used: this client speaks no TLS,
 -- and must never send in clear what libpq would have encrypted. SCRAM
 -- authentication is not spoken either. Whenever the probe is not possible
@@ -32,7 +32,7 @@ local char, byte = string.char, string.byte
 local M = {}
 
 local TIMEOUT_MS = 1000
-local POOL_SIZE = tonumber(os.getenv("ES_HTTP_PROBE_CONNECTIONS") or "") or 32
+local POOL_SIZE = tonumber(os.getenv("ES_HTTP_PROBE_CONNECTIONS") or "") or 16
 
 local function i32(n)
   return char(band(rshift(n, 24), 255), band(rshift(n, 16), 255), band(rshift(n, 8), 255), band(n, 255))
@@ -234,14 +234,18 @@ local function run(sock, s, stream, fresh)
   end
 end
 
--- version(stream) -> the stream's last version (0: none) | nil, err
-function M.version(stream)
-  local s = load_settings()
-  if not s then return nil, settings_why end
+-- At most POOL_SIZE probes at a time per worker, each on a connection
+-- kept alive in a pool of as many. The cosocket pool's own backlog option
+-- is not used: under load it let connections be closed and new ones opened
+-- (a PostgreSQL backend started per probe), where waiting here for one of
+-- the kept connections costs nothing.
+local permits
+
+local function probe(s, stream)
   local sock = ngx.socket.tcp()
   sock:settimeouts(TIMEOUT_MS, TIMEOUT_MS, TIMEOUT_MS)
   local ok, err
-  local opts = { pool = s.pool, pool_size = POOL_SIZE, backlog = 4096 }
+  local opts = { pool = s.pool, pool_size = POOL_SIZE }
   if type(s.target) == "table" then
     ok, err = sock:connect(s.target[1], s.target[2], opts)
   else
@@ -265,6 +269,20 @@ function M.version(stream)
   if not v then sock:close(); return nil, err end
   sock:setkeepalive(60000)
   return v
+end
+
+-- version(stream) -> the stream's last version (0: none) | nil, err
+function M.version(stream)
+  local s = load_settings()
+  if not s then return nil, settings_why end
+  if not permits then permits = assert(require("ngx.semaphore").new(POOL_SIZE)) end
+  local got, werr = permits:wait(TIMEOUT_MS / 1000)
+  if not got then return nil, "no probe connection free: " .. tostring(werr) end
+  -- never keep a permit, whatever happens
+  local ok, v, err = pcall(probe, s, stream)
+  permits:post(1)
+  if not ok then return nil, v end
+  return v, err
 end
 
 M.parse_conninfo = parse_conninfo   -- for the spec
