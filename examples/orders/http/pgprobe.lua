@@ -15,13 +15,13 @@
 -- here it costs a round trip on a non-blocking socket. libpq cannot serve
 -- here: it blocks the event loop.
 --
--- Connections come from a per-worker cosocket pool (ES_HTTP_PROBE_CONNECTIONS
--- per worker, default 16; more callers wait for a free one). Only a unix
--- socket, or TCP with sslmode=disable, is used: this client speaks no TLS,
--- and must never send in clear what libpq would have encrypted. SCRAM
--- authentication is not spoken either. Whenever the probe is not possible
--- (such settings, an error, a timeout) it says so and the caller falls back
--- to the thread pool, which answers as before.
+-- One connection per nginx worker carries every probe, pipelined (see
+-- the prober below). Only a unix socket, or TCP with sslmode=disable, is
+-- used: this client speaks no TLS, and must never send in clear what libpq
+-- would have encrypted. SCRAM authentication is not spoken either.
+-- Whenever the probe is not possible (such settings, an error, a timeout)
+-- it says so and the caller falls back to the thread pool, which answers
+-- as before.
 -- LuaJIT's bit library (the event loop's Lua); under plain Lua only the
 -- conninfo parser is used (by the specs)
 local has_bit, bit = pcall(require, "bit")
@@ -32,7 +32,6 @@ local char, byte = string.char, string.byte
 local M = {}
 
 local TIMEOUT_MS = 1000
-local POOL_SIZE = tonumber(os.getenv("ES_HTTP_PROBE_CONNECTIONS") or "") or 16
 
 local function i32(n)
   return char(band(rshift(n, 24), 255), band(rshift(n, 16), 255), band(rshift(n, 8), 255), band(n, 255))
@@ -138,7 +137,6 @@ local function load_settings()
     -- behind a transaction pooler a named statement would not stay on the
     -- session it was prepared on: parse it each time (unnamed) there
     named = c.pooler ~= "transaction",
-    pool = "es_probe:" .. (os.getenv("ES_HTTP_DATABASE_URL") or ""),
     sql = ('SELECT version FROM "%s".events WHERE stream = $1 ORDER BY version DESC LIMIT 1'):format(schema),
   }
   return settings
@@ -208,15 +206,9 @@ local function bind_execute(stmt, value)
     .. msg("E", "\0" .. i32(0)) .. msg("S", "")
 end
 
--- the statement's answer: version | nil, err (the connection must go)
-local function run(sock, s, stream, fresh)
-  local stmt = s.named and "es_probe" or ""
-  local out = bind_execute(stmt, stream)
-  if fresh or not s.named then
-    out = msg("P", stmt .. "\0" .. s.sql .. "\0" .. i16(0)) .. out
-  end
-  local ok, err = sock:send(out)
-  if not ok then return nil, err end
+-- Reads one probe's answer, up to its ReadyForQuery: true, version or
+-- false, error (the statement failed) | nil, err (the connection must go)
+local function answer(sock)
   local version, failure = 0, nil
   while true do
     local kind, body = receive(sock)
@@ -228,61 +220,133 @@ local function run(sock, s, stream, fresh)
     elseif kind == "E" then
       failure = error_text(body)
     elseif kind == "Z" then
-      if failure then return nil, failure end
-      return version
+      if failure then return false, failure end
+      return true, version
     end -- 1 (parse), 2 (bind), C (complete), N (notice)
   end
 end
 
--- At most POOL_SIZE probes at a time per worker, each on a connection
--- kept alive in a pool of as many. The cosocket pool's own backlog option
--- is not used: under load it let connections be closed and new ones opened
--- (a PostgreSQL backend started per probe), where waiting here for one of
--- the kept connections costs nothing.
-local permits
+---------------------------------------------------------------- the prober
 
-local function probe(s, stream)
+-- One connection per nginx worker, owned by a timer (a cosocket belongs
+-- to the request or timer that made it). Requests queue their streams and
+-- wait; the timer sends every queued probe in one write (pipelined, each
+-- with its own Sync so that one failure fails only itself), reads the
+-- answers in order and wakes each request. One PostgreSQL backend per
+-- worker, however many GETs are in flight: at 32 connections a probe per
+-- backend woke 32 processes on 2 cores, and their scheduling made the p99.
+local semaphore               -- ngx.semaphore, loaded on first use (nginx only)
+local pending = {}            -- { stream, sema, version | err } waiting to be sent
+local wake                    -- posted when the idle prober has work
+local idle, running = false, false
+local IDLE_WAIT = 1           -- seconds between checks for nginx exiting
+
+local function connect(s)
   local sock = ngx.socket.tcp()
   sock:settimeouts(TIMEOUT_MS, TIMEOUT_MS, TIMEOUT_MS)
   local ok, err
-  local opts = { pool = s.pool, pool_size = POOL_SIZE }
   if type(s.target) == "table" then
-    ok, err = sock:connect(s.target[1], s.target[2], opts)
+    ok, err = sock:connect(s.target[1], s.target[2])
   else
-    ok, err = sock:connect(s.target, opts)
+    ok, err = sock:connect(s.target)
   end
   if not ok then return nil, err end
-  local fresh = sock:getreusedtimes() == 0
-  if fresh then
-    local never
-    ok, err, never = startup(sock, s)
-    if not ok then
-      sock:close()
-      -- an authentication this client cannot do will not change: stop
-      -- trying in this worker (a server down or restarting may come back)
-      if never then settings, settings_why = false, err end
-      return nil, err
+  local never
+  ok, err, never = startup(sock, s)
+  if not ok then
+    sock:close()
+    -- an authentication this client cannot do will not change: stop
+    -- probing in this worker (a server down or restarting may come back)
+    if never then settings, settings_why = false, err end
+    return nil, err
+  end
+  return sock
+end
+
+-- Sends a batch and reads its answers into the items: true | nil, err
+local function run_batch(sock, s, batch, fresh)
+  local stmt = s.named and "es_probe" or ""
+  local parse = msg("P", stmt .. "\0" .. s.sql .. "\0" .. i16(0))
+  local out = {}
+  if fresh and s.named then out[1] = parse end
+  for _, it in ipairs(batch) do
+    if not s.named then out[#out + 1] = parse end
+    out[#out + 1] = bind_execute(stmt, it.stream)
+  end
+  local ok, err = sock:send(out)
+  if not ok then return nil, err end
+  local failed = false
+  for _, it in ipairs(batch) do
+    local good, v = answer(sock)
+    if good == nil then return nil, v end
+    if good then it.version = v else it.err, failed = v, true end
+  end
+  -- after a failed statement start again on a new session (its named
+  -- statement may never have been prepared, a table may have come since)
+  return true, failed
+end
+
+local function prober(premature)
+  local sock, fresh = nil, false
+  while not premature and not ngx.worker.exiting() and settings do
+    if #pending == 0 then
+      idle = true
+      wake:wait(IDLE_WAIT)
+      idle = false
+    end
+    if #pending > 0 then
+      local batch = pending
+      pending = {}
+      local ok, err = true, nil
+      if not sock then
+        sock, err = connect(settings)
+        fresh, ok = true, sock ~= nil
+      end
+      if sock then
+        local failed
+        ok, failed = run_batch(sock, settings, batch, fresh)
+        fresh = false
+        if not ok then err = failed end
+        if not ok or failed then sock:close(); sock = nil end
+      end
+      for _, it in ipairs(batch) do
+        if not ok and it.version == nil and it.err == nil then it.err = err end
+        it.sema:post(1)
+      end
     end
   end
-  local v
-  v, err = run(sock, s, stream, fresh)
-  if not v then sock:close(); return nil, err end
-  sock:setkeepalive(60000)
-  return v
+  running = false
+  if sock then sock:close() end
+  -- requests still queued (nginx exiting, probing given up) go to the pool
+  local left = pending
+  pending = {}
+  for _, it in ipairs(left) do it.err = "the prober stopped"; it.sema:post(1) end
 end
 
 -- version(stream) -> the stream's last version (0: none) | nil, err
 function M.version(stream)
   local s = load_settings()
   if not s then return nil, settings_why end
-  if not permits then permits = assert(require("ngx.semaphore").new(POOL_SIZE)) end
-  local got, werr = permits:wait(TIMEOUT_MS / 1000)
-  if not got then return nil, "no probe connection free: " .. tostring(werr) end
-  -- never keep a permit, whatever happens
-  local ok, v, err = pcall(probe, s, stream)
-  permits:post(1)
-  if not ok then return nil, v end
-  return v, err
+  if not running then
+    semaphore = semaphore or require "ngx.semaphore"
+    wake = wake or assert(semaphore.new(0))
+    local ok, err = ngx.timer.at(0, function(premature)
+      local fine, perr = pcall(prober, premature)
+      if not fine then
+        running = false
+        ngx.log(ngx.ERR, "orders.http.pgprobe: ", tostring(perr))
+      end
+    end)
+    if not ok then return nil, "cannot start the prober: " .. tostring(err) end
+    running = true
+  end
+  local it = { stream = stream, sema = assert(semaphore.new(0)) }
+  pending[#pending + 1] = it
+  if idle and #pending == 1 then wake:post(1) end
+  local got, werr = it.sema:wait(TIMEOUT_MS / 1000)
+  if not got then return nil, "probe: " .. tostring(werr) end
+  if it.err then return nil, it.err end
+  return it.version
 end
 
 M.parse_conninfo = parse_conninfo   -- for the spec
