@@ -9,7 +9,8 @@
 # named alternative: the ceiling of nginx + wrk on this machine.
 # Settings: ES_DATABASE_URL (else ES_TEST_DATABASE_URL, else a throwaway
 # PostgreSQL), ES_BENCH_SECONDS (per run, default 5), ES_BENCH_ORDERS
-# (default 1000), ES_HTTP_WORKERS (default: CPUs), ES_HTTP_THREADS (8), PORT,
+# (default 1000), ES_HTTP_WORKERS (default: CPUs), ES_HTTP_THREADS (pool
+# threads per worker, default 2: see below), PORT,
 # ES_HTTP_TIMINGS=1 (also the mean time per phase of a request, from the
 # Server-Timing header the service then sends: *_phase_* lines), and
 # ES_BENCH_ONLY=get|post|health (only those runs). ES_HTTP_FAST_GET=off:
@@ -69,9 +70,15 @@ U=$URL S=$SCHEMA N=$ORDERS OUT=$WORK/ids lua5.4 -e '
   end
   f:close()'
 
+# 2 pool threads per worker: GETs of kept replies never reach the pool,
+# and commands are CPU-bound on a small machine. On 2 cores (2 workers),
+# alternated 4 s runs of POST /orders/{id}/items at 32 connections gave
+# 1,601-1,766 req/s with 2 threads, 1,336-1,425 with 4 and 1,293-1,333
+# with 8 (nginx CPU per command 410-422 us against 462-480 us): fewer
+# sessions and threads to switch between.
 PORT=${PORT:-$((20000 + $$ % 30000))}
 PORT=$PORT ES_HTTP_DATABASE_URL=$URL ES_HTTP_SCHEMA=$SCHEMA \
-  ES_HTTP_WORKERS=${ES_HTTP_WORKERS:-$(nproc)} ES_HTTP_THREADS=${ES_HTTP_THREADS:-8} \
+  ES_HTTP_WORKERS=${ES_HTTP_WORKERS:-$(nproc)} ES_HTTP_THREADS=${ES_HTTP_THREADS:-2} \
   examples/orders/http/nginx.sh start "$WORK/nginx" >/dev/null
 BASE=http://127.0.0.1:$PORT
 
