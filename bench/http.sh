@@ -9,10 +9,12 @@
 # named alternative: the ceiling of nginx + wrk on this machine.
 # Settings: ES_DATABASE_URL (else ES_TEST_DATABASE_URL, else a throwaway
 # PostgreSQL), ES_BENCH_SECONDS (per run, default 5), ES_BENCH_ORDERS
-# (default 1000), ES_HTTP_WORKERS (default: CPUs), ES_HTTP_THREADS (8), PORT,
+# (default 1000), ES_HTTP_WORKERS (default: CPUs), ES_HTTP_THREADS (pool
+# threads per worker, default 2: see below), PORT,
 # ES_HTTP_TIMINGS=1 (also the mean time per phase of a request, from the
 # Server-Timing header the service then sends: *_phase_* lines), and
-# ES_BENCH_ONLY=get|post|health (only those runs).
+# ES_BENCH_ONLY=get|post|health (only those runs). ES_HTTP_FAST_GET=off:
+# every GET through the thread pool (no version probe on the event loop).
 # Also the CPU per request of nginx's workers, PostgreSQL and wrk itself
 # (*_cpu_* lines): on 2 shared cores wrk's own CPU is part of the picture.
 set -euo pipefail
@@ -68,9 +70,15 @@ U=$URL S=$SCHEMA N=$ORDERS OUT=$WORK/ids lua5.4 -e '
   end
   f:close()'
 
+# 2 pool threads per worker: GETs of kept replies never reach the pool,
+# and commands are CPU-bound on a small machine. On 2 cores (2 workers),
+# alternated 4 s runs of POST /orders/{id}/items at 32 connections gave
+# 1,601-1,766 req/s with 2 threads, 1,336-1,425 with 4 and 1,293-1,333
+# with 8 (nginx CPU per command 410-422 us against 462-480 us): fewer
+# sessions and threads to switch between.
 PORT=${PORT:-$((20000 + $$ % 30000))}
 PORT=$PORT ES_HTTP_DATABASE_URL=$URL ES_HTTP_SCHEMA=$SCHEMA \
-  ES_HTTP_WORKERS=${ES_HTTP_WORKERS:-$(nproc)} ES_HTTP_THREADS=${ES_HTTP_THREADS:-8} \
+  ES_HTTP_WORKERS=${ES_HTTP_WORKERS:-$(nproc)} ES_HTTP_THREADS=${ES_HTTP_THREADS:-2} \
   examples/orders/http/nginx.sh start "$WORK/nginx" >/dev/null
 BASE=http://127.0.0.1:$PORT
 
@@ -128,11 +136,12 @@ ticks() {
   done
   echo "$sum"
 }
+pg_pids() { psql "$URL" -Atqc "SELECT pid FROM pg_stat_activity" 2>/dev/null | tr '\n' ' '; }
 server_pids() {
   local master
   master=$(<"$WORK/nginx/logs/nginx.pid")
   NGINX_PIDS=$(ps -o pid= --ppid "$master" | tr '\n' ' ')
-  PG_PIDS=$(psql "$URL" -Atqc "SELECT pid FROM pg_stat_activity" 2>/dev/null | tr '\n' ' ')
+  PG_PIDS=$(pg_pids)
 }
 
 # Bench-only phase breakdown (ES_HTTP_TIMINGS=1): the mean of every
@@ -164,12 +173,16 @@ run() {
   local name=$1 conns=$2; shift 2
   local threads=2 out n0 p0 n1 p1
   : >"$WORK/nginx/logs/access.log"
+  # PostgreSQL's processes now; those that start during the run (the
+  # event loop's probe connections) are added after it, all their CPU
+  # being the run's
+  PG_PIDS=$(pg_pids)
   # shellcheck disable=SC2086  # lists of pids, split on purpose
   n0=$(ticks $NGINX_PIDS) p0=$(ticks $PG_PIDS)
   out=$( { TIMEFORMAT='wrk_cpu %U %S'; time wrk -t"$threads" -c"$conns" -d"${SECS}s" --latency "$@"; } 2>&1) \
     || { echo "bench/http.sh: wrk failed: $out" >&2; return 1; }
-  # shellcheck disable=SC2086
-  n1=$(ticks $NGINX_PIDS) p1=$(ticks $PG_PIDS)
+  # shellcheck disable=SC2086,SC2046
+  n1=$(ticks $NGINX_PIDS) p1=$(ticks $(printf '%s\n' $PG_PIDS $(pg_pids) | sort -u))
   [ "${ES_HTTP_TIMINGS:-}" = 1 ] && phases "$name"
   awk -v name="$name" -v nginx=$((n1 - n0)) -v pg=$((p1 - p0)) -v hz="$(getconf CLK_TCK)" '
     function ms(v) {

@@ -159,12 +159,16 @@ function ReadModel:_load(store, tbl, keys, record)
     return found
   end
   -- statements are cached per schema and table: one read model may serve
-  -- stores of several schemas
+  -- stores of several schemas. Keys as `= ANY (ARRAY(...))`, not `IN
+  -- (SELECT ...)`: the planner guesses 100 rows for a set-returning
+  -- function, which made a table of up to a few thousand rows cheaper to
+  -- scan whole than to probe 100 times (a seq scan per command); an array
+  -- is guessed at 10 keys, so the primary key is probed
   local ck = store:schema() .. "." .. (tbl or self.name) .. (record and "+record" or "")
   local sql = self._load_sql and self._load_sql[ck]
   if not sql then
     self._load_sql = self._load_sql or {}
-    sql = ("SELECT %s FROM %s WHERE %s IN (SELECT k::%s FROM jsonb_array_elements_text($1::jsonb) AS k)")
+    sql = ("SELECT %s FROM %s WHERE %s = ANY (ARRAY(SELECT k::%s FROM jsonb_array_elements_text($1::jsonb) AS k))")
       :format(self:_select_list(), self:_qualified(store, tbl), quote(self.key), self.types[self.key])
     if record then
       local s = quote(store:schema())
@@ -228,7 +232,8 @@ function ReadModel:_stage_sqls(store, tbl)
     -- dead rows of the merges' DELETEs never pile up (temporary tables
     -- get no autovacuum)
     create = ("CREATE TEMP TABLE IF NOT EXISTS %s (LIKE %s) ON COMMIT DELETE ROWS"):format(quote(name), q),
-    merge = ("WITH d AS (DELETE FROM %s WHERE %s IN (SELECT k::%s FROM jsonb_array_elements_text($1::jsonb) AS k)), "
+    merge = ("WITH d AS (DELETE FROM %s WHERE %s = ANY (ARRAY(SELECT k::%s"
+      .. " FROM jsonb_array_elements_text($1::jsonb) AS k))), "
       .. "s AS (DELETE FROM pg_temp.%s RETURNING %s) "
       .. "INSERT INTO %s (%s) SELECT %s FROM s ON CONFLICT (%s) DO %s")
       :format(q, quote(self.key), self.types[self.key], quote(name), collist, q, collist, collist,
@@ -312,7 +317,8 @@ function ReadModel:_write(store, tbl, upserts, deletes, timings, news, stage, de
       if c ~= self.key then sets[#sets + 1] = quote(c) .. " = excluded." .. quote(c) end
     end
     local collist = table.concat(cols, ", ")
-    sql = ("WITH d AS (DELETE FROM %s WHERE %s IN (SELECT k::%s FROM jsonb_array_elements_text($2::jsonb) AS k)), "
+    sql = ("WITH d AS (DELETE FROM %s WHERE %s = ANY (ARRAY(SELECT k::%s"
+      .. " FROM jsonb_array_elements_text($2::jsonb) AS k))), "
       .. "u AS (INSERT INTO %s (%s) SELECT %s FROM json_populate_recordset(NULL::%s, $1::json) "
       .. "ON CONFLICT (%s) DO %s) SELECT 1 AS ok")
       :format(q, quote(self.key), self.types[self.key], q, collist, collist, q, quote(self.key),

@@ -5,11 +5,13 @@
 --                         method, request_uri, authorization, if_match, body,
 --                         idempotency_key, request_id)
 --   --> true, status, body_json, etag_or_nil, location_or_nil, replayed,
---       appended, conflicts, seconds, timings
+--       appended, conflicts, seconds, timings, keep_id, keep
 -- (appended: events this request appended; conflicts: appends that met a
 -- concurrent writer; seconds: time spent on this thread; request_id: the
 -- correlation id the command's events carry; timings: nil, or with
--- ES_HTTP_TIMINGS=1 the milliseconds per phase, Server-Timing style)
+-- ES_HTTP_TIMINGS=1 the milliseconds per phase, Server-Timing style;
+-- keep_id, keep: nil, or a GET /orders/{id} reply api.lua may send again
+-- from its shared dict while the order's version stays)
 --   ngx.run_worker_thread("es", "orders.http.worker", "metrics")
 --   --> true, exposition lines (checkpoint lag and dead letters)
 -- (replayed: the stored response of an earlier request with the same
@@ -60,6 +62,9 @@ local owners = {}         -- order id -> customer id (immutable once created)
 local owners_count = 0
 local MAX_OWNERS = 100000
 local replies, replies_count, MAX_REPLIES = {}, 0, 4096   -- see cached_reply
+-- the reply of this request for api.lua's shared dict: order id and
+-- "<version> <#customer> <customer><body>" (see remember_reply)
+local keep_id, keep = nil, nil
 
 -- M.configure{ database_url, schema, tokens_path }: for use outside nginx.
 function M.configure(c)
@@ -493,15 +498,20 @@ local function cached_reply(id)
   if not r then return nil end
   local v, err = store:version(Order:stream(id))
   if not v then return nil, err end
-  if v == r.version then return r end
+  if v == r.version then
+    keep_id, keep = id, r.keep
+    return r
+  end
   return nil
 end
 
 local function remember_reply(id, o, status, body, etag)
-  if status ~= 200 or o.placed_at ~= nil then return end
+  if status ~= 200 or o.placed_at ~= nil or type(o.customer_id) ~= "string" then return end
   if replies_count >= MAX_REPLIES then replies, replies_count = {}, 0 end
   if not replies[id] then replies_count = replies_count + 1 end
-  replies[id] = { version = o.version, body = body, etag = etag }
+  local k = ("%d %d %s%s"):format(o.version, #o.customer_id, o.customer_id, body)
+  replies[id] = { version = o.version, body = body, etag = etag, keep = k }
+  keep_id, keep = id, k
 end
 
 local function get_order(p, id, args)
@@ -745,6 +755,7 @@ function M.handle(method, uri, authorization, if_match, body, idempotency_key, r
   end
   local t0 = core.monotonic()
   counts.appended, counts.conflicts = 0, 0
+  keep_id, keep = nil, nil
   if TIMINGS then for k in pairs(phases) do phases[k] = nil end end
   local ok, status, out, etag, location, replayed = xpcall(dispatch, debug.traceback,
     method, uri, authorization, if_match, body, idempotency_key, request_id)
@@ -756,8 +767,9 @@ function M.handle(method, uri, authorization, if_match, body, idempotency_key, r
   if status == 503 and store and store:is_closed() then drop_connection() end
   if replayed then counts.appended = 0 end
   local busy = core.monotonic() - t0
+  if status ~= 200 then keep_id, keep = nil, nil end
   return status, out, etag, location, replayed, counts.appended, counts.conflicts,
-    busy, TIMINGS and timing_text(busy) or nil
+    busy, TIMINGS and timing_text(busy) or nil, keep_id, keep
 end
 
 ---------------------------------------------------------------- live events
