@@ -225,6 +225,36 @@ describe("a rebuild loading new rows by COPY", function()
     store:query(('DROP SCHEMA "%s" CASCADE'):format(schema))
     store:close()
   end)
+
+  it("fails, leaving the live table as it was, when the server refuses a batch copied without waiting", function()
+    local schema = helpers.fresh_schema()
+    local store = assert(es.open(helpers.database_url(), { schema = schema }))
+    assert(store:migrate())
+    local bad = nil
+    local rm = es.read_model { name = "rm_bad", columns = { id = "text", n = "bigint" },
+      on = { Add = function(row, e)
+        -- a text the client takes but PostgreSQL refuses for a bigint
+        row.n = (e.data.k == bad) and "not a number" or e.data.k
+      end } }
+    for k = 1, 300 do assert(store:append("Thing-" .. k, { { type = "Add", data = { k = k } } })) end
+    local p = es.projector(store, { rm }, { batch_size = 50 })
+    assert(p:catch_up())
+    for _, at in ipairs({ 150, 300 }) do   -- a batch in the middle, the last one
+      bad = at
+      local n, err = p:rebuild("rm_bad", { batch_size = 50 })
+      assert.is_nil(n)
+      assert.matches("invalid input syntax", err.message)
+      local rows = assert(store:query(('SELECT count(*) AS c, sum(n)::bigint AS s FROM "%s".rm_bad'):format(schema)))
+      assert.equal(300, rows[1].c)
+      assert.equal(45150, rows[1].s)
+    end
+    -- no shadow table or marker left behind
+    assert.equal(0, assert(store:query(("SELECT count(*) AS c FROM pg_tables WHERE schemaname = $1 "
+      .. "AND tablename LIKE 'rm_bad__rebuild_%%'"), schema))[1].c)
+    assert.equal(0, assert(store:query(('SELECT count(*) AS c FROM "%s".read_model_rebuilds'):format(schema)))[1].c)
+    store:query(('DROP SCHEMA "%s" CASCADE'):format(schema))
+    store:close()
+  end)
 end)
 
 describe("read_all({ checkpoints = false })", function()

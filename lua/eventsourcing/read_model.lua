@@ -245,7 +245,7 @@ function ReadModel:_apply(store, tbl, events, n, opts)
   end
   if timings then add_time(timings, "build", t0) end
   local ok, werr = self:_write(store, tbl, upserts, deletes, timings, news, opts and opts.stage,
-    opts and opts.defer)
+    opts and opts.defer, opts and opts.async)
   if not ok then return nil, werr end
   return true, handled
 end
