@@ -476,6 +476,16 @@ describe("es.json", function()
       local s = string.rep("[", 1000) .. string.rep("]", 1000)
       local v = assert(dec(s))
       assert.equal(s, enc(v))
+      -- objects of several keys nested 999 deep (LuaJIT's C stack holds
+      -- 8,000 values: small objects wait on it only while there is room)
+      local parts = {}
+      for _ = 1, 999 do parts[#parts + 1] = '{"a":1,"b":2,"c":3,"d":4,"e":5,"f":6,"g":7,"x":' end
+      local deep = table.concat(parts) .. "1" .. string.rep("}", 999)
+      local o = assert(dec(deep))
+      for _ = 1, 998 do o = o.x end
+      assert.equal(7, o.g)
+      assert.equal(1, o.x)
+      assert(dec(enc(assert(dec(deep)))))
     end)
 
     it("decodes and re-encodes 1000 levels of objects with escaped keys", function()

@@ -189,6 +189,37 @@ describe("rebuild with writers running (processes, PostgreSQL)", function()
   end)
 end)
 
+describe("a rebuild whose progress callback raises", function()
+  it("raises, closes the session it wrote on and leaves the live table", function()
+    local schema = helpers.fresh_schema()
+    local store = assert(es.open(helpers.database_url(), { schema = schema }))
+    assert(store:migrate())
+    local rm = es.read_model { name = "rm_p", columns = { id = "text", n = "bigint" },
+      on = { Add = function(row, e) row.n = e.data.k end } }
+    for k = 1, 300 do assert(store:append("Thing-" .. k, { { type = "Add", data = { k = k } } })) end
+    local p = es.projector(store, { rm }, { batch_size = 50 })
+    assert(p:catch_up())
+    local function sessions()
+      return assert(store:query("SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database() "
+        .. "AND backend_type = 'client backend'"))[1].n
+    end
+    local before = sessions()
+    for _ = 1, 3 do
+      local ok, err = pcall(p.rebuild, p, "rm_p", { batch_size = 50, progress = function(done)
+        if done >= 100 then error("stop here", 0) end
+      end })
+      assert.is_false(ok)
+      assert.equal("stop here", err)
+    end
+    assert.equal(before, sessions())          -- no collection needed
+    local r = assert(store:query(('SELECT count(*) AS c, sum(n)::bigint AS s FROM "%s".rm_p'):format(schema)))
+    assert.equal(300, r[1].c)
+    assert.equal(45150, r[1].s)
+    store:query(('DROP SCHEMA "%s" CASCADE'):format(schema))
+    store:close()
+  end)
+end)
+
 describe("core.keyset (the keys a rebuild has written, outside the Lua heap)", function()
   local core = require "eventsourcing.core"
 

@@ -157,6 +157,34 @@ describe("store:copy_rows", function()
     assert.is_false(store:status().in_transaction)
   end)
 
+  it("wait = false: a failed copy reaches an unrelated call as its own plain error, never as a conflict", function()
+    assert(store:copy_rows("t", { "id" }, { { id = "dup" } }))
+    -- an append next: not taken for a concurrent append (23505), not run
+    assert.is_true(store:copy_rows("t", { "id" }, { { id = "dup" } }, { wait = false }))
+    local r, err = store:append("S-1", { { type = "E", data = {} } })
+    assert.is_nil(r)
+    assert.equal("database", err.kind)
+    assert.equal("", err.sqlstate or "")
+    assert.matches("copy_rows %(sent without waiting%) failed: .*duplicate key", err.message)
+    assert.equal(0, assert(store:version("S-1")))
+    assert.equal(1, assert(store:append("S-1", { { type = "E", data = {} } })).version)
+    -- status() leaves it to the next call (here copy_wait, with its SQLSTATE)
+    assert.is_true(store:copy_rows("t", { "id" }, { { id = "dup" } }, { wait = false }))
+    assert.is_true(assert(store:status()).connected)
+    local n, werr = store:copy_wait()
+    assert.is_nil(n)
+    assert.equal("23505", werr.sqlstate)
+    -- commit_with in the copy's transaction: the copy's error, nothing committed
+    assert(store:begin())
+    assert(store:copy_rows("t", { "id" }, { { id = "in-tx" } }))
+    assert.is_true(store:copy_rows("t", { "id" }, { { id = "dup" } }, { wait = false }))
+    local ok, cerr = store:commit_with(('INSERT INTO "%s".t (id) VALUES ($1)'):format(schema), "late")
+    assert.is_nil(ok)
+    assert.matches("duplicate key", cerr.message)
+    assert.equal(1, assert(store:query("SELECT 1 AS one"))[1].one)   -- the next call runs
+    assert.equal(1, #all_rows(store, schema))
+  end)
+
   it("wait = false: a session killed under the copy loses all of it or none, and says so", function()
     local rows = {}
     for i = 1, 200000 do rows[i] = { id = ("r%06d"):format(i), n = i, x = ("padding "):rep(4) } end

@@ -321,13 +321,18 @@ end
 function Projector:_replay(p, tbl, after, limit, seen, report, done, part, bulk)
   local store, types = part and part.store or self.store, self.engine.by_name[p.name].types
   local wstore = bulk and write_session(self, store)
-  local ok, a, b = self:_replay_on(store, wstore or store, p, tbl, after, limit, seen, report, done, part,
-    wstore ~= nil, types)
-  if wstore then
-    local copied, werr = wstore:copy_wait()
-    wstore:close()
-    if ok and not copied then return nil, werr end
+  if not wstore then
+    return self:_replay_on(store, store, p, tbl, after, limit, seen, report, done, part, false, types)
   end
+  -- the write session is waited for and closed whatever happens, a raise
+  -- included (a progress callback may raise): the caller drops the
+  -- shadow table next, which a copy still running would hold up
+  local ran, ok, a, b = pcall(self._replay_on, self, store, wstore, p, tbl, after, limit, seen, report, done,
+    part, true, types)
+  local copied, werr = wstore:copy_wait()
+  wstore:close()
+  if not ran then error(ok, 0) end
+  if ok and not copied then return nil, werr end
   return ok, a, b
 end
 

@@ -172,12 +172,8 @@ static int listen_now(pg_store *p, int raw, es_error *err)
 int pg_ready(pg_store *p, es_error *err)
 {
     pg_settle_wire(p);
-    if (p->copy_failed) {     /* a copy sent without waiting: its error */
-        p->copy_failed = 0;
-        p->copied = 0;
-        *err = p->copy_err;
+    if (pg_copy_failure(p, err) < 0)   /* a copy sent without waiting */
         return -1;
-    }
     if (p->conn && PQstatus(p->conn) != CONNECTION_OK)
         note_session_loss(p);
     if (p->tx_lost)
@@ -749,16 +745,10 @@ static int pg_end(es_store *s, int commit, es_error *err)
     PGresult *res;
 
     pg_settle_wire(p);
-    if (p->copy_failed && commit) {
-        /* a copy of this transaction failed: it commits nothing */
-        p->copy_failed = 0;
-        *err = p->copy_err;
-        if (p->in_tx && p->conn && PQstatus(p->conn) == CONNECTION_OK)
-            PQclear(PQexec(p->conn, "ROLLBACK"));
-        p->in_tx = p->begin_pending = p->tx_lost = 0;
+    if (commit && pg_copy_failed_commit(p, err) < 0)
         return -1;
-    }
-    p->copy_failed = 0;
+    if (!commit && p->in_tx)
+        p->copy_failed = 0;   /* its copy goes with the rollback */
     if (p->conn && PQstatus(p->conn) != CONNECTION_OK)
         note_session_loss(p);
     if (p->tx_lost) {
@@ -795,6 +785,18 @@ static int pg_end(es_store *s, int commit, es_error *err)
     }
     PQclear(res);
     return 0;
+}
+
+int pg_copy_failed_commit(pg_store *p, es_error *err)
+{
+    if (pg_copy_failure(p, err) == 0)
+        return 0;
+    if (p->in_tx && !p->begin_pending && p->conn &&
+        PQstatus(p->conn) == CONNECTION_OK &&
+        PQtransactionStatus(p->conn) != PQTRANS_IDLE)
+        PQclear(PQexec(p->conn, "ROLLBACK"));
+    p->in_tx = p->begin_pending = p->tx_lost = 0;
+    return -1;
 }
 
 int pg_commit(es_store *s, es_error *err)
@@ -834,7 +836,9 @@ int pg_status(es_store *s, es_store_status *out, es_error *err)
     pg_copy_join(p);
     out->pooler = p->base.pooler;
     out->in_transaction = p->in_tx;
-    if (!p->in_tx && !p->tx_lost && p->ahead.state != 1 && !p->page) {
+    /* (not with a failed copy pending: asking would take its error) */
+    if (!p->in_tx && !p->tx_lost && p->ahead.state != 1 && !p->page &&
+        !p->copy_failed) {
         /* a query now would end nothing and wait for nothing */
         int r = proxied(p, err);
         if (r < 0 && err->kind != ES_CONNECTION)

@@ -223,6 +223,12 @@ int pg_copy(es_store *s, const char *schema, const char *table,
             es_error *err);
 int pg_copy_join(pg_store *p);
 int pg_copy_wait(es_store *s, int64_t *count, es_error *err);
+/* A copy sent without waiting failed: -1 with err filled (once; as a
+ * database or connection error of its own, see pg_copy.c), else 0. */
+int pg_copy_failure(pg_store *p, es_error *err);
+/* Ending a transaction in which such a copy failed: it commits nothing.
+ * -1 with err filled (the transaction rolled back), or 0: no such copy. */
+int pg_copy_failed_commit(pg_store *p, es_error *err);
 
 /* Names the prepared statements of this store's schema. */
 void pg_name_statements(pg_store *p);

@@ -19,6 +19,7 @@
 
 #include <pthread.h>
 #include <stdio.h>
+#include <unistd.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -101,6 +102,7 @@ static int copy_result(pg_store *p, PGresult *res, int64_t *count,
 
 typedef struct pg_copy_job {
     pthread_t thread;
+    pid_t pid;                /* the process whose thread it is */
     PGconn *conn;
     char *data;               /* the job's own copy of the rows' text */
     size_t len;
@@ -131,6 +133,7 @@ static int copy_start(pg_store *p, const char *data, size_t len,
     memcpy(job->data, data, len);
     job->len = len;
     job->conn = p->conn;
+    job->pid = getpid();
     rc = pthread_create(&job->thread, NULL, copy_thread, job);
     if (rc != 0) {          /* no thread: send them here, then */
         PGresult *res = put_rows(p->conn, job->data, len);
@@ -149,8 +152,13 @@ int pg_copy_join(pg_store *p)
     int rc;
     if (!job)
         return 0;
-    pthread_join(job->thread, NULL);
     p->copying = NULL;
+    if (job->pid != getpid()) {
+        /* a forked child: the thread and the reply are the parent's;
+         * touch neither (the child must not use this session at all) */
+        return 0;
+    }
+    pthread_join(job->thread, NULL);
     free(job->data);
     rc = copy_result(p, job->res, &n, &p->copy_err);
     free(job);
@@ -158,6 +166,22 @@ int pg_copy_join(pg_store *p)
     if (rc < 0)
         p->copy_failed = 1;
     return rc;
+}
+
+int pg_copy_failure(pg_store *p, es_error *err)
+{
+    if (!p->copy_failed)
+        return 0;
+    p->copy_failed = 0;
+    /* reported to a call that did not make it: as a plain database or
+     * connection error, without the copy's SQLSTATE or reason, which that
+     * call's caller would take as its own (an append retries a unique
+     * violation, a repository retries a conflict) */
+    es_fail(err, p->copy_err.kind == ES_CONNECTION ? ES_CONNECTION
+                                                   : ES_DATABASE,
+            "copy_rows (sent without waiting) failed: %s",
+            p->copy_err.message);
+    return -1;
 }
 
 int pg_copy_wait(es_store *s, int64_t *count, es_error *err)

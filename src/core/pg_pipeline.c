@@ -129,6 +129,8 @@ int pg_query_commit(es_store *s, const char *sql, int nparams,
     int named;
 
     pg_settle_wire(p);
+    if (pg_copy_failed_commit(p, err) < 0)
+        return -1;
     /* no transaction, or a session lost under it: commit() reports it */
     if (!p->in_tx || p->tx_lost ||
         (!p->begin_pending &&

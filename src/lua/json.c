@@ -868,6 +868,8 @@ static int dec_array(dec *d)
  * size holds them without growing (each growth reallocates and rehashes
  * the keys so far). */
 #define DEC_OBJ_PAIRS 8
+/* Objects nested deeper than this are made at once (stack room). */
+#define DEC_OBJ_STACKED_DEPTH 64
 
 /* The object table from the n pairs above base (the table then stands
  * at base + 1, the pairs gone); room for at least hint keys. */
@@ -895,15 +897,22 @@ static int dec_object(dec *d)
     int base, n = 0, made = 0;
     if (dec_enter(d) < 0)
         return -1;
-    if (!lua_checkstack(L, 2 * DEC_OBJ_PAIRS + 2))
-        return dec_fail(d, d->p, "nesting too deep (Lua stack exhausted)");
     d->p++;
     base = lua_gettop(L);
+    /* deep down, or no room for the pairs: the table at once. LuaJIT
+     * gives a C call 8,000 stack slots, and objects nested 1,000 deep
+     * that each held 8 pairs there would need twice that. */
+    if (d->depth > DEC_OBJ_STACKED_DEPTH ||
+        !lua_checkstack(L, 2 * DEC_OBJ_PAIRS + 3)) {
+        dec_make_object(d, base, 0, 0);
+        made = 1;
+    }
     skip_ws(d);
     if (d->p < d->end && *d->p == '}') {
         d->p++;
         d->depth--;
-        dec_make_object(d, base, 0, 0);
+        if (!made)
+            dec_make_object(d, base, 0, 0);
         return 0;
     }
     for (;;) {

@@ -20,6 +20,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
 
 #define KEYSET_MT "eventsourcing.keyset"
 
@@ -29,20 +31,25 @@ typedef struct ks_slot {
 } ks_slot;
 
 typedef struct keyset {
+    uint64_t seed;            /* per set: keys cannot be chosen to collide */
     ks_slot *slots;
     size_t cap;               /* a power of two, or 0 */
     size_t n;
     es_buf arena;
 } keyset;
 
-/* FNV-1a, 64 bits: keys are short; never 0 (0 marks a free slot). */
-static uint64_t ks_hash(const char *s, size_t len)
+/* FNV-1a, 64 bits, from the set's seed, mixed at the end (the slot is
+ * taken from the low bits); never 0 (0 marks a free slot). */
+static uint64_t ks_hash(const keyset *k, const char *s, size_t len)
 {
-    uint64_t h = 14695981039346656037ULL;
+    uint64_t h = 14695981039346656037ULL ^ k->seed;
     for (size_t i = 0; i < len; i++) {
         h ^= (unsigned char)s[i];
         h *= 1099511628211ULL;
     }
+    h ^= h >> 33;
+    h *= 0xff51afd7ed558ccdULL;
+    h ^= h >> 33;
     return h ? h : 1;
 }
 
@@ -99,7 +106,7 @@ static int ks_index(lua_State *L)
         return 1;
     }
     s = lua_tolstring(L, 2, &len);
-    if (ks_find(k, s, len, ks_hash(s, len))->hash)
+    if (ks_find(k, s, len, ks_hash(k, s, len))->hash)
         lua_pushboolean(L, 1);
     else
         lua_pushnil(L);
@@ -123,7 +130,7 @@ static int ks_newindex(lua_State *L)
     s = lua_tolstring(L, 2, &len);
     if ((k->n + 1) * 2 > k->cap && ks_grow(k) < 0)
         return luaL_error(L, "keyset: out of memory");
-    h = ks_hash(s, len);
+    h = ks_hash(k, s, len);
     sl = ks_find(k, s, len, h);
     if (sl->hash)
         return 0;
@@ -156,6 +163,9 @@ static int l_keyset(lua_State *L)
 {
     keyset *k = (keyset *)esl_newuserdata(L, sizeof *k);
     memset(k, 0, sizeof *k);
+    /* no shared state: the binding also runs on nginx's pool threads */
+    k->seed = ((uint64_t)(uintptr_t)k * 0x9e3779b97f4a7c15ULL) ^
+              ((uint64_t)time(NULL) << 20) ^ (uint64_t)getpid();
     es_buf_init(&k->arena);
     luaL_getmetatable(L, KEYSET_MT);
     lua_setmetatable(L, -2);

@@ -67,6 +67,11 @@ end
 -- thread pool as before, which also refills the dict.
 local probe = require "orders.http.pgprobe"
 local replies = ngx.shared.es_replies
+-- the generation of the code that stores a reply (nginx.conf's
+-- init_by_lua, run again on each reload): workers of an earlier
+-- generation, still finishing their requests, may store replies after
+-- the reload emptied the dict; they are never sent by this one
+local GENERATION = rawget(_G, "ES_REPLIES_GENERATION") or "0"
 local FAST = replies ~= nil and probe.enabled()
 local ORDER_URI = "^/orders/(" .. ("%x"):rep(8) .. "%-" .. ("%x"):rep(4) .. "%-" .. ("%x"):rep(4)
   .. "%-" .. ("%x"):rep(4) .. "%-" .. ("%x"):rep(12) .. ")$"
@@ -93,7 +98,8 @@ local function kept_reply(uri, authorization)
   local entry = replies:get(id)
   if not entry then return nil end
   local p = principal(authorization)
-  local v, n, at = entry:match("^(%d+) (%d+) ()")
+  local g, v, n, at = entry:match("^(%S+) (%d+) (%d+) ()")
+  if g ~= GENERATION then return nil end
   n = tonumber(n)
   if p == nil or (p ~= true and entry:sub(at, at + n - 1) ~= p) then return nil end
   local c0 = clock and clock()
@@ -213,7 +219,7 @@ function M.handle()
       ngx.ctx.probe and ("probe;dur=%.3f, "):format(ngx.ctx.probe * 1000) or "",
       (clock() - c0 - (busy or 0)) * 1000, timings)
   end
-  if FAST and ok and keep_id then replies:set(keep_id, keep) end
+  if FAST and ok and keep_id then replies:set(keep_id, GENERATION .. " " .. keep) end
   if not ok then
     ngx.log(ngx.ERR, "orders.http.worker: ", tostring(status))
     return send(500, error_body("internal", "worker thread failed"))

@@ -237,6 +237,7 @@ end
 -- backend woke 32 processes on 2 cores, and their scheduling made the p99.
 local semaphore               -- ngx.semaphore, loaded on first use (nginx only)
 local pending = {}            -- { stream, sema, version | err } waiting to be sent
+local inflight = nil            -- the batch the prober is sending and reading
 local wake                    -- posted when the idle prober has work
 local idle, running = false, false
 local IDLE_WAIT = 1           -- seconds between checks for nginx exiting
@@ -296,7 +297,7 @@ local function prober(premature)
     end
     if #pending > 0 then
       local batch = pending
-      pending = {}
+      pending, inflight = {}, batch
       local ok, err = true, nil
       if not sock then
         sock, err = connect(settings)
@@ -313,6 +314,7 @@ local function prober(premature)
         if not ok and it.version == nil and it.err == nil then it.err = err end
         it.sema:post(1)
       end
+      inflight = nil
     end
   end
   running = false
@@ -335,6 +337,15 @@ function M.version(stream)
       if not fine then
         running = false
         ngx.log(ngx.ERR, "orders.http.pgprobe: ", tostring(perr))
+        -- its requests, the batch it was on included, go to the pool now
+        -- rather than after their wait runs out
+        local stranded = inflight or {}
+        for _, it in ipairs(pending) do stranded[#stranded + 1] = it end
+        inflight, pending = nil, {}
+        for _, it in ipairs(stranded) do
+          it.err = it.err or "the prober failed"
+          it.sema:post(1)
+        end
       end
     end)
     if not ok then return nil, "cannot start the prober: " .. tostring(err) end
