@@ -26,6 +26,14 @@ end
 describe("store:copy_rows", function()
   local store, schema
   before_each(function() store, schema = open() end)
+
+  -- a transaction with one row copied, then a duplicate of "dup" sent
+  -- without waiting (the caller has copied "dup" already)
+  local function copy_dup_in_tx()
+    assert(store:begin())
+    assert(store:copy_rows("t", { "id" }, { { id = "in-tx" } }))
+    assert.is_true(store:copy_rows("t", { "id" }, { { id = "dup" } }, { wait = false }))
+  end
   after_each(function()
     store:query(('DROP SCHEMA "%s" CASCADE'):format(schema))
     store:close()
@@ -147,9 +155,7 @@ describe("store:copy_rows", function()
     assert.is_nil(n)
     assert.matches("duplicate key", werr.message)
     -- inside a transaction: commit fails and nothing of it stays
-    assert(store:begin())
-    assert(store:copy_rows("t", { "id" }, { { id = "in-tx" } }))
-    assert.is_true(store:copy_rows("t", { "id" }, { { id = "dup" } }, { wait = false }))
+    copy_dup_in_tx()
     local ok, cerr = store:commit()
     assert.is_nil(ok)
     assert.matches("duplicate key", cerr.message)
@@ -175,9 +181,7 @@ describe("store:copy_rows", function()
     assert.is_nil(n)
     assert.equal("23505", werr.sqlstate)
     -- commit_with in the copy's transaction: the copy's error, nothing committed
-    assert(store:begin())
-    assert(store:copy_rows("t", { "id" }, { { id = "in-tx" } }))
-    assert.is_true(store:copy_rows("t", { "id" }, { { id = "dup" } }, { wait = false }))
+    copy_dup_in_tx()
     local ok, cerr = store:commit_with(('INSERT INTO "%s".t (id) VALUES ($1)'):format(schema), "late")
     assert.is_nil(ok)
     assert.matches("duplicate key", cerr.message)

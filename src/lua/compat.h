@@ -25,6 +25,14 @@
 #define esl_newuserdata(L, sz) lua_newuserdata((L), (sz))
 #endif
 
+/* luaL_setfuncs without upvalues: functions r[] (ending with a NULL
+ * name) into the table on top of the stack. */
+#if LUA_VERSION_NUM >= 502
+#define esl_setfuncs(L, r) luaL_setfuncs((L), (r), 0)
+#else
+void esl_setfuncs(lua_State *L, const luaL_Reg *r);
+#endif
+
 /* Lua 5.3+ has real integers; LuaJIT numbers are doubles. */
 #if LUA_VERSION_NUM >= 503
 #define ESL_HAS_INTEGERS 1

@@ -14,6 +14,16 @@ int esl_typeerror(lua_State *L, int idx, const char *expected)
     return luaL_argerror(L, idx, msg);
 }
 
+#if LUA_VERSION_NUM < 502
+void esl_setfuncs(lua_State *L, const luaL_Reg *r)
+{
+    for (; r->name; r++) {
+        lua_pushcfunction(L, r->func);
+        lua_setfield(L, -2, r->name);
+    }
+}
+#endif
+
 int esl_toint64(lua_State *L, int idx, long long *out)
 {
     /* numbers only: "5" is a string, not a version or a limit */

@@ -182,10 +182,7 @@ void keyset_open(lua_State *L)
         {NULL, NULL}
     };
     luaL_newmetatable(L, KEYSET_MT);
-    for (const luaL_Reg *r = meta; r->name; r++) {
-        lua_pushcfunction(L, r->func);
-        lua_setfield(L, -2, r->name);
-    }
+    esl_setfuncs(L, meta);
     lua_pop(L, 1);
     lua_pushcfunction(L, l_keyset);
     lua_setfield(L, -2, "keyset");

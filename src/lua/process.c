@@ -90,8 +90,5 @@ void process_open(lua_State *L)
         {"exit", l_exit},
         {NULL, NULL}
     };
-    for (const luaL_Reg *r = fns; r->name; r++) {
-        lua_pushcfunction(L, r->func);
-        lua_setfield(L, -2, r->name);
-    }
+    esl_setfuncs(L, fns);
 }

@@ -1405,10 +1405,7 @@ void store_open(lua_State *L)
 {
     luaL_newmetatable(L, STORE_MT);
     lua_newtable(L);
-    for (const luaL_Reg *r = store_methods; r->name; r++) {
-        lua_pushcfunction(L, r->func);
-        lua_setfield(L, -2, r->name);
-    }
+    esl_setfuncs(L, store_methods);
     lua_setfield(L, -2, "__index");
     lua_pushcfunction(L, l_gc);
     lua_setfield(L, -2, "__gc");
