@@ -199,6 +199,12 @@ int es_set_timeouts(es_store *store, int64_t statement_ms, int64_t lock_ms,
                     es_error *err);
 /* Closes the connection; the store is freed once no cursor uses it. */
 void es_close(es_store *store);
+/* es_close, after waiting for a copy still being sent (es_copy with count
+ * NULL): -1 with err when such a copy failed and no call has reported it
+ * yet (its own error, as es_copy_wait gives it), so a caller that closes
+ * without es_copy_wait still learns its rows did not go in. The store is
+ * closed either way; 0 otherwise (also when already closed). */
+int es_close_checked(es_store *store, es_error *err);
 int es_is_closed(const es_store *store);
 const char *es_store_kind(const es_store *store);   /* "memory"/"postgresql" */
 /* The PostgreSQL schema holding the store's objects; NULL for memory. */

@@ -218,6 +218,89 @@ describe("store:copy_rows", function()
   end)
 end)
 
+describe("store:close() after copy_rows({ wait = false })", function()
+  local store, schema, other
+  before_each(function()
+    store, schema = open()
+    other = assert(es.open(helpers.database_url(), { schema = schema }))
+  end)
+  after_each(function()
+    store:close()
+    other:query(('DROP SCHEMA "%s" CASCADE'):format(schema))
+    other:close()
+  end)
+  local function count()
+    return assert(other:query(('SELECT count(*) AS n FROM "%s".t'):format(schema)))[1].n
+  end
+
+  it("returns the error of a failed copy nobody was told of, and closes the store anyway", function()
+    assert(store:copy_rows("t", { "id" }, { { id = "dup" } }))
+    assert.is_true(store:copy_rows("t", { "id" }, { { id = "new" }, { id = "dup" } }, { wait = false }))
+    local ok, err = store:close()
+    assert.is_nil(ok)
+    assert.equal("database", err.kind)
+    assert.equal("23505", err.sqlstate)             -- the copy's own, as copy_wait gives it
+    assert.matches("duplicate key", err.message)
+    assert.is_true(store:is_closed())
+    assert.is_true(store:close())                   -- told once; closed is closed
+    assert.equal(1, count())
+    -- status() does not take it: close() still reports it
+    store = assert(es.open(helpers.database_url(), { schema = schema }))
+    assert.is_true(store:copy_rows("t", { "id" }, { { id = "dup" } }, { wait = false }))
+    assert.is_true(assert(store:status()).connected)
+    ok, err = store:close()
+    assert.is_nil(ok)
+    assert.matches("duplicate key", err.message)
+    -- inside a transaction: reported too (the close ends it, so none of it stays)
+    store = assert(es.open(helpers.database_url(), { schema = schema }))
+    assert(store:begin())
+    assert(store:copy_rows("t", { "id" }, { { id = "in-tx" } }))
+    assert.is_true(store:copy_rows("t", { "id" }, { { id = "dup" } }, { wait = false }))
+    ok, err = store:close()
+    assert.is_nil(ok)
+    assert.matches("duplicate key", err.message)
+    assert.equal(1, count())
+  end)
+
+  it("returns true when the copy went in or its failure was reported already", function()
+    local rows = {}
+    for i = 1, 20000 do rows[i] = { id = ("k%05d"):format(i), n = i } end
+    assert.is_true(store:copy_rows("t", { "id", "n" }, rows, { wait = false }))
+    assert.is_true(store:close())                   -- waited for it: all the rows are in
+    assert.equal(20000, count())
+    -- reported by the next call
+    store = assert(es.open(helpers.database_url(), { schema = schema }))
+    assert.is_true(store:copy_rows("t", { "id" }, { { id = "k00001" } }, { wait = false }))
+    assert.is_nil(store:query("SELECT 1 AS one"))
+    assert.is_true(store:close())
+    -- by copy_wait
+    store = assert(es.open(helpers.database_url(), { schema = schema }))
+    assert.is_true(store:copy_rows("t", { "id" }, { { id = "k00001" } }, { wait = false }))
+    assert.is_nil(store:copy_wait())
+    assert.is_true(store:close())
+    -- dropped with its transaction by a rollback
+    store = assert(es.open(helpers.database_url(), { schema = schema }))
+    assert(store:begin())
+    assert.is_true(store:copy_rows("t", { "id" }, { { id = "k00001" } }, { wait = false }))
+    assert(store:rollback())
+    assert.is_true(store:close())
+    assert.equal(20000, count())
+  end)
+
+  it("is not raised by the collector, which closes such a store without a word", function()
+    local seen = setmetatable({}, { __mode = "k" })
+    ;(function()
+      local s = assert(es.open(helpers.database_url(), { schema = schema }))
+      assert.is_true(s:copy_rows("t", { "id" }, { { id = "a" }, { id = "a" } }, { wait = false }))
+      seen[s] = true
+    end)()
+    collectgarbage()
+    collectgarbage()
+    assert.is_nil(next(seen))
+    assert.equal(0, count())
+  end)
+end)
+
 describe("a rebuild loading new rows by COPY", function()
   it("gives the table the projector's catch-up gives", function()
     local schema = helpers.fresh_schema()

@@ -40,7 +40,9 @@ local function child(reopen, replay, k, path)
     local store, oerr = reopen()
     if not store then return nil, oerr end
     local n, rerr = replay(store, k)
-    store:close()
+    -- close() reports a copy sent without waiting that failed unseen
+    local closed, cerr = store:close()
+    if n and not closed then return nil, cerr end
     return n, rerr
   end)
   if ok and done then

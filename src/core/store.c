@@ -73,6 +73,22 @@ void es_close(es_store *s)
     store_unref(s);
 }
 
+int es_close_checked(es_store *s, es_error *err)
+{
+    int64_t copied;
+    int rc = 0;
+    es_error_clear(err);
+    if (!s || s->closed)
+        return 0;
+    /* the copy thread still owns the session: wait for it, and take the
+     * outcome no call has reported yet (a rollback already dropped one
+     * that failed inside its transaction) */
+    if (s->ops->copy_wait)
+        rc = s->ops->copy_wait(s, &copied, err);
+    es_close(s);
+    return rc;
+}
+
 int es_is_closed(const es_store *s) { return s->closed; }
 
 const char *es_store_kind(const es_store *s) { return s->ops->kind; }

@@ -288,6 +288,8 @@ static int l_open(lua_State *L)
     return 1;
 }
 
+/* __gc and __close: closes, dropping the error of a copy sent without
+ * waiting (a finalizer must not raise; store:close() reports it). */
 static int l_gc(lua_State *L)
 {
     lstore *ls = (lstore *)luaL_checkudata(L, 1, STORE_MT);
@@ -300,9 +302,21 @@ static int l_gc(lua_State *L)
     return 0;
 }
 
+/* store:close() -> true | nil, err: a copy sent without waiting
+ * (copy_rows wait = false) that failed and was not reported yet; the
+ * store is closed either way. */
 static int l_close(lua_State *L)
 {
+    lstore *ls = (lstore *)luaL_checkudata(L, 1, STORE_MT);
+    es_error err;
+    int rc = 0;
+    if (ls->s) {
+        rc = es_close_checked(ls->s, &err);
+        ls->s = NULL;
+    }
     l_gc(L);
+    if (rc < 0)
+        return esl_push_error(L, &err);
     lua_pushboolean(L, 1);
     return 1;
 }
