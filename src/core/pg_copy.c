@@ -154,7 +154,10 @@ int pg_copy_join(pg_store *p)
     p->copying = NULL;
     if (job->pid != getpid()) {
         /* a forked child: the thread and the reply are the parent's;
-         * touch neither (the child must not use this session at all) */
+         * touch neither (the child must not use this session at all).
+         * The job's memory is this process's own copy: freed, not leaked */
+        free(job->data);
+        free(job);
         return 0;
     }
     pthread_join(job->thread, NULL);
