@@ -3,7 +3,8 @@
 -- partitions of a read cover each event once and never split a stream;
 -- a 2- or 3-worker rebuild gives exactly the table a 1-worker one gives;
 -- a worker that fails or dies fails the rebuild cleanly (no shadow table,
--- no marker, the live table as it was).
+-- no marker, the live table as it was). A store a forked child inherited
+-- and its collector finalizes says nothing on the parent's session.
 local helpers = require "helpers"
 local es = require "eventsourcing"
 
@@ -202,5 +203,71 @@ describe("rebuild with workers (processes, PostgreSQL)", function()
     assert.is_nil(n)
     assert.matches("needs a store opened with es.open", tostring(err))
     raw:close()
+  end)
+end)
+
+describe("a store a forked child inherited", function()
+  local core = require "eventsourcing.core"
+
+  -- Forks; the child drops held.store, collects it (exit 3 if it stayed
+  -- reachable: then nothing was tried) and leaves. -> the child's exit code
+  local function child_collects(held)
+    local seen = setmetatable({ [held.store] = true }, { __mode = "k" })
+    local pid = assert(core.fork())
+    if pid == 0 then
+      held.store = nil
+      collectgarbage()
+      collectgarbage()
+      core.exit(next(seen) == nil and 0 or 3)
+    end
+    local how, code = core.wait(pid)
+    assert.equal("exited", how)
+    return code
+  end
+
+  -- (each step in a function of its own: no register of the test's
+  -- function keeps the store reachable in the child)
+  local function open_store(held)
+    held.schema = helpers.fresh_schema()
+    held.store = assert(es.open(helpers.database_url(), { schema = held.schema }))
+    assert(held.store:migrate())
+    return assert(held.store:query("SELECT pg_backend_pid() AS p"))[1].p
+  end
+
+  it("is let go of by the child's collector, not a word on the parent's session, a copy under way included", function()
+    local held = {}
+    local session = open_store(held)
+    ;(function()
+      assert(held.store:query(('CREATE TABLE "%s".t (id text PRIMARY KEY, n bigint, x text)'):format(held.schema)))
+      local rows = {}
+      for i = 1, 200000 do rows[i] = { id = ("r%06d"):format(i), n = i, x = ("padding "):rep(4) } end
+      assert.is_true(held.store:copy_rows("t", { "id", "n", "x" }, rows, { wait = false }))
+    end)()
+    assert.equal(0, child_collects(held))
+    assert.equal(200000, assert(held.store:copy_wait()))
+    -- the same session goes on (a Terminate from the child would have ended it)
+    assert.equal(session, assert(held.store:query("SELECT pg_backend_pid() AS p"))[1].p)
+    assert.is_true(held.store:close())
+  end)
+
+  it("keeps the parent's prefetched read_all batch", function()
+    local held = {}
+    local session = open_store(held)
+    local cp = (function()
+      for b = 0, 2 do
+        local evs = {}
+        for i = 1, 1000 do evs[i] = { type = "E", data = { i = b * 1000 + i } } end
+        assert(held.store:append("S-" .. b, evs))
+      end
+      local batch, after = held.store:read_all({ limit = 1000, prefetch = true })
+      assert.equal(1000, #batch)            -- the next batch is on its way
+      return after
+    end)()
+    assert.equal(0, child_collects(held))
+    local batch = assert(held.store:read_all({ after = cp, limit = 1000, prefetch = true }))
+    assert.equal(1000, #batch)
+    assert.equal(1001, batch[1].data.i)
+    assert.equal(session, assert(held.store:query("SELECT pg_backend_pid() AS p"))[1].p)
+    assert.is_true(held.store:close())
   end)
 end)

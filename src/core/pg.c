@@ -16,10 +16,12 @@
 
 #include <ctype.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 /* The pipeline of a wrapped statement (see pg_pipe_open), read to its
  * Sync: BEGIN's and/or set_config's result, the statement's, then the
@@ -142,6 +144,7 @@ static int connect_now(pg_store *p, es_error *err)
         p->conn = NULL;
         return es_fail(err, ES_CONNECTION, "cannot connect: %s", msg);
     }
+    p->owner = getpid();
     return 0;
 }
 
@@ -855,9 +858,38 @@ int pg_status(es_store *s, es_store_status *out, es_error *err)
 
 /* ---- lifetime ------------------------------------------------------------- */
 
+/* A forked child's copy of the parent's session, let go of without a
+ * word on it: the parent may have a COPY, a prefetched read or a
+ * transaction under way there. The child's descriptor is pointed at
+ * /dev/null first, so PQfinish's Terminate (and a TLS close alert) go
+ * nowhere and closing it leaves the parent's socket open (shutdown()
+ * would end it for both). Without /dev/null the conn is left as it is. */
+static void forsake(PGconn *conn)
+{
+    int fd = PQsocket(conn);
+    int null = open("/dev/null", O_WRONLY | O_CLOEXEC);
+    int moved = null >= 0 && fd >= 0 && dup2(null, fd) == fd;
+    if (null >= 0)
+        close(null);
+    if (moved || fd < 0)
+        PQfinish(conn);
+}
+
 void pg_disconnect(es_store *s)
 {
     pg_store *p = (pg_store *)s;
+    if (p->conn && p->owner != getpid()) {
+        /* finalized in a forked child (its collector): nothing of the
+         * parent's is read or sent (a Citus store's worker sessions are
+         * left to the child's exit) */
+        pg_copy_join(p);
+        PQclear(p->ahead.res);      /* this process's memory */
+        p->ahead.res = NULL;
+        p->ahead.state = 0;
+        forsake(p->conn);
+        p->conn = NULL;
+        return;
+    }
     pg_prefetch_drop(p);
     pg_citus_close(p);
     if (p->conn)

@@ -18,6 +18,7 @@
 #include "buf.h"
 
 #include <libpq-fe.h>
+#include <sys/types.h>
 
 /* Microseconds from 1970-01-01 to PostgreSQL's epoch 2000-01-01. */
 #define PG_EPOCH_USEC INT64_C(946684800000000)
@@ -108,6 +109,8 @@ typedef struct pg_store {
     unsigned qprepared;       /* bit per qcache slot prepared this session */
     unsigned long qclock;
     unsigned long qgen;       /* names handed out to qcache statements */
+    pid_t owner;              /* the process that opened conn: a forked
+                                 child has a copy it must not use */
     struct pg_copy_job *copying;  /* a COPY sending without waiting */
     int64_t copied;           /* rows of such copies since the last wait */
     int copy_failed;          /* one failed: copy_err until reported */

@@ -7,7 +7,10 @@
  * A child must never use a session of its parent (libpq connections are
  * not shared) and must leave with core.exit: _exit runs no finalizers,
  * so the parent's sessions, copied into the child, are never closed or
- * written to from there.
+ * written to from there. The child's collector may still finalize a
+ * store that is garbage in the child (the parent may be using its own
+ * copy, a COPY under way included): that lets go of the child's copy of
+ * the session without a word on it (pg_disconnect, forsake in pg.c).
  */
 #include "binding.h"
 
