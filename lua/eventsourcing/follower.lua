@@ -134,7 +134,6 @@ function Follower:batch(sub, limit)
 end
 
 function Follower:_batch_in(sub, limit)
-  local store = self.store
   local row, err = self:lock(sub)
   if row == nil then return nil, err end
   if row == false then return 0, "locked" end
