@@ -255,7 +255,10 @@ function Follower:catch_up(opts)
   local ok, total, per = pcall(self._catch_up, self, opts)
   -- live (follow), the read session stays while batches come back full
   if not ok or not self.following or not total or total == 0 then self:_close_reader() end
-  if not ok then error(total, 0) end
+  if not ok then
+    self.following = false   -- a raise ends follow() too
+    error(total, 0)
+  end
   return total, per
 end
 
