@@ -271,6 +271,41 @@ describe("the projector on PostgreSQL", function()
     writer:close()
   end)
 
+  it("copies a batch's fresh rows, and takes the upsert when a row appears before the copy", function()
+    local side = assert(es.open(helpers.database_url(), { schema = schema }))
+    local racing = false
+    -- the handler commits a row for its key on another session: the
+    -- batch's load did not find it, its COPY of fresh rows will
+    local rm = counter("rm_race", { Race = function(row)
+      row.n = (row.n or 0) + 1
+      if racing then
+        assert(side:query(('INSERT INTO "%s".rm_race (id, n) VALUES ($1, 1000) ON CONFLICT DO NOTHING')
+          :format(schema), row.id))
+      end
+    end })
+    local p = es.projector(store, { rm }, { batch_size = 1000 })
+    assert(p:migrate())
+    -- 300 fresh keys in one batch: more than the staging threshold
+    for i = 1, 300 do append_n(store, "C-f" .. i, 2) end
+    assert.equal(600, p:catch_up())
+    assert.equal(2, rm:get(store, "f1").n)
+    assert.equal(2, rm:get(store, "f300").n)
+    racing = true
+    for i = 1, 300 do assert(store:append("C-r" .. i, { { type = "Race" } })) end
+    assert.equal(300, p:catch_up())
+    local s = p:status()[1]
+    assert.is_nil(s.error, "the projection stopped on a row that appeared before its copy")
+    -- the copy was refused on the key, and the batch applied again event
+    -- by event: each event once, on top of the row that had appeared
+    for _, k in ipairs({ "r1", "r150", "r300" }) do
+      assert.equal(1001, rm:get(store, k).n, "row " .. k)
+    end
+    local c = store:query(('SELECT count(*) AS n, sum(n)::bigint AS t FROM "%s".rm_race'):format(schema))[1]
+    assert.same({ 600, 600 + 300 * 1001 }, { c.n, c.t })
+    assert.equal(0, p:catch_up())
+    side:close()
+  end)
+
   it("commits a batch's rows only together with its checkpoint", function()
     local rm = counter()
     local p = es.projector(store, { rm })

@@ -199,3 +199,63 @@ for _, entry in ipairs(helpers.stores()) do
     end)
   end)
 end
+
+describe("the follower engine on PostgreSQL", function()
+  local util = require "eventsourcing.util"
+  local store
+  before_each(function() store = helpers.open({ name = "postgresql", url = helpers.database_url() }) end)
+  after_each(function() store:close() end)
+
+  -- util.reopener, recording the sessions it opens
+  local function spy_reopener()
+    local real, opened = util.reopener, {}
+    util.reopener = function(s)
+      local reopen = real(s)
+      return reopen and function()
+        local r, err = reopen()
+        opened[#opened + 1] = r
+        return r, err
+      end
+    end
+    return opened, function() util.reopener = real end
+  end
+
+  it("reads on a second session while behind, and closes it once caught up", function()
+    local rm = counter()
+    local p = es.projector(store, { rm }, { batch_size = 10 })
+    local opened, restore = spy_reopener()
+    local ok, err = pcall(function()
+      append_n(store, "C-a", 5)
+      assert.equal(5, p:catch_up())
+      assert.equal(0, #opened, "a batch that was not full opened a session")
+      for i = 1, 6 do append_n(store, "C-b" .. i, 10) end
+      assert.equal(60, p:catch_up())
+      assert.equal(1, #opened, "sessions opened for the read ahead")
+      -- closed when the catch-up ended
+      assert.has_error(function() opened[1]:query("SELECT 1") end)
+      assert.equal(10, rm:get(store, "b6").n)
+      assert.equal(0, p:catch_up())
+    end)
+    restore()
+    assert(ok, err)
+  end)
+
+  it("follows live with the read session and closes it when run returns", function()
+    local rm = counter()
+    local p = es.projector(store, { rm }, { batch_size = 10 })
+    local opened, restore = spy_reopener()
+    local ok, err = pcall(function()
+      for i = 1, 4 do append_n(store, "C-l" .. i, 10) end
+      local rounds = 0
+      assert(p:run { poll = 0.01, idle = function()
+        rounds = rounds + 1
+        if rounds == 1 then append_n(store, "C-l5", 10) end
+      end, stop = function() return rounds >= 3 end })
+      assert.equal(1, #opened)
+      assert.has_error(function() opened[1]:query("SELECT 1") end)
+      assert.equal(10, rm:get(store, "l5").n)
+    end)
+    restore()
+    assert(ok, err)
+  end)
+end)

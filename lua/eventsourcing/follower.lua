@@ -134,7 +134,6 @@ function Follower:batch(sub, limit)
 end
 
 function Follower:_batch_in(sub, limit)
-  local store = self.store
   local row, err = self:lock(sub)
   if row == nil then return nil, err end
   if row == false then return 0, "locked" end
@@ -142,10 +141,11 @@ function Follower:_batch_in(sub, limit)
     self:rollback()
     return 0, row.paused and "paused" or "failed"
   end
-  local batch, cp = store:read_all({ after = row.checkpoint, limit = limit, prefetch = sub.prefetch,
-    types = sub.types, category = sub.category, checkpoints = sub.checkpoints })
+  local batch, cp = self:_reader(sub):read_all({ after = row.checkpoint, limit = limit,
+    prefetch = sub.prefetch, types = sub.types, category = sub.category, checkpoints = sub.checkpoints })
   if not batch then self:rollback(); return nil, cp end
   local n = #batch
+  if n == limit then self.behind = true end
   if n == 0 then
     -- a filtered read may still move past events of other types
     if not cp_less(row.checkpoint, cp) then
@@ -176,6 +176,38 @@ function Follower:_batch_in(sub, limit)
   end
   if handled and not info.failure and info.delay then sleep(info.delay) end
   return handled, st
+end
+
+-- The session a subscription's events are read on. While the follower is
+-- behind (a batch came back full), a prefetching subscription reads on a
+-- second session of its own: the batch ahead is then read by one backend
+-- while another applies the current batch (load, copy, merge, checkpoint,
+-- commit), where on one session the server does the two one after the
+-- other and the batch's first statement waits for the read ahead. The
+-- read is the one the batch's session would make (events below the
+-- watermark do not change, and a batch read ahead is used only for the
+-- checkpoint the lease row then holds), so the lease, the checkpoint and
+-- the effects stay on the batch's session and transaction as before.
+-- The session closes when the follower has caught up (catch_up, follow);
+-- a memory store, or one not opened by es.open, reads on its only one.
+function Follower:_reader(sub)
+  local r = self.reader
+  if r then return r end
+  if not (self.behind and sub.prefetch) or self.memory or self.no_reader then return self.store end
+  local reopen = util.reopener(self.store)
+  r = reopen and reopen()
+  if not r then
+    self.no_reader = true
+    return self.store
+  end
+  self.reader = r
+  return r
+end
+
+function Follower:_close_reader()
+  local r = self.reader
+  self.reader, self.behind = nil, false
+  if r then r:close() end
 end
 
 -- The checkpoint after batch[done] (a batch stopped early). Read without
@@ -220,6 +252,17 @@ end
 -- Every subscription up to the store's end, round robin one batch each.
 -- -> events handled (sum), { [name] = handled } | nil, err
 function Follower:catch_up(opts)
+  local ok, total, per = pcall(self._catch_up, self, opts)
+  -- live (follow), the read session stays while batches come back full
+  if not ok or not self.following or not total or total == 0 then self:_close_reader() end
+  if not ok then
+    self.following = false   -- a raise ends follow() too
+    error(total, 0)
+  end
+  return total, per
+end
+
+function Follower:_catch_up(opts)
   local ok, err = self:ensure()
   if not ok then return nil, err end
   local limit = (opts and opts.batch_size) or self.batch_size
@@ -301,7 +344,7 @@ function Follower:follow(opts, catch_up, next_due)
   local on_error = opts.on_error or function(err)
     io.stderr:write(("%s: %s\n"):format(label, tostring(err)))
   end
-  self.stopping = false
+  self.stopping, self.following = false, true
   local function stopping() return self.stopping or (stop_fn and stop_fn()) end
   local failures = 0
   while not stopping() do
@@ -322,7 +365,8 @@ function Follower:follow(opts, catch_up, next_due)
       self:wait(clock() + wait, tick, stopping)
     end
   end
-  self.stopping = false
+  self.stopping, self.following = false, false
+  self:_close_reader()
   if self.group then self.group:leave() end
   return true
 end

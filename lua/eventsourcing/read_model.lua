@@ -226,17 +226,34 @@ function ReadModel:_apply(store, tbl, events, n, opts)
   end
   if timings then t0 = add_time(timings, "handlers", t0) end
   -- 4. write each touched row once; into a fresh table (seen), rows of
-  -- keys never written there before go in by COPY (no conflict possible)
+  -- keys never written there before go in by COPY (no conflict possible);
+  -- in a projector's batch (stage), so do the rows the load did not find
+  -- (see the note on fresh rows below)
   local upserts, deletes = {}, {}
-  local news = seen and not memory and {} or nil
+  local fresh = not memory and (seen or (opts and opts.stage))
+  local news = fresh and {} or nil
   for ks, row in pairs(state) do
     if row == DELETE then
       if existed[ks] then deletes[#deletes + 1] = ks end
     else
       local clean = self:_clean(row, memory)
-      if news and not seen[ks] then news[#news + 1] = clean else upserts[#upserts + 1] = clean end
+      local new
+      if seen then new = news and not seen[ks] else new = news and not existed[ks] end
+      if new then news[#news + 1] = clean else upserts[#upserts + 1] = clean end
       if seen then seen[ks] = true end
     end
+  end
+  -- Fresh rows of a projector's batch: a plain COPY into the live table
+  -- costs the server about two thirds of what staging them and merging
+  -- with ON CONFLICT does (6.3 against 9.4 us a row, rm_orders). A row the
+  -- load did not find can still appear before the COPY (an inline writer
+  -- of the same read model commits it): the COPY then fails on the key,
+  -- the projector rolls the batch back to its savepoint and applies it
+  -- event by event, through the upsert. A few rows go the upsert's way
+  -- (one statement, no COPY round trip).
+  if news and not seen and #news < self._STAGE_MIN then
+    for _, r in ipairs(news) do upserts[#upserts + 1] = r end
+    news = nil
   end
   if opts and opts.dry_run then
     local text, eerr = self:_encode_rows(upserts)

@@ -207,6 +207,7 @@ end
 
 -- At least this many upserts in a transaction go through a staging table.
 local STAGE_MIN = 200
+ReadModel._STAGE_MIN = STAGE_MIN
 local STAGE_NS = "6f1d7c52-3b8e-4a57-9a51-2f0c4e8d9b13"
 
 -- The staging table of tbl: a temporary table (the session's own, gone
