@@ -144,7 +144,9 @@ for _, entry in ipairs(helpers.stores()) do
     end)
 
     it("a draft not placed in time is cancelled as expired; a placed one is not", function()
-      runner = workflows.runner(store, { draft_ttl = 0.2 })
+      -- the ttl outlasts the settle() calls before the sleeps even on a
+      -- loaded machine under the sanitizers (0.2 s did not, once)
+      runner = workflows.runner(store, { draft_ttl = 1 })
       assert(workflows.receive_stock(repo, { product_id = "p1", quantity = 5 }))
       local stale = order { { "p1", 1 } }
       local placed = order { { "p1", 1 } }
@@ -153,7 +155,7 @@ for _, entry in ipairs(helpers.stores()) do
       assert(svc:cancel_order { order_id = cancelled })
       settle()
       assert.equal(1, #assert(es.workflow.timers(store)))
-      es.workflow.sleep(0.3)
+      es.workflow.sleep(1.1)
       local _, fired = assert(runner:catch_up())
       assert.equal(1, fired)
       settle()
@@ -166,7 +168,7 @@ for _, entry in ipairs(helpers.stores()) do
       local late = order { { "p1", 1 } }
       assert(runner:catch_up())
       assert(svc:place_order { order_id = late })   -- the workflow has not seen it yet
-      es.workflow.sleep(0.3)
+      es.workflow.sleep(1.1)
       assert(runner:run_timers())
       settle()
       assert.equal("placed", assert(svc:get_order(late)).status)
