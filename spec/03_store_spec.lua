@@ -526,6 +526,39 @@ for _, entry in ipairs(store_entries()) do
         assert.same({ i = 1001 }, batch[1].data)
       end)
 
+      it("makes id and metadata on first access with lazy = true, the same as without", function()
+        seed()
+        assert(store:append("Meta-1", { { type = "M", metadata = { who = "ann", n = 1 } } }))
+        local eager = assert(store:read_all({ limit = 100 }))
+        local lazy = assert(store:read_all({ limit = 100, lazy = true }))
+        assert.equal(#eager, #lazy)
+        assert.is_true(#lazy >= 11)
+        for i, e in ipairs(lazy) do
+          assert.is_nil(rawget(e, "id"))
+          assert.is_nil(rawget(e, "metadata"))
+          assert.is_nil(e.no_such_field)
+          assert.equal(eager[i].stream, e.stream)
+          assert.equal(eager[i].checkpoint, e.checkpoint)
+          assert.same(eager[i].data, e.data)
+          assert.equal(eager[i].id, e.id)
+          assert.same(eager[i].metadata, e.metadata)
+          -- made once, then a plain field (a handler may change it)
+          assert.equal(e.id, rawget(e, "id"))
+          assert.equal(e.metadata, e.metadata)
+        end
+        assert.same({ who = "ann", n = 1 }, lazy[#lazy].metadata)
+        -- an event outlives its batch: its bytes stay with it
+        local kept = select(1, assert(store:read_all({ limit = 100, lazy = true })))[#lazy]
+        collectgarbage()
+        collectgarbage()
+        assert.equal(eager[#eager].id, kept.id)
+        assert.same({ who = "ann", n = 1 }, kept.metadata)
+        -- without lazy, both are there at once
+        local plain = assert(store:read_all({ limit = 1, lazy = false }))
+        assert.is_string(rawget(plain[1], "id"))
+        assert.is_table(rawget(plain[1], "metadata"))
+      end)
+
       it("gives a checkpoint even for an empty store", function()
         local batch, cp = store:read_all()
         assert.same({}, batch)

@@ -193,6 +193,8 @@ typedef struct event_ctx {
     int keys;   /* first of NKEYS key strings on the stack, or 0 */
     int stream; /* the stream name when every event has it (fold), or 0 */
     int type;   /* the current event's type string, or 0 */
+    esl_lazy *lazy; /* read_all's lazy = true: the batch, or NULL */
+    int lazy_mt;    /* its events' metatable on the stack */
 } event_ctx;
 
 static event_ctx event_context(lua_State *L)
@@ -204,6 +206,8 @@ static event_ctx event_context(lua_State *L)
     for (int i = 0; i < NKEYS; i++)
         lua_pushstring(L, event_keys[i]);
     c.stream = c.type = 0;
+    c.lazy = NULL;
+    c.lazy_mt = 0;
     return c;
 }
 
@@ -223,9 +227,13 @@ static void push_event(lua_State *L, const es_event *e, const event_ctx *c)
 {
     int json = c ? c->json : 0;
     lua_createtable(L, 0, NKEYS);
-    push_key(L, c, 0);
-    lua_pushlstring(L, e->id, 36);
-    lua_rawset(L, -3);
+    /* lazy: id and metadata stay in the batch until asked for (lazy.c) */
+    int eager = !(c && c->lazy) || esl_lazy_add(L, c->lazy, c->lazy_mt, e);
+    if (eager) {
+        push_key(L, c, 0);
+        lua_pushlstring(L, e->id, 36);
+        lua_rawset(L, -3);
+    }
     push_key(L, c, 1);
     if (c && c->stream)
         lua_pushvalue(L, c->stream);
@@ -247,9 +255,11 @@ static void push_event(lua_State *L, const es_event *e, const event_ctx *c)
     push_key(L, c, 5);
     push_json_field(L, json, e->data, e->data_len, "data");
     lua_rawset(L, -3);
-    push_key(L, c, 6);
-    push_json_field(L, json, e->metadata, e->metadata_len, "metadata");
-    lua_rawset(L, -3);
+    if (eager) {
+        push_key(L, c, 6);
+        push_json_field(L, json, e->metadata, e->metadata_len, "metadata");
+        lua_rawset(L, -3);
+    }
     push_key(L, c, 7);
     lua_pushlstring(L, e->recorded_at, strlen(e->recorded_at));
     lua_rawset(L, -3);
@@ -754,7 +764,7 @@ static int l_read_all(lua_State *L)
     es_error err;
     lcursor *lc;
     es_event e;
-    int rc, i = 0, per_event;
+    int rc, i = 0, per_event, lazy;
     event_ctx ctx;
     const char *cp;
 
@@ -773,6 +783,7 @@ static int l_read_all(lua_State *L)
     o.limit = opt_int_field(L, 2, "limit", 0);
     o.category = opt_string_field(L, 2, "category");
     o.prefetch = opt_bool_field(L, 2, "prefetch");
+    lazy = opt_bool_field(L, 2, "lazy");
     if (!lua_isnil(L, 2)) {
         lua_getfield(L, 2, "types");    /* stays on the stack: index 3 */
         if (!lua_isnil(L, 3)) {
@@ -806,6 +817,11 @@ static int l_read_all(lua_State *L)
     if (!lc->c)
         return esl_push_error(L, &err);
     ctx = event_context(L);
+    if (lazy) {
+        luaL_checkstack(L, 2, "lazy events");
+        ctx.lazy = esl_lazy_push(L);
+        ctx.lazy_mt = lua_gettop(L);
+    }
     lua_newtable(L);
     /* each event carries the checkpoint after it: a follower that stops
      * at event k saves events[k-1].checkpoint without reading again */
