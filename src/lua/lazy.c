@@ -109,14 +109,29 @@ static const char INDEX_FACTORY[] =
     "end\n";
 static const char FACTORY_KEY[] = "eventsourcing.lazy_index";
 
-/* fill(e, k) (upvalue 1: the batch): e.id or e.metadata, made once and
- * kept in the event; nil for an event the batch does not hold. */
+/* Pushes the decoded metadata of row (JSON context: upvalues 2-4, which
+ * esl_json_context would otherwise look up in the registry every time). */
+static void push_metadata(lua_State *L, const esl_lazy *b, const lazy_row *row)
+{
+    char msg[160];
+    for (int i = 2; i <= 4; i++)
+        lua_pushvalue(L, lua_upvalueindex(i));
+    int ctx = lua_gettop(L) - 2;
+    if (esl_json_decode_ctx(L, ctx, b->meta.data + row->meta_off,
+                            row->meta_len, msg, sizeof msg) < 0)
+        luaL_error(L, "stored metadata is not valid JSON: %s", msg);
+    lua_replace(L, ctx);
+    lua_settop(L, ctx);
+}
+
+/* fill(e, k) (upvalues: the batch, the JSON context, "position"): e.id or
+ * e.metadata, made once and kept in the event; nil for an event the
+ * batch does not hold. */
 static int lazy_fill(lua_State *L)
 {
     esl_lazy *b = (esl_lazy *)lua_touserdata(L, lua_upvalueindex(1));
     size_t len;
     long long pos;
-    char msg[160];
 
     if (lua_type(L, 2) != LUA_TSTRING)
         return 0;
@@ -124,7 +139,7 @@ static int lazy_fill(lua_State *L)
     int id = len == 2 && memcmp(k, "id", 2) == 0;
     if (!id && !(len == 8 && memcmp(k, "metadata", 8) == 0))
         return 0;
-    lua_pushliteral(L, "position");
+    lua_pushvalue(L, lua_upvalueindex(5));
     lua_rawget(L, 1);
     lazy_row *row = esl_toint64(L, -1, &pos) ? find(b, (int64_t)pos) : NULL;
     lua_pop(L, 1);
@@ -132,9 +147,8 @@ static int lazy_fill(lua_State *L)
         return 0;
     if (id)
         lua_pushlstring(L, row->id, sizeof row->id);
-    else if (esl_json_decode(L, b->meta.data + row->meta_off, row->meta_len,
-                             msg, sizeof msg) < 0)
-        return luaL_error(L, "stored metadata is not valid JSON: %s", msg);
+    else
+        push_metadata(L, b, row);
     lua_pushvalue(L, 2);
     lua_pushvalue(L, -2);
     lua_rawset(L, 1);
@@ -150,7 +164,9 @@ esl_lazy *esl_lazy_push(lua_State *L)
     lua_createtable(L, 0, 1);
     lua_getfield(L, LUA_REGISTRYINDEX, FACTORY_KEY);
     lua_pushvalue(L, -3);
-    lua_pushcclosure(L, lazy_fill, 1);
+    esl_json_context(L);
+    lua_pushliteral(L, "position");
+    lua_pushcclosure(L, lazy_fill, 5);
     lua_call(L, 1, 1);
     lua_setfield(L, -2, "__index");
     return b;
