@@ -559,6 +559,24 @@ for _, entry in ipairs(store_entries()) do
         assert.is_table(rawget(plain[1], "metadata"))
       end)
 
+      it("gives each event its own recorded_at, type and stream when neighbours share them", function()
+        -- read_all pushes a string again when the last event had the same bytes
+        assert(store:append("R-1", events_of { "A", "A", "B" }))
+        tick()
+        assert(store:append("R-2", events_of { "B", "A" }))
+        tick()
+        assert(store:append("R-1", { type = "A" }))
+        local batch = assert(store:read_all({ limit = 100 }))
+        assert.same({ "A", "A", "B", "B", "A", "A" }, field(as_single(batch), "type"))
+        assert.same({ "R-1", "R-1", "R-1", "R-2", "R-2", "R-1" }, field(as_single(batch), "stream"))
+        local at = field(as_single(batch), "recorded_at")
+        assert.equal(at[1], at[3])
+        assert.equal(at[4], at[5])
+        assert.are_not.equal(at[3], at[4])
+        assert.are_not.equal(at[5], at[6])
+        for _, t in ipairs(at) do assert.truthy(t:match(RECORDED_AT)) end
+      end)
+
       it("gives a checkpoint even for an empty store", function()
         local batch, cp = store:read_all()
         assert.same({}, batch)

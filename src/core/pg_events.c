@@ -489,7 +489,8 @@ typedef struct pg_cursor {
     char checkpoint[48];
     /* the current event's formatted fields */
     char id[37];
-    char recorded_at[32];
+    char recorded_at[32];   /* "" until the first row */
+    int64_t at_usec;        /* the instant recorded_at shows */
 } pg_cursor;
 
 static void cursor_destroy(es_cursor *c)
@@ -527,8 +528,12 @@ static void decode_row(pg_cursor *pc, PGresult *r, int i, es_event *e)
     e->data_len = (size_t)PQgetlength(r, i, 4);
     e->metadata = PQgetvalue(r, i, 5);
     e->metadata_len = (size_t)PQgetlength(r, i, 5);
-    es_time_format((int64_t)pg_be64(PQgetvalue(r, i, 6)) + PG_EPOCH_USEC,
-                   pc->recorded_at);
+    /* the events of one transaction share their instant (now()) */
+    int64_t at = (int64_t)pg_be64(PQgetvalue(r, i, 6)) + PG_EPOCH_USEC;
+    if (!pc->recorded_at[0] || at != pc->at_usec) {
+        es_time_format(at, pc->recorded_at);
+        pc->at_usec = at;
+    }
     e->recorded_at = pc->recorded_at;
 }
 
