@@ -526,6 +526,57 @@ for _, entry in ipairs(store_entries()) do
         assert.same({ i = 1001 }, batch[1].data)
       end)
 
+      it("makes id and metadata on first access with lazy = true, the same as without", function()
+        seed()
+        assert(store:append("Meta-1", { { type = "M", metadata = { who = "ann", n = 1 } } }))
+        local eager = assert(store:read_all({ limit = 100 }))
+        local lazy = assert(store:read_all({ limit = 100, lazy = true }))
+        assert.equal(#eager, #lazy)
+        assert.is_true(#lazy >= 11)
+        for i, e in ipairs(lazy) do
+          assert.is_nil(rawget(e, "id"))
+          assert.is_nil(rawget(e, "metadata"))
+          assert.is_nil(e.no_such_field)
+          assert.equal(eager[i].stream, e.stream)
+          assert.equal(eager[i].checkpoint, e.checkpoint)
+          assert.same(eager[i].data, e.data)
+          assert.equal(eager[i].id, e.id)
+          assert.same(eager[i].metadata, e.metadata)
+          -- made once, then a plain field (a handler may change it)
+          assert.equal(e.id, rawget(e, "id"))
+          assert.equal(e.metadata, e.metadata)
+        end
+        assert.same({ who = "ann", n = 1 }, lazy[#lazy].metadata)
+        -- an event outlives its batch: its bytes stay with it
+        local kept = select(1, assert(store:read_all({ limit = 100, lazy = true })))[#lazy]
+        collectgarbage()
+        collectgarbage()
+        assert.equal(eager[#eager].id, kept.id)
+        assert.same({ who = "ann", n = 1 }, kept.metadata)
+        -- without lazy, both are there at once
+        local plain = assert(store:read_all({ limit = 1, lazy = false }))
+        assert.is_string(rawget(plain[1], "id"))
+        assert.is_table(rawget(plain[1], "metadata"))
+      end)
+
+      it("gives each event its own recorded_at, type and stream when neighbours share them", function()
+        -- read_all pushes a string again when the last event had the same bytes
+        assert(store:append("R-1", events_of { "A", "A", "B" }))
+        tick()
+        assert(store:append("R-2", events_of { "B", "A" }))
+        tick()
+        assert(store:append("R-1", { type = "A" }))
+        local batch = assert(store:read_all({ limit = 100 }))
+        assert.same({ "A", "A", "B", "B", "A", "A" }, field(as_single(batch), "type"))
+        assert.same({ "R-1", "R-1", "R-1", "R-2", "R-2", "R-1" }, field(as_single(batch), "stream"))
+        local at = field(as_single(batch), "recorded_at")
+        assert.equal(at[1], at[3])
+        assert.equal(at[4], at[5])
+        assert.are_not.equal(at[3], at[4])
+        assert.are_not.equal(at[5], at[6])
+        for _, t in ipairs(at) do assert.truthy(t:match(RECORDED_AT)) end
+      end)
+
       it("gives a checkpoint even for an empty store", function()
         local batch, cp = store:read_all()
         assert.same({}, batch)

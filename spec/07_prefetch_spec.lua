@@ -53,6 +53,28 @@ describe("read-ahead (postgresql)", function()
     assert.equal(26, #seen)
   end)
 
+  it("gives the same large batches, bigger than the socket's buffer, with other calls between", function()
+    -- a batch ahead is read by a thread of the store while the caller works;
+    -- every other call waits for it first and leaves it for the next read_all
+    local pad = ("x"):rep(1000)
+    for s = 1, 4 do
+      local evs = {}
+      for i = 1, 1000 do evs[i] = { type = "Big", data = { i = i, pad = pad } } end
+      assert(store:append("Big-" .. s, evs))
+    end
+    local plain = page_all({ limit = 1500 })
+    local calls = 0
+    local ahead = page_all({ limit = 1500, prefetch = true }, function()
+      calls = calls + 1
+      if calls % 2 == 0 then assert(store:query("SELECT 1 AS one")) end
+    end)
+    assert.equal(4026, #plain)
+    assert.same(plain, ahead)
+    local b = assert(store:read_all({ limit = 1500, prefetch = true, types = { "Big" } }))
+    assert.equal(pad, b[1500].data.pad)
+    assert.equal(500, b[1500].data.i)
+  end)
+
   it("does not hand out a batch made for another request", function()
     local b1, cp1 = assert(store:read_all({ limit = 4, prefetch = true }))
     assert.equal(4, #b1)

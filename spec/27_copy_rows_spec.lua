@@ -81,6 +81,19 @@ describe("store:copy_rows", function()
     assert.has_error(function() store:copy_rows("t", COLS, rows, { json = "j" }) end)
   end)
 
+  it("takes json columns past the 64th (whose flag is looked up per row)", function()
+    local defs, cols, row = {}, {}, {}
+    for c = 1, 70 do
+      cols[c] = "c" .. c
+      defs[c] = ("c%d %s"):format(c, (c == 3 or c == 66) and "jsonb" or "text")
+      row["c" .. c] = "v" .. c
+    end
+    assert(store:query(('CREATE TABLE "%s".wide (%s)'):format(schema, table.concat(defs, ", "))))
+    assert.equal(1, assert(store:copy_rows("wide", cols, { row }, { json = { "c3", "c66" } })))
+    local got = assert(store:query(('SELECT c3::text AS a, c66::text AS b, c65, c70 FROM "%s".wide'):format(schema)))[1]
+    assert.same({ a = '"v3"', b = '"v66"', c65 = "v65", c70 = "v70" }, got)
+  end)
+
   it("refuses bad input with a clear error and copies nothing", function()
     assert(store:copy_rows("t", { "id" }, { { id = "kept" } }))
     local cases = {

@@ -337,8 +337,10 @@ end
 function Projector:_replay_on(store, wstore, p, tbl, after, limit, seen, report, done, part, async, types)
   local timings, clock = self._timings, util.monotonic
   local opts = { seen = seen, timings = timings, async = async }
+  -- lazy: e.id and e.metadata made only for the handlers that read them
+  -- (rm_orders' upcast reads the metadata of ItemAdded events only)
   local ropts = { after = after, limit = limit, prefetch = true, types = types,
-    category = p.category, checkpoints = false,
+    category = p.category, checkpoints = false, lazy = true,
     partitions = part and part.partitions, partition = part and part.partition, upto = part and part.upto }
   while true do
     local t0 = timings and clock()

@@ -83,6 +83,7 @@ PGresult *pg_take_result(pg_store *p)
 void pg_settle(pg_store *p)
 {
     pg_copy_join(p);      /* the session is the copy thread's until then */
+    pg_prefetch_join(p);  /* or the prefetch thread's */
     if (p->ahead.state != 1)
         return;
     p->ahead.res = p->conn ? pg_take_result(p) : NULL;
@@ -837,6 +838,7 @@ int pg_status(es_store *s, es_store_status *out, es_error *err)
     pg_store *p = (pg_store *)s;
     int prepared = 0;
     pg_copy_join(p);
+    pg_prefetch_join(p);
     out->pooler = p->base.pooler;
     out->in_transaction = p->in_tx;
     /* (not with a failed copy pending: asking would take its error) */

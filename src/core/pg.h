@@ -59,6 +59,7 @@ typedef struct pg_prefetch {
     int state;                /* 0 none, 1 on the wire, 2 result held */
     PGresult *res;
     es_buf key;               /* the request it answers */
+    struct pg_fetch_job *job; /* state 1: a thread collecting the result */
 } pg_prefetch;
 
 /* What sits between us and PostgreSQL (es_open_opts.pooler). */
@@ -120,6 +121,10 @@ typedef struct pg_store {
 /* Collects a prefetched read_all result still on the wire, so the session
  * is free for another statement; drop also forgets it. */
 void pg_settle(pg_store *p);
+/* Waits for the thread collecting a prefetched read_all result, if one
+ * runs (pg_events.c): the session is the thread's until then. pg_settle
+ * calls it. */
+void pg_prefetch_join(pg_store *p);
 /* Settles whatever is on the wire: a read_all batch ahead is kept, a
  * cursor's page is discarded (the cursor is marked broken). */
 void pg_settle_wire(pg_store *p);

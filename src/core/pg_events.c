@@ -16,6 +16,8 @@
 
 #include <errno.h>
 #include <inttypes.h>
+#include <pthread.h>
+#include <unistd.h>
 #include <uuid.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -489,7 +491,8 @@ typedef struct pg_cursor {
     char checkpoint[48];
     /* the current event's formatted fields */
     char id[37];
-    char recorded_at[32];
+    char recorded_at[32];   /* "" until the first row */
+    int64_t at_usec;        /* the instant recorded_at shows */
 } pg_cursor;
 
 static void cursor_destroy(es_cursor *c)
@@ -527,8 +530,12 @@ static void decode_row(pg_cursor *pc, PGresult *r, int i, es_event *e)
     e->data_len = (size_t)PQgetlength(r, i, 4);
     e->metadata = PQgetvalue(r, i, 5);
     e->metadata_len = (size_t)PQgetlength(r, i, 5);
-    es_time_format((int64_t)pg_be64(PQgetvalue(r, i, 6)) + PG_EPOCH_USEC,
-                   pc->recorded_at);
+    /* the events of one transaction share their instant (now()) */
+    int64_t at = (int64_t)pg_be64(PQgetvalue(r, i, 6)) + PG_EPOCH_USEC;
+    if (!pc->recorded_at[0] || at != pc->at_usec) {
+        es_time_format(at, pc->recorded_at);
+        pc->at_usec = at;
+    }
     e->recorded_at = pc->recorded_at;
 }
 
@@ -775,6 +782,66 @@ static int event_rows(PGresult *res)
     return n > 0 && PQgetisnull(res, n - 1, 1) ? n - 1 : n;
 }
 
+/* ---- the batch ahead, collected by a thread --------------------------------
+ *
+ * The server can only write a result as fast as it is read: over a unix
+ * socket about 200 kB of a 10,000-event batch (about 2 MB) fit in the
+ * socket's buffer, and the server then waits until the next read_all
+ * reads the rest. A rebuild then waited there for most of the server's
+ * work on the batch. A thread of the store reads the batch ahead into
+ * memory as the server writes it, while the caller works on the one before;
+ * the session is the thread's until pg_prefetch_join, which every use of
+ * the session goes through (pg_settle), as with pg_copy.c's copies. */
+
+typedef struct pg_fetch_job {
+    pthread_t thread;
+    pid_t pid;                /* the process whose thread it is */
+    pg_store *p;
+    PGresult *res;
+} pg_fetch_job;
+
+static void *fetch_thread(void *arg)
+{
+    pg_fetch_job *job = arg;
+    job->res = pg_take_result(job->p);
+    pg_drain(job->p);
+    return NULL;
+}
+
+/* The batch just sent (ahead.state 1) collected by a thread; without one
+ * (none could be made) pg_settle collects it as before. */
+static void fetch_start(pg_store *p)
+{
+    pg_fetch_job *job = calloc(1, sizeof *job);
+    if (!job)
+        return;
+    job->p = p;
+    job->pid = getpid();
+    if (pthread_create(&job->thread, NULL, fetch_thread, job) != 0) {
+        free(job);
+        return;
+    }
+    p->ahead.job = job;
+}
+
+void pg_prefetch_join(pg_store *p)
+{
+    pg_fetch_job *job = p->ahead.job;
+    if (!job)
+        return;
+    p->ahead.job = NULL;
+    if (job->pid != getpid()) {
+        /* a forked child: the thread and the reply are the parent's;
+         * touch neither (the child must not use this session at all) */
+        p->ahead.state = 0;
+        return;
+    }
+    pthread_join(job->thread, NULL);
+    p->ahead.res = job->res;
+    p->ahead.state = 2;
+    free(job);
+}
+
 /* Sends the query for the batch after the last event of res. */
 static void prefetch_next(pg_store *p, int stmt, PGresult *res,
                           const char **values, int nvalues)
@@ -790,8 +857,10 @@ static void prefetch_next(pg_store *p, int stmt, PGresult *res,
         return;
     /* A failure here only means no batch ahead; the next read_all asks
      * the usual way and reports what is wrong. */
-    if (pg_send_prepared(p, stmt, nvalues, values, 1, &ignored) == 0)
+    if (pg_send_prepared(p, stmt, nvalues, values, 1, &ignored) == 0) {
         p->ahead.state = 1;
+        fetch_start(p);
+    }
 }
 
 /* The prefetched batch for this request, or NULL (then dropped). Only a

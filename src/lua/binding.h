@@ -26,6 +26,17 @@ void process_open(lua_State *L);
 /* keyset.c: core.keyset (a set of strings outside the Lua heap). */
 void keyset_open(lua_State *L);
 
+/* lazy.c: read_all({ lazy = true }), events whose id and metadata are
+ * made on first access. esl_lazy_push pushes a batch userdata, then the
+ * metatable its events share. esl_lazy_add records event e (the table on
+ * top) in batch b and gives it that metatable (at index mt): 0, or 1 when
+ * it cannot be lazy (the caller then sets both fields at once); raises
+ * on out-of-memory. */
+typedef struct esl_lazy esl_lazy;
+void lazy_open(lua_State *L);
+esl_lazy *esl_lazy_push(lua_State *L);
+int esl_lazy_add(lua_State *L, esl_lazy *b, int mt, const es_event *e);
+
 /* ids.c: core.uuid5 (name-based UUIDs). */
 void ids_open(lua_State *L);
 

@@ -56,11 +56,13 @@ static int escape_tail(es_buf *b, size_t from)
     return 0;
 }
 
-/* Appends the field for the value at the top of the stack; null_idx
- * holds es.json.null. -1 with msg filled when it cannot be stored. */
-static int add_field(lua_State *L, es_buf *b, int null_idx, int as_json,
+/* Appends the field for the value at the top of the stack; ctx is the
+ * JSON context (esl_json_context), whose third value is es.json.null. -1
+ * with msg filled when it cannot be stored. */
+static int add_field(lua_State *L, es_buf *b, int ctx, int as_json,
                      char *msg, size_t msglen)
 {
+    int null_idx = ctx + 2;
     size_t from = b->len, len;
     const char *s;
     int rc = 0, type = lua_type(L, -1);
@@ -82,7 +84,7 @@ static int add_field(lua_State *L, es_buf *b, int null_idx, int as_json,
         break;
     case LUA_TNUMBER:
     case LUA_TTABLE:
-        if (esl_json_encode(L, -1, b, msg, msglen) < 0)
+        if (esl_json_encode_ctx(L, ctx, -1, b, msg, msglen) < 0)
             return -1;
         break;
     default:
@@ -97,15 +99,32 @@ static int add_field(lua_State *L, es_buf *b, int null_idx, int as_json,
     return 0;
 }
 
+/* Whether column c (1-based) is named in json_cols. */
+static int json_col(lua_State *L, int cols, int json_cols, size_t c)
+{
+    int as_json;
+    lua_rawgeti(L, cols, (int)c);
+    lua_rawget(L, json_cols);
+    as_json = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    return as_json;
+}
+
+/* Columns whose json flag is looked up once per call rather than per row
+ * (the rest, rare, per row). */
+#define FLAGGED_COLS 64
+
 int esl_copy_text(lua_State *L, int rows, int cols, int json_cols,
                   size_t ncols, size_t nrows, es_buf *out, char *msg,
                   size_t msglen)
 {
-    int null_idx;
-    char why[200];
+    int ctx;
+    char why[200], flags[FLAGGED_COLS];
 
     luaL_checkstack(L, 8, "copy rows");
-    null_idx = esl_json_context(L) + 2;
+    ctx = esl_json_context(L);
+    for (size_t c = 1; c <= ncols && c <= FLAGGED_COLS; c++)
+        flags[c - 1] = (char)json_col(L, cols, json_cols, c);
     for (size_t r = 1; r <= nrows; r++) {
         lua_rawgeti(L, rows, (int)r);
         if (!lua_istable(L, -1)) {
@@ -116,14 +135,11 @@ int esl_copy_text(lua_State *L, int rows, int cols, int json_cols,
         for (size_t c = 1; c <= ncols; c++) {
             if (c > 1 && es_buf_addc(out, '\t') < 0)
                 return snprintf(msg, msglen, "out of memory"), -1;
-            int as_json;
-            lua_rawgeti(L, cols, (int)c);
-            lua_rawget(L, json_cols);
-            as_json = lua_toboolean(L, -1);
-            lua_pop(L, 1);
+            int as_json = c <= FLAGGED_COLS ? flags[c - 1]
+                                            : json_col(L, cols, json_cols, c);
             lua_rawgeti(L, cols, (int)c);
             lua_rawget(L, -2);
-            if (add_field(L, out, null_idx, as_json, why, sizeof why) < 0) {
+            if (add_field(L, out, ctx, as_json, why, sizeof why) < 0) {
                 lua_rawgeti(L, cols, (int)c);
                 snprintf(msg, msglen, "row %zu, column %s: %s", r,
                          lua_tostring(L, -1), why);

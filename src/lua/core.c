@@ -64,5 +64,6 @@ int luaopen_eventsourcing_core(lua_State *L)
     ids_open(L);
     process_open(L);
     keyset_open(L);
+    lazy_open(L);
     return 1;
 }

@@ -539,6 +539,19 @@ static int encode_with(lua_State *L, int idx, es_buf *b, int mt_arr,
     return rc;
 }
 
+int esl_json_encode_ctx(lua_State *L, int ctx, int idx, es_buf *b,
+                        char *msg, size_t msglen)
+{
+    size_t len0 = b->len;
+    int rc;
+    idx = esl_absindex(L, idx);
+    luaL_checkstack(L, 8, "json encode");
+    rc = encode_with(L, idx, b, ctx, ctx + 1, ctx + 2, msg, msglen);
+    if (rc < 0)
+        b->len = len0;
+    return rc;
+}
+
 int esl_json_encode(lua_State *L, int idx, es_buf *b, char *msg,
                     size_t msglen)
 {

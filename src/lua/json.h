@@ -25,6 +25,11 @@ extern size_t esl_json_max_text;
 int esl_json_encode(lua_State *L, int idx, es_buf *b, char *msg,
                     size_t msglen);
 
+/* esl_json_encode with the values of esl_json_context at ctx (encoding
+ * many values: no registry lookups per value). */
+int esl_json_encode_ctx(lua_State *L, int ctx, int idx, es_buf *b,
+                        char *msg, size_t msglen);
+
 /* Pushes the Lua value for the JSON text s[0..n). On failure pushes
  * nothing, returns -1 and writes a message with the byte offset to msg. */
 int esl_json_decode(lua_State *L, const char *s, size_t n, char *msg,

@@ -188,12 +188,58 @@ static const char *const event_keys[] = {
 };
 #define NKEYS ((int)(sizeof event_keys / sizeof event_keys[0]))
 
+/* A string field that often repeats from one event to the next (the
+ * events of one append share their recorded_at, and often their stream;
+ * a log has few types): the last one's Lua string kept in a stack slot
+ * and pushed again when the bytes match, rather than hashed and interned
+ * once more for each event. */
+typedef struct str_memo {
+    int slot;           /* stack index of the last string, or 0: off */
+    size_t len;         /* its length; SIZE_MAX: none yet */
+    char text[64];
+} str_memo;
+
+enum { MEMO_STREAM, MEMO_TYPE, MEMO_AT, NMEMO };
+
+static void push_memo(lua_State *L, str_memo *m, const char *s, size_t len)
+{
+    if (!m->slot) {
+        lua_pushlstring(L, s, len);
+        return;
+    }
+    if (len == m->len && memcmp(s, m->text, len) == 0) {
+        lua_pushvalue(L, m->slot);
+        return;
+    }
+    lua_pushlstring(L, s, len);
+    if (len <= sizeof m->text) {
+        memcpy(m->text, s, len);
+        m->len = len;
+        lua_pushvalue(L, -1);
+        lua_replace(L, m->slot);
+    }
+}
+
 typedef struct event_ctx {
     int json;   /* esl_json_context, or 0 */
     int keys;   /* first of NKEYS key strings on the stack, or 0 */
     int stream; /* the stream name when every event has it (fold), or 0 */
     int type;   /* the current event's type string, or 0 */
+    esl_lazy *lazy; /* read_all's lazy = true: the batch, or NULL */
+    int lazy_mt;    /* its events' metatable on the stack */
+    str_memo memo[NMEMO];   /* off unless memo_on */
 } event_ctx;
+
+/* Turns the string memos of c on (one stack slot each). */
+static void memo_on(lua_State *L, event_ctx *c)
+{
+    luaL_checkstack(L, NMEMO, "event strings");
+    for (int i = 0; i < NMEMO; i++) {
+        lua_pushnil(L);
+        c->memo[i].slot = lua_gettop(L);
+        c->memo[i].len = (size_t)-1;
+    }
+}
 
 static event_ctx event_context(lua_State *L)
 {
@@ -204,6 +250,10 @@ static event_ctx event_context(lua_State *L)
     for (int i = 0; i < NKEYS; i++)
         lua_pushstring(L, event_keys[i]);
     c.stream = c.type = 0;
+    c.lazy = NULL;
+    c.lazy_mt = 0;
+    for (int i = 0; i < NMEMO; i++)
+        c.memo[i].slot = 0;
     return c;
 }
 
@@ -219,22 +269,30 @@ static void push_key(lua_State *L, const event_ctx *c, int i)
 /* Pushes an event table (README.md, "Stores"); c may be NULL. Strings go through
  * lua_pushlstring: lua_pushstring consults Lua 5.4's C-string cache with
  * a strcmp each time, for strings we know the length of anyway. */
-static void push_event(lua_State *L, const es_event *e, const event_ctx *c)
+static void push_event(lua_State *L, const es_event *e, event_ctx *c)
 {
     int json = c ? c->json : 0;
     lua_createtable(L, 0, NKEYS);
-    push_key(L, c, 0);
-    lua_pushlstring(L, e->id, 36);
-    lua_rawset(L, -3);
+    /* lazy: id and metadata stay in the batch until asked for (lazy.c) */
+    int eager = !(c && c->lazy) || esl_lazy_add(L, c->lazy, c->lazy_mt, e);
+    if (eager) {
+        push_key(L, c, 0);
+        lua_pushlstring(L, e->id, 36);
+        lua_rawset(L, -3);
+    }
     push_key(L, c, 1);
     if (c && c->stream)
         lua_pushvalue(L, c->stream);
+    else if (c)
+        push_memo(L, &c->memo[MEMO_STREAM], e->stream, strlen(e->stream));
     else
         lua_pushstring(L, e->stream);
     lua_rawset(L, -3);
     push_key(L, c, 2);
     if (c && c->type)
         lua_pushvalue(L, c->type);
+    else if (c)
+        push_memo(L, &c->memo[MEMO_TYPE], e->type, strlen(e->type));
     else
         lua_pushstring(L, e->type);
     lua_rawset(L, -3);
@@ -247,11 +305,16 @@ static void push_event(lua_State *L, const es_event *e, const event_ctx *c)
     push_key(L, c, 5);
     push_json_field(L, json, e->data, e->data_len, "data");
     lua_rawset(L, -3);
-    push_key(L, c, 6);
-    push_json_field(L, json, e->metadata, e->metadata_len, "metadata");
-    lua_rawset(L, -3);
+    if (eager) {
+        push_key(L, c, 6);
+        push_json_field(L, json, e->metadata, e->metadata_len, "metadata");
+        lua_rawset(L, -3);
+    }
     push_key(L, c, 7);
-    lua_pushlstring(L, e->recorded_at, strlen(e->recorded_at));
+    if (c)
+        push_memo(L, &c->memo[MEMO_AT], e->recorded_at, strlen(e->recorded_at));
+    else
+        lua_pushlstring(L, e->recorded_at, strlen(e->recorded_at));
     lua_rawset(L, -3);
 }
 
@@ -768,7 +831,7 @@ static int l_read_all(lua_State *L)
     es_error err;
     lcursor *lc;
     es_event e;
-    int rc, i = 0, per_event;
+    int rc, i = 0, per_event, lazy;
     event_ctx ctx;
     const char *cp;
 
@@ -787,6 +850,7 @@ static int l_read_all(lua_State *L)
     o.limit = opt_int_field(L, 2, "limit", 0);
     o.category = opt_string_field(L, 2, "category");
     o.prefetch = opt_bool_field(L, 2, "prefetch");
+    lazy = opt_bool_field(L, 2, "lazy");
     if (!lua_isnil(L, 2)) {
         lua_getfield(L, 2, "types");    /* stays on the stack: index 3 */
         if (!lua_isnil(L, 3)) {
@@ -820,9 +884,16 @@ static int l_read_all(lua_State *L)
     if (!lc->c)
         return esl_push_error(L, &err);
     ctx = event_context(L);
+    memo_on(L, &ctx);
+    if (lazy) {
+        luaL_checkstack(L, 2, "lazy events");
+        ctx.lazy = esl_lazy_push(L);
+        ctx.lazy_mt = lua_gettop(L);
+    }
     lua_newtable(L);
     /* each event carries the checkpoint after it: a follower that stops
      * at event k saves events[k-1].checkpoint without reading again */
+    luaL_checkstack(L, 6, "events");  /* the event, a key, its value */
     e.part = -1;
     while ((rc = es_cursor_next(lc->c, &e, &err)) > 0) {
         push_event(L, &e, &ctx);
@@ -1017,6 +1088,8 @@ static int l_fold(lua_State *L)
     if (!lc->c)
         return esl_push_error(L, &err);
     ctx = event_context(L);
+    memo_on(L, &ctx);       /* recorded_at: the stream's appends share it */
+    luaL_checkstack(L, 8, "fold");
     lua_pushvalue(L, 2);
     ctx.stream = lua_gettop(L);
     lua_pushvalue(L, 4);
