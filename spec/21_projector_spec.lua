@@ -189,6 +189,7 @@ for _, entry in ipairs(helpers.stores()) do
         local row = rm:get(store, tostring(i))
         assert.equal(ids[i], row.ev)
         assert.equal(caught[i].ev, row.ev)
+        assert.equal("u" .. i, caught[i].who)   -- a catch-up reads lazily too
         assert.equal("u" .. i, row.who)
         assert.equal(1, row.n)
       end

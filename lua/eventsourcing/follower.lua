@@ -12,6 +12,7 @@
 --       types = { "OrderPlaced", ... },   -- nil: every type (filtered in SQL)
 --       category = "Order",               -- nil: every stream
 --       prefetch = true,                  -- read the next batch ahead
+--       lazy = true,                      -- e.id, e.metadata made when read
 --       process = function(batch, n) end, -- see below
 --       reset = function() end,           -- optional: clear effects (reset)
 --     }, ... },
@@ -142,7 +143,8 @@ function Follower:_batch_in(sub, limit)
     return 0, row.paused and "paused" or "failed"
   end
   local batch, cp = self:_reader(sub):read_all({ after = row.checkpoint, limit = limit,
-    prefetch = sub.prefetch, types = sub.types, category = sub.category, checkpoints = sub.checkpoints })
+    prefetch = sub.prefetch, types = sub.types, category = sub.category, checkpoints = sub.checkpoints,
+    lazy = sub.lazy })
   if not batch then self:rollback(); return nil, cp end
   local n = #batch
   if n == limit then self.behind = true end

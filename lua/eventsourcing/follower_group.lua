@@ -151,7 +151,7 @@ end
 function Group:read(base, parts, after, limit, checkpoints, prefetch)
   return self.store:read_all({ after = after, limit = limit, prefetch = prefetch and base.prefetch,
     types = base.types, category = base.category, partitions = self.partitions, partition = parts,
-    checkpoints = checkpoints })
+    checkpoints = checkpoints, lazy = base.lazy })
 end
 
 local function array_literal(list, quoted)
@@ -347,7 +347,7 @@ function Group:_shard_batch(item, usable, cps, limit)
   for _, u in ipairs(usable) do
     local b, cp = store:read_all({ after = own_cursor(cps[u.part] or nil, ids[u.part + 1]), limit = ask,
       shards = { ids[u.part + 1] },
-      types = item.base.types, category = item.base.category })
+      types = item.base.types, category = item.base.category, lazy = item.base.lazy })
     if not b then engine:rollback(); return nil, cp end
     reads[u] = { cp = cp, first = #kept + 1, last = #kept + #b }
     for _, e in ipairs(b) do e.part = u.part; kept[#kept + 1] = e end

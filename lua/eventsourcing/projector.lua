@@ -84,9 +84,11 @@ function M.new(store, projections, opts)
     memory = util.is_memory(store), log = opts.log }, Projector)
   local subs = {}
   for _, p in ipairs(list) do
-    -- read model handlers get no e.checkpoint (no string per event)
+    -- read model handlers get no e.checkpoint (no string per event), and
+    -- their events' id and metadata are made when first read (lazy), as
+    -- in a rebuild: a catch-up hands them the same events
     subs[#subs + 1] = { name = p.name, types = types_of(p), category = p.category, prefetch = true,
-      checkpoints = p.kind ~= "read_model",
+      checkpoints = p.kind ~= "read_model", lazy = p.kind == "read_model",
       process = function(batch, n) return self:_process(p, batch, n) end,
       reset = function() return self:_clear_rows(p) end }
   end
