@@ -84,7 +84,7 @@ end
 
 for _ = 1, 300 do command() end   -- connections, prepared statements, JIT
 local totals = {}
-for round = 1, 4 do
+for _ = 1, 4 do
   for _, variant in ipairs({ "new_ids", "looked_up" }) do
     old_ids(variant == "looked_up")
     local n = math.floor(N / 4)
@@ -96,7 +96,6 @@ for round = 1, 4 do
     t.server, t.wall = t.server + (p1 - p0) / HZ, t.wall + (t1 - t0)
     totals[variant] = t
   end
-  io.stderr:write(("command_cpu: round %d of 4\n"):format(round))
 end
 old_ids(false)
 for _, variant in ipairs({ "new_ids", "looked_up" }) do
