@@ -436,7 +436,8 @@ int pg_append(es_store *s, const char *stream, const es_event_in *ev,
             return aborted_conflict(stream, expected, err);
         /* refused: append() says why, looking for the caller's id too (a
          * unique violation may be the id's) */
-        check = given != 0;
+        if (!citus)
+            check = given != 0;
     }
 
     /* A unique violation means a concurrent writer took the version (or
