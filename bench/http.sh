@@ -17,6 +17,11 @@
 # every GET through the thread pool (no version probe on the event loop).
 # Also the CPU per request of nginx's workers, PostgreSQL and wrk itself
 # (*_cpu_* lines): on 2 shared cores wrk's own CPU is part of the picture.
+# nginx's is also split between its event loops (*_cpu_nginx_loop) and its
+# thread pools (*_cpu_nginx_pool), and *_switches_nginx / *_switches_pg
+# count the context switches per request of nginx's threads and of
+# PostgreSQL's processes (each round trip to the database is one on each
+# side; on this machine a switch costs more than most of a request's Lua).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -136,6 +141,27 @@ ticks() {
   done
   echo "$sum"
 }
+# Where nginx's CPU goes and how often its threads and PostgreSQL's
+# processes were switched out (voluntary: waiting for a reply, a request
+# or a task; involuntary: preempted), summed over pids: "loop_ticks
+# pool_ticks switches". A worker's own thread (tid = pid) runs the event
+# loop; its other threads are the pool's.
+task_stats() {
+  local loop=0 pool=0 sw=0 pid t f v n
+  for pid in "$@"; do
+    for t in /proc/"$pid"/task/*; do
+      f=$(cat "$t/stat" 2>/dev/null) || continue
+      f=${f##*) }
+      # shellcheck disable=SC2086
+      set -- $f
+      if [ "${t##*/}" = "$pid" ]; then loop=$((loop + ${12} + ${13})); else pool=$((pool + ${12} + ${13})); fi
+      while read -r v n; do
+        case $v in voluntary_ctxt_switches:|nonvoluntary_ctxt_switches:) sw=$((sw + n)) ;; esac
+      done <"$t/status" 2>/dev/null || true
+    done
+  done
+  echo "$loop $pool $sw"
+}
 pg_pids() { psql "$URL" -Atqc "SELECT pid FROM pg_stat_activity" 2>/dev/null | tr '\n' ' '; }
 server_pids() {
   local master
@@ -179,12 +205,22 @@ run() {
   PG_PIDS=$(pg_pids)
   # shellcheck disable=SC2086  # lists of pids, split on purpose
   n0=$(ticks $NGINX_PIDS) p0=$(ticks $PG_PIDS)
+  local ns0 ps0 ns1 ps1
+  # shellcheck disable=SC2086
+  ns0=$(task_stats $NGINX_PIDS) ps0=$(task_stats $PG_PIDS)
   out=$( { TIMEFORMAT='wrk_cpu %U %S'; time wrk -t"$threads" -c"$conns" -d"${SECS}s" --latency "$@"; } 2>&1) \
     || { echo "bench/http.sh: wrk failed: $out" >&2; return 1; }
   # shellcheck disable=SC2086,SC2046
-  n1=$(ticks $NGINX_PIDS) p1=$(ticks $(printf '%s\n' $PG_PIDS $(pg_pids) | sort -u))
+  PG_PIDS=$(printf '%s\n' $PG_PIDS $(pg_pids) | sort -u | tr '\n' ' ')
+  # shellcheck disable=SC2086
+  n1=$(ticks $NGINX_PIDS) p1=$(ticks $PG_PIDS)
+  # shellcheck disable=SC2086
+  ns1=$(task_stats $NGINX_PIDS) ps1=$(task_stats $PG_PIDS)
   [ "${ES_HTTP_TIMINGS:-}" = 1 ] && phases "$name"
-  awk -v name="$name" -v nginx=$((n1 - n0)) -v pg=$((p1 - p0)) -v hz="$(getconf CLK_TCK)" '
+  # shellcheck disable=SC2086
+  set -- $ns0 $ns1 $ps0 $ps1
+  awk -v name="$name" -v nginx=$((n1 - n0)) -v pg=$((p1 - p0)) -v hz="$(getconf CLK_TCK)" \
+      -v loop=$(($4 - $1)) -v pool=$(($5 - $2)) -v nsw=$(($6 - $3)) -v psw=$((${12} - $9)) '
     function ms(v) {
       if (v ~ /us$/) return substr(v, 1, length(v) - 2) / 1000
       if (v ~ /ms$/) return substr(v, 1, length(v) - 2) + 0
@@ -205,6 +241,10 @@ run() {
       printf "%s_non2xx %d responses\n", name, bad
       if (n > 0) {
         printf "%s_cpu_nginx %.1f us/req\n", name, nginx / hz / n * 1e6
+        printf "%s_cpu_nginx_loop %.1f us/req\n", name, loop / hz / n * 1e6
+        printf "%s_cpu_nginx_pool %.1f us/req\n", name, pool / hz / n * 1e6
+        printf "%s_switches_nginx %.1f per req\n", name, nsw / n
+        printf "%s_switches_pg %.1f per req\n", name, psw / n
         printf "%s_cpu_pg %.1f us/req\n", name, pg / hz / n * 1e6
         printf "%s_cpu_wrk %.1f us/req\n", name, wrk / n * 1e6
       }

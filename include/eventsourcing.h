@@ -77,7 +77,12 @@ int es_fail(es_error *err, es_kind kind, const char *fmt, ...)
     ;
 
 /* An event to append. data and metadata are JSON text (metadata an object,
- * or NULL for {}). id is a UUID in text form, or NULL to have one made. */
+ * or NULL for {}). id is a UUID in text form, or NULL to have one made.
+ * new_id: 1 when the caller made id for this append (a new UUID, never
+ * sent before): the store then skips looking for it among stored events,
+ * which only a retry of an earlier append could find (the unique index
+ * still refuses a duplicate, and a refused append is then checked as
+ * usual). 0 (the default) for ids that may have been sent before. */
 typedef struct es_event_in {
     const char *id;
     const char *type;
@@ -85,6 +90,7 @@ typedef struct es_event_in {
     size_t data_len;
     const char *metadata;
     size_t metadata_len;
+    int new_id;
 } es_event_in;
 
 typedef struct es_append_result {

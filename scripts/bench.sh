@@ -56,7 +56,11 @@
 #   http     bench/http.sh, wrk on nginx: GET /orders/{id} and POST
 #            /orders/{id}/items at 2 and 32 connections, against GET /health,
 #            with the CPU per request of nginx, PostgreSQL and wrk;
-#            ES_HTTP_TIMINGS=1 adds the mean time per phase of a request
+#            ES_HTTP_TIMINGS=1 adds the mean time per phase of a request;
+#            then bench/command_cpu.lua, the same command without HTTP one
+#            after the other (BENCH_HTTP_COMMANDS, 3,000): CPU per command of
+#            the pool thread's code and of PostgreSQL, against round 3's
+#            append (ids looked up), luajit and lua5.4
 #   pooler   bench/pooler.sh, appends and folds at 8 and 32 clients: named
 #            prepared statements straight to PostgreSQL against unnamed ones
 #            (pooler = "transaction") straight and through PgBouncer
@@ -526,6 +530,12 @@ section "http (wrk on nginx, ${BENCH_HTTP_SECS:-5}s per run; against GET /health
 bench_run "http" "" env ES_DATABASE_URL="$URL" ES_BENCH_SECONDS="${BENCH_HTTP_SECS:-5}" bash bench/http.sh
 bad=$(awk '$1 ~ /^http_.*_non2xx$/ && $2 > 0 { print $1 "=" $2 }' "$RESULTS" | tr '\n' ' ')
 [ -n "$bad" ] && fail "http: non-2xx responses: $bad"
+# the same command without HTTP, one after the other: CPU per command of
+# the pool thread's code and of PostgreSQL, against round 3's append
+for f in luajit lua5.4; do
+  bench_run "http command cpu $f" "" env LUA_PATH="lua/?.lua;lua/?/init.lua;examples/?.lua;;" \
+    LUA_CPATH="build/$f/?.so;;" "$f" bench/command_cpu.lua "$URL" "${BENCH_HTTP_COMMANDS:-3000}"
+done
 fi
 
 # ---- round trips ----------------------------------------------------------

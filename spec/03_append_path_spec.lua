@@ -90,6 +90,128 @@ describe("append path (postgresql)", function()
     assert.equal(2, count(store, schema, "Id-2"))
   end)
 
+  -- Index scans of the events' id index in this transaction: how often
+  -- append() looked ids up (with sequential scans off, as on a big table).
+  local function id_lookups()
+    return assert(store:query("SELECT pg_stat_get_xact_numscans(($1 || '.events_id_key')::regclass)::int AS n",
+      ('"%s"'):format(schema)))[1].n
+  end
+
+  it("new_ids: ids the caller made for this append go in one INSERT, never looked up", function()
+    local core = require "eventsourcing.core"
+    local a, b = core.uuid(), core.uuid()
+    local r = assert(store:append("New-1", { id = a, type = "A" },
+      { expected_version = es.NO_STREAM, new_ids = true }))
+    assert.equal(1, r.version)
+    assert.equal("one", paths(store))
+    local batch = { { id = b, type = "B" }, { id = core.uuid(), type = "C" }, { type = "D" } }
+    assert(store:begin())
+    assert(store:query("SET LOCAL enable_seqscan = off"))
+    local before = id_lookups()
+    assert(store:append("New-1", batch, { expected_version = 1, new_ids = true }))
+    local fresh = id_lookups()
+    assert(store:append("New-2", { { id = core.uuid(), type = "A" }, { id = core.uuid(), type = "B" } }))
+    local checked = id_lookups()
+    assert(store:commit())
+    assert.equal(0, fresh - before, "new ids are not looked up")
+    assert.is_true(checked - fresh >= 1, "ids that may have been sent before are")
+    local ids = {}
+    for e in assert(store:read("New-1")) do ids[e.version] = e.id end
+    assert.equal(a, ids[1])
+    assert.equal(b, ids[2])
+    assert.equal(batch[2].id, ids[3])
+    assert.truthy(ids[4]:match("^%x+%-"))
+  end)
+
+  it("new_ids: an id sent again is still recognized (a retry succeeds, elsewhere it is taken)", function()
+    local core = require "eventsourcing.core"
+    local a, b, c = core.uuid(), core.uuid(), core.uuid()
+    local r1 = assert(store:append("Again-1", { id = a, type = "A" },
+      { expected_version = es.NO_STREAM, new_ids = true }))
+    -- the same append again: the unique index refuses the id, append() finds it
+    local r2 = assert(store:append("Again-1", { id = a, type = "A" },
+      { expected_version = es.NO_STREAM, new_ids = true }))
+    assert.same({ r1.version, r1.position }, { r2.version, r2.position })
+    local ok, err = store:append("Again-2", { id = a, type = "A" }, { new_ids = true })
+    assert.is_nil(ok)
+    assert.equal("id_taken", err.reason)
+    -- a batch, retried where its expected version put it, then elsewhere
+    local batch = { { id = b, type = "B" }, { id = c, type = "C" } }
+    local r3 = assert(store:append("Again-1", batch, { expected_version = 1, new_ids = true }))
+    local r4 = assert(store:append("Again-1", batch, { expected_version = 1, new_ids = true }))
+    assert.same({ 3, r3.position }, { r4.version, r4.position })
+    ok, err = store:append("Again-3", { { id = core.uuid(), type = "X" }, { id = c, type = "Y" } },
+      { new_ids = true })
+    assert.is_nil(ok)
+    assert.equal("id_taken", err.reason)
+    -- a version taken meanwhile is a conflict, as without new_ids
+    ok, err = store:append("Again-1", { id = core.uuid(), type = "Z" },
+      { expected_version = 1, new_ids = true })
+    assert.is_nil(ok)
+    assert.equal("version", err.reason)
+    assert.equal(3, err.actual)
+    assert.equal(3, count(store, schema, "Again-1"))
+    assert.equal(0, count(store, schema, "Again-2"))
+    assert.equal(0, count(store, schema, "Again-3"))
+  end)
+
+  it("new_ids: an id sent again inside a transaction is refused and nothing stays", function()
+    local core = require "eventsourcing.core"
+    local a = core.uuid()
+    assert(store:append("TxAgain-1", { id = a, type = "A" }, { new_ids = true }))
+    for _, events in ipairs({ { id = a, type = "A" }, { { id = core.uuid(), type = "B" }, { id = a, type = "C" } } }) do
+      assert(store:begin())
+      assert(store:append("TxAgain-2", { type = "X" }))
+      local ok, err = store:append("TxAgain-3", events, { new_ids = true })
+      assert.is_nil(ok)
+      assert.equal("conflict", err.kind)
+      assert.is_nil(store:commit())
+      assert.equal(1, count(store, schema, "TxAgain-1"))
+      assert.equal(0, count(store, schema, "TxAgain-2"))
+      assert.equal(0, count(store, schema, "TxAgain-3"))
+    end
+  end)
+
+  it("new_ids must be a boolean", function()
+    assert.has_error(function() store:append("Bad-1", { type = "A" }, { new_ids = "yes" }) end,
+      "option 'new_ids' must be a boolean, got string")
+    assert.equal(0, count(store, schema, "Bad-1"))
+  end)
+
+  it("a repository appends the ids it made as new_ids, the ids a decide gave as they are", function()
+    local core = require "eventsourcing.core"
+    local given = core.uuid()
+    local A = es.aggregate {
+      name = "Ctr",
+      initial = { n = 0 },
+      apply = { Added = function(s) s.n = s.n + 1 end },
+      decide = {
+        Add = function() return { type = "Added" } end,
+        AddTwo = function() return { { type = "Added" }, { type = "Added" } } end,
+        AddGiven = function() return { id = given, type = "Added" } end,
+      },
+    }
+    local repo = es.repository(store)
+    assert(repo:execute(A, "c1", "Add", {}))
+    assert.equal("one", paths(store))
+    assert(store:begin())
+    assert(store:query("SET LOCAL enable_seqscan = off"))
+    local before = id_lookups()
+    assert(repo:execute(A, "c1", "AddTwo", {}))
+    local made = id_lookups()
+    assert(repo:execute(A, "c1", "AddGiven", {}))
+    local gave = id_lookups()
+    assert(store:commit())
+    assert.equal(0, made - before)
+    assert.is_true(gave - made >= 1)
+    assert.equal("fn,one", paths(store))
+    -- the given id again: the repository's retry of it is recognized as taken
+    local ok, err = repo:execute(A, "c2", "AddGiven", {})
+    assert.is_nil(ok)
+    assert.equal("id_taken", err.reason)
+    assert.equal(4, store:version("Ctr-c1"))
+  end)
+
   it("sends a batch's arrays in binary: every field comes back as given, in version order", function()
     local core = require "eventsourcing.core"
     local given = core.uuid()

@@ -237,5 +237,25 @@ for _, entry in ipairs(helpers.stores()) do
       assert.equal(total, service.view(es.repository(store, { snapshots = false })
         :load(service.Order, id), 106).total)
     end)
+
+    if entry.name == "postgresql" then
+      -- rows rewritten by every command: half of each page kept free (HOT
+      -- updates), by service.migrate and by es.migrate with the app
+      it("keeps half of each rm_orders page free, set once by either migrate", function()
+        local function options()
+          return assert(store:query("SELECT coalesce(array_to_string(reloptions, ','), '') AS o"
+            .. " FROM pg_class WHERE oid = to_regclass($1)", ('"%s".rm_orders'):format(store:schema())))[1].o
+        end
+        assert.equal("fillfactor=50", options())
+        assert(store:query(('ALTER TABLE "%s".rm_orders RESET (fillfactor)'):format(store:schema())))
+        assert.equal("", options())
+        assert(es.migrate(store, dofile("examples/orders/app.lua")))
+        assert.equal("fillfactor=50", options())
+        assert(service.migrate(store))
+        assert.equal("fillfactor=50", options())
+        local id = new_order("c1", { { "p1", 1, 100 } })
+        assert.equal(100, svc:get_order(id).total)
+      end)
+    end
   end)
 end

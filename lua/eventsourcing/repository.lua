@@ -206,24 +206,28 @@ M.stamp = stamp
 -- The events a decide returned, as they will be appended: the command's
 -- shared metadata under each event's own, the type's schema version,
 -- an id (id_of(i) when given, else the event's own or a new UUID) and the
--- versions they will take.
+-- versions they will take. Also true when every id is a new UUID made
+-- here: such an append cannot be the retry of an earlier one, so the
+-- store need not look its ids up (store:append's new_ids).
 function M.events_to_append(A, stream, version, base, events, id_of)
-  local out = {}
+  local out, all_new = {}, true
   for i, e in ipairs(events) do
     local meta = merge(merge({}, base), e.metadata)
     local sv = A.schema_versions[e.type]
     if sv then meta.schema_version = sv end
-    out[i] = { id = (id_of and id_of(i)) or e.id or uuid(), type = e.type,
+    local id = (id_of and id_of(i)) or e.id
+    if id == nil then id = uuid() else all_new = false end
+    out[i] = { id = id, type = e.type,
                data = e.data or {}, metadata = meta, stream = stream,
                version = version + i }
   end
-  return out
+  return out, all_new
 end
 
 -- Appends and updates the inline read models in one transaction (or one
 -- after the other on a memory store). The events get the versions they
 -- will have, so handlers see what a projector would.
-local function append_inline(self, stream, out, version)
+local function append_inline(self, stream, out, aopts)
   local store = self.store
   local read_model = require "eventsourcing.read_model"
   if util.is_memory(store) then
@@ -232,7 +236,7 @@ local function append_inline(self, stream, out, version)
     for _, e in ipairs(out) do e.recorded_at = e.recorded_at or util.now_iso() end
     local ok, rerr = read_model.apply_inline(store, self.read_models, out, { dry_run = true })
     if not ok then return nil, rerr end
-    local res, err = store:append(stream, out, { expected_version = version })
+    local res, err = store:append(stream, out, aopts)
     if not res then return nil, err end
     stamp(out, res)
     ok, rerr = read_model.apply_inline(store, self.read_models, out)
@@ -245,7 +249,7 @@ local function append_inline(self, stream, out, version)
   -- a raise in between (a bug in a handler's helper) must not leave the
   -- transaction open
   local fine, raised = pcall(function()
-    res, err = store:append(stream, out, { expected_version = version })
+    res, err = store:append(stream, out, aopts)
     if res then
       stamp(out, res)
       -- the read models' last write goes with COMMIT, in one round trip
@@ -314,12 +318,13 @@ function Repository:execute(A, id, command_name, command, opts)
       end
       return { version = version, position = position, events = events, state = state }
     end
-    local out = M.events_to_append(A, stream, version, base, events)
+    local out, new_ids = M.events_to_append(A, stream, version, base, events)
+    local aopts = { expected_version = version, new_ids = new_ids }
     local res, aerr
     if self.read_models then
-      res, aerr = append_inline(self, stream, out, version)   -- stamps them
+      res, aerr = append_inline(self, stream, out, aopts)   -- stamps them
     else
-      res, aerr = store:append(stream, out, { expected_version = version })
+      res, aerr = store:append(stream, out, aopts)
       if res then stamp(out, res) end
     end
     if res then

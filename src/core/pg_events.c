@@ -220,6 +220,22 @@ static int put_ids(es_buf *b, const es_event_in *ev, size_t n)
     return rc;
 }
 
+/* Which ids append() must look for among stored events: 2 when some
+ * may have been sent before (a retry is then an idempotent success), 1
+ * when the caller gave only ids it made for this append (ev->new_id),
+ * 0 when it gave none. */
+static int given_ids(const es_event_in *ev, size_t n)
+{
+    int given = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (ev[i].id && !ev[i].new_id)
+            return 2;
+        if (ev[i].id)
+            given = 1;
+    }
+    return given;
+}
+
 /* Lays out the append's parameters in p->params: the stream, expected
  * version and check flag as text, the four arrays in binary (the server
  * neither parses array literals nor uuids, and nothing is escaped here).
@@ -227,17 +243,14 @@ static int put_ids(es_buf *b, const es_event_in *ev, size_t n)
  * lens[] their lengths. */
 static int build_append_params(pg_store *p, const char *stream,
                                const es_event_in *ev, size_t n,
-                               int64_t expected, size_t offs[A_N],
+                               int64_t expected, int check, size_t offs[A_N],
                                int lens[A_N], es_error *err)
 {
     es_buf *b = &p->params;
     char num[32];
-    int check = 0, rc = 0, ids;
+    int rc = 0, ids;
 
     es_buf_reset(b);
-    for (size_t i = 0; i < n; i++)
-        if (ev[i].id)
-            check = 1;
     offs[A_STREAM] = b->len;
     rc |= es_buf_add(b, stream, strlen(stream) + 1);
     offs[A_EXPECTED] = b->len;
@@ -340,10 +353,11 @@ static int aborted_conflict(const char *stream, int64_t expected,
 
 enum { O_STREAM, O_EXPECTED, O_ID, O_TYPE, O_DATA, O_META, O_N };
 
-/* One event whose id is made here, the common case, on a single-node
- * store: PG_APPEND_ONE. Returns 1 when it appended (out is set), 0 when
- * a check refused (append() then says which), 2 when a concurrent writer
- * took the version (err holds the unique violation), -1 on an error. */
+/* One event whose id is made here or by the caller for this append (the
+ * common case) on a single-node store: PG_APPEND_ONE. Returns 1 when it
+ * appended (out is set), 0 when a check refused (append() then says
+ * which), 2 when a concurrent writer took the version or the id (err
+ * holds the unique violation), -1 on an error. */
 static int append_one(pg_store *p, const char *stream, const es_event_in *ev,
                       int64_t expected, es_append_result *out, es_error *err)
 {
@@ -354,7 +368,10 @@ static int append_one(pg_store *p, const char *stream, const es_event_in *ev,
     int rc = 0;
 
     es_buf_reset(b);
-    es_uuid_v7(id);
+    if (ev->id)
+        snprintf(id, sizeof id, "%s", ev->id);
+    else
+        es_uuid_v7(id);
     offs[O_STREAM] = b->len;
     rc |= es_buf_add(b, stream, strlen(stream) + 1);
     offs[O_EXPECTED] = b->len;
@@ -404,11 +421,12 @@ int pg_append(es_store *s, const char *stream, const es_event_in *ev,
     static const int formats[A_N] = { 0, 0, 0, 1, 1, 1, 1 };
     const pg_binparams bin = { lens, formats };
     PGresult *res;
+    int given = given_ids(ev, n), check = given == 2, build = 1;
 
     /* Citus routes append() to the stream's worker; only the function
-     * knows how (pg_citus.c). Caller-chosen ids need append()'s
-     * idempotency check. */
-    if (n == 1 && !ev[0].id) {
+     * knows how (pg_citus.c). Ids that may have been sent before need
+     * append()'s idempotency check. */
+    if (n == 1 && !check) {
         int citus = pg_citus_detect(p, err), rc = 0;
         if (citus < 0)
             return -1;
@@ -418,20 +436,36 @@ int pg_append(es_store *s, const char *stream, const es_event_in *ev,
             return rc > 0 ? 0 : -1;
         if (rc == 2 && p->in_tx)
             return aborted_conflict(stream, expected, err);
+        /* refused: append() says why, looking for the caller's id too (a
+         * unique violation may be the id's) */
+        if (!citus)
+            check = given != 0;
     }
-    if (build_append_params(p, stream, ev, n, expected, offs, lens, err) < 0)
-        return -1;
-    for (int i = 0; i < A_N; i++)
-        values[i] = p->params.data + offs[i];
 
     /* A unique violation means a concurrent writer took the version (or
      * the id) between our check and our insert. Outside a transaction we
-     * just ask again: the function then sees that writer's events and
-     * answers properly (conflict, idempotent success, or a new version for
+     * just ask again, looking for the caller's ids from then on: the
+     * function then sees that writer's events and answers properly
+     * (conflict, idempotent success, id taken, or a new version for
      * es.ANY). Inside the caller's transaction the statement's failure
      * has aborted it (aborted_conflict). */
     for (int attempt = 0;; attempt++) {
+        if (build) {
+            if (build_append_params(p, stream, ev, n, expected, check, offs,
+                                    lens, err) < 0)
+                return -1;
+            for (int i = 0; i < A_N; i++)
+                values[i] = p->params.data + offs[i];
+            build = 0;
+        }
         res = pg_exec_prepared_bin(p, PG_APPEND, A_N, values, &bin, 0, err);
+        /* a version conflict may be a retry of this very batch: looking
+         * its ids up says so (an idempotent success) */
+        if (res && given && !check && strcmp(PQgetvalue(res, 0, 0), "2") == 0) {
+            PQclear(res);
+            check = build = 1;
+            continue;
+        }
         if (res)
             break;
         if (strcmp(err->sqlstate, "23505") != 0 &&
@@ -439,6 +473,8 @@ int pg_append(es_store *s, const char *stream, const es_event_in *ev,
             return -1;
         if (p->in_tx)
             return aborted_conflict(stream, expected, err);
+        if (given && !check)
+            check = build = 1;
         if (attempt == APPEND_RETRIES) {
             err->kind = ES_CONFLICT;
             err->expected = expected;

@@ -1,7 +1,7 @@
 /*
  * uuid.c - event ids. Version 7 layout (RFC 9562): 48 bits of Unix time in
  * milliseconds, then 74 bits that are random for the first id of each
- * millisecond (from libuuid) and counted up from there for the next ones
+ * millisecond (from the kernel) and counted up from there for the next ones
  * (RFC 9562 6.2, method 2). Ids made one after the other therefore sort
  * together and keep the unique index's inserts local, and making one costs
  * an increment instead of a trip to the kernel's random source. Debian 12's
@@ -12,7 +12,9 @@
 #include "es_uuid.h"
 #include "eventsourcing.h"
 
+#include <errno.h>
 #include <string.h>
+#include <sys/random.h>
 #include <time.h>
 #include <uuid.h>
 
@@ -24,6 +26,24 @@
 
 static ES_THREAD_LOCAL uint64_t last_ms;
 static ES_THREAD_LOCAL unsigned char last[16];
+
+/* 16 random bytes from the kernel. libuuid's uuid_generate_random
+ * reseeds libc's random() (srandom) on every call besides asking the
+ * kernel: 6% of a client's instructions per order-service command under
+ * callgrind, for the same bytes. */
+static void random_bytes(unsigned char out[16])
+{
+    size_t got = 0;
+    while (got < 16) {
+        ssize_t n = getrandom(out + got, 16 - got, 0);
+        if (n > 0) {
+            got += (size_t)n;
+        } else if (n == 0 || errno != EINTR) {
+            uuid_generate_random(out);   /* no getrandom(): libuuid's way */
+            return;
+        }
+    }
+}
 
 /* Adds one to the 74 counted bits (bytes 6..15 less the version and
  * variant bits); returns 0 when they overflow. */
@@ -53,7 +73,7 @@ void es_uuid_v7_bytes(unsigned char out[16])
     } else {
         if (ms <= last_ms)
             ms = last_ms + 1;    /* counter overflowed: borrow a tick */
-        uuid_generate_random(last);
+        random_bytes(last);
         last[6] = (unsigned char)((last[6] & 0x0f) | 0x70);   /* version 7 */
         last[8] = (unsigned char)((last[8] & 0x3f) | 0x80);   /* variant */
         /* Leave headroom so a millisecond can count up a long way. */

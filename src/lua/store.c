@@ -608,7 +608,7 @@ static int l_append(lua_State *L)
     lstore *ls = check_store(L);
     const char *stream = check_strict_string(L, 2);
     int64_t expected;
-    int call_meta = 0, single, anchor;
+    int call_meta = 0, single, anchor, new_ids = 0;
     span shared = {0, 0, 0, 0};
     size_t n;
     char msg[300];
@@ -623,6 +623,13 @@ static int l_append(lua_State *L)
     if (read_expected(L, 4, &expected, msg, sizeof msg) < 0)
         return esl_push_fail(L, ES_INVALID, msg);
     if (!lua_isnil(L, 4)) {
+        lua_getfield(L, 4, "new_ids");
+        if (lua_isboolean(L, -1))
+            new_ids = lua_toboolean(L, -1);
+        else if (!lua_isnil(L, -1))
+            return luaL_error(L, "option 'new_ids' must be a boolean, got %s",
+                              luaL_typename(L, -1));
+        lua_pop(L, 1);
         lua_getfield(L, 4, "metadata");
         if (lua_istable(L, -1))
             call_meta = lua_gettop(L);
@@ -662,6 +669,7 @@ static int l_append(lua_State *L)
         evs[i].data_len = spans[i].data_len;
         evs[i].metadata = ls->json.data + spans[i].meta;
         evs[i].metadata_len = spans[i].meta_len;
+        evs[i].new_id = new_ids && evs[i].id;
     }
     if (es_append(ls->s, stream, evs, n, expected, &res, &err) < 0)
         return esl_push_error(L, &err);
