@@ -4,6 +4,7 @@ package.path = "examples/?.lua;" .. package.path
 local es = require "eventsourcing"
 local helpers = require "helpers"
 local service = require "orders.service"
+local read_model = require "orders.read_model"
 
 local function pause()       -- let the clock move: distinct recorded_at
   local t0 = os.clock()
@@ -254,6 +255,12 @@ for _, entry in ipairs(helpers.stores()) do
         assert(service.migrate(store))
         assert.equal("fillfactor=50", options())
         local id = new_order("c1", { { "p1", 1, 100 } })
+        assert.equal(100, svc:get_order(id).total)
+        -- a rebuild swaps in a table made with it
+        local projector = es.projector(store, { read_model.Orders })
+        assert(projector:catch_up())
+        assert(projector:rebuild("rm_orders", { bar = false }))
+        assert.equal("fillfactor=50", options())
         assert.equal(100, svc:get_order(id).total)
       end)
     end

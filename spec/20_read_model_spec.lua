@@ -40,6 +40,11 @@ describe("es.read_model definitions", function()
     assert.has_error(function() es.read_model(def { columns = { uid = "text" } }) end) -- key missing
     assert.has_error(function() es.read_model(def { indexes = { "nope" } }) end)
     assert.has_error(function() es.read_model(def { on = { A = 1 } }) end)
+    for _, ff in ipairs({ 5, 101, 50.5, "50", true }) do
+      assert.has_error(function() es.read_model(def { fillfactor = ff }) end,
+        "es.read_model rm_x: fillfactor must be an integer from 10 to 100")
+    end
+    assert.equal(70, es.read_model(def { fillfactor = 70 }).fillfactor)
     local rm = es.read_model(def { columns = { id = "uuid", amount = "numeric(12, 2)", n = "int8" } })
     assert.equal("uuid", rm.types.id)
     assert.equal("numeric(12,2)", rm.types.amount)

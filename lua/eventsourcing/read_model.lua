@@ -15,6 +15,8 @@
 --     keys_by_stream = true, -- optional: each row's events come from one
 --                            -- stream (a rebuild may use workers; implied by
 --                            -- the default key_of with a category)
+--     fillfactor = 50,       -- optional (10-100): the table's, kept by
+--                            -- migrate and by rebuilds' fresh tables
 --   }
 --
 -- Handlers: on[type](row, event) gets the current row (or, for a key with no
@@ -127,6 +129,10 @@ function M.new(def)
   if def.keys_by_stream ~= nil and type(def.keys_by_stream) ~= "boolean" then
     error(("es.read_model %s: keys_by_stream must be a boolean"):format(name), 2)
   end
+  local ff = def.fillfactor
+  if ff ~= nil and (type(ff) ~= "number" or ff % 1 ~= 0 or ff < 10 or ff > 100) then
+    error(("es.read_model %s: fillfactor must be an integer from 10 to 100"):format(name), 2)
+  end
   -- how _clean treats each column: "int", "ts" or false
   local treat = {}
   for i, c in ipairs(columns) do
@@ -140,6 +146,7 @@ function M.new(def)
     -- every row's events come from one stream: a rebuild may be spread
     -- over workers by stream partition (projector:rebuild workers)
     keys_by_stream = def.keys_by_stream or false,
+    fillfactor = ff and math.floor(ff),
   }, ReadModel)
 end
 

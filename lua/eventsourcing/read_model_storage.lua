@@ -44,8 +44,23 @@ function ReadModel:_create_sql(store, tbl, fresh)
   end
   cols[#cols + 1] = ("CONSTRAINT %s PRIMARY KEY (%s)"):format(quote(short_ident(tbl .. "_pkey")), quote(self.key))
   -- a rebuild's shadow table must be new: never share one by accident
-  return ("CREATE TABLE %s%s (%s)"):format(fresh and "" or "IF NOT EXISTS ", self:_qualified(store, tbl),
-    table.concat(cols, ", "))
+  return ("CREATE TABLE %s%s (%s)%s"):format(fresh and "" or "IF NOT EXISTS ", self:_qualified(store, tbl),
+    table.concat(cols, ", "), self.fillfactor and (" WITH (fillfactor = %d)"):format(self.fillfactor) or "")
+end
+
+-- A table made before its definition asked for a fillfactor (or for
+-- another one) gets it: pages filled from then on keep that much free.
+function ReadModel:_set_fillfactor(store, tbl)
+  if not self.fillfactor then return true end
+  local name = self:_qualified(store, tbl)
+  local rows, err = store:query("SELECT coalesce(array_to_string(reloptions, ','), '') AS o"
+    .. " FROM pg_class WHERE oid = to_regclass($1)", name)
+  if not rows then return nil, err end
+  local want = "fillfactor=" .. self.fillfactor
+  for o in (rows[1] and rows[1].o or ""):gmatch("[^,]+") do
+    if o == want then return true end
+  end
+  return store:query(("ALTER TABLE %s SET (fillfactor = %d)"):format(name, self.fillfactor))
 end
 
 function ReadModel:_index_sqls(store, tbl)
@@ -109,6 +124,8 @@ function ReadModel:migrate(store, tbl)
   local ok, err = exec_all(store, marker_sqls(store))
   if not ok then return nil, err end
   ok, err = store:query(self:_create_sql(store, tbl))
+  if not ok then return nil, err end
+  ok, err = self:_set_fillfactor(store, tbl)
   if not ok then return nil, err end
   return exec_all(store, self:_index_sqls(store, tbl))
 end
