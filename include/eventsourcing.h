@@ -81,8 +81,10 @@ int es_fail(es_error *err, es_kind kind, const char *fmt, ...)
  * new_id: 1 when the caller made id for this append (a new UUID, never
  * sent before): the store then skips looking for it among stored events,
  * which only a retry of an earlier append could find (the unique index
- * still refuses a duplicate, and a refused append is then checked as
- * usual). 0 (the default) for ids that may have been sent before. */
+ * still refuses a duplicate; outside a transaction a refused append is
+ * then checked as usual, inside one the refusal has aborted it and an id
+ * already stored fails as ES_INVALID, reason ES_REASON_TX_ABORTED).
+ * 0 (the default) for ids that may have been sent before. */
 typedef struct es_event_in {
     const char *id;
     const char *type;

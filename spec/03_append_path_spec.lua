@@ -164,7 +164,12 @@ describe("append path (postgresql)", function()
       assert(store:append("TxAgain-2", { type = "X" }))
       local ok, err = store:append("TxAgain-3", events, { new_ids = true })
       assert.is_nil(ok)
-      assert.equal("conflict", err.kind)
+      -- not a version conflict (a retry would not help): the id is taken,
+      -- and the transaction is aborted
+      assert.equal("invalid", err.kind)
+      assert.equal("tx_aborted", err.reason)
+      assert.matches("an event id of this append is already stored", err.message, 1, true)
+      assert.matches("roll it back", err.message, 1, true)
       assert.is_nil(store:commit())
       assert.equal(1, count(store, schema, "TxAgain-1"))
       assert.equal(0, count(store, schema, "TxAgain-2"))

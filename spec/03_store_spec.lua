@@ -553,6 +553,12 @@ for _, entry in ipairs(store_entries()) do
         collectgarbage()
         assert.equal(eager[#eager].id, kept.id)
         assert.same({ who = "ann", n = 1 }, kept.metadata)
+        -- the metatable's __index is reachable: odd receivers get nil, no crash
+        local index = getmetatable(lazy[1]).__index
+        for _, bad in ipairs({ "not a table", 42, true, index }) do
+          assert.is_nil(index(bad, "id"))
+          assert.is_nil(index(bad, "metadata"))
+        end
         -- without lazy, both are there at once
         local plain = assert(store:read_all({ limit = 1, lazy = false }))
         assert.is_string(rawget(plain[1], "id"))

@@ -240,20 +240,26 @@ describe("the follower engine on PostgreSQL", function()
     assert(ok, err)
   end)
 
-  it("follows live with the read session and closes it when run returns", function()
+  it("follows live with the read session while batches come back full, then closes it", function()
     local rm = counter()
     local p = es.projector(store, { rm }, { batch_size = 10 })
     local opened, restore = spy_reopener()
     local ok, err = pcall(function()
       for i = 1, 4 do append_n(store, "C-l" .. i, 10) end
-      local rounds = 0
+      local rounds, open_after = 0, {}
+      local function is_open(r) return (pcall(r.query, r, "SELECT 1")) end
       assert(p:run { poll = 0.01, idle = function()
         rounds = rounds + 1
-        if rounds == 1 then append_n(store, "C-l5", 10) end
+        open_after[rounds] = opened[1] ~= nil and is_open(opened[1])
+        if rounds == 1 then append_n(store, "C-l5", 10) end   -- a full batch
+        if rounds == 2 then append_n(store, "C-l6", 3) end    -- a trickle
       end, stop = function() return rounds >= 3 end })
       assert.equal(1, #opened)
+      -- kept while catch-ups found full batches, closed after one that did not
+      assert.same({ true, true, false }, open_after)
       assert.has_error(function() opened[1]:query("SELECT 1") end)
       assert.equal(10, rm:get(store, "l5").n)
+      assert.equal(3, rm:get(store, "l6").n)
     end)
     restore()
     assert(ok, err)

@@ -190,7 +190,8 @@ end
 -- watermark do not change, and a batch read ahead is used only for the
 -- checkpoint the lease row then holds), so the lease, the checkpoint and
 -- the effects stay on the batch's session and transaction as before.
--- The session closes when the follower has caught up (catch_up, follow);
+-- The session closes at the end of a catch_up that found no full batch
+-- (live, follow keeps it while catch-ups still do), and when follow ends;
 -- a memory store, or one not opened by es.open, reads on its only one.
 function Follower:_reader(sub)
   local r = self.reader
@@ -254,9 +255,11 @@ end
 -- Every subscription up to the store's end, round robin one batch each.
 -- -> events handled (sum), { [name] = handled } | nil, err
 function Follower:catch_up(opts)
+  self.behind = false        -- set again by a batch that comes back full
   local ok, total, per = pcall(self._catch_up, self, opts)
-  -- live (follow), the read session stays while batches come back full
-  if not ok or not self.following or not total or total == 0 then self:_close_reader() end
+  -- live (follow), the read session stays only while a catch-up still
+  -- finds a full batch: under a steady trickle it closes
+  if not ok or not self.following or not self.behind then self:_close_reader() end
   if not ok then
     self.following = false   -- a raise ends follow() too
     error(total, 0)

@@ -363,6 +363,7 @@ int pg_fail(pg_store *p, PGresult *res, const char *what, es_error *err)
     else
         es_fail(err, kind, "%s: %s", what, msg);
     memcpy(err->sqlstate, state, sizeof state);
+    memcpy(p->fail_constraint, constraint, sizeof constraint);
     err->reason = reason_of(p, state, constraint, kind);
     return -1;
 }
@@ -885,6 +886,7 @@ void pg_disconnect(es_store *s)
          * parent's is read or sent (a Citus store's worker sessions are
          * left to the child's exit) */
         pg_copy_join(p);
+        pg_prefetch_join(p);        /* frees the child's copy of a job */
         PQclear(p->ahead.res);      /* this process's memory */
         p->ahead.res = NULL;
         p->ahead.state = 0;

@@ -114,6 +114,8 @@ typedef struct pg_store {
                                  child has a copy it must not use */
     struct pg_copy_job *copying;  /* a COPY sending without waiting */
     int64_t copied;           /* rows of such copies since the last wait */
+    char fail_constraint[64]; /* the constraint the last failed
+                                 statement violated, or "" (pg_fail) */
     int copy_failed;          /* one failed: copy_err until reported */
     es_error copy_err;
 } pg_store;

@@ -334,16 +334,26 @@ static int append_result(PGresult *res, const char *stream, int64_t expected,
 /* A unique violation or serialization failure inside the caller's
  * transaction has aborted it: a conflict whose reason (set by pg_fail:
  * "order" for the stream-order rule, else "tx_aborted") and message say
- * that the transaction must be rolled back. */
-static int aborted_conflict(const char *stream, int64_t expected,
-                            es_error *err)
+ * that the transaction must be rolled back. The event id's constraint is
+ * not a version conflict: an id already stored (sent with new_ids, which
+ * skips the lookup that would have found it, or stored meanwhile by
+ * another session) fails as invalid, the transaction aborted all the
+ * same; looking it up is no longer possible in it. */
+static int aborted_conflict(const pg_store *p, const char *stream,
+                            int64_t expected, es_error *err)
 {
     char sql_msg[ES_MESSAGE_MAX];
     snprintf(sql_msg, sizeof sql_msg, "%s", err->message);
     err->kind = ES_CONFLICT;
     err->expected = expected;
     err->actual = -1;
-    if (strcmp(err->sqlstate, "23505") == 0)
+    if (strcmp(err->sqlstate, "23505") == 0 &&
+        strcmp(p->fail_constraint, "events_id_key") == 0) {
+        err->kind = ES_INVALID;
+        snprintf(sql_msg, sizeof sql_msg, "stream %.200s: an event id of "
+                 "this append is already stored (ids sent with new_ids are "
+                 "not looked up first)", stream);
+    } else if (strcmp(err->sqlstate, "23505") == 0)
         snprintf(sql_msg, sizeof sql_msg, "stream %.200s: a "
                  "concurrent append took the same version", stream);
     snprintf(err->message, sizeof err->message, "%.400s (the "
@@ -435,7 +445,7 @@ int pg_append(es_store *s, const char *stream, const es_event_in *ev,
         if (rc == 1 || rc == -1)
             return rc > 0 ? 0 : -1;
         if (rc == 2 && p->in_tx)
-            return aborted_conflict(stream, expected, err);
+            return aborted_conflict(p, stream, expected, err);
         /* refused: append() says why, looking for the caller's id too (a
          * unique violation may be the id's) */
         if (!citus)
@@ -472,7 +482,7 @@ int pg_append(es_store *s, const char *stream, const es_event_in *ev,
             strcmp(err->sqlstate, "40001") != 0)
             return -1;
         if (p->in_tx)
-            return aborted_conflict(stream, expected, err);
+            return aborted_conflict(p, stream, expected, err);
         if (given && !check)
             check = build = 1;
         if (attempt == APPEND_RETRIES) {
@@ -868,8 +878,10 @@ void pg_prefetch_join(pg_store *p)
     p->ahead.job = NULL;
     if (job->pid != getpid()) {
         /* a forked child: the thread and the reply are the parent's;
-         * touch neither (the child must not use this session at all) */
+         * touch neither (the child must not use this session at all),
+         * only free the child's copy of the job */
         p->ahead.state = 0;
+        free(job);
         return;
     }
     pthread_join(job->thread, NULL);

@@ -13,6 +13,7 @@
 #include "eventsourcing.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <string.h>
 #include <sys/random.h>
 #include <time.h>
@@ -26,6 +27,18 @@
 
 static ES_THREAD_LOCAL uint64_t last_ms;
 static ES_THREAD_LOCAL unsigned char last[16];
+
+/* A forked child inherits last_ms and last: within the same millisecond
+ * parent and child would count up from the same id. Each fork moves a
+ * generation on (in the child, pthread_atfork), and a thread whose state
+ * is from an older one starts its next id from fresh random bits. glibc
+ * drops the handler when this library is unloaded. */
+static volatile unsigned fork_gen;
+static ES_THREAD_LOCAL unsigned seen_gen;
+static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
+
+static void uuid_forked(void) { fork_gen++; }
+static void uuid_watch_forks(void) { pthread_atfork(NULL, NULL, uuid_forked); }
 
 /* 16 random bytes from the kernel. libuuid's uuid_generate_random
  * reseeds libc's random() (srandom) on every call besides asking the
@@ -64,6 +77,11 @@ void es_uuid_v7_bytes(unsigned char out[16])
     struct timespec ts;
     uint64_t ms;
 
+    pthread_once(&fork_once, uuid_watch_forks);
+    if (seen_gen != fork_gen) {
+        seen_gen = fork_gen;
+        last_ms = 0;             /* a forked child: nothing inherited */
+    }
     clock_gettime(CLOCK_REALTIME, &ts);
     ms = (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
     /* A clock that steps back keeps the last millisecond: ids stay in

@@ -133,7 +133,9 @@ static int lazy_fill(lua_State *L)
     size_t len;
     long long pos;
 
-    if (lua_type(L, 2) != LUA_TSTRING)
+    /* the metatable is reachable from Lua (getmetatable): anything may
+     * be passed here, and lua_rawget needs a table */
+    if (!lua_istable(L, 1) || lua_type(L, 2) != LUA_TSTRING)
         return 0;
     const char *k = lua_tolstring(L, 2, &len);
     int id = len == 2 && memcmp(k, "id", 2) == 0;
