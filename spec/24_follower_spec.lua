@@ -240,6 +240,29 @@ describe("the follower engine on PostgreSQL", function()
     assert(ok, err)
   end)
 
+  it("reads on the batch's session when the read session cannot be opened, and tries again later", function()
+    local rm = counter()
+    local p = es.projector(store, { rm }, { batch_size = 10 })
+    local real, opens = util.reopener, 0
+    util.reopener = function(s)
+      local reopen = real(s)
+      return function()
+        opens = opens + 1
+        if opens == 1 then return nil, "refused once" end
+        return reopen()
+      end
+    end
+    local ok, err = pcall(function()
+      for i = 1, 3 do append_n(store, "C-o" .. i, 10) end
+      assert.equal(30, p:catch_up())
+      assert.equal(10, rm:get(store, "o3").n)
+      -- the failed open was not remembered: the next batch behind opened one
+      assert.is_true(opens >= 2, "no second try to open the read session")
+    end)
+    util.reopener = real
+    assert(ok, err)
+  end)
+
   it("follows live with the read session while batches come back full, then closes it", function()
     local rm = counter()
     local p = es.projector(store, { rm }, { batch_size = 10 })

@@ -198,11 +198,14 @@ function Follower:_reader(sub)
   if r then return r end
   if not (self.behind and sub.prefetch) or self.memory or self.no_reader then return self.store end
   local reopen = util.reopener(self.store)
-  r = reopen and reopen()
-  if not r then
+  if not reopen then
     self.no_reader = true
     return self.store
   end
+  -- a session that cannot be opened now (the server restarting) only
+  -- means this batch reads on the batch's session; the next one tries again
+  r = reopen()
+  if not r then return self.store end
   self.reader = r
   return r
 end
