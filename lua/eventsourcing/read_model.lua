@@ -208,9 +208,8 @@ function ReadModel:_apply(store, tbl, events, n, opts)
   local existed = {}
   for ks in pairs(rows) do existed[ks] = true end
   -- 3. handlers, all under one pcall (`at` says which event raised): a
-  -- pcall per event cost a call frame each, and on LuaJIT every handler's
-  -- trace ended there ("return to lower frame"), leaving the loop to the
-  -- interpreter
+  -- pcall per event cost a call frame each (1.1% of a Lua 5.4 rebuild's
+  -- instructions under callgrind; no change measured on LuaJIT)
   local state = {}        -- key string -> row | DELETE
   local handled, at = 0, 0
   local ran, herr = pcall(function()
