@@ -266,17 +266,19 @@ end
 
 -- copy_rows' options for this read model's rows: json/jsonb columns take
 -- every value as JSON text (a string stays a JSON string), as the rows
--- written as JSON do.
+-- written as JSON do; integer columns an integral float as an integer, as
+-- _clean makes it (so rows go in as the handlers left them).
 function ReadModel:_copy_opts(schema, wait)
   if not self._copy_json then
-    local names = {}
-    for _, c in ipairs(self.columns) do
+    local names, ints = {}, {}
+    for i, c in ipairs(self.columns) do
       local t = self.types[c]
       if t == "json" or t == "jsonb" then names[#names + 1] = c end
+      if self.treat[i] == "int" then ints[#ints + 1] = c end
     end
-    self._copy_json = names
+    self._copy_json, self._copy_ints = names, ints
   end
-  return { schema = schema, json = self._copy_json, wait = wait }
+  return { schema = schema, json = self._copy_json, integers = self._copy_ints, wait = wait }
 end
 
 -- Many upserts of a transaction: COPY into the staging table, then one

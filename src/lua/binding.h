@@ -41,12 +41,15 @@ int esl_lazy_add(lua_State *L, esl_lazy *b, int mt, const es_event *e);
 void ids_open(lua_State *L);
 
 /* copy_text.c: rows[1..nrows] (the table at index rows) as COPY text for
- * the column names at cols[1..ncols], appended to out; json_cols is a
- * table whose true fields name the columns that take JSON text. -1 with msg filled
+ * the column names at cols[1..ncols], appended to out; flags is a table
+ * column name -> ESL_COPY_JSON (the column takes JSON text) |
+ * ESL_COPY_INT (an integral float goes as an integer). -1 with msg filled
  * (row and column named) when a value cannot be stored; the stack may
  * then hold extra values (the caller restores its top). */
 #include "../core/buf.h"
-int esl_copy_text(lua_State *L, int rows, int cols, int json_cols,
+#define ESL_COPY_JSON 1
+#define ESL_COPY_INT 2
+int esl_copy_text(lua_State *L, int rows, int cols, int flags,
                   size_t ncols, size_t nrows, es_buf *out, char *msg,
                   size_t msglen);
 

@@ -37,9 +37,11 @@ void esl_setfuncs(lua_State *L, const luaL_Reg *r);
 #if LUA_VERSION_NUM >= 503
 #define ESL_HAS_INTEGERS 1
 #define esl_pushint64(L, v) lua_pushinteger((L), (lua_Integer)(v))
+#define esl_isinteger(L, i) lua_isinteger((L), (i))
 #else
 #define ESL_HAS_INTEGERS 0
 #define esl_pushint64(L, v) lua_pushnumber((L), (lua_Number)(v))
+#define esl_isinteger(L, i) 0
 #endif
 
 /* Raises "bad argument #idx to 'f' (T expected, got U)", the standard

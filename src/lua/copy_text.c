@@ -7,12 +7,16 @@
  * escaped, tables as their JSON text (escaped the same way). In a column
  * named as json, every value is its JSON text (a string "123" stays a
  * string): the same values a row written as JSON (json_populate_recordset)
- * gets. Any other value is refused with its row and column named, before
- * anything is sent.
+ * gets. In a column named as integers, a float with an integral value
+ * goes as an integer (Lua 5.4 writes 2500.0 otherwise, which a bigint
+ * column refuses): read models copy their rows as the handlers left them,
+ * without a cleaned copy of each. Any other value is refused with its row
+ * and column named, before anything is sent.
  */
 #include "binding.h"
 #include "json.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -56,19 +60,36 @@ static int escape_tail(es_buf *b, size_t from)
     return 0;
 }
 
+/* The number at the top of the stack as an integer into out, when it is
+ * an integral float within int64's range: 1, else 0. */
+static int integral_float(lua_State *L, char *out, size_t outlen)
+{
+    lua_Number v = lua_tonumber(L, -1);
+    /* 2^63 is the first double past int64's range */
+    if (esl_isinteger(L, -1) || v != floor(v) || !(fabs(v) < 9223372036854775808.0))
+        return 0;
+    snprintf(out, outlen, "%lld", (long long)v);
+    return 1;
+}
+
 /* Appends the field for the value at the top of the stack; ctx is the
- * JSON context (esl_json_context), whose third value is es.json.null. -1
- * with msg filled when it cannot be stored. */
-static int add_field(lua_State *L, es_buf *b, int ctx, int as_json,
+ * JSON context (esl_json_context), whose third value is es.json.null;
+ * flags the column's ESL_COPY_* bits. -1 with msg filled when it cannot
+ * be stored. */
+static int add_field(lua_State *L, es_buf *b, int ctx, int flags,
                      char *msg, size_t msglen)
 {
-    int null_idx = ctx + 2;
+    int null_idx = ctx + 2, as_json = flags & ESL_COPY_JSON;
     size_t from = b->len, len;
     const char *s;
+    char num[24];
     int rc = 0, type = lua_type(L, -1);
 
     if (type == LUA_TNIL || lua_rawequal(L, -1, null_idx))
         return es_buf_add(b, "\\N", 2);
+    if (type == LUA_TNUMBER && (flags & ESL_COPY_INT) &&
+        integral_float(L, num, sizeof num))
+        return es_buf_adds(b, num);
     if (as_json && (type == LUA_TSTRING || type == LUA_TBOOLEAN))
         type = LUA_TTABLE;      /* encoded below, as JSON */
     switch (type) {
@@ -99,22 +120,22 @@ static int add_field(lua_State *L, es_buf *b, int ctx, int as_json,
     return 0;
 }
 
-/* Whether column c (1-based) is named in json_cols. */
-static int json_col(lua_State *L, int cols, int json_cols, size_t c)
+/* The ESL_COPY_* flags of column c (1-based). */
+static int col_flags(lua_State *L, int cols, int flag_tbl, size_t c)
 {
-    int as_json;
+    int f;
     lua_rawgeti(L, cols, (int)c);
-    lua_rawget(L, json_cols);
-    as_json = lua_toboolean(L, -1);
+    lua_rawget(L, flag_tbl);
+    f = (int)lua_tointeger(L, -1);
     lua_pop(L, 1);
-    return as_json;
+    return f;
 }
 
-/* Columns whose json flag is looked up once per call rather than per row
+/* Columns whose flags are looked up once per call rather than per row
  * (the rest, rare, per row). */
 #define FLAGGED_COLS 64
 
-int esl_copy_text(lua_State *L, int rows, int cols, int json_cols,
+int esl_copy_text(lua_State *L, int rows, int cols, int flag_tbl,
                   size_t ncols, size_t nrows, es_buf *out, char *msg,
                   size_t msglen)
 {
@@ -124,7 +145,7 @@ int esl_copy_text(lua_State *L, int rows, int cols, int json_cols,
     luaL_checkstack(L, 8, "copy rows");
     ctx = esl_json_context(L);
     for (size_t c = 1; c <= ncols && c <= FLAGGED_COLS; c++)
-        flags[c - 1] = (char)json_col(L, cols, json_cols, c);
+        flags[c - 1] = (char)col_flags(L, cols, flag_tbl, c);
     for (size_t r = 1; r <= nrows; r++) {
         lua_rawgeti(L, rows, (int)r);
         if (!lua_istable(L, -1)) {
@@ -135,11 +156,11 @@ int esl_copy_text(lua_State *L, int rows, int cols, int json_cols,
         for (size_t c = 1; c <= ncols; c++) {
             if (c > 1 && es_buf_addc(out, '\t') < 0)
                 return snprintf(msg, msglen, "out of memory"), -1;
-            int as_json = c <= FLAGGED_COLS ? flags[c - 1]
-                                            : json_col(L, cols, json_cols, c);
+            int f = c <= FLAGGED_COLS ? flags[c - 1]
+                                      : col_flags(L, cols, flag_tbl, c);
             lua_rawgeti(L, cols, (int)c);
             lua_rawget(L, -2);
-            if (add_field(L, out, ctx, as_json, why, sizeof why) < 0) {
+            if (add_field(L, out, ctx, f, why, sizeof why) < 0) {
                 lua_rawgeti(L, cols, (int)c);
                 snprintf(msg, msglen, "row %zu, column %s: %s", r,
                          lua_tostring(L, -1), why);

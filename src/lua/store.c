@@ -967,32 +967,46 @@ static const char **copy_columns(lua_State *L, lstore *ls, int idx, size_t n,
 }
 
 /* Pushes a set of opts.json's names (the columns that take JSON text). */
-static void json_columns(lua_State *L, int opts)
+/* Adds flag to the column names of the array opts[field] in the table
+ * at the top of the stack. */
+static void flag_columns(lua_State *L, int opts, const char *field, int flag)
 {
-    lua_newtable(L);
-    if (lua_isnil(L, opts))
-        return;
-    lua_getfield(L, opts, "json");
+    char why[64];
+    snprintf(why, sizeof why, "%s must be an array of column names", field);
+    lua_getfield(L, opts, field);
     if (!lua_isnil(L, -1)) {
-        luaL_argcheck(L, lua_istable(L, -1), opts,
-                      "json must be an array of column names");
+        luaL_argcheck(L, lua_istable(L, -1), opts, why);
         for (size_t i = 1, n = esl_rawlen(L, -1); i <= n; i++) {
             lua_rawgeti(L, -1, (int)i);
-            luaL_argcheck(L, lua_type(L, -1) == LUA_TSTRING, opts,
-                          "json must be an array of column names");
-            lua_pushboolean(L, 1);
+            luaL_argcheck(L, lua_type(L, -1) == LUA_TSTRING, opts, why);
+            lua_pushvalue(L, -1);
+            lua_rawget(L, -4);
+            lua_pushinteger(L, lua_tointeger(L, -1) | flag);
+            lua_remove(L, -2);
             lua_rawset(L, -4);
         }
     }
     lua_pop(L, 1);
 }
 
+/* The columns opts.json and opts.integers name: a table column name ->
+ * ESL_COPY_JSON | ESL_COPY_INT, pushed. */
+static void column_flags(lua_State *L, int opts)
+{
+    lua_newtable(L);
+    if (lua_isnil(L, opts))
+        return;
+    flag_columns(L, opts, "json", ESL_COPY_JSON);
+    flag_columns(L, opts, "integers", ESL_COPY_INT);
+}
+
 /* store:copy_rows(table, columns, rows, { schema = "pg_temp", json = { names },
- *                 wait = false })
+ *                 integers = { names }, wait = false })
  * -> rows copied | nil, err.
  * COPY into table (of the store's schema, or opts.schema): rows is an
  * array of tables whose fields named by columns are read raw; the columns
- * named in opts.json (json/jsonb) get every value as JSON text. Every
+ * named in opts.json (json/jsonb) get every value as JSON text, those in
+ * opts.integers an integral float as an integer (2500.0 as 2500). Every
  * value is checked and the whole text built before anything is sent; the
  * server takes all the rows or none. wait = false: returns true once the
  * copy has begun, the rows go on being sent by a thread of the store; the
@@ -1027,7 +1041,7 @@ static int l_copy_rows(lua_State *L)
     nrows = esl_rawlen(L, 4);
     if (ncols == 0)
         return esl_push_fail(L, ES_INVALID, "copy_rows: no columns given");
-    json_columns(L, 5);         /* at 6 */
+    column_flags(L, 5);         /* at 6 */
     cols = copy_columns(L, ls, 3, ncols, why, sizeof why);
     es_buf_reset(&ls->json);
     if (cols && esl_copy_text(L, 4, 3, 6, ncols, nrows, &ls->json, why,
