@@ -178,24 +178,30 @@ function ReadModel:_apply(store, tbl, events, n, opts)
   for i = 1, n do
     local e = events[i]
     if on[e.type] then
-      local ok, k = true
       if memo then
-        k = memo[e.stream]
-        if k == nil then
-          k = default_key_of(e) or false
-          memo[e.stream] = k
+        -- the key string of the stream (false: no key); a stream met
+        -- before has its key in kset already
+        local ks = memo[e.stream]
+        if ks == nil then
+          local k = default_key_of(e)
+          ks = k ~= nil and key_string(k) or false
+          memo[e.stream] = ks
+          if ks and not kset[ks] then
+            kset[ks] = k
+            if not seen or seen[ks] then keys[#keys + 1] = ks end
+          end
         end
-        if k == false then k = nil end
+        if ks then ev_keys[i] = ks end
       else
-        ok, k = pcall(key_of, e)
-      end
-      if not ok then return false, i, "key_of: " .. tostring(k) end
-      if k ~= nil then
-        local ks = key_string(k)
-        ev_keys[i] = ks
-        if not kset[ks] then
-          kset[ks] = k
-          if not seen or seen[ks] then keys[#keys + 1] = ks end
+        local ok, k = pcall(key_of, e)
+        if not ok then return false, i, "key_of: " .. tostring(k) end
+        if k ~= nil then
+          local ks = key_string(k)
+          ev_keys[i] = ks
+          if not kset[ks] then
+            kset[ks] = k
+            if not seen or seen[ks] then keys[#keys + 1] = ks end
+          end
         end
       end
     end
