@@ -565,6 +565,58 @@ for _, entry in ipairs(store_entries()) do
         assert.is_table(rawget(plain[1], "metadata"))
       end)
 
+      it("gives lazy events their metadata's plain positive integer schema_version as e.schema_version", function()
+        if entry.name == "memory" then return end   -- its events are plain tables: no lazy fields
+        local cases = {   -- metadata text -> e.schema_version
+          { '{"schema_version":2}', 2 },
+          { '{ "a" : [1, {"schema_version": 9}, "x,}"] ,\n "schema_version" :\t3 }', 3 },
+          { '{"nested":{"schema_version":4},"b":"\\"schema_version\\":5"}', nil },
+          { '{"schema_version":9007199254740992}', 9007199254740992 },
+          { '{"schema_version":9007199254740993}', nil },
+          { '{"schema_version":12345678901234567}', nil },
+          { '{"schema_version":"2"}', nil },
+          { '{"schema_version":2.5}', nil },
+          { '{"schema_version":2e0}', nil },
+          { '{"schema_version":0}', nil },
+          { '{"schema_version":-1}', nil },
+          { '{"schema_\\u0076ersion":2}', nil },       -- escaped: the decoded metadata says
+          { '{"schema_version":2,"schema_version":3}', nil },
+          { '{"schema_version":true}', nil },
+          { '{"schema_version":null}', nil },
+          { '[{"schema_version":2}]', nil },
+          { '{}', nil },
+          { '{"a":1}', nil },
+        }
+        local q = ('INSERT INTO "%s".events (id, stream, category, version, type, data, metadata) '
+          .. "VALUES (gen_random_uuid(), 'Sv-1', 'Sv', $1::bigint, 'V', '{}', $2::json)"):format(store:schema())
+        for i, c in ipairs(cases) do assert(store:query(q, i, c[1])) end
+        local lazy = assert(store:read_all({ limit = 100, lazy = true, category = "Sv" }))
+        local plain = assert(store:read_all({ limit = 100, category = "Sv" }))
+        assert.equal(#cases, #lazy)
+        for i, c in ipairs(cases) do
+          assert.equal(c[2], rawget(lazy[i], "schema_version"), c[1])
+          assert.is_nil(rawget(plain[i], "schema_version"))
+          -- what it says agrees with the decoded metadata
+          if c[2] then assert.equal(c[2], lazy[i].metadata.schema_version) end
+          assert.same(plain[i].metadata, lazy[i].metadata)
+        end
+        -- an aggregate's upcast reads it first: the same data either way
+        local Agg = es.aggregate { name = "Sv", initial = function() return {} end,
+          upcast = { V = { [1] = function(d) d.one = true; return d end,
+                           [2] = function(d) d.two = true; return d end } },
+          apply = { V = function(s) return s end } }
+        for i = 1, 2 do
+          local a, b = lazy[i], plain[i]
+          Agg:upcast_event(a)
+          Agg:upcast_event(b)
+          assert.same(b.data, a.data)
+          assert.equal(3, a.schema_version)
+          assert.equal(3, b.schema_version)
+        end
+        assert.same({ one = nil, two = true }, lazy[1].data)
+        assert.same({}, lazy[2].data)
+      end)
+
       it("gives each event its own recorded_at, type and stream when neighbours share them", function()
         -- read_all pushes a string again when the last event had the same bytes
         assert(store:append("R-1", events_of { "A", "A", "B" }))
