@@ -97,7 +97,8 @@ deps:
 FUZZ_CC      ?= clang
 FUZZ_SAN      = -fsanitize=address,undefined -fno-sanitize-recover=undefined \
                 -fno-omit-frame-pointer
-FUZZ_TARGETS  = json_decode json_roundtrip json_encode store_append time_iso names
+FUZZ_TARGETS  = json_decode json_roundtrip json_encode store_append time_iso names \
+                meta_version
 FUZZ_CFLAGS   = $(WARN) $(DEFS) -Iinclude $(DEPS_CFLAGS) $(LUA54_CFLAGS) -O1 -g \
                 $(FUZZ_SAN) -fsanitize=fuzzer-no-link
 FUZZ_LIBS     = $(DEPS_LIBS) $(shell $(PKG) --libs lua5.4 2>/dev/null || echo -llua5.4) -lm

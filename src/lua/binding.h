@@ -36,6 +36,10 @@ typedef struct esl_lazy esl_lazy;
 void lazy_open(lua_State *L);
 esl_lazy *esl_lazy_push(lua_State *L);
 int esl_lazy_add(lua_State *L, esl_lazy *b, int mt, const es_event *e);
+/* metadata.schema_version read off the metadata's JSON text s[0..n) when
+ * its top level names it once as a plain integer 1..2^53: 1 and *out;
+ * else 0 (the caller decodes the metadata as usual). */
+int esl_meta_schema_version(const char *s, size_t n, int64_t *out);
 
 /* ids.c: core.uuid5 (name-based UUIDs). */
 void ids_open(lua_State *L);

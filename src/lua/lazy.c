@@ -219,7 +219,7 @@ static size_t skip_value(const char *s, size_t i, size_t n)
  * digits: 1 and *out. Anything else (absent, a string, a fraction, a key
  * spelled with escapes, named twice, a text this scan does not follow): 0,
  * and upcast_event reads the decoded metadata as before. */
-static int meta_schema_version(const char *s, size_t n, int64_t *out)
+int esl_meta_schema_version(const char *s, size_t n, int64_t *out)
 {
     static const char key[] = "\"schema_version\"";
     const size_t klen = sizeof key - 1;
@@ -306,7 +306,7 @@ int esl_lazy_add(lua_State *L, esl_lazy *b, int mt, const es_event *e)
         i = (i + 1) & b->mask;
     b->slots[i] = (uint32_t)++b->n;
     int64_t v = 0;
-    if (e->metadata && meta_schema_version(e->metadata, e->metadata_len, &v)) {
+    if (e->metadata && esl_meta_schema_version(e->metadata, e->metadata_len, &v)) {
         lua_pushliteral(L, "schema_version");
         esl_pushint64(L, v);
         lua_rawset(L, -3);
