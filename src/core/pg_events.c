@@ -568,7 +568,7 @@ static const char *all_checkpoint(es_cursor *c)
 static void decode_row(pg_cursor *pc, PGresult *r, int i, es_event *e)
 {
     e->position = (int64_t)pg_be64(PQgetvalue(r, i, 0));
-    uuid_unparse_lower((const unsigned char *)PQgetvalue(r, i, 1), pc->id);
+    es_uuid_format((const unsigned char *)PQgetvalue(r, i, 1), pc->id);
     e->id = pc->id;
     e->version = (int64_t)pg_be64(PQgetvalue(r, i, 2));
     e->type = PQgetvalue(r, i, 3);

@@ -103,6 +103,22 @@ void es_uuid_v7_bytes(unsigned char out[16])
     memcpy(out, last, 16);
 }
 
+void es_uuid_format(const unsigned char u[16], char out[37])
+{
+    /* two hex digits per byte from a table: libuuid's uuid_unparse_lower
+     * goes through snprintf-like formatting, about 250 instructions a
+     * UUID, once for every event a read hands over */
+    static const char hex[] = "0123456789abcdef";
+    char *o = out;
+    for (int i = 0; i < 16; i++) {
+        if (i == 4 || i == 6 || i == 8 || i == 10)
+            *o++ = '-';
+        *o++ = hex[u[i] >> 4];
+        *o++ = hex[u[i] & 15];
+    }
+    *o = '\0';
+}
+
 void es_uuid_v7(char out[37])
 {
     unsigned char u[16];
