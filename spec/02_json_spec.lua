@@ -393,6 +393,26 @@ describe("es.json", function()
 
     it("takes the last of duplicate keys", function()
       assert.equal(2, dec('{"a":1,"a":2}').a)
+      -- among others, spelled with an escape, past the 8 pairs made at once, nested
+      local t = dec('{"x":0,"a":1,"b":2,"a":3,"y":4}')
+      assert.same({ 0, 3, 2, 4 }, { t.x, t.a, t.b, t.y })
+      assert.equal(5, dec('{"a":1,"\\u0061":5}').a)
+      assert.equal(6, dec('{"\\u0061":1,"a":6}').a)
+      assert.equal(9, dec('{"k1":1,"k2":2,"k3":3,"k4":4,"k5":5,"k6":6,"k7":7,"k8":8,"k1":9}').k1)
+      assert.equal(8, dec('{"k1":1,"k2":2,"k3":3,"k4":4,"k5":5,"k6":6,"k7":7,"k1":8}').k1)
+      assert.equal(2, dec('{"o":{"a":1,"a":2}}').o.a)
+    end)
+
+    it("keeps every distinct key of an object", function()
+      for n = 0, 20 do
+        local parts, want = {}, {}
+        for i = 1, n do parts[i] = ('"k%d":%d'):format(i, i); want["k" .. i] = i end
+        local t = dec("{" .. table.concat(parts, ",") .. "}")
+        local got = {}
+        for k, v in pairs(t) do got[k] = v end
+        assert.same(want, got)
+        assert.equal("{}", n == 0 and enc(t) or "{}")
+      end
     end)
 
     it("round-trips a realistic event payload", function()

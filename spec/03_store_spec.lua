@@ -336,6 +336,16 @@ for _, entry in ipairs(store_entries()) do
         -- the same id in any case is the same event
         assert.same({ version = 1, position = 1 }, vp(assert(store:append("S-1", { id = id, type = "A" }))))
       end)
+
+      it("reads back ids with every hex digit in every place, from read and read_all", function()
+        local ids = { "00112233-4455-6677-8899-aabbccddeeff", "fedcba98-7654-3210-0f1e-2d3c4b5a6978",
+          "a0b1c2d3-e4f5-0617-2839-4a5b6c7d8e9f" }
+        for i, id in ipairs(ids) do assert(store:append("U-" .. i, { id = id:upper(), type = "A" })) end
+        for i, id in ipairs(ids) do assert.equal(id, collect(assert(store:read("U-" .. i)))[1].id) end
+        local got = {}
+        for _, e in ipairs(all_events(store)) do got[e.id] = true end
+        for _, id in ipairs(ids) do assert.is_true(got[id], id) end
+      end)
     end)
 
     describe("metadata", function()

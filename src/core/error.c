@@ -35,7 +35,14 @@ const char *es_reason_name(es_reason reason)
 
 void es_error_clear(es_error *err)
 {
-    memset(err, 0, sizeof *err);
+    /* field by field: a cursor clears its error for every event it hands
+     * over, and a memset of the whole message buffer (512 bytes) was most
+     * of that call */
+    err->kind = ES_OK;
+    err->message[0] = '\0';
+    err->sqlstate[0] = '\0';
+    err->expected = err->actual = 0;
+    err->reason = ES_REASON_NONE;
 }
 
 int es_fail(es_error *err, es_kind kind, const char *fmt, ...)

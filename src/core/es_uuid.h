@@ -11,6 +11,9 @@
 /* The same UUID v7 as es_uuid_v7, as its 16 bytes. */
 void es_uuid_v7_bytes(unsigned char out[16]);
 
+/* The lower-case text of the UUID u (as uuid_unparse_lower). */
+void es_uuid_format(const unsigned char u[16], char out[37]);
+
 /* RFC 4122 version 5 (SHA-1) UUID of name[0..len) in the namespace given
  * as UUID text, written to out as lower-case text. -1 when the namespace
  * is not a UUID. */

@@ -87,6 +87,7 @@ void pg_settle(pg_store *p)
     if (p->ahead.state != 1)
         return;
     p->ahead.res = p->conn ? pg_take_result(p) : NULL;
+    p->ahead.rows = NULL;
     pg_drain(p);
     p->ahead.state = 2;
 }
@@ -120,6 +121,7 @@ void pg_prefetch_drop(pg_store *p)
     pg_settle(p);
     PQclear(p->ahead.res);
     p->ahead.res = NULL;
+    p->ahead.rows = NULL;
     p->ahead.state = 0;
 }
 
@@ -889,6 +891,7 @@ void pg_disconnect(es_store *s)
         pg_prefetch_join(p);        /* frees the child's copy of a job */
         PQclear(p->ahead.res);      /* this process's memory */
         p->ahead.res = NULL;
+        p->ahead.rows = NULL;
         p->ahead.state = 0;
         forsake(p->conn);
         p->conn = NULL;

@@ -58,6 +58,9 @@ typedef struct pg_page_claim {
 typedef struct pg_prefetch {
     int state;                /* 0 none, 1 on the wire, 2 result held */
     PGresult *res;
+    /* res's rows decoded by the thread that collected it (memory of res,
+     * PQresultAlloc), or NULL: set and cleared with res */
+    struct pg_row *rows;
     es_buf key;               /* the request it answers */
     struct pg_fetch_job *job; /* state 1: a thread collecting the result */
 } pg_prefetch;

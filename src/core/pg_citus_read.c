@@ -24,6 +24,7 @@
  */
 #include "pg.h"
 #include "es_time.h"
+#include "es_uuid.h"
 
 #include <inttypes.h>
 #include <stdio.h>
@@ -144,7 +145,7 @@ static int cc_next(es_cursor *c, es_event *e, es_error *err)
     r = cc->pieces[cc->refs[cc->row].piece].res;
     i = cc->refs[cc->row++].row;
     e->position = (int64_t)pg_be64(PQgetvalue(r, i, 0));
-    uuid_unparse_lower((const unsigned char *)PQgetvalue(r, i, 1), cc->id);
+    es_uuid_format((const unsigned char *)PQgetvalue(r, i, 1), cc->id);
     e->id = cc->id;
     e->version = (int64_t)pg_be64(PQgetvalue(r, i, 2));
     e->type = PQgetvalue(r, i, 3);

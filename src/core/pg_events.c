@@ -535,6 +535,9 @@ typedef struct pg_cursor {
     uint64_t head_txid;
     int64_t head_pos;
     char checkpoint[48];
+    /* read_all: the rows as the prefetch thread decoded them, or NULL
+     * (decode_row then reads them here) */
+    const struct pg_row *rows;
     /* the current event's formatted fields */
     char id[37];
     char recorded_at[32];   /* "" until the first row */
@@ -564,11 +567,23 @@ static const char *all_checkpoint(es_cursor *c)
     return pc->checkpoint;
 }
 
+/* A read_all row decoded ahead, by the thread that collected its batch
+ * (fetch_thread): the caller's thread, which builds the events, then only
+ * copies fields (each PQgetvalue is a call, the id a formatting). */
+typedef struct pg_row {
+    int64_t position, version, at_usec;
+    uint64_t txid;
+    const char *type, *data, *metadata, *stream;
+    size_t data_len, metadata_len;
+    int part;               /* the partition column's, or -1 */
+    char id[37];
+} pg_row;
+
 /* Columns 0-6 of a row of either read: the event as es_event wants it. */
 static void decode_row(pg_cursor *pc, PGresult *r, int i, es_event *e)
 {
     e->position = (int64_t)pg_be64(PQgetvalue(r, i, 0));
-    uuid_unparse_lower((const unsigned char *)PQgetvalue(r, i, 1), pc->id);
+    es_uuid_format((const unsigned char *)PQgetvalue(r, i, 1), pc->id);
     e->id = pc->id;
     e->version = (int64_t)pg_be64(PQgetvalue(r, i, 2));
     e->type = PQgetvalue(r, i, 3);
@@ -718,6 +733,29 @@ es_cursor *pg_read(es_store *s, const char *stream, const es_read_opts *o,
     return &pc->base;
 }
 
+/* Event e from a row decoded ahead (as decode_row and all_next would). */
+static void row_event(pg_cursor *pc, const pg_row *r, es_event *e)
+{
+    e->position = r->position;
+    e->id = r->id;
+    e->version = r->version;
+    e->type = r->type;
+    e->data = r->data;
+    e->data_len = r->data_len;
+    e->metadata = r->metadata;
+    e->metadata_len = r->metadata_len;
+    if (!pc->recorded_at[0] || r->at_usec != pc->at_usec) {
+        es_time_format(r->at_usec, pc->recorded_at);
+        pc->at_usec = r->at_usec;
+    }
+    e->recorded_at = pc->recorded_at;
+    e->stream = r->stream;
+    if (r->part >= 0)
+        e->part = r->part;
+    pc->cp_txid = r->txid;
+    pc->cp_pos = r->position;
+}
+
 static int all_next(es_cursor *c, es_event *e, es_error *err)
 {
     pg_cursor *pc = (pg_cursor *)c;
@@ -733,6 +771,10 @@ static int all_next(es_cursor *c, es_event *e, es_error *err)
         return 0;
     }
     i = pc->row++;
+    if (pc->rows) {
+        row_event(pc, &pc->rows[i], e);
+        return 1;
+    }
     decode_row(pc, pc->res, i, e);
     e->stream = PQgetvalue(pc->res, i, 8);
     if (PQnfields(pc->res) > 9)     /* read with partitions: the stream's */
@@ -844,13 +886,46 @@ typedef struct pg_fetch_job {
     pid_t pid;                /* the process whose thread it is */
     pg_store *p;
     PGresult *res;
+    pg_row *rows;             /* res's event rows decoded, or NULL */
 } pg_fetch_job;
+
+/* The event rows of a read_all result, decoded into memory of the result
+ * (freed by its PQclear); NULL when it holds none or on out-of-memory
+ * (the rows are then read as they are used). */
+static pg_row *decode_rows(PGresult *res)
+{
+    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK || PQnfields(res) < 9)
+        return NULL;
+    int n = event_rows(res), parts = PQnfields(res) > 9;
+    if (n <= 0)
+        return NULL;
+    pg_row *rows = PQresultAlloc(res, (size_t)n * sizeof *rows);
+    if (!rows)
+        return NULL;
+    for (int i = 0; i < n; i++) {
+        pg_row *r = &rows[i];
+        r->position = (int64_t)pg_be64(PQgetvalue(res, i, 0));
+        es_uuid_format((const unsigned char *)PQgetvalue(res, i, 1), r->id);
+        r->version = (int64_t)pg_be64(PQgetvalue(res, i, 2));
+        r->type = PQgetvalue(res, i, 3);
+        r->data = PQgetvalue(res, i, 4);
+        r->data_len = (size_t)PQgetlength(res, i, 4);
+        r->metadata = PQgetvalue(res, i, 5);
+        r->metadata_len = (size_t)PQgetlength(res, i, 5);
+        r->at_usec = (int64_t)pg_be64(PQgetvalue(res, i, 6)) + PG_EPOCH_USEC;
+        r->txid = pg_be64(PQgetvalue(res, i, 7));
+        r->stream = PQgetvalue(res, i, 8);
+        r->part = parts ? be32(PQgetvalue(res, i, 9)) : -1;
+    }
+    return rows;
+}
 
 static void *fetch_thread(void *arg)
 {
     pg_fetch_job *job = arg;
     job->res = pg_take_result(job->p);
     pg_drain(job->p);
+    job->rows = decode_rows(job->res);
     return NULL;
 }
 
@@ -886,6 +961,7 @@ void pg_prefetch_join(pg_store *p)
     }
     pthread_join(job->thread, NULL);
     p->ahead.res = job->res;
+    p->ahead.rows = job->rows;
     p->ahead.state = 2;
     free(job);
 }
@@ -917,10 +993,11 @@ static void prefetch_next(pg_store *p, int stmt, PGresult *res,
  * append must see it). An older read never skips anything either way. */
 static PGresult *take_prefetched(pg_store *p, int stmt,
                                  const char *const *values, int nvalues,
-                                 int64_t limit)
+                                 int64_t limit, const pg_row **rows)
 {
     PGresult *res = NULL;
 
+    *rows = NULL;
     if (p->ahead.state == 0)
         return NULL;
     if (request_is(&p->ahead.key, stmt, values, nvalues)) {
@@ -928,7 +1005,9 @@ static PGresult *take_prefetched(pg_store *p, int stmt,
         if (p->ahead.res && PQresultStatus(p->ahead.res) == PGRES_TUPLES_OK &&
             event_rows(p->ahead.res) == limit) {
             res = p->ahead.res;
+            *rows = p->ahead.rows;  /* memory of res: goes with it */
             p->ahead.res = NULL;
+            p->ahead.rows = NULL;
         }
     }
     pg_prefetch_drop(p);
@@ -1016,7 +1095,7 @@ es_cursor *pg_read_all(es_store *s, const es_read_all_opts *o, es_error *err)
     pc->base.store = s;
     pc->cp_txid = txid;        /* the `after` given, until a row moves it */
     pc->cp_pos = pos;
-    pc->res = take_prefetched(p, stmt, values, nvalues, limit_n);
+    pc->res = take_prefetched(p, stmt, values, nvalues, limit_n, &pc->rows);
     if (!pc->res)
         pc->res = pg_exec_prepared(p, stmt, nvalues, values, 1, err);
     if (pc->res && o->prefetch && event_rows(pc->res) == limit_n)

@@ -833,7 +833,8 @@ static int dec_enter(dec *d)
                  ESL_JSON_MAX_DEPTH);
         return dec_fail(d, d->p, what);
     }
-    if (!lua_checkstack(d->L, 6))
+    /* the outermost value's room is made once, by decode_with */
+    if (d->depth > 1 && !lua_checkstack(d->L, 6))
         return dec_fail(d, d->p, "nesting too deep (Lua stack exhausted)");
     return 0;
 }
@@ -884,6 +885,56 @@ static int dec_array(dec *d)
 /* Objects nested deeper than this are made at once (stack room). */
 #define DEC_OBJ_STACKED_DEPTH 64
 
+/* Room decode_with makes for the outermost value: an object's stacked
+ * pairs, its table, a pair's copies (dec_make_object) and dec_enter's. */
+#define DEC_TOP_ROOM (2 * DEC_OBJ_PAIRS + 9)
+
+/* Where a stacked object's keys are in the text, to tell whether one is
+ * given twice. */
+typedef struct dec_keys {
+    const unsigned char *s[DEC_OBJ_PAIRS];
+    size_t len[DEC_OBJ_PAIRS];
+    int plain;  /* no key has an escape (its bytes are its text) */
+} dec_keys;
+
+static void note_key(dec_keys *k, int i, const unsigned char *open,
+                     const unsigned char *after)
+{
+    size_t len = (size_t)(after - open) - 2;   /* between the quotes */
+    k->s[i] = open + 1;
+    k->len[i] = len;
+    if (memchr(open + 1, '\\', len))
+        k->plain = 0;
+}
+
+/* 1 when the n keys are plain and all different. */
+static int keys_distinct(const dec_keys *k, int n)
+{
+    if (!k->plain)
+        return 0;
+    for (int i = 1; i < n; i++)
+        for (int j = 0; j < i; j++)
+            if (k->len[i] == k->len[j] &&
+                memcmp(k->s[i], k->s[j], k->len[i]) == 0)
+                return 0;
+    return 1;
+}
+
+/* The object table from the n pairs above base, whose keys are all
+ * different: the table goes below them and takes them from the top (in
+ * any order, as none replaces another), without copying each pair up
+ * first as dec_make_object does. */
+static void dec_take_pairs(dec *d, int base, int n)
+{
+    lua_State *L = d->L;
+    lua_createtable(L, 0, n);
+    lua_pushvalue(L, d->mt_obj);
+    lua_setmetatable(L, -2);
+    lua_insert(L, base + 1);
+    for (int i = 0; i < n; i++)
+        lua_rawset(L, base + 1);
+}
+
 /* The object table from the n pairs above base (the table then stands
  * at base + 1, the pairs gone); room for at least hint keys. */
 static void dec_make_object(dec *d, int base, int n, int hint)
@@ -908,15 +959,18 @@ static int dec_object(dec *d)
 {
     lua_State *L = d->L;
     int base, n = 0, made = 0;
+    dec_keys keys;
     if (dec_enter(d) < 0)
         return -1;
     d->p++;
     base = lua_gettop(L);
+    keys.plain = 1;
     /* deep down, or no room for the pairs: the table at once. LuaJIT
      * gives a C call 8,000 stack slots, and objects nested 1,000 deep
-     * that each held 8 pairs there would need twice that. */
+     * that each held 8 pairs there would need twice that. The outermost
+     * object's room is decode_with's. */
     if (d->depth > DEC_OBJ_STACKED_DEPTH ||
-        !lua_checkstack(L, 2 * DEC_OBJ_PAIRS + 3)) {
+        (d->depth > 1 && !lua_checkstack(L, 2 * DEC_OBJ_PAIRS + 3))) {
         dec_make_object(d, base, 0, 0);
         made = 1;
     }
@@ -931,8 +985,11 @@ static int dec_object(dec *d)
     for (;;) {
         if (d->p >= d->end || *d->p != '"')
             return dec_unexpected(d, d->p, " in object (string key expected)");
+        const unsigned char *open = d->p;
         if (dec_string(d) < 0)
             return -1;
+        if (!made)
+            note_key(&keys, n, open, d->p);
         skip_ws(d);
         if (d->p >= d->end || *d->p != ':')
             return dec_unexpected(d, d->p, " in object (':' expected)");
@@ -959,8 +1016,12 @@ static int dec_object(dec *d)
         }
         return dec_unexpected(d, d->p, " in object (',' or '}' expected)");
     }
-    if (!made)
-        dec_make_object(d, base, n, n);
+    if (!made) {
+        if (keys_distinct(&keys, n))
+            dec_take_pairs(d, base, n);
+        else
+            dec_make_object(d, base, n, n);
+    }
     d->depth--;
     return 0;
 }
@@ -1022,7 +1083,7 @@ static int decode_with(lua_State *L, const char *s, size_t n, int mt_arr,
     d.depth = 0;
     d.msg = msg;
     d.msglen = msglen;
-    if (!lua_checkstack(L, 6))
+    if (!lua_checkstack(L, DEC_TOP_ROOM))
         return dec_fail(&d, d.p, "Lua stack exhausted");
     if (dec_value(&d) < 0)
         return -1;
@@ -1045,7 +1106,6 @@ int esl_json_decode_ctx(lua_State *L, int ctx, const char *s, size_t n,
                         char *msg, size_t msglen)
 {
     int top = lua_gettop(L);
-    luaL_checkstack(L, 8, "json decode");
     if (decode_with(L, s, n, ctx, ctx + 1, ctx + 2, msg, msglen) < 0) {
         lua_settop(L, top);
         return -1;
