@@ -216,7 +216,8 @@ server_cpu() {
             FROM (SELECT coalesce(e.version, 0) AS cur, e.txid FROM (VALUES (1)) AS one
                   LEFT JOIN LATERAL (SELECT version, txid FROM $SCHEMA.events
                     WHERE stream = s ORDER BY version DESC LIMIT 1) e ON true) l
-           WHERE (l.txid IS NULL OR l.txid <= pg_current_xact_id())" ;;
+           WHERE (l.txid IS NULL OR l.txid <= pg_current_xact_id())
+             AND l.cur BETWEEN 0 AND 9223372036854775807" ;;
     message_db) url=$MDB_URL; pre="SET search_path = message_store, public;"
       call="PERFORM write_message(gen_random_uuid()::text, 'cpu-' || i || '-' || random(),
           'Ticked', $payload, '{}')" ;;
