@@ -33,7 +33,9 @@ as_owner() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@";
 # a store of 20,000 events with fresh statistics, made by this build
 url=$(ES_PG_PORT=5477 scripts/pg.sh start | tail -n1)
 dir=${url#*host=}; dir=${dir%% *}
-trap 'rm -rf "$dir"' EXIT
+# the server is stopped once the store is made; stop it here too if that
+# step failed, then remove everything
+trap 'as_owner "$PGBIN/pg_ctl" -D "$dir/data" -m immediate -w stop >/dev/null 2>&1; rm -rf "$dir"' EXIT
 ES_CG_URL=$url LUA_PATH="lua/?.lua;lua/?/init.lua;;" LUA_CPATH="build/lua5.4/?.so;;" lua5.4 -e '
   local es = require "eventsourcing"
   local s = assert(es.open(os.getenv("ES_CG_URL"), { schema = "'$SCHEMA'" }))
