@@ -36,7 +36,10 @@
 #            insert position; bench/append.lua processes (2 and 8, one event per
 #            append) against the same loop calling write_message; 100 events
 #            per append against a 100-row INSERT (pgbench_insert100.sql), and
-#            the server CPU and WAL per event of each (server_cpu_batch)
+#            the server CPU and WAL per event of each (server_cpu_batch);
+#            client and backend CPU per event from Lua (bench/append_cpu.lua)
+#            and server instructions per append under callgrind
+#            (bench/append_instructions.sh, when valgrind is installed)
 #   fold     bench/fold.lua, store:fold against lua-sql-postgres + lua-cjson,
 #            and Message DB's get_stream_messages of the same stream on the
 #            server alone (bench/pgbench_get_stream_messages.sql) beside our
@@ -216,7 +219,8 @@ server_cpu() {
             FROM (SELECT coalesce(e.version, 0) AS cur, e.txid FROM (VALUES (1)) AS one
                   LEFT JOIN LATERAL (SELECT version, txid FROM $SCHEMA.events
                     WHERE stream = s ORDER BY version DESC LIMIT 1) e ON true) l
-           WHERE (l.txid IS NULL OR l.txid <= pg_current_xact_id())" ;;
+           WHERE (l.txid IS NULL OR l.txid <= pg_current_xact_id())
+             AND l.cur BETWEEN 0 AND 9223372036854775807" ;;
     message_db) url=$MDB_URL; pre="SET search_path = message_store, public;"
       call="PERFORM write_message(gen_random_uuid()::text, 'cpu-' || i || '-' || random(),
           'Ticked', $payload, '{}')" ;;
@@ -431,6 +435,23 @@ elif sed "s/BENCH_SCHEMA/$BARE/g" bench/bare.sql | psql_q >/dev/null; then
       v=$(awk -v t="$t" '$1 == t { print $3 }' "$OUT/cpu100" | median)
       [ -n "$v" ] && record "append_server_wal_100_$t $v bytes/event"
     done
+  fi
+  # CPU per event of one Lua process appending (os.clock) and of its
+  # backend (/proc/<pid>/schedstat, commits included), 1 and 100 events per
+  # append (bench/append_cpu.lua)
+  if [ -r /proc/self/schedstat ]; then
+    for size in 1 100; do
+      ES_BENCH_DATABASE_URL=$URL ES_BENCH_SIZE=$size ES_BENCH_APPENDS=$((size == 1 ? 3000 : 300)) \
+        bench_run "append cpu $size" "" run_lua lua5.4 bench/append_cpu.lua "$SCHEMA"
+    done
+  fi
+  # server instructions per append (callgrind on a single-user backend,
+  # bench/append_instructions.sh): the one figure of this section that a
+  # busy machine does not move
+  if command -v valgrind >/dev/null; then
+    bench_run "append instructions" "" bench/append_instructions.sh
+  else
+    echo "bench: append instructions SKIPPED (valgrind not installed)"
   fi
 else
   fail "append (could not create the bare table)"
