@@ -65,12 +65,19 @@ const char *pg_statement_sql(const pg_store *p, int stmt, char *out,
         /* Pages are version ranges of at most PAGE_ROWS: versions are
          * dense, so each page touches a bounded part of the index whatever
          * plan the statistics suggest (a LIMIT over an open range can turn
-         * into a sort of the whole rest of the stream). */
+         * into a sort of the whole rest of the stream). A forward page
+         * also names the stream's last version, seen by the same snapshot
+         * (an uncorrelated subquery: run once, one index probe), so a
+         * read needs no version query of its own (see pg_read). */
         snprintf(out, outlen, "SELECT position, id, version, type, data,"
-                 " metadata, recorded_at FROM \"%s\".events WHERE stream = $1"
-                 " AND version BETWEEN $2::bigint AND $3::bigint"
+                 " metadata, recorded_at%s%s%s FROM \"%s\".events WHERE"
+                 " stream = $1 AND version BETWEEN $2::bigint AND $3::bigint"
                  " AND ($4::timestamptz IS NULL OR recorded_at < $4)"
-                 " ORDER BY version%s LIMIT $5::bigint", s,
+                 " ORDER BY version%s LIMIT $5::bigint",
+                 stmt == PG_READ_FORWARD ? ", (SELECT version FROM \"" : "",
+                 stmt == PG_READ_FORWARD ? s : "",
+                 stmt == PG_READ_FORWARD ? "\".events WHERE stream = $1"
+                 " ORDER BY version DESC LIMIT 1) AS top" : "", s,
                  stmt == PG_READ_FORWARD ? "" : " DESC");
         break;
     case PG_SNAPSHOT_SAVE:
@@ -525,6 +532,7 @@ typedef struct pg_cursor {
     int64_t last;
     int64_t remaining;      /* events still wanted; -1 = no limit */
     int backward;
+    int learn_top;          /* the first page sets `last` (see pg_read) */
     int prefetch;           /* keep the next page on its way */
     pg_page_claim page;     /* on the wire while p->page points here */
     char before[40];        /* "" = no bound */
@@ -622,6 +630,23 @@ static int send_page(pg_cursor *pc, es_error *err)
     return 0;
 }
 
+/* The first page of a forward read without `before` bounds the read:
+ * versions are dense, so an empty page means the stream has nothing from
+ * its first version on, and a page with rows says (column 7, the same
+ * snapshot) which version is the last: later pages stop there, so events
+ * appended after the first page are not read. */
+static void learn_top(pg_cursor *pc)
+{
+    pc->learn_top = 0;
+    if (pc->nrows == 0) {
+        pc->last = pc->next - 1;    /* nothing further: exhausted */
+        return;
+    }
+    int64_t top = (int64_t)pg_be64(PQgetvalue(pc->res, 0, 7));
+    if (top < pc->last)
+        pc->last = top;
+}
+
 /* Waits for the page sent last; with prefetch, sends the one after. */
 static int receive_page(pg_cursor *pc, es_error *err)
 {
@@ -633,7 +658,7 @@ static int receive_page(pg_cursor *pc, es_error *err)
     pc->row = pc->nrows = 0;
     if (!pc->res)
         return -1;
-    if (PQnfields(pc->res) != 7) {
+    if (PQnfields(pc->res) != (pc->backward ? 7 : 8)) {
         PQclear(pc->res);
         pc->res = NULL;
         return es_fail(err, ES_DATABASE, "read: unexpected result shape");
@@ -641,6 +666,10 @@ static int receive_page(pg_cursor *pc, es_error *err)
     pc->nrows = PQntuples(pc->res);
     if (pc->remaining >= 0)
         pc->remaining -= pc->nrows;
+    if (pc->learn_top)
+        learn_top(pc);
+    else if (!pc->backward && !pc->before[0] && pc->nrows == 0)
+        pc->last = pc->next - 1;    /* dense versions: the end (defensive) */
     if (pc->prefetch && !stream_exhausted(pc))
         return send_page(pc, err);
     return 0;
@@ -680,12 +709,16 @@ es_cursor *pg_read(es_store *s, const char *stream, const es_read_opts *o,
                    es_error *err)
 {
     pg_cursor *pc;
-    int64_t top;
+    int64_t top = INT64_MAX;
 
-    /* The stream's version bounds the pages, and fetching it first makes
-     * a bad store or connection show up as read()'s nil, err rather than
-     * in the middle of a loop. Events appended after this are not read. */
-    if (pg_version(s, stream, &top, err) < 0)
+    /* The stream's version bounds the pages: events appended after read()
+     * are not read. Backward reads start from it, and a page filtered by
+     * `before` can be empty in the middle of the stream, so those ask for
+     * it first; a forward read learns it from its first page, fetched
+     * here (one round trip in all for a short stream). Either way a bad
+     * store or connection shows up as read()'s nil, err rather than in
+     * the middle of a loop. */
+    if ((o->backward || o->before) && pg_version(s, stream, &top, err) < 0)
         return NULL;
     pc = calloc(1, sizeof *pc);
     if (!pc || !(pc->stream = strdup(stream))) {
@@ -714,6 +747,14 @@ es_cursor *pg_read(es_store *s, const char *stream, const es_read_opts *o,
             return NULL;
         }
         es_time_format(usec, pc->before);
+    }
+    if (!o->backward && !o->before) {
+        pc->learn_top = 1;
+        if (!stream_exhausted(pc) &&
+            (send_page(pc, err) < 0 || receive_page(pc, err) < 0)) {
+            cursor_destroy(&pc->base);
+            return NULL;
+        }
     }
     return &pc->base;
 }
