@@ -926,6 +926,7 @@ void pg_disconnect(es_store *s)
         PQclear(p->ahead.res);      /* this process's memory */
         p->ahead.res = NULL;
         p->ahead.state = 0;
+        pg_early_clear(p);          /* memory too: nothing is sent */
         forsake(p->conn);
         p->conn = NULL;
         return;
