@@ -65,19 +65,12 @@ const char *pg_statement_sql(const pg_store *p, int stmt, char *out,
         /* Pages are version ranges of at most PAGE_ROWS: versions are
          * dense, so each page touches a bounded part of the index whatever
          * plan the statistics suggest (a LIMIT over an open range can turn
-         * into a sort of the whole rest of the stream). A forward page
-         * also names the stream's last version, seen by the same snapshot
-         * (an uncorrelated subquery: run once, one index probe), so a
-         * read needs no version query of its own (see pg_read). */
+         * into a sort of the whole rest of the stream). */
         snprintf(out, outlen, "SELECT position, id, version, type, data,"
-                 " metadata, recorded_at%s%s%s FROM \"%s\".events WHERE"
-                 " stream = $1 AND version BETWEEN $2::bigint AND $3::bigint"
+                 " metadata, recorded_at FROM \"%s\".events WHERE stream = $1"
+                 " AND version BETWEEN $2::bigint AND $3::bigint"
                  " AND ($4::timestamptz IS NULL OR recorded_at < $4)"
-                 " ORDER BY version%s LIMIT $5::bigint",
-                 stmt == PG_READ_FORWARD ? ", (SELECT version FROM \"" : "",
-                 stmt == PG_READ_FORWARD ? s : "",
-                 stmt == PG_READ_FORWARD ? "\".events WHERE stream = $1"
-                 " ORDER BY version DESC LIMIT 1) AS top" : "", s,
+                 " ORDER BY version%s LIMIT $5::bigint", s,
                  stmt == PG_READ_FORWARD ? "" : " DESC");
         break;
     case PG_SNAPSHOT_SAVE:
@@ -533,6 +526,8 @@ typedef struct pg_cursor {
     int64_t remaining;      /* events still wanted; -1 = no limit */
     int backward;
     int learn_top;          /* the first page sets `last` (see pg_read) */
+    int64_t page_from;      /* the page on its way: its first version */
+    int64_t page_want;      /* and how many rows it can hold */
     int prefetch;           /* keep the next page on its way */
     pg_page_claim page;     /* on the wire while p->page points here */
     char before[40];        /* "" = no bound */
@@ -623,6 +618,10 @@ static int send_page(pg_cursor *pc, es_error *err)
     values[3] = pc->before[0] ? pc->before : NULL;
     values[4] = i64(limit, pc->remaining >= 0 ? pc->remaining
                                               : (int64_t)PAGE_ROWS);
+    pc->page_from = a;
+    pc->page_want = b - a + 1;
+    if (pc->remaining >= 0 && pc->remaining < pc->page_want)
+        pc->page_want = pc->remaining;
     if (pg_send_prepared(p, pc->backward ? PG_READ_BACKWARD : PG_READ_FORWARD,
                          5, values, 1, err) < 0)
         return -1;
@@ -630,21 +629,30 @@ static int send_page(pg_cursor *pc, es_error *err)
     return 0;
 }
 
-/* The first page of a forward read without `before` bounds the read:
- * versions are dense, so an empty page means the stream has nothing from
- * its first version on, and a page with rows says (column 7, the same
- * snapshot) which version is the last: later pages stop there, so events
- * appended after the first page are not read. */
-static void learn_top(pg_cursor *pc)
+/* The first page of a forward read without `before` bounds the read.
+ * Versions are dense, so a page with fewer rows than it could hold ends
+ * where the stream ended when it was read: nothing more to read (a stream
+ * shorter than a page costs one statement, no version query). Only after
+ * a full page, when more is wanted, is the stream's version asked for,
+ * still inside read(): later pages stop there, so events appended after
+ * read() are not read. */
+static int learn_top(pg_cursor *pc, es_error *err)
 {
+    int64_t top;
     pc->learn_top = 0;
-    if (pc->nrows == 0) {
-        pc->last = pc->next - 1;    /* nothing further: exhausted */
-        return;
+    if (pc->nrows < pc->page_want) {
+        pc->last = pc->page_from + pc->nrows - 1;
+        if (pc->next > pc->last + 1)
+            pc->next = pc->last + 1;
+        return 0;
     }
-    int64_t top = (int64_t)pg_be64(PQgetvalue(pc->res, 0, 7));
+    if (stream_exhausted(pc))
+        return 0;
+    if (pg_version(pc->base.store, pc->stream, &top, err) < 0)
+        return -1;
     if (top < pc->last)
         pc->last = top;
+    return 0;
 }
 
 /* Waits for the page sent last; with prefetch, sends the one after. */
@@ -658,7 +666,7 @@ static int receive_page(pg_cursor *pc, es_error *err)
     pc->row = pc->nrows = 0;
     if (!pc->res)
         return -1;
-    if (PQnfields(pc->res) != (pc->backward ? 7 : 8)) {
+    if (PQnfields(pc->res) != 7) {
         PQclear(pc->res);
         pc->res = NULL;
         return es_fail(err, ES_DATABASE, "read: unexpected result shape");
@@ -666,9 +674,10 @@ static int receive_page(pg_cursor *pc, es_error *err)
     pc->nrows = PQntuples(pc->res);
     if (pc->remaining >= 0)
         pc->remaining -= pc->nrows;
-    if (pc->learn_top)
-        learn_top(pc);
-    else if (!pc->backward && !pc->before[0] && pc->nrows == 0)
+    if (pc->learn_top) {
+        if (learn_top(pc, err) < 0)
+            return -1;
+    } else if (!pc->backward && !pc->before[0] && pc->nrows == 0)
         pc->last = pc->next - 1;    /* dense versions: the end (defensive) */
     if (pc->prefetch && !stream_exhausted(pc))
         return send_page(pc, err);
