@@ -1,5 +1,5 @@
 -- Forward stream reads on PostgreSQL send their first page without asking
--- for the stream's version (a short page is the end; only a full one asks)
+-- for the stream's version (a short page is the end; only a full one asks):
 -- the bounds, the page edges (1,000 versions a page) and "events
 -- appended after read() are not read" must hold as before.
 local es = require "eventsourcing"
