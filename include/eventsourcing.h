@@ -317,6 +317,15 @@ int es_rollback(es_store *store, es_error *err);
  * reported (the reasons a query inside the transaction gets). */
 int es_query_commit(es_store *store, const char *sql, int nparams,
                     const char *const *params, es_error *err);
+/* A query of the open transaction sent ahead: it waits for the
+ * transaction's next statement and goes in front of it, in the same round
+ * trip; es_ahead_rows gives its rows then (or runs it on its own when no
+ * statement took it). One at a time. When it fails, the statement it went
+ * with reports its error and es_ahead_rows says it did not run; a commit
+ * runs one still waiting, a rollback drops it. */
+int es_query_ahead(es_store *store, const char *sql, int nparams,
+                   const char *const *params, es_error *err);
+es_rows *es_ahead_rows(es_store *store, es_error *err);
 
 /* Wake-ups (PostgreSQL): every committed append notifies the store's
  * channel. es_listen subscribes this session (again after a reconnect);

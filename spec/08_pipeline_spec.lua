@@ -343,6 +343,109 @@ describe("transactions in fewer round trips (" .. target.name .. ")", function()
     end)
   end
 
+  describe("query_ahead", function()
+    local function count_sql()
+      return "SELECT count(*)::int AS n FROM " .. qident(schema) .. ".events WHERE stream = $1"
+    end
+
+    it("is refused outside a transaction, and twice before its rows are taken", function()
+      local ok, err = store:query_ahead("SELECT $1::int AS x", 1)
+      assert.is_nil(ok)
+      assert.equal("invalid", err.kind)
+      assert(store:begin())
+      assert(store:query_ahead("SELECT $1::int AS x", 1))
+      ok, err = store:query_ahead("SELECT $1::int AS x", 2)
+      assert.is_nil(ok)
+      assert.equal("invalid", err.kind)
+      assert.same({ { x = 1 } }, assert(store:ahead_rows()))
+      -- its rows are given once
+      ok, err = store:ahead_rows()
+      assert.is_nil(ok)
+      assert.equal("invalid", err.kind)
+      assert(store:rollback())
+    end)
+
+    it("goes in front of the transaction's next statement, in the transaction", function()
+      for round = 1, 3 do   -- the first prepares it; later ones go by name
+        local stream = "Q-" .. round
+        assert(store:begin())
+        assert(store:query_ahead(count_sql(), stream))
+        assert(store:append(stream, { type = "A" }))
+        -- it ran before the append: it saw no event
+        assert.same({ { n = 0 } }, assert(store:ahead_rows()))
+        assert(store:query_ahead("INSERT INTO " .. tbl .. " VALUES ($1::int, 'ahead') RETURNING id", round))
+        assert(store:query("SELECT 1 AS one"))
+        assert.same({ { id = round } }, assert(store:ahead_rows()))
+        assert(store:rollback())
+        assert.equal(0, events(stream))
+        assert.equal(0, notes())
+      end
+    end)
+
+    it("runs on its own when no statement takes it, and with COMMIT", function()
+      assert(store:begin())
+      assert(store:query_ahead(count_sql(), "Q-9"))
+      assert.same({ { n = 0 } }, assert(store:ahead_rows()))
+      assert(store:query_ahead("INSERT INTO " .. tbl .. " VALUES ($1::int, 'at commit')", 9))
+      assert(store:commit())
+      assert.equal(1, notes())
+      -- a rollback drops one still waiting
+      assert(store:begin())
+      assert(store:query_ahead("INSERT INTO " .. tbl .. " VALUES ($1::int, 'dropped')", 10))
+      assert(store:rollback())
+      assert.equal(1, notes())
+      assert(store:begin())
+      assert(store:query("SELECT 1 AS one"))
+      local ok, err = store:ahead_rows()
+      assert.is_nil(ok)
+      assert.equal("invalid", err.kind)
+      assert(store:rollback())
+    end)
+
+    it("fails the statement it went with, with its own error, and nothing is stored", function()
+      assert(store:begin())
+      assert(store:query_ahead("SELECT 1 / $1::int AS x", 0))
+      local ok, err = store:append("Q-F", { type = "A" })
+      assert.is_nil(ok)
+      assert.equal("22012", err.sqlstate)        -- division by zero: the query ahead's
+      local rows, rerr = store:ahead_rows()
+      assert.is_nil(rows)
+      assert.matches("did not run", rerr.message)
+      assert(store:rollback())
+      assert.equal(0, events("Q-F"))
+      -- the session goes on
+      assert(store:append("Q-F", { type = "A" }))
+      assert.equal(1, events("Q-F"))
+    end)
+
+    it("keeps its rows when the statement after it fails", function()
+      assert(store:append("Q-C", { type = "A" }))
+      assert(store:begin())
+      assert(store:query_ahead(count_sql(), "Q-C"))
+      local ok, err = store:append("Q-C", { type = "A" }, { expected_version = 0 })
+      assert.is_nil(ok)
+      assert.equal("conflict", err.kind)
+      assert.same({ { n = 1 } }, assert(store:ahead_rows()))
+      assert(store:rollback())
+      assert.equal(1, events("Q-C"))
+    end)
+
+    it("refuses a query the server cannot prepare, in the transaction", function()
+      assert(store:begin())
+      local ok, err = store:query_ahead("SELECT no_such_column FROM " .. tbl .. " WHERE id = $1::int", 1)
+      if target.opts then
+        -- behind the pooler nothing is prepared: the statement it goes
+        -- with says so
+        assert.is_true(ok)
+        ok, err = store:append("Q-P", { type = "A" })
+      end
+      assert.is_nil(ok)
+      assert.equal("42703", err.sqlstate)
+      assert(store:rollback())
+      assert(store:append("Q-P", { type = "A" }))
+    end)
+  end)
+
   describe("a first statement that fails before it runs", function()
     it("(at prepare, in commit_with) ends the transaction: nothing stays open on the server", function()
       assert(store:begin())

@@ -207,9 +207,19 @@ function ReadModel:_apply(store, tbl, events, n, opts)
     end
   end
   if timings then t0 = add_time(timings, "keys", t0) end
-  -- 2. current rows, one query
-  local rows, err = self:_load(store, tbl, keys, opts and opts.record)
-  if not rows then return nil, err end
+  -- 2. current rows, one query (or loaded already: opts.loaded, when it
+  -- holds every key)
+  local rows, err = opts and opts.loaded
+  if rows then
+    for _, ks in ipairs(keys) do
+      if not rows.keys[ks] then rows = nil; break end
+    end
+  end
+  if rows then rows = rows.rows
+  else
+    rows, err = self:_load(store, tbl, keys, opts and opts.record)
+    if not rows then return nil, err end
+  end
   if timings then t0 = add_time(timings, "load", t0) end
   local existed = {}
   for ks in pairs(rows) do existed[ks] = true end
@@ -334,8 +344,12 @@ function M.apply_inline(store, read_models, events, opts)
   -- opts.defer: the last write (if one statement) is left in it for the
   -- caller to run with its COMMIT (store:commit_with): one round trip less
   local defer = aopts.defer
+  -- opts.loaded: { [read model] = { keys = set, rows = by key } } loaded
+  -- already in this transaction (see repository's load ahead)
+  local loaded = aopts.loaded
   for i, rm in ipairs(read_models) do
     aopts.defer = (i == #read_models) and defer or nil
+    aopts.loaded = loaded and loaded[rm]
     local ok, a, b = rm:_apply(store, rm.name, list, #list, aopts)
     if ok == nil then return nil, a end
     if ok == false then

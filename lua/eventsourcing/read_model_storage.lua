@@ -185,6 +185,21 @@ function ReadModel:_load(store, tbl, keys, record)
     end
     return found
   end
+  local res, err = store:query(self:_load_query(store, tbl, keys, record))
+  if not res then return nil, err end
+  return self:_found(res)
+end
+
+-- The rows of a load's result, by key string.
+function ReadModel:_found(res)
+  local found, key = {}, self.key
+  for _, r in ipairs(res) do found[key_string(r[key])] = r end
+  return found
+end
+
+-- The statement of _load and its parameter (PostgreSQL): for a caller
+-- that sends it itself (the repository, ahead of its append).
+function ReadModel:_load_query(store, tbl, keys, record)
   -- statements are cached per schema and table: one read model may serve
   -- stores of several schemas
   local ck = store:schema() .. "." .. (tbl or self.name) .. (record and "+record" or "")
@@ -199,11 +214,7 @@ function ReadModel:_load(store, tbl, keys, record)
     end
     self._load_sql[ck] = sql
   end
-  local res, err = store:query(sql, keys_param(keys))
-  if not res then return nil, err end
-  local key = self.key
-  for _, r in ipairs(res) do found[key_string(r[key])] = r end
-  return found
+  return sql, keys_param(keys)
 end
 
 -- Writes the final state of touched rows: upserts (array of rows) and

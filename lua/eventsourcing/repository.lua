@@ -15,6 +15,8 @@
 local core = require "eventsourcing.core"
 local aggregate = require "eventsourcing.aggregate"
 local util = require "eventsourcing.util"
+local read_model = require "eventsourcing.read_model"
+local key_string = require("eventsourcing.read_model_base").key_string
 
 local M = {}
 
@@ -224,12 +226,51 @@ function M.events_to_append(A, stream, version, base, events, id_of)
   return out, all_new
 end
 
+-- The rows an inline read model needs, asked for in front of the append
+-- (store:query_ahead: the same round trip as BEGIN and the append) when
+-- its keys follow from the events' streams alone (the default key_of).
+-- Loading them before the append is safe: the fold came first, so a
+-- command that changed this stream's row since would have taken the
+-- version the append expects, and the append fails (a conflict) instead.
+-- -> { rm, keys } (queued), false (not possible here) | nil, err.
+local function load_ahead(self, store, out)
+  local rms = self.read_models
+  local rm = rms[1]
+  if #rms ~= 1 or not store.query_ahead or rm.key_of ~= read_model.default_key_of then
+    return false
+  end
+  local keys, list = {}, {}
+  for _, e in ipairs(out) do
+    local k = rm.on[e.type] and read_model.default_key_of(e)
+    if k then
+      local ks = key_string(k)
+      if not keys[ks] then
+        keys[ks] = true
+        list[#list + 1] = ks
+      end
+    end
+  end
+  if #list == 0 then return false end
+  local ok, err = store:query_ahead(rm:_load_query(store, nil, list, true))
+  if not ok then return nil, err end
+  return { rm = rm, keys = keys }
+end
+
+-- The rows load_ahead asked for: opts.loaded of read_model.apply_inline.
+local function loaded_rows(store, ahead)
+  if not ahead then return nil end
+  local rows, err = store:ahead_rows()
+  if not rows then return nil, err end
+  return { [ahead.rm] = { keys = ahead.keys, rows = ahead.rm:_found(rows) } }
+end
+
 -- Appends and updates the inline read models in one transaction (or one
 -- after the other on a memory store). The events get the versions they
--- will have, so handlers see what a projector would.
+-- will have, so handlers see what a projector would. On PostgreSQL that
+-- is 2 round trips: [BEGIN, the rows' load, the append], then [the rows'
+-- write, COMMIT].
 local function append_inline(self, stream, out, aopts)
   local store = self.store
-  local read_model = require "eventsourcing.read_model"
   if util.is_memory(store) then
     -- no transactions: run the handlers without writing first, so that a
     -- failing one refuses the command before anything is stored
@@ -249,12 +290,18 @@ local function append_inline(self, stream, out, aopts)
   -- a raise in between (a bug in a handler's helper) must not leave the
   -- transaction open
   local fine, raised = pcall(function()
+    local ahead, loaded
+    ahead, err = load_ahead(self, store, out)
+    if ahead == nil then ok = false; return end
     res, err = store:append(stream, out, aopts)
     if res then
       stamp(out, res)
+      loaded, err = loaded_rows(store, ahead)
+      if ahead and not loaded then ok = false; return end
       -- the read models' last write goes with COMMIT, in one round trip
       local last = {}
-      ok, err = read_model.apply_inline(store, self.read_models, out, { defer = last })
+      ok, err = read_model.apply_inline(store, self.read_models, out,
+        { defer = last, loaded = loaded })
       if ok then
         if last.sql then
           ok, err = store:commit_with(last.sql, (table.unpack or unpack)(last, 1, last.n))

@@ -65,18 +65,24 @@ void pg_drain(pg_store *p)
 
 PGresult *pg_take_result(pg_store *p)
 {
-    while (p->prefix > 0) {
+    for (int k = 1; p->prefix > 0; k++) {
         PGresult *pre = PQgetResult(p->conn), *end;
         p->prefix--;
         if (!pre || (PQresultStatus(pre) != PGRES_TUPLES_OK &&
                      PQresultStatus(pre) != PGRES_COMMAND_OK)) {
             p->prefix = 0;  /* the rest is aborted: pg_drain reads it */
+            pg_early_settle(p);   /* a query ahead's error is this one */
             return pre;
         }
-        PQclear(pre);
+        if (p->early.state == PG_EARLY_SENT && k == p->early.at) {
+            p->early.res = pre;     /* kept for es_ahead_rows */
+            p->early.state = PG_EARLY_HELD;
+        } else
+            PQclear(pre);
         if ((end = PQgetResult(p->conn)) != NULL)
             PQclear(end);   /* not expected: one result per statement */
     }
+    pg_early_settle(p);
     return PQgetResult(p->conn);
 }
 
@@ -128,6 +134,7 @@ void pg_prefetch_drop(pg_store *p)
 static int connect_now(pg_store *p, es_error *err)
 {
     pg_prefetch_drop(p);     /* whatever was on the wire goes with it */
+    pg_early_settle(p);
     if (p->conn)
         PQfinish(p->conn);
     p->prepared = 0;
@@ -451,7 +458,8 @@ int pg_pipe_open(pg_store *p)
     int begin = p->begin_pending;
     int timeouts = p->pooler == PG_POOLER_TRANSACTION && p->local_sql[0] &&
                    (begin || !p->in_tx);
-    if (!begin && !timeouts)
+    int early = p->early.state == PG_EARLY_QUEUED && p->in_tx;
+    if (!begin && !timeouts && !early)
         return 0;
     if (!PQenterPipelineMode(p->conn))
         return -1;
@@ -468,6 +476,10 @@ int pg_pipe_open(pg_store *p)
                                        NULL, NULL, 0))
         return -1;
     p->prefix += timeouts;
+    /* a query ahead last, right in front of the statement (in the
+     * transaction: BEGIN went first) */
+    if (early && pg_early_send(p) < 0)
+        return -1;
     return 1;
 }
 
@@ -503,6 +515,7 @@ void pg_drop_pipeline(pg_store *p)
 {
     if (!p->wrapped || !p->conn)
         return;
+    pg_early_settle(p);
     note_session_loss(p);
     PQfinish(p->conn);
     p->conn = NULL;
@@ -539,7 +552,8 @@ static PGresult *exec_stmt(pg_store *p, const char *name, const char *sql,
     const int *lengths = bin ? bin->lengths : NULL;
     const int *formats = bin ? bin->formats : NULL;
     PGresult *res;
-    if (!p->begin_pending && p->pooler != PG_POOLER_TRANSACTION)
+    if (!p->begin_pending && p->pooler != PG_POOLER_TRANSACTION &&
+        p->early.state != PG_EARLY_QUEUED)
         return name ? PQexecPrepared(p->conn, name, nparams, values, lengths,
                                      formats, binary_result)
                     : PQexecParams(p->conn, sql, nparams, NULL, values,
@@ -719,6 +733,18 @@ const char *es_rows_value(const es_rows *r, int row, int col, size_t *len)
     return PQgetvalue(r->res, row, col);
 }
 
+es_rows *pg_rows_of(PGresult *res, es_error *err)
+{
+    es_rows *rows = malloc(sizeof *rows);
+    if (!rows) {
+        PQclear(res);
+        es_fail(err, ES_DATABASE, "out of memory");
+        return NULL;
+    }
+    rows->res = res;
+    return rows;
+}
+
 void es_rows_free(es_rows *r)
 {
     if (r) {
@@ -756,6 +782,16 @@ static int pg_end(es_store *s, int commit, es_error *err)
         return -1;
     if (!commit && p->in_tx)
         p->copy_failed = 0;   /* its copy goes with the rollback */
+    if (commit && p->early.state == PG_EARLY_QUEUED && !p->tx_lost) {
+        /* it belongs to the transaction: it runs before COMMIT (which
+         * reports the transaction aborted when it failed) */
+        es_rows *r = pg_ahead_rows(s, err);
+        if (r)
+            es_rows_free(r);
+        else if (err->kind == ES_CONNECTION)
+            note_session_loss(p);
+    }
+    pg_early_clear(p);
     if (p->conn && PQstatus(p->conn) != CONNECTION_OK)
         note_session_loss(p);
     if (p->tx_lost) {
@@ -893,12 +929,14 @@ void pg_disconnect(es_store *s)
         p->ahead.res = NULL;
         p->ahead.rows = NULL;
         p->ahead.state = 0;
+        pg_early_clear(p);          /* memory too: nothing is sent */
         forsake(p->conn);
         p->conn = NULL;
         return;
     }
     pg_prefetch_drop(p);
     pg_citus_close(p);
+    pg_early_clear(p);
     if (p->conn)
         PQfinish(p->conn);
     p->conn = NULL;

@@ -77,6 +77,20 @@ typedef struct pg_qslot {
     unsigned long gen;        /* its statement is es_q<gen> (see pg_qcache.c) */
 } pg_qslot;
 
+/* A query sent ahead (store:query_ahead, pg_pipeline.c): it waits for the
+ * transaction's next statement and goes in that statement's pipeline, in
+ * front of it, so it costs no round trip of its own. */
+enum { PG_EARLY_NONE, PG_EARLY_QUEUED, PG_EARLY_SENT, PG_EARLY_HELD,
+       PG_EARLY_LOST };
+typedef struct pg_early {
+    int state;                /* PG_EARLY_* */
+    char *sql;                /* QUEUED: the query and copies of its */
+    char **params;            /* parameters (NULL: SQL NULL) */
+    int nparams;
+    int at;                   /* SENT: its place among the prefix results */
+    PGresult *res;            /* HELD: its result */
+} pg_early;
+
 typedef struct pg_store {
     es_store base;
     PGconn *conn;
@@ -101,6 +115,7 @@ typedef struct pg_store {
                                  the pooler's timeouts: read to its Sync */
     int prefix;               /* results of those still to read before
                                  the statement's */
+    pg_early early;           /* a query ahead (store:query_ahead) */
     char *sql[PG_NSTMT];      /* pooler: statement text, made on first use */
     es_buf params;            /* parameter text of one call */
     PGresult *snapshot;       /* the last snapshot loaded */
@@ -208,6 +223,25 @@ int pg_rollback(es_store *s, es_error *err);
  * (pg_pipeline.c): es_query_commit. */
 int pg_query_commit(es_store *s, const char *sql, int nparams,
                     const char *const *params, es_error *err);
+/* A query that goes in front of the transaction's next statement, in its
+ * round trip; its rows are asked for later (pg_pipeline.c):
+ * es_query_ahead, es_ahead_rows. */
+int pg_query_ahead(es_store *s, const char *sql, int nparams,
+                   const char *const *params, es_error *err);
+es_rows *pg_ahead_rows(es_store *s, es_error *err);
+/* pg_pipe_open's part: sends the query ahead into the open pipeline. 1
+ * sent, 0 none waiting, -1 libpq refused. */
+int pg_early_send(pg_store *p);
+/* The query ahead's result (taken by pg_take_result), and what becomes of
+ * one that will get none; pg_early_clear forgets it (the transaction
+ * ends). */
+void pg_early_settle(pg_store *p);
+void pg_early_clear(pg_store *p);
+/* A result of pg_query's shape (es_rows) around res, which it takes. */
+es_rows *pg_rows_of(PGresult *res, es_error *err);
+/* The slot of a cached query already prepared on this session: 1 with its
+ * name, else 0 (nothing is sent). */
+int pg_qcache_named(pg_store *p, const char *sql, char *name);
 int pg_status(es_store *s, es_store_status *out, es_error *err);
 /* Runs a query with parameters as a statement prepared on this session
  * (parsed and planned once), or returns NULL when it is not one to cache:

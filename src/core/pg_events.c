@@ -542,6 +542,9 @@ typedef struct pg_cursor {
     int64_t last;
     int64_t remaining;      /* events still wanted; -1 = no limit */
     int backward;
+    int learn_top;          /* the first page sets `last` (see pg_read) */
+    int64_t page_from;      /* the page on its way: its first version */
+    int64_t page_want;      /* and how many rows it can hold */
     int prefetch;           /* keep the next page on its way */
     pg_page_claim page;     /* on the wire while p->page points here */
     char before[40];        /* "" = no bound */
@@ -647,10 +650,40 @@ static int send_page(pg_cursor *pc, es_error *err)
     values[3] = pc->before[0] ? pc->before : NULL;
     values[4] = i64(limit, pc->remaining >= 0 ? pc->remaining
                                               : (int64_t)PAGE_ROWS);
+    pc->page_from = a;
+    pc->page_want = b - a + 1;
+    if (pc->remaining >= 0 && pc->remaining < pc->page_want)
+        pc->page_want = pc->remaining;
     if (pg_send_prepared(p, pc->backward ? PG_READ_BACKWARD : PG_READ_FORWARD,
                          5, values, 1, err) < 0)
         return -1;
     p->page = &pc->page;
+    return 0;
+}
+
+/* The first page of a forward read without `before` bounds the read.
+ * Versions are dense, so a page with fewer rows than it could hold ends
+ * where the stream ended when it was read: nothing more to read (a stream
+ * shorter than a page costs one statement, no version query). Only after
+ * a full page, when more is wanted, is the stream's version asked for,
+ * still inside read(): later pages stop there, so events appended after
+ * read() are not read. */
+static int learn_top(pg_cursor *pc, es_error *err)
+{
+    int64_t top;
+    pc->learn_top = 0;
+    if (pc->nrows < pc->page_want) {
+        pc->last = pc->page_from + pc->nrows - 1;
+        if (pc->next > pc->last + 1)
+            pc->next = pc->last + 1;
+        return 0;
+    }
+    if (stream_exhausted(pc))
+        return 0;
+    if (pg_version(pc->base.store, pc->stream, &top, err) < 0)
+        return -1;
+    if (top < pc->last)
+        pc->last = top;
     return 0;
 }
 
@@ -673,6 +706,11 @@ static int receive_page(pg_cursor *pc, es_error *err)
     pc->nrows = PQntuples(pc->res);
     if (pc->remaining >= 0)
         pc->remaining -= pc->nrows;
+    if (pc->learn_top) {
+        if (learn_top(pc, err) < 0)
+            return -1;
+    } else if (!pc->backward && !pc->before[0] && pc->nrows == 0)
+        pc->last = pc->next - 1;    /* dense versions: the end (defensive) */
     if (pc->prefetch && !stream_exhausted(pc))
         return send_page(pc, err);
     return 0;
@@ -712,12 +750,16 @@ es_cursor *pg_read(es_store *s, const char *stream, const es_read_opts *o,
                    es_error *err)
 {
     pg_cursor *pc;
-    int64_t top;
+    int64_t top = INT64_MAX;
 
-    /* The stream's version bounds the pages, and fetching it first makes
-     * a bad store or connection show up as read()'s nil, err rather than
-     * in the middle of a loop. Events appended after this are not read. */
-    if (pg_version(s, stream, &top, err) < 0)
+    /* The stream's version bounds the pages: events appended after read()
+     * are not read. Backward reads start from it, and a page filtered by
+     * `before` can be empty in the middle of the stream, so those ask for
+     * it first; a forward read learns it from its first page, fetched
+     * here (one round trip in all for a short stream). Either way a bad
+     * store or connection shows up as read()'s nil, err rather than in
+     * the middle of a loop. */
+    if ((o->backward || o->before) && pg_version(s, stream, &top, err) < 0)
         return NULL;
     pc = calloc(1, sizeof *pc);
     if (!pc || !(pc->stream = strdup(stream))) {
@@ -746,6 +788,14 @@ es_cursor *pg_read(es_store *s, const char *stream, const es_read_opts *o,
             return NULL;
         }
         es_time_format(usec, pc->before);
+    }
+    if (!o->backward && !o->before) {
+        pc->learn_top = 1;
+        if (!stream_exhausted(pc) &&
+            (send_page(pc, err) < 0 || receive_page(pc, err) < 0)) {
+            cursor_destroy(&pc->base);
+            return NULL;
+        }
     }
     return &pc->base;
 }

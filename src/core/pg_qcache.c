@@ -121,6 +121,16 @@ int pg_qcache_prepare(pg_store *p, const char *sql, int nparams,
     return 1;
 }
 
+int pg_qcache_named(pg_store *p, const char *sql, char *name)
+{
+    int i = p->pooler == PG_POOLER_TRANSACTION ? -1 : find(p, sql);
+    if (i < 0 || !(p->qprepared & (1u << i)))
+        return 0;
+    p->qcache[i].used = ++p->qclock;
+    slot_name(p, i, name, PG_QNAME);
+    return 1;
+}
+
 /* "cached plan must not change result type": a table under the statement
  * changed its columns since it was prepared. Told by the function that
  * raises it, not by the message (0A000 alone is any unsupported feature). */

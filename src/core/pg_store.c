@@ -67,6 +67,8 @@ static const es_store_ops pg_ops = {
     .copy = pg_copy,
     .copy_wait = pg_copy_wait,
     .query_commit = pg_query_commit,
+    .query_ahead = pg_query_ahead,
+    .ahead_rows = pg_ahead_rows,
 };
 
 /* PG_POOLER_* for a name, or -1. */

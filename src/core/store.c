@@ -418,6 +418,31 @@ int es_query_commit(es_store *s, const char *sql, int nparams,
     return s->ops->query_commit(s, sql, nparams, params, err);
 }
 
+int es_query_ahead(es_store *s, const char *sql, int nparams,
+                   const char *const *params, es_error *err)
+{
+    es_error_clear(err);
+    if (store_usable(s, err) < 0)
+        return -1;
+    if (!s->ops->query_ahead)
+        return es_fail(err, ES_INVALID, "%s stores have no transactions",
+                       s->ops->kind);
+    return s->ops->query_ahead(s, sql, nparams, params, err);
+}
+
+es_rows *es_ahead_rows(es_store *s, es_error *err)
+{
+    es_error_clear(err);
+    if (store_usable(s, err) < 0)
+        return NULL;
+    if (!s->ops->ahead_rows) {
+        es_fail(err, ES_INVALID, "%s stores have no transactions",
+                s->ops->kind);
+        return NULL;
+    }
+    return s->ops->ahead_rows(s, err);
+}
+
 int es_set_timeouts(es_store *s, int64_t statement_ms, int64_t lock_ms,
                     es_error *err)
 {

@@ -48,6 +48,9 @@ typedef struct es_store_ops {
     int (*copy_wait)(es_store *s, int64_t *count, es_error *err);
     int (*query_commit)(es_store *s, const char *sql, int nparams,
                         const char *const *params, es_error *err);
+    int (*query_ahead)(es_store *s, const char *sql, int nparams,
+                       const char *const *params, es_error *err);
+    es_rows *(*ahead_rows)(es_store *s, es_error *err);
 } es_store_ops;
 
 struct es_store {

@@ -1333,25 +1333,10 @@ static int query_params(lua_State *L, lstore *ls, int nparams,
     return 0;
 }
 
-/* store:query(sql, ...) -> array of rows keyed by column name. */
-static int l_query(lua_State *L)
+/* Pushes the rows of r (held by *holder, freed after). */
+static int push_rows(lua_State *L, es_rows **holder)
 {
-    lstore *ls = check_store(L);
-    const char *sql = check_strict_string(L, 2);
-    int nparams = lua_gettop(L) - 2, rc;
-    const char **params;
-    es_error err;
-    es_rows *r;
-
-    if ((rc = query_params(L, ls, nparams, &params)) < 0)
-        return -rc;
-    es_rows **holder = (es_rows **)esl_newuserdata(L, sizeof *holder);
-    *holder = NULL;
-    luaL_getmetatable(L, ROWS_MT);
-    lua_setmetatable(L, -2);
-    r = *holder = es_query(ls->s, sql, nparams, params, &err);
-    if (!r)
-        return esl_push_error(L, &err);
+    es_rows *r = *holder;
     int nrows = es_rows_count(r), ncols = es_rows_columns(r);
     lua_createtable(L, nrows, 0);
     for (int i = 0; i < nrows; i++) {
@@ -1365,6 +1350,62 @@ static int l_query(lua_State *L)
     es_rows_free(r);
     *holder = NULL;
     return 1;
+}
+
+/* A holder for a result (a Lua error while pushing it frees it). */
+static es_rows **new_holder(lua_State *L)
+{
+    es_rows **holder = (es_rows **)esl_newuserdata(L, sizeof *holder);
+    *holder = NULL;
+    luaL_getmetatable(L, ROWS_MT);
+    lua_setmetatable(L, -2);
+    return holder;
+}
+
+/* store:query(sql, ...) -> array of rows keyed by column name. */
+static int l_query(lua_State *L)
+{
+    lstore *ls = check_store(L);
+    const char *sql = check_strict_string(L, 2);
+    int nparams = lua_gettop(L) - 2, rc;
+    const char **params;
+    es_error err;
+
+    if ((rc = query_params(L, ls, nparams, &params)) < 0)
+        return -rc;
+    es_rows **holder = new_holder(L);
+    if (!(*holder = es_query(ls->s, sql, nparams, params, &err)))
+        return esl_push_error(L, &err);
+    return push_rows(L, holder);
+}
+
+/* store:query_ahead(sql, ...) -> true | nil, err: the query waits for the
+ * transaction's next statement and goes in front of it, in its round
+ * trip. store:ahead_rows() -> its rows | nil, err. */
+static int l_query_ahead(lua_State *L)
+{
+    lstore *ls = check_store(L);
+    const char *sql = check_strict_string(L, 2);
+    int nparams = lua_gettop(L) - 2, rc;
+    const char **params;
+    es_error err;
+
+    if ((rc = query_params(L, ls, nparams, &params)) < 0)
+        return -rc;
+    if (es_query_ahead(ls->s, sql, nparams, params, &err) < 0)
+        return esl_push_error(L, &err);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int l_ahead_rows(lua_State *L)
+{
+    lstore *ls = check_store(L);
+    es_error err;
+    es_rows **holder = new_holder(L);
+    if (!(*holder = es_ahead_rows(ls->s, &err)))
+        return esl_push_error(L, &err);
+    return push_rows(L, holder);
 }
 
 static int tx_result(lua_State *L, int rc, es_error *err)
@@ -1489,6 +1530,8 @@ static const luaL_Reg store_methods[] = {
     {"begin", l_begin},
     {"commit", l_commit},
     {"commit_with", l_commit_with},
+    {"query_ahead", l_query_ahead},
+    {"ahead_rows", l_ahead_rows},
     {"rollback", l_rollback},
     {"listen", l_listen},
     {"wait", l_wait},

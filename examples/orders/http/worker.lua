@@ -97,7 +97,7 @@ local TIMINGS = os.getenv("ES_HTTP_TIMINGS") == "1"
 local phases = {}     -- phase -> seconds, of the request being handled
 local PHASE_OF = { fold = "fold", read = "fold", load_snapshot = "fold", version = "fold",
                    begin = "begin", append = "append", query = "sql", commit = "commit", commit_with = "commit",
-                   rollback = "commit" }
+                   rollback = "commit", query_ahead = "sql", ahead_rows = "sql" }
 
 local function add_time(phase, t0)
   phases[phase] = (phases[phase] or 0) + (core.monotonic() - t0)

@@ -1,0 +1,102 @@
+-- A command with an inline read model on PostgreSQL: the read model's rows
+-- are loaded in front of the append, in its round trip (store:query_ahead),
+-- when its keys follow from the stream. The rows must still be exactly what
+-- a load after the append would have given: a command that commits in
+-- between makes the append conflict, and the retry starts again.
+local es = require "eventsourcing"
+local helpers = require "helpers"
+
+local Counter = es.aggregate {
+  name = "Counter",
+  initial = function() return { total = 0 } end,
+  apply = { Added = function(s, e) s.total = s.total + e.data.n end },
+  decide = { Add = function(_, cmd)
+    if cmd.hook then cmd.hook() end
+    return { type = "Added", data = { n = cmd.n, group = cmd.group } }
+  end },
+}
+
+local function counters(name, key_of)
+  return es.read_model {
+    name = name,
+    key = "id",
+    key_of = key_of,
+    columns = { id = "text", total = "bigint", count = "integer", version = "bigint" },
+    on = { Added = function(row, e)
+      row.total = (row.total or 0) + e.data.n
+      row.count = (row.count or 0) + 1
+      row.version = e.version
+    end },
+  }
+end
+
+describe("inline read model rows loaded ahead of the append (postgresql)", function()
+  local store, other, schema
+
+  before_each(function()
+    store, schema = helpers.open({ name = "postgresql", url = helpers.database_url() })
+    other = assert(es.open(helpers.database_url(), { schema = schema }))
+  end)
+  after_each(function()
+    store:close()
+    other:close()
+  end)
+
+  local function row(rm, id)
+    return assert(store:query(("SELECT total, count, version FROM %q.%s WHERE id = $1")
+      :format(schema, rm.name), id))[1]
+  end
+
+  it("keeps the row equal to the fold, command after command", function()
+    local rm = counters("rm_counters")
+    assert(rm:migrate(store))
+    local repo = es.repository(store, { read_models = { rm } })
+    for i = 1, 12 do
+      assert(repo:execute(Counter, "c1", "Add", { n = i }))
+    end
+    local state, version = assert(repo:load(Counter, "c1"))
+    assert.same({ total = state.total, count = 12, version = version }, row(rm, "c1"))
+    assert.equal(78, state.total)
+  end)
+
+  it("retries when another command commits between the fold and the append", function()
+    local rm = counters("rm_counters")
+    assert(rm:migrate(store))
+    local repo = es.repository(store, { read_models = { rm } })
+    local repo2 = es.repository(other, { read_models = { rm } })
+    assert(repo:execute(Counter, "c2", "Add", { n = 1 }))
+    local raced = false
+    local r = assert(repo:execute(Counter, "c2", "Add", { n = 10, hook = function()
+      if raced then return end
+      raced = true
+      assert(repo2:execute(Counter, "c2", "Add", { n = 100 }))
+    end }))
+    assert.equal(3, r.version)
+    assert.equal(1, repo.stats.retries)
+    -- each command applied once: 1 + 100 + 10
+    assert.same({ total = 111, count = 3, version = 3 }, row(rm, "c2"))
+  end)
+
+  it("loads after the append when the keys do not follow from the stream", function()
+    local rm = counters("rm_groups", function(e) return e.data.group end)
+    assert(rm:migrate(store))
+    local repo = es.repository(store, { read_models = { rm } })
+    assert(repo:execute(Counter, "a", "Add", { n = 2, group = "g" }))
+    assert(repo:execute(Counter, "b", "Add", { n = 3, group = "g" }))
+    assert.same({ total = 5, count = 2, version = 1 }, row(rm, "g"))
+  end)
+
+  it("reports the load's own error and stores nothing when the load fails", function()
+    local rm = counters("rm_counters")
+    assert(rm:migrate(store))
+    local repo = es.repository(store, { read_models = { rm } })
+    assert(repo:execute(Counter, "c3", "Add", { n = 1 }))
+    assert(other:query(("DROP TABLE %q.rm_counters"):format(schema)))
+    local ok, err = repo:execute(Counter, "c3", "Add", { n = 1 })
+    assert.is_nil(ok)
+    assert.equal("42P01", err.sqlstate)        -- undefined table: the load's
+    assert.matches("rm_counters", err.message)
+    assert.equal(1, select(2, assert(repo:load(Counter, "c3"))))
+    assert.is_false(assert(store:status()).in_transaction)
+  end)
+end)
