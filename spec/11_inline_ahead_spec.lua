@@ -77,6 +77,44 @@ describe("inline read model rows loaded ahead of the append (postgresql)", funct
     assert.same({ total = 111, count = 3, version = 3 }, row(rm, "c2"))
   end)
 
+  it("retries when another writer takes the same version at once (the append waits, then aborts its transaction)", function()
+    local core = require "eventsourcing.core"
+    local rm = counters("rm_counters")
+    assert(rm:migrate(store))
+    local repo = es.repository(store, { read_models = { rm } })
+    assert(repo:execute(Counter, "c5", "Add", { n = 1 }))
+    local pid
+    local r = assert(repo:execute(Counter, "c5", "Add", { n = 10, hook = function()
+      if pid then return end
+      -- after this command's fold: a child appends version 2 and holds its
+      -- transaction open for a second, so this command's append of
+      -- version 2 waits on the unique index, then fails (23505) in its
+      -- transaction, which aborts
+      pid = assert(core.fork())
+      if pid == 0 then
+        local ok = pcall(function()
+          local s = assert(es.open(helpers.database_url(), { schema = schema }))
+          assert(s:begin())
+          assert(s:append("Counter-c5", { { type = "Added", data = { n = 100 } } }, { expected_version = 1 }))
+          assert(s:query("SELECT pg_sleep(1.0) AS slept"))
+          assert(s:commit())
+        end)
+        core.exit(ok and 0 or 1)
+      end
+      local deadline = os.time() + 10
+      repeat
+        local n = assert(other:query("SELECT count(*)::int AS n FROM pg_stat_activity "
+          .. "WHERE query LIKE 'SELECT pg_sleep(1.0)%' AND state = 'active'"))[1].n
+      until n > 0 or os.time() > deadline
+    end }))
+    local how, code = core.wait(pid)
+    assert.same({ "exited", 0 }, { how, code })
+    assert.equal(3, r.version)
+    assert.equal(1, repo.stats.retries)
+    local state = assert(repo:load(Counter, "c5"))
+    assert.equal(111, state.total)
+  end)
+
   it("loads after the append when the keys do not follow from the stream", function()
     local rm = counters("rm_groups", function(e) return e.data.group end)
     assert(rm:migrate(store))

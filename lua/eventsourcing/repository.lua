@@ -384,9 +384,13 @@ function Repository:execute(A, id, command_name, command, opts)
       return { version = res.version, position = res.position, events = out,
                state = state, snapshot_error = serr }
     end
-    -- in an aborted transaction (reason "tx_aborted", "order") a retry
-    -- can only fail again: the caller must roll back first
-    if aerr.kind ~= "conflict" or aerr.reason == "tx_aborted" or aerr.reason == "order"
+    -- In an aborted transaction (reason "tx_aborted", "order") a retry
+    -- in it can only fail again. The inline read models' append ran in a
+    -- transaction of its own, rolled back by now: there a writer that
+    -- took the same version first (the unique index refused this one, so
+    -- the transaction aborted) is a conflict like any other, retried.
+    local aborted = aerr.reason == "tx_aborted" or aerr.reason == "order"
+    if aerr.kind ~= "conflict" or (aborted and not self.read_models)
         or attempt >= self.max_retries then
       return nil, aerr
     end
