@@ -77,7 +77,7 @@ describe("inline read model rows loaded ahead of the append (postgresql)", funct
     assert.same({ total = 111, count = 3, version = 3 }, row(rm, "c2"))
   end)
 
-  it("retries when another writer takes the same version at once (the append waits, then aborts its transaction)", function()
+  it("retries when another writer takes the same version at once (the append waits, then aborts)", function()
     local core = require "eventsourcing.core"
     local rm = counters("rm_counters")
     assert(rm:migrate(store))
