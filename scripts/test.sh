@@ -30,7 +30,7 @@ specs=("$@")
 
 POOLER_SPECS=(spec/03_store_spec.lua spec/04_global_order_spec.lua spec/07_prefetch_spec.lua
   spec/09_pooler_spec.lua spec/20_read_model_spec.lua spec/21_projector_spec.lua spec/30_http_spec.lua
-  spec/32_http_fast_get_spec.lua
+  spec/32_http_fast_get_spec.lua spec/11_inline_ahead_spec.lua
   spec/24_follower_spec.lua spec/25_follower_group_spec.lua spec/40_workflow_spec.lua)
 
 PG_URL='' PGB_URL='' POOLER_SKIPPED=''

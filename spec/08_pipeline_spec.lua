@@ -430,6 +430,70 @@ describe("transactions in fewer round trips (" .. target.name .. ")", function()
       assert.equal(1, events("Q-C"))
     end)
 
+    it("says its own error is its own, and a plan made stale by a changed column fails once only", function()
+      local sql = "SELECT note FROM " .. tbl .. " WHERE id = $1::int"
+      assert(admin:query("INSERT INTO " .. tbl .. " VALUES (1, 'one')"))
+      for round = 1, 2 do       -- the second goes by name when prepared
+        assert(store:begin())
+        assert(store:query_ahead(sql, 1))
+        assert(store:append("Q-S", { type = "A" }))
+        assert.same({ { note = "one" } }, assert(store:ahead_rows()))
+        assert(store:commit())
+        assert.equal(round, events("Q-S"))
+      end
+      assert(admin:query("ALTER TABLE " .. tbl .. " ALTER COLUMN note TYPE varchar(20)"))
+      local failed = 0
+      for _ = 1, 3 do
+        assert(store:begin())
+        assert(store:query_ahead(sql, 1))
+        local ok, err = store:append("Q-S", { type = "A" })
+        if ok then
+          assert.same({ { note = "one" } }, assert(store:ahead_rows()))
+          assert(store:commit())
+        else
+          -- a prepared plan the server refuses (0A000), as the query
+          -- ahead's error, not the append's
+          failed = failed + 1
+          assert.equal("0A000", err.sqlstate)
+          assert.matches("^query ahead %(sent with ", err.message)
+          assert(store:rollback())
+        end
+      end
+      -- behind the pooler nothing is prepared, so nothing goes stale
+      assert.equal(target.opts and 0 or 1, failed)
+      assert.equal(2 + 3 - failed, events("Q-S"))
+    end)
+
+    it("never outlives its transaction, whatever ends it (a commit refused by a failed copy)", function()
+      for _, wait in ipairs({ "commit", "commit_with" }) do
+        assert(store:begin())
+        assert(store:query_ahead("INSERT INTO " .. tbl .. " VALUES ($1::int, 'stale') RETURNING id", 7))
+        assert.is_true(store:copy_rows("notes", { "id", "note" }, { { id = 1, note = "a" }, { id = 1, note = "b" } },
+          { wait = false }))
+        local ok
+        if wait == "commit" then ok = store:commit() else ok = store:commit_with("SELECT 1 AS one") end
+        assert.is_nil(ok)
+        -- the next transaction does not carry it
+        assert(store:begin())
+        assert(store:query("SELECT 1 AS one"))
+        assert(store:commit())
+        assert.equal(0, notes())
+      end
+    end)
+
+    it("gives its rows when it went in front of a batch read ahead (the prefetch thread took them)", function()
+      for i = 1, 10 do assert(store:append("Q-T-" .. i, { type = "A" })) end
+      for round = 1, 10 do
+        assert(store:begin())
+        local _, last = assert(store:read_all({ limit = 2, prefetch = true }))
+        assert(store:query_ahead("INSERT INTO " .. tbl .. " VALUES ($1::int, 'ahead') RETURNING id", round))
+        assert(store:read_all({ after = last, limit = 2, prefetch = true }))
+        assert.same({ { id = round } }, assert(store:ahead_rows()))
+        assert(store:commit())
+      end
+      assert.equal(10, notes())
+    end)
+
     it("refuses a query the server cannot prepare, in the transaction", function()
       assert(store:begin())
       local ok, err = store:query_ahead("SELECT no_such_column FROM " .. tbl .. " WHERE id = $1::int", 1)

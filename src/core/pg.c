@@ -71,6 +71,14 @@ PGresult *pg_take_result(pg_store *p)
         if (!pre || (PQresultStatus(pre) != PGRES_TUPLES_OK &&
                      PQresultStatus(pre) != PGRES_COMMAND_OK)) {
             p->prefix = 0;  /* the rest is aborted: pg_drain reads it */
+            if (p->early.state == PG_EARLY_SENT && k == p->early.at) {
+                /* the query ahead itself failed: a prepared statement
+                 * the server refuses (0A000) leaves the query cache as
+                 * when query() meets it, and the error says whose it is */
+                if (pre)
+                    pg_qcache_check(p, p->early.sql, pre);
+                p->early.failed = 1;
+            }
             pg_early_settle(p);   /* a query ahead's error is this one */
             return pre;
         }
@@ -320,8 +328,14 @@ static es_reason reason_of(const pg_store *p, const char *state,
 int pg_fail(pg_store *p, PGresult *res, const char *what, es_error *err)
 {
     const char *field;
-    char msg[ES_MESSAGE_MAX], state[6] = "", constraint[64] = "";
+    char msg[ES_MESSAGE_MAX], state[6] = "", constraint[64] = "", whose[96];
     es_kind kind = ES_DATABASE;
+
+    if (p->early.failed) {      /* the query ahead's error, not what's */
+        p->early.failed = 0;
+        snprintf(whose, sizeof whose, "query ahead (sent with %s)", what);
+        what = whose;
+    }
 
     /* Copy what we need: the fields point into res. */
     field = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
@@ -760,6 +774,13 @@ int pg_begin(es_store *s, es_error *err)
     pg_store *p = (pg_store *)s;
     if (p->in_tx)
         return es_fail(err, ES_INVALID, "a transaction is already open");
+    /* a query ahead belongs to the transaction it was made in: one left
+     * by a transaction that ended some other way never runs in this one
+     * (the prefetch thread, which may take its result, is joined first) */
+    if (p->early.state != PG_EARLY_NONE) {
+        pg_prefetch_join(p);
+        pg_early_clear(p);
+    }
     /* connects now, as before; BEGIN itself waits for the transaction's
      * first statement and goes in the same round trip (pg_pipe_open) */
     if (pg_ready(p, err) < 0)
@@ -839,6 +860,7 @@ int pg_copy_failed_commit(pg_store *p, es_error *err)
         PQtransactionStatus(p->conn) != PQTRANS_IDLE)
         PQclear(PQexec(p->conn, "ROLLBACK"));
     p->in_tx = p->begin_pending = p->tx_lost = 0;
+    pg_early_clear(p);      /* it went with the rollback */
     return -1;
 }
 

@@ -89,6 +89,8 @@ typedef struct pg_early {
     int nparams;
     int at;                   /* SENT: its place among the prefix results */
     PGresult *res;            /* HELD: its result */
+    int failed;               /* it failed in front of a statement, which
+                               * reports its error (pg_fail says whose) */
 } pg_early;
 
 typedef struct pg_store {

@@ -150,6 +150,7 @@ int pg_query_commit(es_store *s, const char *sql, int nparams,
     if (p->begin_pending && pg_ready(p, err) < 0) {
         p->begin_pending = 0;
         p->in_tx = 0;
+        pg_early_clear(p);
         return -1;
     }
     named = pg_qcache_prepare(p, sql, nparams, name, &res);
@@ -234,10 +235,10 @@ int pg_query_ahead(es_store *s, const char *sql, int nparams,
     if (!p->in_tx && !p->tx_lost)
         return es_fail(err, ES_INVALID, "query_ahead: only inside a "
                        "transaction (store:begin() first)");
+    pg_settle_wire(p);      /* a thread may be taking an earlier one's result */
     if (p->early.state == PG_EARLY_QUEUED)
         return es_fail(err, ES_INVALID, "query_ahead: a query ahead is "
                        "waiting already (take its rows with ahead_rows())");
-    pg_settle_wire(p);
     if (pg_ready(p, err) < 0)
         return -1;
     pg_early_clear(p);      /* a result nobody took */
@@ -262,6 +263,9 @@ es_rows *pg_ahead_rows(es_store *s, es_error *err)
     pg_early *q = &p->early;
     es_rows *rows;
 
+    /* the prefetch thread may hold its result still (it went in front of
+     * the next batch's read): join it before looking */
+    pg_settle_wire(p);
     switch (q->state) {
     case PG_EARLY_HELD: {
         PGresult *res = q->res;
