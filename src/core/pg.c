@@ -696,7 +696,6 @@ es_rows *pg_query(es_store *s, const char *sql, int nparams,
 {
     pg_store *p = (pg_store *)s;
     PGresult *res;
-    es_rows *rows;
 
     if (pg_ready(p, err) < 0)
         return NULL;
@@ -717,14 +716,7 @@ es_rows *pg_query(es_store *s, const char *sql, int nparams,
         pg_fail(p, res, "query", err);
         return NULL;
     }
-    rows = malloc(sizeof *rows);
-    if (!rows) {
-        PQclear(res);
-        es_fail(err, ES_DATABASE, "out of memory");
-        return NULL;
-    }
-    rows->res = res;
-    return rows;
+    return pg_rows_of(res, err);
 }
 
 int es_rows_count(const es_rows *r) { return PQntuples(r->res); }
