@@ -113,7 +113,7 @@ const char *pg_statement_sql(const pg_store *p, int stmt, char *out,
         if (filters & 4)
             snprintf(partcol, sizeof partcol, ", (hashtext(stream) &"
                      " 2147483647) %% $%d::int", next - 2);
-        /* the stream read's columns first (decode_row), then these */
+        /* the stream read's columns first (read_row), then these */
         int n = snprintf(out, outlen, "%sSELECT position, id, version, type,"
                  " data, metadata, recorded_at, txid, stream%s FROM \"%s\".events"
                  " WHERE (txid, position) > ($1::xid8, $2::bigint)"
@@ -531,6 +531,16 @@ int pg_version(es_store *s, const char *stream, int64_t *out, es_error *err)
 
 /* ---- cursors -------------------------------------------------------------- */
 
+/* One event row of a read, decoded (read_row). */
+typedef struct pg_row {
+    int64_t position, version, at_usec;
+    uint64_t txid;
+    const char *type, *data, *metadata, *stream;
+    size_t data_len, metadata_len;
+    int part;               /* the partition column's, or -1 */
+    char id[37];
+} pg_row;
+
 typedef struct pg_cursor {
     es_cursor base;
     PGresult *res;          /* the current page */
@@ -556,10 +566,10 @@ typedef struct pg_cursor {
     int64_t head_pos;
     char checkpoint[48];
     /* read_all: the rows as the prefetch thread decoded them, or NULL
-     * (decode_row then reads them here) */
-    const struct pg_row *rows;
-    /* the current event's formatted fields */
-    char id[37];
+     * (read_row then reads each into row) */
+    const pg_row *rows;
+    /* the current event's fields */
+    pg_row row_buf;
     char recorded_at[32];   /* "" until the first row */
     int64_t at_usec;        /* the instant recorded_at shows */
 } pg_cursor;
@@ -587,35 +597,43 @@ static const char *all_checkpoint(es_cursor *c)
     return pc->checkpoint;
 }
 
-/* A read_all row decoded ahead, by the thread that collected its batch
- * (fetch_thread): the caller's thread, which builds the events, then only
+/* Row i of a read's result: columns 0-6 of either read, and with 9 or
+ * more columns read_all's txid, stream and partition. Touches nothing but
+ * res and r: the prefetch thread decodes a whole batch this way
+ * (decode_rows), so the caller's thread, which builds the events, only
  * copies fields (each PQgetvalue is a call, the id a formatting). */
-typedef struct pg_row {
-    int64_t position, version, at_usec;
-    uint64_t txid;
-    const char *type, *data, *metadata, *stream;
-    size_t data_len, metadata_len;
-    int part;               /* the partition column's, or -1 */
-    char id[37];
-} pg_row;
-
-/* Columns 0-6 of a row of either read: the event as es_event wants it. */
-static void decode_row(pg_cursor *pc, PGresult *r, int i, es_event *e)
+static void read_row(const PGresult *res, int i, pg_row *r)
 {
-    e->position = (int64_t)pg_be64(PQgetvalue(r, i, 0));
-    es_uuid_format((const unsigned char *)PQgetvalue(r, i, 1), pc->id);
-    e->id = pc->id;
-    e->version = (int64_t)pg_be64(PQgetvalue(r, i, 2));
-    e->type = PQgetvalue(r, i, 3);
-    e->data = PQgetvalue(r, i, 4);         /* json: the text as stored */
-    e->data_len = (size_t)PQgetlength(r, i, 4);
-    e->metadata = PQgetvalue(r, i, 5);
-    e->metadata_len = (size_t)PQgetlength(r, i, 5);
+    int nf = PQnfields(res);
+    r->position = (int64_t)pg_be64(PQgetvalue(res, i, 0));
+    es_uuid_format((const unsigned char *)PQgetvalue(res, i, 1), r->id);
+    r->version = (int64_t)pg_be64(PQgetvalue(res, i, 2));
+    r->type = PQgetvalue(res, i, 3);
+    r->data = PQgetvalue(res, i, 4);       /* json: the text as stored */
+    r->data_len = (size_t)PQgetlength(res, i, 4);
+    r->metadata = PQgetvalue(res, i, 5);
+    r->metadata_len = (size_t)PQgetlength(res, i, 5);
+    r->at_usec = (int64_t)pg_be64(PQgetvalue(res, i, 6)) + PG_EPOCH_USEC;
+    r->txid = nf >= 9 ? pg_be64(PQgetvalue(res, i, 7)) : 0;
+    r->stream = nf >= 9 ? PQgetvalue(res, i, 8) : NULL;
+    r->part = nf > 9 ? be32(PQgetvalue(res, i, 9)) : -1;
+}
+
+/* Event e from row r; its strings stay r's and the cursor's. */
+static void row_event(pg_cursor *pc, const pg_row *r, es_event *e)
+{
+    e->position = r->position;
+    e->id = r->id;
+    e->version = r->version;
+    e->type = r->type;
+    e->data = r->data;
+    e->data_len = r->data_len;
+    e->metadata = r->metadata;
+    e->metadata_len = r->metadata_len;
     /* the events of one transaction share their instant (now()) */
-    int64_t at = (int64_t)pg_be64(PQgetvalue(r, i, 6)) + PG_EPOCH_USEC;
-    if (!pc->recorded_at[0] || at != pc->at_usec) {
-        es_time_format(at, pc->recorded_at);
-        pc->at_usec = at;
+    if (!pc->recorded_at[0] || r->at_usec != pc->at_usec) {
+        es_time_format(r->at_usec, pc->recorded_at);
+        pc->at_usec = r->at_usec;
     }
     e->recorded_at = pc->recorded_at;
 }
@@ -737,7 +755,8 @@ static int stream_next(es_cursor *c, es_event *e, es_error *err)
         if (receive_page(pc, err) < 0)
             return -1;
     }
-    decode_row(pc, pc->res, pc->row++, e);
+    read_row(pc->res, pc->row++, &pc->row_buf);
+    row_event(pc, &pc->row_buf, e);
     e->stream = pc->stream;
     return 1;
 }
@@ -800,32 +819,10 @@ es_cursor *pg_read(es_store *s, const char *stream, const es_read_opts *o,
     return &pc->base;
 }
 
-/* Event e from a row decoded ahead (as decode_row and all_next would). */
-static void row_event(pg_cursor *pc, const pg_row *r, es_event *e)
-{
-    e->position = r->position;
-    e->id = r->id;
-    e->version = r->version;
-    e->type = r->type;
-    e->data = r->data;
-    e->data_len = r->data_len;
-    e->metadata = r->metadata;
-    e->metadata_len = r->metadata_len;
-    if (!pc->recorded_at[0] || r->at_usec != pc->at_usec) {
-        es_time_format(r->at_usec, pc->recorded_at);
-        pc->at_usec = r->at_usec;
-    }
-    e->recorded_at = pc->recorded_at;
-    e->stream = r->stream;
-    if (r->part >= 0)
-        e->part = r->part;
-    pc->cp_txid = r->txid;
-    pc->cp_pos = r->position;
-}
-
 static int all_next(es_cursor *c, es_event *e, es_error *err)
 {
     pg_cursor *pc = (pg_cursor *)c;
+    const pg_row *r;
     int i;
 
     (void)err;
@@ -838,16 +835,18 @@ static int all_next(es_cursor *c, es_event *e, es_error *err)
         return 0;
     }
     i = pc->row++;
-    if (pc->rows) {
-        row_event(pc, &pc->rows[i], e);
-        return 1;
+    if (pc->rows)
+        r = &pc->rows[i];
+    else {
+        read_row(pc->res, i, &pc->row_buf);
+        r = &pc->row_buf;
     }
-    decode_row(pc, pc->res, i, e);
-    e->stream = PQgetvalue(pc->res, i, 8);
-    if (PQnfields(pc->res) > 9)     /* read with partitions: the stream's */
-        e->part = be32(PQgetvalue(pc->res, i, 9));
-    pc->cp_txid = pg_be64(PQgetvalue(pc->res, i, 7));
-    pc->cp_pos = e->position;
+    row_event(pc, r, e);
+    e->stream = r->stream;
+    if (r->part >= 0)       /* read with partitions: the stream's */
+        e->part = r->part;
+    pc->cp_txid = r->txid;
+    pc->cp_pos = r->position;
     return 1;
 }
 
@@ -963,27 +962,14 @@ static pg_row *decode_rows(PGresult *res)
 {
     if (!res || PQresultStatus(res) != PGRES_TUPLES_OK || PQnfields(res) < 9)
         return NULL;
-    int n = event_rows(res), parts = PQnfields(res) > 9;
+    int n = event_rows(res);
     if (n <= 0)
         return NULL;
     pg_row *rows = PQresultAlloc(res, (size_t)n * sizeof *rows);
     if (!rows)
         return NULL;
-    for (int i = 0; i < n; i++) {
-        pg_row *r = &rows[i];
-        r->position = (int64_t)pg_be64(PQgetvalue(res, i, 0));
-        es_uuid_format((const unsigned char *)PQgetvalue(res, i, 1), r->id);
-        r->version = (int64_t)pg_be64(PQgetvalue(res, i, 2));
-        r->type = PQgetvalue(res, i, 3);
-        r->data = PQgetvalue(res, i, 4);
-        r->data_len = (size_t)PQgetlength(res, i, 4);
-        r->metadata = PQgetvalue(res, i, 5);
-        r->metadata_len = (size_t)PQgetlength(res, i, 5);
-        r->at_usec = (int64_t)pg_be64(PQgetvalue(res, i, 6)) + PG_EPOCH_USEC;
-        r->txid = pg_be64(PQgetvalue(res, i, 7));
-        r->stream = PQgetvalue(res, i, 8);
-        r->part = parts ? be32(PQgetvalue(res, i, 9)) : -1;
-    }
+    for (int i = 0; i < n; i++)
+        read_row(res, i, &rows[i]);
     return rows;
 }
 
