@@ -49,22 +49,10 @@ ES_CG_URL=$url LUA_PATH="lua/?.lua;lua/?/init.lua;;" LUA_CPATH="build/lua5.4/?.s
   s:close()'
 as_owner "$PGBIN/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null
 
-payload="'{\"n\": 1, \"note\": \"hello\"}'"
+. bench/append_calls.sh
 loop_body() {
   case $1 in
-    es) echo "PERFORM $SCHEMA.append('Cpu-' || i || '-' || random(), -1, false,
-          ARRAY[gen_random_uuid()], ARRAY['Ticked'], ARRAY[$payload::json],
-          ARRAY['{}'::json])" ;;
-    es_one) echo "s := 'Cpu-' || i || '-' || random();
-          INSERT INTO $SCHEMA.events (id, stream, version, type, data, metadata, category)
-          SELECT gen_random_uuid(), s, l.cur + 1, 'Ticked', $payload::json, '{}'::json,
-                 split_part(s, '-', 1)
-            FROM (SELECT coalesce(e.version, 0) AS cur, e.txid FROM (VALUES (1)) AS one
-                  LEFT JOIN LATERAL (SELECT version, txid FROM $SCHEMA.events
-                    WHERE stream = s ORDER BY version DESC LIMIT 1) e ON true) l
-           WHERE (l.txid IS NULL OR l.txid <= pg_current_xact_id())
-             AND l.cur BETWEEN lo AND hi
-          RETURNING position, version, recorded_at INTO pos, ver, at" ;;
+    es|es_one) append_call "$1" "$SCHEMA" ;;
     es_100) echo "SELECT array_agg(('0190' || lpad(to_hex(i), 8, '0') || '-7000-8000-'
                   || lpad(to_hex(g), 12, '0'))::uuid), array_agg('Ticked'::text),
                 array_agg(('{\"n\": ' || g || ', \"note\": \"hello\"}')::json),

@@ -205,22 +205,12 @@ pgbench_events() {
 # INSERT for one event, pg_events.c PG_APPEND_ONE), message_db
 # (write_message), bare_insert, insert_pk, commit (the floors of
 # bench/bare.sql, pgbench_insert_pk.sql and pgbench_commit.sql).
+. bench/append_calls.sh
 server_cpu() {
   local target=$1 n=$2 url=$URL pre="" call
   local payload="'{\"n\": 1, \"note\": \"hello\"}'"
   case $target in
-    es) call="PERFORM $SCHEMA.append('Cpu-' || i || '-' || random(), -1, false,
-          ARRAY[gen_random_uuid()], ARRAY['Ticked'], ARRAY[$payload::json],
-          ARRAY['{}'::json])" ;;
-    es_one) call="s := 'Cpu-' || i || '-' || random();
-          INSERT INTO $SCHEMA.events (id, stream, version, type, data, metadata, category)
-          SELECT gen_random_uuid(), s, l.cur + 1, 'Ticked', $payload::json, '{}'::json,
-                 split_part(s, '-', 1)
-            FROM (SELECT coalesce(e.version, 0) AS cur, e.txid FROM (VALUES (1)) AS one
-                  LEFT JOIN LATERAL (SELECT version, txid FROM $SCHEMA.events
-                    WHERE stream = s ORDER BY version DESC LIMIT 1) e ON true) l
-           WHERE (l.txid IS NULL OR l.txid <= pg_current_xact_id())
-             AND l.cur BETWEEN 0 AND 9223372036854775807" ;;
+    es|es_one) call=$(append_call "$target" "$SCHEMA") ;;
     message_db) url=$MDB_URL; pre="SET search_path = message_store, public;"
       call="PERFORM write_message(gen_random_uuid()::text, 'cpu-' || i || '-' || random(),
           'Ticked', $payload, '{}')" ;;
@@ -236,7 +226,9 @@ $pre
 SET synchronous_commit = off;
 SELECT split_part(pg_read_file('/proc/self/schedstat'), ' ', 1) AS s0,
        pg_current_wal_insert_lsn() AS w0 \gset
-DO \$\$ DECLARE s text; BEGIN FOR i IN 1..$n LOOP $call; COMMIT; END LOOP; END \$\$;
+DO \$\$ DECLARE s text; lo bigint := 0; hi bigint := 9223372036854775807; pos bigint;
+  ver bigint; at timestamptz;
+BEGIN FOR i IN 1..$n LOOP $call; COMMIT; END LOOP; END \$\$;
 SELECT round((split_part(pg_read_file('/proc/self/schedstat'), ' ', 1)::bigint - :s0) / 1000.0 / $n, 1)
        || ' ' || round(pg_wal_lsn_diff(pg_current_wal_insert_lsn(), :'w0') / $n);
 SQL
