@@ -77,11 +77,15 @@ const char *pg_statement_sql(const pg_store *p, int stmt, char *out,
                  stmt == PG_READ_FORWARD ? "" : " DESC");
         break;
     case PG_SNAPSHOT_SAVE:
+        /* The replaced snapshot takes the new row's instant (its column
+         * default): Citus refuses a call to now() in DO UPDATE SET on a
+         * distributed table (it is not IMMUTABLE). */
         snprintf(out, outlen, "INSERT INTO \"%s\".snapshots (stream, version,"
                  " schema_version, state) VALUES ($1, $2::bigint, $3::bigint,"
                  " $4::json) ON CONFLICT (stream, version) DO UPDATE SET"
                  " schema_version = excluded.schema_version,"
-                 " state = excluded.state, recorded_at = now()", s);
+                 " state = excluded.state,"
+                 " recorded_at = excluded.recorded_at", s);
         break;
     case PG_SNAPSHOT_LOAD:
         snprintf(out, outlen, "SELECT version, schema_version, state,"
