@@ -176,6 +176,45 @@ describe("the store on Citus", function()
     assert.equal(1, store:version("I-1"))
   end)
 
+  -- The sockets this process holds: /proc/self/fd/N of a socket cannot be
+  -- opened (ENXIO), of a closed descriptor does not exist (ENOENT).
+  local function sockets()
+    local n = 0
+    for fd = 0, 1023 do
+      local f, err = io.open("/proc/self/fd/" .. fd)
+      if f then f:close() elseif err:find("No such device or address", 1, true) then n = n + 1 end
+    end
+    return n
+  end
+
+  it("a forked child that collects the store lets go of its worker sessions too, without a word", function()
+    local core = require "eventsourcing.core"
+    for i = 1, 40 do assert(store:append("F-" .. i, { type = "A" })) end
+    -- the reads run on each worker's session: two workers, two sessions
+    assert.equal(40, #assert(store:read_all({ limit = 100 })))
+    local workers = assert(store:query("SELECT count(*) AS n FROM pg_dist_node "
+      .. "WHERE noderole = 'primary' AND groupid > 0"))[1].n
+    local held = { store = store }
+    store = nil
+    local seen = setmetatable({ [held.store] = true }, { __mode = "k" })
+    local pid = assert(core.fork())
+    if pid == 0 then
+      local before = sockets()
+      held.store = nil
+      collectgarbage()
+      collectgarbage()
+      if next(seen) ~= nil then core.exit(3) end
+      -- the store's session and one per worker, each closed in the child
+      core.exit(before - sockets() == 1 + workers and 0 or 4)
+    end
+    local how, code = core.wait(pid)
+    store = held.store
+    assert.same({ "exited", 0 }, { how, code })
+    -- the parent's worker sessions go on (a Terminate would have ended them)
+    assert(store:append("F-41", { type = "A" }))
+    assert.equal(41, #assert(store:read_all({ limit = 100 })))
+  end)
+
   it("a smaller limit gives a prefix of the same batch (followers re-read up to an event)", function()
     for i = 1, 12 do assert(store:append("P-" .. i, { { type = "A" }, { type = "B" }, { type = "C" } })) end
     assert(store:append("P-1", events_of(9)))     -- one shard much fuller than the others

@@ -919,7 +919,7 @@ int pg_status(es_store *s, es_store_status *out, es_error *err)
  * /dev/null first, so PQfinish's Terminate (and a TLS close alert) go
  * nowhere and closing it leaves the parent's socket open (shutdown()
  * would end it for both). Without /dev/null the conn is left as it is. */
-static void forsake(PGconn *conn)
+void pg_forsake(PGconn *conn)
 {
     int fd = PQsocket(conn);
     int null = open("/dev/null", O_WRONLY | O_CLOEXEC);
@@ -933,10 +933,12 @@ static void forsake(PGconn *conn)
 void pg_disconnect(es_store *s)
 {
     pg_store *p = (pg_store *)s;
-    if (p->conn && p->owner != getpid()) {
+    if (p->owner != getpid()) {
         /* finalized in a forked child (its collector): nothing of the
-         * parent's is read or sent (a Citus store's worker sessions are
-         * left to the child's exit) */
+         * parent's is read or sent, on the store's session or a Citus
+         * store's worker sessions. Every later call comes here too: a
+         * child's close then its collector call this twice, and the
+         * parent's way out would say goodbye on the parent's sessions. */
         pg_copy_join(p);
         pg_prefetch_join(p);        /* frees the child's copy of a job */
         PQclear(p->ahead.res);      /* this process's memory */
@@ -944,12 +946,14 @@ void pg_disconnect(es_store *s)
         p->ahead.rows = NULL;
         p->ahead.state = 0;
         pg_early_clear(p);          /* memory too: nothing is sent */
-        forsake(p->conn);
+        pg_citus_close(p, pg_forsake);
+        if (p->conn)
+            pg_forsake(p->conn);
         p->conn = NULL;
         return;
     }
     pg_prefetch_drop(p);
-    pg_citus_close(p);
+    pg_citus_close(p, PQfinish);
     pg_early_clear(p);
     if (p->conn)
         PQfinish(p->conn);

@@ -290,7 +290,11 @@ int pg_citus_distribute(pg_store *p, int shards, es_error *err);
 int pg_citus_info(pg_store *p, int *shards, es_error *err);
 es_cursor *pg_citus_read_all(pg_store *p, const es_read_all_opts *o,
                              es_error *err);
-/* Closes the sessions to workers. */
-void pg_citus_close(pg_store *p);
+/* Closes the sessions to workers, each with finish: PQfinish, or
+ * pg_forsake in a forked child. */
+void pg_citus_close(pg_store *p, void (*finish)(PGconn *));
+/* Lets a forked child's copy of a session go without a word on it
+ * (pg.c). */
+void pg_forsake(PGconn *conn);
 
 #endif

@@ -415,13 +415,13 @@ struct pg_citus_nodes {
     int n;
 };
 
-void pg_citus_close(pg_store *p)
+void pg_citus_close(pg_store *p, void (*finish)(PGconn *))
 {
     if (!p->nodes)
         return;
     for (int i = 0; i < p->nodes->n; i++)
         if (p->nodes->v[i].conn)
-            PQfinish(p->nodes->v[i].conn);
+            finish(p->nodes->v[i].conn);
     free(p->nodes->v);
     free(p->nodes);
     p->nodes = NULL;
