@@ -173,18 +173,36 @@ append_phase() {
   cat "$OUT"/append.* | awk '{ rate += $2 / $4 } END { printf "%.0f", rate }'
 }
 
+# cpu_jiffies : "busy idle" clock ticks of all CPUs so far (/proc/stat;
+# idle includes iowait)
+cpu_jiffies() {
+  awk '$1 == "cpu" { print $2 + $3 + $4 + $7 + $8 + $9, $5 + $6; exit }' /proc/stat
+}
+
 # pgbench_phase FILE CLIENTS [TARGET] : prints tps (TARGET message_db: its
-# database, search_path message_store)
+# database, search_path message_store). On stderr: the whole machine's CPU
+# per transaction and the share of idle CPU during the run (/proc/stat):
+# when the cores are busy throughout, a transaction's statement is only
+# part of what it costs; the rest (pgbench, the protocol, the commit, WAL
+# writes and flushes, the kernel's switches) is paid by every alternative.
 pgbench_phase() {
-  local url=$URL opts=${PGOPTIONS:-}
+  local url=$URL opts=${PGOPTIONS:-} j0 j1 tps
   if [ "${3:-}" = message_db ]; then url=$MDB_URL; opts="-c search_path=message_store,public"; fi
   sed -e "s/BENCH_SCHEMA/$BARE/g" "$1" >"$OUT/pgbench.sql"
   case $(basename "$1") in
     pgbench_append.sql|pgbench_append_one.sql) sed -i "s/$BARE/$SCHEMA/g" "$OUT/pgbench.sql" ;;
   esac
+  j0=$(cpu_jiffies)
   PGOPTIONS=$opts pgbench -n -M prepared -c "$2" -j "$(( $2 < 2 ? $2 : 2 ))" -T "$SECS" \
     -f "$OUT/pgbench.sql" "$url" >"$OUT/pgbench.out" 2>&1 || { cat "$OUT/pgbench.out" >&2; return 1; }
-  sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$OUT/pgbench.out" | head -1
+  j1=$(cpu_jiffies)
+  tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$OUT/pgbench.out" | head -1)
+  [ -n "$tps" ] && awk -v a="$j0" -v b="$j1" -v t="$tps" -v s="$SECS" -v hz="$(getconf CLK_TCK)" '
+    BEGIN { split(a, x, " "); split(b, y, " "); busy = y[1] - x[1]; idle = y[2] - x[2]
+            if (t > 0 && busy + idle > 0)
+              printf "    (machine CPU %.0f us a transaction, %.0f%% idle)\n",
+                busy / hz * 1e6 / (t * s), 100 * idle / (busy + idle) }' >&2
+  echo "$tps"
 }
 
 # pgbench_events FILE CLIENTS SIZE : events/s of SIZE-row transactions
