@@ -317,7 +317,7 @@ end
 
 -- The statements that write rows (PostgreSQL), cached per schema and
 -- table: `many`, any upserts and deletes as JSON (one parameter each);
--- `one`, a single upsert as one typed parameter per column, which spares
+-- `upsert`, upserts only (as JSON); `one`, a single upsert as one typed parameter per column, which spares
 -- the server json_populate_recordset's parsing and a DELETE that deletes
 -- nothing (an inline command's usual write). record: each also records
 -- the transaction for a running rebuild (see the rebuild markers above).
@@ -341,6 +341,9 @@ function ReadModel:_write_sqls(store, tbl, record)
     many = ("WITH %sd AS (DELETE FROM %s WHERE %s), "
       .. "u AS (INSERT INTO %s (%s) SELECT %s FROM json_populate_recordset(NULL::%s, $1::json) %s) "
       .. "SELECT 1 AS ok"):format(rec, q, self:_key_in(2), q, collist, collist, q, conflict),
+    -- no deletes: no DELETE to plan and run, no empty array to parse
+    upsert = ("%sINSERT INTO %s (%s) SELECT %s FROM json_populate_recordset(NULL::%s, $1::json) %s")
+      :format(record and ("WITH " .. self:_record_cte(store) .. " ") or "", q, collist, collist, q, conflict),
     one = ("%sINSERT INTO %s (%s) VALUES (%s) %s"):format(record and ("WITH " .. self:_record_cte(store) .. " ") or "",
       q, collist, table.concat(params, ", "), conflict),
     record = record and ("WITH %s SELECT 1 AS ok"):format(self:_record_cte(store)) or nil,
@@ -447,8 +450,13 @@ function ReadModel:_write(store, tbl, upserts, deletes, timings, news, stage, de
     return true
   end
   local sqls = self:_write_sqls(store, tbl, record)
-  if not one then params[2] = keys_param(deletes) end
-  local ok, err = self:_run_write(store, one and sqls.one or sqls.many, params, defer)
+  local sql = sqls.one
+  if not one and #deletes == 0 then
+    sql, params.n = sqls.upsert, 1
+  elseif not one then
+    sql, params[2] = sqls.many, keys_param(deletes)
+  end
+  local ok, err = self:_run_write(store, sql, params, defer)
   if not ok then return nil, err end
   if timings then timings.write = (timings.write or 0) + (util.monotonic() - t0) end
   return true
