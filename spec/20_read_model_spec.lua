@@ -278,6 +278,12 @@ describe("read models on PostgreSQL", function()
       assert.equal("invalid", err.kind)
       assert.matches("rm_typed: a row cannot be stored", err.message, 1, true)
     end
+    -- text PostgreSQL cannot hold: refused by the session or the server
+    for _, bad in ipairs { "a\0b", "\xff\xfe" } do
+      local ok, err = apply { { stream = "T-alone", data = { t = bad } } }
+      assert.is_nil(ok)
+      assert.equal("invalid", err.kind)
+    end
     assert.same(alone, assert(store:query(([[SELECT id, t, t2, j::text AS j, j2::text AS j2, j3::text AS j3,
       num::text AS num, f::text AS f, r::text AS r, i, b, ts::text AS ts, d::text AS d, u::text AS u,
       gone IS NULL AS gone FROM "%s".rm_typed WHERE id = 'alone']]):format(schema)))[1])
