@@ -236,9 +236,9 @@ describe("read models on PostgreSQL", function()
     assert.equal(2, store:query(([[SELECT count(*) AS n FROM "%s".writes]]):format(schema))[1].n)
   end)
 
-  -- One upsert goes as one typed parameter per column, a batch's as JSON
+  -- A few upserts go as one typed parameter per column, more as JSON
   -- (json_populate_recordset): both must store the same values.
-  it("stores a row written alone as it stores the same row in a batch", function()
+  it("stores a row written alone or with a few as it stores the same row in a large batch", function()
     local rm = es.read_model { name = "rm_typed", columns = {
       id = "text", t = "text", t2 = "text", j = "jsonb", j2 = "jsonb", j3 = "jsonb", num = "numeric",
       f = "double precision", r = "real", i = "bigint", b = "boolean", ts = "timestamptz",
@@ -258,16 +258,19 @@ describe("read models on PostgreSQL", function()
       return ok, err
     end
     assert(apply { { stream = "T-alone" } })
-    assert(apply { { stream = "T-batch1" }, { stream = "T-batch2" } })
+    assert(apply { { stream = "T-few1" }, { stream = "T-few2" } })
+    local batch = {}
+    for i = 1, rm._TYPED_MAX + 1 do batch[i] = { stream = "T-many" .. i } end
+    assert(apply(batch))
     local rows = assert(store:query(([[SELECT id, t, t2, j::text AS j, j2::text AS j2, j3::text AS j3,
       num::text AS num, f::text AS f, r::text AS r, i, b, ts::text AS ts, d::text AS d, u::text AS u,
       gone IS NULL AS gone FROM "%s".rm_typed ORDER BY id]]):format(schema)))
-    assert.equal(3, #rows)
+    assert.equal(rm._TYPED_MAX + 4, #rows)
     local alone = rows[1]
     assert.equal("alone", alone.id)
-    for _, r in ipairs { rows[2], rows[3] } do
-      r.id = "alone"
-      assert.same(r, alone)
+    for i = 2, #rows do
+      rows[i].id = "alone"
+      assert.same(rows[i], alone)
     end
     assert.same({ "0.1", "true", '"a \\"string\\""', "0.1", 2, true },
       { alone.t, alone.t2, alone.j, alone.num, alone.i, alone.b })
