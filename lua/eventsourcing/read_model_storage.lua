@@ -354,8 +354,9 @@ function ReadModel:_write_sqls(store, tbl, record)
 end
 
 -- At most this many upserts (and no deletes) go as typed parameters: one
--- statement per count is prepared per session, and five rm_orders rows
--- cost the server 95 us a transaction this way against 123 as JSON.
+-- statement per count is prepared per session. Five rm_orders rows cost
+-- the server 77-88 us a transaction this way against 93-104 as JSON
+-- (bench/rm_write.lua).
 local TYPED_MAX = 8
 ReadModel._TYPED_MAX = TYPED_MAX
 
@@ -377,7 +378,7 @@ end
 -- How each column's value goes as a typed parameter: "int" (integer
 -- columns), "json" (jsonb: every value as JSON text, a string as a JSON
 -- string) or "num" (other columns: a number as its JSON text), so that
--- the one-row write stores what the JSON write stores.
+-- the typed write stores what the JSON write stores.
 function ReadModel:_param_kinds()
   local kinds = self._pkinds
   if kinds then return kinds end
