@@ -71,6 +71,11 @@
 #   trips    bench/round_trips.sh, round trips to PostgreSQL per add_item
 #            command (what POST /orders/{id}/items runs), counted as libpq's
 #            sendto() calls under strace
+#   rmwrite  bench/rm_write.lua, PostgreSQL's CPU per transaction that
+#            writes rm_orders rows: one row by typed parameters and five
+#            without deletes by an upsert, against round 5's statement (a
+#            DELETE CTE and json_populate_recordset); BENCH_RMWRITE_TX
+#            (3,000) per variant and round, lua5.4
 set -uo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ES_ROOT" || exit 1
@@ -573,6 +578,13 @@ fi
 if want trips; then
 section "round trips to PostgreSQL per add_item command (sendto() calls under strace)"
 bench_run "trips" "" env ES_DATABASE_URL="$URL" bash bench/round_trips.sh
+fi
+
+# ---- read model row writes ----------------------------------------------------
+if want rmwrite; then
+section "rmwrite (PostgreSQL's CPU per rm_orders write; typed one-row and no-delete upserts against round 5's statement)"
+bench_run "rmwrite" "" env LUA_PATH="lua/?.lua;lua/?/init.lua;examples/?.lua;;" LUA_CPATH="build/lua5.4/?.so;;" \
+  lua5.4 bench/rm_write.lua "$URL" "${BENCH_RMWRITE_TX:-3000}"
 fi
 
 if want pooler; then

@@ -236,6 +236,62 @@ describe("read models on PostgreSQL", function()
     assert.equal(2, store:query(([[SELECT count(*) AS n FROM "%s".writes]]):format(schema))[1].n)
   end)
 
+  -- A few upserts go as one typed parameter per column, more as JSON
+  -- (json_populate_recordset): both must store the same values.
+  it("stores a row written alone or with a few as it stores the same row in a large batch", function()
+    local rm = es.read_model { name = "rm_typed", columns = {
+      id = "text", t = "text", t2 = "text", j = "jsonb", j2 = "jsonb", j3 = "jsonb", num = "numeric",
+      f = "double precision", r = "real", i = "bigint", b = "boolean", ts = "timestamptz",
+      d = "date", u = "uuid", gone = "text" },
+      on = { Set = function(row, e) for k, v in pairs(e.data) do row[k] = v end end } }
+    assert(rm:migrate(store))
+    local values = { t = 0.1, t2 = true, j = "a \"string\"", j2 = { a = { 1, 2.5 } }, j3 = 7,
+      num = 0.1, f = 0.1, r = 0.1, i = 2.0, b = true, ts = "2026-01-15T10:00:00.123456Z",
+      d = "2026-01-15", u = "0b9c6c1e-8d6f-4c3e-9a55-7c1f0e2d3b4a", gone = es.json.null }
+    local function apply(events)
+      for i, e in ipairs(events) do
+        e.version, e.recorded_at, e.type, e.data = i, "2026-01-15T10:00:00Z", "Set", e.data or values
+      end
+      assert(store:begin())
+      local ok, err = es.read_model.apply_inline(store, { rm }, events)
+      if ok then assert(store:commit()) else store:rollback() end
+      return ok, err
+    end
+    assert(apply { { stream = "T-alone" } })
+    assert(apply { { stream = "T-few1" }, { stream = "T-few2" } })
+    local batch = {}
+    for i = 1, rm._TYPED_MAX + 1 do batch[i] = { stream = "T-many" .. i } end
+    assert(apply(batch))
+    local rows = assert(store:query(([[SELECT id, t, t2, j::text AS j, j2::text AS j2, j3::text AS j3,
+      num::text AS num, f::text AS f, r::text AS r, i, b, ts::text AS ts, d::text AS d, u::text AS u,
+      gone IS NULL AS gone FROM "%s".rm_typed ORDER BY id]]):format(schema)))
+    assert.equal(rm._TYPED_MAX + 4, #rows)
+    local alone = rows[1]
+    assert.equal("alone", alone.id)
+    for i = 2, #rows do
+      rows[i].id = "alone"
+      assert.same(rows[i], alone)
+    end
+    assert.same({ "0.1", "true", '"a \\"string\\""', "0.1", 2, true },
+      { alone.t, alone.t2, alone.j, alone.num, alone.i, alone.b })
+    -- values no JSON can hold are refused alone as in a batch, and nothing is stored
+    for _, bad in ipairs { 0 / 0, math.huge, print } do
+      local ok, err = apply { { stream = "T-alone", data = { f = bad } } }
+      assert.is_nil(ok)
+      assert.equal("invalid", err.kind)
+      assert.matches("rm_typed: a row cannot be stored", err.message, 1, true)
+    end
+    -- text PostgreSQL cannot hold: refused by the session or the server
+    for _, bad in ipairs { "a\0b", "\xff\xfe" } do
+      local ok, err = apply { { stream = "T-alone", data = { t = bad } } }
+      assert.is_nil(ok)
+      assert.equal("invalid", err.kind)
+    end
+    assert.same(alone, assert(store:query(([[SELECT id, t, t2, j::text AS j, j2::text AS j2, j3::text AS j3,
+      num::text AS num, f::text AS f, r::text AS r, i, b, ts::text AS ts, d::text AS d, u::text AS u,
+      gone IS NULL AS gone FROM "%s".rm_typed WHERE id = 'alone']]):format(schema)))[1])
+  end)
+
   it("creates the table with the key as primary key and the declared indexes", function()
     local rm = counter_model()
     assert(es.projector(store, { rm }):migrate())

@@ -152,7 +152,7 @@ end
 
 function ReadModel:__tostring() return "read model " .. self.name end
 
--- opts.record: an inline writer's batch (see _load).
+-- opts.record: an inline writer's batch (see _write).
 -- opts.stage: the caller's transaction is open (a projector's batch): many
 -- upserts may go through a staging table (see _write).
 -- opts.timings: a table whose fields keys, load, handlers, build, encode,
@@ -217,7 +217,7 @@ function ReadModel:_apply(store, tbl, events, n, opts)
   end
   if rows then rows = rows.rows
   else
-    rows, err = self:_load(store, tbl, keys, opts and opts.record)
+    rows, err = self:_load(store, tbl, keys)
     if not rows then return nil, err end
   end
   if timings then t0 = add_time(timings, "load", t0) end
@@ -291,8 +291,10 @@ function ReadModel:_apply(store, tbl, events, n, opts)
     return true, handled
   end
   if timings then add_time(timings, "build", t0) end
+  -- an inline batch that touched rows is recorded for a running rebuild
+  -- by its write (see _write)
   local ok, werr = self:_write(store, tbl, upserts, deletes, timings, news, opts and opts.stage,
-    opts and opts.defer, opts and opts.async)
+    opts and opts.defer, opts and opts.async, opts and opts.record and #keys > 0)
   if not ok then return nil, werr end
   return true, handled
 end

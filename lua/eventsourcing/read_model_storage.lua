@@ -100,9 +100,22 @@ end
 -- Rebuild markers (see eventsourcing.rebuild): while a rebuild of a read
 -- model runs, its row in read_model_rebuilds is there, and every
 -- transaction that updates the read model inline records its txid in
--- read_model_rebuild_writes (in the statement that loads its rows, see
--- _load), so the rebuild's swap can replay exactly the inline
--- transactions that committed after its watermark.
+-- read_model_rebuild_writes, so the rebuild's swap can replay exactly the
+-- inline transactions that committed after its watermark.
+-- The record is made by the statement that writes the rows (or, when a
+-- batch writes none, by a statement of its own), after the append, never
+-- by the load: the rebuild waits only for transactions that had a
+-- transaction id when its marker committed. A load sent ahead of the
+-- append runs before its transaction has one, so a marker committed
+-- between that load and the append was neither seen by the load nor
+-- waited for; the write, whose transaction has its id, either sees the
+-- marker or is waited for.
+function ReadModel:_record_cte(store)
+  local s = quote(store:schema())
+  return ("rec AS (INSERT INTO %s.read_model_rebuild_writes (id, txid) SELECT id, pg_current_xact_id() "
+    .. "FROM %s.read_model_rebuilds WHERE name = '%s' ON CONFLICT DO NOTHING)"):format(s, s, self.name)
+end
+
 local function marker_sqls(store)
   local s = quote(store:schema())
   return {
@@ -170,11 +183,7 @@ local function keys_param(keys)
 end
 
 -- Loads the rows of `keys` (array of key strings) -> map key string -> row.
--- record: an inline writer's load, which also records its transaction for
--- a rebuild of this read model that may be running (see the rebuild
--- markers above),
--- in the same statement.
-function ReadModel:_load(store, tbl, keys, record)
+function ReadModel:_load(store, tbl, keys)
   local found = {}
   if #keys == 0 then return found end
   if is_memory(store) then
@@ -185,7 +194,7 @@ function ReadModel:_load(store, tbl, keys, record)
     end
     return found
   end
-  local res, err = store:query(self:_load_query(store, tbl, keys, record))
+  local res, err = store:query(self:_load_query(store, tbl, keys))
   if not res then return nil, err end
   return self:_found(res)
 end
@@ -198,22 +207,24 @@ function ReadModel:_found(res)
 end
 
 -- The statement of _load and its parameter (PostgreSQL): for a caller
--- that sends it itself (the repository, ahead of its append).
-function ReadModel:_load_query(store, tbl, keys, record)
+-- that sends it itself (the repository, ahead of its append). One key (an
+-- inline command's row) is compared as a typed parameter: parsing a JSON
+-- array of one key and building the array cost the server more than the
+-- probe itself. An inline writer's transaction is recorded by its write,
+-- not here (see the rebuild markers above).
+function ReadModel:_load_query(store, tbl, keys)
   -- statements are cached per schema and table: one read model may serve
   -- stores of several schemas
-  local ck = store:schema() .. "." .. (tbl or self.name) .. (record and "+record" or "")
+  local one = #keys == 1
+  local ck = store:schema() .. "." .. (tbl or self.name) .. (one and "=" or "")
   local sql = self._load_sql and self._load_sql[ck]
   if not sql then
     self._load_sql = self._load_sql or {}
-    sql = ("SELECT %s FROM %s WHERE %s"):format(self:_select_list(), self:_qualified(store, tbl), self:_key_in(1))
-    if record then
-      local s = quote(store:schema())
-      sql = ("WITH rec AS (INSERT INTO %s.read_model_rebuild_writes (id, txid) SELECT id, pg_current_xact_id() "
-        .. "FROM %s.read_model_rebuilds WHERE name = '%s' ON CONFLICT DO NOTHING) "):format(s, s, self.name) .. sql
-    end
+    local where = one and ("%s = $1::%s"):format(quote(self.key), self.types[self.key]) or self:_key_in(1)
+    sql = ("SELECT %s FROM %s WHERE %s"):format(self:_select_list(), self:_qualified(store, tbl), where)
     self._load_sql[ck] = sql
   end
+  if one then return sql, keys[1] end
   return sql, keys_param(keys)
 end
 
@@ -304,6 +315,114 @@ function ReadModel:_write_staged(store, tbl, upserts, deletes)
   return store:query(st.merge, keys_param(deletes))
 end
 
+-- The statements that write rows (PostgreSQL), cached per schema and
+-- table: `many`, any upserts and deletes as JSON (one parameter each);
+-- `upsert`, upserts only, as JSON; typed[k] (see _typed_sql), a few
+-- upserts as one typed parameter per column, which spares the server
+-- json_populate_recordset's parsing and a DELETE that deletes nothing
+-- (an inline command's usual write is one row). record: each also records
+-- the transaction for a running rebuild (see the rebuild markers above).
+function ReadModel:_write_sqls(store, tbl, record)
+  local ck = store:schema() .. "." .. (tbl or self.name) .. (record and "+record" or "")
+  local sqls = self._write_sql and self._write_sql[ck]
+  if sqls then return sqls end
+  self._write_sql = self._write_sql or {}
+  local q = self:_qualified(store, tbl)
+  local cols, sets = {}, {}
+  for _, c in ipairs(self.columns) do
+    cols[#cols + 1] = quote(c)
+    if c ~= self.key then sets[#sets + 1] = quote(c) .. " = excluded." .. quote(c) end
+  end
+  local collist = table.concat(cols, ", ")
+  local conflict = ("ON CONFLICT (%s) DO %s"):format(quote(self.key),
+    #sets > 0 and ("UPDATE SET " .. table.concat(sets, ", ")) or "NOTHING")
+  local rec = record and (self:_record_cte(store) .. ", ") or ""
+  sqls = {
+    many = ("WITH %sd AS (DELETE FROM %s WHERE %s), "
+      .. "u AS (INSERT INTO %s (%s) SELECT %s FROM json_populate_recordset(NULL::%s, $1::json) %s) "
+      .. "SELECT 1 AS ok"):format(rec, q, self:_key_in(2), q, collist, collist, q, conflict),
+    -- no deletes: no DELETE to plan and run, no empty array to parse
+    upsert = ("%sINSERT INTO %s (%s) SELECT %s FROM json_populate_recordset(NULL::%s, $1::json) %s")
+      :format(record and ("WITH " .. self:_record_cte(store) .. " ") or "", q, collist, collist, q, conflict),
+    -- typed[k]: k rows' VALUES, made when first needed (_typed_sql)
+    typed = {}, head = ("%sINSERT INTO %s (%s) VALUES "):format(
+      record and ("WITH " .. self:_record_cte(store) .. " ") or "", q, collist), conflict = conflict,
+    record = record and ("WITH %s SELECT 1 AS ok"):format(self:_record_cte(store)) or nil,
+  }
+  self._write_sql[ck] = sqls
+  return sqls
+end
+
+-- At most this many upserts (and no deletes) go as typed parameters: one
+-- statement per count is prepared per session. Five rm_orders rows cost
+-- the server 77-88 us a transaction this way against 93-104 as JSON
+-- (bench/rm_write.lua).
+local TYPED_MAX = 8
+ReadModel._TYPED_MAX = TYPED_MAX
+
+-- The upsert of k rows by typed parameters (k * #columns of them).
+function ReadModel:_typed_sql(sqls, k)
+  local sql = sqls.typed[k]
+  if sql then return sql end
+  local columns, types, tuples = self.columns, self.types, {}
+  for r = 0, k - 1 do
+    local ps = {}
+    for c = 1, #columns do ps[c] = ("$%d::%s"):format(r * #columns + c, types[columns[c]]) end
+    tuples[r + 1] = "(" .. table.concat(ps, ", ") .. ")"
+  end
+  sql = sqls.head .. table.concat(tuples, ", ") .. " " .. sqls.conflict
+  sqls.typed[k] = sql
+  return sql
+end
+
+-- How each column's value goes as a typed parameter: "int" (integer
+-- columns), "json" (jsonb: every value as JSON text, a string as a JSON
+-- string) or "num" (other columns: a number as its JSON text), so that
+-- the typed write stores what the JSON write stores.
+function ReadModel:_param_kinds()
+  local kinds = self._pkinds
+  if kinds then return kinds end
+  kinds = {}
+  for i, c in ipairs(self.columns) do
+    local t = self.types[c]
+    kinds[i] = self.treat[i] == "int" and "int" or (t == "jsonb" or t == "json") and "json" or "num"
+  end
+  self._pkinds = kinds
+  return kinds
+end
+
+local function unstorable(self, v)
+  local _, eerr = json.encode(v)
+  return nil, core.error("invalid", ("%s: a row cannot be stored: %s")
+    :format(self.name, eerr and eerr.message or ("a " .. type(v) .. " value")))
+end
+
+-- The typed parameters of a clean row (see _clean) into out[at + 1 ..
+-- at + #columns] (nil: NULL) -> out | nil, err (a value no JSON can hold,
+-- as _encode_rows refuses it).
+function ReadModel:_row_params(row, out, at)
+  local columns, kinds = self.columns, self:_param_kinds()
+  out, at = out or {}, at or 0
+  for i = 1, #columns do
+    local v = row[columns[i]]
+    local tv = type(v)
+    if tv == "number" then
+      if v ~= v or v == math.huge or v == -math.huge then return unstorable(self, v) end
+      if kinds[i] ~= "int" then v = json.encode(v) end
+    elseif tv == "string" then
+      if kinds[i] == "json" then v = json.encode(v) end
+    elseif tv == "table" then
+      local text = json.encode(v)
+      if not text then return unstorable(self, v) end
+      v = text
+    elseif tv ~= "nil" and tv ~= "boolean" then
+      return unstorable(self, v)
+    end
+    out[at + i] = v
+  end
+  return out
+end
+
 -- timings (a rebuild's breakdown): seconds added to "encode" and "write".
 -- news: rows of keys the table cannot hold yet (a rebuild's fresh table),
 -- copied in bulk (store:copy_rows; async: without waiting, the session's
@@ -311,15 +430,21 @@ end
 -- open, so many upserts may be staged (_write_staged). defer: a table that
 -- takes the one-statement write instead of running it ({ sql = ..., n,
 -- params... }), for the caller to run with its COMMIT (store:commit_with).
-function ReadModel:_write(store, tbl, upserts, deletes, timings, news, stage, defer, async)
+-- record: an inline writer's batch, recorded for a running rebuild by the
+-- write (or, when nothing is written, by a statement of its own).
+function ReadModel:_write(store, tbl, upserts, deletes, timings, news, stage, defer, async, record)
   if news and #news > 0 then
     local t0 = timings and util.monotonic()
     local n, cerr = store:copy_rows(tbl or self.name, self.columns, news, self:_copy_opts(nil, not async))
     if not n then return nil, cerr end
     if timings then timings.write = (timings.write or 0) + (util.monotonic() - t0) end
   end
-  if #upserts == 0 and #deletes == 0 then return true end
-  if stage and #upserts >= STAGE_MIN and not is_memory(store) then
+  local memory = is_memory(store)
+  if #upserts == 0 and #deletes == 0 then
+    if not record or memory then return true end
+    return self:_run_write(store, self:_write_sqls(store, tbl, true).record, { n = 0 }, defer)
+  end
+  if stage and #upserts >= STAGE_MIN and not memory then
     local t0 = timings and util.monotonic()
     local ok, serr = self:_write_staged(store, tbl, upserts, deletes)
     if not ok then return nil, serr end
@@ -327,44 +452,54 @@ function ReadModel:_write(store, tbl, upserts, deletes, timings, news, stage, de
     return true
   end
   local t0 = timings and util.monotonic()
-  local text, eerr = self:_encode_rows(upserts)
-  if not text then return nil, eerr end
+  local typed = not memory and #deletes == 0 and #upserts <= TYPED_MAX
+  local params, eerr
+  if typed then
+    local nc = #self.columns
+    params = { n = #upserts * nc }
+    for r = 1, #upserts do
+      if params then params, eerr = self:_row_params(upserts[r], params, (r - 1) * nc) end
+    end
+  else
+    params, eerr = self:_encode_rows(upserts)
+    if params then params = { params, n = 2 } end
+  end
+  if not params then return nil, eerr end
   if timings then
     local t = util.monotonic()
     timings.encode = (timings.encode or 0) + (t - t0)
     t0 = t
   end
-  if is_memory(store) then
+  if memory then
     local rows = self:_mem_rows(store, tbl)
     for _, k in ipairs(deletes) do rows[k] = nil end
     for _, r in ipairs(upserts) do rows[key_string(r[self.key])] = r end
     return true
   end
-  local ck = store:schema() .. "." .. (tbl or self.name)
-  local sql = self._write_sql and self._write_sql[ck]
-  if not sql then
-    self._write_sql = self._write_sql or {}
-    local q = self:_qualified(store, tbl)
-    local cols, sets = {}, {}
-    for _, c in ipairs(self.columns) do
-      cols[#cols + 1] = quote(c)
-      if c ~= self.key then sets[#sets + 1] = quote(c) .. " = excluded." .. quote(c) end
-    end
-    local collist = table.concat(cols, ", ")
-    sql = ("WITH d AS (DELETE FROM %s WHERE %s), "
-      .. "u AS (INSERT INTO %s (%s) SELECT %s FROM json_populate_recordset(NULL::%s, $1::json) "
-      .. "ON CONFLICT (%s) DO %s) SELECT 1 AS ok")
-      :format(q, self:_key_in(2), q, collist, collist, q, quote(self.key),
-        #sets > 0 and ("UPDATE SET " .. table.concat(sets, ", ")) or "NOTHING")
-    self._write_sql[ck] = sql
+  local sqls = self:_write_sqls(store, tbl, record)
+  local sql
+  if typed then
+    sql = self:_typed_sql(sqls, #upserts)
+  elseif #deletes == 0 then
+    sql, params.n = sqls.upsert, 1
+  else
+    sql, params[2] = sqls.many, keys_param(deletes)
   end
+  local ok, err = self:_run_write(store, sql, params, defer)
+  if not ok then return nil, err end
+  if timings then timings.write = (timings.write or 0) + (util.monotonic() - t0) end
+  return true
+end
+
+-- Runs a write statement with params[1..params.n], or leaves it in defer.
+function ReadModel._run_write(_, store, sql, params, defer)
   if defer then
-    defer.sql, defer.n, defer[1], defer[2] = sql, 2, text, keys_param(deletes)
+    defer.sql, defer.n = sql, params.n
+    for i = 1, params.n do defer[i] = params[i] end
     return true
   end
-  local res, err = store:query(sql, text, keys_param(deletes))
+  local res, err = store:query(sql, (table.unpack or unpack)(params, 1, params.n))
   if not res then return nil, err end
-  if timings then timings.write = (timings.write or 0) + (util.monotonic() - t0) end
   return true
 end
 

@@ -6,11 +6,15 @@
 --    two rebuilds never share one) and a marker row in
 --    <schema>.read_model_rebuilds. From then on every transaction that
 --    updates the read model inline records its txid in
---    read_model_rebuild_writes (read_model.apply_inline).
+--    read_model_rebuild_writes (read_model.apply_inline), in the statement
+--    that writes its rows, after its append.
 -- 2. Bulk replay into the shadow table under read_all's watermark, outside
 --    any long transaction; then its indexes.
 -- 3. Wait until every transaction that was running when the marker
---    committed has ended (so that each one committing later saw it).
+--    committed has ended (so that each one committing later saw it). Only
+--    transactions with a transaction id count as running: an inline
+--    writer's row load, sent ahead of its append, has none yet, which is
+--    why the record is made by the write (see read_model_storage).
 -- 4. Swap, in one transaction: the projector's lease (no batch of a
 --    projector runs), then LOCK the live table (inline writers that touched
 --    it have committed; new ones wait and, after the swap, write into the

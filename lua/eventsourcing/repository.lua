@@ -251,7 +251,7 @@ local function load_ahead(self, store, out)
     end
   end
   if #list == 0 then return false end
-  local ok, err = store:query_ahead(rm:_load_query(store, nil, list, true))
+  local ok, err = store:query_ahead(rm:_load_query(store, nil, list))
   if not ok then return nil, err end
   return { rm = rm, keys = keys }
 end
