@@ -144,8 +144,31 @@ describe("GET /metrics and the access log", function()
     assert.is_truthy(a:match("^%x+$"), a)
     assert.is_truthy(b:match("^%x+$"), b)
     assert.are_not.equal(a, b)
+    -- the service's routes make their own (api.lua): 32 hex digits, one
+    -- per request, the events' correlation id too
+    local seen, last_id = {}, nil
+    for i = 1, 3 do
+      local c = srv:request("POST", "/orders", { token = ALICE, body = "{}",
+        headers = i == 3 and { "X-Request-Id: has space" } or nil })
+      assert.are.equal(201, c.status, c.body)
+      local cid = c.headers["x-request-id"]
+      assert.is_truthy(cid:match("^" .. ("%x"):rep(32) .. "$"), cid)
+      assert.is_nil(seen[cid], cid)
+      seen[cid], last_id = true, cid
+      local first
+      for e in assert(store:read("Order-" .. c.json.id)) do first = first or e end
+      assert.are.equal(cid, first.metadata.correlation_id)
+    end
+    -- lines wait in nginx's buffer up to a second (nginx.sh's
+    -- ES_HTTP_ACCESS_LOG_FLUSH): wait for the last request's
+    local log
+    for _ = 1, 40 do
+      log = http.read_file(srv.prefix .. "/logs/access.log") or ""
+      if log:find(last_id, 1, true) then break end
+      http.sleep(0.1)
+    end
     local found = 0
-    for line in (http.read_file(srv.prefix .. "/logs/access.log") or ""):gmatch("[^\n]+") do
+    for line in log:gmatch("[^\n]+") do
       local entry = es.json.decode(line)
       assert.is_table(entry, line)
       for _, k in ipairs { "time", "request_id", "method", "uri", "route", "status", "duration" } do

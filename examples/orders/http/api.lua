@@ -144,7 +144,23 @@ local function error_body(kind, message)
     (message:gsub('[%c"\\]', " ")))
 end
 
+-- The request's id when the client sent no usable X-Request-Id (the map
+-- $es_request_id in nginx.conf prefers the client's): 24 hex digits drawn
+-- once per worker from nginx's random $request_id, then a counter, so 32
+-- hex digits as nginx's own ids have, unique across workers and restarts,
+-- without OpenSSL's RAND on every request. A new prefix before the counter
+-- would wrap.
+local id_prefix, id_count = nil, 0
+local function own_request_id()
+  if id_prefix == nil or id_count >= 0xffffffff then
+    id_prefix, id_count = ngx.var.request_id:sub(1, 24), 0
+  end
+  id_count = id_count + 1
+  return ("%s%08x"):format(id_prefix, id_count)
+end
+
 function M.handle()
+  ngx.var.es_lua_request_id = own_request_id()
   ngx.req.read_body()
   local body = ngx.req.get_body_data()
   if body == nil and ngx.req.get_body_file() then
