@@ -337,6 +337,10 @@ local function utf8_valid(s)
 end
 
 local function unescape(s)
+  if not s:find("%", 1, true) then   -- nothing to decode (most paths)
+    if s:find("[\128-\255]") and not utf8_valid(s) then return nil end
+    return s
+  end
   local bad = false
   local out = s:gsub("%%(..)", function(h)
     local n = tonumber(h, 16)
@@ -642,6 +646,20 @@ local function route_stock(p, req, segs, args)
   return respond(200, v, etag_of(v.version))
 end
 
+-- The JSON object a POST on an order's sub-resource carries (with only
+-- the allowed fields), or false, status, error body. (No closures on the
+-- command path: a function that makes one is never compiled by LuaJIT.)
+local ITEM_FIELDS = { product_id = true, quantity = true, unit_price = true }
+local NO_FIELDS, CANCEL_FIELDS = {}, { reason = true }
+local function post_body(req, fields, optional)
+  if req.method ~= "POST" then
+    return false, fail(405, "method_not_allowed", req.method .. " is not allowed here")
+  end
+  local body, msg, field = body_object(req.body, fields, optional)
+  if not body then return false, bad_request(msg, field) end
+  return body
+end
+
 -- route(method, segments, args, req, principal)
 local function route(p, req, segs, args)
   if segs[1] == "stock" then return route_stock(p, req, segs, args) end
@@ -665,32 +683,24 @@ local function route(p, req, segs, args)
   if next(args) and not (n == 3 and sub == "history") then
     return bad_request(check_query(args, {}))
   end
-  local function post(body_fields, optional, build)
-    if method ~= "POST" then
-      return fail(405, "method_not_allowed", method .. " is not allowed here")
-    end
-    local body, msg, field = body_object(req.body, body_fields, optional)
-    if not body then return bad_request(msg, field) end
-    return build(body)
-  end
   if n == 3 and sub == "items" then
-    return post({ product_id = true, quantity = true, unit_price = true }, false, function(b)
-      return command(p, req, id, "AddItem", { product_id = b.product_id,
-        quantity = b.quantity, unit_price = b.unit_price }, req.if_match)
-    end)
+    local b, status, out = post_body(req, ITEM_FIELDS, false)
+    if not b then return status, out end
+    return command(p, req, id, "AddItem", { product_id = b.product_id,
+      quantity = b.quantity, unit_price = b.unit_price }, req.if_match)
   elseif n == 4 and sub == "items" then
     if method ~= "DELETE" then
       return fail(405, "method_not_allowed", method .. " is not allowed on an item")
     end
     return command(p, req, id, "RemoveItem", { product_id = segs[4] }, req.if_match)
   elseif n == 3 and sub == "place" then
-    return post({}, true, function()
-      return command(p, req, id, "PlaceOrder", {}, req.if_match)
-    end)
+    local b, status, out = post_body(req, NO_FIELDS, true)
+    if not b then return status, out end
+    return command(p, req, id, "PlaceOrder", {}, req.if_match)
   elseif n == 3 and sub == "cancel" then
-    return post({ reason = true }, true, function(b)
-      return command(p, req, id, "CancelOrder", { reason = b.reason }, req.if_match)
-    end)
+    local b, status, out = post_body(req, CANCEL_FIELDS, true)
+    if not b then return status, out end
+    return command(p, req, id, "CancelOrder", { reason = b.reason }, req.if_match)
   elseif n == 3 and sub == "history" then
     if method ~= "GET" then
       return fail(405, "method_not_allowed", method .. " is not allowed on a history")
