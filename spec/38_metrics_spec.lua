@@ -183,3 +183,64 @@ describe("GET /metrics and the access log", function()
     assert.are.equal(1, found)
   end)
 end)
+
+-- Each worker sums its counts in its own table and adds them to the shared
+-- dict every metrics.FLUSH seconds (metrics.lua): with two workers, the
+-- counts of both reach /metrics, those of the worker not serving the
+-- scrape within a moment.
+describe("GET /metrics with two nginx workers", function()
+  local srv, store
+
+  setup(function()
+    local schema = helpers.fresh_schema()
+    store = assert(es.open(helpers.database_url(), { schema = schema }))
+    package.path = "examples/?.lua;" .. package.path
+    assert(require("orders.service").migrate(store))
+    srv = http.start_server { database_url = helpers.database_url(), schema = schema,
+      threads = 2, decode = es.json.decode, env = { ES_HTTP_WORKERS = "2" } }
+  end)
+
+  teardown(function()
+    if srv then srv:stop() end
+    if store then store:close() end
+  end)
+
+  local function count(route, method, status)
+    local r = srv:request("GET", "/metrics", { token = ADMIN })
+    assert.are.equal(200, r.status, r.body)
+    local f = assert(prom.parse(r.body))
+    return prom.value(f, "es_http_requests_total", "es_http_requests_total",
+      { route = route, method = method, status = tostring(status) }) or 0,
+      prom.value(f, "es_appended_events_total", "es_appended_events_total") or 0
+  end
+
+  it("counts every request of both workers, within a second", function()
+    local n0, a0 = count("/orders", "POST", 201)
+    -- concurrent requests until both workers answered some (a request
+    -- id's first 24 digits are its worker's, api.lua)
+    local N, workers, seen = 0, 0, {}
+    for _ = 1, 20 do
+      local pending = {}
+      for i = 1, 6 do
+        pending[i] = srv:start_request("POST", "/orders", { token = ALICE, body = "{}" })
+      end
+      for _, p in ipairs(pending) do
+        local r = p.finish()
+        assert.are.equal(201, r.status, r.body)
+        N = N + 1
+        local w = r.headers["x-request-id"]:sub(1, 24)
+        if not seen[w] then seen[w], workers = true, workers + 1 end
+      end
+      if workers >= 2 then break end
+    end
+    assert.are.equal(2, workers)
+    -- one scrape (one worker's flush) after the other's timer ran
+    http.sleep(1)
+    local n, a = count("/orders", "POST", 201)
+    assert.are.equal(n0 + N, n)
+    assert.are.equal(a0 + N, a)
+    -- and no more later: nothing is added twice
+    http.sleep(0.3)
+    assert.are.equal(n0 + N, (count("/orders", "POST", 201)))
+  end)
+end)
