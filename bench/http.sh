@@ -13,7 +13,8 @@
 # threads per worker, default 2: see below), PORT,
 # ES_HTTP_TIMINGS=1 (also the mean time per phase of a request, from the
 # Server-Timing header the service then sends: *_phase_* lines), and
-# ES_BENCH_ONLY=get|post|health (only those runs). ES_HTTP_FAST_GET=off:
+# ES_BENCH_ONLY=get|post|health (only those runs), ES_BENCH_CONNS (the
+# connection counts, default "2 32"). ES_HTTP_FAST_GET=off:
 # every GET through the thread pool (no version probe on the event loop).
 # Also the CPU per request of nginx's workers, PostgreSQL and wrk itself
 # (*_cpu_* lines): on 2 shared cores wrk's own CPU is part of the picture.
