@@ -13,7 +13,8 @@
 # threads per worker, default 2: see below), PORT,
 # ES_HTTP_TIMINGS=1 (also the mean time per phase of a request, from the
 # Server-Timing header the service then sends: *_phase_* lines), and
-# ES_BENCH_ONLY=get|post|health (only those runs). ES_HTTP_FAST_GET=off:
+# ES_BENCH_ONLY=get|post|health (only those runs), ES_BENCH_CONNS (the
+# connection counts, default "2 32"). ES_HTTP_FAST_GET=off:
 # every GET through the thread pool (no version probe on the event loop).
 # Also the CPU per request of nginx's workers, PostgreSQL and wrk itself
 # (*_cpu_* lines): on 2 shared cores wrk's own CPU is part of the picture.
@@ -216,7 +217,11 @@ run() {
   n1=$(ticks $NGINX_PIDS) p1=$(ticks $PG_PIDS)
   # shellcheck disable=SC2086
   ns1=$(task_stats $NGINX_PIDS) ps1=$(task_stats $PG_PIDS)
-  [ "${ES_HTTP_TIMINGS:-}" = 1 ] && phases "$name"
+  if [ "${ES_HTTP_TIMINGS:-}" = 1 ]; then
+    # the access log's lines wait in nginx's buffer up to its flush interval
+    sleep "${ES_HTTP_ACCESS_LOG_FLUSH:-1}.5"
+    phases "$name"
+  fi
   # shellcheck disable=SC2086
   set -- $ns0 $ns1 $ps0 $ps1
   awk -v name="$name" -v nginx=$((n1 - n0)) -v pg=$((p1 - p0)) -v hz="$(getconf CLK_TCK)" \
@@ -257,11 +262,11 @@ MODE=get wrk -t2 -c32 -d1s -s "$WORK/orders.lua" "$BASE" >/dev/null 2>&1 || true
 server_pids
 # every GET before any POST, so both GET runs read orders of the same length
 want() { [ -z "${ES_BENCH_ONLY:-}" ] || [[ ,$ES_BENCH_ONLY, == *,$1,* ]]; }
-for c in 2 32; do
+for c in ${ES_BENCH_CONNS:-2 32}; do
   want health && run "http_health_c$c" "$c" "$BASE/health"
   want get && MODE=get run "http_get_order_c$c" "$c" -s "$WORK/orders.lua" "$BASE"
 done
-for c in 2 32; do
+for c in ${ES_BENCH_CONNS:-2 32}; do
   want post && MODE=post run "http_post_item_c$c" "$c" -s "$WORK/orders.lua" "$BASE"
 done
 if grep -q 'runtime error' "$WORK/nginx/logs/error.log"; then

@@ -63,7 +63,9 @@
 #            then bench/command_cpu.lua, the same command without HTTP one
 #            after the other (BENCH_HTTP_COMMANDS, 3,000): CPU per command of
 #            the pool thread's code and of PostgreSQL, against round 3's
-#            append (ids looked up), luajit and lua5.4
+#            append (ids looked up), luajit and lua5.4; and
+#            bench/command_instructions.sh, its instructions under
+#            callgrind (LuaJIT's interpreter), at 3 and 15 item lines
 #   pooler   bench/pooler.sh, appends and folds at 8 and 32 clients: named
 #            prepared statements straight to PostgreSQL against unnamed ones
 #            (pooler = "transaction") straight and through PgBouncer
@@ -572,6 +574,13 @@ for f in luajit lua5.4; do
   bench_run "http command cpu $f" "" env LUA_PATH="lua/?.lua;lua/?/init.lua;examples/?.lua;;" \
     LUA_CPATH="build/$f/?.so;;" "$f" bench/command_cpu.lua "$URL" "${BENCH_HTTP_COMMANDS:-3000}"
 done
+# the same command's instructions (callgrind): the figure a busy machine
+# does not move
+if command -v valgrind >/dev/null; then
+  bench_run "http command instructions" "" env ES_DATABASE_URL="$URL" bash bench/command_instructions.sh
+else
+  echo "bench: http command instructions SKIPPED (valgrind not installed)"
+fi
 fi
 
 # ---- round trips ----------------------------------------------------------

@@ -66,6 +66,27 @@ for _, entry in ipairs(helpers.stores()) do
       assert.same({ { product_id = "p2", quantity = 1, unit_price = 99 } }, o.items)
     end)
 
+    it("keeps the total the sum of its lines through adds, merges and removes", function()
+      local id, seed = new_order("c1"), 7
+      for _ = 1, 30 do
+        seed = (seed * 1103515245 + 12345) % 2147483648
+        local p = "p" .. (seed % 5)
+        local price
+        for _, it in ipairs(svc:get_order(id).items) do
+          if it.product_id == p then price = it.unit_price end
+        end
+        if price and seed % 3 == 0 then
+          assert(svc:remove_item { order_id = id, product_id = p })
+        else
+          assert(svc:add_item { order_id = id, product_id = p, quantity = 1 + seed % 4,
+            unit_price = price or (100 + seed % 900) })
+        end
+        local o, sum = svc:get_order(id), 0   -- folded from the first event
+        for _, it in ipairs(o.items) do sum = sum + it.quantity * it.unit_price end
+        assert.equal(sum, o.total)
+      end
+    end)
+
     it("returns invalid errors naming the field", function()
       local id = new_order()
       local cases = {

@@ -123,6 +123,26 @@ describe("GET /orders/{id} on the event loop", function()
       assert.are.equal(first.body, r.body)
     end)
 
+    it("a command's phases come with the pool thread's CPU time", function()
+      local id = new_order(srv, ALICE)
+      local r = srv:request("POST", "/orders/" .. id .. "/items", { token = ALICE,
+        body = es.json.encode { product_id = "p2", quantity = 1, unit_price = 10 } })
+      assert.are.equal(200, r.status, r.body)
+      local t, ms = r.headers["server-timing"] or "", {}
+      for name, v in t:gmatch("([%w_]+);dur=([%d.]+)") do ms[name] = tonumber(v) end
+      for _, name in ipairs { "fold", "append", "commit", "lua", "fold_cpu", "append_cpu",
+                              "commit_cpu", "lua_cpu", "cpu" } do
+        assert.is_number(ms[name], name .. " in " .. t)
+      end
+      assert.is_true(ms.cpu > 0, t)
+      -- the thread's CPU is its phases' (each rounded to a microsecond)
+      local sum = 0
+      for name, v in pairs(ms) do
+        if name:find("_cpu$") then sum = sum + v end
+      end
+      assert.is_true(math.abs(sum - ms.cpu) < 0.01, t)
+    end)
+
     it("never sends it after a change, whoever made it", function()
       local id = new_order(srv, ALICE)
       srv:request("GET", "/orders/" .. id, { token = ALICE })

@@ -144,8 +144,31 @@ describe("GET /metrics and the access log", function()
     assert.is_truthy(a:match("^%x+$"), a)
     assert.is_truthy(b:match("^%x+$"), b)
     assert.are_not.equal(a, b)
+    -- the service's routes make their own (api.lua): 32 hex digits, one
+    -- per request, the events' correlation id too
+    local seen, last_id = {}, nil
+    for i = 1, 3 do
+      local c = srv:request("POST", "/orders", { token = ALICE, body = "{}",
+        headers = i == 3 and { "X-Request-Id: has space" } or nil })
+      assert.are.equal(201, c.status, c.body)
+      local cid = c.headers["x-request-id"]
+      assert.is_truthy(cid:match("^" .. ("%x"):rep(32) .. "$"), cid)
+      assert.is_nil(seen[cid], cid)
+      seen[cid], last_id = true, cid
+      local first
+      for e in assert(store:read("Order-" .. c.json.id)) do first = first or e end
+      assert.are.equal(cid, first.metadata.correlation_id)
+    end
+    -- lines wait in nginx's buffer up to a second (nginx.sh's
+    -- ES_HTTP_ACCESS_LOG_FLUSH): wait for the last request's
+    local log
+    for _ = 1, 40 do
+      log = http.read_file(srv.prefix .. "/logs/access.log") or ""
+      if log:find(last_id, 1, true) then break end
+      http.sleep(0.1)
+    end
     local found = 0
-    for line in (http.read_file(srv.prefix .. "/logs/access.log") or ""):gmatch("[^\n]+") do
+    for line in log:gmatch("[^\n]+") do
       local entry = es.json.decode(line)
       assert.is_table(entry, line)
       for _, k in ipairs { "time", "request_id", "method", "uri", "route", "status", "duration" } do
@@ -158,5 +181,66 @@ describe("GET /metrics and the access log", function()
       end
     end
     assert.are.equal(1, found)
+  end)
+end)
+
+-- Each worker sums its counts in its own table and adds them to the shared
+-- dict every metrics.FLUSH seconds (metrics.lua): with two workers, the
+-- counts of both reach /metrics, those of the worker not serving the
+-- scrape within a moment.
+describe("GET /metrics with two nginx workers", function()
+  local srv, store
+
+  setup(function()
+    local schema = helpers.fresh_schema()
+    store = assert(es.open(helpers.database_url(), { schema = schema }))
+    package.path = "examples/?.lua;" .. package.path
+    assert(require("orders.service").migrate(store))
+    srv = http.start_server { database_url = helpers.database_url(), schema = schema,
+      threads = 2, decode = es.json.decode, env = { ES_HTTP_WORKERS = "2" } }
+  end)
+
+  teardown(function()
+    if srv then srv:stop() end
+    if store then store:close() end
+  end)
+
+  local function count(route, method, status)
+    local r = srv:request("GET", "/metrics", { token = ADMIN })
+    assert.are.equal(200, r.status, r.body)
+    local f = assert(prom.parse(r.body))
+    return prom.value(f, "es_http_requests_total", "es_http_requests_total",
+      { route = route, method = method, status = tostring(status) }) or 0,
+      prom.value(f, "es_appended_events_total", "es_appended_events_total") or 0
+  end
+
+  it("counts every request of both workers, within a second", function()
+    local n0, a0 = count("/orders", "POST", 201)
+    -- concurrent requests until both workers answered some (a request
+    -- id's first 24 digits are its worker's, api.lua)
+    local N, workers, seen = 0, 0, {}
+    for _ = 1, 20 do
+      local pending = {}
+      for i = 1, 6 do
+        pending[i] = srv:start_request("POST", "/orders", { token = ALICE, body = "{}" })
+      end
+      for _, p in ipairs(pending) do
+        local r = p.finish()
+        assert.are.equal(201, r.status, r.body)
+        N = N + 1
+        local w = r.headers["x-request-id"]:sub(1, 24)
+        if not seen[w] then seen[w], workers = true, workers + 1 end
+      end
+      if workers >= 2 then break end
+    end
+    assert.are.equal(2, workers)
+    -- one scrape (one worker's flush) after the other's timer ran
+    http.sleep(1)
+    local n, a = count("/orders", "POST", 201)
+    assert.are.equal(n0 + N, n)
+    assert.are.equal(a0 + N, a)
+    -- and no more later: nothing is added twice
+    http.sleep(0.3)
+    assert.are.equal(n0 + N, (count("/orders", "POST", 201)))
   end)
 end)

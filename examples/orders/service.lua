@@ -46,14 +46,14 @@ local function not_found(order_id)
 end
 
 -- The public view of an order state.
+-- Its items are the state's own lines, not copies: the aggregate makes
+-- each { product_id, quantity, unit_price } (orders.order, and snapshots of
+-- that state), and a view is encoded, never changed. (A copy per line was
+-- most of a command's reply: 4.5 KB of garbage at 24 lines.)
 function M.view(state, version)
-  local items = es.json.array {}
-  for i, it in ipairs(state.items) do
-    items[i] = { product_id = it.product_id, quantity = it.quantity, unit_price = it.unit_price }
-  end
   return {
     id = state.id, customer_id = state.customer_id, status = state.status,
-    items = items, total = state.total, version = version,
+    items = state.items, total = state.total, version = version,
     created_at = state.created_at, placed_at = state.placed_at,
     cancelled_at = state.cancelled_at, cancel_reason = state.cancel_reason,
   }

@@ -9,7 +9,9 @@
 # ES_HTTP_SCHEMA (optional), ES_HTTP_TOKENS (default tokens.json next to
 # this script), ES_HTTP_THREADS (thread pool size, default 16),
 # ES_HTTP_WORKERS (worker processes, default 1), ES_HTTP_MAX_RETRIES (conflict
-# retries per command, default 3), ES_HTTP_READ_MODEL (inline | projector:
+# retries per command, default 3), ES_HTTP_ACCESS_LOG_FLUSH (seconds the
+# access log's lines may wait in a 64 KiB buffer, default 1; 0 writes each
+# line at once), ES_HTTP_READ_MODEL (inline | projector:
 # who updates rm_orders, default inline), ES_HTTP_USER (the user nginx's
 # workers run as when started by root; default: the checkout's owner).
 # The schema must be migrated already. Used by scripts/serve.sh and
@@ -63,6 +65,13 @@ check_readable() {
   done
 }
 
+# the access_log directive's buffering (ES_HTTP_ACCESS_LOG_FLUSH seconds)
+access_log_buffer() {
+  local flush=${ES_HTTP_ACCESS_LOG_FLUSH:-1}
+  [[ $flush =~ ^[0-9]+$ ]] || die "ES_HTTP_ACCESS_LOG_FLUSH must be whole seconds, got '$flush'"
+  if [ "$flush" -gt 0 ]; then printf 'buffer=64k flush=%ss' "$flush"; fi
+}
+
 start() {
   local prefix=$1
   local port=${PORT:-8080}
@@ -72,6 +81,8 @@ start() {
   local tokens=${ES_HTTP_TOKENS:-$HERE/tokens.json}
   [ -r "$tokens" ] || die "tokens file $tokens not readable"
   tokens=$(cd "$(dirname "$tokens")" && pwd)/$(basename "$tokens")
+  local logbuf
+  logbuf=$(access_log_buffer)
   worker_user
   check_readable "$tokens"
   mkdir -p "$prefix/conf" "$prefix/logs" "$prefix/tmp"
@@ -90,6 +101,7 @@ start() {
   conf=${conf//@ENV_TOKENS@/$(q "$tokens")}
   conf=${conf//@ENV_MAX_RETRIES@/$(q "${ES_HTTP_MAX_RETRIES:-3}")}
   conf=${conf//@ENV_READ_MODEL@/$(q "${ES_HTTP_READ_MODEL:-inline}")}
+  conf=${conf//@ACCESS_LOG_BUFFER@/$logbuf}
   printf '%s\n' "$conf" >"$prefix/conf/nginx.conf"
   "$NGINX" -q -t -p "$prefix" -c "$prefix/conf/nginx.conf" -e "$prefix/logs/error.log" \
     || die "configuration test failed ($prefix/conf/nginx.conf)"
