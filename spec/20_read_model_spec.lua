@@ -281,6 +281,16 @@ describe("read models on PostgreSQL", function()
       assert.equal("invalid", err.kind)
       assert.matches("rm_typed: a row cannot be stored", err.message, 1, true)
     end
+    -- a string that is not UTF-8 in a jsonb column: refused, never NULL
+    -- (alone and with a few, as in a large batch)
+    for _, n in ipairs { 1, 2, rm._TYPED_MAX + 1 } do
+      local evs = {}
+      for i = 1, n do evs[i] = { stream = i == 1 and "T-alone" or ("T-few" .. i), data = { j = "caf\xe9" } } end
+      local ok, err = apply(evs)
+      assert.is_nil(ok)
+      assert.equal("invalid", err.kind)
+      assert.matches("rm_typed: a row cannot be stored", err.message, 1, true)
+    end
     -- text PostgreSQL cannot hold: refused by the session or the server
     for _, bad in ipairs { "a\0b", "\xff\xfe" } do
       local ok, err = apply { { stream = "T-alone", data = { t = bad } } }
