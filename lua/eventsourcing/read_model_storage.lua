@@ -266,12 +266,7 @@ function ReadModel:_stage_sqls(store, tbl)
   for _, c in ipairs(self.columns) do shape[#shape + 1] = c .. " " .. self.types[c] end
   local tag = core.uuid5(STAGE_NS, table.concat(shape, ",")):sub(1, 8)
   local name = short_ident(("es_stage_%s_%s_%s"):format(store:schema(), tbl or self.name, tag))
-  local cols, sets = {}, {}
-  for _, c in ipairs(self.columns) do
-    cols[#cols + 1] = quote(c)
-    if c ~= self.key then sets[#sets + 1] = quote(c) .. " = excluded." .. quote(c) end
-  end
-  local collist = table.concat(cols, ", ")
+  local collist, conflict = self:_upsert_parts()
   st = { name = name,
     -- ON COMMIT DELETE ROWS: truncated in place at each commit, so the
     -- dead rows of the merges' DELETEs never pile up (temporary tables
@@ -279,9 +274,8 @@ function ReadModel:_stage_sqls(store, tbl)
     create = ("CREATE TEMP TABLE IF NOT EXISTS %s (LIKE %s) ON COMMIT DELETE ROWS"):format(quote(name), q),
     merge = ("WITH d AS (DELETE FROM %s WHERE %s), "
       .. "s AS (DELETE FROM pg_temp.%s RETURNING %s) "
-      .. "INSERT INTO %s (%s) SELECT %s FROM s ON CONFLICT (%s) DO %s")
-      :format(q, self:_key_in(1), quote(name), collist, q, collist, collist,
-        quote(self.key), #sets > 0 and ("UPDATE SET " .. table.concat(sets, ", ")) or "NOTHING") }
+      .. "INSERT INTO %s (%s) SELECT %s FROM s %s")
+      :format(q, self:_key_in(1), quote(name), collist, q, collist, collist, conflict) }
   self._stage_sql[ck] = st
   return st
 end
@@ -315,6 +309,19 @@ function ReadModel:_write_staged(store, tbl, upserts, deletes)
   return store:query(st.merge, keys_param(deletes))
 end
 
+-- The quoted column list of an upsert and its ON CONFLICT clause (every
+-- column but the key taken from the new row), for the staged merge and
+-- the row writes alike.
+function ReadModel:_upsert_parts()
+  local cols, sets = {}, {}
+  for _, c in ipairs(self.columns) do
+    cols[#cols + 1] = quote(c)
+    if c ~= self.key then sets[#sets + 1] = quote(c) .. " = excluded." .. quote(c) end
+  end
+  return table.concat(cols, ", "), ("ON CONFLICT (%s) DO %s"):format(quote(self.key),
+    #sets > 0 and ("UPDATE SET " .. table.concat(sets, ", ")) or "NOTHING")
+end
+
 -- The statements that write rows (PostgreSQL), cached per schema and
 -- table: `many`, any upserts and deletes as JSON (one parameter each);
 -- `upsert`, upserts only, as JSON; typed[k] (see _typed_sql), a few
@@ -328,14 +335,7 @@ function ReadModel:_write_sqls(store, tbl, record)
   if sqls then return sqls end
   self._write_sql = self._write_sql or {}
   local q = self:_qualified(store, tbl)
-  local cols, sets = {}, {}
-  for _, c in ipairs(self.columns) do
-    cols[#cols + 1] = quote(c)
-    if c ~= self.key then sets[#sets + 1] = quote(c) .. " = excluded." .. quote(c) end
-  end
-  local collist = table.concat(cols, ", ")
-  local conflict = ("ON CONFLICT (%s) DO %s"):format(quote(self.key),
-    #sets > 0 and ("UPDATE SET " .. table.concat(sets, ", ")) or "NOTHING")
+  local collist, conflict = self:_upsert_parts()
   local rec = record and (self:_record_cte(store) .. ", ") or ""
   sqls = {
     many = ("WITH %sd AS (DELETE FROM %s WHERE %s), "

@@ -146,22 +146,24 @@ local function timed(s)
   end })
 end
 
+-- Adds each phase of `from` to parts as "<phase><suffix>;dur=<ms>",
+-- emptying it, then the rest of `total` as "lua<suffix>".
+local function add_phases(parts, from, suffix, total)
+  local known = 0
+  for phase, secs in pairs(from) do
+    parts[#parts + 1] = ("%s%s;dur=%.3f"):format(phase, suffix, secs * 1000)
+    known = known + secs
+    from[phase] = nil
+  end
+  parts[#parts + 1] = ("lua%s;dur=%.3f"):format(suffix, (total - known) * 1000)
+end
+
 -- total: the thread's wall seconds; cpu: its CPU seconds (or nil)
 local function timing_text(total, cpu)
-  local parts, known, known_cpu = {}, 0, 0
-  for phase, secs in pairs(phases) do
-    parts[#parts + 1] = ("%s;dur=%.3f"):format(phase, secs * 1000)
-    known = known + secs
-    phases[phase] = nil
-  end
-  parts[#parts + 1] = ("lua;dur=%.3f"):format((total - known) * 1000)
+  local parts = {}
+  add_phases(parts, phases, "", total)
   if cpu then
-    for phase, secs in pairs(cpu_phases) do
-      parts[#parts + 1] = ("%s_cpu;dur=%.3f"):format(phase, secs * 1000)
-      known_cpu = known_cpu + secs
-      cpu_phases[phase] = nil
-    end
-    parts[#parts + 1] = ("lua_cpu;dur=%.3f"):format((cpu - known_cpu) * 1000)
+    add_phases(parts, cpu_phases, "_cpu", cpu)
     parts[#parts + 1] = ("cpu;dur=%.3f"):format(cpu * 1000)
   end
   return table.concat(parts, ", ")
