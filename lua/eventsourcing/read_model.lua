@@ -152,11 +152,6 @@ end
 
 function ReadModel:__tostring() return "read model " .. self.name end
 
--- opts.record: an inline writer's batch (see _write).
--- opts.stage: the caller's transaction is open (a projector's batch): many
--- upserts may go through a staging table (see _write).
--- opts.timings: a table whose fields keys, load, handlers, build, encode,
--- write get the seconds spent in each step added (a rebuild's breakdown).
 local clock = util.monotonic
 
 local function add_time(timings, what, since)
@@ -165,6 +160,16 @@ local function add_time(timings, what, since)
   return t
 end
 
+-- Applies events[1..n] to the rows of table `tbl` and writes the touched
+-- rows once. Returns true, handled | false, index, message (a handler
+-- raised at events[index]; nothing was written) | nil, err (store error).
+-- opts.seen: a set of key strings that may exist in tbl (rebuild into a
+-- fresh table: keys outside it are not looked up); opts.mark_seen.
+-- opts.record: an inline writer's batch (see _write).
+-- opts.stage: the caller's transaction is open (a projector's batch): many
+-- upserts may go through a staging table (see _write).
+-- opts.timings: a table whose fields keys, load, handlers, build, encode,
+-- write get the seconds spent in each step added (a rebuild's breakdown).
 function ReadModel:_apply(store, tbl, events, n, opts)
   local on, key_of, keyc = self.on, self.key_of, self.key
   local seen = opts and opts.seen

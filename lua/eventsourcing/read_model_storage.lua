@@ -509,12 +509,6 @@ function ReadModel._run_write(_, store, sql, params, defer)
   return true
 end
 
--- Applies events[1..n] to the rows of table `tbl` and writes the touched
--- rows once. Returns true, handled | false, index, message (a handler
--- raised at events[index]; nothing was written) | nil, err (store error).
--- opts.seen: a set of key strings that may exist in tbl (rebuild into a
--- fresh table: keys outside it are not looked up); opts.mark_seen.
-
 ReadModel._exec_all = exec_all
 
 return ReadModel
