@@ -2,17 +2,12 @@
 -- for the stream's version (a short page is the end; only a full one asks):
 -- the bounds, the page edges (1,000 versions a page) and "events
 -- appended after read() are not read" must hold as before.
-local es = require "eventsourcing"
 local helpers = require "helpers"
 
 describe("forward stream reads (postgresql)", function()
   local store, other
 
-  before_each(function()
-    local schema
-    store, schema = helpers.open({ name = "postgresql", url = helpers.database_url() })
-    other = assert(es.open(helpers.database_url(), { schema = schema }))
-  end)
+  before_each(function() store, other = helpers.open_pair() end)
   after_each(function()
     store:close()
     other:close()

@@ -33,10 +33,7 @@ end
 describe("inline read model rows loaded ahead of the append (postgresql)", function()
   local store, other, schema
 
-  before_each(function()
-    store, schema = helpers.open({ name = "postgresql", url = helpers.database_url() })
-    other = assert(es.open(helpers.database_url(), { schema = schema }))
-  end)
+  before_each(function() store, other, schema = helpers.open_pair() end)
   after_each(function()
     store:close()
     other:close()
