@@ -1,7 +1,8 @@
 -- bench/rm_write.lua: PostgreSQL's CPU for a read model's row write, the
--- statements the library sends now against the one it sent in round 5
--- (the named alternative: a DELETE of the batch's deleted keys, an empty
--- JSON array, beside json_populate_recordset of the rows as JSON).
+-- statements the library sends now against round 5's shape for every
+-- write (the named alternative: a DELETE of the batch's deleted keys, an
+-- empty JSON array, beside json_populate_recordset of the rows as JSON;
+-- today's statement for batches with deletes, which is that shape).
 --
 --   LUA_PATH="lua/?.lua;lua/?/init.lua;examples/?.lua;;" \
 --   LUA_CPATH="build/lua5.4/?.so;;" lua5.4 bench/rm_write.lua URL [TRANSACTIONS]
@@ -11,11 +12,11 @@
 -- backend's CPU per transaction (/proc, ticks of 10 ms: use a few thousand
 -- transactions) for
 --   rm_write_one_typed      one row, a typed parameter per column (now)
---   rm_write_one_json       the same row by the round-5 statement
+--   rm_write_one_json       the same row by round 5's statement shape
 --   rm_write_5_typed        five rows, typed parameters (now)
 --   rm_write_5_upsert       the same five as JSON without the DELETE (what
 --                           more than ReadModel._TYPED_MAX rows take now)
---   rm_write_5_json_delete  the same five by the round-5 statement
+--   rm_write_5_json_delete  the same five by round 5's statement shape
 -- Variants alternate in twelve rounds (3 * TRANSACTIONS each in all), in
 -- one session.
 local es = require "eventsourcing"

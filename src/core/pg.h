@@ -130,8 +130,9 @@ typedef struct pg_store {
     unsigned qprepared;       /* bit per qcache slot prepared this session */
     unsigned long qclock;
     unsigned long qgen;       /* names handed out to qcache statements */
-    pid_t owner;              /* the process that opened conn: a forked
-                                 child has a copy it must not use */
+    pid_t owner;              /* the process that made the store and
+                                 opened conn: a forked child has a copy
+                                 it must not use */
     struct pg_copy_job *copying;  /* a COPY sending without waiting */
     int64_t copied;           /* rows of such copies since the last wait */
     char fail_constraint[64]; /* the constraint the last failed

@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 static const char *const pooler_names[] = { "none", "session", "transaction" };
 
@@ -110,6 +111,7 @@ es_store *es_pg_open(const char *target, const es_open_opts *o, es_error *err)
         return NULL;
     }
     p->base.ops = &pg_ops;
+    p->owner = getpid();      /* (pg_disconnect: a forked child's copy) */
     p->citus = -1;            /* not asked yet (pg_citus_detect) */
     snprintf(p->schema, sizeof p->schema, "%s", schema);
     p->base.schema = p->schema;
