@@ -117,13 +117,13 @@ function M.migrate(store)
   return orders_rm.Orders:migrate(store)
 end
 
--- service.new(store, opts): opts.max_retries, opts.snapshots (repository
--- options), opts.metadata (default metadata, e.g. { service = "orders" }),
+-- service.new(store, opts): opts.max_retries, opts.snapshots, opts.cache
+-- (repository options), opts.metadata (default metadata, e.g. { service = "orders" }),
 -- opts.inline (default true), opts.queries (see above).
 function M.new(store, opts)
   opts = opts or {}
   local repo = es.repository(store, { max_retries = opts.max_retries,
-    snapshots = opts.snapshots, metadata = opts.metadata,
+    snapshots = opts.snapshots, metadata = opts.metadata, cache = opts.cache,
     read_models = opts.inline ~= false and M.read_models or nil })
   local svc = { store = store, repository = repo }
   svc.queries = opts.queries or orders_rm.queries(store)

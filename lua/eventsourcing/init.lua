@@ -21,6 +21,8 @@ end
 -- aggregates, repository (modules loaded on first use), given/when/then helpers
 function es.aggregate(def) return require("eventsourcing.aggregate").new(def) end
 function es.repository(store, opts) return require("eventsourcing.repository").new(store, opts) end
+-- where repositories keep the state each command left (repository opts.cache)
+function es.state_cache(opts) return require("eventsourcing.state_cache").new(opts) end
 es.testing = require "eventsourcing.testing"
 
 -- read models, projections and the projector (callable module tables:

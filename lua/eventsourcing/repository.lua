@@ -40,6 +40,15 @@ end
 -- the append (immediately consistent; do not also give them to a
 -- projector). Memory stores have no transactions: the rows are updated
 -- right after the append.
+-- opts.cache: a state cache (es.state_cache{...}, or any object with get
+-- and set; see state_cache.lua). execute then starts from the state the
+-- last command on that stream left there, without reading the stream, and
+-- the append's expected version finds out when another writer went
+-- first: that state is dropped and the stream read, as without a cache
+-- (not counted in max_retries). A refusal, or a command that appends
+-- nothing, is decided again from the stream before it is answered, so it
+-- never rests on a state that is behind. load, history and time travel
+-- always read the store.
 function M.new(store, opts)
   if store == nil then error("es.repository: a store is required", 2) end
   opts = opts or {}
@@ -54,14 +63,20 @@ function M.new(store, opts)
   if opts.read_models ~= nil and type(opts.read_models) ~= "table" then
     error("es.repository: read_models must be an array of read models", 2)
   end
+  local cache = opts.cache
+  if cache ~= nil and (type(cache) ~= "table" or type(cache.get) ~= "function"
+      or type(cache.set) ~= "function") then
+    error("es.repository: cache must have get and set methods (es.state_cache{...})", 2)
+  end
   return setmetatable({
     store = store,
     max_retries = retries,
     snapshots = opts.snapshots ~= false,
     metadata = opts.metadata,
     read_models = opts.read_models and #opts.read_models > 0 and opts.read_models or nil,
+    cache = cache,
     stats = { loads = 0, events_folded = 0, snapshots_used = 0,
-              snapshots_saved = 0, retries = 0 },
+              snapshots_saved = 0, retries = 0, cache_hits = 0, cache_stale = 0 },
     short = {}, n_short = 0,   -- see note_short
   }, Repository)
 end
@@ -322,6 +337,38 @@ local function append_inline(self, stream, out, aopts)
   return nil, err
 end
 
+-- The cache's key of a stream: the state's shape changes with the
+-- aggregate's snapshot_version, as for snapshots.
+local function cache_key(A, stream)
+  return A.snapshot_version .. " " .. stream
+end
+
+-- The state the cache holds for stream: state, version, snap_version
+-- (the entry is "<version> <snap_version> <state as JSON>"), or nil.
+local function cached_state(self, A, stream)
+  local entry = self.cache:get(cache_key(A, stream))
+  if type(entry) ~= "string" then return nil end
+  local v, sv, at = entry:match("^(%d+) (%d+) ()")
+  if not v then return nil end
+  local ok, state = pcall(core.json.decode, entry:sub(at))
+  if not ok or type(state) ~= "table" then return nil end
+  self.stats.cache_hits = self.stats.cache_hits + 1
+  return state, tonumber(v), tonumber(sv)
+end
+
+local function cache_state(self, A, stream, version, snap_version, state)
+  local text = core.json.encode(state)
+  if text then   -- a state JSON cannot hold is simply not cached
+    self.cache:set(cache_key(A, stream), version .. " " .. snap_version .. " " .. text)
+  end
+end
+
+local function cache_drop(self, A, stream)
+  self.stats.cache_stale = self.stats.cache_stale + 1
+  local cache = self.cache
+  if cache.delete then cache:delete(cache_key(A, stream)) end
+end
+
 -- repo:execute(A, id, command_name, command, { metadata, expected_version })
 --   -> { version, position, events, state } | nil, err
 function Repository:execute(A, id, command_name, command, opts)
@@ -344,16 +391,40 @@ function Repository:execute(A, id, command_name, command, opts)
   if base.command == nil then base.command = command_name end
 
   local attempt = 0
+  -- from_cache: this attempt starts from the cache's state, which may be
+  -- behind the stream; only an append that succeeds proves it was not
+  local try_cache = self.cache ~= nil
   while true do
-    local state, version, snap_version = load(self, A, stream, nil)
-    if not state then return nil, version end
+    local state, version, snap_version, from_cache
+    if try_cache then
+      state, version, snap_version = cached_state(self, A, stream)
+      from_cache = state ~= nil
+      try_cache = false
+    end
+    if not from_cache then
+      state, version, snap_version = load(self, A, stream, nil)
+      if not state then return nil, version end
+    end
+    local events, err
+    if expectation_met(opts.expected_version, version) then
+      events, err = A:decide(state, command_name, command)
+    end
+    if from_cache and (not events or #events == 0) then
+      -- decided again from the stream: a refusal, a conflict with the
+      -- caller's expected version or a no-op must hold at its head
+      state, version, snap_version = load(self, A, stream, nil)
+      if not state then return nil, version end
+      from_cache, events, err = false, nil, nil
+      if expectation_met(opts.expected_version, version) then
+        events, err = A:decide(state, command_name, command)
+      end
+    end
     if not expectation_met(opts.expected_version, version) then
       return nil, core.error("conflict",
         ("expected version %s of stream %s, found %d")
           :format(tostring(opts.expected_version), stream, version),
         { expected = opts.expected_version, actual = version, stream = stream, reason = "version" })
     end
-    local events, err = A:decide(state, command_name, command)
     if not events then return nil, err end
     if #events == 0 then
       -- nothing to append: the result still names where the stream is
@@ -376,10 +447,15 @@ function Repository:execute(A, id, command_name, command, opts)
     end
     if res then
       state = A:evolve(state, out)
+      local saved = self.stats.snapshots_saved
       local serr = maybe_snapshot(self, A, stream, res.version, snap_version)
       -- what this append made of the stream (a snapshot may be due now)
       if uses_snapshots(self, A) then
         note_short(self, stream, snap_version == 0 and res.version < A.snapshot_every)
+      end
+      if self.cache then
+        if self.stats.snapshots_saved > saved then snap_version = res.version end
+        cache_state(self, A, stream, res.version, snap_version, state)
       end
       return { version = res.version, position = res.position, events = out,
                state = state, snapshot_error = serr }
@@ -390,12 +466,17 @@ function Repository:execute(A, id, command_name, command, opts)
     -- took the same version first (the unique index refused this one, so
     -- the transaction aborted) is a conflict like any other, retried.
     local aborted = aerr.reason == "tx_aborted" or aerr.reason == "order"
-    if aerr.kind ~= "conflict" or (aborted and not self.read_models)
-        or attempt >= self.max_retries then
+    if aerr.kind ~= "conflict" or (aborted and not self.read_models) then
       return nil, aerr
     end
-    attempt = attempt + 1
-    self.stats.retries = self.stats.retries + 1
+    if from_cache then
+      cache_drop(self, A, stream)   -- behind the stream: read it instead
+    elseif attempt >= self.max_retries then
+      return nil, aerr
+    else
+      attempt = attempt + 1
+      self.stats.retries = self.stats.retries + 1
+    end
   end
 end
 

@@ -55,6 +55,7 @@ end
 
 local config = nil        -- { database_url, schema, tokens_path }
 local store, svc, folded = nil, nil, nil   -- folded: queries by folding
+local states = nil        -- see state_cache
 local idem_ready = false  -- the idempotency table exists (checked per connection)
 local counts = { appended = 0, conflicts = 0 }   -- of the request being handled
 local tokens = nil        -- token -> principal
@@ -71,7 +72,7 @@ function M.configure(c)
   config = c
   if store then store:close() end
   store, svc, tokens, owners, owners_count = nil, nil, nil, {}, 0
-  replies, replies_count = {}, 0
+  replies, replies_count, states = {}, 0, nil
 end
 
 local function settings()
@@ -219,6 +220,24 @@ local function etag_of(version) return ('"%d"'):format(version) end
 
 ---------------------------------------------------------------- store
 
+-- Where commands leave their order's state for the next command on it
+-- (repository opts.cache; ES_HTTP_STATE_CACHE=off: none). In nginx the
+-- shared dict es_states, one for every worker and pool thread, its keys
+-- under the generation init_by_lua gave this configuration (nginx.conf);
+-- elsewhere this VM's own. false: none.
+local function state_cache()
+  if os.getenv("ES_HTTP_STATE_CACHE") == "off" then return false end
+  local ngx = rawget(_G, "ngx")
+  local dict = ngx and ngx.shared and ngx.shared.es_states
+  if not dict then return es.state_cache() end
+  local gen = dict:get("generation") or ""
+  return {
+    get = function(_, k) return (dict:get(gen .. k)) end,
+    set = function(_, k, v) dict:set(gen .. k, v) end,
+    delete = function(_, k) dict:delete(gen .. k) end,
+  }
+end
+
 local function connect()
   if store and not store:is_closed() then return true end
   idem_ready = false
@@ -233,8 +252,9 @@ local function connect()
     lock_timeout = tonumber(os.getenv("ES_HTTP_LOCK_TIMEOUT") or "") or 2000 })
   if not s then return nil, err end
   store = TIMINGS and timed(s) or s
+  if states == nil then states = state_cache() end
   svc = service.new(store, { metadata = { via = "http" }, max_retries = c.max_retries,
-    inline = read_model_mode() == "inline" })
+    inline = read_model_mode() == "inline", cache = states or nil })
   folded = service.fold_queries(store, svc.repository)
   return true
 end

@@ -1,0 +1,234 @@
+-- The repository's state cache (opts.cache) against both stores: a
+-- command starts from the state the last one left, and a state that is
+-- behind its stream (another writer went first) never decides anything:
+-- the append's expected version refuses it and the stream is read, and a
+-- refusal or a no-op is decided again from the stream.
+package.path = "examples/?.lua;" .. package.path
+
+local es = require "eventsourcing"
+local helpers = require "helpers"
+
+-- Counter: Add { by, max } (refused over max), Take { by } (refused when
+-- n < by), Noop. decide runs c.hook(state) first when given.
+local function counter(opts)
+  opts = opts or {}
+  return es.aggregate {
+    name = "Counter",
+    initial = function() return { n = 0, log = es.json.array {} } end,
+    snapshot_every = opts.snapshot_every,
+    snapshot_version = opts.snapshot_version,
+    apply = {
+      Added = function(s, e)
+        s.n = s.n + e.data.by
+        s.log[#s.log + 1] = e.data.by
+      end,
+      Taken = function(s, e) s.n = s.n - e.data.by end,
+    },
+    decide = {
+      Add = function(s, c)
+        if c.hook then c.hook(s) end
+        if c.max and s.n + c.by > c.max then return nil, "over the maximum" end
+        if opts.unencodable then s.fn = print end
+        return { type = "Added", data = { by = c.by } }
+      end,
+      Take = function(s, c)
+        if s.n < c.by then return nil, "not enough" end
+        return { type = "Taken", data = { by = c.by } }
+      end,
+      Noop = function() return nil end,
+    },
+  }
+end
+
+local function add(repo, A, id, by, extra)
+  local cmd = { by = by }
+  for k, v in pairs(extra or {}) do cmd[k] = v end
+  return repo:execute(A, id, "Add", cmd)
+end
+
+describe("es.state_cache", function()
+  it("keeps at most about twice its size, the entries read last", function()
+    local c = es.state_cache { size = 2 }
+    c:set("a", "1"); c:set("b", "2")
+    c:set("c", "3")                 -- a and b move to the older half
+    assert.equal("1", c:get("a"))   -- read: back in the newer half
+    c:set("d", "4")                 -- newer half full again: b goes
+    assert.is_nil(c:get("b"))
+    assert.equal("1", c:get("a"))
+    assert.equal("4", c:get("d"))
+    c:delete("a")
+    assert.is_nil(c:get("a"))
+  end)
+
+  it("refuses bad options, and a repository refuses a cache without get and set", function()
+    assert.has_error(function() es.state_cache { size = 0 } end,
+      "es.state_cache: size must be a positive integer")
+    assert.has_error(function() es.state_cache("x") end, "es.state_cache: opts must be a table")
+    assert.has_error(function() es.repository(es.open("memory:"), { cache = {} }) end,
+      "es.repository: cache must have get and set methods (es.state_cache{...})")
+  end)
+end)
+
+for _, entry in ipairs(helpers.stores()) do
+  describe("repository state cache (" .. entry.name .. ")", function()
+    local store, schema
+
+    before_each(function()
+      store, schema = helpers.open(entry)
+    end)
+    after_each(function()
+      if store then store:close() end
+    end)
+
+    -- another writer without a cache: memory shares the store
+    local function other()
+      if entry.name == "memory" then return es.repository(store), function() end end
+      local s2 = assert(es.open(entry.url, { schema = schema }))
+      return es.repository(s2), function() s2:close() end
+    end
+
+    it("starts the next command from the state the last one left, without a read", function()
+      local A = counter()
+      local repo = es.repository(store, { cache = es.state_cache() })
+      local plain = es.repository(store)
+      assert(add(repo, A, "a", 1))
+      assert.equal(1, repo.stats.loads)
+      local r = assert(add(repo, A, "a", 2))
+      assert(add(repo, A, "a", 3))
+      assert.equal(1, repo.stats.loads, "no stream read after the first command")
+      assert.equal(2, repo.stats.cache_hits)
+      assert.equal(2, r.version)
+      local state, version = plain:load(A, "a")
+      assert.equal(3, version)
+      assert.same({ 1, 2, 3 }, state.log)
+      assert.equal(6, state.n)
+    end)
+
+    it("reads the stream when another writer went first: no event lost, doubled or out of order", function()
+      local A = counter()
+      local repo = es.repository(store, { cache = es.state_cache(), max_retries = 0 })
+      local writer, done = other()
+      assert(add(repo, A, "b", 1))
+      assert(add(writer, A, "b", 10))          -- the cache is now one behind
+      local r = assert(add(repo, A, "b", 100))
+      assert.equal(3, r.version)
+      assert.equal(111, r.state.n)
+      assert.equal(1, repo.stats.cache_stale)
+      assert.equal(0, repo.stats.retries, "not counted in max_retries")
+      assert(add(repo, A, "b", 1000))          -- and the cache is right again
+      assert.equal(2, repo.stats.cache_hits)
+      local state, version = writer:load(A, "b")
+      assert.equal(4, version)
+      assert.same({ 1, 10, 100, 1000 }, state.log)
+      done()
+    end)
+
+    it("refuses only what the stream's head refuses", function()
+      local A = counter()
+      local repo = es.repository(store, { cache = es.state_cache() })
+      local writer, done = other()
+      assert(add(repo, A, "c", 1))
+      assert(add(writer, A, "c", 8))
+      -- the cache says 1 < 4 (refused); the stream has 9
+      local r = assert(repo:execute(A, "c", "Take", { by = 4 }))
+      assert.equal(3, r.version)
+      assert.equal(5, r.state.n)
+      assert(add(writer, A, "c", 3))
+      -- the cache says 5 + 5 <= 10; the stream says 8 + 5 > 10
+      local err
+      r, err = add(repo, A, "c", 5, { max = 10 })
+      assert.is_nil(r)
+      assert.equal("rejected", err.kind)
+      assert.equal(4, store:version("Counter-c"))
+      done()
+    end)
+
+    it("answers a no-op and the caller's expected version from the stream", function()
+      local A = counter()
+      local repo = es.repository(store, { cache = es.state_cache() })
+      local writer, done = other()
+      assert(add(repo, A, "d", 1))
+      assert(add(writer, A, "d", 2))
+      local r = assert(repo:execute(A, "d", "Noop", {}))
+      assert.equal(2, r.version, "the stream's version, not the cache's")
+      r = assert(repo:execute(A, "d", "Add", { by = 3 }, { expected_version = 2 }))
+      assert.equal(3, r.version)
+      local _, err = repo:execute(A, "d", "Add", { by = 3 }, { expected_version = 2 })
+      assert.equal("conflict", err.kind)
+      assert.equal(3, err.actual)
+      done()
+    end)
+
+    it("keeps text: what a command's rules or its caller do to a state never reaches the next", function()
+      local A = counter()
+      local repo = es.repository(store, { cache = es.state_cache() })
+      local r = assert(add(repo, A, "e", 1))
+      r.state.n = 1000                          -- the caller's copy
+      local _, err = add(repo, A, "e", 1, { max = 0, hook = function(s) s.log[1] = 50 end })
+      assert.equal("rejected", err.kind)
+      r = assert(add(repo, A, "e", 2))
+      assert.equal(3, r.state.n)
+      assert.same({ 1, 2 }, r.state.log)
+    end)
+
+    it("ignores an entry it cannot read and does not cache a state JSON cannot hold", function()
+      local cache = es.state_cache()
+      local A = counter()
+      local repo = es.repository(store, { cache = cache })
+      assert(add(repo, A, "f", 1))
+      cache:set("1 Counter-f", "7 0 {not json")
+      assert.equal(2, assert(add(repo, A, "f", 1)).version)
+      cache:set("1 Counter-f", "garbage")
+      assert.equal(3, assert(add(repo, A, "f", 1)).version)
+      assert.equal(0, repo.stats.cache_hits)
+
+      local B = counter { unencodable = true }
+      local repo2 = es.repository(store, { cache = es.state_cache() })
+      assert(add(repo2, B, "g", 1))
+      assert(add(repo2, B, "g", 1))
+      assert.equal(0, repo2.stats.cache_hits)
+      assert.equal(2, repo2.stats.loads)
+    end)
+
+    it("still saves snapshots every snapshot_every events", function()
+      if not store.save_snapshot then return end
+      local A = counter { snapshot_every = 3, snapshot_version = 1 }
+      local repo = es.repository(store, { cache = es.state_cache() })
+      for i = 1, 7 do assert(add(repo, A, "h", i)) end
+      assert.equal(2, repo.stats.snapshots_saved)
+      local snap = store:load_snapshot("Counter-h", { schema_version = 1 })
+      assert.equal(6, snap.version)
+      assert.equal(21, snap.state.n)
+    end)
+  end)
+end
+
+describe("the order service with a state cache and its inline read model (postgresql)", function()
+  local service = require "orders.service"
+  local store, store2
+
+  before_each(function()
+    local schema
+    store, schema = helpers.open({ name = "postgresql", url = helpers.database_url() })
+    assert(service.migrate(store))
+    store2 = assert(es.open(helpers.database_url(), { schema = schema }))
+  end)
+  after_each(function()
+    store:close()
+    store2:close()
+  end)
+
+  it("writes the row from the stream's head after another writer went first", function()
+    local cached = service.new(store, { cache = es.state_cache() })
+    local plain = service.new(store2)
+    local id = assert(cached.create_order({ customer_id = "c1" }, { user = "u" }))
+    assert(cached.add_item { order_id = id, product_id = "p1", quantity = 1, unit_price = 100 })
+    assert(plain.add_item { order_id = id, product_id = "p2", quantity = 2, unit_price = 100 })
+    assert(cached.add_item { order_id = id, product_id = "p3", quantity = 3, unit_price = 100 })
+    assert.equal(1, cached.repository.stats.cache_stale)
+    local row = assert(plain.get_order(id))
+    assert.equal(600, row.total)
+    assert.equal(3, #row.items)
+    assert.equal(4, store:version("Order-" .. id))
+  end)
+end)
