@@ -45,7 +45,8 @@ end
 -- last command on that stream left there, without reading the stream, and
 -- the append's expected version finds out when another writer went
 -- first: that state is dropped and the stream read, as without a cache
--- (not counted in max_retries). A refusal, or a command that appends
+-- (not counted in max_retries when the stream was already ahead; a writer
+-- met in the act of appending the same version is a retry as before). A refusal, or a command that appends
 -- nothing, is decided again from the stream before it is answered, so it
 -- never rests on a state that is behind. load, history and time travel
 -- always read the store.
@@ -469,8 +470,11 @@ function Repository:execute(A, id, command_name, command, opts)
     if aerr.kind ~= "conflict" or (aborted and not self.read_models) then
       return nil, aerr
     end
-    if from_cache then
-      cache_drop(self, A, stream)   -- behind the stream: read it instead
+    if from_cache then cache_drop(self, A, stream) end
+    if from_cache and aerr.reason == "version" and (aerr.actual or -1) > version then
+      -- the stream was found ahead of the cached state: read it, as the
+      -- load the cache stood in for would have (not a retry; a writer met
+      -- in the act, a unique violation, still is one)
     elseif attempt >= self.max_retries then
       return nil, aerr
     else
