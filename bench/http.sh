@@ -11,6 +11,8 @@
 # PostgreSQL), ES_BENCH_SECONDS (per run, default 5), ES_BENCH_ORDERS
 # (default 1000), ES_HTTP_WORKERS (default: CPUs), ES_HTTP_THREADS (pool
 # threads per worker, default 2: see below), PORT,
+# POST runs come twice, the first without the service's state cache
+# (`*_nocache`: each command reads and folds its order's stream).
 # ES_HTTP_TIMINGS=1 (also the mean time per phase of a request, from the
 # Server-Timing header the service then sends: *_phase_* lines), and
 # ES_BENCH_ONLY=get|post|health (only those runs), ES_BENCH_CONNS (the
@@ -83,9 +85,14 @@ U=$URL S=$SCHEMA N=$ORDERS OUT=$WORK/ids lua5.4 -e '
 # with 8 (nginx CPU per command 410-422 us against 462-480 us): fewer
 # sessions and threads to switch between.
 PORT=${PORT:-$((20000 + $$ % 30000))}
-PORT=$PORT ES_HTTP_DATABASE_URL=$URL ES_HTTP_SCHEMA=$SCHEMA \
-  ES_HTTP_WORKERS=${ES_HTTP_WORKERS:-$(nproc)} ES_HTTP_THREADS=${ES_HTTP_THREADS:-2} \
-  examples/orders/http/nginx.sh start "$WORK/nginx" >/dev/null
+# start_nginx [STATE_CACHE]: the service, with its shared state cache
+# unless STATE_CACHE is off
+start_nginx() {
+  PORT=$PORT ES_HTTP_DATABASE_URL=$URL ES_HTTP_SCHEMA=$SCHEMA ES_HTTP_STATE_CACHE=${1:-on} \
+    ES_HTTP_WORKERS=${ES_HTTP_WORKERS:-$(nproc)} ES_HTTP_THREADS=${ES_HTTP_THREADS:-2} \
+    examples/orders/http/nginx.sh start "$WORK/nginx" >/dev/null
+}
+start_nginx
 BASE=http://127.0.0.1:$PORT
 
 cat >"$WORK/orders.lua" <<'LUA'
@@ -258,16 +265,32 @@ run() {
 
 export IDS=$WORK/ids TOKEN
 # warm-up: every pool thread opens its connection, plans get cached
-MODE=get wrk -t2 -c32 -d1s -s "$WORK/orders.lua" "$BASE" >/dev/null 2>&1 || true
-server_pids
+warm() {
+  MODE=get wrk -t2 -c32 -d1s -s "$WORK/orders.lua" "$BASE" >/dev/null 2>&1 || true
+  server_pids
+}
+warm
 # every GET before any POST, so both GET runs read orders of the same length
 want() { [ -z "${ES_BENCH_ONLY:-}" ] || [[ ,$ES_BENCH_ONLY, == *,$1,* ]]; }
 for c in ${ES_BENCH_CONNS:-2 32}; do
   want health && run "http_health_c$c" "$c" "$BASE/health"
   want get && MODE=get run "http_get_order_c$c" "$c" -s "$WORK/orders.lua" "$BASE"
 done
+# Commands at each connection count: first with every command reading and
+# folding its order's stream (ES_HTTP_STATE_CACHE=off, the named
+# alternative: `*_nocache` lines), then as the service runs, with the
+# shared state cache. Orders grow by a few items in each run, so the
+# cached run reads the longer ones.
 for c in ${ES_BENCH_CONNS:-2 32}; do
-  want post && MODE=post run "http_post_item_c$c" "$c" -s "$WORK/orders.lua" "$BASE"
+  want post || continue
+  examples/orders/http/nginx.sh stop "$WORK/nginx" >/dev/null
+  start_nginx off
+  warm
+  MODE=post run "http_post_item_c${c}_nocache" "$c" -s "$WORK/orders.lua" "$BASE"
+  examples/orders/http/nginx.sh stop "$WORK/nginx" >/dev/null
+  start_nginx on
+  warm
+  MODE=post run "http_post_item_c$c" "$c" -s "$WORK/orders.lua" "$BASE"
 done
 if grep -q 'runtime error' "$WORK/nginx/logs/error.log"; then
   echo "bench/http.sh: Lua errors in the nginx log:" >&2

@@ -9,7 +9,9 @@
 #                                  PostgreSQL)
 #
 # Prints `add_item_round_trips N per command`: the difference between a
-# run of 20 and of 120 commands, so connecting and migrating do not count.
+# run of 20 and of 120 commands, so connecting and migrating do not count;
+# `add_item_round_trips_state_cache`: the same with the repository's state
+# cache (what the HTTP service runs: no fold).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -22,14 +24,14 @@ if [ -z "$URL" ]; then PG_URL=$(scripts/pg.sh start | tail -n 1); URL=$PG_URL; f
 export LUA_PATH="$ROOT/lua/?.lua;$ROOT/lua/?/init.lua;$ROOT/examples/?.lua;;"
 export LUA_CPATH="$ROOT/build/lua5.4/?.so;;"
 
-count() {   # sendto() calls of a run of $1 add_item commands
+count() {   # sendto() calls of a run of $1 add_item commands ($2: cache)
   local out
-  out=$(U=$URL N=$1 S="es_rt_$$_$1" strace -f -c -e trace=sendto lua5.4 -e '
+  out=$(U=$URL N=$1 C=${2:-} S="es_rt_$$_$1" strace -f -c -e trace=sendto lua5.4 -e '
     local es = require "eventsourcing"
     local service = require "orders.service"
     local store = assert(es.open(os.getenv("U"), { schema = os.getenv("S") }))
     assert(service.migrate(store))
-    local svc = service.new(store)
+    local svc = service.new(store, { cache = os.getenv("C") == "cache" and es.state_cache() or nil })
     local id = assert(svc.create_order({ customer_id = "rt" }, { user = "rt" }))
     for k = 1, tonumber(os.getenv("N")) do
       assert(svc.add_item { order_id = id, product_id = "p" .. k, quantity = 1, unit_price = 100 })
@@ -40,3 +42,6 @@ count() {   # sendto() calls of a run of $1 add_item commands
 a=$(count 20)
 b=$(count 120)
 awk -v a="$a" -v b="$b" 'BEGIN { printf "add_item_round_trips %.2f per command\n", (b - a) / 100 }'
+a=$(count 20 cache)
+b=$(count 120 cache)
+awk -v a="$a" -v b="$b" 'BEGIN { printf "add_item_round_trips_state_cache %.2f per command\n", (b - a) / 100 }'
