@@ -49,7 +49,8 @@ end
 -- met in the act of appending the same version is a retry as before). A refusal, or a command that appends
 -- nothing, is decided again from the stream before it is answered, so it
 -- never rests on a state that is behind. load, history and time travel
--- always read the store.
+-- always read the store. Keys are stream names: a cache belongs to one
+-- store (one database and schema).
 function M.new(store, opts)
   if store == nil then error("es.repository: a store is required", 2) end
   opts = opts or {}
@@ -471,10 +472,12 @@ function Repository:execute(A, id, command_name, command, opts)
       return nil, aerr
     end
     if from_cache then cache_drop(self, A, stream) end
-    if from_cache and aerr.reason == "version" and (aerr.actual or -1) > version then
-      -- the stream was found ahead of the cached state: read it, as the
-      -- load the cache stood in for would have (not a retry; a writer met
-      -- in the act, a unique violation, still is one)
+    if from_cache and aerr.reason == "version" and (aerr.actual or -1) >= 0
+        and aerr.actual ~= version then
+      -- the stream was found elsewhere than the cached state (ahead, or
+      -- behind after a restore): read it, as the load the cache stood in
+      -- for would have (not a retry; a writer met in the act, a unique
+      -- violation, still is one)
     elseif attempt >= self.max_retries then
       return nil, aerr
     else

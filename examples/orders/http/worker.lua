@@ -26,7 +26,9 @@
 -- ES_HTTP_DATABASE_URL (libpq conninfo or URL; behind PgBouncer in
 -- transaction mode with pooler=transaction in it), ES_HTTP_SCHEMA (optional),
 -- ES_HTTP_TOKENS (path of the tokens file, see tokens.json),
--- ES_HTTP_MAX_RETRIES (conflict retries per command, default 3).
+-- ES_HTTP_MAX_RETRIES (conflict retries per command, default 3),
+-- ES_HTTP_STATE_CACHE (off: commands read and fold their order's stream
+-- every time instead of starting from the shared state cache).
 --
 -- The routing, authorisation and error mapping do no ngx calls: the module
 -- also runs in plain Lua 5.4 / LuaJIT (M.handle with M.configure).
