@@ -11,7 +11,8 @@
 -- and the wall time, for the order service as it runs and, alternated in
 -- the same run, with the repository's events appended without new_ids
 -- (their ids then looked up as a retry's would be: the named
--- alternative, round 3's append). Serial, so it holds better than the
+-- alternative, round 3's append), and without the state cache (each
+-- command reads and folds its order's stream: `*_no_state_cache`). Serial, so it holds better than the
 -- HTTP rates on a shared machine; no nginx, no wake-ups of a thread pool.
 local es = require "eventsourcing"
 local core = require "eventsourcing.core"
@@ -61,7 +62,11 @@ end
 
 local worker = require "orders.http.worker"
 local tokens = os.getenv("ES_BENCH_TOKENS") or "examples/orders/http/tokens.json"
-worker.configure { database_url = URL, schema = SCHEMA, tokens_path = tokens }
+local function configure(state_cache)
+  worker.configure { database_url = URL, schema = SCHEMA, tokens_path = tokens,
+                     state_cache = state_cache }
+end
+configure(true)
 local AUTH = "Bearer admin-token-0123456789"
 local ids = seed()
 local count = 0
@@ -84,9 +89,14 @@ end
 
 for _ = 1, 300 do command() end   -- connections, prepared statements, JIT
 local totals = {}
+local VARIANTS = { "new_ids", "looked_up", "no_state_cache" }
 for _ = 1, 4 do
-  for _, variant in ipairs({ "new_ids", "looked_up" }) do
+  for _, variant in ipairs(VARIANTS) do
     old_ids(variant == "looked_up")
+    -- a new session and state cache (or none), then one command per order
+    -- untimed: every order's state is in the cache when it is used
+    configure(variant ~= "no_state_cache")
+    for _ = 1, #ids do command() end
     local n = math.floor(N / 4)
     local p0, c0, t0 = backend_ticks(), os.clock(), core.monotonic()
     for _ = 1, n do command() end
@@ -98,7 +108,7 @@ for _ = 1, 4 do
   end
 end
 old_ids(false)
-for _, variant in ipairs({ "new_ids", "looked_up" }) do
+for _, variant in ipairs(VARIANTS) do
   local t = totals[variant]
   local name = ("add_item_serial_%s_%s"):format(FLAVOUR, variant)
   print(("%s_cpu_client %.1f us/cmd"):format(name, t.client / t.n * 1e6))

@@ -21,6 +21,7 @@ local function counter(opts)
       Added = function(s, e)
         s.n = s.n + e.data.by
         s.log[#s.log + 1] = e.data.by
+        if opts.unencodable then s.fn = print end
       end,
       Taken = function(s, e) s.n = s.n - e.data.by end,
     },
@@ -28,7 +29,6 @@ local function counter(opts)
       Add = function(s, c)
         if c.hook then c.hook(s) end
         if c.max and s.n + c.by > c.max then return nil, "over the maximum" end
-        if opts.unencodable then s.fn = print end
         return { type = "Added", data = { by = c.by } }
       end,
       Take = function(s, c)
@@ -190,6 +190,60 @@ for _, entry in ipairs(helpers.stores()) do
       assert.equal(2, repo2.stats.loads)
     end)
 
+    it("keeps the stream's head after a refusal found the cached state behind", function()
+      local cache = es.state_cache()
+      local A = counter()
+      local repo = es.repository(store, { cache = cache })
+      local writer, done = other()
+      assert(add(repo, A, "r", 1))
+      assert(add(writer, A, "r", 8))
+      -- refused from the cache (1 < 50), and from the stream (9 < 50)
+      local _, err = repo:execute(A, "r", "Take", { by = 50 })
+      assert.equal("rejected", err.kind)
+      assert.equal(1, repo.stats.cache_stale)
+      assert.equal("2 0 ", cache:get("1 Counter-r"):sub(1, 4))
+      _, err = repo:execute(A, "r", "Take", { by = 50 })   -- the head now: nothing stale
+      assert.equal("rejected", err.kind)
+      assert.equal(1, repo.stats.cache_stale)
+      assert.equal(2, repo.stats.cache_hits)
+      done()
+    end)
+
+    it("does not cache a state JSON would give back otherwise", function()
+      -- an empty table without a shape comes back an object: t[#t + 1]
+      -- would then set the key "1" instead of appending
+      local Tags = es.aggregate {
+        name = "Tags",
+        initial = function() return { tags = {} } end,
+        apply = {
+          Created = function(s) s.created = true end,
+          Tagged = function(s, e) s.tags[#s.tags + 1] = e.data.tag end,
+        },
+        decide = {
+          Create = function() return { type = "Created" } end,
+          Tag = function(s, c)
+            for _, t in ipairs(s.tags) do
+              if t == c.tag then return nil, "already tagged " .. t end
+            end
+            if #s.tags >= 2 then return nil, "at most 2 tags" end
+            return { type = "Tagged", data = { tag = c.tag } }
+          end,
+        },
+      }
+      local cache = es.state_cache()
+      local repo = es.repository(store, { cache = cache })
+      assert(repo:execute(Tags, "t", "Create", {}))
+      assert.is_nil(cache:get("1 Tags-t"), "tags = {} is not cached")
+      assert(repo:execute(Tags, "t", "Tag", { tag = "a" }))
+      local _, err = repo:execute(Tags, "t", "Tag", { tag = "a" })
+      assert.equal("already tagged a", err.message)
+      assert(repo:execute(Tags, "t", "Tag", { tag = "b" }))
+      _, err = repo:execute(Tags, "t", "Tag", { tag = "c" })
+      assert.equal("at most 2 tags", err.message)
+      assert.same({ "a", "b" }, repo:load(Tags, "t").tags)
+      assert.equal(3, store:version("Tags-t"))
+    end)
+
     it("still saves snapshots every snapshot_every events", function()
       if not store.save_snapshot then return end
       local A = counter { snapshot_every = 3, snapshot_version = 1 }
@@ -202,6 +256,28 @@ for _, entry in ipairs(helpers.stores()) do
     end)
   end)
 end
+
+describe("a state cache inside the caller's transaction (postgresql)", function()
+  it("is neither read nor written there: a rolled back command leaves nothing behind", function()
+    local store, schema = helpers.open({ name = "postgresql", url = helpers.database_url() })
+    local store2 = assert(es.open(helpers.database_url(), { schema = schema }))
+    local A = counter()
+    local cache = es.state_cache()
+    local repo = es.repository(store, { cache = cache })
+    assert(repo:execute(A, "x", "Add", { by = 10 }))            -- cached at version 1
+    assert(store:begin())
+    local r = assert(repo:execute(A, "x", "Add", { by = 1000 }))
+    assert.equal(2, r.version)
+    assert(store:rollback())
+    assert.equal("1 0 ", cache:get("1 Counter-x"):sub(1, 4))
+    assert(es.repository(store2):execute(A, "x", "Add", { by = 5 }))   -- version 2: n = 15
+    local _, err = repo:execute(A, "x", "Take", { by = 500 })
+    assert.equal("rejected", err.kind)
+    assert.equal(15, repo:load(A, "x").n)
+    store2:close()
+    store:close()
+  end)
+end)
 
 describe("the order service with a state cache and its inline read model (postgresql)", function()
   local service = require "orders.service"

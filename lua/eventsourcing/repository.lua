@@ -42,15 +42,17 @@ end
 -- right after the append.
 -- opts.cache: a state cache (es.state_cache{...}, or any object with get
 -- and set; see state_cache.lua). execute then starts from the state the
--- last command on that stream left there, without reading the stream, and
--- the append's expected version finds out when another writer went
--- first: that state is dropped and the stream read, as without a cache
--- (not counted in max_retries when the stream was already ahead; a writer
--- met in the act of appending the same version is a retry as before). A refusal, or a command that appends
--- nothing, is decided again from the stream before it is answered, so it
--- never rests on a state that is behind. load, history and time travel
--- always read the store. Keys are stream names: a cache belongs to one
--- store (one database and schema).
+-- last committed command on that stream left there, without reading the
+-- stream. The append expects that state's version, so a state that is
+-- not the stream's head (another writer went first) fails it: the entry
+-- is dropped and the stream read, as without a cache (not counted in
+-- max_retries; a writer met in the act of appending the same version is a
+-- retry as before). A refusal, a no-op or a mismatch with the caller's
+-- expected_version is decided again from the stream before it is
+-- answered. Inside the caller's transaction the cache is not used. Only
+-- states JSON gives back as they are get cached (keeps_shape). load,
+-- history and time travel always read the store. Keys are stream names:
+-- a cache belongs to one store (one database and schema).
 function M.new(store, opts)
   if store == nil then error("es.repository: a store is required", 2) end
   opts = opts or {}
@@ -339,6 +341,10 @@ local function append_inline(self, stream, out, aopts)
   return nil, err
 end
 
+local json = core.json
+local ARRAY_MT = getmetatable(json.array {})
+local OBJECT_MT = getmetatable(json.object {})
+
 -- The cache's key of a stream: the state's shape changes with the
 -- aggregate's snapshot_version, as for snapshots.
 local function cache_key(A, stream)
@@ -352,17 +358,49 @@ local function cached_state(self, A, stream)
   if type(entry) ~= "string" then return nil end
   local v, sv, at = entry:match("^(%d+) (%d+) ()")
   if not v then return nil end
-  local ok, state = pcall(core.json.decode, entry:sub(at))
+  local ok, state = pcall(json.decode, entry:sub(at))
   if not ok or type(state) ~= "table" then return nil end
   self.stats.cache_hits = self.stats.cache_hits + 1
   return state, tonumber(v), tonumber(sv)
 end
 
-local function cache_state(self, A, stream, version, snap_version, state)
-  local text = core.json.encode(state)
-  if text then   -- a state JSON cannot hold is simply not cached
-    self.cache:set(cache_key(A, stream), version .. " " .. snap_version .. " " .. text)
+-- Whether JSON gives the tables of v back as they are: not an empty table
+-- without a shape (written "{}", it would come back an object, where
+-- t[#t + 1] = x then sets the key "1" instead of appending), nor one with
+-- another metatable (its methods would be gone), nor an object with keys
+-- that are not strings, nor an array with keys beyond 1..#t.
+local function keeps_shape(v, depth)
+  if depth > 64 then return false end
+  local mt = getmetatable(v)
+  if mt ~= nil and mt ~= ARRAY_MT and mt ~= OBJECT_MT then return false end
+  if next(v) == nil then return mt ~= nil end
+  local n = mt == ARRAY_MT and #v
+  for k, x in pairs(v) do
+    if mt == OBJECT_MT and type(k) ~= "string" then return false end
+    if n and (type(k) ~= "number" or k < 1 or k > n or k % 1 ~= 0) then return false end
+    if type(x) == "table" and not keeps_shape(x, depth + 1) then return false end
   end
+  return true
+end
+
+-- Keeps state for the next command: only one that JSON gives back as it is
+-- (for anything else an older entry goes, and that stream is read each time).
+local function cache_state(self, A, stream, version, snap_version, state)
+  local text = keeps_shape(state, 0) and json.encode(state)
+  local cache = self.cache
+  if text then
+    cache:set(cache_key(A, stream), version .. " " .. snap_version .. " " .. text)
+  elseif cache.delete then
+    cache:delete(cache_key(A, stream))
+  end
+end
+
+-- The stream's head, read and folded (load), and kept in the cache when
+-- there is one: before decide, which may alter the tables it is given.
+local function read_head(self, A, stream, cache)
+  local state, version, snap_version = load(self, A, stream, nil)
+  if state and cache then cache_state(self, A, stream, version, snap_version, state) end
+  return state, version, snap_version
 end
 
 local function cache_drop(self, A, stream)
@@ -394,8 +432,12 @@ function Repository:execute(A, id, command_name, command, opts)
 
   local attempt = 0
   -- from_cache: this attempt starts from the cache's state, which may be
-  -- behind the stream; only an append that succeeds proves it was not
-  local try_cache = self.cache ~= nil
+  -- behind the stream; only an append that succeeds proves it was not.
+  -- Inside the caller's transaction the cache is neither read nor written:
+  -- what this command appends there is not committed, and may never be.
+  local cache = self.cache
+  if cache and store:status().in_transaction then cache = nil end
+  local try_cache = cache ~= nil
   while true do
     local state, version, snap_version, from_cache
     if try_cache then
@@ -404,7 +446,7 @@ function Repository:execute(A, id, command_name, command, opts)
       try_cache = false
     end
     if not from_cache then
-      state, version, snap_version = load(self, A, stream, nil)
+      state, version, snap_version = read_head(self, A, stream, cache)
       if not state then return nil, version end
     end
     local events, err
@@ -414,8 +456,12 @@ function Repository:execute(A, id, command_name, command, opts)
     if from_cache and (not events or #events == 0) then
       -- decided again from the stream: a refusal, a conflict with the
       -- caller's expected version or a no-op must hold at its head
-      state, version, snap_version = load(self, A, stream, nil)
+      local cached_version = version
+      state, version, snap_version = read_head(self, A, stream, cache)
       if not state then return nil, version end
+      if version ~= cached_version then
+        self.stats.cache_stale = self.stats.cache_stale + 1
+      end
       from_cache, events, err = false, nil, nil
       if expectation_met(opts.expected_version, version) then
         events, err = A:decide(state, command_name, command)
@@ -455,7 +501,7 @@ function Repository:execute(A, id, command_name, command, opts)
       if uses_snapshots(self, A) then
         note_short(self, stream, snap_version == 0 and res.version < A.snapshot_every)
       end
-      if self.cache then
+      if cache then
         if self.stats.snapshots_saved > saved then snap_version = res.version end
         cache_state(self, A, stream, res.version, snap_version, state)
       end

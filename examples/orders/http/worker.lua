@@ -69,7 +69,8 @@ local replies, replies_count, MAX_REPLIES = {}, 0, 4096   -- see cached_reply
 -- "<version> <#customer> <customer><body>" (see remember_reply)
 local keep_id, keep = nil, nil
 
--- M.configure{ database_url, schema, tokens_path }: for use outside nginx.
+-- M.configure{ database_url, schema, tokens_path, state_cache }: for use
+-- outside nginx (state_cache = false: none, as ES_HTTP_STATE_CACHE=off).
 function M.configure(c)
   config = c
   if store then store:close() end
@@ -225,14 +226,21 @@ local function etag_of(version) return ('"%d"'):format(version) end
 -- Where commands leave their order's state for the next command on it
 -- (repository opts.cache; ES_HTTP_STATE_CACHE=off: none). In nginx the
 -- shared dict es_states, one for every worker and pool thread, its keys
--- under the generation init_by_lua gave this configuration (nginx.conf);
--- elsewhere this VM's own. false: none.
+-- under the generation init_by_lua gave this configuration (nginx.conf:
+-- states made by the code before a reload are never read by the code
+-- after it); none when that generation cannot be read. Elsewhere this
+-- VM's own. false: none.
 local function state_cache()
-  if os.getenv("ES_HTTP_STATE_CACHE") == "off" then return false end
+  if os.getenv("ES_HTTP_STATE_CACHE") == "off" or (config and config.state_cache == false) then
+    return false
+  end
   local ngx = rawget(_G, "ngx")
   local dict = ngx and ngx.shared and ngx.shared.es_states
   if not dict then return es.state_cache() end
-  local gen = dict:get("generation") or ""
+  local g = ngx.shared.es_generation
+  g = g and g:get("generation")
+  if type(g) ~= "string" then return false end
+  local gen = g .. " "
   return {
     get = function(_, k) return (dict:get(gen .. k)) end,
     set = function(_, k, v) dict:set(gen .. k, v) end,
