@@ -30,7 +30,9 @@
 --
 -- The state must be JSON-encodable when snapshots are used (it is stored as
 -- JSON and decoded on load; decoded arrays/objects keep their shape, so use
--- es.json.array({}) for an initially empty array).
+-- es.json.array({}) for an initially empty array). A repository's state
+-- cache (opts.cache) keeps only states JSON gives back unchanged: the same
+-- rule decides whether a stream's state can be cached at all.
 local core = require "eventsourcing.core"
 
 local M = {}
