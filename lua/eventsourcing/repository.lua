@@ -518,15 +518,14 @@ function Repository:execute(A, id, command_name, command, opts)
       return nil, aerr
     end
     if from_cache then cache_drop(self, A, stream) end
-    if from_cache and aerr.reason == "version" and (aerr.actual or -1) >= 0
-        and aerr.actual ~= version then
-      -- the stream was found elsewhere than the cached state (ahead, or
-      -- behind after a restore): read it, as the load the cache stood in
-      -- for would have (not a retry; a writer met in the act, a unique
-      -- violation, still is one)
-    elseif attempt >= self.max_retries then
-      return nil, aerr
-    else
+    -- A stream found elsewhere than the cached state (ahead, or behind
+    -- after a restore) is read, as the load the cache stood in for would
+    -- have been: not a retry. A writer met in the act (a unique
+    -- violation) still is one.
+    local misled = from_cache and aerr.reason == "version"
+      and (aerr.actual or -1) >= 0 and aerr.actual ~= version
+    if not misled then
+      if attempt >= self.max_retries then return nil, aerr end
       attempt = attempt + 1
       self.stats.retries = self.stats.retries + 1
     end
