@@ -199,6 +199,8 @@ const char *es_store_pooler(const es_store *store);
 /* Fills out; checks for a proxy with one query when the session is free
  * (not inside a transaction or a read). */
 int es_status(es_store *store, es_store_status *out, es_error *err);
+/* 1 inside es_begin .. es_commit/es_rollback, else 0; asks nothing. */
+int es_in_transaction(const es_store *store);
 /* PostgreSQL: statement_timeout and lock_timeout (milliseconds, 0 = none)
  * for every statement of this store, kept across reconnects. A statement
  * that runs out fails with ES_DATABASE and sqlstate 57014 or 55P03.

@@ -265,10 +265,14 @@ describe("a state cache inside the caller's transaction (postgresql)", function(
     local cache = es.state_cache()
     local repo = es.repository(store, { cache = cache })
     assert(repo:execute(A, "x", "Add", { by = 10 }))            -- cached at version 1
+    assert.is_false(store:in_transaction())
     assert(store:begin())
+    assert.is_true(store:in_transaction())
     local r = assert(repo:execute(A, "x", "Add", { by = 1000 }))
     assert.equal(2, r.version)
     assert(store:rollback())
+    assert.is_false(store:in_transaction())
+    assert.is_false(es.open("memory:"):in_transaction())
     assert.equal("1 0 ", cache:get("1 Counter-x"):sub(1, 4))
     assert(es.repository(store2):execute(A, "x", "Add", { by = 5 }))   -- version 2: n = 15
     local _, err = repo:execute(A, "x", "Take", { by = 500 })

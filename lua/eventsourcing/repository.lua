@@ -436,7 +436,7 @@ function Repository:execute(A, id, command_name, command, opts)
   -- Inside the caller's transaction the cache is neither read nor written:
   -- what this command appends there is not committed, and may never be.
   local cache = self.cache
-  if cache and store:status().in_transaction then cache = nil end
+  if cache and store.in_transaction and store:in_transaction() then cache = nil end
   local try_cache = cache ~= nil
   while true do
     local state, version, snap_version, from_cache

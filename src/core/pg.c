@@ -911,6 +911,11 @@ int pg_status(es_store *s, es_store_status *out, es_error *err)
     return 0;
 }
 
+int pg_in_transaction(const es_store *s)
+{
+    return ((const pg_store *)s)->in_tx;
+}
+
 /* ---- lifetime ------------------------------------------------------------- */
 
 /* A forked child's copy of the parent's session, let go of without a

@@ -246,6 +246,7 @@ es_rows *pg_rows_of(PGresult *res, es_error *err);
  * name, else 0 (nothing is sent). */
 int pg_qcache_named(pg_store *p, const char *sql, char *name);
 int pg_status(es_store *s, es_store_status *out, es_error *err);
+int pg_in_transaction(const es_store *s);
 /* Runs a query with parameters as a statement prepared on this session
  * (parsed and planned once), or returns NULL when it is not one to cache:
  * then the caller runs it unnamed. Never behind a transaction pooler. */

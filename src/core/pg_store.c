@@ -61,6 +61,7 @@ static const es_store_ops pg_ops = {
     .listen = pg_listen,
     .wait = pg_wait,
     .status = pg_status,
+    .in_transaction = pg_in_transaction,
     .disconnect = pg_disconnect,
     .destroy = pg_destroy,
     .distribute = pg_distribute,

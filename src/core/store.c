@@ -100,6 +100,11 @@ const char *es_store_pooler(const es_store *s)
     return s->pooler ? s->pooler : "none";
 }
 
+int es_in_transaction(const es_store *s)
+{
+    return s->ops->in_transaction ? s->ops->in_transaction(s) : 0;
+}
+
 int es_migrate(es_store *s, es_error *err)
 {
     es_error_clear(err);

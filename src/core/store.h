@@ -36,6 +36,7 @@ typedef struct es_store_ops {
     int (*listen)(es_store *s, es_error *err);
     int (*wait)(es_store *s, int timeout_ms, es_error *err);
     int (*status)(es_store *s, es_store_status *out, es_error *err);
+    int (*in_transaction)(const es_store *s);   /* NULL: never */
     void (*disconnect)(es_store *s);   /* close: drop connection/data */
     void (*destroy)(es_store *s);      /* free the struct itself */
     /* optional (NULL: not supported by this kind of store) */

@@ -1480,6 +1480,14 @@ static int l_pooler(lua_State *L)
     return 1;
 }
 
+/* store:in_transaction() -> boolean: inside begin .. commit/rollback.
+ * Asks the server nothing (status() may: a command's hot path uses this). */
+static int l_in_transaction(lua_State *L)
+{
+    lua_pushboolean(L, es_in_transaction(check_store(L)->s));
+    return 1;
+}
+
 /* store:status() -> { kind, pooler, connected, in_transaction, prepared,
  * proxied = true|false|nil } | nil, err. proxied: a proxy such as PgBouncer
  * answers for the server (nil when unknown: memory, or the session busy). */
@@ -1540,6 +1548,7 @@ static const luaL_Reg store_methods[] = {
     {"schema", l_schema},
     {"pooler", l_pooler},
     {"status", l_status},
+    {"in_transaction", l_in_transaction},
     {"is_closed", l_is_closed},
     {"close", l_close},
     {NULL, NULL}
