@@ -29,36 +29,7 @@ local function spy_store(store)
   end }), spy
 end
 
--- a small aggregate whose decide can run a hook (used to interleave writers)
-local function counter(opts)
-  opts = opts or {}
-  return es.aggregate {
-    name = "Counter",
-    initial = function() return { n = 0, log = es.json.array {} } end,
-    snapshot_every = opts.snapshot_every,
-    snapshot_version = opts.snapshot_version,
-    apply = {
-      Added = function(s, e)
-        s.n = s.n + e.data.by
-        s.log[#s.log + 1] = e.data.by
-      end,
-    },
-    decide = {
-      Add = function(s, c)
-        if c.hook then c.hook(s) end
-        if c.max and s.n + c.by > c.max then return nil, "over the maximum" end
-        return { type = "Added", data = { by = c.by } }
-      end,
-      Noop = function() return nil end,
-    },
-  }
-end
-
-local function add(repo, A, id, by, extra)
-  local cmd = { by = by }
-  for k, v in pairs(extra or {}) do cmd[k] = v end
-  return repo:execute(A, id, "Add", cmd)
-end
+local counter, add = helpers.counter, helpers.add
 
 for _, entry in ipairs(helpers.stores()) do
   describe("repository (" .. entry.name .. ")", function()

@@ -8,43 +8,7 @@ package.path = "examples/?.lua;" .. package.path
 local es = require "eventsourcing"
 local helpers = require "helpers"
 
--- Counter: Add { by, max } (refused over max), Take { by } (refused when
--- n < by), Noop. decide runs c.hook(state) first when given.
-local function counter(opts)
-  opts = opts or {}
-  return es.aggregate {
-    name = "Counter",
-    initial = function() return { n = 0, log = es.json.array {} } end,
-    snapshot_every = opts.snapshot_every,
-    snapshot_version = opts.snapshot_version,
-    apply = {
-      Added = function(s, e)
-        s.n = s.n + e.data.by
-        s.log[#s.log + 1] = e.data.by
-        if opts.unencodable then s.fn = print end
-      end,
-      Taken = function(s, e) s.n = s.n - e.data.by end,
-    },
-    decide = {
-      Add = function(s, c)
-        if c.hook then c.hook(s) end
-        if c.max and s.n + c.by > c.max then return nil, "over the maximum" end
-        return { type = "Added", data = { by = c.by } }
-      end,
-      Take = function(s, c)
-        if s.n < c.by then return nil, "not enough" end
-        return { type = "Taken", data = { by = c.by } }
-      end,
-      Noop = function() return nil end,
-    },
-  }
-end
-
-local function add(repo, A, id, by, extra)
-  local cmd = { by = by }
-  for k, v in pairs(extra or {}) do cmd[k] = v end
-  return repo:execute(A, id, "Add", cmd)
-end
+local counter, add = helpers.counter, helpers.add
 
 describe("es.state_cache", function()
   it("keeps at most about twice its size, the entries read last", function()

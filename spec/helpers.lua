@@ -112,6 +112,49 @@ function helpers.open_pair()
   return store, admin, schema
 end
 
+-- Counter, a small aggregate for repository specs: Add { by, max, hook }
+-- (refused over max; decide runs hook(state) first, to interleave
+-- writers), Take { by } (refused when n < by), Noop. opts:
+-- snapshot_every, snapshot_version, unencodable (its apply leaves a
+-- function in the state, which JSON cannot hold).
+function helpers.counter(opts)
+  local es = require "eventsourcing"
+  opts = opts or {}
+  return es.aggregate {
+    name = "Counter",
+    initial = function() return { n = 0, log = es.json.array {} } end,
+    snapshot_every = opts.snapshot_every,
+    snapshot_version = opts.snapshot_version,
+    apply = {
+      Added = function(s, e)
+        s.n = s.n + e.data.by
+        s.log[#s.log + 1] = e.data.by
+        if opts.unencodable then s.fn = print end
+      end,
+      Taken = function(s, e) s.n = s.n - e.data.by end,
+    },
+    decide = {
+      Add = function(s, c)
+        if c.hook then c.hook(s) end
+        if c.max and s.n + c.by > c.max then return nil, "over the maximum" end
+        return { type = "Added", data = { by = c.by } }
+      end,
+      Take = function(s, c)
+        if s.n < c.by then return nil, "not enough" end
+        return { type = "Taken", data = { by = c.by } }
+      end,
+      Noop = function() return nil end,
+    },
+  }
+end
+
+-- repo:execute of Counter's Add { by } (extra: more command fields).
+function helpers.add(repo, A, id, by, extra)
+  local cmd = { by = by }
+  for k, v in pairs(extra or {}) do cmd[k] = v end
+  return repo:execute(A, id, "Add", cmd)
+end
+
 -- The Lua flavour running the specs: "luajit" or "lua5.4".
 function helpers.flavour()
   return rawget(_G, "jit") and "luajit" or "lua5.4"
