@@ -12,8 +12,9 @@
 -- the same run, with the repository's events appended without new_ids
 -- (their ids then looked up as a retry's would be: the named
 -- alternative, round 3's append), and without the state cache (each
--- command reads and folds its order's stream: `*_no_state_cache`). Serial, so it holds better than the
--- HTTP rates on a shared machine; no nginx, no wake-ups of a thread pool.
+-- command reads and folds its order's stream: `*_no_state_cache`).
+-- Serial, so it holds better than the HTTP rates on a shared machine; no
+-- nginx, no wake-ups of a thread pool.
 local es = require "eventsourcing"
 local core = require "eventsourcing.core"
 local service = require "orders.service"

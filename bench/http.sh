@@ -11,13 +11,13 @@
 # PostgreSQL), ES_BENCH_SECONDS (per run, default 5), ES_BENCH_ORDERS
 # (default 1000), ES_HTTP_WORKERS (default: CPUs), ES_HTTP_THREADS (pool
 # threads per worker, default 2: see below), PORT,
-# POST runs come twice, the first without the service's state cache
-# (`*_nocache`: each command reads and folds its order's stream).
 # ES_HTTP_TIMINGS=1 (also the mean time per phase of a request, from the
 # Server-Timing header the service then sends: *_phase_* lines), and
 # ES_BENCH_ONLY=get|post|health (only those runs), ES_BENCH_CONNS (the
 # connection counts, default "2 32"). ES_HTTP_FAST_GET=off:
 # every GET through the thread pool (no version probe on the event loop).
+# POST runs come twice, the first without the service's state cache
+# (`*_nocache`: each command reads and folds its order's stream).
 # Also the CPU per request of nginx's workers, PostgreSQL and wrk itself
 # (*_cpu_* lines): on 2 shared cores wrk's own CPU is part of the picture.
 # nginx's is also split between its event loops (*_cpu_nginx_loop) and its
