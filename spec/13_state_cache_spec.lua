@@ -262,6 +262,31 @@ describe("the order service with a state cache and its inline read model (postgr
     store2:close()
   end)
 
+  it("lets go of an order an idempotent request changed (repo:forget)", function()
+    local idem = require "orders.http.idempotency"
+    local Order = require "orders.order"
+    assert(idem.migrate(store))
+    local cache = es.state_cache()
+    local svc = service.new(store, { cache = cache })
+    local repo = svc.repository
+    local id = assert(svc.create_order({ customer_id = "c1" }, { user = "u" }))
+    assert.is_string(cache:get("1 Order-" .. id))
+    local status = idem.run(store, { principal = "customer:c1", key = "k-1", method = "POST",
+      path = "/orders/" .. id .. "/items", body = "{}" }, function(ctx)
+      assert(ctx.execute(repo, Order, id, "AddItem",
+        { product_id = "p1", quantity = 1, unit_price = 100 }))
+      return 200, "{}"
+    end)
+    assert.equal(200, status)
+    assert.is_nil(cache:get("1 Order-" .. id), "forgotten")
+    assert(svc.add_item { order_id = id, product_id = "p2", quantity = 1, unit_price = 100 })
+    assert.equal(0, repo.stats.cache_stale, "read, not met behind")
+    assert.equal(3, store:version("Order-" .. id))
+    repo:forget(Order, id)
+    assert.is_nil(cache:get("1 Order-" .. id))
+    es.repository(store):forget(Order, id)   -- no cache: nothing to do
+  end)
+
   it("writes the row from the stream's head after another writer went first", function()
     local cached = service.new(store, { cache = es.state_cache() })
     local plain = service.new(store2)

@@ -532,6 +532,18 @@ function Repository:execute(A, id, command_name, command, opts)
   end
 end
 
+-- repo:forget(A, id): the cache no longer holds that instance's state, so
+-- its next command reads the stream (one round trip more) instead of
+-- meeting a state that is behind (three more). For streams this
+-- repository's execute did not leave last: a command run inside a
+-- transaction of the caller's, once it ended, or events appended some
+-- other way.
+function Repository:forget(A, id)
+  check_aggregate(A, "forget")
+  local cache = self.cache
+  if cache and cache.delete then cache:delete(cache_key(A, A:stream(id))) end
+end
+
 -- repo:history(A, id, { raw = false }) -> array of
 --   { id, type, data, metadata, recorded_at, version, position }
 -- Data is upcast to the current shape unless raw = true.

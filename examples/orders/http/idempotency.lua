@@ -170,6 +170,12 @@ end
 -- Responses worth keeping: the command's outcome, not "try again".
 local function final(status) return status < 500 and status ~= 409 end
 
+-- The instances a request ran commands on, let go of by the state caches
+-- of the repositories that ran them (Repository:forget).
+local function forget(touched)
+  for _, t in ipairs(touched) do t[1]:forget(t[2], t[3]) end
+end
+
 local function attempt(store, r, hash, handler, errors)
   local row, err = lookup(store, r.principal, r.key)
   if row == nil then return errors(err) end
@@ -178,6 +184,10 @@ local function attempt(store, r, hash, handler, errors)
   ok, err = store:begin()
   if not ok then return errors(err) end
   local results
+  -- the instances ctx.execute ran a command on: whatever became of the
+  -- transaction, their repositories' state caches let go of them (the
+  -- command ran inside it, past the cache)
+  local touched = {}
   local fine, raised = pcall(function()
     local t = tbl(store)
     -- an expired row of this key goes first, so the key can be used again
@@ -198,6 +208,7 @@ local function attempt(store, r, hash, handler, errors)
       end,
     }
     function ctx.execute(repo, A, id, command_name, command, opts)
+      touched[#touched + 1] = { repo, A, id }
       return execute_in_tx(ctx, repo, function(i) return ctx.id("event:" .. i) end,
         A, id, command_name, command, opts)
     end
@@ -219,8 +230,10 @@ local function attempt(store, r, hash, handler, errors)
   end)
   if not fine then
     store:rollback()
+    forget(touched)
     error(raised, 0)
   end
+  forget(touched)
   if results and results.committed then
     return results[1], results[2], results[3], results[4]
   end
