@@ -43,10 +43,7 @@ for _, entry in ipairs(helpers.stores()) do
     end)
 
     -- a second connection to the same data (memory: the same store)
-    local function second_store()
-      if entry.name == "memory" then return store, false end
-      return assert(es.open(entry.url, { schema = schema })), true
-    end
+    local function second_store() return helpers.second_store(entry, store, schema) end
 
     describe("execute", function()
       it("appends the decided events and returns version, position, events, state", function()

@@ -46,9 +46,8 @@ for _, entry in ipairs(helpers.stores()) do
 
     -- another writer without a cache: memory shares the store
     local function other()
-      if entry.name == "memory" then return es.repository(store), function() end end
-      local s2 = assert(es.open(entry.url, { schema = schema }))
-      return es.repository(s2), function() s2:close() end
+      local s2, own = helpers.second_store(entry, store, schema)
+      return es.repository(s2), function() if own then s2:close() end end
     end
 
     it("starts the next command from the state the last one left, without a read", function()

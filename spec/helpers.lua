@@ -112,6 +112,13 @@ function helpers.open_pair()
   return store, admin, schema
 end
 
+-- A second session on the data of helpers.open(entry)'s store: store2,
+-- own (memory: the same store, and own false; close store2 when own).
+function helpers.second_store(entry, store, schema)
+  if entry.name == "memory" then return store, false end
+  return assert(require("eventsourcing").open(entry.url, { schema = schema })), true
+end
+
 -- Counter, a small aggregate for repository specs: Add { by, max, hook }
 -- (refused over max; decide runs hook(state) first, to interleave
 -- writers), Take { by } (refused when n < by), Noop. opts:

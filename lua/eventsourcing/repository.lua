@@ -383,15 +383,20 @@ local function keeps_shape(v, depth)
   return true
 end
 
+-- Drops stream's entry (when the cache can delete; else it stays, and the
+-- append's version check catches it).
+local function cache_delete(cache, A, stream)
+  if cache.delete then cache:delete(cache_key(A, stream)) end
+end
+
 -- Keeps state for the next command: only one that JSON gives back as it is
 -- (for anything else an older entry goes, and that stream is read each time).
 local function cache_state(self, A, stream, version, snap_version, state)
   local text = keeps_shape(state, 0) and json.encode(state)
-  local cache = self.cache
   if text then
-    cache:set(cache_key(A, stream), version .. " " .. snap_version .. " " .. text)
-  elseif cache.delete then
-    cache:delete(cache_key(A, stream))
+    self.cache:set(cache_key(A, stream), version .. " " .. snap_version .. " " .. text)
+  else
+    cache_delete(self.cache, A, stream)
   end
 end
 
@@ -405,8 +410,15 @@ end
 
 local function cache_drop(self, A, stream)
   self.stats.cache_stale = self.stats.cache_stale + 1
-  local cache = self.cache
-  if cache.delete then cache:delete(cache_key(A, stream)) end
+  cache_delete(self.cache, A, stream)
+end
+
+-- The command's events and error from the state at version, or nothing
+-- when that version is not the one the caller expects.
+local function decide(A, state, version, command_name, command, opts)
+  if expectation_met(opts.expected_version, version) then
+    return A:decide(state, command_name, command)
+  end
 end
 
 -- repo:execute(A, id, command_name, command, { metadata, expected_version })
@@ -449,10 +461,7 @@ function Repository:execute(A, id, command_name, command, opts)
       state, version, snap_version = read_head(self, A, stream, cache)
       if not state then return nil, version end
     end
-    local events, err
-    if expectation_met(opts.expected_version, version) then
-      events, err = A:decide(state, command_name, command)
-    end
+    local events, err = decide(A, state, version, command_name, command, opts)
     if from_cache and (not events or #events == 0) then
       -- decided again from the stream: a refusal, a conflict with the
       -- caller's expected version or a no-op must hold at its head
@@ -462,10 +471,8 @@ function Repository:execute(A, id, command_name, command, opts)
       if version ~= cached_version then
         self.stats.cache_stale = self.stats.cache_stale + 1
       end
-      from_cache, events, err = false, nil, nil
-      if expectation_met(opts.expected_version, version) then
-        events, err = A:decide(state, command_name, command)
-      end
+      from_cache = false
+      events, err = decide(A, state, version, command_name, command, opts)
     end
     if not expectation_met(opts.expected_version, version) then
       return nil, core.error("conflict",
@@ -540,8 +547,7 @@ end
 -- other way.
 function Repository:forget(A, id)
   check_aggregate(A, "forget")
-  local cache = self.cache
-  if cache and cache.delete then cache:delete(cache_key(A, A:stream(id))) end
+  if self.cache then cache_delete(self.cache, A, A:stream(id)) end
 end
 
 -- repo:history(A, id, { raw = false }) -> array of
