@@ -319,6 +319,22 @@ int es_rollback(es_store *store, es_error *err);
  * reported (the reasons a query inside the transaction gets). */
 int es_query_commit(es_store *store, const char *sql, int nparams,
                     const char *const *params, es_error *err);
+/* The same, with the statement's rows in *rows on success (NULL only when
+ * there was no memory for them). */
+int es_query_commit_rows(es_store *store, const char *sql, int nparams,
+                         const char *const *params, es_rows **rows,
+                         es_error *err);
+/* The transaction's last append, then es_query_commit's statement and
+ * COMMIT: one round trip when the append is one event on a single-node
+ * store (else the append's, then the commit's). The transaction ends
+ * either way; nothing of it is committed unless all three succeed. A
+ * refused append is the conflict es_append reports (expected, actual).
+ * On success *rows holds the statement's rows (NULL only when there was
+ * no memory for them). */
+int es_append_commit(es_store *store, const char *stream,
+                     const es_event_in *events, size_t n, int64_t expected,
+                     const char *sql, int nparams, const char *const *params,
+                     es_append_result *out, es_rows **rows, es_error *err);
 /* A query of the open transaction sent ahead: it waits for the
  * transaction's next statement and goes in front of it, in the same round
  * trip; es_ahead_rows gives its rows then (or runs it on its own when no

@@ -325,6 +325,162 @@ describe("transactions in fewer round trips (" .. target.name .. ")", function()
     end)
   end)
 
+  describe("append with commit_with (the append, a statement and COMMIT in one round trip)", function()
+    local function with(sql, ...)
+      return { sql = sql, n = select("#", ...), ... }
+    end
+    local insert
+    before_each(function() insert = "INSERT INTO " .. tbl .. " VALUES ($1, $2) RETURNING id, note" end)
+
+    it("appends, runs the statement, commits, and gives the statement's rows", function()
+      for i = 1, 3 do   -- the second and third on statements prepared already
+        assert(store:begin())
+        local res = assert(store:append("W-1", { type = "A", data = { i = i } },
+          { expected_version = i - 1, commit_with = with(insert, i, "n" .. i) }))
+        assert.equal(i, res.version)
+        assert.is_number(res.position)
+        assert.matches("^%d+%-%d+%-%d+T", res.recorded_at)
+        assert.same({ { id = i, note = "n" .. i } }, res.rows)
+        assert.is_false(store:in_transaction())
+      end
+      assert.equal(3, events("W-1"))
+      assert.equal(3, notes())
+      -- the events' instant is the transaction's, as a plain append's
+      local e = assert(store:read("W-1", { backward = true, limit = 1 }))()
+      assert.equal(e.recorded_at, assert(store:read("W-1", { from = 3 }))().recorded_at)
+    end)
+
+    it("a refused append (stale expected version) is a conflict with the version found, "
+      .. "and the statement behind it never runs", function()
+      assert(store:append("W-2", { { type = "A" }, { type = "A" } }))
+      for _, expected in ipairs({ 1, 0, "no_stream" }) do
+        assert(store:begin())
+        local ok, err = store:append("W-2", { type = "A" },
+          { expected_version = expected, commit_with = with(insert, 1, "never") })
+        assert.is_nil(ok)
+        assert.equal("conflict", err.kind)
+        assert.equal("version", err.reason)
+        assert.equal(2, err.actual)
+        assert.matches("found version 2", err.message)
+        assert.is_false(store:in_transaction())
+        assert.equal(2, events("W-2"))
+        assert.equal(0, notes())
+      end
+      -- the session goes on, and so does the stream
+      assert(store:begin())
+      assert(store:append("W-2", { type = "A" },
+        { expected_version = 2, commit_with = with(insert, 1, "at last") }))
+      assert.equal(3, events("W-2"))
+      assert.equal(1, notes())
+    end)
+
+    it("an event id already stored (new_ids, not looked up) fails as invalid, nothing committed", function()
+      local id = require("eventsourcing.core").uuid()
+      assert(store:append("W-3", { id = id, type = "A" }))
+      assert(store:begin())
+      local ok, err = store:append("W-3b", { id = id, type = "A" },
+        { new_ids = true, commit_with = with(insert, 1, "never") })
+      assert.is_nil(ok)
+      assert.equal("invalid", err.kind)
+      assert.matches("already stored", err.message)
+      assert.matches("nothing of the transaction was committed", err.message)
+      assert.is_false(store:in_transaction())
+      assert.equal(0, events("W-3b"))
+      assert.equal(0, notes())
+    end)
+
+    it("a failing statement rolls the append back and reports as a query would", function()
+      assert(admin:query("INSERT INTO " .. tbl .. " VALUES (1, 'taken')"))
+      assert(store:begin())
+      local _, qerr = store:query(insert, 1, "again")
+      assert(store:rollback())
+      for _, evs in ipairs({ { type = "A" }, { { type = "A" }, { type = "B" } } }) do
+        assert(store:begin())
+        local ok, err = store:append("W-4", evs, { commit_with = with(insert, 1, "again") })
+        assert.is_nil(ok)
+        assert.equal(qerr.kind, err.kind)
+        assert.equal("23505", err.sqlstate)
+        assert.equal(qerr.message, err.message)
+        assert.is_false(store:in_transaction())
+        assert.equal(0, events("W-4"))
+      end
+      assert.equal(1, notes())
+    end)
+
+    it("many events, or caller ids to look up, take two round trips with the same outcome", function()
+      assert(store:begin())
+      local res = assert(store:append("W-5", { { type = "A" }, { type = "B" } },
+        { commit_with = with(insert, 5, "five") }))
+      assert.equal(2, res.version)
+      assert.same({ { id = 5, note = "five" } }, res.rows)
+      assert.is_false(store:in_transaction())
+      local id = require("eventsourcing.core").uuid()
+      for _ = 1, 2 do   -- the second time the same id is an idempotent success
+        assert(store:begin())
+        res = assert(store:append("W-6", { id = id, type = "A" },
+          { expected_version = "no_stream", commit_with = with("SELECT count(*) AS n FROM " .. tbl) }))
+        assert.equal(1, res.version)
+      end
+      assert.equal(1, events("W-6"))
+      -- a conflict there ends the transaction too
+      assert(store:begin())
+      local ok, err = store:append("W-5", { { type = "A" }, { type = "B" } },
+        { expected_version = 0, commit_with = with(insert, 6, "never") })
+      assert.is_nil(ok)
+      assert.equal("conflict", err.kind)
+      assert.equal(2, err.actual)
+      assert.is_false(store:in_transaction())
+      assert.equal(1, notes())
+    end)
+
+    it("refuses without a transaction, on memory stores, and ends the transaction on bad input", function()
+      local ok, err = store:append("W-7", { type = "A" }, { commit_with = with(insert, 1, "x") })
+      assert.is_nil(ok)
+      assert.equal("invalid", err.kind)
+      assert.matches("store:begin%(%) first", err.message)
+      assert.equal(0, events("W-7"))
+      local mem = assert(es.open("memory:"))
+      ok, err = mem:append("W-7", { type = "A" }, { commit_with = with("SELECT 1") })
+      assert.is_nil(ok)
+      assert.equal("invalid", err.kind)
+      assert.equal(0, assert(mem:version("W-7")))
+      for _, bad in ipairs({
+        { { type = "A", data = "text" }, with(insert, 1, "x") },      -- a bad event
+        { { type = "A" }, with(insert, 1, "a\0b") },                  -- a bad parameter
+        { { type = "A" }, { n = 1 } },                                 -- no statement
+        { { type = "A" }, with(insert, 1, "x"), "bogus" },             -- a bad expected version
+      }) do
+        assert(store:begin())
+        assert(store:append("W-8", { type = "before" }))
+        ok, err = store:append("W-8", bad[1], { commit_with = bad[2], expected_version = bad[3] })
+        assert.is_nil(ok)
+        assert.equal("invalid", err.kind)
+        assert.is_false(store:in_transaction())
+        assert.equal(0, events("W-8"))
+      end
+      assert.has_error(function() store:append("W-8", { type = "A" }, { commit_with = "SELECT 1" }) end,
+        "option 'commit_with' must be a table, got string")
+      assert.equal(0, notes())
+    end)
+
+    it("after the session dropped inside the transaction: connection, nothing stored", function()
+      assert(store:begin())
+      assert(store:append("W-9", { type = "A" }))
+      assert(admin:query("SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity "
+        .. "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+        .. "AND backend_type = 'client backend' AND application_name NOT LIKE 'pgbouncer%'"))
+      local ok, err = store:append("W-9", { type = "A" }, { commit_with = with(insert, 1, "x") })
+      assert.is_nil(ok)
+      assert.equal("connection", err.kind)
+      assert.is_false(store:in_transaction())
+      assert.equal(0, events("W-9"))
+      assert.equal(0, notes())
+      assert(store:begin())
+      assert(store:append("W-9", { type = "A" }, { commit_with = with(insert, 1, "x") }))
+      assert.equal(1, events("W-9"))
+    end)
+  end)
+
   if target.opts then
     it("behind the pooler, the timeouts still hold inside the transaction only", function()
       local s = open({ statement_timeout = 300, lock_timeout = 100 })

@@ -286,6 +286,84 @@ describe("the order service with a state cache and its inline read model (postgr
     es.repository(store):forget(Order, id)   -- no cache: nothing to do
   end)
 
+  -- the row as the service shows it, without what differs between orders
+  local function shown(svc, id)
+    local o = assert(svc.get_order(id))
+    o.id, o.created_at, o.placed_at, o.cancelled_at = nil, nil, nil, nil
+    return o
+  end
+
+  it("runs a command whose read model row it holds in one round trip, "
+    .. "and leaves the row the two round trips leave", function()
+    local cached = service.new(store, { cache = es.state_cache() })
+    local plain = service.new(store2)
+    local a = assert(cached.create_order({ customer_id = "c1" }, { user = "u" }))
+    local b = assert(plain.create_order({ customer_id = "c1" }, { user = "u" }))
+    local steps = {
+      { "add_item", { product_id = "p1", quantity = 2, unit_price = 250 } },
+      { "add_item", { product_id = "p2", quantity = 1, unit_price = 1000 } },
+      { "add_item", { product_id = "p1", quantity = 3, unit_price = 250 } },
+      { "remove_item", { product_id = "p2" } },
+      { "add_item", { product_id = "p3", quantity = 1, unit_price = 5 } },
+    }
+    for _, step in ipairs(steps) do
+      for _, pair in ipairs({ { cached, a }, { plain, b } }) do
+        local args = { order_id = pair[2] }
+        for k, v in pairs(step[2]) do args[k] = v end
+        assert(pair[1][step[1]](args))
+      end
+      assert.same(shown(plain, b), shown(cached, a))
+    end
+    -- the first command (OrderCreated reads recorded_at) went the long way
+    assert.equal(#steps, cached.repository.stats.one_trips)
+    assert.equal(0, plain.repository.stats.one_trips)
+    assert.equal(6, store:version("Order-" .. a))
+  end)
+
+  it("goes the two round trips when a handler reads what only the append gives", function()
+    local cached = service.new(store, { cache = es.state_cache() })
+    local id = assert(cached.create_order({ customer_id = "c1" }, { user = "u" }))
+    assert(cached.add_item { order_id = id, product_id = "p1", quantity = 1, unit_price = 100 })
+    assert.equal(1, cached.repository.stats.one_trips)
+    assert(cached.place_order { order_id = id })   -- OrderPlaced: placed_at = recorded_at
+    assert.equal(1, cached.repository.stats.one_trips)
+    local placed = cached.repository:history(require("orders.order"), id)[3]
+    local row = assert(cached.get_order(id))
+    assert.equal(placed.recorded_at, row.placed_at)
+    assert.equal("placed", row.status)
+  end)
+
+  it("records its transaction for a rebuild that is running", function()
+    local cached = service.new(store, { cache = es.state_cache() })
+    local id = assert(cached.create_order({ customer_id = "c1" }, { user = "u" }))
+    local s = '"' .. store:schema() .. '"'
+    assert(store2:query("INSERT INTO " .. s .. ".read_model_rebuilds (id, name, txid, pid) "
+      .. "VALUES ('r1', 'rm_orders', pg_current_xact_id(), pg_backend_pid())"))
+    assert(cached.add_item { order_id = id, product_id = "p1", quantity = 1, unit_price = 100 })
+    assert.equal(1, cached.repository.stats.one_trips)
+    local recorded = assert(store2:query("SELECT count(*) AS n FROM " .. s
+      .. ".read_model_rebuild_writes WHERE id = 'r1'"))[1].n
+    assert.equal(1, recorded)
+  end)
+
+  it("goes the long way when a handler fails on the row it holds, and refuses what the long way refuses",
+    function()
+    local cache = es.state_cache()
+    local cached = service.new(store, { cache = cache })
+    local id = assert(cached.create_order({ customer_id = "c1" }, { user = "u" }))
+    -- a row the handlers cannot work with, at the right version
+    cache:set("rm rm_orders Order-" .. id, '1 {"id": "' .. id .. '", "items": [7]}')
+    assert(cached.add_item { order_id = id, product_id = "p1", quantity = 1, unit_price = 100 })
+    assert.equal(0, cached.repository.stats.one_trips)
+    local row = assert(cached.get_order(id))
+    assert.equal(100, row.total)
+    assert.equal(1, #row.items)
+    -- the row it keeps after that is the one the long way wrote
+    assert(cached.add_item { order_id = id, product_id = "p2", quantity = 1, unit_price = 50 })
+    assert.equal(1, cached.repository.stats.one_trips)
+    assert.equal(150, assert(cached.get_order(id)).total)
+  end)
+
   it("writes the row from the stream's head after another writer went first", function()
     local cached = service.new(store, { cache = es.state_cache() })
     local plain = service.new(store2)

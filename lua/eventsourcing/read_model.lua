@@ -322,8 +322,11 @@ function M.apply_inline(store, read_models, events, opts)
   if type(events) ~= "table" then error("apply_inline: events must be an array", 2) end
   if events.type then events = { events } end
   if #events == 0 or #read_models == 0 then return true end
+  -- opts.unstamped: the events are not appended yet, and the caller
+  -- watches whether a handler reads recorded_at (the repository's one
+  -- round trip): nothing is filled in here
   local missing = false
-  for _, e in ipairs(events) do
+  for _, e in ipairs(opts and opts.unstamped and {} or events) do
     if e.recorded_at == nil then missing = true; break end
   end
   local list = events

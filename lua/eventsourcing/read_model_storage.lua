@@ -375,6 +375,17 @@ function ReadModel:_typed_sql(sqls, k)
   return sql
 end
 
+-- The upsert of one row by typed parameters that also gives the row back
+-- as a load would (a caller that keeps it: the repository's state cache).
+function ReadModel:_returning_sql(sqls)
+  local sql = sqls.returning
+  if not sql then
+    sql = self:_typed_sql(sqls, 1) .. " RETURNING " .. self:_select_list()
+    sqls.returning = sql
+  end
+  return sql
+end
+
 -- How each column's value goes as a typed parameter: "int" (integer
 -- columns), "json" (jsonb: every value as JSON text, a string as a JSON
 -- string) or "num" (other columns: a number as its JSON text), so that
@@ -435,7 +446,9 @@ end
 -- next statement waits for it). stage: the caller's transaction is
 -- open, so many upserts may be staged (_write_staged). defer: a table that
 -- takes the one-statement write instead of running it ({ sql = ..., n,
--- params... }), for the caller to run with its COMMIT (store:commit_with).
+-- params... }), for the caller to run with its COMMIT (store:commit_with);
+-- with defer.rows set, a write of one row and no delete also gives that
+-- row back as a load would (defer.returning is then true).
 -- record: an inline writer's batch, recorded for a running rebuild by the
 -- write (or, when nothing is written, by a statement of its own).
 function ReadModel:_write(store, tbl, upserts, deletes, timings, news, stage, defer, async, record)
@@ -484,7 +497,9 @@ function ReadModel:_write(store, tbl, upserts, deletes, timings, news, stage, de
   end
   local sqls = self:_write_sqls(store, tbl, record)
   local sql
-  if typed then
+  if typed and defer and defer.rows and #upserts == 1 then
+    sql, defer.returning = self:_returning_sql(sqls), true
+  elseif typed then
     sql = self:_typed_sql(sqls, #upserts)
   elseif #deletes == 0 then
     sql, params.n = sqls.upsert, 1

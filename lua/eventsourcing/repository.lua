@@ -80,7 +80,8 @@ function M.new(store, opts)
     read_models = opts.read_models and #opts.read_models > 0 and opts.read_models or nil,
     cache = cache,
     stats = { loads = 0, events_folded = 0, snapshots_used = 0,
-              snapshots_saved = 0, retries = 0, cache_hits = 0, cache_stale = 0 },
+              snapshots_saved = 0, retries = 0, cache_hits = 0, cache_stale = 0,
+              one_trips = 0 },
     short = {}, n_short = 0,   -- see note_short
   }, Repository)
 end
@@ -283,11 +284,97 @@ local function loaded_rows(store, ahead)
   return { [ahead.rm] = { keys = ahead.keys, rows = ahead.rm:_found(rows) } }
 end
 
+-- Rows kept beside the states (see one_trip) -------------------------------
+
+local json = core.json
+
+-- The inline read model whose row a command can carry in the cache: the
+-- only one, keyed by the default key_of, each row fed by one stream
+-- (keys_by_stream), so that its row at a stream version is the row the
+-- transaction that appended that version wrote. nil: none.
+local function row_model(self)
+  local rms = self.read_models
+  local rm = rms and #rms == 1 and rms[1]
+  if self.cache and rm and rm.key_of == read_model.default_key_of
+      and rm.keys_by_stream then
+    return rm
+  end
+end
+
+local function row_key(rm, stream)
+  return "rm " .. rm.name .. " " .. stream
+end
+
+-- The row the cache holds for stream at version, or nil. The entry is
+-- "<version> <row as JSON>".
+local function cached_row(self, rm, stream, version)
+  local entry = self.cache:get(row_key(rm, stream))
+  if type(entry) ~= "string" then return nil end
+  local v, at = entry:match("^(%d+) ()")
+  if tonumber(v) ~= version then return nil end
+  local ok, row = pcall(json.decode, entry:sub(at))
+  if ok and type(row) == "table" then return row end
+end
+
+local keeps_shape   -- below, with the states' cache
+
+-- Keeps the row a write gave back (rows: its RETURNING, as a load gives
+-- it) for the stream's next command; anything else drops the entry.
+local function cache_row(self, rm, stream, version, rows)
+  local row = rows and #rows == 1 and rows[1]
+  local text = row and keeps_shape(row, 0) and json.encode(row)
+  if text then
+    self.cache:set(row_key(rm, stream), version .. " " .. text)
+  elseif self.cache.delete then
+    self.cache:delete(row_key(rm, stream))
+  end
+end
+
+-- A command in one round trip: when the cache holds the read model's row
+-- at the version the append expects, the handlers run before the append,
+-- and the row's write goes behind the append, with COMMIT:
+-- [BEGIN, the append, the write, COMMIT]. The append expects that version,
+-- so a row that is not the stream's head fails it as the state would. Not
+-- when a handler reads what only the append gives (recorded_at, position),
+-- nor when the write is not one row's upsert: false then (the caller goes
+-- the two round trips), else the append's result | nil, err.
+local function one_trip(self, rm, stream, out, aopts)
+  local row = cached_row(self, rm, stream, aopts.expected_version)
+  if not row then return false end
+  local ks = key_string(read_model.default_key_of(out[1]))
+  for i = 2, #out do
+    if key_string(read_model.default_key_of(out[i])) ~= ks then return false end
+  end
+  local needs = false
+  local watch = { __index = function(_, k)
+    if k == "recorded_at" or k == "position" then needs = true end
+  end }
+  for _, e in ipairs(out) do setmetatable(e, watch) end
+  local last = { rows = true }
+  local ok = read_model.apply_inline(self.store, { rm }, out, { defer = last, unstamped = true,
+    loaded = { [rm] = { keys = { [ks] = true }, rows = { [ks] = row } } } })
+  for _, e in ipairs(out) do setmetatable(e, nil) end
+  -- a handler that failed may have met a row that is behind: the long
+  -- way loads the row and answers
+  if needs or not ok or not last.returning then return false end
+  local store = self.store
+  local bok, berr = store:begin()
+  if not bok then return nil, berr end
+  aopts.commit_with = last
+  local res, err = store:append(stream, out, aopts)
+  aopts.commit_with = nil
+  if not res then return nil, err end
+  self.stats.one_trips = self.stats.one_trips + 1
+  stamp(out, res)
+  cache_row(self, rm, stream, res.version, res.rows)
+  return res
+end
+
 -- Appends and updates the inline read models in one transaction (or one
 -- after the other on a memory store). The events get the versions they
 -- will have, so handlers see what a projector would. On PostgreSQL that
 -- is 2 round trips: [BEGIN, the rows' load, the append], then [the rows'
--- write, COMMIT].
+-- write, COMMIT]; one (one_trip) when the cache holds the row.
 local function append_inline(self, stream, out, aopts)
   local store = self.store
   if util.is_memory(store) then
@@ -303,12 +390,18 @@ local function append_inline(self, stream, out, aopts)
     if not ok then return nil, rerr end
     return res
   end
-  local ok, err = store:begin()
-  if not ok then return nil, err end
-  local res
+  local rm = row_model(self)
+  local res, ok, err
   -- a raise in between (a bug in a handler's helper) must not leave the
   -- transaction open
   local fine, raised = pcall(function()
+    if rm then
+      res, err = one_trip(self, rm, stream, out, aopts)
+      if res ~= false then ok = res ~= nil; return end
+      res = nil
+    end
+    ok, err = store:begin()
+    if not ok then return end
     local ahead, loaded
     ahead, err = load_ahead(self, store, out)
     if ahead == nil then ok = false; return end
@@ -318,30 +411,38 @@ local function append_inline(self, stream, out, aopts)
       loaded, err = loaded_rows(store, ahead)
       if ahead and not loaded then ok = false; return end
       -- the read models' last write goes with COMMIT, in one round trip
-      local last = {}
+      -- (giving the row back when the cache keeps it)
+      local last = { rows = rm and true }
       ok, err = read_model.apply_inline(store, self.read_models, out,
         { defer = last, loaded = loaded })
       if ok then
+        local rows
         if last.sql then
-          ok, err = store:commit_with(last.sql, (table.unpack or unpack)(last, 1, last.n))
+          ok, rows = store:commit_with(last.sql, (table.unpack or unpack)(last, 1, last.n))
+          if not ok then err = rows end
         else
           ok, err = store:commit()
+        end
+        if ok and rm then
+          cache_row(self, rm, stream, res.version, last.returning and rows)
         end
         return
       end
     end
     ok = false
   end)
+  -- may fail too when the session is gone (err says why); an append that
+  -- carried the COMMIT ended the transaction itself
+  local open = not store.in_transaction or store:in_transaction()
   if not fine then
-    store:rollback()
+    if open then store:rollback() end
     error(raised, 0)
   end
   if ok then return res end
-  store:rollback()   -- may fail too when the session is gone; err says why
+  if open then store:rollback() end
   return nil, err
 end
 
-local json = core.json
 local ARRAY_MT = getmetatable(json.array {})
 local OBJECT_MT = getmetatable(json.object {})
 
@@ -369,7 +470,7 @@ end
 -- t[#t + 1] = x then sets the key "1" instead of appending), nor one with
 -- another metatable (its methods would be gone), nor an object with keys
 -- that are not strings, nor an array with keys beyond 1..#t.
-local function keeps_shape(v, depth)
+function keeps_shape(v, depth)
   if depth > 64 then return false end
   local mt = getmetatable(v)
   if mt ~= nil and mt ~= ARRAY_MT and mt ~= OBJECT_MT then return false end

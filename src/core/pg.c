@@ -392,7 +392,8 @@ int pg_fail(pg_store *p, PGresult *res, const char *what, es_error *err)
 }
 
 static const char *const stmt_names[PG_NSTMT] = {
-    "es_append", "es_append_one", "es_version", "es_read_f", "es_read_b",
+    "es_append", "es_append_one", "es_append_strict", "es_version",
+    "es_read_f", "es_read_b",
     "es_snapshot_save", "es_snapshot_load",
     "es_read_all0", "es_read_all1", "es_read_all2", "es_read_all3",
     "es_read_all4", "es_read_all5", "es_read_all6", "es_read_all7",
@@ -600,6 +601,23 @@ static int unnamed_ready(pg_store *p, int stmt, const char **sql,
     if (pg_ready(p, err) < 0 || !(*sql = unnamed_sql(p, stmt, err)))
         return -1;
     return 0;
+}
+
+int pg_stmt_ready(pg_store *p, int stmt, const char **name,
+                  const char **sql, es_error *err)
+{
+    *name = *sql = NULL;
+    if (p->pooler == PG_POOLER_TRANSACTION)
+        return unnamed_ready(p, stmt, sql, err);
+    if (prepare_once(p, stmt, err) < 0)
+        return -1;
+    *name = p->names[stmt];
+    return 0;
+}
+
+const char *pg_stmt_what(int stmt)
+{
+    return stmt_names[stmt] + 3;
 }
 
 static PGresult *exec_unnamed(pg_store *p, int stmt, int nparams,

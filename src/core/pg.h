@@ -37,6 +37,7 @@ static inline uint64_t pg_be64(const char *v)
 enum {
     PG_APPEND,
     PG_APPEND_ONE,        /* one event, id made here: no function call */
+    PG_APPEND_STRICT,     /* the same, a refusal an error (append_commit) */
     PG_VERSION,
     PG_READ_FORWARD,
     PG_READ_BACKWARD,
@@ -182,6 +183,12 @@ int pg_send_prepared(pg_store *p, int stmt, int nparams,
                      const char *const *values, int binary_result,
                      es_error *err);
 PGresult *pg_receive(pg_store *p, int stmt, es_error *err);
+/* A prepared statement ready to send in a pipeline: *name (prepared on
+ * this session) or, behind a transaction pooler, *sql (its text). */
+int pg_stmt_ready(pg_store *p, int stmt, const char **name,
+                  const char **sql, es_error *err);
+/* What a statement is called in error messages ("append_one", ...). */
+const char *pg_stmt_what(int stmt);
 /* Runs a statement without parameters (DDL, BEGIN, ...). */
 int pg_exec_simple(pg_store *p, const char *sql, es_error *err);
 /* pg_ensure without sending a deferred BEGIN: for a caller that sends it
@@ -223,9 +230,20 @@ int pg_begin(es_store *s, es_error *err);
 int pg_commit(es_store *s, es_error *err);
 int pg_rollback(es_store *s, es_error *err);
 /* The transaction's last statement and COMMIT in one round trip
- * (pg_pipeline.c): es_query_commit. */
+ * (pg_pipeline.c): es_query_commit, and es_query_commit_rows when rows
+ * is not NULL (*rows NULL after a commit when there was no memory for
+ * them: it committed all the same). */
 int pg_query_commit(es_store *s, const char *sql, int nparams,
-                    const char *const *params, es_error *err);
+                    const char *const *params, es_rows **rows, es_error *err);
+/* Statement stmt (prepared), then sql and COMMIT, in one round trip: the
+ * transaction's end whatever happens. 0: committed, *first and *second
+ * hold the two results (the caller clears them); 1: stmt failed, 2:
+ * anything else failed (err; nothing was committed, the transaction is
+ * over). */
+int pg_exec_commit(pg_store *p, int stmt, int nparams,
+                   const char *const *values, int binary_result,
+                   const char *sql, int nq, const char *const *qparams,
+                   PGresult **first, PGresult **second, es_error *err);
 /* A query that goes in front of the transaction's next statement, in its
  * round trip; its rows are asked for later (pg_pipeline.c):
  * es_query_ahead, es_ahead_rows. */

@@ -58,6 +58,23 @@ const char *pg_statement_sql(const pg_store *p, int stmt, char *out,
                  " AND l.cur BETWEEN $2::bigint AND $7::bigint"
                  " RETURNING position, version, recorded_at", s, s);
         break;
+    case PG_APPEND_STRICT:
+        /* PG_APPEND_ONE for an append with statements behind it in its
+         * round trip (pg_append_commit): there a refusal must stop them,
+         * so it is an error, not an empty result. A refused row gets a
+         * NULL version, which the column's NOT NULL rejects (23502). */
+        snprintf(out, outlen, "INSERT INTO \"%s\".events (id, stream,"
+                 " version, type, data, metadata, category)"
+                 " SELECT $3::uuid, $1, CASE WHEN (l.txid IS NULL OR"
+                 " l.txid <= pg_current_xact_id()) AND l.cur BETWEEN"
+                 " $2::bigint AND $7::bigint THEN l.cur + 1 END, $4, $5::json,"
+                 " $6::json, split_part($1, '-', 1) FROM (SELECT"
+                 " coalesce(e.version, 0) AS cur, e.txid FROM (VALUES (1)) AS"
+                 " one LEFT JOIN LATERAL (SELECT version, txid FROM"
+                 " \"%s\".events WHERE stream = $1 ORDER BY version DESC"
+                 " LIMIT 1) e ON true) l"
+                 " RETURNING position, version, recorded_at", s, s);
+        break;
     case PG_VERSION:
         /* the last event's, through the unique (stream, version) index */
         snprintf(out, outlen, "SELECT version FROM \"%s\".events WHERE "
@@ -346,8 +363,8 @@ static int append_result(PGresult *res, const char *stream, int64_t expected,
  * skips the lookup that would have found it, or stored meanwhile by
  * another session) fails as invalid, the transaction aborted all the
  * same; looking it up is no longer possible in it. */
-static int aborted_conflict(const pg_store *p, const char *stream,
-                            int64_t expected, es_error *err)
+static int failed_conflict(const pg_store *p, const char *stream,
+                           int64_t expected, const char *then, es_error *err)
 {
     char sql_msg[ES_MESSAGE_MAX];
     snprintf(sql_msg, sizeof sql_msg, "%s", err->message);
@@ -363,9 +380,16 @@ static int aborted_conflict(const pg_store *p, const char *stream,
     } else if (strcmp(err->sqlstate, "23505") == 0)
         snprintf(sql_msg, sizeof sql_msg, "stream %.200s: a "
                  "concurrent append took the same version", stream);
-    snprintf(err->message, sizeof err->message, "%.400s (the "
-             "transaction is aborted: roll it back)", sql_msg);
+    snprintf(err->message, sizeof err->message, "%.400s (%s)", sql_msg,
+             then);
     return -1;
+}
+
+static int aborted_conflict(const pg_store *p, const char *stream,
+                            int64_t expected, es_error *err)
+{
+    return failed_conflict(p, stream, expected, "the transaction is aborted: "
+                           "roll it back", err);
 }
 
 enum { O_STREAM, O_LOW, O_ID, O_TYPE, O_DATA, O_META, O_HIGH, O_N };
@@ -384,12 +408,14 @@ static void expected_range(int64_t expected, int64_t *low, int64_t *high)
  * appended (out is set), 0 when a check refused (append() then says
  * which), 2 when a concurrent writer took the version or the id (err
  * holds the unique violation), -1 on an error. */
-static int append_one(pg_store *p, const char *stream, const es_event_in *ev,
-                      int64_t expected, es_append_result *out, es_error *err)
+/* PG_APPEND_ONE's parameters (and PG_APPEND_STRICT's) in p->params:
+ * values[] point into it. 0, or -1 (out of memory). */
+static int one_params(pg_store *p, const char *stream, const es_event_in *ev,
+                      int64_t expected, const char *values[O_N],
+                      es_error *err)
 {
     es_buf *b = &p->params;
     size_t offs[O_N];
-    const char *values[O_N];
     char num[24], id[37];
     int64_t low, high;
     int rc = 0;
@@ -425,18 +451,33 @@ static int append_one(pg_store *p, const char *stream, const es_event_in *ev,
         return es_fail(err, ES_DATABASE, "out of memory");
     for (int i = 0; i < O_N; i++)
         values[i] = b->data + offs[i];
+    return 0;
+}
 
+/* The row RETURNING position, version, recorded_at (binary) gave. */
+static void one_result(const PGresult *res, es_append_result *out)
+{
+    out->position = (int64_t)pg_be64(PQgetvalue(res, 0, 0));
+    out->version = (int64_t)pg_be64(PQgetvalue(res, 0, 1));
+    es_time_format((int64_t)pg_be64(PQgetvalue(res, 0, 2)) + PG_EPOCH_USEC,
+                   out->recorded_at);
+}
+
+static int append_one(pg_store *p, const char *stream, const es_event_in *ev,
+                      int64_t expected, es_append_result *out, es_error *err)
+{
+    const char *values[O_N];
+    int rc;
+
+    if (one_params(p, stream, ev, expected, values, err) < 0)
+        return -1;
     PGresult *res = pg_exec_prepared(p, PG_APPEND_ONE, O_N, values, 1, err);
     if (!res)
         return strcmp(err->sqlstate, "23505") == 0 ||
                strcmp(err->sqlstate, "40001") == 0 ? 2 : -1;
     rc = PQntuples(res) == 1;
-    if (rc) {
-        out->position = (int64_t)pg_be64(PQgetvalue(res, 0, 0));
-        out->version = (int64_t)pg_be64(PQgetvalue(res, 0, 1));
-        es_time_format((int64_t)pg_be64(PQgetvalue(res, 0, 2)) + PG_EPOCH_USEC,
-                       out->recorded_at);
-    }
+    if (rc)
+        one_result(res, out);
     PQclear(res);
     return rc;
 }
@@ -519,6 +560,115 @@ int pg_append(es_store *s, const char *stream, const es_event_in *ev,
     int rc = append_result(res, stream, expected, out, err);
     PQclear(res);
     return rc;
+}
+
+/* PG_APPEND_STRICT failed in its pipeline (pg_exec_commit): the
+ * transaction is rolled back by now. A refusal (23502, see the statement)
+ * is a version conflict; the version it met is asked for afterwards,
+ * outside any transaction. The stream-order rule cannot refuse here: the
+ * transaction gets its id in this very statement, after every appender
+ * whose events it can see. */
+static int strict_failed(pg_store *p, const char *stream, int64_t expected,
+                         es_error *err)
+{
+    es_error verr;
+    int64_t actual = -1;
+    char want[48];
+
+    if (strcmp(err->sqlstate, "23505") == 0 ||
+        strcmp(err->sqlstate, "40001") == 0)
+        return failed_conflict(p, stream, expected, "nothing of the "
+                               "transaction was committed", err);
+    if (strcmp(err->sqlstate, "23502") != 0)
+        return -1;
+    if (pg_version(&p->base, stream, &actual, &verr) < 0)
+        actual = -1;
+    if (expected == ES_NO_STREAM)
+        snprintf(want, sizeof want, "no stream");
+    else if (expected == ES_STREAM_EXISTS)
+        snprintf(want, sizeof want, "an existing stream");
+    else
+        snprintf(want, sizeof want, "version %" PRId64, expected);
+    if (actual >= 0)
+        es_fail(err, ES_CONFLICT, "stream %s: expected %s, found version %"
+                PRId64 " (nothing of the transaction was committed)", stream,
+                want, actual);
+    else
+        es_fail(err, ES_CONFLICT, "stream %s: expected %s, found another "
+                "version (nothing of the transaction was committed)", stream,
+                want);
+    err->expected = expected;
+    err->actual = actual;
+    err->reason = ES_REASON_VERSION;
+    return -1;
+}
+
+/* One event, the caller's statement and COMMIT in one round trip. */
+static int append_one_commit(pg_store *p, const char *stream,
+                             const es_event_in *ev, int64_t expected,
+                             const char *sql, int nparams,
+                             const char *const *params, es_append_result *out,
+                             es_rows **rows, es_error *err)
+{
+    const char *values[O_N];
+    PGresult *res, *late;
+    es_error ignored;
+    int rc;
+
+    if (one_params(p, stream, ev, expected, values, err) < 0) {
+        pg_rollback(&p->base, &ignored);
+        return -1;
+    }
+    rc = pg_exec_commit(p, PG_APPEND_STRICT, O_N, values, 1, sql, nparams,
+                        params, &res, &late, err);
+    if (rc == 1)
+        return strict_failed(p, stream, expected, err);
+    if (rc != 0)
+        return -1;
+    /* PG_APPEND_STRICT gives its row or fails: no row would be a bug,
+     * reported rather than read */
+    if (PQntuples(res) != 1) {
+        PQclear(res);
+        PQclear(late);
+        return es_fail(err, ES_DATABASE, "append: the server appended no "
+                       "event, yet committed the statement behind it");
+    }
+    /* committed: the statement's rows are a courtesy; without memory for
+     * them the append still stands */
+    one_result(res, out);
+    PQclear(res);
+    *rows = pg_rows_of(late, &ignored);
+    return 0;
+}
+
+int pg_append_commit(es_store *s, const char *stream, const es_event_in *ev,
+                     size_t n, int64_t expected, const char *sql,
+                     int nparams, const char *const *params,
+                     es_append_result *out, es_rows **rows, es_error *err)
+{
+    pg_store *p = (pg_store *)s;
+    es_error ignored;
+    int citus;
+
+    *rows = NULL;
+    if (!p->in_tx && !p->tx_lost)
+        return es_fail(err, ES_INVALID, "append: commit_with needs an open "
+                       "transaction (store:begin() first)");
+    citus = p->tx_lost ? 0 : pg_citus_detect(p, err);
+    if (citus < 0) {
+        pg_rollback(s, &ignored);
+        return -1;
+    }
+    if (n == 1 && given_ids(ev, n) != 2 && !citus && !p->tx_lost)
+        return append_one_commit(p, stream, ev, expected, sql, nparams,
+                                 params, out, rows, err);
+    /* anything else (a batch, ids to look up, Citus): the append, then
+     * the statement and COMMIT, one round trip each */
+    if (pg_append(s, stream, ev, n, expected, out, err) < 0) {
+        pg_rollback(s, &ignored);
+        return -1;
+    }
+    return pg_query_commit(s, sql, nparams, params, rows, err);
 }
 
 int pg_version(es_store *s, const char *stream, int64_t *out, es_error *err)

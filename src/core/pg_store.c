@@ -71,6 +71,7 @@ static const es_store_ops pg_ops = {
     .query_commit = pg_query_commit,
     .query_ahead = pg_query_ahead,
     .ahead_rows = pg_ahead_rows,
+    .append_commit = pg_append_commit,
 };
 
 /* PG_POOLER_* for a name, or -1. */

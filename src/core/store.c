@@ -166,12 +166,12 @@ int es_valid_event_type(const char *type, es_error *err)
     return valid_name(type, "event type", 200, err);
 }
 
-int es_append(es_store *s, const char *stream, const es_event_in *events,
-              size_t n, int64_t expected, es_append_result *out,
-              es_error *err)
+/* What every append checks before the store sees it. */
+static int append_valid(es_store *s, const char *stream,
+                        const es_event_in *events, size_t n, int64_t expected,
+                        es_error *err)
 {
     char why[256];
-    es_error_clear(err);
     if (store_usable(s, err) < 0 || es_valid_stream(stream, err) < 0)
         return -1;
     if (n == 0)
@@ -202,7 +202,39 @@ int es_append(es_store *s, const char *stream, const es_event_in *events,
                                "events %zu and %zu have the same id %s",
                                j + 1, i + 1, events[i].id);
     }
+    return 0;
+}
+
+int es_append(es_store *s, const char *stream, const es_event_in *events,
+              size_t n, int64_t expected, es_append_result *out,
+              es_error *err)
+{
+    es_error_clear(err);
+    if (append_valid(s, stream, events, n, expected, err) < 0)
+        return -1;
     return s->ops->append(s, stream, events, n, expected, out, err);
+}
+
+int es_append_commit(es_store *s, const char *stream,
+                     const es_event_in *events, size_t n, int64_t expected,
+                     const char *sql, int nparams, const char *const *params,
+                     es_append_result *out, es_rows **rows, es_error *err)
+{
+    es_error_clear(err);
+    *rows = NULL;
+    if (store_usable(s, err) < 0)
+        return -1;
+    if (!s->ops->append_commit)
+        return es_fail(err, ES_INVALID, "%s stores have no transactions",
+                       s->ops->kind);
+    /* a refused argument ends the transaction too, as promised */
+    if (append_valid(s, stream, events, n, expected, err) < 0) {
+        es_error ignored;
+        s->ops->rollback(s, &ignored);
+        return -1;
+    }
+    return s->ops->append_commit(s, stream, events, n, expected, sql, nparams,
+                                 params, out, rows, err);
 }
 
 int es_stream_version(es_store *s, const char *stream, int64_t *out,
@@ -411,16 +443,32 @@ TX_OP(es_begin, begin)
 TX_OP(es_commit, commit)
 TX_OP(es_rollback, rollback)
 
-int es_query_commit(es_store *s, const char *sql, int nparams,
-                    const char *const *params, es_error *err)
+static int query_commit(es_store *s, const char *sql, int nparams,
+                        const char *const *params, es_rows **rows,
+                        es_error *err)
 {
     es_error_clear(err);
+    if (rows)
+        *rows = NULL;
     if (store_usable(s, err) < 0)
         return -1;
     if (!s->ops->query_commit)
         return es_fail(err, ES_INVALID, "%s stores have no transactions",
                        s->ops->kind);
-    return s->ops->query_commit(s, sql, nparams, params, err);
+    return s->ops->query_commit(s, sql, nparams, params, rows, err);
+}
+
+int es_query_commit(es_store *s, const char *sql, int nparams,
+                    const char *const *params, es_error *err)
+{
+    return query_commit(s, sql, nparams, params, NULL, err);
+}
+
+int es_query_commit_rows(es_store *s, const char *sql, int nparams,
+                         const char *const *params, es_rows **rows,
+                         es_error *err)
+{
+    return query_commit(s, sql, nparams, params, rows, err);
 }
 
 int es_query_ahead(es_store *s, const char *sql, int nparams,

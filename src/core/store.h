@@ -48,10 +48,16 @@ typedef struct es_store_ops {
                 int64_t *count, es_error *err);
     int (*copy_wait)(es_store *s, int64_t *count, es_error *err);
     int (*query_commit)(es_store *s, const char *sql, int nparams,
-                        const char *const *params, es_error *err);
+                        const char *const *params, es_rows **rows,
+                        es_error *err);   /* rows: NULL, or gets them */
     int (*query_ahead)(es_store *s, const char *sql, int nparams,
                        const char *const *params, es_error *err);
     es_rows *(*ahead_rows)(es_store *s, es_error *err);
+    int (*append_commit)(es_store *s, const char *stream,
+                         const es_event_in *ev, size_t n, int64_t expected,
+                         const char *sql, int nparams,
+                         const char *const *params, es_append_result *out,
+                         es_rows **rows, es_error *err);
 } es_store_ops;
 
 struct es_store {

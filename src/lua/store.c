@@ -603,25 +603,107 @@ static int encode_event(lua_State *L, lstore *ls, int call_meta, int anchor,
     return 0;
 }
 
+static const char *param_text(lua_State *L, lstore *ls, int idx, int pnum,
+                              size_t *off, int *is_null);
+static int push_rows(lua_State *L, es_rows **holder);
+static es_rows **new_holder(lua_State *L);
+
+/* nil, err for a refused argument; with commit_with the transaction
+ * ends anyway (rolled back), as every other outcome of that call ends it. */
+static int append_refused(lua_State *L, lstore *ls, int with, const char *msg)
+{
+    if (with) {
+        es_error ignored;
+        es_rollback(ls->s, &ignored);
+    }
+    return esl_push_fail(L, ES_INVALID, msg);
+}
+
+/* opts.commit_with = { sql = ..., n = count, params... } (the shape a read
+ * model leaves a deferred write in): its statement and count, or -1 with
+ * msg. */
+static int read_commit_with(lua_State *L, int with, const char **sql,
+                            int *np, char *msg, size_t msglen)
+{
+    lua_getfield(L, with, "sql");
+    if (lua_type(L, -1) != LUA_TSTRING) {
+        snprintf(msg, msglen, "option 'commit_with' needs sql (a string), "
+                 "got %s", luaL_typename(L, -1));
+        return -1;
+    }
+    *sql = lua_tostring(L, -1);     /* anchored by the table */
+    lua_pop(L, 1);
+    lua_getfield(L, with, "n");
+    if (lua_isnil(L, -1))
+        *np = (int)esl_rawlen(L, with);
+    else {
+        long long v;
+        if (!lua_isnumber(L, -1) || !esl_toint64(L, -1, &v) || v < 0 ||
+            v > 65535) {
+            snprintf(msg, msglen, "option 'commit_with': n must be a "
+                     "parameter count from 0 to 65535");
+            return -1;
+        }
+        *np = (int)v;
+    }
+    lua_pop(L, 1);
+    return 0;
+}
+
+/* The text of commit_with's parameters (after the events' JSON in
+ * ls->json): offs[i] is set for those written there. 0 or -1 (msg). */
+static int commit_params(lua_State *L, lstore *ls, int with, int np,
+                         const char **qp, size_t *offs, int *nulls,
+                         char *msg, size_t msglen)
+{
+    for (int i = 0; i < np; i++) {
+        lua_rawgeti(L, with, i + 1);
+        if (lua_type(L, -1) == LUA_TSTRING &&
+            strlen(lua_tostring(L, -1)) != esl_rawlen(L, -1)) {
+            snprintf(msg, msglen, "commit_with parameter %d contains a NUL "
+                     "byte", i + 1);
+            return -1;
+        }
+        offs[i] = (size_t)-1;
+        /* a string stays anchored by the table */
+        qp[i] = param_text(L, ls, lua_gettop(L), i + 1, &offs[i], &nulls[i]);
+        lua_pop(L, 1);
+    }
+    return 0;
+}
+
 static int l_append(lua_State *L)
 {
     lstore *ls = check_store(L);
     const char *stream = check_strict_string(L, 2);
     int64_t expected;
-    int call_meta = 0, single, anchor, new_ids = 0;
+    int call_meta = 0, single, anchor, new_ids = 0, with = 0, np = 0;
     span shared = {0, 0, 0, 0};
-    size_t n;
+    size_t n, *qoffs = NULL;
     char msg[300];
+    const char *sql = NULL, **qp = NULL;
+    int *qnulls = NULL;
     es_event_in *evs;
     span *spans;
     es_append_result res;
+    es_rows **rows = NULL;
     es_error err;
 
     luaL_checktype(L, 3, LUA_TTABLE);
     check_opts(L, 4);
     lua_settop(L, 4);
+    if (!lua_isnil(L, 4)) {
+        lua_getfield(L, 4, "commit_with");
+        if (lua_istable(L, -1))
+            with = lua_gettop(L);
+        else if (!lua_isnil(L, -1))
+            return luaL_error(L, "option 'commit_with' must be a table, got "
+                              "%s", luaL_typename(L, -1));
+        if (with && read_commit_with(L, with, &sql, &np, msg, sizeof msg) < 0)
+            return append_refused(L, ls, with, msg);
+    }
     if (read_expected(L, 4, &expected, msg, sizeof msg) < 0)
-        return esl_push_fail(L, ES_INVALID, msg);
+        return append_refused(L, ls, with, msg);
     if (!lua_isnil(L, 4)) {
         lua_getfield(L, 4, "new_ids");
         if (lua_isboolean(L, -1))
@@ -644,16 +726,22 @@ static int l_append(lua_State *L)
     lua_pop(L, 1);
     n = single ? 1 : esl_rawlen(L, 3);
     if (n == 0)
-        return esl_push_fail(L, ES_INVALID, "append needs at least one event");
+        return append_refused(L, ls, with, "append needs at least one event");
 
     es_buf_reset(&ls->json);
     es_buf_reset(&ls->scratch);
-    if (es_buf_reserve(&ls->scratch, n * (sizeof *evs + sizeof *spans)) < 0)
+    /* the events, then commit_with's parameters: pointers, offsets, nulls */
+    if (es_buf_reserve(&ls->scratch, n * (sizeof *evs + sizeof *spans) +
+                       (size_t)np * (sizeof *qp + sizeof *qoffs +
+                                     sizeof *qnulls)) < 0)
         return luaL_error(L, "out of memory");
     lua_createtable(L, (int)(2 * n), 0);   /* anchors type and id strings */
     anchor = lua_gettop(L);
     evs = (es_event_in *)(void *)ls->scratch.data;
     spans = (span *)(void *)(evs + n);
+    qp = (const char **)(void *)(spans + n);
+    qoffs = (size_t *)(void *)(qp + np);
+    qnulls = (int *)(void *)(qoffs + np);
     for (size_t i = 0; i < n; i++) {
         if (single)
             lua_pushvalue(L, 3);
@@ -661,9 +749,13 @@ static int l_append(lua_State *L)
             lua_rawgeti(L, 3, (int)(i + 1));
         if (encode_event(L, ls, call_meta, anchor, i, &evs[i], &spans[i],
                          &shared, msg, sizeof msg) < 0)
-            return esl_push_fail(L, ES_INVALID, msg);
+            return append_refused(L, ls, with, msg);
         lua_pop(L, 1);
     }
+    if (with && commit_params(L, ls, with, np, qp, qoffs, qnulls, msg,
+                              sizeof msg) < 0)
+        return append_refused(L, ls, with, msg);
+    /* ls->json has stopped moving: pointers into it now */
     for (size_t i = 0; i < n; i++) {
         evs[i].data = ls->json.data + spans[i].data;
         evs[i].data_len = spans[i].data_len;
@@ -671,12 +763,24 @@ static int l_append(lua_State *L)
         evs[i].metadata_len = spans[i].meta_len;
         evs[i].new_id = new_ids && evs[i].id;
     }
-    if (es_append(ls->s, stream, evs, n, expected, &res, &err) < 0)
+    for (int i = 0; i < np; i++)
+        if (!qp[i] && !qnulls[i])
+            qp[i] = ls->json.data + qoffs[i];
+    if (with) {
+        rows = new_holder(L);
+        if (es_append_commit(ls->s, stream, evs, n, expected, sql, np, qp,
+                             &res, rows, &err) < 0)
+            return esl_push_error(L, &err);
+    } else if (es_append(ls->s, stream, evs, n, expected, &res, &err) < 0)
         return esl_push_error(L, &err);
-    lua_createtable(L, 0, 3);
+    lua_createtable(L, 0, 4);
     set_int(L, "version", res.version);
     set_int(L, "position", res.position);
     set_string(L, "recorded_at", res.recorded_at);
+    if (rows && *rows) {
+        push_rows(L, rows);
+        lua_setfield(L, -2, "rows");
+    }
     return 1;
 }
 
@@ -1212,8 +1316,8 @@ static int l_load_snapshot(lua_State *L)
 /* ---- SQL for the layers above ------------------------------------------ */
 
 /* Text for one query parameter; NULL for nil and es.json.null. */
-static const char *param_text(lua_State *L, lstore *ls, int idx, size_t *off,
-                              int *is_null)
+static const char *param_text(lua_State *L, lstore *ls, int idx, int pnum,
+                              size_t *off, int *is_null)
 {
     char num[64], msg[200];
     *is_null = 0;
@@ -1240,7 +1344,7 @@ static const char *param_text(lua_State *L, lstore *ls, int idx, size_t *off,
         /* tables (and the null sentinel) go as JSON text, for jsonb */
         *off = ls->json.len;
         if (esl_json_encode(L, idx, &ls->json, msg, sizeof msg) < 0)
-            luaL_error(L, "query parameter %d: %s", idx - 2, msg);
+            luaL_error(L, "query parameter %d: %s", pnum, msg);
         if (ls->json.len - *off == 4 && memcmp(ls->json.data + *off, "null", 4) == 0) {
             ls->json.len = *off;
             *is_null = 1;
@@ -1324,7 +1428,7 @@ static int query_params(lua_State *L, lstore *ls, int nparams,
             return -esl_push_fail(L, ES_INVALID, msg);
         }
         offs[i] = (size_t)-1;
-        params[i] = param_text(L, ls, i + 3, &offs[i], &nulls[i]);
+        params[i] = param_text(L, ls, i + 3, i + 1, &offs[i], &nulls[i]);
     }
     for (int i = 0; i < nparams; i++)
         if (!params[i] && !nulls[i])
@@ -1428,21 +1532,28 @@ static int l_commit(lua_State *L)
     return tx_result(L, es_commit(check_store(L)->s, &err), &err);
 }
 
-/* store:commit_with(sql, ...) -> true | nil, err: the transaction's last
- * statement (as store:query runs it, rows discarded) and COMMIT in one
- * round trip. The transaction ends either way. */
+/* store:commit_with(sql, ...) -> true, rows | nil, err: the transaction's
+ * last statement (as store:query runs it) and COMMIT in one round trip.
+ * The transaction ends either way. */
 static int l_commit_with(lua_State *L)
 {
     lstore *ls = check_store(L);
     const char *sql = check_strict_string(L, 2);
     int nparams = lua_gettop(L) - 2, rc;
     const char **params;
+    es_rows **rows;
     es_error err;
 
     if ((rc = query_params(L, ls, nparams, &params)) < 0)
         return -rc;
-    return tx_result(L, es_query_commit(ls->s, sql, nparams, params, &err),
-                     &err);
+    rows = new_holder(L);
+    if (es_query_commit_rows(ls->s, sql, nparams, params, rows, &err) < 0)
+        return esl_push_error(L, &err);
+    lua_pushboolean(L, 1);
+    if (!*rows)
+        return 1;
+    push_rows(L, rows);
+    return 2;
 }
 
 static int l_rollback(lua_State *L)
