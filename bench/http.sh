@@ -10,7 +10,7 @@
 # Settings: ES_DATABASE_URL (else ES_TEST_DATABASE_URL, else a throwaway
 # PostgreSQL), ES_BENCH_SECONDS (per run, default 5), ES_BENCH_ORDERS
 # (default 1000), ES_HTTP_WORKERS (default: CPUs), ES_HTTP_THREADS (pool
-# threads per worker, default 2: see below), PORT,
+# threads per worker, default 4: see below), PORT,
 # ES_HTTP_TIMINGS=1 (also the mean time per phase of a request, from the
 # Server-Timing header the service then sends: *_phase_* lines), and
 # ES_BENCH_ONLY=get|post|health (only those runs), ES_BENCH_CONNS (the
@@ -78,18 +78,21 @@ U=$URL S=$SCHEMA N=$ORDERS OUT=$WORK/ids lua5.4 -e '
   end
   f:close()'
 
-# 2 pool threads per worker: GETs of kept replies never reach the pool,
-# and commands are CPU-bound on a small machine. On 2 cores (2 workers),
-# alternated 4 s runs of POST /orders/{id}/items at 32 connections gave
-# 1,601-1,766 req/s with 2 threads, 1,336-1,425 with 4 and 1,293-1,333
-# with 8 (nginx CPU per command 410-422 us against 462-480 us): fewer
-# sessions and threads to switch between.
+# 4 pool threads per worker: GETs of kept replies never reach the pool.
+# While a command cost three round trips and a fold, 2 threads served it
+# best on 2 cores (alternated 4 s runs of POST /orders/{id}/items at 32
+# connections: 1,601-1,766 req/s with 2 threads, 1,336-1,425 with 4,
+# 1,293-1,333 with 8). A cached command is one round trip now, and a
+# thread spends much of it waiting for the commit's flush: alternated 5 s
+# runs (round 8, fsync on) gave 1,829-2,561 req/s with 2 threads,
+# 2,398-2,728 with 4, 2,454-2,944 with 6 and 2,561-2,821 with 8 (p99
+# 22-28 ms with 2, 21-27 with 4, 22-31 with 6, 24-30 with 8).
 PORT=${PORT:-$((20000 + $$ % 30000))}
 # start_nginx [STATE_CACHE]: the service, with its shared state cache
 # unless STATE_CACHE is off
 start_nginx() {
   PORT=$PORT ES_HTTP_DATABASE_URL=$URL ES_HTTP_SCHEMA=$SCHEMA ES_HTTP_STATE_CACHE=${1:-on} \
-    ES_HTTP_WORKERS=${ES_HTTP_WORKERS:-$(nproc)} ES_HTTP_THREADS=${ES_HTTP_THREADS:-2} \
+    ES_HTTP_WORKERS=${ES_HTTP_WORKERS:-$(nproc)} ES_HTTP_THREADS=${ES_HTTP_THREADS:-4} \
     examples/orders/http/nginx.sh start "$WORK/nginx" >/dev/null
 }
 start_nginx
