@@ -16,11 +16,12 @@ local Counter = es.aggregate {
   end },
 }
 
-local function counters(name, key_of)
+local function counters(name, key_of, by_stream)
   return es.read_model {
     name = name,
     key = "id",
     key_of = key_of,
+    keys_by_stream = by_stream,
     columns = { id = "text", total = "bigint", count = "integer", version = "bigint" },
     on = { Added = function(row, e)
       row.total = (row.total or 0) + e.data.n
@@ -110,6 +111,80 @@ describe("inline read model rows loaded ahead of the append (postgresql)", funct
     assert.equal(1, repo.stats.retries)
     local state = assert(repo:load(Counter, "c5"))
     assert.equal(111, state.total)
+  end)
+
+  it("with the row kept in the state cache (one round trip): a writer met in the act is a "
+    .. "conflict, nothing of the command is committed, and the retry reads the stream", function()
+    local core = require "eventsourcing.core"
+    local rm = counters("rm_counters", nil, true)
+    assert(rm:migrate(store))
+    local repo = es.repository(store, { read_models = { rm }, cache = es.state_cache() })
+    assert(repo:execute(Counter, "c6", "Add", { n = 1 }))
+    assert(repo:execute(Counter, "c6", "Add", { n = 2 }))
+    assert.equal(1, repo.stats.one_trips)
+    local pid
+    local r = assert(repo:execute(Counter, "c6", "Add", { n = 10, hook = function()
+      if pid then return end
+      -- decided from the cache (version 2): a child appends version 3 and
+      -- holds its transaction open, so this command's append of version 3
+      -- waits on the unique index, then fails in its pipeline, with the
+      -- row's write and COMMIT behind it
+      pid = assert(core.fork())
+      if pid == 0 then
+        local ok = pcall(function()
+          local s = assert(es.open(helpers.database_url(), { schema = schema }))
+          assert(s:begin())
+          assert(s:append("Counter-c6", { { type = "Added", data = { n = 100 } } }, { expected_version = 2 }))
+          assert(s:query("SELECT pg_sleep(1.0) AS slept"))
+          assert(s:commit())
+        end)
+        core.exit(ok and 0 or 1)
+      end
+      local deadline = os.time() + 10
+      repeat
+        local n = assert(other:query("SELECT count(*)::int AS n FROM pg_stat_activity "
+          .. "WHERE query LIKE 'SELECT pg_sleep(1.0)%' AND state = 'active'"))[1].n
+      until n > 0 or os.time() > deadline
+    end }))
+    local how, code = core.wait(pid)
+    assert.same({ "exited", 0 }, { how, code })
+    assert.equal(4, r.version)
+    assert.equal(1, repo.stats.retries)
+    assert.equal(1, repo.stats.one_trips, "the retry met a row kept at another version")
+    -- the child's event never reached the row (it wrote no row): 1 + 2 + 10
+    assert.same({ total = 13, count = 3, version = 4 }, row(rm, "c6"))
+    assert(repo:execute(Counter, "c6", "Add", { n = 1000 }))
+    assert.equal(2, repo.stats.one_trips)
+    assert.same({ total = 1013, count = 4, version = 5 }, row(rm, "c6"))
+  end)
+
+  it("inside the caller's transaction: writes the rows in it and leaves it open", function()
+    local rm = counters("rm_counters", nil, true)
+    assert(rm:migrate(store))
+    local repo = es.repository(store, { read_models = { rm }, cache = es.state_cache() })
+    assert(repo:execute(Counter, "c7", "Add", { n = 1 }))
+    assert(store:begin())
+    assert(repo:execute(Counter, "c7", "Add", { n = 2 }))
+    assert.is_true(store:in_transaction())
+    assert(store:rollback())
+    assert.same({ total = 1, count = 1, version = 1 }, row(rm, "c7"))
+    assert.equal(1, store:version("Counter-c7"))
+    assert(store:begin())
+    assert(repo:execute(Counter, "c7", "Add", { n = 5 }))
+    assert(store:commit())
+    assert.same({ total = 6, count = 2, version = 2 }, row(rm, "c7"))
+    assert.equal(0, repo.stats.one_trips)
+    -- a conflict there (the stream moved on since) is answered, and the
+    -- transaction stays the caller's
+    assert(store:begin())
+    assert(store:query("SELECT 1 AS one"))
+    local ok, err = repo:execute(Counter, "c7", "Add", { n = 7, hook = function()
+      assert(other:append("Counter-c7", { { type = "Added", data = { n = 100 } } }))
+    end }, { expected_version = 2 })
+    assert.is_nil(ok)
+    assert.equal("conflict", err.kind)
+    assert.is_true(store:in_transaction())
+    assert(store:rollback())
   end)
 
   it("loads after the append when the keys do not follow from the stream", function()

@@ -270,6 +270,7 @@ describe("the order service with a state cache and its inline read model (postgr
     local repo = svc.repository
     local id = assert(svc.create_order({ customer_id = "c1" }, { user = "u" }))
     assert.is_string(cache:get("1 Order-" .. id))
+    assert.is_string(cache:get("rm rm_orders Order-" .. id))
     local status = idem.run(store, { principal = "customer:c1", key = "k-1", method = "POST",
       path = "/orders/" .. id .. "/items", body = "{}" }, function(ctx)
       assert(ctx.execute(repo, Order, id, "AddItem",
@@ -278,6 +279,7 @@ describe("the order service with a state cache and its inline read model (postgr
     end)
     assert.equal(200, status)
     assert.is_nil(cache:get("1 Order-" .. id), "forgotten")
+    assert.is_nil(cache:get("rm rm_orders Order-" .. id), "its row too")
     assert(svc.add_item { order_id = id, product_id = "p2", quantity = 1, unit_price = 100 })
     assert.equal(0, repo.stats.cache_stale, "read, not met behind")
     assert.equal(3, store:version("Order-" .. id))

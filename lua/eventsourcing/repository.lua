@@ -39,7 +39,8 @@ end
 -- opts.read_models: read models updated inline, in the same transaction as
 -- the append (immediately consistent; do not also give them to a
 -- projector). Memory stores have no transactions: the rows are updated
--- right after the append.
+-- right after the append. Inside a transaction of the caller's
+-- (store:begin() before execute) they are written in it, which stays open.
 -- opts.cache: a state cache (es.state_cache{...}, or any object with get
 -- and set; see state_cache.lua). execute then starts from the state the
 -- last committed command on that stream left there, without reading the
@@ -50,7 +51,9 @@ end
 -- retry as before). A refusal, a no-op or a mismatch with the caller's
 -- expected_version is decided again from the stream before it is
 -- answered. Inside the caller's transaction the cache is not used. Only
--- states JSON gives back as they are get cached (keeps_shape). load,
+-- states JSON gives back as they are get cached (keeps_shape). With one
+-- inline read model keyed by stream, its row is kept too, and a command
+-- whose row is there goes in one round trip (see one_trip). load,
 -- history and time travel always read the store. Keys are stream names:
 -- a cache belongs to one store (one database and schema).
 function M.new(store, opts)
@@ -291,11 +294,12 @@ local json = core.json
 -- The inline read model whose row a command can carry in the cache: the
 -- only one, keyed by the default key_of, each row fed by one stream
 -- (keys_by_stream), so that its row at a stream version is the row the
--- transaction that appended that version wrote. nil: none.
-local function row_model(self)
+-- transaction that appended that version wrote. nil: none (or no cache:
+-- execute uses none inside a transaction of the caller's).
+local function row_model(self, cache)
   local rms = self.read_models
   local rm = rms and #rms == 1 and rms[1]
-  if self.cache and rm and rm.key_of == read_model.default_key_of
+  if cache and rm and rm.key_of == read_model.default_key_of
       and rm.keys_by_stream then
     return rm
   end
@@ -375,7 +379,7 @@ end
 -- will have, so handlers see what a projector would. On PostgreSQL that
 -- is 2 round trips: [BEGIN, the rows' load, the append], then [the rows'
 -- write, COMMIT]; one (one_trip) when the cache holds the row.
-local function append_inline(self, stream, out, aopts)
+local function append_inline(self, stream, out, aopts, cache, in_caller_tx)
   local store = self.store
   if util.is_memory(store) then
     -- no transactions: run the handlers without writing first, so that a
@@ -390,7 +394,17 @@ local function append_inline(self, stream, out, aopts)
     if not ok then return nil, rerr end
     return res
   end
-  local rm = row_model(self)
+  if in_caller_tx then
+    -- the caller's transaction: the rows are written in it, after the
+    -- append; a failure is the caller's to roll back, with the rest of it
+    local res, err = store:append(stream, out, aopts)
+    if not res then return nil, err end
+    stamp(out, res)
+    local ok, rerr = read_model.apply_inline(store, self.read_models, out)
+    if not ok then return nil, rerr end
+    return res
+  end
+  local rm = row_model(self, cache)
   local res, ok, err
   -- a raise in between (a bug in a handler's helper) must not leave the
   -- transaction open
@@ -548,8 +562,8 @@ function Repository:execute(A, id, command_name, command, opts)
   -- behind the stream; only an append that succeeds proves it was not.
   -- Inside the caller's transaction the cache is neither read nor written:
   -- what this command appends there is not committed, and may never be.
-  local cache = self.cache
-  if cache and store.in_transaction and store:in_transaction() then cache = nil end
+  local in_caller_tx = store.in_transaction ~= nil and store:in_transaction()
+  local cache = not in_caller_tx and self.cache or nil
   local try_cache = cache ~= nil
   while true do
     local state, version, snap_version, from_cache
@@ -596,7 +610,7 @@ function Repository:execute(A, id, command_name, command, opts)
     local aopts = { expected_version = version, new_ids = new_ids }
     local res, aerr
     if self.read_models then
-      res, aerr = append_inline(self, stream, out, aopts)   -- stamps them
+      res, aerr = append_inline(self, stream, out, aopts, cache, in_caller_tx)   -- stamps them
     else
       res, aerr = store:append(stream, out, aopts)
       if res then stamp(out, res) end
@@ -616,13 +630,13 @@ function Repository:execute(A, id, command_name, command, opts)
       return { version = res.version, position = res.position, events = out,
                state = state, snapshot_error = serr }
     end
-    -- In an aborted transaction (reason "tx_aborted", "order") a retry
-    -- in it can only fail again. The inline read models' append ran in a
-    -- transaction of its own, rolled back by now: there a writer that
+    -- In the caller's aborted transaction (reason "tx_aborted", "order")
+    -- a retry can only fail again. The inline read models' append ran in
+    -- a transaction of its own, rolled back by now: there a writer that
     -- took the same version first (the unique index refused this one, so
     -- the transaction aborted) is a conflict like any other, retried.
     local aborted = aerr.reason == "tx_aborted" or aerr.reason == "order"
-    if aerr.kind ~= "conflict" or (aborted and not self.read_models) then
+    if aerr.kind ~= "conflict" or (aborted and in_caller_tx) then
       return nil, aerr
     end
     if from_cache then cache_drop(self, A, stream) end
@@ -640,15 +654,21 @@ function Repository:execute(A, id, command_name, command, opts)
   end
 end
 
--- repo:forget(A, id): the cache no longer holds that instance's state, so
--- its next command reads the stream (one round trip more) instead of
--- meeting a state that is behind (three more). For streams this
+-- repo:forget(A, id): the cache no longer holds that instance's state (nor
+-- its read model row), so its next command reads the stream (one round
+-- trip more) instead of meeting a state that is behind (three more). For
+-- streams this
 -- repository's execute did not leave last: a command run inside a
 -- transaction of the caller's, once it ended, or events appended some
 -- other way.
 function Repository:forget(A, id)
   check_aggregate(A, "forget")
-  if self.cache then cache_delete(self.cache, A, A:stream(id)) end
+  local cache = self.cache
+  if not cache then return end
+  local stream = A:stream(id)
+  cache_delete(cache, A, stream)
+  local rm = row_model(self, cache)
+  if rm and cache.delete then cache:delete(row_key(rm, stream)) end
 end
 
 -- repo:history(A, id, { raw = false }) -> array of
