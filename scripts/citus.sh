@@ -109,6 +109,7 @@ run_tests() {
   echo "test-citus: cluster up at $url ($((SECONDS - t0))s)"
   local specs=("$@")
   [ ${#specs[@]} -gt 0 ] || specs=(spec/03_store_spec.lua spec/04_global_order_spec.lua
+    spec/08_pipeline_spec.lua spec/11_inline_ahead_spec.lua
     spec/11_repository_spec.lua spec/13_state_cache_spec.lua spec/21_projector_spec.lua
     spec/24_follower_spec.lua
     spec/40_workflow_spec.lua spec/50_citus_spec.lua spec/52_citus_group_spec.lua)
