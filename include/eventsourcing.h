@@ -99,6 +99,9 @@ typedef struct es_append_result {
     int64_t version;    /* the stream's version after the append */
     int64_t position;   /* global position of the last event appended */
     char recorded_at[32];  /* when the events were recorded (ISO-8601) */
+    int idempotent;     /* 1: these very events were stored there already
+                           (a retry of the same append): nothing was added */
+    int one_trip;       /* es_append_commit: it went in one round trip */
 } es_append_result;
 
 /* An event read back. */

@@ -341,6 +341,8 @@ describe("transactions in fewer round trips (" .. target.name .. ")", function()
         assert.is_number(res.position)
         assert.matches("^%d+%-%d+%-%d+T", res.recorded_at)
         assert.same({ { id = i, note = "n" .. i } }, res.rows)
+        assert.is_true(res.one_trip)
+        assert.is_nil(res.idempotent)
         assert.is_false(store:in_transaction())
       end
       assert.equal(3, events("W-1"))
@@ -413,15 +415,25 @@ describe("transactions in fewer round trips (" .. target.name .. ")", function()
         { commit_with = with(insert, 5, "five") }))
       assert.equal(2, res.version)
       assert.same({ { id = 5, note = "five" } }, res.rows)
+      assert.is_nil(res.one_trip)
       assert.is_false(store:in_transaction())
       local id = require("eventsourcing.core").uuid()
-      for _ = 1, 2 do   -- the second time the same id is an idempotent success
-        assert(store:begin())
-        res = assert(store:append("W-6", { id = id, type = "A" },
-          { expected_version = "no_stream", commit_with = with("SELECT count(*) AS n FROM " .. tbl) }))
-        assert.equal(1, res.version)
-      end
+      assert(store:begin())
+      res = assert(store:append("W-6", { id = id, type = "A" },
+        { expected_version = "no_stream", commit_with = with(insert, 60, "first") }))
+      assert.equal(1, res.version)
+      assert.is_nil(res.idempotent)
+      -- the same event again (a retry): an idempotent success, and the
+      -- statement, meant to go with appending it, does not run
+      assert(store:begin())
+      res = assert(store:append("W-6", { id = id, type = "A" },
+        { expected_version = "no_stream", commit_with = with(insert, 61, "again") }))
+      assert.equal(1, res.version)
+      assert.is_true(res.idempotent)
+      assert.is_nil(res.rows)
+      assert.is_false(store:in_transaction())
       assert.equal(1, events("W-6"))
+      assert.equal(2, notes())   -- 5 and 60
       -- a conflict there ends the transaction too
       assert(store:begin())
       local ok, err = store:append("W-5", { { type = "A" }, { type = "B" } },
@@ -429,8 +441,9 @@ describe("transactions in fewer round trips (" .. target.name .. ")", function()
       assert.is_nil(ok)
       assert.equal("conflict", err.kind)
       assert.equal(2, err.actual)
+      assert.matches("nothing of the transaction was committed", err.message)
       assert.is_false(store:in_transaction())
-      assert.equal(1, notes())
+      assert.equal(2, notes())
     end)
 
     it("refuses without a transaction, on memory stores, and ends the transaction on bad input", function()
@@ -449,6 +462,7 @@ describe("transactions in fewer round trips (" .. target.name .. ")", function()
         { { type = "A" }, with(insert, 1, "a\0b") },                  -- a bad parameter
         { { type = "A" }, { n = 1 } },                                 -- no statement
         { { type = "A" }, with(insert, 1, "x"), "bogus" },             -- a bad expected version
+        { { type = "A" }, with(insert, 1, print) },                    -- a parameter JSON cannot hold
       }) do
         assert(store:begin())
         assert(store:append("W-8", { type = "before" }))
@@ -460,6 +474,23 @@ describe("transactions in fewer round trips (" .. target.name .. ")", function()
       end
       assert.has_error(function() store:append("W-8", { type = "A" }, { commit_with = "SELECT 1" }) end,
         "option 'commit_with' must be a table, got string")
+      assert.equal(0, notes())
+    end)
+
+    it("a transaction that wrote before the stream's last appender: the stream-order rule", function()
+      assert(store:append("W-10", { type = "A" }))
+      assert(store:begin())
+      assert(store:query("INSERT INTO " .. tbl .. " VALUES (1, 'takes an id')"))
+      assert(admin:append("W-10", { type = "A" }))   -- a younger transaction, committed
+      local ok, err = store:append("W-10", { type = "A" },
+        { expected_version = 2, commit_with = with(insert, 2, "never") })
+      assert.is_nil(ok)
+      assert.equal("conflict", err.kind)
+      assert.equal("order", err.reason)
+      assert.equal("40001", err.sqlstate)
+      assert.matches("younger transaction", err.message)
+      assert.is_false(store:in_transaction())
+      assert.equal(2, events("W-10"))
       assert.equal(0, notes())
     end)
 

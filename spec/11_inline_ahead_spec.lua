@@ -22,6 +22,7 @@ local function counters(name, key_of, by_stream)
     key = "id",
     key_of = key_of,
     keys_by_stream = by_stream,
+    one_trip = by_stream,
     columns = { id = "text", total = "bigint", count = "integer", version = "bigint" },
     on = { Added = function(row, e)
       row.total = (row.total or 0) + e.data.n
@@ -156,6 +157,104 @@ describe("inline read model rows loaded ahead of the append (postgresql)", funct
     assert(repo:execute(Counter, "c6", "Add", { n = 1000 }))
     assert.equal(2, repo.stats.one_trips)
     assert.same({ total = 1013, count = 4, version = 5 }, row(rm, "c6"))
+  end)
+
+  describe("with the row kept in the state cache", function()
+    -- Tally: a command may carry its events' ids, and several events
+    local Tally = es.aggregate {
+      name = "Tally",
+      initial = function() return { total = 0 } end,
+      apply = { Added = function(st, e) st.total = st.total + e.data.n end },
+      decide = { Add = function(_, cmd)
+        local out = {}
+        for i, n in ipairs(cmd.ns) do
+          out[i] = { type = "Added", id = cmd.ids and cmd.ids[i], data = { n = n } }
+        end
+        return out
+      end },
+    }
+    local function add_n(repo, id, ns, ids)
+      return repo:execute(Tally, id, "Add", { ns = ns, ids = ids })
+    end
+
+    it("answers a command decided again from a state that is behind, with its first ids, "
+      .. "from the stream: no row written twice or from the wrong row", function()
+      local rm = counters("rm_counters", nil, true)
+      assert(rm:migrate(store))
+      local p1 = es.repository(store, { read_models = { rm }, cache = es.state_cache() })
+      local p2 = es.repository(other, { read_models = { rm }, cache = es.state_cache() })
+      assert(add_n(p1, "t1", { 1 }))
+      assert(add_n(p1, "t1", { 2 }))          -- p1 keeps version 2
+      local k = require("eventsourcing.core").uuid()
+      assert(add_n(p2, "t1", { 10 }, { k }))  -- version 3, id k
+      assert(add_n(p2, "t1", { 100 }))        -- version 4
+      -- p1 runs the first command again: its state (2) makes the append a
+      -- retry of version 3, which the stream holds already
+      local ok, err = add_n(p1, "t1", { 10 }, { k })
+      assert.is_nil(ok)
+      assert.equal("invalid", err.kind)       -- as without a cache: the id is used
+      assert.matches("already used", err.message)
+      assert.same({ total = 113, count = 4, version = 4 }, row(rm, "t1"))
+      assert.equal(4, store:version("Tally-t1"))
+    end)
+
+    it("gives the handlers copies: what they do to an event is not what is stored", function()
+      local rm = es.read_model {
+        name = "rm_mutating", key = "id", keys_by_stream = true, one_trip = true,
+        columns = { id = "text", total = "bigint" },
+        on = { Added = function(r, e)
+          e.data.n = e.data.n * 100
+          r.total = (r.total or 0) + e.data.n
+        end },
+      }
+      assert(rm:migrate(store))
+      local repo = es.repository(store, { read_models = { rm }, cache = es.state_cache() })
+      for _, n in ipairs({ 1, 2, 3 }) do assert(add_n(repo, "t2", { n })) end
+      assert.equal(2, repo.stats.one_trips)
+      local stored = {}
+      for e in assert(store:read("Tally-t2")) do stored[#stored + 1] = e.data.n end
+      assert.same({ 1, 2, 3 }, stored)
+      assert.equal(6, assert(repo:load(Tally, "t2")).total)
+    end)
+
+    it("never gives a row kept for other columns to a read model of the same name", function()
+      local cache = es.state_cache()
+      local v1 = counters("rm_counters", nil, true)
+      assert(v1:migrate(store))
+      local r1 = es.repository(store, { read_models = { v1 }, cache = cache })
+      assert(add_n(r1, "t3", { 1 }))
+      assert(add_n(r1, "t3", { 2 }))
+      assert.equal(1, r1.stats.one_trips)
+      assert(store:query(("ALTER TABLE %q.rm_counters ADD COLUMN extra text"):format(schema)))
+      local v2 = es.read_model {
+        name = "rm_counters", key = "id", keys_by_stream = true, one_trip = true,
+        columns = { id = "text", total = "bigint", count = "integer", version = "bigint", extra = "text" },
+        on = { Added = function(r, e)
+          r.total = (r.total or 0) + e.data.n
+          r.count = (r.count or 0) + 1
+          r.version = e.version
+          r.extra = "v2"
+        end },
+      }
+      local r2 = es.repository(store, { read_models = { v2 }, cache = cache })
+      assert(add_n(r2, "t3", { 4 }))
+      assert.equal(0, r2.stats.one_trips, "the row v1 kept was not used")
+      assert(add_n(r2, "t3", { 8 }))
+      assert.equal(1, r2.stats.one_trips, "its own is")
+      assert.same({ total = 15, count = 4, version = 4 }, row(v1, "t3"))
+    end)
+
+    it("counts one round trip only where it was one: several events go in two", function()
+      local rm = counters("rm_counters", nil, true)
+      assert(rm:migrate(store))
+      local repo = es.repository(store, { read_models = { rm }, cache = es.state_cache() })
+      assert(add_n(repo, "t4", { 1 }))
+      assert(add_n(repo, "t4", { 2, 3 }))
+      assert.equal(0, repo.stats.one_trips)
+      assert(add_n(repo, "t4", { 4 }))
+      assert.equal(1, repo.stats.one_trips)
+      assert.same({ total = 10, count = 4, version = 4 }, row(rm, "t4"))
+    end)
   end)
 
   it("inside the caller's transaction: writes the rows in it and leaves it open", function()

@@ -248,6 +248,9 @@ end)
 
 describe("the order service with a state cache and its inline read model (postgresql)", function()
   local service = require "orders.service"
+  local function row_key(id)
+    return require("eventsourcing.repository")._row_key(service.read_models[1], "Order-" .. id)
+  end
   local store, store2
 
   before_each(function()
@@ -270,7 +273,7 @@ describe("the order service with a state cache and its inline read model (postgr
     local repo = svc.repository
     local id = assert(svc.create_order({ customer_id = "c1" }, { user = "u" }))
     assert.is_string(cache:get("1 Order-" .. id))
-    assert.is_string(cache:get("rm rm_orders Order-" .. id))
+    assert.is_string(cache:get(row_key(id)))
     local status = idem.run(store, { principal = "customer:c1", key = "k-1", method = "POST",
       path = "/orders/" .. id .. "/items", body = "{}" }, function(ctx)
       assert(ctx.execute(repo, Order, id, "AddItem",
@@ -279,7 +282,7 @@ describe("the order service with a state cache and its inline read model (postgr
     end)
     assert.equal(200, status)
     assert.is_nil(cache:get("1 Order-" .. id), "forgotten")
-    assert.is_nil(cache:get("rm rm_orders Order-" .. id), "its row too")
+    assert.is_nil(cache:get(row_key(id)), "its row too")
     assert(svc.add_item { order_id = id, product_id = "p2", quantity = 1, unit_price = 100 })
     assert.equal(0, repo.stats.cache_stale, "read, not met behind")
     assert.equal(3, store:version("Order-" .. id))
@@ -354,7 +357,7 @@ describe("the order service with a state cache and its inline read model (postgr
     local cached = service.new(store, { cache = cache })
     local id = assert(cached.create_order({ customer_id = "c1" }, { user = "u" }))
     -- a row the handlers cannot work with, at the right version
-    cache:set("rm rm_orders Order-" .. id, '1 {"id": "' .. id .. '", "items": [7]}')
+    cache:set(row_key(id), '1 {"id": "' .. id .. '", "items": [7]}')
     assert(cached.add_item { order_id = id, product_id = "p1", quantity = 1, unit_price = 100 })
     assert.equal(0, cached.repository.stats.one_trips)
     local row = assert(cached.get_order(id))

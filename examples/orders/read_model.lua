@@ -38,6 +38,9 @@ end
 M.Orders = es.read_model {
   name = "rm_orders",
   keys_by_stream = true,  -- a row per Order stream: rebuilds may use workers
+  -- the handlers read recorded_at by name and never change an event: a
+  -- command on an order whose row the state cache keeps is one round trip
+  one_trip = true,
   -- Every command rewrites its order's row (inline, in its transaction),
   -- so the table keeps half of each page free: the new version of a row
   -- then fits beside the old one (a HOT update: no index entries, no page

@@ -15,6 +15,11 @@
 --     keys_by_stream = true, -- optional: each row's events come from one
 --                            -- stream (a rebuild may use workers; implied by
 --                            -- the default key_of with a category)
+--     one_trip = true,       -- optional, with keys_by_stream: a repository
+--                            -- with a state cache may keep this model's rows
+--                            -- and run its handlers before the append, on
+--                            -- copies of the events without recorded_at and
+--                            -- position (see repository.lua, one_trip)
 --     fillfactor = 50,       -- optional (10-100): the table's, kept by
 --                            -- migrate and by rebuilds' fresh tables
 --   }
@@ -129,6 +134,9 @@ function M.new(def)
   if def.keys_by_stream ~= nil and type(def.keys_by_stream) ~= "boolean" then
     error(("es.read_model %s: keys_by_stream must be a boolean"):format(name), 2)
   end
+  if def.one_trip ~= nil and type(def.one_trip) ~= "boolean" then
+    error(("es.read_model %s: one_trip must be a boolean"):format(name), 2)
+  end
   local ff = def.fillfactor
   if ff ~= nil and (type(ff) ~= "number" or ff % 1 ~= 0 or ff < 10 or ff > 100) then
     error(("es.read_model %s: fillfactor must be an integer from 10 to 100"):format(name), 2)
@@ -146,6 +154,7 @@ function M.new(def)
     -- every row's events come from one stream: a rebuild may be spread
     -- over workers by stream partition (projector:rebuild workers)
     keys_by_stream = def.keys_by_stream or false,
+    one_trip = def.one_trip or false,
     fillfactor = ff and math.floor(ff),
   }, ReadModel)
 end

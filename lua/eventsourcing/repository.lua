@@ -294,19 +294,31 @@ local json = core.json
 -- The inline read model whose row a command can carry in the cache: the
 -- only one, keyed by the default key_of, each row fed by one stream
 -- (keys_by_stream), so that its row at a stream version is the row the
--- transaction that appended that version wrote. nil: none (or no cache:
--- execute uses none inside a transaction of the caller's).
+-- transaction that appended that version wrote, and whose definition says
+-- its handlers may run before the append (one_trip). nil: none (or no
+-- cache: execute uses none inside a transaction of the caller's).
 local function row_model(self, cache)
   local rms = self.read_models
   local rm = rms and #rms == 1 and rms[1]
-  if cache and rm and rm.key_of == read_model.default_key_of
-      and rm.keys_by_stream then
+  if cache and rm and rm.one_trip and rm.keys_by_stream
+      and rm.key_of == read_model.default_key_of then
     return rm
   end
 end
 
+-- A row's key names the model's columns and their types (a hash of
+-- them): a row kept by a definition with other columns (before a rebuild
+-- that added one, say) is never given to this one's handlers.
+local SHAPE_NS = "3c8f6d2e-7a51-5b9e-9d4c-6e2b1f0a8c37"
 local function row_key(rm, stream)
-  return "rm " .. rm.name .. " " .. stream
+  local tag = rm._row_tag
+  if not tag then
+    local parts = {}
+    for i, c in ipairs(rm.columns) do parts[i] = c .. " " .. rm.types[c] end
+    tag = core.uuid5(SHAPE_NS, table.concat(parts, ",")):sub(1, 8)
+    rm._row_tag = tag
+  end
+  return "rm " .. rm.name .. " " .. tag .. " " .. stream
 end
 
 -- The row the cache holds for stream at version, or nil. The entry is
@@ -342,6 +354,8 @@ end
 -- when a handler reads what only the append gives (recorded_at, position),
 -- nor when the write is not one row's upsert: false then (the caller goes
 -- the two round trips), else the append's result | nil, err.
+local deep_copy = util.deep_copy
+
 local function one_trip(self, rm, stream, out, aopts)
   local row = cached_row(self, rm, stream, aopts.expected_version)
   if not row then return false end
@@ -349,15 +363,22 @@ local function one_trip(self, rm, stream, out, aopts)
   for i = 2, #out do
     if key_string(read_model.default_key_of(out[i])) ~= ks then return false end
   end
+  -- the handlers get copies: what they do to an event must not reach the
+  -- one appended; and a read of recorded_at or position (or, on Lua 5.4,
+  -- a walk over the event's fields) sends the command the long way
   local needs = false
-  local watch = { __index = function(_, k)
-    if k == "recorded_at" or k == "position" then needs = true end
-  end }
-  for _, e in ipairs(out) do setmetatable(e, watch) end
+  local watch = {
+    __index = function(_, k) if k == "recorded_at" or k == "position" then needs = true end end,
+    __pairs = function(t) needs = true; return next, t, nil end,
+  }
+  local copies = {}
+  for i, e in ipairs(out) do
+    copies[i] = setmetatable({ id = e.id, type = e.type, stream = e.stream, version = e.version,
+      data = deep_copy(e.data), metadata = deep_copy(e.metadata) }, watch)
+  end
   local last = { rows = true }
-  local ok = read_model.apply_inline(self.store, { rm }, out, { defer = last, unstamped = true,
+  local ok = read_model.apply_inline(self.store, { rm }, copies, { defer = last, unstamped = true,
     loaded = { [rm] = { keys = { [ks] = true }, rows = { [ks] = row } } } })
-  for _, e in ipairs(out) do setmetatable(e, nil) end
   -- a handler that failed may have met a row that is behind: the long
   -- way loads the row and answers
   if needs or not ok or not last.returning then return false end
@@ -368,9 +389,10 @@ local function one_trip(self, rm, stream, out, aopts)
   local res, err = store:append(stream, out, aopts)
   aopts.commit_with = nil
   if not res then return nil, err end
-  self.stats.one_trips = self.stats.one_trips + 1
+  if res.one_trip then self.stats.one_trips = self.stats.one_trips + 1 end
   stamp(out, res)
-  cache_row(self, rm, stream, res.version, res.rows)
+  -- an append found done already (a retry) wrote no row: keep none
+  cache_row(self, rm, stream, res.version, not res.idempotent and res.rows)
   return res
 end
 
@@ -390,6 +412,7 @@ local function append_inline(self, stream, out, aopts, cache, in_caller_tx)
     local res, err = store:append(stream, out, aopts)
     if not res then return nil, err end
     stamp(out, res)
+    if res.idempotent then return res end   -- rows written the first time
     ok, rerr = read_model.apply_inline(store, self.read_models, out)
     if not ok then return nil, rerr end
     return res
@@ -400,6 +423,8 @@ local function append_inline(self, stream, out, aopts, cache, in_caller_tx)
     local res, err = store:append(stream, out, aopts)
     if not res then return nil, err end
     stamp(out, res)
+    -- events stored already (a retry) had their rows written then
+    if res.idempotent then return res end
     local ok, rerr = read_model.apply_inline(store, self.read_models, out)
     if not ok then return nil, rerr end
     return res
@@ -420,6 +445,14 @@ local function append_inline(self, stream, out, aopts, cache, in_caller_tx)
     ahead, err = load_ahead(self, store, out)
     if ahead == nil then ok = false; return end
     res, err = store:append(stream, out, aopts)
+    if res and res.idempotent then
+      -- these events were stored already (a retry of this append): their
+      -- rows were written then, and nothing is to be done now
+      stamp(out, res)
+      ok, err = store:rollback()
+      if rm and self.cache.delete then self.cache:delete(row_key(rm, stream)) end
+      return
+    end
     if res then
       stamp(out, res)
       loaded, err = loaded_rows(store, ahead)
@@ -615,7 +648,12 @@ function Repository:execute(A, id, command_name, command, opts)
       res, aerr = store:append(stream, out, aopts)
       if res then stamp(out, res) end
     end
-    if res then
+    -- A state that is behind whose events the stream holds already (the
+    -- same command decided again, with the same event ids) is answered
+    -- from the stream, as without the cache: read, not counted.
+    local done_before = res and res.idempotent and from_cache
+    if done_before then cache_drop(self, A, stream) end
+    if res and not done_before then
       state = A:evolve(state, out)
       local saved = self.stats.snapshots_saved
       local serr = maybe_snapshot(self, A, stream, res.version, snap_version)
@@ -630,26 +668,29 @@ function Repository:execute(A, id, command_name, command, opts)
       return { version = res.version, position = res.position, events = out,
                state = state, snapshot_error = serr }
     end
-    -- In the caller's aborted transaction (reason "tx_aborted", "order")
-    -- a retry can only fail again. The inline read models' append ran in
-    -- a transaction of its own, rolled back by now: there a writer that
-    -- took the same version first (the unique index refused this one, so
-    -- the transaction aborted) is a conflict like any other, retried.
-    local aborted = aerr.reason == "tx_aborted" or aerr.reason == "order"
-    if aerr.kind ~= "conflict" or (aborted and in_caller_tx) then
-      return nil, aerr
-    end
-    if from_cache then cache_drop(self, A, stream) end
-    -- A stream found elsewhere than the cached state (ahead, or behind
-    -- after a restore) is read, as the load the cache stood in for would
-    -- have been: not a retry. A writer met in the act (a unique
-    -- violation) still is one.
-    local misled = from_cache and aerr.reason == "version"
-      and (aerr.actual or -1) >= 0 and aerr.actual ~= version
-    if not misled then
-      if attempt >= self.max_retries then return nil, aerr end
-      attempt = attempt + 1
-      self.stats.retries = self.stats.retries + 1
+    if not done_before then
+      -- In the caller's aborted transaction (reason "tx_aborted",
+      -- "order") a retry can only fail again. The inline read models'
+      -- append ran in a transaction of its own, rolled back by now: there
+      -- a writer that took the same version first (the unique index
+      -- refused this one, so the transaction aborted) is a conflict like
+      -- any other, retried.
+      local aborted = aerr.reason == "tx_aborted" or aerr.reason == "order"
+      if aerr.kind ~= "conflict" or (aborted and in_caller_tx) then
+        return nil, aerr
+      end
+      if from_cache then cache_drop(self, A, stream) end
+      -- A stream found elsewhere than the cached state (ahead, or behind
+      -- after a restore) is read, as the load the cache stood in for
+      -- would have been: not a retry. A writer met in the act (a unique
+      -- violation) still is one.
+      local misled = from_cache and aerr.reason == "version"
+        and (aerr.actual or -1) >= 0 and aerr.actual ~= version
+      if not misled then
+        if attempt >= self.max_retries then return nil, aerr end
+        attempt = attempt + 1
+        self.stats.retries = self.stats.retries + 1
+      end
     end
   end
 end
@@ -696,4 +737,5 @@ function Repository:version(A, id)
 end
 
 M.Repository = Repository
+M._row_key = row_key   -- a kept row's cache key (specs)
 return M

@@ -460,6 +460,7 @@ static int mem_append(es_store *s, const char *stream, const es_event_in *ev,
             }
             out->version = first->version + (int64_t)n - 1;
             out->position = pend[n - 1].found;
+            out->idempotent = 1;
             es_time_format(ev_at(m, pend[n - 1].found)->recorded_at,
                            out->recorded_at);
             rc = 0;

@@ -329,6 +329,7 @@ static int append_result(PGresult *res, const char *stream, int64_t expected,
     if (status == 0 || status == 1) {
         out->version = version;
         out->position = position;
+        out->idempotent = status == 1;
         es_time_format(strtoll(PQgetvalue(res, 0, 5), NULL, 10),
                        out->recorded_at);
         return 0;
@@ -564,15 +565,15 @@ int pg_append(es_store *s, const char *stream, const es_event_in *ev,
 
 /* PG_APPEND_STRICT failed in its pipeline (pg_exec_commit): the
  * transaction is rolled back by now. A refusal (23502, see the statement)
- * is a version conflict; the version it met is asked for afterwards,
- * outside any transaction. The stream-order rule cannot refuse here: the
- * transaction gets its id in this very statement, after every appender
- * whose events it can see. */
+ * is a version conflict, the version it met asked for afterwards, outside
+ * any transaction; or, when that version is one the append accepts, the
+ * stream-order rule's (a transaction that had its id before the stream's
+ * last appender: it wrote something before this append). */
 static int strict_failed(pg_store *p, const char *stream, int64_t expected,
                          es_error *err)
 {
     es_error verr;
-    int64_t actual = -1;
+    int64_t actual = -1, low, high;
     char want[48];
 
     if (strcmp(err->sqlstate, "23505") == 0 ||
@@ -583,6 +584,17 @@ static int strict_failed(pg_store *p, const char *stream, int64_t expected,
         return -1;
     if (pg_version(&p->base, stream, &actual, &verr) < 0)
         actual = -1;
+    expected_range(expected, &low, &high);
+    if (actual >= low && actual <= high) {
+        es_fail(err, ES_CONFLICT, "stream %s was appended to by a younger "
+                "transaction; retry in a new transaction (nothing of the "
+                "transaction was committed)", stream);
+        snprintf(err->sqlstate, sizeof err->sqlstate, "40001");
+        err->expected = expected;
+        err->actual = actual;
+        err->reason = ES_REASON_ORDER;
+        return -1;
+    }
     if (expected == ES_NO_STREAM)
         snprintf(want, sizeof want, "no stream");
     else if (expected == ES_STREAM_EXISTS)
@@ -601,6 +613,16 @@ static int strict_failed(pg_store *p, const char *stream, int64_t expected,
     err->actual = actual;
     err->reason = ES_REASON_VERSION;
     return -1;
+}
+
+/* Adds to a failure's message that its transaction is over. */
+static void note_nothing_committed(es_error *err)
+{
+    static const char note[] = " (nothing of the transaction was committed)";
+    size_t len = strlen(err->message);
+    if (!strstr(err->message, "nothing of the transaction") &&
+        len + sizeof note <= sizeof err->message)
+        memcpy(err->message + len, note, sizeof note);
 }
 
 /* One event, the caller's statement and COMMIT in one round trip. */
@@ -636,6 +658,7 @@ static int append_one_commit(pg_store *p, const char *stream,
     /* committed: the statement's rows are a courtesy; without memory for
      * them the append still stands */
     one_result(res, out);
+    out->one_trip = 1;
     PQclear(res);
     *rows = pg_rows_of(late, &ignored);
     return 0;
@@ -666,8 +689,14 @@ int pg_append_commit(es_store *s, const char *stream, const es_event_in *ev,
      * the statement and COMMIT, one round trip each */
     if (pg_append(s, stream, ev, n, expected, out, err) < 0) {
         pg_rollback(s, &ignored);
+        note_nothing_committed(err);
         return -1;
     }
+    /* the same events were stored already (a retry): the statement was
+     * meant to go with appending them, so it does not run, and nothing of
+     * the transaction is committed (out->idempotent says why) */
+    if (out->idempotent)
+        return pg_rollback(s, err);
     return pg_query_commit(s, sql, nparams, params, rows, err);
 }
 

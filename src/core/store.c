@@ -210,6 +210,7 @@ int es_append(es_store *s, const char *stream, const es_event_in *events,
               es_error *err)
 {
     es_error_clear(err);
+    memset(out, 0, sizeof *out);
     if (append_valid(s, stream, events, n, expected, err) < 0)
         return -1;
     return s->ops->append(s, stream, events, n, expected, out, err);
@@ -221,6 +222,7 @@ int es_append_commit(es_store *s, const char *stream,
                      es_append_result *out, es_rows **rows, es_error *err)
 {
     es_error_clear(err);
+    memset(out, 0, sizeof *out);
     *rows = NULL;
     if (store_usable(s, err) < 0)
         return -1;

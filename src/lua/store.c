@@ -664,6 +664,24 @@ static int commit_params(lua_State *L, lstore *ls, int with, int np,
                      "byte", i + 1);
             return -1;
         }
+        switch (lua_type(L, -1)) {
+        case LUA_TNIL: case LUA_TBOOLEAN: case LUA_TSTRING: case LUA_TNUMBER:
+            break;
+        default: {
+            /* one JSON cannot hold: refused here, where the transaction
+             * can still be ended (param_text would raise) */
+            char inner[200];
+            size_t at = ls->json.len;
+            int bad = esl_json_encode(L, lua_gettop(L), &ls->json, inner,
+                                      sizeof inner) < 0;
+            ls->json.len = at;
+            if (bad) {
+                snprintf(msg, msglen, "commit_with parameter %d: %s", i + 1,
+                         inner);
+                return -1;
+            }
+        }
+        }
         offs[i] = (size_t)-1;
         /* a string stays anchored by the table */
         qp[i] = param_text(L, ls, lua_gettop(L), i + 1, &offs[i], &nulls[i]);
@@ -777,6 +795,14 @@ static int l_append(lua_State *L)
     set_int(L, "version", res.version);
     set_int(L, "position", res.position);
     set_string(L, "recorded_at", res.recorded_at);
+    if (res.idempotent) {
+        lua_pushboolean(L, 1);
+        lua_setfield(L, -2, "idempotent");
+    }
+    if (res.one_trip) {
+        lua_pushboolean(L, 1);
+        lua_setfield(L, -2, "one_trip");
+    }
     if (rows && *rows) {
         push_rows(L, rows);
         lua_setfield(L, -2, "rows");
