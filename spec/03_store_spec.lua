@@ -289,9 +289,15 @@ for _, entry in ipairs(store_entries()) do
         local first = assert(store:append("S-1", batch, { expected_version = es.NO_STREAM }))
         assert.same({ version = 2, position = 3 }, vp(first))
         assert(store:append("S-1", { type = "C" }))
-        -- a retry, even with an expectation that no longer holds
-        assert.same(first, assert(store:append("S-1", batch, { expected_version = es.NO_STREAM })))
-        assert.same(first, assert(store:append("S-1", batch)))
+        -- a retry, even with an expectation that no longer holds: the same
+        -- result, marked idempotent (nothing was added)
+        for _, opts in ipairs({ { expected_version = es.NO_STREAM }, {} }) do
+          local again = assert(store:append("S-1", batch, opts))
+          assert.is_true(again.idempotent)
+          again.idempotent = nil
+          assert.same(first, again)
+        end
+        assert.is_nil(first.idempotent)
         assert.equal(3, store:version("S-1"))
         local evs = collect(assert(store:read("S-1")))
         assert.same({ a, b }, { evs[1].id, evs[2].id })
@@ -302,6 +308,8 @@ for _, entry in ipairs(store_entries()) do
         local id = uuid()
         local r1 = assert(store:append("S-1", { id = id, type = "A" }, { expected_version = 0 }))
         local r2 = assert(store:append("S-1", { id = id, type = "A" }, { expected_version = 0 }))
+        assert.is_true(r2.idempotent)
+        r2.idempotent = nil
         assert.same(r1, r2)
         assert.equal(1, store:version("S-1"))
       end)

@@ -16,6 +16,10 @@ local Counter = es.aggregate {
   end },
 }
 
+-- commands that went in one round trip: none on Citus, where an append
+-- and the statement behind it take two
+local function trips(n) return helpers.distributed() and 0 or n end
+
 local function counters(name, key_of, by_stream)
   return es.read_model {
     name = name,
@@ -122,7 +126,7 @@ describe("inline read model rows loaded ahead of the append (postgresql)", funct
     local repo = es.repository(store, { read_models = { rm }, cache = es.state_cache() })
     assert(repo:execute(Counter, "c6", "Add", { n = 1 }))
     assert(repo:execute(Counter, "c6", "Add", { n = 2 }))
-    assert.equal(1, repo.stats.one_trips)
+    assert.equal(trips(1), repo.stats.one_trips)
     local pid
     local r = assert(repo:execute(Counter, "c6", "Add", { n = 10, hook = function()
       if pid then return end
@@ -151,11 +155,11 @@ describe("inline read model rows loaded ahead of the append (postgresql)", funct
     assert.same({ "exited", 0 }, { how, code })
     assert.equal(4, r.version)
     assert.equal(1, repo.stats.retries)
-    assert.equal(1, repo.stats.one_trips, "the retry met a row kept at another version")
+    assert.equal(trips(1), repo.stats.one_trips, "the retry met a row kept at another version")
     -- the child's event never reached the row (it wrote no row): 1 + 2 + 10
     assert.same({ total = 13, count = 3, version = 4 }, row(rm, "c6"))
     assert(repo:execute(Counter, "c6", "Add", { n = 1000 }))
-    assert.equal(2, repo.stats.one_trips)
+    assert.equal(trips(2), repo.stats.one_trips)
     assert.same({ total = 1013, count = 4, version = 5 }, row(rm, "c6"))
   end)
 
@@ -210,7 +214,7 @@ describe("inline read model rows loaded ahead of the append (postgresql)", funct
       assert(rm:migrate(store))
       local repo = es.repository(store, { read_models = { rm }, cache = es.state_cache() })
       for _, n in ipairs({ 1, 2, 3 }) do assert(add_n(repo, "t2", { n })) end
-      assert.equal(2, repo.stats.one_trips)
+      assert.equal(trips(2), repo.stats.one_trips)
       local stored = {}
       for e in assert(store:read("Tally-t2")) do stored[#stored + 1] = e.data.n end
       assert.same({ 1, 2, 3 }, stored)
@@ -224,7 +228,7 @@ describe("inline read model rows loaded ahead of the append (postgresql)", funct
       local r1 = es.repository(store, { read_models = { v1 }, cache = cache })
       assert(add_n(r1, "t3", { 1 }))
       assert(add_n(r1, "t3", { 2 }))
-      assert.equal(1, r1.stats.one_trips)
+      assert.equal(trips(1), r1.stats.one_trips)
       assert(store:query(("ALTER TABLE %q.rm_counters ADD COLUMN extra text"):format(schema)))
       local v2 = es.read_model {
         name = "rm_counters", key = "id", keys_by_stream = true, one_trip = true,
@@ -238,9 +242,9 @@ describe("inline read model rows loaded ahead of the append (postgresql)", funct
       }
       local r2 = es.repository(store, { read_models = { v2 }, cache = cache })
       assert(add_n(r2, "t3", { 4 }))
-      assert.equal(0, r2.stats.one_trips, "the row v1 kept was not used")
+      assert.equal(trips(0), r2.stats.one_trips, "the row v1 kept was not used")
       assert(add_n(r2, "t3", { 8 }))
-      assert.equal(1, r2.stats.one_trips, "its own is")
+      assert.equal(trips(1), r2.stats.one_trips, "its own is")
       assert.same({ total = 15, count = 4, version = 4 }, row(v1, "t3"))
     end)
 
@@ -250,9 +254,9 @@ describe("inline read model rows loaded ahead of the append (postgresql)", funct
       local repo = es.repository(store, { read_models = { rm }, cache = es.state_cache() })
       assert(add_n(repo, "t4", { 1 }))
       assert(add_n(repo, "t4", { 2, 3 }))
-      assert.equal(0, repo.stats.one_trips)
+      assert.equal(trips(0), repo.stats.one_trips)
       assert(add_n(repo, "t4", { 4 }))
-      assert.equal(1, repo.stats.one_trips)
+      assert.equal(trips(1), repo.stats.one_trips)
       assert.same({ total = 10, count = 4, version = 4 }, row(rm, "t4"))
     end)
   end)
@@ -272,7 +276,30 @@ describe("inline read model rows loaded ahead of the append (postgresql)", funct
     assert(repo:execute(Counter, "c7", "Add", { n = 5 }))
     assert(store:commit())
     assert.same({ total = 6, count = 2, version = 2 }, row(rm, "c7"))
-    assert.equal(0, repo.stats.one_trips)
+    assert.equal(trips(0), repo.stats.one_trips)
+    -- a handler that fails after the append leaves nothing of the command
+    -- there, and the transaction goes on
+    local picky = es.read_model {
+      name = "rm_picky", key = "id", columns = { id = "text", total = "bigint" },
+      on = { Added = function(r, e)
+        if e.data.n > 1000 then error("too much") end
+        r.total = (r.total or 0) + e.data.n
+      end },
+    }
+    assert(picky:migrate(store))
+    local careful = es.repository(store, { read_models = { picky } })
+    assert(store:begin())
+    assert(careful:execute(Counter, "c8", "Add", { n = 1 }))
+    local failed, ferr = careful:execute(Counter, "c8", "Add", { n = 5000 })
+    assert.is_nil(failed)
+    assert.equal("invalid", ferr.kind)
+    assert.matches("too much", ferr.message)
+    assert.is_true(store:in_transaction())
+    assert(careful:execute(Counter, "c8", "Add", { n = 2 }))
+    assert(store:commit())
+    assert.equal(2, store:version("Counter-c8"))
+    assert.equal(3, assert(store:query(("SELECT total FROM %q.rm_picky WHERE id = 'c8'")
+      :format(schema)))[1].total)
     -- a conflict there (the stream moved on since) is answered, and the
     -- transaction stays the caller's
     assert(store:begin())

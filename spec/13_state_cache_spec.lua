@@ -9,6 +9,9 @@ local es = require "eventsourcing"
 local helpers = require "helpers"
 
 local counter, add = helpers.counter, helpers.add
+-- commands that went in one round trip: none on Citus, where an append
+-- and the statement behind it take two
+local function trips(n) return helpers.distributed() and 0 or n end
 
 describe("es.state_cache", function()
   it("keeps at most about twice its size, the entries read last", function()
@@ -320,8 +323,8 @@ describe("the order service with a state cache and its inline read model (postgr
       assert.same(shown(plain, b), shown(cached, a))
     end
     -- the first command (OrderCreated reads recorded_at) went the long way
-    assert.equal(#steps, cached.repository.stats.one_trips)
-    assert.equal(0, plain.repository.stats.one_trips)
+    assert.equal(trips(#steps), cached.repository.stats.one_trips)
+    assert.equal(trips(0), plain.repository.stats.one_trips)
     assert.equal(6, store:version("Order-" .. a))
   end)
 
@@ -329,9 +332,9 @@ describe("the order service with a state cache and its inline read model (postgr
     local cached = service.new(store, { cache = es.state_cache() })
     local id = assert(cached.create_order({ customer_id = "c1" }, { user = "u" }))
     assert(cached.add_item { order_id = id, product_id = "p1", quantity = 1, unit_price = 100 })
-    assert.equal(1, cached.repository.stats.one_trips)
+    assert.equal(trips(1), cached.repository.stats.one_trips)
     assert(cached.place_order { order_id = id })   -- OrderPlaced: placed_at = recorded_at
-    assert.equal(1, cached.repository.stats.one_trips)
+    assert.equal(trips(1), cached.repository.stats.one_trips)
     local placed = cached.repository:history(require("orders.order"), id)[3]
     local row = assert(cached.get_order(id))
     assert.equal(placed.recorded_at, row.placed_at)
@@ -345,7 +348,7 @@ describe("the order service with a state cache and its inline read model (postgr
     assert(store2:query("INSERT INTO " .. s .. ".read_model_rebuilds (id, name, txid, pid) "
       .. "VALUES ('r1', 'rm_orders', pg_current_xact_id(), pg_backend_pid())"))
     assert(cached.add_item { order_id = id, product_id = "p1", quantity = 1, unit_price = 100 })
-    assert.equal(1, cached.repository.stats.one_trips)
+    assert.equal(trips(1), cached.repository.stats.one_trips)
     local recorded = assert(store2:query("SELECT count(*) AS n FROM " .. s
       .. ".read_model_rebuild_writes WHERE id = 'r1'"))[1].n
     assert.equal(1, recorded)
@@ -359,13 +362,13 @@ describe("the order service with a state cache and its inline read model (postgr
     -- a row the handlers cannot work with, at the right version
     cache:set(row_key(id), '1 {"id": "' .. id .. '", "items": [7]}')
     assert(cached.add_item { order_id = id, product_id = "p1", quantity = 1, unit_price = 100 })
-    assert.equal(0, cached.repository.stats.one_trips)
+    assert.equal(trips(0), cached.repository.stats.one_trips)
     local row = assert(cached.get_order(id))
     assert.equal(100, row.total)
     assert.equal(1, #row.items)
     -- the row it keeps after that is the one the long way wrote
     assert(cached.add_item { order_id = id, product_id = "p2", quantity = 1, unit_price = 50 })
-    assert.equal(1, cached.repository.stats.one_trips)
+    assert.equal(trips(1), cached.repository.stats.one_trips)
     assert.equal(150, assert(cached.get_order(id)).total)
   end)
 

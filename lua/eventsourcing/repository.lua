@@ -419,15 +419,24 @@ local function append_inline(self, stream, out, aopts, cache, in_caller_tx)
   end
   if in_caller_tx then
     -- the caller's transaction: the rows are written in it, after the
-    -- append; a failure is the caller's to roll back, with the rest of it
-    local res, err = store:append(stream, out, aopts)
-    if not res then return nil, err end
-    stamp(out, res)
-    -- events stored already (a retry) had their rows written then
-    if res.idempotent then return res end
-    local ok, rerr = read_model.apply_inline(store, self.read_models, out)
-    if not ok then return nil, rerr end
-    return res
+    -- append, under a savepoint, so that a command that fails after its
+    -- append (a handler, a row's write) leaves nothing of itself there
+    local sok, serr = store:query("SAVEPOINT es_execute")
+    if not sok then return nil, serr end
+    local fine, res, err = pcall(function()
+      local r, aerr = store:append(stream, out, aopts)
+      if not r then return nil, aerr end
+      stamp(out, r)
+      -- events stored already (a retry) had their rows written then
+      if r.idempotent then return r end
+      local ok, rerr = read_model.apply_inline(store, self.read_models, out)
+      if not ok then return nil, rerr end
+      return r
+    end)
+    if fine and res then return res end
+    store:query("ROLLBACK TO SAVEPOINT es_execute")
+    if not fine then error(res, 0) end
+    return nil, err
   end
   local rm = row_model(self, cache)
   local res, ok, err

@@ -615,11 +615,17 @@ static int strict_failed(pg_store *p, const char *stream, int64_t expected,
     return -1;
 }
 
-/* Adds to a failure's message that its transaction is over. */
+/* A failure's message says that its transaction is over (not that the
+ * caller must roll it back: that is done). */
 static void note_nothing_committed(es_error *err)
 {
     static const char note[] = " (nothing of the transaction was committed)";
-    size_t len = strlen(err->message);
+    char *aborted = strstr(err->message, " (the transaction is aborted: "
+                                         "roll it back)");
+    size_t len;
+    if (aborted)
+        *aborted = '\0';
+    len = strlen(err->message);
     if (!strstr(err->message, "nothing of the transaction") &&
         len + sizeof note <= sizeof err->message)
         memcpy(err->message + len, note, sizeof note);
@@ -671,6 +677,7 @@ int pg_append_commit(es_store *s, const char *stream, const es_event_in *ev,
 {
     pg_store *p = (pg_store *)s;
     es_error ignored;
+    int64_t actual;
     int citus;
 
     *rows = NULL;
@@ -690,6 +697,11 @@ int pg_append_commit(es_store *s, const char *stream, const es_event_in *ev,
     if (pg_append(s, stream, ev, n, expected, out, err) < 0) {
         pg_rollback(s, &ignored);
         note_nothing_committed(err);
+        /* a conflict met in the transaction knows no version: asked now,
+         * as the one round trip asks it */
+        if (err->kind == ES_CONFLICT && err->actual < 0 &&
+            pg_version(s, stream, &actual, &ignored) == 0)
+            err->actual = actual;
         return -1;
     }
     /* the same events were stored already (a retry): the statement was
