@@ -53,6 +53,13 @@ describe("transactions in fewer round trips (" .. target.name .. ")", function()
       .. ".events WHERE stream = $1", stream))[1].n
   end
 
+  -- ends every client session but admin's (and PgBouncer's own)
+  local function kill_others()
+    assert(admin:query("SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity "
+      .. "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+      .. "AND backend_type = 'client backend' AND application_name NOT LIKE 'pgbouncer%'"))
+  end
+
   describe("a deferred BEGIN", function()
     it("makes the first statement and the rest one transaction", function()
       assert(store:begin())
@@ -155,12 +162,6 @@ describe("transactions in fewer round trips (" .. target.name .. ")", function()
       assert(store:rollback())
       assert.equal(0, notes())
     end)
-
-    local function kill_others()
-      assert(admin:query("SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity "
-        .. "WHERE datname = current_database() AND pid <> pg_backend_pid() "
-        .. "AND backend_type = 'client backend' AND application_name NOT LIKE 'pgbouncer%'"))
-    end
 
     if target.opts then
       -- PgBouncer holds no server session for a transaction that has sent
@@ -308,9 +309,7 @@ describe("transactions in fewer round trips (" .. target.name .. ")", function()
     it("after the session dropped inside the transaction: connection, nothing stored", function()
       assert(store:begin())
       assert(store:append("C-4", { type = "A" }))
-      assert(admin:query("SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity "
-        .. "WHERE datname = current_database() AND pid <> pg_backend_pid() "
-        .. "AND backend_type = 'client backend' AND application_name NOT LIKE 'pgbouncer%'"))
+      kill_others()
       local ok, err = store:commit_with("INSERT INTO " .. tbl .. " VALUES (1, 'x')")
       assert.is_nil(ok)
       assert.equal("connection", err.kind)
@@ -512,9 +511,7 @@ describe("transactions in fewer round trips (" .. target.name .. ")", function()
     it("after the session dropped inside the transaction: connection, nothing stored", function()
       assert(store:begin())
       assert(store:append("W-9", { type = "A" }))
-      assert(admin:query("SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity "
-        .. "WHERE datname = current_database() AND pid <> pg_backend_pid() "
-        .. "AND backend_type = 'client backend' AND application_name NOT LIKE 'pgbouncer%'"))
+      kill_others()
       local ok, err = store:append("W-9", { type = "A" }, { commit_with = with(insert, 1, "x") })
       assert.is_nil(ok)
       assert.equal("connection", err.kind)

@@ -45,6 +45,30 @@ describe("inline read model rows loaded ahead of the append (postgresql)", funct
     other:close()
   end)
 
+  -- A writer in the act: a child process appends { n = 100 } to stream at
+  -- expected + 1 and holds its transaction open for a second; returns
+  -- once that transaction sleeps, with the child's pid.
+  local function hold_append(stream, expected)
+    local core = require "eventsourcing.core"
+    local pid = assert(core.fork())
+    if pid == 0 then
+      local ok = pcall(function()
+        local s = assert(es.open(helpers.database_url(), { schema = schema }))
+        assert(s:begin())
+        assert(s:append(stream, { { type = "Added", data = { n = 100 } } }, { expected_version = expected }))
+        assert(s:query("SELECT pg_sleep(1.0) AS slept"))
+        assert(s:commit())
+      end)
+      core.exit(ok and 0 or 1)
+    end
+    local deadline = os.time() + 10
+    repeat
+      local n = assert(other:query("SELECT count(*)::int AS n FROM pg_stat_activity "
+        .. "WHERE query LIKE 'SELECT pg_sleep(1.0)%' AND state = 'active'"))[1].n
+    until n > 0 or os.time() > deadline
+    return pid
+  end
+
   local function row(rm, id)
     return assert(store:query(("SELECT total, count, version FROM %q.%s WHERE id = $1")
       :format(schema, rm.name), id))[1]
@@ -88,27 +112,10 @@ describe("inline read model rows loaded ahead of the append (postgresql)", funct
     assert(repo:execute(Counter, "c5", "Add", { n = 1 }))
     local pid
     local r = assert(repo:execute(Counter, "c5", "Add", { n = 10, hook = function()
-      if pid then return end
-      -- after this command's fold: a child appends version 2 and holds its
-      -- transaction open for a second, so this command's append of
-      -- version 2 waits on the unique index, then fails (23505) in its
-      -- transaction, which aborts
-      pid = assert(core.fork())
-      if pid == 0 then
-        local ok = pcall(function()
-          local s = assert(es.open(helpers.database_url(), { schema = schema }))
-          assert(s:begin())
-          assert(s:append("Counter-c5", { { type = "Added", data = { n = 100 } } }, { expected_version = 1 }))
-          assert(s:query("SELECT pg_sleep(1.0) AS slept"))
-          assert(s:commit())
-        end)
-        core.exit(ok and 0 or 1)
-      end
-      local deadline = os.time() + 10
-      repeat
-        local n = assert(other:query("SELECT count(*)::int AS n FROM pg_stat_activity "
-          .. "WHERE query LIKE 'SELECT pg_sleep(1.0)%' AND state = 'active'"))[1].n
-      until n > 0 or os.time() > deadline
+      -- after this command's fold: version 2 held by a writer in the act,
+      -- so this command's append of version 2 waits on the unique index,
+      -- then fails (23505) in its transaction, which aborts
+      pid = pid or hold_append("Counter-c5", 1)
     end }))
     local how, code = core.wait(pid)
     assert.same({ "exited", 0 }, { how, code })
@@ -129,27 +136,11 @@ describe("inline read model rows loaded ahead of the append (postgresql)", funct
     assert.equal(trips(1), repo.stats.one_trips)
     local pid
     local r = assert(repo:execute(Counter, "c6", "Add", { n = 10, hook = function()
-      if pid then return end
-      -- decided from the cache (version 2): a child appends version 3 and
-      -- holds its transaction open, so this command's append of version 3
-      -- waits on the unique index, then fails in its pipeline, with the
-      -- row's write and COMMIT behind it
-      pid = assert(core.fork())
-      if pid == 0 then
-        local ok = pcall(function()
-          local s = assert(es.open(helpers.database_url(), { schema = schema }))
-          assert(s:begin())
-          assert(s:append("Counter-c6", { { type = "Added", data = { n = 100 } } }, { expected_version = 2 }))
-          assert(s:query("SELECT pg_sleep(1.0) AS slept"))
-          assert(s:commit())
-        end)
-        core.exit(ok and 0 or 1)
-      end
-      local deadline = os.time() + 10
-      repeat
-        local n = assert(other:query("SELECT count(*)::int AS n FROM pg_stat_activity "
-          .. "WHERE query LIKE 'SELECT pg_sleep(1.0)%' AND state = 'active'"))[1].n
-      until n > 0 or os.time() > deadline
+      -- decided from the cache (version 2): version 3 held by a writer in
+      -- the act, so this command's append of version 3 waits on the unique
+      -- index, then fails in its pipeline, with the row's write and COMMIT
+      -- behind it
+      pid = pid or hold_append("Counter-c6", 2)
     end }))
     local how, code = core.wait(pid)
     assert.same({ "exited", 0 }, { how, code })

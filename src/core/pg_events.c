@@ -319,6 +319,17 @@ static int build_append_params(pg_store *p, const char *stream,
     return 0;
 }
 
+/* What an expected version asks for, in a conflict's message. */
+static void expected_text(int64_t expected, char *want, size_t len)
+{
+    if (expected == ES_NO_STREAM)
+        snprintf(want, len, "no stream");
+    else if (expected == ES_STREAM_EXISTS)
+        snprintf(want, len, "an existing stream");
+    else
+        snprintf(want, len, "version %" PRId64, expected);
+}
+
 static int append_result(PGresult *res, const char *stream, int64_t expected,
                          es_append_result *out, es_error *err)
 {
@@ -336,12 +347,7 @@ static int append_result(PGresult *res, const char *stream, int64_t expected,
     }
     if (status == 2) {
         char want[48];
-        if (expected == ES_NO_STREAM)
-            snprintf(want, sizeof want, "no stream");
-        else if (expected == ES_STREAM_EXISTS)
-            snprintf(want, sizeof want, "an existing stream");
-        else
-            snprintf(want, sizeof want, "version %" PRId64, expected);
+        expected_text(expected, want, sizeof want);
         es_fail(err, ES_CONFLICT, "stream %s: expected %s, found version %"
                 PRId64, stream, want, version);
         err->expected = expected;
@@ -595,12 +601,7 @@ static int strict_failed(pg_store *p, const char *stream, int64_t expected,
         err->reason = ES_REASON_ORDER;
         return -1;
     }
-    if (expected == ES_NO_STREAM)
-        snprintf(want, sizeof want, "no stream");
-    else if (expected == ES_STREAM_EXISTS)
-        snprintf(want, sizeof want, "an existing stream");
-    else
-        snprintf(want, sizeof want, "version %" PRId64, expected);
+    expected_text(expected, want, sizeof want);
     if (actual >= 0)
         es_fail(err, ES_CONFLICT, "stream %s: expected %s, found version %"
                 PRId64 " (nothing of the transaction was committed)", stream,
