@@ -410,11 +410,6 @@ static void expected_range(int64_t expected, int64_t *low, int64_t *high)
                                                                : *low;
 }
 
-/* One event whose id is made here or by the caller for this append (the
- * common case) on a single-node store: PG_APPEND_ONE. Returns 1 when it
- * appended (out is set), 0 when a check refused (append() then says
- * which), 2 when a concurrent writer took the version or the id (err
- * holds the unique violation), -1 on an error. */
 /* PG_APPEND_ONE's parameters (and PG_APPEND_STRICT's) in p->params:
  * values[] point into it. 0, or -1 (out of memory). */
 static int one_params(pg_store *p, const char *stream, const es_event_in *ev,
@@ -470,6 +465,11 @@ static void one_result(const PGresult *res, es_append_result *out)
                    out->recorded_at);
 }
 
+/* One event whose id is made here or by the caller for this append (the
+ * common case) on a single-node store: PG_APPEND_ONE. Returns 1 when it
+ * appended (out is set), 0 when a check refused (append() then says
+ * which), 2 when a concurrent writer took the version or the id (err
+ * holds the unique violation), -1 on an error. */
 static int append_one(pg_store *p, const char *stream, const es_event_in *ev,
                       int64_t expected, es_append_result *out, es_error *err)
 {
