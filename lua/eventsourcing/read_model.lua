@@ -335,8 +335,10 @@ function M.apply_inline(store, read_models, events, opts)
   -- watches whether a handler reads recorded_at (the repository's one
   -- round trip): nothing is filled in here
   local missing = false
-  for _, e in ipairs(opts and opts.unstamped and {} or events) do
-    if e.recorded_at == nil then missing = true; break end
+  if not (opts and opts.unstamped) then
+    for _, e in ipairs(events) do
+      if e.recorded_at == nil then missing = true; break end
+    end
   end
   local list = events
   if missing then

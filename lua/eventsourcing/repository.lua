@@ -346,6 +346,8 @@ local function cache_row(self, rm, stream, version, rows)
   end
 end
 
+local deep_copy = util.deep_copy
+
 -- A command in one round trip: when the cache holds the read model's row
 -- at the version the append expects, the handlers run before the append,
 -- and the row's write goes behind the append, with COMMIT:
@@ -354,8 +356,6 @@ end
 -- when a handler reads what only the append gives (recorded_at, position),
 -- nor when the write is not one row's upsert: false then (the caller goes
 -- the two round trips), else the append's result | nil, err.
-local deep_copy = util.deep_copy
-
 local function one_trip(self, rm, stream, out, aopts)
   local row = cached_row(self, rm, stream, aopts.expected_version)
   if not row then return false end
@@ -459,7 +459,7 @@ local function append_inline(self, stream, out, aopts, cache, in_caller_tx)
       -- rows were written then, and nothing is to be done now
       stamp(out, res)
       ok, err = store:rollback()
-      if rm and self.cache.delete then self.cache:delete(row_key(rm, stream)) end
+      if rm and cache.delete then cache:delete(row_key(rm, stream)) end
       return
     end
     if res then
@@ -658,8 +658,9 @@ function Repository:execute(A, id, command_name, command, opts)
       if res then stamp(out, res) end
     end
     -- A state that is behind whose events the stream holds already (the
-    -- same command decided again, with the same event ids) is answered
-    -- from the stream, as without the cache: read, not counted.
+    -- same command decided again, with the same event ids) is not taken
+    -- for this command's success: it is decided again from the stream's
+    -- head (read, not counted as a retry).
     local done_before = res and res.idempotent and from_cache
     if done_before then cache_drop(self, A, stream) end
     if res and not done_before then
