@@ -332,8 +332,10 @@ int es_query_commit_rows(es_store *store, const char *sql, int nparams,
  * store (else the append's, then the commit's). The transaction ends
  * either way; nothing of it is committed unless all three succeed. A
  * refused append is the conflict es_append reports (expected, actual).
- * On success *rows holds the statement's rows (NULL only when there was
- * no memory for them). */
+ * An idempotent success (out->idempotent: these events were stored there
+ * already) runs no statement and commits nothing. On success *rows holds
+ * the statement's rows (NULL after an idempotent success, or when there
+ * was no memory for them). */
 int es_append_commit(es_store *store, const char *stream,
                      const es_event_in *events, size_t n, int64_t expected,
                      const char *sql, int nparams, const char *const *params,

@@ -348,6 +348,15 @@ end
 
 local deep_copy = util.deep_copy
 
+-- The event copies one_trip gives the handlers: a read of what only the
+-- append gives sets watched.needs (handlers run to the end, never
+-- yielding, so one flag serves every call).
+local watched = { needs = false }
+local WATCH = {
+  __index = function(_, k) if k == "recorded_at" or k == "position" then watched.needs = true end end,
+  __pairs = function(t) watched.needs = true; return next, t, nil end,
+}
+
 -- A command in one round trip: when the cache holds the read model's row
 -- at the version the append expects, the handlers run before the append,
 -- and the row's write goes behind the append, with COMMIT:
@@ -366,22 +375,18 @@ local function one_trip(self, rm, stream, out, aopts)
   -- the handlers get copies: what they do to an event must not reach the
   -- one appended; and a read of recorded_at or position (or, on Lua 5.4,
   -- a walk over the event's fields) sends the command the long way
-  local needs = false
-  local watch = {
-    __index = function(_, k) if k == "recorded_at" or k == "position" then needs = true end end,
-    __pairs = function(t) needs = true; return next, t, nil end,
-  }
+  watched.needs = false
   local copies = {}
   for i, e in ipairs(out) do
     copies[i] = setmetatable({ id = e.id, type = e.type, stream = e.stream, version = e.version,
-      data = deep_copy(e.data), metadata = deep_copy(e.metadata) }, watch)
+      data = deep_copy(e.data), metadata = deep_copy(e.metadata) }, WATCH)
   end
   local last = { rows = true }
   local ok = read_model.apply_inline(self.store, { rm }, copies, { defer = last, unstamped = true,
     loaded = { [rm] = { keys = { [ks] = true }, rows = { [ks] = row } } } })
   -- a handler that failed may have met a row that is behind: the long
   -- way loads the row and answers
-  if needs or not ok or not last.returning then return false end
+  if watched.needs or not ok or not last.returning then return false end
   local store = self.store
   local bok, berr = store:begin()
   if not bok then return nil, berr end
