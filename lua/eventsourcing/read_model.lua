@@ -33,8 +33,8 @@
 -- applied again after a rollback.
 --
 -- Column values in Lua: text/uuid/numeric/date -> strings, integer types ->
--- integers, double precision/real -> numbers, boolean -> booleans, jsonb ->
--- tables (es.json shapes), timestamptz -> ISO-8601 UTC strings with
+-- integers, double precision/real -> numbers, boolean -> booleans, jsonb and
+-- json -> tables (es.json shapes), timestamptz -> ISO-8601 UTC strings with
 -- microseconds ("2026-01-15T10:00:00.123456Z", like event.recorded_at).
 --
 -- Queries (both stores; memory stores keep the rows in Lua tables):
@@ -91,7 +91,7 @@ function M.new(def)
     local nt = normalize_type(t)
     if not nt then
       error(("es.read_model %s: column %s has type %q, not one of text, bigint, integer, "
-        .. "smallint, numeric[(p,s)], boolean, jsonb, timestamptz, date, uuid, "
+        .. "smallint, numeric[(p,s)], boolean, jsonb, json, timestamptz, date, uuid, "
         .. "double precision, real"):format(name, col, tostring(t)), 2)
     end
     columns[#columns + 1] = col
@@ -105,6 +105,10 @@ function M.new(def)
   if not types[key] then
     error(("es.read_model %s: key column %q is not among the columns"):format(name, tostring(key)), 2)
   end
+  if types[key] == "json" then
+    error(("es.read_model %s: key column %q is json, which has no equality: use text or jsonb")
+      :format(name, key), 2)
+  end
   local indexes = {}
   for i, ix in ipairs(def.indexes or {}) do
     local cols, unique
@@ -116,6 +120,10 @@ function M.new(def)
     for _, c in ipairs(cols) do
       if not types[c] then
         error(("es.read_model %s: index %d names unknown column %q"):format(name, i, tostring(c)), 2)
+      end
+      if types[c] == "json" then
+        error(("es.read_model %s: index %d names column %q, which is json (no btree index): use jsonb")
+          :format(name, i, c), 2)
       end
     end
     indexes[#indexes + 1] = { columns = cols, unique = unique or false,

@@ -56,6 +56,10 @@ function ReadModel:find(store, where, opts)
   if not self.types[order_by] then
     error(("read_model:find: order_by %q is not a column of %s"):format(tostring(order_by), self.name), 2)
   end
+  if self.types[order_by] == "json" then
+    error(("read_model:find: order_by %q is a json column of %s, which has no order")
+      :format(order_by, self.name), 2)
+  end
   local desc = opts.desc and true or false
   local limit = opts.limit or 100
   if type(limit) ~= "number" or limit < 1 or limit % 1 ~= 0 then
@@ -117,6 +121,8 @@ function ReadModel:find(store, where, opts)
     for _, c in ipairs(wcols) do
       local v = where[c]
       if v == json.null then conds[#conds + 1] = quote(c) .. " IS NULL"
+      elseif self.types[c] == "json" then   -- json has no equality: as jsonb
+        conds[#conds + 1] = ("%s::jsonb = %s::jsonb"):format(quote(c), p(v))
       else conds[#conds + 1] = ("%s = %s::%s"):format(quote(c), p(v), self.types[c]) end
     end
     local qo, qk = quote(order_by), quote(key)
