@@ -476,6 +476,51 @@ describe("transactions in fewer round trips (" .. target.name .. ")", function()
       assert.equal(0, notes())
     end)
 
+    it("json_rows: each row as the JSON text of the row it gives otherwise, json cells as written", function()
+      local sql = insert .. [[, NULL::text AS gone, '{"b": 1,  "a": [1, 2]}'::json AS j,
+        '{"b": 1, "a": 2}'::jsonb AS jb, true AS t, 2.5::float8 AS f, 'x"y\z' || chr(10) AS s,
+        9007199254740993::bigint AS big]]
+      assert(store:begin())
+      local plain = assert(store:append("W-11", { type = "A" },
+        { commit_with = with(sql, 1, "one") }))
+      assert(store:begin())
+      local w = with(sql, 2, "one")
+      w.json_rows = true
+      local res = assert(store:append("W-11", { type = "A" }, { expected_version = 1, commit_with = w }))
+      assert.is_true(res.one_trip)
+      assert.equal(1, #res.rows)
+      local text = res.rows[1]
+      assert.is_string(text)
+      -- the json cell goes as the server wrote it, spaces and key order
+      -- kept; a NULL cell is left out, as it is nil among the rows' tables
+      assert.truthy(text:find('"j":{"b": 1,  "a": [1, 2]}', 1, true))
+      assert.is_nil(text:find('"gone"', 1, true))
+      local row = es.json.decode(text)
+      plain.rows[1].id = 2
+      assert.same(plain.rows[1], row)
+      assert.equal('x"y\\z\n', row.s)
+      assert.is_true(row.t)
+      -- two rows, and a row JSON cannot hold (a float that is not finite)
+      assert(store:begin())
+      w = with("INSERT INTO " .. tbl .. " VALUES ($1, 'a'), ($1 + 1, 'b')"
+        .. " RETURNING id, note, CASE WHEN id = $1 THEN 'NaN'::float8 ELSE 1.5 END AS f", 3)
+      w.json_rows = true
+      res = assert(store:append("W-11", { type = "A" }, { expected_version = 2, commit_with = w }))
+      assert.is_false(res.rows[1])
+      assert.same({ id = 4, note = "b", f = 1.5 }, es.json.decode(res.rows[2]))
+      -- a json_rows that is not a boolean: refused, the transaction ended
+      assert(store:begin())
+      w = with(insert, 9, "never")
+      w.json_rows = "yes"
+      local ok, err = store:append("W-11", { type = "A" }, { expected_version = 3, commit_with = w })
+      assert.is_nil(ok)
+      assert.equal("invalid", err.kind)
+      assert.matches("json_rows must be a boolean, got string", err.message)
+      assert.is_false(store:in_transaction())
+      assert.equal(3, events("W-11"))
+      assert.equal(4, notes())
+    end)
+
     it("a transaction that wrote before the stream's last appender: the stream-order rule", function()
       assert(store:append("W-10", { type = "A" }))
       assert(store:begin())

@@ -335,10 +335,12 @@ end
 local keeps_shape   -- below, with the states' cache
 
 -- Keeps the row a write gave back (rows: its RETURNING, as a load gives
--- it) for the stream's next command; anything else drops the entry.
+-- it, or that row's JSON text: commit_with's json_rows) for the stream's
+-- next command; anything else drops the entry.
 local function cache_row(self, rm, stream, version, rows)
   local row = rows and #rows == 1 and rows[1]
-  local text = row and keeps_shape(row, 0) and json.encode(row)
+  local text = type(row) == "string" and row
+    or type(row) == "table" and keeps_shape(row, 0) and json.encode(row)
   if text then
     self.cache:set(row_key(rm, stream), version .. " " .. text)
   elseif self.cache.delete then
@@ -390,6 +392,9 @@ local function one_trip(self, rm, stream, out, aopts)
   local store = self.store
   local bok, berr = store:begin()
   if not bok then return nil, berr end
+  -- the row comes back as the text the cache keeps: its json columns are
+  -- never decoded and encoded again on the way
+  last.json_rows = true
   aopts.commit_with = last
   local res, err = store:append(stream, out, aopts)
   aopts.commit_with = nil

@@ -606,6 +606,7 @@ static int encode_event(lua_State *L, lstore *ls, int call_meta, int anchor,
 static const char *param_text(lua_State *L, lstore *ls, int idx, int pnum,
                               size_t *off, int *is_null);
 static int push_rows(lua_State *L, es_rows **holder);
+static int push_rows_json(lua_State *L, es_rows **holder, es_buf *b);
 static es_rows **new_holder(lua_State *L);
 
 /* nil, err for a refused argument; with commit_with the transaction
@@ -619,11 +620,13 @@ static int append_refused(lua_State *L, lstore *ls, int with, const char *msg)
     return esl_push_fail(L, ES_INVALID, msg);
 }
 
-/* opts.commit_with = { sql = ..., n = count, params... } (the shape a read
- * model leaves a deferred write in): its statement and count, or -1 with
+/* opts.commit_with = { sql = ..., n = count, json_rows = bool, params... }
+ * (the shape a read model leaves a deferred write in): its statement,
+ * count and json_rows (the rows as JSON texts: push_rows_json), or -1 with
  * msg. */
 static int read_commit_with(lua_State *L, int with, const char **sql,
-                            int *np, char *msg, size_t msglen)
+                            int *np, int *json_rows, char *msg,
+                            size_t msglen)
 {
     lua_getfield(L, with, "sql");
     if (lua_type(L, -1) != LUA_TSTRING) {
@@ -646,6 +649,14 @@ static int read_commit_with(lua_State *L, int with, const char **sql,
         }
         *np = (int)v;
     }
+    lua_pop(L, 1);
+    lua_getfield(L, with, "json_rows");
+    if (!lua_isnil(L, -1) && !lua_isboolean(L, -1)) {
+        snprintf(msg, msglen, "option 'commit_with': json_rows must be a "
+                 "boolean, got %s", luaL_typename(L, -1));
+        return -1;
+    }
+    *json_rows = lua_toboolean(L, -1);
     lua_pop(L, 1);
     return 0;
 }
@@ -696,6 +707,7 @@ static int l_append(lua_State *L)
     const char *stream = check_strict_string(L, 2);
     int64_t expected;
     int call_meta = 0, single, anchor, new_ids = 0, with = 0, np = 0;
+    int json_rows = 0;
     span shared = {0, 0, 0, 0};
     size_t n, *qoffs = NULL;
     char msg[300];
@@ -717,7 +729,8 @@ static int l_append(lua_State *L)
         else if (!lua_isnil(L, -1))
             return luaL_error(L, "option 'commit_with' must be a table, got "
                               "%s", luaL_typename(L, -1));
-        if (with && read_commit_with(L, with, &sql, &np, msg, sizeof msg) < 0)
+        if (with && read_commit_with(L, with, &sql, &np, &json_rows, msg,
+                                     sizeof msg) < 0)
             return append_refused(L, ls, with, msg);
     }
     if (read_expected(L, 4, &expected, msg, sizeof msg) < 0)
@@ -804,7 +817,11 @@ static int l_append(lua_State *L)
         lua_setfield(L, -2, "one_trip");
     }
     if (rows && *rows) {
-        push_rows(L, rows);
+        /* ls->json held the events' text, sent by now */
+        if (json_rows)
+            push_rows_json(L, rows, &ls->json);
+        else
+            push_rows(L, rows);
         lua_setfield(L, -2, "rows");
     }
     return 1;
@@ -1479,6 +1496,60 @@ static int push_rows(lua_State *L, es_rows **holder)
     }
     es_rows_free(r);
     *holder = NULL;
+    return 1;
+}
+
+/* Pushes the rows of r (held by *holder, freed after) as JSON texts, one
+ * object per row, in b: the text json.encode makes of the row push_rows
+ * gives (NULL cells left out, as they are nil there), except that json
+ * and jsonb cells go as the server wrote them. Decoding such a text gives
+ * that row back, without the row's JSON having been decoded and encoded
+ * again on the way (commit_with's json_rows: a kept row's cache entry). A
+ * row with a cell JSON cannot hold (a float that is not finite) is false. */
+static int push_rows_json(lua_State *L, es_rows **holder, es_buf *b)
+{
+    es_rows *r = *holder;
+    int nrows = es_rows_count(r), ncols = es_rows_columns(r);
+    int ctx = esl_json_context(L);
+    char msg[160];
+    lua_createtable(L, nrows, 0);
+    for (int i = 0; i < nrows; i++) {
+        int rc = 0, sep = '{';
+        es_buf_reset(b);
+        for (int c = 0; c < ncols && rc == 0; c++) {
+            size_t len;
+            const char *v = es_rows_value(r, i, c, &len);
+            int type = es_rows_type(r, c);
+            if (!v)
+                continue;
+            rc |= es_buf_addc(b, (char)sep);
+            sep = ',';
+            lua_pushstring(L, es_rows_name(r, c));
+            rc |= esl_json_encode_ctx(L, ctx, -1, b, msg, sizeof msg);
+            lua_pop(L, 1);
+            rc |= es_buf_addc(b, ':');
+            if (type == 114 || type == 3802) {   /* json, jsonb */
+                rc |= es_buf_add(b, v, len);
+                continue;
+            }
+            push_cell(L, r, i, c);
+            rc |= esl_json_encode_ctx(L, ctx, -1, b, msg, sizeof msg);
+            lua_pop(L, 1);
+        }
+        if (rc == 0 && sep == '{')
+            rc = es_buf_addc(b, '{');   /* every cell NULL */
+        rc |= es_buf_addc(b, '}');
+        if (rc == 0)
+            lua_pushlstring(L, b->data, b->len);
+        else
+            lua_pushboolean(L, 0);
+        lua_rawseti(L, -2, i + 1);
+    }
+    es_buf_reset(b);
+    es_rows_free(r);
+    *holder = NULL;
+    lua_replace(L, ctx);     /* the rows where the context began */
+    lua_settop(L, ctx);
     return 1;
 }
 
