@@ -9,8 +9,8 @@
 # named alternative: the ceiling of nginx + wrk on this machine.
 # Settings: ES_DATABASE_URL (else ES_TEST_DATABASE_URL, else a throwaway
 # PostgreSQL), ES_BENCH_SECONDS (per run, default 5), ES_BENCH_ORDERS
-# (default 1000), ES_HTTP_WORKERS (default: CPUs), ES_HTTP_THREADS (pool
-# threads per worker, default 4: see below), PORT,
+# (default 1000), ES_HTTP_WORKERS (default 1), ES_HTTP_THREADS (pool
+# threads per worker, default 16: nginx.sh's defaults, see below), PORT,
 # ES_HTTP_TIMINGS=1 (also the mean time per phase of a request, from the
 # Server-Timing header the service then sends: *_phase_* lines), and
 # ES_BENCH_ONLY=get|post|health (only those runs), ES_BENCH_CONNS (the
@@ -78,21 +78,22 @@ U=$URL S=$SCHEMA N=$ORDERS OUT=$WORK/ids lua5.4 -e '
   end
   f:close()'
 
-# 4 pool threads per worker: GETs of kept replies never reach the pool.
-# While a command cost three round trips and a fold, 2 threads served it
-# best on 2 cores (alternated 4 s runs of POST /orders/{id}/items at 32
-# connections: 1,601-1,766 req/s with 2 threads, 1,336-1,425 with 4,
-# 1,293-1,333 with 8). A cached command is one round trip now, and a
-# thread spends much of it waiting for the commit's flush: alternated 5 s
-# runs (round 8, fsync on) gave 1,829-2,561 req/s with 2 threads,
-# 2,398-2,728 with 4, 2,454-2,944 with 6 and 2,561-2,821 with 8 (p99
-# 22-28 ms with 2, 21-27 with 4, 22-31 with 6, 24-30 with 8).
+# The service as nginx.sh starts it: one worker process, 16 pool threads.
+# Until round 8 the bench ran a worker per CPU with 2, then 4 threads
+# each (while a command cost three round trips and a fold, 2 threads per
+# worker served it best on 2 cores). A cached command is one round trip
+# now, mostly waiting for its commit's flush, and on 2 cores that nginx
+# shares with PostgreSQL and wrk a second event loop only adds wake-ups:
+# alternated runs of POST /orders/{id}/items at 32 connections (round 9,
+# fsync on) gave 2,731 and 2,760 req/s with 1 x 16 (p99 19.9 and 19.4
+# ms), 2,693 and 2,415 with 1 x 8 (17.7, 19.6), 2,515 and 2,443 with
+# 2 x 4 (26.3, 23.5); at 2 connections p99 3.7-4.6 ms either way.
 PORT=${PORT:-$((20000 + $$ % 30000))}
 # start_nginx [STATE_CACHE]: the service, with its shared state cache
 # unless STATE_CACHE is off
 start_nginx() {
   PORT=$PORT ES_HTTP_DATABASE_URL=$URL ES_HTTP_SCHEMA=$SCHEMA ES_HTTP_STATE_CACHE=${1:-on} \
-    ES_HTTP_WORKERS=${ES_HTTP_WORKERS:-$(nproc)} ES_HTTP_THREADS=${ES_HTTP_THREADS:-4} \
+    ES_HTTP_WORKERS=${ES_HTTP_WORKERS:-1} ES_HTTP_THREADS=${ES_HTTP_THREADS:-16} \
     examples/orders/http/nginx.sh start "$WORK/nginx" >/dev/null
 }
 start_nginx
