@@ -335,16 +335,41 @@ describe("read models on PostgreSQL", function()
     assert.same({ { t = es.json.encode(doc) } }, texts)
     assert.same(doc, rm:get(store, "one").doc)
     -- find compares a json column as jsonb: spacing and key order aside
+    assert(store:query(([[INSERT INTO "%s".rm_json VALUES ('raw', '{ "b": [1, 2.5],  "a": "x" }', 'l')]])
+      :format(schema)))
     local rows = assert(rm:find(store, { doc = { a = "x", b = { 1, 2.5 } }, label = "l" }, { limit = 50 }))
-    assert.equal(rm._TYPED_MAX + 2, #rows)
+    assert.equal(rm._TYPED_MAX + 3, #rows)
+    assert.equal(rm._TYPED_MAX + 3, #assert(rm:find(store, { doc = { b = { 1, 2.5 }, a = "x" } }, { limit = 50 })))
+    assert.same(doc, rm:get(store, "raw").doc)
     assert.equal(0, #assert(rm:find(store, { doc = { a = "y" } })))
     assert.has_error(function() rm:find(store, {}, { order_by = "doc" }) end,
       'read_model:find: order_by "doc" is a json column of rm_json, which has no order')
-    -- a string that is not UTF-8: refused, the row kept as it was
-    local ok, err = apply { { stream = "J-one", data = { doc = "caf\xe9", label = "m" } } }
-    assert.is_nil(ok)
-    assert.equal("invalid", err.kind)
+    -- a string that is not UTF-8, or holds a NUL byte (json would keep
+    -- \u0000, jsonb, which find compares it as, cannot hold it): refused
+    -- alone, with a few and in a batch, the rows kept as they were
+    for _, bad in ipairs { "caf\xe9", "a\0b", { s = "a\0b" } } do
+      for _, n in ipairs { 1, 2, rm._TYPED_MAX + 1 } do
+        local evs = {}
+        for i = 1, n do evs[i] = { stream = i == 1 and "J-one" or ("J-many" .. i), data = { doc = bad, label = "m" } } end
+        local ok, err = apply(evs)
+        assert.is_nil(ok)
+        assert.equal("invalid", err.kind)
+        assert.matches("rm_json: a row cannot be stored", err.message, 1, true)
+      end
+    end
     assert.equal("l", rm:get(store, "one").label)
+    -- and by COPY (a rebuild's new rows)
+    local ok, err = store:copy_rows("rm_json", rm.columns, { { id = "c1", doc = { s = "a\0b" }, label = "c" } },
+      { json = { "doc" } })
+    assert.is_nil(ok)
+    assert.matches("a string contains a NUL byte", err.message, 1, true)
+    -- a backslash before "u0000" is no NUL: kept
+    assert(apply { { stream = "J-one", data = { doc = { s = "\\u0000" }, label = "n" } } })
+    assert.equal("\\u0000", rm:get(store, "one").doc.s)
+    assert(store:copy_rows("rm_json", rm.columns, { { id = "c2", doc = { s = "\\u0000" }, label = "c" } },
+      { json = { "doc" } }))
+    assert.is_nil(rm:get(store, "c1"))
+    assert.equal("\\u0000", rm:get(store, "c2").doc.s)
   end)
 
   it("creates the table with the key as primary key and the declared indexes", function()

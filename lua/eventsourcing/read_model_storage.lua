@@ -228,6 +228,34 @@ function ReadModel:_load_query(store, tbl, keys)
   return sql, keys_param(keys)
 end
 
+-- A json column keeps its text as written and find() compares it as
+-- jsonb, so its values must be what jsonb can hold: a string with a NUL
+-- byte, written \u0000, which PostgreSQL's json takes and jsonb does not,
+-- is refused, as a jsonb column refuses it. A plain search first; the
+-- full check (es.json.valid) only when the text spells "\u0000" (an
+-- escaped backslash followed by "u0000" is no NUL).
+local function holds_nul(text)
+  return text:find("\\u0000", 1, true) ~= nil and not json.valid(text)
+end
+
+local function nul_refused(self)
+  return nil, core.error("invalid", ("%s: a row cannot be stored: a string holds a NUL byte "
+    .. "(\\u0000), which json columns, compared as jsonb, cannot hold"):format(self.name))
+end
+
+-- Whether any column is json (not jsonb).
+function ReadModel:_has_json()
+  local has = self._json_any
+  if has == nil then
+    has = false
+    for _, c in ipairs(self.columns) do
+      if self.types[c] == "json" then has = true end
+    end
+    self._json_any = has
+  end
+  return has
+end
+
 -- Writes the final state of touched rows: upserts (array of rows) and
 -- deletes (array of key strings); one statement.
 -- The rows as JSON, checked on both stores: a row that cannot be stored
@@ -241,6 +269,7 @@ function ReadModel:_encode_rows(upserts)
     return nil, core.error("invalid", ("%s: a row cannot be stored: %s")
       :format(self.name, eerr.message))
   end
+  if self:_has_json() and holds_nul(text) then return nul_refused(self) end
   return text
 end
 
@@ -388,15 +417,17 @@ end
 
 -- How each column's value goes as a typed parameter: "int" (integer
 -- columns), "json" (jsonb: every value as JSON text, a string as a JSON
--- string) or "num" (other columns: a number as its JSON text), so that
--- the typed write stores what the JSON write stores.
+-- string), "plain json" (json: the same, without NUL bytes) or "num"
+-- (other columns: a number as its JSON text), so that the typed write
+-- stores what the JSON write stores.
 function ReadModel:_param_kinds()
   local kinds = self._pkinds
   if kinds then return kinds end
   kinds = {}
   for i, c in ipairs(self.columns) do
     local t = self.types[c]
-    kinds[i] = self.treat[i] == "int" and "int" or (t == "jsonb" or t == "json") and "json" or "num"
+    kinds[i] = self.treat[i] == "int" and "int" or t == "jsonb" and "json"
+      or t == "json" and "plain json" or "num"
   end
   self._pkinds = kinds
   return kinds
@@ -421,16 +452,18 @@ function ReadModel:_row_params(row, out, at)
       if v ~= v or v == math.huge or v == -math.huge then return unstorable(self, v) end
       if kinds[i] ~= "int" then v = json.encode(v) end
     elseif tv == "string" then
-      if kinds[i] == "json" then
+      if kinds[i] ~= "int" and kinds[i] ~= "num" then
         -- a string no JSON can hold (not UTF-8) is refused, as the JSON
         -- write refuses it, never stored as NULL
         local text = json.encode(v)
         if not text then return unstorable(self, v) end
+        if kinds[i] == "plain json" and holds_nul(text) then return nul_refused(self) end
         v = text
       end
     elseif tv == "table" then
       local text = json.encode(v)
       if not text then return unstorable(self, v) end
+      if kinds[i] == "plain json" and holds_nul(text) then return nul_refused(self) end
       v = text
     elseif tv ~= "nil" and tv ~= "boolean" then
       return unstorable(self, v)

@@ -15,6 +15,7 @@
  */
 #include "binding.h"
 #include "json.h"
+#include "../core/json_syntax.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -107,6 +108,14 @@ static int add_field(lua_State *L, es_buf *b, int ctx, int flags,
     case LUA_TTABLE:
         if (esl_json_encode_ctx(L, ctx, -1, b, msg, msglen) < 0)
             return -1;
+        /* JSON the library writes is always what jsonb can hold (read
+         * models compare json columns as jsonb): a NUL byte, \u0000 in
+         * JSON, is refused in JSON as in text. The encoder writes no
+         * other escape jsonb refuses. */
+        if (as_json && es_json_jsonb_unsafe(b->data + from, b->len - from)) {
+            snprintf(msg, msglen, "a string contains a NUL byte");
+            return -1;
+        }
         break;
     default:
         snprintf(msg, msglen, "a %s cannot be stored",
