@@ -350,7 +350,9 @@ describe("read models on PostgreSQL", function()
     for _, bad in ipairs { "caf\xe9", "a\0b", { s = "a\0b" } } do
       for _, n in ipairs { 1, 2, rm._TYPED_MAX + 1 } do
         local evs = {}
-        for i = 1, n do evs[i] = { stream = i == 1 and "J-one" or ("J-many" .. i), data = { doc = bad, label = "m" } } end
+        for i = 1, n do
+          evs[i] = { stream = i == 1 and "J-one" or ("J-many" .. i), data = { doc = bad, label = "m" } }
+        end
         local ok, err = apply(evs)
         assert.is_nil(ok)
         assert.equal("invalid", err.kind)
