@@ -87,7 +87,7 @@ U=$URL S=$SCHEMA N=$ORDERS OUT=$WORK/ids lua5.4 -e '
 # alternated runs of POST /orders/{id}/items at 32 connections (round 9,
 # fsync on) gave 2,731 and 2,760 req/s with 1 x 16 (p99 19.9 and 19.4
 # ms), 2,693 and 2,415 with 1 x 8 (17.7, 19.6), 2,515 and 2,443 with
-# 2 x 4 (26.3, 23.5); at 2 connections p99 3.7-4.6 ms either way.
+# 2 x 4 (26.3, 23.5); at 2 connections p99 2.7-4.7 ms in all three.
 PORT=${PORT:-$((20000 + $$ % 30000))}
 # start_nginx [STATE_CACHE]: the service, with its shared state cache
 # unless STATE_CACHE is off

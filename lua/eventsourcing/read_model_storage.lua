@@ -452,7 +452,7 @@ function ReadModel:_row_params(row, out, at)
       if v ~= v or v == math.huge or v == -math.huge then return unstorable(self, v) end
       if kinds[i] ~= "int" then v = json.encode(v) end
     elseif tv == "string" then
-      if kinds[i] ~= "int" and kinds[i] ~= "num" then
+      if kinds[i] == "json" or kinds[i] == "plain json" then
         -- a string no JSON can hold (not UTF-8) is refused, as the JSON
         -- write refuses it, never stored as NULL
         local text = json.encode(v)
