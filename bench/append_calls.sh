@@ -7,8 +7,9 @@
 #                               (src/core/pg_events.c, PG_APPEND_ONE)
 #
 # It runs in a DO block's loop over i that declares s text, lo bigint,
-# hi bigint (the versions the stream may be at: 0 and up, any), pos bigint,
-# ver bigint and at timestamptz; a new stream each time.
+# hi bigint (the versions the stream may be at: 0 and up, any), after uuid
+# (the last event the caller names: none, NULL), pos bigint, ver bigint and
+# at timestamptz; a new stream each time.
 append_call() {
   local schema=$2 payload="'{\"n\": 1, \"note\": \"hello\"}'"
   case $1 in
@@ -19,11 +20,11 @@ append_call() {
           INSERT INTO $schema.events (id, stream, version, type, data, metadata, category)
           SELECT gen_random_uuid(), s, l.cur + 1, 'Ticked', $payload::json, '{}'::json,
                  split_part(s, '-', 1)
-            FROM (SELECT coalesce(e.version, 0) AS cur, e.txid FROM (VALUES (1)) AS one
-                  LEFT JOIN LATERAL (SELECT version, txid FROM $schema.events
+            FROM (SELECT coalesce(e.version, 0) AS cur, e.txid, e.id FROM (VALUES (1)) AS one
+                  LEFT JOIN LATERAL (SELECT version, txid, id FROM $schema.events
                     WHERE stream = s ORDER BY version DESC LIMIT 1) e ON true) l
            WHERE (l.txid IS NULL OR l.txid <= pg_current_xact_id())
-             AND l.cur BETWEEN lo AND hi
+             AND l.cur BETWEEN lo AND hi AND (after IS NULL OR l.id = after)
           RETURNING position, version, recorded_at INTO pos, ver, at" ;;
     *) return 2 ;;
   esac

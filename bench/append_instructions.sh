@@ -73,7 +73,7 @@ instructions() {
   # -j: a statement ends at a semicolon followed by an empty line
   printf 'SET synchronous_commit = off;\n\nDO $$ DECLARE s text; st int;
     lo bigint := 0; hi bigint := 9223372036854775807; pos bigint; ver bigint;
-    at timestamptz; ids uuid[]; types text[]; d json[]; m json[];
+    at timestamptz; after uuid; ids uuid[]; types text[]; d json[]; m json[];
   BEGIN FOR i IN 0..%d LOOP %s; COMMIT; END LOOP; END $$;\n\n' \
     "$(($2 - 1))" "$(loop_body "$1")" >"$work/in.sql"
   as_owner valgrind --tool=callgrind --callgrind-out-file="$work/cg.out" \

@@ -52,8 +52,10 @@ typedef enum es_reason {
     ES_REASON_SERIALIZATION,  /* "serialization": other 40001, or 40P01 */
     ES_REASON_TX_ABORTED,     /* "tx_aborted": failed inside the caller's
                                  transaction, which must be rolled back */
-    ES_REASON_TIMEOUT         /* "timeout": 57014 statement timeout, 55P03
+    ES_REASON_TIMEOUT,        /* "timeout": 57014 statement timeout, 55P03
                                  lock timeout */
+    ES_REASON_LAST_ID         /* "last_id": the stream's last event is not
+                                 the one es_event_in.after names */
 } es_reason;
 
 typedef struct es_error {
@@ -84,7 +86,15 @@ int es_fail(es_error *err, es_kind kind, const char *fmt, ...)
  * still refuses a duplicate; outside a transaction a refused append is
  * then checked as usual, inside one the refusal has aborted it and an id
  * already stored fails as ES_INVALID, reason ES_REASON_TX_ABORTED).
- * 0 (the default) for ids that may have been sent before. */
+ * 0 (the default) for ids that may have been sent before.
+ * after (read on the first event of an append only; NULL: no such check):
+ * the id, as a UUID, that the stream's last event must have for the
+ * append to go ahead; else it is refused as ES_CONFLICT, reason
+ * ES_REASON_LAST_ID (actual: the stream's version). A version names a
+ * place in the stream, this names what is there: a state kept from an
+ * earlier read is the stream's head only if both hold (after a restore
+ * from a backup, a stream may reach the same version again with other
+ * events). */
 typedef struct es_event_in {
     const char *id;
     const char *type;
@@ -93,6 +103,7 @@ typedef struct es_event_in {
     const char *metadata;
     size_t metadata_len;
     int new_id;
+    const char *after;
 } es_event_in;
 
 typedef struct es_append_result {

@@ -252,7 +252,7 @@ SET synchronous_commit = off;
 SELECT split_part(pg_read_file('/proc/self/schedstat'), ' ', 1) AS s0,
        pg_current_wal_insert_lsn() AS w0 \gset
 DO \$\$ DECLARE s text; lo bigint := 0; hi bigint := 9223372036854775807; pos bigint;
-  ver bigint; at timestamptz;
+  ver bigint; at timestamptz; after uuid;
 BEGIN FOR i IN 1..$n LOOP $call; COMMIT; END LOOP; END \$\$;
 SELECT round((split_part(pg_read_file('/proc/self/schedstat'), ' ', 1)::bigint - :s0) / 1000.0 / $n, 1)
        || ' ' || round(pg_wal_lsn_diff(pg_current_wal_insert_lsn(), :'w0') / $n);

@@ -875,6 +875,101 @@ for _, entry in ipairs(store_entries()) do
         assert.same({ 2500, 2501 }, field(collect(assert(store:read("Long-1", { from = 2500, limit = 2 }))), "version"))
       end)
     end)
+
+    -- A version names a place in a stream, expected_last_id what is there:
+    -- after a restore from a backup a stream can reach the same version
+    -- again with other events, and a state kept from before is not its.
+    describe("expected_last_id", function()
+      local function last_id(stream)
+        return collect(assert(store:read(stream, { backward = true, limit = 1 })))[1].id
+      end
+
+      it("appends one event or a batch after the stream's last event", function()
+        assert(store:append("L-1", events_of { "A", "B" }))
+        local head = last_id("L-1")
+        local res = assert(store:append("L-1", { type = "C" }, { expected_version = 2,
+          expected_last_id = head:upper() }))
+        assert.equal(3, res.version)
+        res = assert(store:append("L-1", events_of { "D", "E" }, { expected_last_id = last_id("L-1") }))
+        assert.equal(5, res.version)
+        -- with the repository's new ids, as a command from a cached state sends them
+        local ev = { type = "F", id = uuid() }
+        res = assert(store:append("L-1", ev, { expected_version = 5, new_ids = true,
+          expected_last_id = last_id("L-1") }))
+        assert.equal(6, res.version)
+        assert.same({ "A", "B", "C", "D", "E", "F" }, field(collect(assert(store:read("L-1"))), "type"))
+      end)
+
+      it("refuses an append after another last event, at the version expected too", function()
+        assert(store:append("L-2", events_of { "A", "B" }))
+        local first = collect(assert(store:read("L-2")))[1].id
+        local cases = {
+          { { type = "X" }, { expected_version = 2, expected_last_id = first } },
+          { { type = "X" }, { expected_last_id = first } },
+          { { type = "X", id = uuid() }, { expected_version = 2, new_ids = true, expected_last_id = first } },
+          { events_of { "X", "Y" }, { expected_version = 2, expected_last_id = first } },
+          { { type = "X" }, { expected_version = 2, expected_last_id = uuid() } },
+        }
+        for i, c in ipairs(cases) do
+          local err = assert_err("conflict", store:append("L-2", c[1], c[2]))
+          assert.equal("last_id", err.reason, "case " .. i)
+          assert.equal(2, err.actual, "case " .. i)
+          assert.truthy(err.message:find("is not the one expected", 1, true), err.message)
+        end
+        assert.equal(2, store:version("L-2"))
+        assert.equal(2, #collect(assert(store:read("L-2"))))
+      end)
+
+      it("names no event of an empty stream, and a version conflict stays one", function()
+        local err = assert_err("conflict", store:append("L-3", { type = "A" },
+          { expected_last_id = uuid() }))
+        assert.equal("last_id", err.reason)
+        assert.equal(0, err.actual)
+        assert.equal(0, store:version("L-3"))
+        assert(store:append("L-3", events_of { "A", "B" }))
+        err = assert_err("conflict", store:append("L-3", { type = "C" },
+          { expected_version = 1, expected_last_id = last_id("L-3") }))
+        assert.equal("version", err.reason)
+        assert.equal(2, err.actual)
+        assert.equal(2, store:version("L-3"))
+      end)
+
+      it("takes a retry of a batch that went through as done", function()
+        assert(store:append("L-4", { type = "A" }))
+        local head = last_id("L-4")
+        local batch = events_of { "B", "C" }
+        batch[1].id, batch[2].id = uuid(), uuid()
+        local first = assert(store:append("L-4", batch, { expected_version = 1, expected_last_id = head }))
+        local again = assert(store:append("L-4", batch, { expected_version = 1, expected_last_id = head }))
+        assert.is_true(again.idempotent)
+        assert.equal(first.version, again.version)
+        assert.equal(3, store:version("L-4"))
+      end)
+
+      it("is what fold gives last: the id of the last event it read", function()
+        local h = { A = function(n) return n + 1 end }
+        local n, v, id = store:fold("L-6", h, 0)
+        assert.same({ 0, 0 }, { n, v })
+        assert.is_nil(id)
+        assert(store:append("L-6", events_of { "A", "B", "A" }))
+        n, v, id = store:fold("L-6", h, 0)
+        assert.same({ 2, 3 }, { n, v })   -- B has no handler: read all the same
+        assert.equal(last_id("L-6"), id)
+        n, v, id = store:fold("L-6", h, 0, { to = 1 })
+        assert.same({ 1, 1 }, { n, v })
+        assert.equal(collect(assert(store:read("L-6")))[1].id, id)
+        assert.is_nil(select(3, store:fold("L-6", h, 0, { from = 4 })))
+      end)
+
+      it("refuses what is not a UUID", function()
+        assert(store:append("L-5", { type = "A" }))
+        fails("invalid", "expected last id 'nope' is not a UUID")(
+          store:append("L-5", { type = "B" }, { expected_last_id = "nope" }))
+        fails("invalid", "option 'expected_last_id' must be a string (a UUID), got number")(
+          store:append("L-5", { type = "B" }, { expected_last_id = 7 }))
+        assert.equal(1, store:version("L-5"))
+      end)
+    end)
   end)
 end
 

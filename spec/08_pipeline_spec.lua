@@ -375,6 +375,32 @@ describe("transactions in fewer round trips (" .. target.name .. ")", function()
       assert.equal(1, notes())
     end)
 
+    it("an append after another last event than expected_last_id is a conflict, "
+      .. "and the statement behind it never runs", function()
+      assert(store:append("W-2L", { { type = "A" }, { type = "A" } }))
+      local evs = {}
+      for e in assert(store:read("W-2L")) do evs[#evs + 1] = e end
+      for _, batch in ipairs({ { type = "B" }, { { type = "B" }, { type = "C" } } }) do
+        assert(store:begin())
+        local ok, err = store:append("W-2L", batch, { expected_version = 2,
+          expected_last_id = evs[1].id, commit_with = with(insert, 1, "never") })
+        assert.is_nil(ok)
+        assert.equal("conflict", err.kind)
+        assert.equal("last_id", err.reason)
+        assert.equal(2, err.actual)
+        assert.matches("nothing of the transaction was committed", err.message)
+        assert.is_false(store:in_transaction())
+        assert.equal(2, events("W-2L"))
+        assert.equal(0, notes())
+      end
+      assert(store:begin())
+      local res = assert(store:append("W-2L", { type = "B" }, { expected_version = 2,
+        expected_last_id = evs[2].id, commit_with = with(insert, 1, "after the right one") }))
+      assert.is_true(res.one_trip)
+      assert.equal(3, events("W-2L"))
+      assert.equal(1, notes())
+    end)
+
     it("an event id already stored (new_ids, not looked up) fails as invalid, nothing committed", function()
       local id = require("eventsourcing.core").uuid()
       assert(store:append("W-3", { id = id, type = "A" }))

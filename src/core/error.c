@@ -29,6 +29,7 @@ const char *es_reason_name(es_reason reason)
     case ES_REASON_SERIALIZATION: return "serialization";
     case ES_REASON_TX_ABORTED: return "tx_aborted";
     case ES_REASON_TIMEOUT: return "timeout";
+    case ES_REASON_LAST_ID: return "last_id";
     }
     return NULL;
 }

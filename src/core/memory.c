@@ -351,6 +351,30 @@ static int conflict(es_error *err, const char *stream, int64_t expected,
     return -1;
 }
 
+/* Is the event at version cur of stream si (1-based; 0: none) the one
+ * with this id (text, validated by store.c)? An empty stream has none. */
+static int last_is(const mstore *m, uint32_t si, uint32_t cur,
+                   const char *id)
+{
+    uint8_t want[16];
+    if (!si || cur == 0)
+        return 0;
+    uuid_parse(id, want);
+    return memcmp(ev_at(m, m->streams[si - 1].pos[cur - 1])->id, want,
+                  16) == 0;
+}
+
+static int last_id_conflict(es_error *err, const char *stream,
+                            int64_t expected, uint32_t actual)
+{
+    es_fail(err, ES_CONFLICT, "stream %.200s: its last event (version %lu) "
+            "is not the one expected", stream, (unsigned long)actual);
+    err->expected = expected;
+    err->actual = actual;
+    err->reason = ES_REASON_LAST_ID;
+    return -1;
+}
+
 /* Everything an append may need, reserved up front. */
 static int reserve(mstore *m, uint32_t si, size_t n, es_error *err)
 {
@@ -478,11 +502,15 @@ static int mem_append(es_store *s, const char *stream, const es_event_in *ev,
         }
     }
 
-    /* 3. expected version */
+    /* 3. expected version, and the last event the caller expects */
     if ((expected == ES_NO_STREAM && cur != 0) ||
         (expected == ES_STREAM_EXISTS && cur == 0) ||
         (expected >= 0 && expected != cur)) {
         conflict(err, stream, expected, cur);
+        goto done;
+    }
+    if (ev[0].after && !last_is(m, si, cur, ev[0].after)) {
+        last_id_conflict(err, stream, expected, cur);
         goto done;
     }
 

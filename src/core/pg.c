@@ -393,7 +393,7 @@ int pg_fail(pg_store *p, PGresult *res, const char *what, es_error *err)
 
 static const char *const stmt_names[PG_NSTMT] = {
     "es_append", "es_append_one", "es_append_strict", "es_version",
-    "es_read_f", "es_read_b",
+    "es_last", "es_read_f", "es_read_b",
     "es_snapshot_save", "es_snapshot_load",
     "es_read_all0", "es_read_all1", "es_read_all2", "es_read_all3",
     "es_read_all4", "es_read_all5", "es_read_all6", "es_read_all7",
@@ -401,18 +401,24 @@ static const char *const stmt_names[PG_NSTMT] = {
     "es_read_all12", "es_read_all13", "es_read_all14", "es_read_all15"
 };
 
-/* Statement names carry a hash of the schema: the text of a statement
- * depends only on the schema, so a session that already has a name (a
- * pooler handed us a session another store prepared) has the same
- * statement, never one reading another schema. */
+/* Statement names carry a hash of the schema and of the statement's
+ * text, so a session that already has a name (a pooler handed us a
+ * session another store prepared, maybe one of another version of this
+ * library) has the very same statement, never one reading another schema
+ * or taking other parameters. */
 void pg_name_statements(pg_store *p)
 {
-    uint32_t h = 2166136261u;                      /* FNV-1a */
+    uint32_t h0 = 2166136261u;                     /* FNV-1a */
+    char sql[2048];
     for (const char *c = p->schema; *c; c++)
-        h = (h ^ (unsigned char)*c) * 16777619u;
-    for (int i = 0; i < PG_NSTMT; i++)
+        h0 = (h0 ^ (unsigned char)*c) * 16777619u;
+    for (int i = 0; i < PG_NSTMT; i++) {
+        uint32_t h = h0;
+        for (const char *c = pg_statement_sql(p, i, sql, sizeof sql); *c; c++)
+            h = (h ^ (unsigned char)*c) * 16777619u;
         snprintf(p->names[i], sizeof p->names[i], "%s_%08x", stmt_names[i],
                  (unsigned)h);
+    }
 }
 
 /* Connects if needed and prepares the statement once per session. */

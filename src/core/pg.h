@@ -39,6 +39,7 @@ enum {
     PG_APPEND_ONE,        /* one event, id made here: no function call */
     PG_APPEND_STRICT,     /* the same, a refusal an error (append_commit) */
     PG_VERSION,
+    PG_LAST,              /* the stream's last version and event id */
     PG_READ_FORWARD,
     PG_READ_BACKWARD,
     PG_SNAPSHOT_SAVE,

@@ -51,11 +51,12 @@ const char *pg_statement_sql(const pg_store *p, int stmt, char *out,
                  " version, type, data, metadata, category)"
                  " SELECT $3::uuid, $1, l.cur + 1, $4, $5::json, $6::json,"
                  " split_part($1, '-', 1) FROM (SELECT coalesce(e.version, 0)"
-                 " AS cur, e.txid FROM (VALUES (1)) AS one LEFT JOIN LATERAL"
-                 " (SELECT version, txid FROM \"%s\".events WHERE stream = $1"
-                 " ORDER BY version DESC LIMIT 1) e ON true) l"
+                 " AS cur, e.txid, e.id FROM (VALUES (1)) AS one LEFT JOIN"
+                 " LATERAL (SELECT version, txid, id FROM \"%s\".events"
+                 " WHERE stream = $1 ORDER BY version DESC LIMIT 1) e ON true) l"
                  " WHERE (l.txid IS NULL OR l.txid <= pg_current_xact_id())"
                  " AND l.cur BETWEEN $2::bigint AND $7::bigint"
+                 " AND ($8::uuid IS NULL OR l.id = $8::uuid)"
                  " RETURNING position, version, recorded_at", s, s);
         break;
     case PG_APPEND_STRICT:
@@ -67,10 +68,11 @@ const char *pg_statement_sql(const pg_store *p, int stmt, char *out,
                  " version, type, data, metadata, category)"
                  " SELECT $3::uuid, $1, CASE WHEN (l.txid IS NULL OR"
                  " l.txid <= pg_current_xact_id()) AND l.cur BETWEEN"
-                 " $2::bigint AND $7::bigint THEN l.cur + 1 END, $4, $5::json,"
+                 " $2::bigint AND $7::bigint AND ($8::uuid IS NULL OR"
+                 " l.id = $8::uuid) THEN l.cur + 1 END, $4, $5::json,"
                  " $6::json, split_part($1, '-', 1) FROM (SELECT"
-                 " coalesce(e.version, 0) AS cur, e.txid FROM (VALUES (1)) AS"
-                 " one LEFT JOIN LATERAL (SELECT version, txid FROM"
+                 " coalesce(e.version, 0) AS cur, e.txid, e.id FROM (VALUES"
+                 " (1)) AS one LEFT JOIN LATERAL (SELECT version, txid, id FROM"
                  " \"%s\".events WHERE stream = $1 ORDER BY version DESC"
                  " LIMIT 1) e ON true) l"
                  " RETURNING position, version, recorded_at", s, s);
@@ -78,6 +80,10 @@ const char *pg_statement_sql(const pg_store *p, int stmt, char *out,
     case PG_VERSION:
         /* the last event's, through the unique (stream, version) index */
         snprintf(out, outlen, "SELECT version FROM \"%s\".events WHERE "
+                 "stream = $1 ORDER BY version DESC LIMIT 1", s);
+        break;
+    case PG_LAST:
+        snprintf(out, outlen, "SELECT version, id FROM \"%s\".events WHERE "
                  "stream = $1 ORDER BY version DESC LIMIT 1", s);
         break;
     case PG_READ_FORWARD:
@@ -399,7 +405,7 @@ static int aborted_conflict(const pg_store *p, const char *stream,
                            "roll it back", err);
 }
 
-enum { O_STREAM, O_LOW, O_ID, O_TYPE, O_DATA, O_META, O_HIGH, O_N };
+enum { O_STREAM, O_LOW, O_ID, O_TYPE, O_DATA, O_META, O_HIGH, O_AFTER, O_N };
 
 /* The versions a stream may be at for an append expecting `expected`:
  * any, none (0), some (1 and up) or exactly that one. */
@@ -451,8 +457,9 @@ static int one_params(pg_store *p, const char *stream, const es_event_in *ev,
     rc |= es_buf_add(b, num, strlen(num) + 1);
     if (rc)
         return es_fail(err, ES_DATABASE, "out of memory");
-    for (int i = 0; i < O_N; i++)
+    for (int i = 0; i < O_AFTER; i++)
         values[i] = b->data + offs[i];
+    values[O_AFTER] = ev->after;    /* NULL: no last event named */
     return 0;
 }
 
@@ -489,18 +496,94 @@ static int append_one(pg_store *p, const char *stream, const es_event_in *ev,
     return rc;
 }
 
+/* The stream's last version and its event's id (0 and zeros when the
+ * stream has none). */
+static int last_event(pg_store *p, const char *stream, int64_t *version,
+                      unsigned char id[16], es_error *err)
+{
+    const char *values[1] = { stream };
+    PGresult *res = pg_exec_prepared(p, PG_LAST, 1, values, 0, err);
+
+    if (!res)
+        return -1;
+    *version = 0;
+    memset(id, 0, 16);
+    if (PQntuples(res) == 1) {
+        *version = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
+        if (uuid_parse(PQgetvalue(res, 0, 1), id) != 0)
+            memset(id, 0, 16);
+    }
+    PQclear(res);
+    return 0;
+}
+
+/* Is `text` (a UUID the caller gave, validated by store.c) this id? */
+static int same_id(const char *text, const unsigned char id[16])
+{
+    unsigned char u[16];
+    return uuid_parse(text, u) == 0 && memcmp(u, id, 16) == 0;
+}
+
+static int last_id_conflict(const char *stream, int64_t expected,
+                            int64_t actual, const char *then, es_error *err)
+{
+    es_fail(err, ES_CONFLICT, "stream %.200s: its last event (version %"
+            PRId64 ") is not the one expected%s", stream, actual, then);
+    err->expected = expected;
+    err->actual = actual;
+    err->reason = ES_REASON_LAST_ID;
+    return -1;
+}
+
+/* The last event the caller names (ev->after), for append(), which does
+ * not know it: read first. Events never change, so the event that is the
+ * stream's last at version v now is the one at v for good, and append()
+ * held to exactly v (*expected) goes ahead only while it is still the
+ * last. A stream whose last event is the batch's own (a retry of an
+ * append that went through) is left to append()'s id check (*check):
+ * an idempotent success, never a new append, since its ids are found.
+ * 0, or -1 with the conflict in err. */
+static int after_check(pg_store *p, const char *stream, const es_event_in *ev,
+                       size_t n, int64_t *expected, int *check, es_error *err)
+{
+    unsigned char id[16];
+    int64_t v, low, high;
+
+    if (last_event(p, stream, &v, id, err) < 0)
+        return -1;
+    if (v > 0 && ev[n - 1].id && same_id(ev[n - 1].id, id)) {
+        *check = 1;
+        return 0;
+    }
+    expected_range(*expected, &low, &high);
+    if (v < low || v > high) {
+        char want[48];
+        expected_text(*expected, want, sizeof want);
+        es_fail(err, ES_CONFLICT, "stream %s: expected %s, found version %"
+                PRId64, stream, want, v);
+        err->expected = *expected;
+        err->actual = v;
+        err->reason = ES_REASON_VERSION;
+        return -1;
+    }
+    if (v > 0 && same_id(ev[0].after, id)) {
+        *expected = v;
+        return 0;
+    }
+    return last_id_conflict(stream, *expected, v, "", err);
+}
+
+static int pg_append_checked(pg_store *p, const char *stream,
+                             const es_event_in *ev, size_t n,
+                             int64_t expected, int check, int given,
+                             es_append_result *out, es_error *err);
+
 int pg_append(es_store *s, const char *stream, const es_event_in *ev,
               size_t n, int64_t expected, es_append_result *out,
               es_error *err)
 {
     pg_store *p = (pg_store *)s;
-    size_t offs[A_N];
-    const char *values[A_N];
-    int lens[A_N];
-    static const int formats[A_N] = { 0, 0, 0, 1, 1, 1, 1 };
-    const pg_binparams bin = { lens, formats };
-    PGresult *res;
-    int given = given_ids(ev, n), check = given == 2, build = 1;
+    int given = given_ids(ev, n), check = given == 2;
 
     /* Citus routes append() to the stream's worker; only the function
      * knows how (pg_citus.c). Ids that may have been sent before need
@@ -520,6 +603,36 @@ int pg_append(es_store *s, const char *stream, const es_event_in *ev,
         if (!citus)
             check = given != 0;
     }
+    if (ev[0].after) {
+        int64_t want = expected;
+        if (after_check(p, stream, ev, n, &expected, &check, err) < 0)
+            return -1;
+        /* a conflict append() finds from here on names what the caller
+         * expected, not the version this held it to */
+        int rc = pg_append_checked(p, stream, ev, n, expected, check, given,
+                                   out, err);
+        if (rc < 0 && err->kind == ES_CONFLICT)
+            err->expected = want;
+        return rc;
+    }
+    return pg_append_checked(p, stream, ev, n, expected, check, given, out,
+                             err);
+}
+
+/* append() itself, asked again while a concurrent writer keeps taking the
+ * version first (see pg_append). */
+static int pg_append_checked(pg_store *p, const char *stream,
+                             const es_event_in *ev, size_t n,
+                             int64_t expected, int check, int given,
+                             es_append_result *out, es_error *err)
+{
+    size_t offs[A_N];
+    const char *values[A_N];
+    int lens[A_N];
+    static const int formats[A_N] = { 0, 0, 0, 1, 1, 1, 1 };
+    const pg_binparams bin = { lens, formats };
+    PGresult *res;
+    int build = 1;
 
     /* A unique violation means a concurrent writer took the version (or
      * the id) between our check and our insert. Outside a transaction we
@@ -573,13 +686,16 @@ int pg_append(es_store *s, const char *stream, const es_event_in *ev,
  * transaction is rolled back by now. A refusal (23502, see the statement)
  * is a version conflict, the version it met asked for afterwards, outside
  * any transaction; or, when that version is one the append accepts, the
- * stream-order rule's (a transaction that had its id before the stream's
- * last appender: it wrote something before this append). */
-static int strict_failed(pg_store *p, const char *stream, int64_t expected,
+ * last event the caller named (ev->after) that is not the stream's last,
+ * else the stream-order rule's (a transaction that had its id before the
+ * stream's last appender: it wrote something before this append). */
+static int strict_failed(pg_store *p, const char *stream,
+                         const es_event_in *ev, int64_t expected,
                          es_error *err)
 {
     es_error verr;
     int64_t actual = -1, low, high;
+    unsigned char last[16];
     char want[48];
 
     if (strcmp(err->sqlstate, "23505") == 0 ||
@@ -588,9 +704,14 @@ static int strict_failed(pg_store *p, const char *stream, int64_t expected,
                                "transaction was committed", err);
     if (strcmp(err->sqlstate, "23502") != 0)
         return -1;
-    if (pg_version(&p->base, stream, &actual, &verr) < 0)
+    if (last_event(p, stream, &actual, last, &verr) < 0)
         actual = -1;
     expected_range(expected, &low, &high);
+    /* the version is right but the event there is not the one named */
+    if (ev->after && actual >= low && actual <= high &&
+        !(actual > 0 && same_id(ev->after, last)))
+        return last_id_conflict(stream, expected, actual, " (nothing of the "
+                                "transaction was committed)", err);
     if (actual >= low && actual <= high) {
         es_fail(err, ES_CONFLICT, "stream %s was appended to by a younger "
                 "transaction; retry in a new transaction (nothing of the "
@@ -651,7 +772,7 @@ static int append_one_commit(pg_store *p, const char *stream,
     rc = pg_exec_commit(p, PG_APPEND_STRICT, O_N, values, 1, sql, nparams,
                         params, &res, &late, err);
     if (rc == 1)
-        return strict_failed(p, stream, expected, err);
+        return strict_failed(p, stream, ev, expected, err);
     if (rc != 0)
         return -1;
     /* PG_APPEND_STRICT gives its row or fails: no row would be a bug,

@@ -179,6 +179,9 @@ static int append_valid(es_store *s, const char *stream,
     if (expected < ES_STREAM_EXISTS)
         return es_fail(err, ES_INVALID, "expected version %lld is not valid",
                        (long long)expected);
+    if (events[0].after && !es_uuid_valid(events[0].after))
+        return es_fail(err, ES_INVALID, "expected last id '%.60s' is not a "
+                       "UUID", events[0].after);
     for (size_t i = 0; i < n; i++) {
         if (es_valid_event_type(events[i].type, err) < 0)
             return -1;

@@ -711,7 +711,7 @@ static int l_append(lua_State *L)
     span shared = {0, 0, 0, 0};
     size_t n, *qoffs = NULL;
     char msg[300];
-    const char *sql = NULL, **qp = NULL;
+    const char *sql = NULL, **qp = NULL, *after = NULL;
     int *qnulls = NULL;
     es_event_in *evs;
     span *spans;
@@ -736,6 +736,15 @@ static int l_append(lua_State *L)
     if (read_expected(L, 4, &expected, msg, sizeof msg) < 0)
         return append_refused(L, ls, with, msg);
     if (!lua_isnil(L, 4)) {
+        lua_getfield(L, 4, "expected_last_id");
+        if (lua_type(L, -1) == LUA_TSTRING)
+            after = lua_tostring(L, -1);     /* anchored by opts */
+        else if (!lua_isnil(L, -1)) {
+            snprintf(msg, sizeof msg, "option 'expected_last_id' must be a "
+                     "string (a UUID), got %s", luaL_typename(L, -1));
+            return append_refused(L, ls, with, msg);
+        }
+        lua_pop(L, 1);
         lua_getfield(L, 4, "new_ids");
         if (lua_isboolean(L, -1))
             new_ids = lua_toboolean(L, -1);
@@ -793,6 +802,7 @@ static int l_append(lua_State *L)
         evs[i].metadata = ls->json.data + spans[i].meta;
         evs[i].metadata_len = spans[i].meta_len;
         evs[i].new_id = new_ids && evs[i].id;
+        evs[i].after = i == 0 ? after : NULL;
     }
     for (int i = 0; i < np; i++)
         if (!qp[i] && !qnulls[i])
@@ -1225,10 +1235,12 @@ static int l_copy_wait(lua_State *L)
 
 /* ---- fold: the hot path ----------------------------------------------- */
 
-/* store:fold(stream, handlers, initial, opts) -> state, version.
+/* store:fold(stream, handlers, initial, opts) -> state, version, last_id.
  * Rows come page by page from the cursor; each event is decoded straight
  * onto the stack and handed to handlers[type](state, event). Events with
- * no handler are skipped without decoding their payload. */
+ * no handler are skipped without decoding their payload. last_id: the id
+ * of the last event read (nil when none was), what an append's
+ * expected_last_id names. */
 static int l_fold(lua_State *L)
 {
     lstore *ls = check_store(L);
@@ -1240,6 +1252,7 @@ static int l_fold(lua_State *L)
     int rc, state;
     event_ctx ctx;
     int64_t version;
+    char last[40] = "";
 
     luaL_checktype(L, 3, LUA_TTABLE);
     check_opts(L, 5);
@@ -1264,7 +1277,10 @@ static int l_fold(lua_State *L)
     lua_pushvalue(L, 4);
     state = lua_gettop(L);
     while ((rc = es_cursor_next(lc->c, &e, &err)) > 0) {
+        size_t idlen = strlen(e.id);
         version = e.version;
+        if (idlen < sizeof last)
+            memcpy(last, e.id, idlen + 1);
         lua_pushlstring(L, e.type, strlen(e.type));
         ctx.type = lua_gettop(L);
         lua_pushvalue(L, ctx.type);
@@ -1289,7 +1305,11 @@ static int l_fold(lua_State *L)
     es_cursor_free(lc->c);
     lc->c = NULL;
     esl_pushint64(L, version);
-    return 2;
+    if (last[0])
+        lua_pushstring(L, last);
+    else
+        lua_pushnil(L);
+    return 3;
 }
 
 /* ---- snapshots -------------------------------------------------------- */
