@@ -210,6 +210,34 @@ for _, entry in ipairs(helpers.stores()) do
       assert.equal(3, store:version("Tags-t"))
     end)
 
+    it("does not take a stream that reached the cached version with other events for "
+      .. "its state (a restore from a backup, or a cache given to two stores)", function()
+      local A = counter()
+      local cache = es.state_cache()
+      local repo = es.repository(store, { cache = cache, max_retries = 0 })
+      assert(add(repo, A, "z", 1))
+      assert(add(repo, A, "z", 2))               -- cached: version 2, n = 3
+      -- the same stream as a restore leaves it: version 2, other events
+      local restored, rschema = helpers.open(entry)
+      assert(add(es.repository(restored), A, "z", 10))
+      assert(add(es.repository(restored), A, "z", 20))
+      local repo2 = es.repository(restored, { cache = cache, max_retries = 0 })
+      local r = assert(add(repo2, A, "z", 100))
+      assert.equal(3, r.version)
+      assert.equal(130, r.state.n, "decided from the stream, not the cached state")
+      assert.equal(1, repo2.stats.cache_hits)
+      assert.equal(1, repo2.stats.cache_stale)
+      assert.equal(0, repo2.stats.retries, "not counted in max_retries")
+      local state = es.repository(restored):load(A, "z")
+      assert.same({ 10, 20, 100 }, state.log)
+      -- the state kept now is the restored stream's
+      assert(add(repo2, A, "z", 1000))
+      assert.equal(2, repo2.stats.cache_hits)
+      assert.equal(1, repo2.stats.cache_stale)
+      if rschema then assert(restored:query('DROP SCHEMA "' .. rschema .. '" CASCADE')) end
+      restored:close()
+    end)
+
     it("still saves snapshots every snapshot_every events", function()
       if not store.save_snapshot then return end
       local A = counter { snapshot_every = 3, snapshot_version = 1 }
@@ -360,7 +388,8 @@ describe("the order service with a state cache and its inline read model (postgr
     local cached = service.new(store, { cache = cache })
     local id = assert(cached.create_order({ customer_id = "c1" }, { user = "u" }))
     -- a row the handlers cannot work with, at the right version
-    cache:set(row_key(id), '1 {"id": "' .. id .. '", "items": [7]}')
+    local created = cached.repository:history(require("orders.order"), id)[1]
+    cache:set(row_key(id), '1 ' .. created.id .. ' {"id": "' .. id .. '", "items": [7]}')
     assert(cached.add_item { order_id = id, product_id = "p1", quantity = 1, unit_price = 100 })
     assert.equal(trips(0), cached.repository.stats.one_trips)
     local row = assert(cached.get_order(id))
@@ -370,6 +399,40 @@ describe("the order service with a state cache and its inline read model (postgr
     assert(cached.add_item { order_id = id, product_id = "p2", quantity = 1, unit_price = 50 })
     assert.equal(trips(1), cached.repository.stats.one_trips)
     assert.equal(150, assert(cached.get_order(id)).total)
+  end)
+
+  it("keeps neither state nor row of an order restored from a backup that others wrote on since", function()
+    local cached = service.new(store, { cache = es.state_cache() })
+    local plain = service.new(store2)
+    local id = assert(cached.create_order({ customer_id = "c1" }, { user = "u" }))
+    local s = '"' .. store:schema() .. '"'
+    -- the backup: the order as created
+    assert(store2:query("CREATE TABLE " .. s .. ".backup AS SELECT * FROM " .. s
+      .. ".rm_orders WHERE id = $1", id))
+    assert(cached.add_item { order_id = id, product_id = "p1", quantity = 1, unit_price = 100 })
+    assert.equal(trips(1), cached.repository.stats.one_trips)
+    -- restored: the item's event and row are gone; another service adds its own
+    assert(store2:query("DELETE FROM " .. s .. ".events WHERE stream = $1 AND version > 1",
+      "Order-" .. id))
+    assert(store2:query("DELETE FROM " .. s .. ".rm_orders WHERE id = $1", id))
+    assert(store2:query("INSERT INTO " .. s .. ".rm_orders SELECT * FROM " .. s .. ".backup"))
+    assert(plain.add_item { order_id = id, product_id = "p2", quantity = 2, unit_price = 100 })
+    assert.equal(2, store:version("Order-" .. id))
+    -- the cache holds version 2 with p1: neither decides nor is written
+    assert(cached.add_item { order_id = id, product_id = "p3", quantity = 3, unit_price = 100 })
+    assert.equal(1, cached.repository.stats.cache_stale)
+    assert.equal(trips(1), cached.repository.stats.one_trips)
+    local row = assert(plain.get_order(id))
+    local products = {}
+    for _, item in ipairs(row.items) do products[#products + 1] = item.product_id end
+    table.sort(products)
+    assert.same({ "p2", "p3" }, products)
+    assert.equal(500, row.total)
+    assert.equal(3, store:version("Order-" .. id))
+    -- from there on the cache is the stream's again: one round trip
+    assert(cached.add_item { order_id = id, product_id = "p4", quantity = 1, unit_price = 1 })
+    assert.equal(trips(2), cached.repository.stats.one_trips)
+    assert.equal(501, assert(plain.get_order(id)).total)
   end)
 
   it("writes the row from the stream's head after another writer went first", function()

@@ -44,8 +44,10 @@ end
 -- opts.cache: a state cache (es.state_cache{...}, or any object with get
 -- and set; see state_cache.lua). execute then starts from the state the
 -- last committed command on that stream left there, without reading the
--- stream. The append expects that state's version, so a state that is
--- not the stream's head (another writer went first) fails it: the entry
+-- stream. The append expects that state's version and last event (its
+-- id), so a state that is not the stream's head (another writer went
+-- first; or, after a restore, the stream reached that version again
+-- with other events) fails it: the entry
 -- is dropped and the stream read, as without a cache (not counted in
 -- max_retries; a writer met in the act of appending the same version is a
 -- retry as before). A refusal, a no-op or a mismatch with the caller's
@@ -138,7 +140,9 @@ local function version_before(store, stream, at)
   return e and e.version or 0
 end
 
--- Internal load: state, version, snapshot_version_used (0 if none).
+-- Internal load: state, version, snapshot_version_used (0 if none), and
+-- the id of the last event folded (nil when none was: the stream is empty,
+-- or a snapshot was its head).
 local function load(self, A, stream, opts)
   local store = self.store
   local max_version = opts and opts.version
@@ -173,13 +177,13 @@ local function load(self, A, stream, opts)
     end
   end
   if state == nil then state = A:initial() end
-  local version
-  state, version = store:fold(stream, A.handlers, state, { from = from, to = max_version })
+  local version, last_id
+  state, version, last_id = store:fold(stream, A.handlers, state, { from = from, to = max_version })
   if state == nil then return nil, version end
   if whole then note_short(self, stream, snap_version == 0 and version < A.snapshot_every) end
   self.stats.loads = self.stats.loads + 1
   self.stats.events_folded = self.stats.events_folded + (version - from + 1)
-  return state, version, snap_version
+  return state, version, snap_version, last_id
 end
 
 -- repo:load(A, id, { version = n } | { at = iso }) -> state, version | nil, err
@@ -321,13 +325,13 @@ local function row_key(rm, stream)
   return "rm " .. rm.name .. " " .. tag .. " " .. stream
 end
 
--- The row the cache holds for stream at version, or nil. The entry is
--- "<version> <row as JSON>".
-local function cached_row(self, rm, stream, version)
+-- The row the cache holds for stream at version after the event last_id,
+-- or nil. The entry is "<version> <last event id> <row as JSON>".
+local function cached_row(self, rm, stream, version, last_id)
   local entry = self.cache:get(row_key(rm, stream))
   if type(entry) ~= "string" then return nil end
-  local v, at = entry:match("^(%d+) ()")
-  if tonumber(v) ~= version then return nil end
+  local v, id, at = entry:match("^(%d+) ([%x%-]+) ()")
+  if tonumber(v) ~= version or id ~= last_id then return nil end
   local ok, row = pcall(json.decode, entry:sub(at))
   if ok and type(row) == "table" then return row end
 end
@@ -336,13 +340,14 @@ local keeps_shape   -- below, with the states' cache
 
 -- Keeps the row a write gave back (rows: its RETURNING, as a load gives
 -- it, or that row's JSON text: commit_with's json_rows) for the stream's
--- next command; anything else drops the entry.
-local function cache_row(self, rm, stream, version, rows)
+-- next command, which finds it only after the same last event (the
+-- append's: out); anything else drops the entry.
+local function cache_row(self, rm, stream, out, version, rows)
   local row = rows and #rows == 1 and rows[1]
   local text = type(row) == "string" and row
     or type(row) == "table" and keeps_shape(row, 0) and json.encode(row)
   if text then
-    self.cache:set(row_key(rm, stream), version .. " " .. text)
+    self.cache:set(row_key(rm, stream), version .. " " .. out[#out].id .. " " .. text)
   elseif self.cache.delete then
     self.cache:delete(row_key(rm, stream))
   end
@@ -360,15 +365,16 @@ local WATCH = {
 }
 
 -- A command in one round trip: when the cache holds the read model's row
--- at the version the append expects, the handlers run before the append,
--- and the row's write goes behind the append, with COMMIT:
--- [BEGIN, the append, the write, COMMIT]. The append expects that version,
--- so a row that is not the stream's head fails it as the state would. Not
+-- at the version the append expects, after the same last event (last_id),
+-- the handlers run before the append, and the row's write goes behind the
+-- append, with COMMIT: [BEGIN, the append, the write, COMMIT]. The append
+-- expects that version (and, from a cached state, that last event), so a
+-- row that is not the stream's head fails it as the state would. Not
 -- when a handler reads what only the append gives (recorded_at, position),
 -- nor when the write is not one row's upsert: false then (the caller goes
 -- the two round trips), else the append's result | nil, err.
-local function one_trip(self, rm, stream, out, aopts)
-  local row = cached_row(self, rm, stream, aopts.expected_version)
+local function one_trip(self, rm, stream, out, aopts, last_id)
+  local row = cached_row(self, rm, stream, aopts.expected_version, last_id or "-")
   if not row then return false end
   local ks = key_string(read_model.default_key_of(out[1]))
   for i = 2, #out do
@@ -402,7 +408,7 @@ local function one_trip(self, rm, stream, out, aopts)
   if res.one_trip then self.stats.one_trips = self.stats.one_trips + 1 end
   stamp(out, res)
   -- an append found done already (a retry) wrote no row: keep none
-  cache_row(self, rm, stream, res.version, not res.idempotent and res.rows)
+  cache_row(self, rm, stream, out, res.version, not res.idempotent and res.rows)
   return res
 end
 
@@ -411,7 +417,7 @@ end
 -- will have, so handlers see what a projector would. On PostgreSQL that
 -- is 2 round trips: [BEGIN, the rows' load, the append], then [the rows'
 -- write, COMMIT]; one (one_trip) when the cache holds the row.
-local function append_inline(self, stream, out, aopts, cache, in_caller_tx)
+local function append_inline(self, stream, out, aopts, cache, in_caller_tx, last_id)
   local store = self.store
   if util.is_memory(store) then
     -- no transactions: run the handlers without writing first, so that a
@@ -454,7 +460,7 @@ local function append_inline(self, stream, out, aopts, cache, in_caller_tx)
   -- transaction open
   local fine, raised = pcall(function()
     if rm then
-      res, err = one_trip(self, rm, stream, out, aopts)
+      res, err = one_trip(self, rm, stream, out, aopts, last_id)
       if res ~= false then ok = res ~= nil; return end
       res = nil
     end
@@ -490,7 +496,7 @@ local function append_inline(self, stream, out, aopts, cache, in_caller_tx)
           ok, err = store:commit()
         end
         if ok and rm then
-          cache_row(self, rm, stream, res.version, last.returning and rows)
+          cache_row(self, rm, stream, out, res.version, last.returning and rows)
         end
         return
       end
@@ -518,17 +524,19 @@ local function cache_key(A, stream)
   return A.snapshot_version .. " " .. stream
 end
 
--- The state the cache holds for stream: state, version, snap_version
--- (the entry is "<version> <snap_version> <state as JSON>"), or nil.
+-- The state the cache holds for stream: state, version, snap_version and
+-- the id of the stream's last event then (nil at version 0), or nil. The
+-- entry is "<version> <snap_version> <last event id, or -> <state as
+-- JSON>" (an entry of an earlier form is not one).
 local function cached_state(self, A, stream)
   local entry = self.cache:get(cache_key(A, stream))
   if type(entry) ~= "string" then return nil end
-  local v, sv, at = entry:match("^(%d+) (%d+) ()")
-  if not v then return nil end
+  local v, sv, id, at = entry:match("^(%d+) (%d+) ([%x%-]+) ()")
+  if not v or (id == "-") ~= (v == "0") then return nil end
   local ok, state = pcall(json.decode, entry:sub(at))
   if not ok or type(state) ~= "table" then return nil end
   self.stats.cache_hits = self.stats.cache_hits + 1
-  return state, tonumber(v), tonumber(sv)
+  return state, tonumber(v), tonumber(sv), id ~= "-" and id or nil
 end
 
 -- Whether JSON gives the tables of v back as they are: not an empty table
@@ -556,12 +564,17 @@ local function cache_delete(cache, A, stream)
   if cache.delete then cache:delete(cache_key(A, stream)) end
 end
 
--- Keeps state for the next command: only one that JSON gives back as it is
--- (for anything else an older entry goes, and that stream is read each time).
-local function cache_state(self, A, stream, version, snap_version, state)
-  local text = keeps_shape(state, 0) and json.encode(state)
+-- Keeps state for the next command, with the id of the stream's last
+-- event (the append that takes it from there names it: a stream that
+-- reached the same version with other events, as after a restore, is not
+-- taken for this one). Only a state that JSON gives back as it is, and
+-- whose last event is known (not one a snapshot alone gave): for anything
+-- else an older entry goes, and that stream is read each time.
+local function cache_state(self, A, stream, version, snap_version, state, last_id)
+  local text = (version == 0 or last_id) and keeps_shape(state, 0) and json.encode(state)
   if text then
-    self.cache:set(cache_key(A, stream), version .. " " .. snap_version .. " " .. text)
+    self.cache:set(cache_key(A, stream),
+      version .. " " .. snap_version .. " " .. (last_id or "-") .. " " .. text)
   else
     cache_delete(self.cache, A, stream)
   end
@@ -570,9 +583,9 @@ end
 -- The stream's head, read and folded (load), and kept in the cache when
 -- there is one: before decide, which may alter the tables it is given.
 local function read_head(self, A, stream, cache)
-  local state, version, snap_version = load(self, A, stream, nil)
-  if state and cache then cache_state(self, A, stream, version, snap_version, state) end
-  return state, version, snap_version
+  local state, version, snap_version, last_id = load(self, A, stream, nil)
+  if state and cache then cache_state(self, A, stream, version, snap_version, state, last_id) end
+  return state, version, snap_version, last_id
 end
 
 local function cache_drop(self, A, stream)
@@ -618,24 +631,24 @@ function Repository:execute(A, id, command_name, command, opts)
   local cache = not in_caller_tx and self.cache or nil
   local try_cache = cache ~= nil
   while true do
-    local state, version, snap_version, from_cache
+    local state, version, snap_version, last_id, from_cache
     if try_cache then
-      state, version, snap_version = cached_state(self, A, stream)
+      state, version, snap_version, last_id = cached_state(self, A, stream)
       from_cache = state ~= nil
       try_cache = false
     end
     if not from_cache then
-      state, version, snap_version = read_head(self, A, stream, cache)
+      state, version, snap_version, last_id = read_head(self, A, stream, cache)
       if not state then return nil, version end
     end
     local events, err = decide(A, state, version, command_name, command, opts)
     if from_cache and (not events or #events == 0) then
       -- decided again from the stream: a refusal, a conflict with the
       -- caller's expected version or a no-op must hold at its head
-      local cached_version = version
-      state, version, snap_version = read_head(self, A, stream, cache)
+      local cached_version, cached_last = version, last_id
+      state, version, snap_version, last_id = read_head(self, A, stream, cache)
       if not state then return nil, version end
-      if version ~= cached_version then
+      if version ~= cached_version or last_id ~= cached_last then
         self.stats.cache_stale = self.stats.cache_stale + 1
       end
       from_cache = false
@@ -659,10 +672,14 @@ function Repository:execute(A, id, command_name, command, opts)
       return { version = version, position = position, events = events, state = state }
     end
     local out, new_ids = M.events_to_append(A, stream, version, base, events)
-    local aopts = { expected_version = version, new_ids = new_ids }
+    -- a state from the cache names the stream's last event too: a stream
+    -- that reached this version with other events (after a restore) is
+    -- not its stream
+    local aopts = { expected_version = version, new_ids = new_ids,
+                    expected_last_id = from_cache and last_id or nil }
     local res, aerr
     if self.read_models then
-      res, aerr = append_inline(self, stream, out, aopts, cache, in_caller_tx)   -- stamps them
+      res, aerr = append_inline(self, stream, out, aopts, cache, in_caller_tx, last_id)   -- stamps them
     else
       res, aerr = store:append(stream, out, aopts)
       if res then stamp(out, res) end
@@ -683,7 +700,7 @@ function Repository:execute(A, id, command_name, command, opts)
       end
       if cache then
         if self.stats.snapshots_saved > saved then snap_version = res.version end
-        cache_state(self, A, stream, res.version, snap_version, state)
+        cache_state(self, A, stream, res.version, snap_version, state, out[#out].id)
       end
       return { version = res.version, position = res.position, events = out,
                state = state, snapshot_error = serr }
@@ -704,8 +721,8 @@ function Repository:execute(A, id, command_name, command, opts)
       -- after a restore) is read, as the load the cache stood in for
       -- would have been: not a retry. A writer met in the act (a unique
       -- violation) still is one.
-      local misled = from_cache and aerr.reason == "version"
-        and (aerr.actual or -1) >= 0 and aerr.actual ~= version
+      local misled = from_cache and (aerr.reason == "last_id" or aerr.reason == "version"
+        and (aerr.actual or -1) >= 0 and aerr.actual ~= version)
       if not misled then
         if attempt >= self.max_retries then return nil, aerr end
         attempt = attempt + 1
