@@ -111,7 +111,7 @@ run_tests() {
   [ ${#specs[@]} -gt 0 ] || specs=(spec/03_store_spec.lua spec/04_global_order_spec.lua
     spec/08_pipeline_spec.lua spec/11_inline_ahead_spec.lua
     spec/11_repository_spec.lua spec/13_state_cache_spec.lua spec/21_projector_spec.lua
-    spec/24_follower_spec.lua
+    spec/24_follower_spec.lua spec/26_rebuild_spec.lua
     spec/40_workflow_spec.lua spec/50_citus_spec.lua spec/52_citus_group_spec.lua)
   ES_TEST_DISTRIBUTED=1 ES_TEST_SHARDS=${ES_TEST_SHARDS:-4} ES_TEST_DATABASE_URL=$url \
     ES_CITUS_DIR=$dir scripts/test.sh "${specs[@]}"
