@@ -73,6 +73,20 @@ describe("core.uuid5", function()
     assert.has_error(function() core.uuid5(NS_DNS .. "0", "x") end)
     assert.has_error(function() core.uuid5(NS_DNS, 42) end)
     assert.has_error(function() core.uuid5(nil, "x") end)
+    -- the text form exactly: 32 hex digits of either case, hyphens at 8,
+    -- 13, 18 and 23 (the check every event id and expected_last_id goes
+    -- through)
+    local mixed = NS_DNS:sub(1, 10):upper() .. NS_DNS:sub(11)
+    assert.equal(core.uuid5(NS_DNS, "x"), core.uuid5(mixed, "x"))
+    for _, bad in ipairs {
+      NS_DNS:sub(1, 35), NS_DNS:sub(2), NS_DNS .. " ", " " .. NS_DNS:sub(2),
+      NS_DNS:sub(1, 8) .. "0" .. NS_DNS:sub(10),          -- no hyphen at 8
+      NS_DNS:sub(1, 7) .. "-" .. NS_DNS:sub(9),           -- a hyphen at 7
+      NS_DNS:sub(1, 35) .. "g", "g" .. NS_DNS:sub(2),
+      NS_DNS:gsub("%-", ""), "{" .. NS_DNS:sub(2, 35) .. "}", "",
+    } do
+      assert.has_error(function() core.uuid5(bad, "x") end, nil, bad)
+    end
   end)
   it("makes different v7 ids in a forked child and its parent, in the same millisecond", function()
     -- the child inherits the id state; without the fork guard both count

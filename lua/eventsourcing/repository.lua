@@ -325,13 +325,29 @@ local function row_key(rm, stream)
   return "rm " .. rm.name .. " " .. tag .. " " .. stream
 end
 
+-- The event id written at `at` in a cache entry, followed by a space: the
+-- id ("-" for none) and where the rest starts, or nil (not an entry of
+-- this form: one of an earlier form has its JSON there). Read by its
+-- fixed width, not by a pattern: this runs on every command.
+local function entry_id(entry, at)
+  local c = entry:byte(at)
+  if c == 45 and entry:byte(at + 1) == 32 then return "-", at + 2 end   -- "-"
+  if c and (c >= 48 and c <= 57 or c >= 97 and c <= 102 or c >= 65 and c <= 70)
+      and entry:byte(at + 8) == 45 and entry:byte(at + 36) == 32 then
+    return entry:sub(at, at + 35), at + 37
+  end
+end
+
 -- The row the cache holds for stream at version after the event last_id,
 -- or nil. The entry is "<version> <last event id> <row as JSON>".
 local function cached_row(self, rm, stream, version, last_id)
   local entry = self.cache:get(row_key(rm, stream))
   if type(entry) ~= "string" then return nil end
-  local v, id, at = entry:match("^(%d+) ([%x%-]+) ()")
-  if tonumber(v) ~= version or id ~= last_id then return nil end
+  local v, at = entry:match("^(%d+) ()")
+  if tonumber(v) ~= version then return nil end
+  local id
+  id, at = entry_id(entry, at)
+  if id ~= last_id then return nil end
   local ok, row = pcall(json.decode, entry:sub(at))
   if ok and type(row) == "table" then return row end
 end
@@ -531,8 +547,11 @@ end
 local function cached_state(self, A, stream)
   local entry = self.cache:get(cache_key(A, stream))
   if type(entry) ~= "string" then return nil end
-  local v, sv, id, at = entry:match("^(%d+) (%d+) ([%x%-]+) ()")
-  if not v or (id == "-") ~= (v == "0") then return nil end
+  local v, sv, at = entry:match("^(%d+) (%d+) ()")
+  if not v then return nil end
+  local id
+  id, at = entry_id(entry, at)
+  if not id or (id == "-") ~= (v == "0") then return nil end
   local ok, state = pcall(json.decode, entry:sub(at))
   if not ok or type(state) ~= "table" then return nil end
   self.stats.cache_hits = self.stats.cache_hits + 1

@@ -11,6 +11,11 @@
 /* The same UUID v7 as es_uuid_v7, as its 16 bytes. */
 void es_uuid_v7_bytes(unsigned char out[16]);
 
+/* The 16 bytes of a UUID given as its 36 characters of text (hex digits
+ * of either case, hyphens at 8, 13, 18 and 23; nothing before or after):
+ * 0, or -1 when text is not one. What libuuid's uuid_parse accepts. */
+int es_uuid_parse(const char *text, unsigned char out[16]);
+
 /* The lower-case text of the UUID u (as uuid_unparse_lower). */
 void es_uuid_format(const unsigned char u[16], char out[37]);
 

@@ -359,7 +359,7 @@ static int last_is(const mstore *m, uint32_t si, uint32_t cur,
     uint8_t want[16];
     if (!si || cur == 0)
         return 0;
-    uuid_parse(id, want);
+    es_uuid_parse(id, want);
     return memcmp(ev_at(m, m->streams[si - 1].pos[cur - 1])->id, want,
                   16) == 0;
 }
@@ -451,7 +451,7 @@ static int mem_append(es_store *s, const char *stream, const es_event_in *ev,
         }
         p->type = (uint32_t)t;
         if (ev[i].id) {
-            uuid_parse(ev[i].id, p->id);     /* validated by store.c */
+            es_uuid_parse(ev[i].id, p->id);  /* validated by store.c */
             p->found = id_find(m, p->id);
         } else {
             all_ids = 0;

@@ -18,7 +18,6 @@
 #include <inttypes.h>
 #include <pthread.h>
 #include <unistd.h>
-#include <uuid.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -240,7 +239,7 @@ static int put_ids(es_buf *b, const es_event_in *ev, size_t n)
     for (size_t i = 0; i < n; i++) {
         unsigned char id[16];
         if (ev[i].id) {
-            if (uuid_parse(ev[i].id, id) != 0)
+            if (es_uuid_parse(ev[i].id, id) != 0)
                 return -2;
         } else {
             es_uuid_v7_bytes(id);
@@ -510,7 +509,7 @@ static int last_event(pg_store *p, const char *stream, int64_t *version,
     memset(id, 0, 16);
     if (PQntuples(res) == 1) {
         *version = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
-        if (uuid_parse(PQgetvalue(res, 0, 1), id) != 0)
+        if (es_uuid_parse(PQgetvalue(res, 0, 1), id) != 0)
             memset(id, 0, 16);
     }
     PQclear(res);
@@ -521,7 +520,7 @@ static int last_event(pg_store *p, const char *stream, int64_t *version,
 static int same_id(const char *text, const unsigned char id[16])
 {
     unsigned char u[16];
-    return uuid_parse(text, u) == 0 && memcmp(u, id, 16) == 0;
+    return es_uuid_parse(text, u) == 0 && memcmp(u, id, 16) == 0;
 }
 
 static int last_id_conflict(const char *stream, int64_t expected,
