@@ -967,6 +967,8 @@ for _, entry in ipairs(store_entries()) do
           store:append("L-5", { type = "B" }, { expected_last_id = "nope" }))
         fails("invalid", "option 'expected_last_id' must be a string (a UUID), got number")(
           store:append("L-5", { type = "B" }, { expected_last_id = 7 }))
+        fails("invalid", "expected last id contains a NUL byte")(
+          store:append("L-5", { type = "B" }, { expected_last_id = last_id("L-5") .. "\0x" }))
         assert.equal(1, store:version("L-5"))
       end)
     end)

@@ -737,9 +737,13 @@ static int l_append(lua_State *L)
         return append_refused(L, ls, with, msg);
     if (!lua_isnil(L, 4)) {
         lua_getfield(L, 4, "expected_last_id");
-        if (lua_type(L, -1) == LUA_TSTRING)
-            after = lua_tostring(L, -1);     /* anchored by opts */
-        else if (!lua_isnil(L, -1)) {
+        if (lua_type(L, -1) == LUA_TSTRING) {
+            size_t len;
+            after = lua_tolstring(L, -1, &len);     /* anchored by opts */
+            if (strlen(after) != len)
+                return append_refused(L, ls, with, "expected last id "
+                                      "contains a NUL byte");
+        } else if (!lua_isnil(L, -1)) {
             snprintf(msg, sizeof msg, "option 'expected_last_id' must be a "
                      "string (a UUID), got %s", luaL_typename(L, -1));
             return append_refused(L, ls, with, msg);
