@@ -364,17 +364,6 @@ static int last_is(const mstore *m, uint32_t si, uint32_t cur,
                   16) == 0;
 }
 
-static int last_id_conflict(es_error *err, const char *stream,
-                            int64_t expected, uint32_t actual)
-{
-    es_fail(err, ES_CONFLICT, "stream %.200s: its last event (version %lu) "
-            "is not the one expected", stream, (unsigned long)actual);
-    err->expected = expected;
-    err->actual = actual;
-    err->reason = ES_REASON_LAST_ID;
-    return -1;
-}
-
 /* Everything an append may need, reserved up front. */
 static int reserve(mstore *m, uint32_t si, size_t n, es_error *err)
 {
@@ -510,7 +499,7 @@ static int mem_append(es_store *s, const char *stream, const es_event_in *ev,
         goto done;
     }
     if (ev[0].after && !last_is(m, si, cur, ev[0].after)) {
-        last_id_conflict(err, stream, expected, cur);
+        es_last_id_conflict(err, stream, expected, cur, "");
         goto done;
     }
 

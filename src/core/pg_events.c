@@ -523,17 +523,6 @@ static int same_id(const char *text, const unsigned char id[16])
     return es_uuid_parse(text, u) == 0 && memcmp(u, id, 16) == 0;
 }
 
-static int last_id_conflict(const char *stream, int64_t expected,
-                            int64_t actual, const char *then, es_error *err)
-{
-    es_fail(err, ES_CONFLICT, "stream %.200s: its last event (version %"
-            PRId64 ") is not the one expected%s", stream, actual, then);
-    err->expected = expected;
-    err->actual = actual;
-    err->reason = ES_REASON_LAST_ID;
-    return -1;
-}
-
 /* The last event the caller names (ev->after), for append(), which does
  * not know it: read first. Events never change, so the event that is the
  * stream's last at version v now is the one at v for good, and append()
@@ -569,7 +558,7 @@ static int after_check(pg_store *p, const char *stream, const es_event_in *ev,
         *expected = v;
         return 0;
     }
-    return last_id_conflict(stream, *expected, v, "", err);
+    return es_last_id_conflict(err, stream, *expected, v, "");
 }
 
 static int pg_append_checked(pg_store *p, const char *stream,
@@ -709,8 +698,8 @@ static int strict_failed(pg_store *p, const char *stream,
     /* the version is right but the event there is not the one named */
     if (ev->after && actual >= low && actual <= high &&
         !(actual > 0 && same_id(ev->after, last)))
-        return last_id_conflict(stream, expected, actual, " (nothing of the "
-                                "transaction was committed)", err);
+        return es_last_id_conflict(err, stream, expected, actual, " (nothing "
+                                   "of the transaction was committed)");
     if (actual >= low && actual <= high) {
         es_fail(err, ES_CONFLICT, "stream %s was appended to by a younger "
                 "transaction; retry in a new transaction (nothing of the "

@@ -166,6 +166,17 @@ int es_valid_event_type(const char *type, es_error *err)
     return valid_name(type, "event type", 200, err);
 }
 
+int es_last_id_conflict(es_error *err, const char *stream, int64_t expected,
+                        int64_t actual, const char *then)
+{
+    es_fail(err, ES_CONFLICT, "stream %.200s: its last event (version %lld) "
+            "is not the one expected%s", stream, (long long)actual, then);
+    err->expected = expected;
+    err->actual = actual;
+    err->reason = ES_REASON_LAST_ID;
+    return -1;
+}
+
 /* What every append checks before the store sees it. */
 static int append_valid(es_store *s, const char *stream,
                         const es_event_in *events, size_t n, int64_t expected,

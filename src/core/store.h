@@ -87,6 +87,11 @@ es_store *es_pg_open(const char *target, const es_open_opts *o,
 /* Shared helpers for implementations. */
 int es_valid_stream(const char *stream, es_error *err);
 int es_valid_event_type(const char *type, es_error *err);
+/* An append refused because the stream's last event (at version actual)
+ * is not the one es_event_in.after names: ES_CONFLICT, reason
+ * ES_REASON_LAST_ID; then is added to the message. Returns -1. */
+int es_last_id_conflict(es_error *err, const char *stream, int64_t expected,
+                        int64_t actual, const char *then);
 /* UUIDs and time have their own headers: es_uuid.h, es_time.h. */
 
 #endif
