@@ -335,6 +335,20 @@ static void expected_text(int64_t expected, char *want, size_t len)
         snprintf(want, len, "version %" PRId64, expected);
 }
 
+/* The stream is at version actual, not where the caller expected it. */
+static int version_conflict(const char *stream, int64_t expected,
+                            int64_t actual, es_error *err)
+{
+    char want[48];
+    expected_text(expected, want, sizeof want);
+    es_fail(err, ES_CONFLICT, "stream %s: expected %s, found version %"
+            PRId64, stream, want, actual);
+    err->expected = expected;
+    err->actual = actual;
+    err->reason = ES_REASON_VERSION;
+    return -1;
+}
+
 static int append_result(PGresult *res, const char *stream, int64_t expected,
                          es_append_result *out, es_error *err)
 {
@@ -350,16 +364,8 @@ static int append_result(PGresult *res, const char *stream, int64_t expected,
                        out->recorded_at);
         return 0;
     }
-    if (status == 2) {
-        char want[48];
-        expected_text(expected, want, sizeof want);
-        es_fail(err, ES_CONFLICT, "stream %s: expected %s, found version %"
-                PRId64, stream, want, version);
-        err->expected = expected;
-        err->actual = version;
-        err->reason = ES_REASON_VERSION;
-        return -1;
-    }
+    if (status == 2)
+        return version_conflict(stream, expected, version, err);
     es_fail(err, ES_INVALID, "event id %s is already used by stream %s at "
             "version %" PRId64, PQgetvalue(res, 0, 3), PQgetvalue(res, 0, 4),
             version);
@@ -544,16 +550,8 @@ static int after_check(pg_store *p, const char *stream, const es_event_in *ev,
         return 0;
     }
     expected_range(*expected, &low, &high);
-    if (v < low || v > high) {
-        char want[48];
-        expected_text(*expected, want, sizeof want);
-        es_fail(err, ES_CONFLICT, "stream %s: expected %s, found version %"
-                PRId64, stream, want, v);
-        err->expected = *expected;
-        err->actual = v;
-        err->reason = ES_REASON_VERSION;
-        return -1;
-    }
+    if (v < low || v > high)
+        return version_conflict(stream, *expected, v, err);
     if (v > 0 && same_id(ev[0].after, id)) {
         *expected = v;
         return 0;
