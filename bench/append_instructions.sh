@@ -4,7 +4,7 @@
 # variants of the append path can be told apart by a few percent (CPU time
 # of a backend sways by 10% and more here while others work).
 #
-#   bench/append_instructions.sh [TARGET...]      (default: es es_one es_100)
+#   bench/append_instructions.sh [TARGET...]      (default: all four)
 #
 # Targets, each a DO loop of appends in a single-user backend (postgres
 # --single) run under callgrind, a new stream per one-event append:
@@ -13,6 +13,9 @@
 #           as bench/pgbench_append_one.sql sends it
 #   es_100  append() with 100 events to 10 streams in turn at their exact
 #           versions (figure per event)
+#   events_100  the same rows, made the same way, by a plain INSERT from
+#           the arrays (no version read, no checks, no function): what
+#           append() adds to a 100-event batch is es_100 minus this
 # Prints `append_instructions_<target> <n> per append|per event`. Each target
 # runs twice (N and N + ES_CG_MORE appends, from the same copy of a store of
 # 20,000 events) and the difference is divided, so start-up and the
@@ -61,6 +64,14 @@ loop_body() {
           SELECT o_status INTO st FROM $SCHEMA.append('Cpu-' || (i % 10),
             (i / 10) * 100, false, ids, types, d, m);
           IF st <> 0 THEN RAISE EXCEPTION 'append status %', st; END IF" ;;
+    events_100) echo "SELECT array_agg(('0190' || lpad(to_hex(i), 8, '0') || '-7000-8000-'
+                  || lpad(to_hex(g), 12, '0'))::uuid), array_agg('Ticked'::text),
+                array_agg(('{\"n\": ' || g || ', \"note\": \"hello\"}')::json),
+                array_agg('{}'::json)
+            INTO ids, types, d, m FROM generate_series(1, 100) AS g;
+          INSERT INTO $SCHEMA.events (id, stream, version, type, data, metadata, category)
+          SELECT u.id, 'Cpu-' || (i % 10), (i / 10) * 100 + u.ord, u.type, u.data, u.meta, 'Cpu'
+            FROM unnest(ids, types, d, m) WITH ORDINALITY AS u(id, type, data, meta, ord)" ;;
     *) echo "append_instructions: unknown target $1" >&2; return 2 ;;
   esac
 }
@@ -85,12 +96,12 @@ instructions() {
   rm -rf "$work"
 }
 
-for t in "${@:-es es_one es_100}"; do
+for t in "${@:-es es_one es_100 events_100}"; do
   for target in $t; do
     loop_body "$target" >/dev/null
     a=$(instructions "$target" 100)
     b=$(instructions "$target" $((100 + MORE)))
-    if [ "$target" = es_100 ]; then
+    if [ "$target" = es_100 ] || [ "$target" = events_100 ]; then
       echo "append_instructions_$target $(( (b - a) / (MORE * 100) )) per event"
     else
       echo "append_instructions_$target $(( (b - a) / MORE )) per append"

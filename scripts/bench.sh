@@ -35,8 +35,10 @@
 #            WAL bytes per append from the backend's schedstat and the WAL
 #            insert position; bench/append.lua processes (2 and 8, one event per
 #            append) against the same loop calling write_message; 100 events
-#            per append against a 100-row INSERT (pgbench_insert100.sql), and
-#            the server CPU and WAL per event of each (server_cpu_batch);
+#            per append against a 100-row INSERT (pgbench_insert100.sql) and
+#            the floor the events table's shape sets (a plain 100-row INSERT
+#            into a copy of it, pgbench_insert100_events.sql), and the
+#            server CPU and WAL per event of each (server_cpu_batch);
 #            client and backend CPU per event from Lua (bench/append_cpu.lua)
 #            and server instructions per append under callgrind
 #            (bench/append_instructions.sh, when valgrind is installed)
@@ -264,18 +266,26 @@ SQL
 # arrays (ids ordered in time like the library's UUID v7: a counter behind
 # the clock) to 10 new streams in turn at their exact versions, as
 # bench/append.lua appends (names as short as its); bare_insert: bench/pgbench_insert100.sql's
-# INSERT into the bare table (random ids, as there). Both figures include
-# making the rows' values on the server (about 1.3 us an event here).
+# INSERT into the bare table (random ids, as there); events_insert: es's
+# rows, made the same way, by a plain INSERT from the arrays into the copy
+# of the events table (bench/pgbench_insert100_events.sql's), no version
+# read, no checks, no function. All include making the rows' values on
+# the server (about 1.3 us an event here).
 server_cpu_batch() {
-  local target=$1 n=$2 call
-  case $target in
-    es) call="SELECT array_agg((lpad(to_hex((extract(epoch FROM clock_timestamp()) * 1000)::bigint), 12, '0')
+  local target=$1 n=$2 call rows
+  rows="SELECT array_agg((lpad(to_hex((extract(epoch FROM clock_timestamp()) * 1000)::bigint), 12, '0')
                 || '7' || lpad(to_hex(i * 100 + g), 19, '0'))::uuid), array_agg('Ticked'::text),
                 array_agg(('{\"n\": ' || g || ', \"note\": \"hello\"}')::json), array_agg('{}'::json)
             INTO ids, types, d, m FROM generate_series(1, 100) AS g;
-          s := 'Cpu' || tag || '-' || (i % 10);
+          s := 'Cpu' || tag || '-' || (i % 10)"
+  case $target in
+    es) call="$rows;
           SELECT o_status INTO st FROM $SCHEMA.append(s, (i / 10) * 100, false, ids, types, d, m);
           IF st <> 0 THEN RAISE EXCEPTION 'append status %', st; END IF" ;;
+    events_insert) call="$rows;
+          INSERT INTO $BARE.events (id, stream, version, type, data, metadata, category)
+          SELECT u.id, s, (i / 10) * 100 + u.ord, u.type, u.data, u.meta, split_part(s, '-', 1)
+            FROM unnest(ids, types, d, m) WITH ORDINALITY AS u(id, type, data, meta, ord)" ;;
     bare_insert) call="INSERT INTO $BARE.bare (id, stream, version, type, data, metadata)
           SELECT gen_random_uuid(), 'CpuBatch' || i, nextval('$BARE.bare_version'), 'Ticked',
                  ('{\"n\": ' || g || ', \"note\": \"hello\"}')::json, '{}'
@@ -379,7 +389,8 @@ seed_stores() {
 
 if ! seed_stores; then
   fail "append (could not seed the stores)"
-elif sed "s/BENCH_SCHEMA/$BARE/g" bench/bare.sql | psql_q >/dev/null; then
+elif sed "s/BENCH_SCHEMA/$BARE/g" bench/bare.sql | psql_q >/dev/null &&
+     psql_q -c "CREATE TABLE $BARE.events (LIKE $SCHEMA.events INCLUDING ALL)" >/dev/null; then
   # server side: pgbench calls append() itself (es) and sends the
   # library's one-event statement (es_one), one event per transaction,
   # against write_message, the bare INSERT and two floors: an INSERT into a
@@ -431,22 +442,25 @@ elif sed "s/BENCH_SCHEMA/$BARE/g" bench/bare.sql | psql_q >/dev/null; then
     record_ratio "append_lua_1_c$c" es message_db
   done
   # 100 events per append (Message DB has no batch write: a bare INSERT of
-  # 100 rows is the alternative)
+  # 100 rows is the alternative; and the floor the events table's shape
+  # sets, a plain 100-row INSERT into a copy of it)
   alternate "append_lua_100_c$CLIENTS" "$APPEND_ROUNDS" "es:append_phase $CLIENTS 100 es" \
-    "pgbench_insert:pgbench_events bench/pgbench_insert100.sql $CLIENTS 100"
+    "pgbench_insert:pgbench_events bench/pgbench_insert100.sql $CLIENTS 100" \
+    "events_insert:pgbench_events bench/pgbench_insert100_events.sql $CLIENTS 100"
   record_ratio "append_lua_100_c$CLIENTS" es pgbench_insert
+  record_ratio "append_lua_100_c$CLIENTS" es events_insert
   # and the server's CPU and WAL per event of a 100-event transaction, the
   # median of 5 rounds of 200 (alternated): unlike the rates, steady on a
   # loaded machine
   if [ "$(psql_q -At -c "SELECT rolsuper FROM pg_roles WHERE rolname = current_user")" = t ] \
      && [ -r /proc/self/schedstat ]; then
     for _ in 1 2 3 4 5; do
-      for t in es bare_insert; do
+      for t in es bare_insert events_insert; do
         v=$(server_cpu_batch "$t" 200 | tail -1)
         if [[ $v =~ ^[0-9.]+\ [0-9]+$ ]]; then echo "$t $v" >>"$OUT/cpu100"; else fail "server cpu 100 $t: $v"; fi
       done
     done
-    for t in es bare_insert; do
+    for t in es bare_insert events_insert; do
       v=$(awk -v t="$t" '$1 == t { print $2 }' "$OUT/cpu100" | median)
       [ -n "$v" ] && record "append_server_cpu_100_$t $v us/event"
       v=$(awk -v t="$t" '$1 == t { print $3 }' "$OUT/cpu100" | median)
