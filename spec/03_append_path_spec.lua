@@ -283,6 +283,74 @@ describe("append path (postgresql)", function()
     assert.equal("A1,B2,C3,D4,E5", table.concat(types, ","))
   end)
 
+  it("a batch naming the stream's last event is checked by append() itself, with no read before it", function()
+    assert(store:append("Last-1", { type = "A" }))
+    local first
+    for e in assert(store:read("Last-1")) do first = e.id end
+    local r = assert(store:append("Last-1", { { type = "B" }, { type = "C" } },
+      { expected_version = 1, expected_last_id = first }))
+    assert.equal(3, r.version)
+    -- the same event named again: no longer the last
+    local ok, err = store:append("Last-1", { { type = "D" }, { type = "E" } },
+      { expected_last_id = first })
+    assert.is_nil(ok)
+    assert.equal("conflict", err.kind)
+    assert.equal("last_id", err.reason)
+    assert.equal(3, err.actual)
+    -- an empty stream has no last event
+    ok, err = store:append("Last-2", { { type = "A" }, { type = "B" } },
+      { expected_last_id = first })
+    assert.is_nil(ok)
+    assert.equal("last_id", err.reason)
+    assert.equal(0, err.actual)
+    assert.equal(0, count(store, schema, "Last-2"))
+    assert.equal(3, count(store, schema, "Last-1"))
+    -- the stream's last event was never read on its own (es_last)
+    assert.equal(0, #assert(store:query("SELECT name FROM pg_prepared_statements"
+      .. " WHERE name LIKE 'es\\_last%'")))
+  end)
+
+  it("migration step 5 upgrades a store at step 4: append() takes the last event named", function()
+    local q = ('"%s"'):format(schema)
+    local function nargs()
+      local rows = assert(store:query("SELECT p.pronargs AS n FROM pg_proc p JOIN pg_namespace s"
+        .. " ON s.oid = p.pronamespace WHERE s.nspname = $1 AND p.proname = 'append'", schema))
+      local out = {}
+      for _, r in ipairs(rows) do out[#out + 1] = r.n end
+      return table.concat(out, ",")
+    end
+    assert.equal("8", nargs())
+    -- back to step 4: append() without p_last_id, and no record of step 5
+    local def = assert(store:query("SELECT pg_get_functiondef(($1 || '.append')::regproc) AS d",
+      q))[1].d
+    local old = def:gsub(",%s*p_last_id uuid DEFAULT NULL::uuid", ""):gsub("p_last_id", "NULL::uuid")
+    assert.is_nil(old:find("p_last_id", 1, true))
+    assert(store:query("DROP FUNCTION " .. q .. ".append(text, bigint, boolean, uuid[], text[],"
+      .. " json[], json[], uuid)"))
+    assert(store:query(old))
+    assert(store:query("DELETE FROM " .. q .. ".schema_version WHERE version >= 5"))
+    assert.equal("7", nargs())
+    local call = "SELECT o_status AS s, o_version AS v FROM " .. q .. ".append('Up-5', $1::bigint,"
+      .. " false, ARRAY[gen_random_uuid()], ARRAY['A'], ARRAY['{}'::json], ARRAY['{}'::json])"
+    assert.same({ s = 0, v = 1 }, assert(store:query(call, 0))[1])
+    assert(store:migrate())
+    assert.equal("8", nargs())
+    local top = assert(store:query("SELECT max(version) AS v FROM " .. q .. ".schema_version"))
+    assert.is_true(top[1].v >= 5)
+    -- a call with the seven arguments of before still works (the default)
+    assert.same({ s = 0, v = 2 }, assert(store:query(call, 1))[1])
+    local last
+    for e in assert(store:read("Up-5")) do last = e.id end
+    local r = assert(store:append("Up-5", { { type = "B" }, { type = "C" } },
+      { expected_version = 2, expected_last_id = last }))
+    assert.equal(4, r.version)
+    local ok, err = store:append("Up-5", { { type = "D" }, { type = "E" } },
+      { expected_last_id = last })
+    assert.is_nil(ok)
+    assert.equal("last_id", err.reason)
+    assert.equal(4, err.actual)
+  end)
+
   it("keeps the caller's transaction: appends inside it roll back with it", function()
     assert(store:begin())
     assert(store:append("Tx-1", { type = "A" }))

@@ -150,6 +150,58 @@ describe("the store on Citus", function()
     assert.equal(2, store:version("U4-1"))
   end)
 
+  it("upgrading a distributed store past step 5 gives its own append() the last event's check", function()
+    -- step 5 adds p_last_id to append(); a distributed store gets Citus'
+    -- variant of it, delegated to the stream's worker like the one before
+    local q = '"' .. schema .. '"'
+    local function fns()
+      local rows = assert(store:query("SELECT p.pronargs AS n, pg_get_functiondef(p.oid) AS d,"
+        .. " EXISTS (SELECT 1 FROM pg_dist_object o WHERE o.objid = p.oid"
+        .. "   AND o.distribution_argument_index IS NOT NULL) AS delegated"
+        .. " FROM pg_proc p JOIN pg_namespace s ON s.oid = p.pronamespace"
+        .. " WHERE s.nspname = $1 AND p.proname = 'append'", schema))
+      assert.equal(1, #rows)
+      return rows[1]
+    end
+    local citus_fn = "e.stream = p_stream AND e.id = u.id"
+    local now = fns()
+    assert.equal(8, now.n)
+    assert.is_true(now.delegated)
+    -- back to step 4: Citus' append() of before, without p_last_id
+    local old = now.d:gsub(",%s*p_last_id uuid DEFAULT NULL::uuid", "")
+    old = old:gsub("IF p_last_id IS NOT NULL AND last_id IS DISTINCT FROM p_last_id THEN", "IF false THEN")
+    assert.is_nil(old:find("p_last_id", 1, true))
+    assert(store:query("DROP FUNCTION " .. q .. ".append(text, bigint, boolean, uuid[], text[],"
+      .. " json[], json[], uuid)"))
+    assert(store:query(old))
+    assert(store:query("SELECT create_distributed_function($1, 'p_stream', colocate_with => $2,"
+      .. " force_delegation => true)", schema .. ".append(text, bigint, boolean, uuid[], text[],"
+      .. " json[], json[])", schema .. ".events"))
+    assert(store:query("DELETE FROM " .. q .. ".schema_version WHERE version >= 5"))
+    assert.equal(7, fns().n)
+    assert(store:migrate())
+    now = fns()
+    assert.equal(8, now.n)
+    assert.is_true(now.delegated)
+    assert.truthy(now.d:find(citus_fn, 1, true))
+    local top = assert(store:query("SELECT max(version) AS v FROM " .. q .. ".schema_version"))
+    assert.is_true(top[1].v >= 5)
+    assert(store:append("U5-1", { type = "A" }))
+    local last
+    for e in assert(store:read("U5-1")) do last = e.id end
+    for _, batch in ipairs({ { type = "B" }, { { type = "C" }, { type = "D" } } }) do
+      local r = assert(store:append("U5-1", batch, { expected_last_id = last }))
+      for e in assert(store:read("U5-1", { from = r.version })) do last = e.id end
+    end
+    assert.equal(4, store:version("U5-1"))
+    local ok, err = store:append("U5-1", { { type = "E" }, { type = "F" } },
+      { expected_version = 4, expected_last_id = "0190a5a4-0000-7000-8000-0000000000f5" })
+    assert.is_nil(ok)
+    assert.equal("last_id", err.reason)
+    assert.equal(4, err.actual)
+    assert.equal(4, store:version("U5-1"))
+  end)
+
   it("stores each event's txid from the worker that stores it", function()
     for i = 1, 20 do assert(store:append("T-" .. i, { { type = "A" }, { type = "B" } })) end
     store:begin()

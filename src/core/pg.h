@@ -308,6 +308,7 @@ void pg_name_statements(pg_store *p);
  * the migration steps; shards 0 = citus.shard_count); shard count. */
 int pg_citus_detect(pg_store *p, es_error *err);
 int pg_citus_distribute(pg_store *p, int shards, es_error *err);
+int pg_citus_renew_append(pg_store *p, es_error *err);
 int pg_citus_info(pg_store *p, int *shards, es_error *err);
 es_cursor *pg_citus_read_all(pg_store *p, const es_read_all_opts *o,
                              es_error *err);

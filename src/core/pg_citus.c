@@ -30,15 +30,16 @@
 
 /* ---- the distributed schema ---------------------------------------------- */
 
-/* append() for Citus: the single-node function's rules (pg_schema.c, step
- * 3) with id lookups confined to the stream, since ids are unique per
+/* append() for Citus: the single-node function's rules (pg_schema.c, steps
+ * 3 and 5) with id lookups confined to the stream, since ids are unique per
  * stream. It runs on the worker that holds the stream
  * (create_distributed_function below), so pg_current_xact_id() is that
  * worker's, like the rows' txid. */
 static const char append_sql[] =
     "CREATE OR REPLACE FUNCTION %1$s.append(p_stream text, p_expected bigint,"
     "    p_check_ids boolean, p_ids uuid[], p_types text[], p_data json[],"
-    "    p_meta json[], OUT o_status int, OUT o_version bigint,"
+    "    p_meta json[], p_last_id uuid DEFAULT NULL,"
+    "    OUT o_status int, OUT o_version bigint,"
     "    OUT o_position bigint, OUT o_id uuid, OUT o_stream text,"
     "    OUT o_recorded_at bigint)"
     "  LANGUAGE plpgsql AS $fn$"
@@ -49,6 +50,7 @@ static const char append_sql[] =
     "  last_version bigint;"
     "  last_position bigint;"
     "  last_txid xid8;"
+    "  last_id uuid;"
     "  t record;"
     "BEGIN"
     "  IF p_check_ids THEN"
@@ -98,7 +100,8 @@ static const char append_sql[] =
      * intermediate results and COPY instead, several times slower. Two
      * writers that read the same last version meet at the unique
      * (stream, version) index; the caller asks again (pg.c). */
-    "  SELECT e.version, e.txid INTO cur, last_txid FROM %1$s.events e"
+    "  SELECT e.version, e.txid, e.id INTO cur, last_txid, last_id"
+    "    FROM %1$s.events e"
     "    WHERE e.stream = p_stream ORDER BY e.version DESC LIMIT 1;"
     "  cur := coalesce(cur, 0);"
     "  IF last_txid > pg_current_xact_id() THEN"
@@ -109,6 +112,12 @@ static const char append_sql[] =
     "  IF (p_expected = -2 AND cur <> 0) OR (p_expected = -3 AND cur = 0)"
     "     OR (p_expected >= 0 AND cur <> p_expected) THEN"
     "    o_status := 2; o_version := cur;"
+    "    RETURN;"
+    "  END IF;"
+    /* the event the caller names must be the last (none in an empty
+     * stream): status 4 */
+    "  IF p_last_id IS NOT NULL AND last_id IS DISTINCT FROM p_last_id THEN"
+    "    o_status := 4; o_version := cur;"
     "    RETURN;"
     "  END IF;"
     "  IF n = 1 THEN"
@@ -163,8 +172,14 @@ static const char layout_sql[] =
  * worker holding it, also inside BEGIN ... COMMIT (force_delegation). */
 static const char delegate_sql[] =
     "SELECT create_distributed_function('%2$s.append(text, bigint, boolean,"
-    " uuid[], text[], json[], json[])', 'p_stream',"
+    " uuid[], text[], json[], json[], uuid)', 'p_stream',"
     " colocate_with => '%2$s.events', force_delegation => true);";
+
+/* Migration step 5 on a store distributed before it: append() before the
+ * step took no p_last_id. */
+static const char drop_old_append_sql[] =
+    "DROP FUNCTION IF EXISTS %1$s.append(text, bigint, boolean, uuid[],"
+    "  text[], json[], json[]);";
 
 /* Expands %1$s (quoted schema), %2$s (bare schema), %3$s (arg) and
  * %% (as %) into b. */
@@ -293,6 +308,18 @@ fail:
 lost:
     p->citus = -1;
     return -1;
+}
+
+/* Migration step 5 on a distributed store (pg_schema.c): append() with
+ * p_last_id, Citus' variant, delegated as before. In the migration's
+ * transaction. */
+int pg_citus_renew_append(pg_store *p, es_error *err)
+{
+    if (exec_template(p, drop_old_append_sql, "", err) < 0 ||
+        exec_template(p, append_sql, "", err) < 0 ||
+        exec_template(p, delegate_sql, "", err) < 0)
+        return -1;
+    return 0;
 }
 
 int pg_citus_info(pg_store *p, int *shards, es_error *err)

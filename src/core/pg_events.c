@@ -34,7 +34,7 @@ const char *pg_statement_sql(const pg_store *p, int stmt, char *out,
     case PG_APPEND:
         snprintf(out, outlen, "SELECT o_status, o_version, o_position, o_id,"
                  " o_stream, o_recorded_at FROM \"%s\".append($1, $2::bigint, $3::boolean,"
-                 " $4::uuid[], $5::text[], $6::json[], $7::json[])", s);
+                 " $4::uuid[], $5::text[], $6::json[], $7::json[], $8::uuid)", s);
         break;
     case PG_APPEND_ONE:
         /* append()'s one-statement path (pg_schema.c, step 3) sent as is:
@@ -201,7 +201,10 @@ static int add_array_elem(es_buf *b, const char *s, size_t n, int first)
     return 0;
 }
 
-enum { A_STREAM, A_EXPECTED, A_CHECK, A_IDS, A_TYPES, A_DATA, A_META, A_N };
+/* append()'s parameters; the last event named (A_AFTER) is the caller's
+ * text, all the others are laid out in p->params. */
+enum { A_STREAM, A_EXPECTED, A_CHECK, A_IDS, A_TYPES, A_DATA, A_META, A_AFTER,
+       A_N };
 
 /* Element types of the binary arrays (pg_type.oid, fixed since 8.x). */
 #define OID_TEXT 25
@@ -317,10 +320,11 @@ static int build_append_params(pg_store *p, const char *stream,
                        "(over 2 GiB of parameters)");
     if (rc)
         return es_fail(err, ES_DATABASE, "out of memory");
-    for (int i = 0; i < A_N; i++) {
-        size_t end = i + 1 < A_N ? offs[i + 1] : b->len;
+    for (int i = 0; i < A_AFTER; i++) {
+        size_t end = i + 1 < A_AFTER ? offs[i + 1] : b->len;
         lens[i] = (int)(end - offs[i]);
     }
+    lens[A_AFTER] = 0;      /* text */
     return 0;
 }
 
@@ -366,6 +370,8 @@ static int append_result(PGresult *res, const char *stream, int64_t expected,
     }
     if (status == 2)
         return version_conflict(stream, expected, version, err);
+    if (status == 4)
+        return es_last_id_conflict(err, stream, expected, version, "");
     es_fail(err, ES_INVALID, "event id %s is already used by stream %s at "
             "version %" PRId64, PQgetvalue(res, 0, 3), PQgetvalue(res, 0, 4),
             version);
@@ -529,36 +535,6 @@ static int same_id(const char *text, const unsigned char id[16])
     return es_uuid_parse(text, u) == 0 && memcmp(u, id, 16) == 0;
 }
 
-/* The last event the caller names (ev->after), for append(), which does
- * not know it: read first. Events never change, so the event that is the
- * stream's last at version v now is the one at v for good, and append()
- * held to exactly v (*expected) goes ahead only while it is still the
- * last. A stream whose last event is the batch's own (a retry of an
- * append that went through) is left to append()'s id check (*check):
- * an idempotent success, never a new append, since its ids are found.
- * 0, or -1 with the conflict in err. */
-static int after_check(pg_store *p, const char *stream, const es_event_in *ev,
-                       size_t n, int64_t *expected, int *check, es_error *err)
-{
-    unsigned char id[16];
-    int64_t v, low, high;
-
-    if (last_event(p, stream, &v, id, err) < 0)
-        return -1;
-    if (v > 0 && ev[n - 1].id && same_id(ev[n - 1].id, id)) {
-        *check = 1;
-        return 0;
-    }
-    expected_range(*expected, &low, &high);
-    if (v < low || v > high)
-        return version_conflict(stream, *expected, v, err);
-    if (v > 0 && same_id(ev[0].after, id)) {
-        *expected = v;
-        return 0;
-    }
-    return es_last_id_conflict(err, stream, *expected, v, "");
-}
-
 static int pg_append_checked(pg_store *p, const char *stream,
                              const es_event_in *ev, size_t n,
                              int64_t expected, int check, int given,
@@ -589,18 +565,6 @@ int pg_append(es_store *s, const char *stream, const es_event_in *ev,
         if (!citus)
             check = given != 0;
     }
-    if (ev[0].after) {
-        int64_t want = expected;
-        if (after_check(p, stream, ev, n, &expected, &check, err) < 0)
-            return -1;
-        /* a conflict append() finds from here on names what the caller
-         * expected, not the version this held it to */
-        int rc = pg_append_checked(p, stream, ev, n, expected, check, given,
-                                   out, err);
-        if (rc < 0 && err->kind == ES_CONFLICT)
-            err->expected = want;
-        return rc;
-    }
     return pg_append_checked(p, stream, ev, n, expected, check, given, out,
                              err);
 }
@@ -615,7 +579,7 @@ static int pg_append_checked(pg_store *p, const char *stream,
     size_t offs[A_N];
     const char *values[A_N];
     int lens[A_N];
-    static const int formats[A_N] = { 0, 0, 0, 1, 1, 1, 1 };
+    static const int formats[A_N] = { 0, 0, 0, 1, 1, 1, 1, 0 };
     const pg_binparams bin = { lens, formats };
     PGresult *res;
     int build = 1;
@@ -632,14 +596,17 @@ static int pg_append_checked(pg_store *p, const char *stream,
             if (build_append_params(p, stream, ev, n, expected, check, offs,
                                     lens, err) < 0)
                 return -1;
-            for (int i = 0; i < A_N; i++)
+            for (int i = 0; i < A_AFTER; i++)
                 values[i] = p->params.data + offs[i];
+            values[A_AFTER] = ev[0].after;  /* NULL: no last event named */
             build = 0;
         }
         res = pg_exec_prepared_bin(p, PG_APPEND, A_N, values, &bin, 0, err);
-        /* a version conflict may be a retry of this very batch: looking
-         * its ids up says so (an idempotent success) */
-        if (res && given && !check && strcmp(PQgetvalue(res, 0, 0), "2") == 0) {
+        /* a version conflict, or another last event than the one named,
+         * may be a retry of this very batch: looking its ids up says so
+         * (an idempotent success) */
+        if (res && given && !check && (strcmp(PQgetvalue(res, 0, 0), "2") == 0 ||
+                                       strcmp(PQgetvalue(res, 0, 0), "4") == 0)) {
             PQclear(res);
             check = build = 1;
             continue;

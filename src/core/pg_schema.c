@@ -32,10 +32,11 @@
  * containment or GIN indexes are wanted. */
 /* Step 3's append of one event reads the stream's last version (0 when
  * it has no events) as l.cur, with its transaction id as l.txid ... */
-#define APPEND_LAST \
-    "(SELECT coalesce(e.version, 0) AS cur, e.txid FROM (VALUES (1)) AS one" \
-    " LEFT JOIN LATERAL (SELECT version, txid FROM %1$s.events" \
+#define APPEND_LAST_WITH(ID) \
+    "(SELECT coalesce(e.version, 0) AS cur, e.txid" ID " FROM (VALUES (1))" \
+    " AS one LEFT JOIN LATERAL (SELECT version, txid" ID " FROM %1$s.events" \
     "   WHERE stream = p_stream ORDER BY version DESC LIMIT 1) e ON true)"
+#define APPEND_LAST APPEND_LAST_WITH("")
 /* ... and inserts after it only when the caller's expected version holds
  * and no younger transaction appended last (the same rules as the
  * step-by-step checks that follow it). */
@@ -48,10 +49,10 @@
 /* The head of append() that steps 1 and 3 share, word for word: its
  * signature, its variables and the check of caller-chosen ids (a retry of
  * the same batch at the same versions is an idempotent success). */
-#define APPEND_HEAD \
+#define APPEND_HEAD_WITH(PARAM, VAR) \
     "%1$s.append(p_stream text, p_expected bigint," \
     "    p_check_ids boolean, p_ids uuid[], p_types text[], p_data json[]," \
-    "    p_meta json[], OUT o_status int, OUT o_version bigint," \
+    "    p_meta json[]" PARAM ", OUT o_status int, OUT o_version bigint," \
     "    OUT o_position bigint, OUT o_id uuid, OUT o_stream text," \
     "    OUT o_recorded_at bigint)" \
     "  LANGUAGE plpgsql AS $fn$" \
@@ -62,6 +63,7 @@
     "  last_version bigint;" \
     "  last_position bigint;" \
     "  last_txid xid8;" \
+    VAR \
     "  t record;" \
     "BEGIN" \
     "  IF p_check_ids THEN" \
@@ -103,11 +105,32 @@
     "      RETURN;" \
     "    END IF;" \
     "  END IF;"
+#define APPEND_HEAD APPEND_HEAD_WITH("", "")
 
 /* The rest of append() from step 3 on: one statement for one event, the
  * last version then one INSERT for a batch (its rows in ORDER_BY), and the
- * checks again, step by step, when nothing was inserted. */
-#define APPEND_BODY(ORDER_BY) \
+ * checks again, step by step, when nothing was inserted. K is the last
+ * event's check: NO_LAST (steps 3 and 4: none) or BY_LAST (step 5: the
+ * stream's last event must be p_last_id when one is named). */
+#define NO_LAST_COL ""
+#define NO_LAST_ECOL ""
+#define NO_LAST_INTO ""
+#define NO_LAST_OK_ONE ""
+#define NO_LAST_OK_MANY ""
+#define NO_LAST_REFUSE ""
+#define BY_LAST_COL ", id"
+#define BY_LAST_ECOL ", e.id"
+#define BY_LAST_INTO ", last_id"
+#define BY_LAST_OK_ONE " AND (p_last_id IS NULL OR l.id = p_last_id)"
+/* an empty stream has no last event: last_id is NULL, and so is the
+ * comparison, which IF takes as false */
+#define BY_LAST_OK_MANY " AND (p_last_id IS NULL OR last_id = p_last_id)"
+#define BY_LAST_REFUSE \
+    "    IF p_last_id IS NOT NULL AND last_id IS DISTINCT FROM p_last_id THEN" \
+    "      o_status := 4; o_version := cur;" \
+    "      RETURN;" \
+    "    END IF;"
+#define APPEND_BODY_WITH(ORDER_BY, K) \
     /* A check that passes now although the insert refused a moment ago \
      * saw a concurrent append land in between (a new snapshot per \
      * statement): go round again, a bounded number of times. */ \
@@ -117,19 +140,22 @@
     "                               metadata, category)" \
     "      SELECT p_ids[1], p_stream, l.cur + 1, p_types[1], p_data[1]," \
     "             p_meta[1], split_part(p_stream, '-', 1)" \
-    "        FROM " APPEND_LAST " l WHERE " APPEND_ALLOWED \
+    "        FROM " APPEND_LAST_WITH(K##_COL) " l WHERE " APPEND_ALLOWED \
+    K##_OK_ONE \
     "      RETURNING position, version INTO o_position, o_version;" \
     "    ELSE" \
     /* Many events: the last version first, then a plain INSERT. Rows \
      * take their positions in order, so the session's currval() is the \
      * last one: RETURNING a row per event cost a tenth of the time. */ \
-    "      SELECT e.version, e.txid INTO cur, last_txid FROM %1$s.events e" \
+    "      SELECT e.version, e.txid" K##_ECOL " INTO cur, last_txid" K##_INTO \
+    "        FROM %1$s.events e" \
     "        WHERE e.stream = p_stream ORDER BY e.version DESC LIMIT 1;" \
     "      cur := coalesce(cur, 0);" \
     "      IF (last_txid IS NULL OR last_txid <= pg_current_xact_id())" \
     "         AND NOT ((p_expected = -2 AND cur <> 0)" \
     "                  OR (p_expected = -3 AND cur = 0)" \
-    "                  OR (p_expected >= 0 AND cur <> p_expected)) THEN" \
+    "                  OR (p_expected >= 0 AND cur <> p_expected))" \
+    K##_OK_MANY " THEN" \
     "        INSERT INTO %1$s.events (id, stream, version, type, data," \
     "                                 metadata, category)" \
     "        SELECT u.id, p_stream, cur + u.ord, u.type, u.data, u.meta," \
@@ -149,7 +175,8 @@
     "      o_recorded_at := (extract(epoch FROM now()) * 1000000)::bigint;" \
     "      RETURN;" \
     "    END IF;" \
-    "    SELECT e.version, e.txid INTO cur, last_txid FROM %1$s.events e" \
+    "    SELECT e.version, e.txid" K##_ECOL " INTO cur, last_txid" K##_INTO \
+    "      FROM %1$s.events e" \
     "      WHERE e.stream = p_stream ORDER BY e.version DESC LIMIT 1;" \
     "    cur := coalesce(cur, 0);" \
     /* Readers order by (txid, position). A transaction that got its id \
@@ -167,10 +194,12 @@
     "      o_status := 2; o_version := cur;" \
     "      RETURN;" \
     "    END IF;" \
+    K##_REFUSE \
     "  END LOOP;" \
     "  RAISE EXCEPTION 'stream % keeps changing under this append; retry'," \
     "    p_stream USING ERRCODE = '40001';" \
     "END $fn$;"
+#define APPEND_BODY(ORDER_BY) APPEND_BODY_WITH(ORDER_BY, NO_LAST)
 
 static const char *const steps[] = {
     "CREATE TABLE %1$s.events ("
@@ -309,16 +338,35 @@ static const char *const steps[] = {
      * of a 100-event append's server time). A store distributed on Citus
      * keeps its own append() (pg_citus.c): single_node_only. */
     "CREATE OR REPLACE FUNCTION " APPEND_HEAD APPEND_BODY(""),
+    /* Step 5: append() can name the event that must be the stream's last
+     * (p_last_id; NULL, the default, for none), checked by the statement
+     * that inserts, so an append that names it (a state cache's command,
+     * expected_last_id) costs no read before it. An empty stream has no
+     * last event and is refused; a refusal is status 4, with the stream's
+     * version. The old signature goes (calls with 7 arguments take the
+     * default); a store distributed on Citus gets its own append() with
+     * the same parameter instead (pg_citus_renew_append). */
+    "DROP FUNCTION IF EXISTS %1$s.append(text, bigint, boolean, uuid[],"
+    "  text[], json[], json[]);"
+    "CREATE OR REPLACE FUNCTION "
+    APPEND_HEAD_WITH(", p_last_id uuid DEFAULT NULL", "  last_id uuid;")
+    APPEND_BODY_WITH("", BY_LAST),
 };
 
 #define NSTEPS ((int)(sizeof steps / sizeof steps[0]))
 
 /* Steps that replace append() with a single-node variant: a store already
  * distributed on Citus keeps the append() made for it (pg_citus.c), and
- * such a step is only recorded there. */
+ * such a step is only recorded there; or, for a step that changes what
+ * append() takes, gets the Citus variant of that change. */
 static int single_node_only(int step)
 {
-    return step == 4;
+    return step == 4 || step == 5;
+}
+
+static int citus_variant(pg_store *p, int step, es_error *err)
+{
+    return step == 5 ? pg_citus_renew_append(p, err) : 0;
 }
 
 static int run_step(pg_store *p, int step, es_error *err)
@@ -332,8 +380,11 @@ static int run_step(pg_store *p, int step, es_error *err)
         int citus = pg_citus_detect(p, err);
         if (citus < 0)
             return -1;
-        if (citus)
+        if (citus) {
+            if (citus_variant(p, step, err) < 0)
+                return -1;
             goto record;
+        }
     }
     /* The schema name was validated ([a-z_][a-z0-9_]*); quoted anyway. */
     snprintf(quoted, sizeof quoted, "\"%s\"", p->schema);
