@@ -452,11 +452,25 @@ local function append_inline(self, stream, out, aopts, cache, in_caller_tx, last
   if in_caller_tx then
     -- the caller's transaction: the rows are written in it, after the
     -- append, under a savepoint, so that a command that fails after its
-    -- append (a handler, a row's write) leaves nothing of itself there
-    local sok, serr = store:query("SAVEPOINT es_execute")
+    -- append (a handler, a row's write) leaves nothing of itself there.
+    -- The savepoint goes in front of the append, in its round trip
+    -- (query_ahead); saved() collects its answer, once: true when it was
+    -- set (also when no statement took it along: it runs on its own then)
+    local sok, serr = store:query_ahead("SAVEPOINT es_execute")
     if not sok then return nil, serr end
+    local set, set_err
+    local function saved()
+      if set == nil then
+        local rows
+        rows, set_err = store:ahead_rows()
+        set = rows ~= nil
+      end
+      return set
+    end
     local fine, res, err = pcall(function()
       local r, aerr = store:append(stream, out, aopts)
+      -- a savepoint the server refused failed the append with its error
+      if not saved() then return nil, aerr or set_err end
       if not r then return nil, aerr end
       stamp(out, r)
       -- events stored already (a retry) had their rows written then
@@ -466,7 +480,7 @@ local function append_inline(self, stream, out, aopts, cache, in_caller_tx, last
       return r
     end)
     if fine and res then return res end
-    store:query("ROLLBACK TO SAVEPOINT es_execute")
+    if saved() then store:query("ROLLBACK TO SAVEPOINT es_execute") end
     if not fine then error(res, 0) end
     return nil, err
   end
