@@ -138,9 +138,13 @@ for _, entry in ipairs(store_entries()) do
     after_each(function()
       if store and not store:is_closed() then
         -- the test's schema goes with it (lock_timeout: a session a test
-        -- left holding it must not hang the run; the schema then stays)
-        if schema and store:query("SET lock_timeout = '5s'") then
-          store:query('DROP SCHEMA "' .. schema .. '" CASCADE')
+        -- left holding it must not hang the run; the schema then stays).
+        -- SET LOCAL: behind a transaction pooler a session-wide setting
+        -- would stay with the server session for other clients.
+        if schema and not store:in_transaction() and store:begin() then
+          local dropped = store:query("SET LOCAL lock_timeout = '5s'")
+            and store:query('DROP SCHEMA "' .. schema .. '" CASCADE')
+          if dropped then store:commit() else store:rollback() end
         end
         store:close()
       end
