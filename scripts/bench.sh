@@ -29,9 +29,11 @@
 #            pgbench calling append() / the library's one-event INSERT /
 #            write_message / INSERT at 2, 8 and 32 clients
 #            (bench/pgbench_append.sql, pgbench_append_one.sql,
-#            pgbench_write_message.sql, pgbench_insert.sql) beside two
-#            floors (pgbench_insert_pk.sql: a table with only a primary key;
-#            pgbench_commit.sql: one WAL record and the commit's flush); server CPU and
+#            pgbench_write_message.sql, pgbench_insert.sql) beside three
+#            floors (pgbench_insert_events.sql: a plain INSERT into a copy of
+#            the events table; pgbench_insert_pk.sql: a table with only a
+#            primary key; pgbench_commit.sql: one WAL record and the
+#            commit's flush); server CPU and
 #            WAL bytes per append from the backend's schedstat and the WAL
 #            insert position; bench/append.lua processes (2 and 8, one event per
 #            append) against the same loop calling write_message; 100 events
@@ -393,21 +395,25 @@ elif sed "s/BENCH_SCHEMA/$BARE/g" bench/bare.sql | psql_q >/dev/null &&
      psql_q -c "CREATE TABLE $BARE.events (LIKE $SCHEMA.events INCLUDING ALL)" >/dev/null; then
   # server side: pgbench calls append() itself (es) and sends the
   # library's one-event statement (es_one), one event per transaction,
-  # against write_message, the bare INSERT and two floors: an INSERT into a
-  # table with only a primary key, and a commit that writes one WAL record
+  # against write_message, the bare INSERT and three floors: a plain INSERT
+  # into the copy of the events table (its four indexes, no checks), an
+  # INSERT into a table with only a primary key, and a commit that writes
+  # one WAL record
   for c in 2 8 32; do
     phases=("es:pgbench_phase bench/pgbench_append.sql $c"
             "es_one:pgbench_phase bench/pgbench_append_one.sql $c"
             "bare_insert:pgbench_phase bench/pgbench_insert.sql $c"
+            "events_insert:pgbench_phase bench/pgbench_insert_events.sql $c"
             "insert_pk:pgbench_phase bench/pgbench_insert_pk.sql $c"
             "commit:pgbench_phase bench/pgbench_commit.sql $c")
     [ -n "$MDB_URL" ] && phases+=("message_db:pgbench_phase bench/pgbench_write_message.sql $c message_db")
     alternate "append_server_1_c$c" "$APPEND_ROUNDS" "${phases[@]}"
     record_ratio "append_server_1_c$c" es message_db
-    for l in es_one bare_insert insert_pk commit; do
+    for l in es_one bare_insert events_insert insert_pk commit; do
       record_ratio "append_server_1_c$c" "$l" message_db "append_server_1_c${c}_${l}_ratio_message_db"
     done
     record_ratio "append_server_1_c$c" es_one bare_insert "append_server_1_c${c}_es_one_ratio_bare_insert"
+    record_ratio "append_server_1_c$c" es_one events_insert "append_server_1_c${c}_es_one_ratio_events_insert"
   done
   # server CPU and WAL per append, the median of 5 rounds of 2,000
   # (alternated)
