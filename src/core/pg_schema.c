@@ -46,9 +46,10 @@
     "  OR (p_expected = -3 AND l.cur = 0)" \
     "  OR (p_expected >= 0 AND l.cur <> p_expected))"
 
-/* The head of append() that steps 1 and 3 share, word for word: its
- * signature, its variables and the check of caller-chosen ids (a retry of
- * the same batch at the same versions is an idempotent success). */
+/* The head of append() that steps 1, 3 and 4 share, word for word (step 5
+ * adds a parameter, PARAM, and a variable, VAR): its signature, its
+ * variables and the check of caller-chosen ids (a retry of the same batch
+ * at the same versions is an idempotent success). */
 #define APPEND_HEAD_WITH(PARAM, VAR) \
     "%1$s.append(p_stream text, p_expected bigint," \
     "    p_check_ids boolean, p_ids uuid[], p_types text[], p_data json[]," \
