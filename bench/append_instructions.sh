@@ -53,22 +53,20 @@ ES_CG_URL=$url LUA_PATH="lua/?.lua;lua/?/init.lua;;" LUA_CPATH="build/lua5.4/?.s
 as_owner "$PGBIN/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null
 
 . bench/append_calls.sh
+# the 100 rows of an es_100 / events_100 loop turn, as four arrays
+ROWS_100="SELECT array_agg(('0190' || lpad(to_hex(i), 8, '0') || '-7000-8000-'
+                  || lpad(to_hex(g), 12, '0'))::uuid), array_agg('Ticked'::text),
+                array_agg(('{\"n\": ' || g || ', \"note\": \"hello\"}')::json),
+                array_agg('{}'::json)
+            INTO ids, types, d, m FROM generate_series(1, 100) AS g"
 loop_body() {
   case $1 in
     es|es_one) append_call "$1" "$SCHEMA" ;;
-    es_100) echo "SELECT array_agg(('0190' || lpad(to_hex(i), 8, '0') || '-7000-8000-'
-                  || lpad(to_hex(g), 12, '0'))::uuid), array_agg('Ticked'::text),
-                array_agg(('{\"n\": ' || g || ', \"note\": \"hello\"}')::json),
-                array_agg('{}'::json)
-            INTO ids, types, d, m FROM generate_series(1, 100) AS g;
+    es_100) echo "$ROWS_100;
           SELECT o_status INTO st FROM $SCHEMA.append('Cpu-' || (i % 10),
             (i / 10) * 100, false, ids, types, d, m);
           IF st <> 0 THEN RAISE EXCEPTION 'append status %', st; END IF" ;;
-    events_100) echo "SELECT array_agg(('0190' || lpad(to_hex(i), 8, '0') || '-7000-8000-'
-                  || lpad(to_hex(g), 12, '0'))::uuid), array_agg('Ticked'::text),
-                array_agg(('{\"n\": ' || g || ', \"note\": \"hello\"}')::json),
-                array_agg('{}'::json)
-            INTO ids, types, d, m FROM generate_series(1, 100) AS g;
+    events_100) echo "$ROWS_100;
           INSERT INTO $SCHEMA.events (id, stream, version, type, data, metadata, category)
           SELECT u.id, 'Cpu-' || (i % 10), (i / 10) * 100 + u.ord, u.type, u.data, u.meta, 'Cpu'
             FROM unnest(ids, types, d, m) WITH ORDINALITY AS u(id, type, data, meta, ord)" ;;
