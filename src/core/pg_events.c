@@ -339,14 +339,15 @@ static void expected_text(int64_t expected, char *want, size_t len)
         snprintf(want, len, "version %" PRId64, expected);
 }
 
-/* The stream is at version actual, not where the caller expected it. */
+/* The stream is at version actual, not where the caller expected it;
+ * then is added to the message. */
 static int version_conflict(const char *stream, int64_t expected,
-                            int64_t actual, es_error *err)
+                            int64_t actual, const char *then, es_error *err)
 {
     char want[48];
     expected_text(expected, want, sizeof want);
     es_fail(err, ES_CONFLICT, "stream %s: expected %s, found version %"
-            PRId64, stream, want, actual);
+            PRId64 "%s", stream, want, actual, then);
     err->expected = expected;
     err->actual = actual;
     err->reason = ES_REASON_VERSION;
@@ -369,7 +370,7 @@ static int append_result(PGresult *res, const char *stream, int64_t expected,
         return 0;
     }
     if (status == 2)
-        return version_conflict(stream, expected, version, err);
+        return version_conflict(stream, expected, version, "", err);
     if (status == 4)
         return es_last_id_conflict(err, stream, expected, version, "");
     es_fail(err, ES_INVALID, "event id %s is already used by stream %s at "
@@ -675,15 +676,13 @@ static int strict_failed(pg_store *p, const char *stream,
         err->reason = ES_REASON_ORDER;
         return -1;
     }
-    expected_text(expected, want, sizeof want);
     if (actual >= 0)
-        es_fail(err, ES_CONFLICT, "stream %s: expected %s, found version %"
-                PRId64 " (nothing of the transaction was committed)", stream,
-                want, actual);
-    else
-        es_fail(err, ES_CONFLICT, "stream %s: expected %s, found another "
-                "version (nothing of the transaction was committed)", stream,
-                want);
+        return version_conflict(stream, expected, actual, " (nothing of the "
+                                "transaction was committed)", err);
+    expected_text(expected, want, sizeof want);
+    es_fail(err, ES_CONFLICT, "stream %s: expected %s, found another "
+            "version (nothing of the transaction was committed)", stream,
+            want);
     err->expected = expected;
     err->actual = actual;
     err->reason = ES_REASON_VERSION;

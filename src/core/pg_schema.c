@@ -31,7 +31,8 @@
  * server time of a 100,000-event fold). Cast to jsonb in SQL where
  * containment or GIN indexes are wanted. */
 /* Step 3's append of one event reads the stream's last version (0 when
- * it has no events) as l.cur, with its transaction id as l.txid ... */
+ * it has no events) as l.cur, with its transaction id as l.txid (and from
+ * step 5 its event id as l.id: ID is ", id" there) ... */
 #define APPEND_LAST_WITH(ID) \
     "(SELECT coalesce(e.version, 0) AS cur, e.txid" ID " FROM (VALUES (1))" \
     " AS one LEFT JOIN LATERAL (SELECT version, txid" ID " FROM %1$s.events" \
